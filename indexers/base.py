@@ -1,0 +1,113 @@
+"""The one contract between the service and a vector engine.
+
+Engines store float32 vectors under int64 ids in named collections. They know nothing of
+documents, chunks or namespaces beyond the collection name; the catalog is the source of
+truth and can rebuild any collection from the vectors it stores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+Metric = Literal["cosine", "ip", "l2"]
+
+
+class IndexError_(Exception):  # noqa: N801 - "IndexError" is a builtin
+    """Base of errors raised by engines."""
+
+
+class DimensionMismatch(IndexError_):
+    """Vectors of the wrong width for the collection, or a collection reopened with another."""
+
+
+class EngineUnavailable(IndexError_):
+    """The engine's optional dependency is missing or the engine cannot be reached."""
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionSpec:
+    """What a collection is: its name, vector width and similarity metric."""
+
+    name: str
+    dimension: int
+    metric: Metric = "cosine"
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHits:
+    """Results of one query vector, best first. ``scores`` are similarities (higher is
+    better) for cosine/ip and negated squared distances for l2."""
+
+    ids: np.ndarray  # int64, shape (n,), n <= k
+    scores: np.ndarray  # float32, shape (n,)
+
+
+@runtime_checkable
+class VectorIndex(Protocol):
+    """One collection in one engine.
+
+    Implementations are safe to call from several threads: searches may run while a write
+    is in progress and see the collection either before or after that write.
+    """
+
+    spec: CollectionSpec
+    backend: str
+
+    def upsert(self, ids: Sequence[int], vectors: np.ndarray) -> None:
+        """Insert or replace vectors under ``ids`` (unique int64). ``vectors`` is float32
+        of shape (len(ids), dimension); for cosine they must be L2-normalised by the caller.
+        Raises DimensionMismatch for a wrong width and ValueError for duplicate ids."""
+        ...
+
+    def delete(self, ids: Iterable[int]) -> int:
+        """Remove these ids; unknown ids are ignored. Returns how many were removed."""
+        ...
+
+    def search(
+        self, vectors: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
+    ) -> list[SearchHits]:
+        """The k nearest stored vectors to each row of ``vectors`` (float32, shape (q, dim)).
+        When ``allowed_ids`` (int64 array) is given, only those ids are candidates. Returns
+        one SearchHits per query row with at most k entries (fewer when the collection or
+        the allowed set is smaller)."""
+        ...
+
+    def ids(self) -> np.ndarray:
+        """Every stored id (int64), in no particular order. Used to reconcile with the
+        catalog at start."""
+        ...
+
+    def count(self) -> int:
+        """How many vectors are stored."""
+        ...
+
+    def flush(self) -> None:
+        """Make everything written so far durable in the engine's own storage."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release resources. The object is unusable afterwards."""
+        ...
+
+
+class Backend(Protocol):
+    """An engine: opens and drops collections. Registered by name in ``indexers.BACKENDS``."""
+
+    name: str
+
+    def open(self, spec: CollectionSpec) -> VectorIndex:
+        """Open the collection, creating it when absent. Raises DimensionMismatch if it
+        exists with another dimension or metric."""
+        ...
+
+    def drop(self, name: str) -> None:
+        """Delete the collection and its storage; a missing one is not an error."""
+        ...
+
+    def close(self) -> None:
+        """Close every collection this backend opened."""
+        ...

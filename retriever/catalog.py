@@ -1,0 +1,589 @@
+"""The catalog: source of truth for namespaces, documents, chunks and their vectors.
+
+SQLite in WAL mode with synchronous=FULL: a committed transaction survives a crash. Every
+chunk row keeps its vector, so any vector index can be rebuilt or repaired from here.
+
+Chunk rows are written in two steps so that a crash can never show half a document:
+``stage_chunks`` inserts new rows as *pending* (invisible to readers); ``commit_documents``
+then, in one transaction, removes the superseded rows, activates the pending ones and
+writes the document rows. Start-up reconcile drops whatever is still pending.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from retriever.domain import (
+    ChunkRecord,
+    DocumentRecord,
+    NamespaceRecord,
+    SearchFilter,
+)
+
+PENDING, ACTIVE = 0, 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS namespaces (
+    name TEXT PRIMARY KEY,
+    backend TEXT NOT NULL,
+    embedder TEXT NOT NULL,
+    embedder_revision TEXT NOT NULL,
+    dimension INTEGER NOT NULL,
+    metric TEXT NOT NULL,
+    index_generation INTEGER NOT NULL,
+    index_version INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    last_indexed_at REAL
+);
+CREATE TABLE IF NOT EXISTS documents (
+    namespace TEXT NOT NULL REFERENCES namespaces(name),
+    doc_id TEXT NOT NULL,
+    path TEXT NOT NULL,
+    revision TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    language TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    chunk_count INTEGER NOT NULL,
+    indexed_at REAL NOT NULL,
+    source_updated_at REAL,
+    metadata TEXT NOT NULL,
+    chunker TEXT NOT NULL,
+    content TEXT NOT NULL,
+    PRIMARY KEY (namespace, doc_id)
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    vector_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    namespace TEXT NOT NULL,
+    chunk_id TEXT NOT NULL,
+    doc_id TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    ordinal INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    start_line INTEGER NOT NULL,
+    end_line INTEGER NOT NULL,
+    start_byte INTEGER NOT NULL,
+    end_byte INTEGER NOT NULL,
+    token_count INTEGER NOT NULL,
+    chunker TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    UNIQUE (namespace, chunk_id)
+);
+CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks (namespace, doc_id, state);
+CREATE INDEX IF NOT EXISTS chunks_by_state ON chunks (state);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class NewChunk:
+    """A chunk to stage: everything but its row id."""
+
+    chunk_id: str
+    doc_id: str
+    ordinal: int
+    text: str
+    content_hash: str
+    start_line: int
+    end_line: int
+    start_byte: int
+    end_byte: int
+    token_count: int
+    chunker: str
+    vector: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkPlacement:
+    """Where a kept chunk sits in the new version of its document."""
+
+    vector_id: int
+    ordinal: int
+    start_line: int
+    end_line: int
+    start_byte: int
+    end_byte: int
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentWrite:
+    """One document version to commit, with the chunk rows it keeps and drops."""
+
+    doc_id: str
+    path: str
+    revision: str
+    content_hash: str
+    language: str
+    version: int
+    content: str
+    chunk_count: int
+    source_updated_at: datetime | None
+    metadata: dict[str, str]
+    chunker: str
+    keep: tuple[ChunkPlacement, ...]  # rows of the old version that stay (moved)
+    activate: tuple[int, ...]  # staged rows to make visible
+    drop: tuple[int, ...]  # rows of the old version to delete
+
+
+@dataclass(frozen=True, slots=True)
+class StoredChunk:
+    """What an upsert needs to know of an existing chunk row."""
+
+    vector_id: int
+    chunk_id: str
+    doc_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DocHead:
+    """What an upsert compares against: the current version of a document."""
+
+    content_hash: str
+    path: str
+    language: str
+    version: int
+    chunk_count: int
+
+
+def _ts(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, tz=UTC)
+
+
+def _epoch(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+class Catalog:
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._closed = False
+
+    # -- connections -----------------------------------------------------------------------
+    def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        with self._write_lock:
+            self._conn().executescript(_SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise RuntimeError("catalog is closed")
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False,
+                                   timeout=60)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def _writer(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction at a time, committed on success, rolled back on error."""
+        with self._write_lock:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot for several reads."""
+        db = self._conn()
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._closed = True
+        with self._conns_lock:
+            for conn in self._conns:
+                with suppress(sqlite3.ProgrammingError):
+                    conn.close()
+            self._conns.clear()
+
+    # -- namespaces ------------------------------------------------------------------------
+    def create_namespace(self, ns: NamespaceRecord) -> bool:
+        """Insert ``ns``; False if the name is taken."""
+        with self._writer() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO namespaces (name, backend, embedder, embedder_revision,"
+                " dimension, metric, index_generation, index_version, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                (ns.name, ns.backend, ns.embedder, ns.embedder_revision, ns.dimension,
+                 ns.metric, ns.index_generation, ns.index_version, _epoch(ns.created_at)),
+            )
+            return cur.rowcount == 1
+
+    def get_namespace(self, name: str, *, with_counts: bool = True) -> NamespaceRecord | None:
+        with self._reader() as db:
+            row = db.execute("SELECT * FROM namespaces WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return None
+            counts = self._counts(db, name) if with_counts else (0, 0, 0)
+        return _namespace(row, counts)
+
+    def list_namespaces(self, after: str, limit: int) -> list[NamespaceRecord]:
+        with self._reader() as db:
+            rows = db.execute(
+                "SELECT * FROM namespaces WHERE name > ? ORDER BY name LIMIT ?", (after, limit)
+            ).fetchall()
+            return [_namespace(r, self._counts(db, r["name"])) for r in rows]
+
+    def _counts(self, db: sqlite3.Connection, name: str) -> tuple[int, int, int]:
+        docs, nbytes, chunks = db.execute(
+            "SELECT count(*), coalesce(sum(size_bytes), 0), coalesce(sum(chunk_count), 0)"
+            " FROM documents WHERE namespace = ?", (name,),
+        ).fetchone()
+        return int(docs), int(chunks), int(nbytes)
+
+    def delete_namespace(self, name: str) -> tuple[int, int]:
+        """Remove the namespace and everything in it; returns (documents, chunks) removed."""
+        with self._writer() as db:
+            chunks = db.execute("DELETE FROM chunks WHERE namespace = ?", (name,)).rowcount
+            docs = db.execute("DELETE FROM documents WHERE namespace = ?", (name,)).rowcount
+            db.execute("DELETE FROM namespaces WHERE name = ?", (name,))
+            return docs, chunks
+
+    # -- documents -------------------------------------------------------------------------
+    def document_heads(self, namespace: str, doc_ids: Sequence[str]) -> dict[str, DocHead]:
+        """The current version's head of those documents that exist."""
+        out: dict[str, DocHead] = {}
+        with self._reader() as db:
+            for batch in _batches(list(doc_ids), 500):
+                marks = ",".join("?" * len(batch))
+                for r in db.execute(
+                    "SELECT doc_id, content_hash, path, language, version, chunk_count"
+                    f" FROM documents WHERE namespace = ? AND doc_id IN ({marks})",
+                    (namespace, *batch),
+                ):
+                    out[r["doc_id"]] = DocHead(r["content_hash"], r["path"], r["language"],
+                                               r["version"], r["chunk_count"])
+        return out
+
+    def active_chunks(self, namespace: str, doc_ids: Sequence[str]) -> dict[str, StoredChunk]:
+        """chunk_id -> row of the current versions of these documents."""
+        out: dict[str, StoredChunk] = {}
+        with self._reader() as db:
+            for batch in _batches(list(doc_ids), 500):
+                marks = ",".join("?" * len(batch))
+                for r in db.execute(
+                    "SELECT vector_id, chunk_id, doc_id FROM chunks WHERE namespace = ?"
+                    f" AND state = 1 AND doc_id IN ({marks})", (namespace, *batch),
+                ):
+                    out[r["chunk_id"]] = StoredChunk(r["vector_id"], r["chunk_id"], r["doc_id"])
+        return out
+
+    def stage_chunks(self, namespace: str, chunks: Sequence[NewChunk]) -> list[int]:
+        """Insert chunk rows as pending; returns their vector ids in order."""
+        ids: list[int] = []
+        with self._writer() as db:
+            for c in chunks:
+                cur = db.execute(
+                    "INSERT INTO chunks (namespace, chunk_id, doc_id, state, ordinal, text,"
+                    " content_hash, start_line, end_line, start_byte, end_byte, token_count,"
+                    " chunker, vector) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (namespace, c.chunk_id, c.doc_id, PENDING, c.ordinal, c.text,
+                     c.content_hash, c.start_line, c.end_line, c.start_byte, c.end_byte,
+                     c.token_count, c.chunker,
+                     np.ascontiguousarray(c.vector, dtype=np.float32).tobytes()),
+                )
+                ids.append(int(cur.lastrowid))
+        return ids
+
+    def commit_documents(
+        self, namespace: str, writes: Sequence[DocumentWrite], refreshes: Sequence[DocumentRefresh],
+    ) -> int:
+        """Make new document versions visible at once; returns the namespace's new
+        index_version. ``refreshes`` update revision/time/metadata of unchanged documents."""
+        now = time.time()
+        with self._writer() as db:
+            for w in writes:
+                if w.drop:
+                    for batch in _batches(list(w.drop), 500):
+                        marks = ",".join("?" * len(batch))
+                        db.execute(f"DELETE FROM chunks WHERE vector_id IN ({marks})", batch)
+                for k in w.keep:
+                    db.execute(
+                        "UPDATE chunks SET ordinal=?, start_line=?, end_line=?, start_byte=?,"
+                        " end_byte=? WHERE vector_id=?",
+                        (k.ordinal, k.start_line, k.end_line, k.start_byte, k.end_byte,
+                         k.vector_id),
+                    )
+                for batch in _batches(list(w.activate), 500):
+                    marks = ",".join("?" * len(batch))
+                    db.execute(f"UPDATE chunks SET state = 1 WHERE vector_id IN ({marks})", batch)
+                db.execute(
+                    "INSERT INTO documents (namespace, doc_id, path, revision, content_hash,"
+                    " language, version, size_bytes, chunk_count, indexed_at, source_updated_at,"
+                    " metadata, chunker, content) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT (namespace, doc_id) DO UPDATE SET path=excluded.path,"
+                    " revision=excluded.revision, content_hash=excluded.content_hash,"
+                    " language=excluded.language, version=excluded.version,"
+                    " size_bytes=excluded.size_bytes, chunk_count=excluded.chunk_count,"
+                    " indexed_at=excluded.indexed_at,"
+                    " source_updated_at=excluded.source_updated_at,"
+                    " metadata=excluded.metadata, chunker=excluded.chunker,"
+                    " content=excluded.content",
+                    (namespace, w.doc_id, w.path, w.revision, w.content_hash, w.language,
+                     w.version, len(w.content.encode("utf-8")), w.chunk_count, now,
+                     _epoch(w.source_updated_at), json.dumps(w.metadata, sort_keys=True),
+                     w.chunker, w.content),
+                )
+            for r in refreshes:
+                db.execute(
+                    "UPDATE documents SET revision=?, source_updated_at=?, metadata=?"
+                    " WHERE namespace=? AND doc_id=?",
+                    (r.revision, _epoch(r.source_updated_at),
+                     json.dumps(r.metadata, sort_keys=True), namespace, r.doc_id),
+                )
+            return self._bump(db, namespace, now)
+
+    def delete_documents(
+        self, namespace: str, doc_ids: Sequence[str]
+    ) -> tuple[list[str], list[int], int]:
+        """Remove documents with their chunks in one transaction. Returns (deleted doc ids,
+        vector ids of their chunks, new index_version)."""
+        with self._writer() as db:
+            deleted: list[str] = []
+            vector_ids: list[int] = []
+            for batch in _batches(list(doc_ids), 500):
+                marks = ",".join("?" * len(batch))
+                deleted += [r[0] for r in db.execute(
+                    f"SELECT doc_id FROM documents WHERE namespace=? AND doc_id IN ({marks})",
+                    (namespace, *batch))]
+                vector_ids += [r[0] for r in db.execute(
+                    f"SELECT vector_id FROM chunks WHERE namespace=? AND doc_id IN ({marks})",
+                    (namespace, *batch))]
+                db.execute(f"DELETE FROM chunks WHERE namespace=? AND doc_id IN ({marks})",
+                           (namespace, *batch))
+                db.execute(f"DELETE FROM documents WHERE namespace=? AND doc_id IN ({marks})",
+                           (namespace, *batch))
+            version = self._bump(db, namespace, time.time()) if deleted else self._version(db,
+                                                                                          namespace)
+            return deleted, vector_ids, version
+
+    def _bump(self, db: sqlite3.Connection, namespace: str, now: float) -> int:
+        db.execute(
+            "UPDATE namespaces SET index_version = index_version + 1, last_indexed_at = ?"
+            " WHERE name = ?", (now, namespace),
+        )
+        return self._version(db, namespace)
+
+    def index_version(self, namespace: str) -> int:
+        with self._reader() as db:
+            return self._version(db, namespace)
+
+    @staticmethod
+    def _version(db: sqlite3.Connection, namespace: str) -> int:
+        row = db.execute("SELECT index_version FROM namespaces WHERE name = ?",
+                         (namespace,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def get_document(self, namespace: str, doc_id: str) -> DocumentRecord | None:
+        with self._reader() as db:
+            row = db.execute("SELECT * FROM documents WHERE namespace=? AND doc_id=?",
+                             (namespace, doc_id)).fetchone()
+            if row is None:
+                return None
+            chunk_ids = tuple(r[0] for r in db.execute(
+                "SELECT chunk_id FROM chunks WHERE namespace=? AND doc_id=? AND state=1"
+                " ORDER BY ordinal", (namespace, doc_id)))
+        return _document(row, with_content=True, chunk_ids=chunk_ids)
+
+    def list_documents(
+        self, namespace: str, after: str, limit: int, path_prefix: str
+    ) -> tuple[list[DocumentRecord], int]:
+        where, args = "namespace = ?", [namespace]
+        if path_prefix:
+            where += " AND substr(path, 1, ?) = ?"
+            args += [len(path_prefix), path_prefix]
+        cols = ("doc_id, path, revision, content_hash, language, version, size_bytes,"
+                " chunk_count, indexed_at, source_updated_at, metadata, namespace")
+        with self._reader() as db:
+            rows = db.execute(
+                f"SELECT {cols} FROM documents WHERE {where} AND doc_id > ?"
+                " ORDER BY doc_id LIMIT ?", (*args, after, limit),
+            ).fetchall()
+            total = db.execute(f"SELECT count(*) FROM documents WHERE {where}",
+                               args).fetchone()[0]
+        return [_document(r, with_content=False) for r in rows], int(total)
+
+    # -- chunks ----------------------------------------------------------------------------
+    _CHUNK_COLS = (
+        "c.vector_id, c.chunk_id, c.namespace, c.doc_id, c.ordinal, c.text, c.content_hash,"
+        " c.start_line, c.end_line, c.start_byte, c.end_byte, c.token_count, c.chunker,"
+        " d.language, d.path, d.revision, d.version, d.content_hash AS document_hash,"
+        " d.indexed_at, d.source_updated_at, d.metadata"
+    )
+
+    def get_chunk(self, namespace: str, chunk_id: str) -> ChunkRecord | None:
+        with self._reader() as db:
+            row = db.execute(
+                f"SELECT {self._CHUNK_COLS} FROM chunks c JOIN documents d"
+                " ON d.namespace = c.namespace AND d.doc_id = c.doc_id"
+                " WHERE c.namespace = ? AND c.chunk_id = ? AND c.state = 1",
+                (namespace, chunk_id),
+            ).fetchone()
+        return None if row is None else _chunk(row)
+
+    def chunks_by_vector_ids(
+        self, namespace: str, vector_ids: Sequence[int]
+    ) -> dict[int, ChunkRecord]:
+        """Visible chunks among these ids (pending and superseded ones are left out)."""
+        out: dict[int, ChunkRecord] = {}
+        with self._reader() as db:
+            for batch in _batches([int(v) for v in vector_ids], 500):
+                marks = ",".join("?" * len(batch))
+                for row in db.execute(
+                    f"SELECT {self._CHUNK_COLS} FROM chunks c JOIN documents d"
+                    " ON d.namespace = c.namespace AND d.doc_id = c.doc_id"
+                    f" WHERE c.namespace = ? AND c.state = 1 AND c.vector_id IN ({marks})",
+                    (namespace, *batch),
+                ):
+                    out[int(row["vector_id"])] = _chunk(row)
+        return out
+
+    def filter_vector_ids(self, namespace: str, flt: SearchFilter) -> np.ndarray:
+        """Vector ids of visible chunks whose document passes ``flt``."""
+        where = ["c.namespace = ?", "c.state = 1"]
+        args: list[object] = [namespace]
+        if flt.doc_ids:
+            where.append(f"c.doc_id IN ({','.join('?' * len(flt.doc_ids))})")
+            args += list(flt.doc_ids)
+        if flt.path_prefix:
+            where.append("substr(d.path, 1, ?) = ?")
+            args += [len(flt.path_prefix), flt.path_prefix]
+        if flt.languages:
+            where.append(f"d.language IN ({','.join('?' * len(flt.languages))})")
+            args += list(flt.languages)
+        for key, value in flt.metadata:
+            where.append("json_extract(d.metadata, ?) = ?")
+            args += ['$."' + key.replace('"', '\\"') + '"', value]
+        with self._reader() as db:
+            rows = db.execute(
+                "SELECT c.vector_id FROM chunks c JOIN documents d"
+                " ON d.namespace = c.namespace AND d.doc_id = c.doc_id"
+                f" WHERE {' AND '.join(where)}", args,
+            ).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    # -- reconcile -------------------------------------------------------------------------
+    def drop_pending(self) -> dict[str, list[int]]:
+        """Delete every pending row (left by a crash before its commit); returns the vector
+        ids per namespace so the index can drop them too."""
+        with self._writer() as db:
+            out: dict[str, list[int]] = {}
+            for r in db.execute("SELECT namespace, vector_id FROM chunks WHERE state = 0"):
+                out.setdefault(r[0], []).append(int(r[1]))
+            db.execute("DELETE FROM chunks WHERE state = 0")
+            return out
+
+    def active_vector_ids(self, namespace: str) -> np.ndarray:
+        with self._reader() as db:
+            rows = db.execute(
+                "SELECT vector_id FROM chunks WHERE namespace = ? AND state = 1", (namespace,)
+            ).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def vectors(self, namespace: str, vector_ids: Iterable[int],
+                dimension: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, float32 vectors) of these active rows."""
+        ids: list[int] = []
+        blobs: list[bytes] = []
+        with self._reader() as db:
+            for batch in _batches([int(v) for v in vector_ids], 500):
+                marks = ",".join("?" * len(batch))
+                for r in db.execute(
+                    f"SELECT vector_id, vector FROM chunks WHERE namespace = ? AND state = 1"
+                    f" AND vector_id IN ({marks})", (namespace, *batch),
+                ):
+                    ids.append(int(r[0]))
+                    blobs.append(r[1])
+        vecs = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), dimension)
+        return np.asarray(ids, dtype=np.int64), vecs
+
+    def discard(self, vector_ids: Sequence[int]) -> None:
+        """Delete rows that were staged but will not be committed."""
+        with self._writer() as db:
+            for batch in _batches([int(v) for v in vector_ids], 500):
+                marks = ",".join("?" * len(batch))
+                db.execute(f"DELETE FROM chunks WHERE state = 0 AND vector_id IN ({marks})", batch)
+
+    def namespace_names(self) -> list[str]:
+        with self._reader() as db:
+            return [r[0] for r in db.execute("SELECT name FROM namespaces ORDER BY name")]
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentRefresh:
+    """New revision, source time and metadata of a document whose content is unchanged."""
+
+    doc_id: str
+    revision: str
+    source_updated_at: datetime | None
+    metadata: dict[str, str]
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _namespace(row: sqlite3.Row, counts: tuple[int, int, int]) -> NamespaceRecord:
+    return NamespaceRecord(
+        name=row["name"], backend=row["backend"], embedder=row["embedder"],
+        embedder_revision=row["embedder_revision"], dimension=row["dimension"],
+        metric=row["metric"], index_generation=row["index_generation"],
+        index_version=row["index_version"], created_at=_ts(row["created_at"]),
+        document_count=counts[0], chunk_count=counts[1], content_bytes=counts[2],
+        last_indexed_at=_ts(row["last_indexed_at"]),
+    )
+
+
+def _document(row: sqlite3.Row, *, with_content: bool,
+              chunk_ids: tuple[str, ...] = ()) -> DocumentRecord:
+    return DocumentRecord(
+        namespace=row["namespace"], doc_id=row["doc_id"], path=row["path"],
+        revision=row["revision"], content_hash=row["content_hash"], language=row["language"],
+        version=row["version"], size_bytes=row["size_bytes"], chunk_count=row["chunk_count"],
+        indexed_at=_ts(row["indexed_at"]), source_updated_at=_ts(row["source_updated_at"]),
+        metadata=json.loads(row["metadata"]),
+        content=row["content"] if with_content else None, chunk_ids=chunk_ids,
+    )
+
+
+def _chunk(row: sqlite3.Row) -> ChunkRecord:
+    return ChunkRecord(
+        chunk_id=row["chunk_id"], vector_id=int(row["vector_id"]), namespace=row["namespace"],
+        doc_id=row["doc_id"], ordinal=row["ordinal"], text=row["text"],
+        content_hash=row["content_hash"], start_line=row["start_line"],
+        end_line=row["end_line"], start_byte=row["start_byte"], end_byte=row["end_byte"],
+        token_count=row["token_count"], language=row["language"], chunker=row["chunker"],
+        path=row["path"], revision=row["revision"], document_version=row["version"],
+        document_hash=row["document_hash"], indexed_at=_ts(row["indexed_at"]),
+        source_updated_at=_ts(row["source_updated_at"]), metadata=json.loads(row["metadata"]),
+    )

@@ -1,0 +1,143 @@
+"""A small typed client over the generated stubs.
+
+    with RetrieverClient("127.0.0.1:50051") as client:
+        client.upsert("docs", [Document(doc_id="a.md", content="# Hello")])
+        for hit in client.search("docs", "hello", top_k=5).hits:
+            print(hit.chunk.path, hit.chunk.start_line, hit.score)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from retriever.v1 import retriever_pb2 as pb
+from retriever.v1 import retriever_pb2_grpc as pb_grpc
+
+__all__ = ["Document", "RetrieverClient", "pb"]
+
+Document = pb.Document
+
+
+class RetrieverClient:
+    def __init__(self, address: str, *, timeout: float | None = 60.0,
+                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ])
+        self.stub = pb_grpc.RetrieverStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RetrieverClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until health says SERVING (the model and indexes are loaded)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                resp = self._health.Check(health_pb2.HealthCheckRequest(
+                    service="retriever.v1.Retriever"), timeout=2)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.address} not SERVING after {timeout}s")
+            time.sleep(0.2)
+
+    def health(self) -> int:
+        return self._health.Check(health_pb2.HealthCheckRequest(
+            service="retriever.v1.Retriever"), timeout=self.timeout).status
+
+    # -- documents -------------------------------------------------------------------------
+    def upsert(self, namespace: str, documents: Iterable[pb.Document],
+               batch_size: int = 64) -> pb.UpsertDocumentsResponse:
+        """Stream documents in batches of ``batch_size`` (one message each)."""
+        return self.upsert_stream(_batched(namespace, documents, batch_size))
+
+    def upsert_stream(self, requests: Iterator[pb.UpsertDocumentsRequest]
+                      ) -> pb.UpsertDocumentsResponse:
+        return self.stub.UpsertDocuments(requests, timeout=None)
+
+    def delete(self, namespace: str, doc_ids: Iterable[str]) -> pb.DeleteDocumentsResponse:
+        return self.stub.DeleteDocuments(
+            pb.DeleteDocumentsRequest(namespace=namespace, doc_ids=list(doc_ids)),
+            timeout=self.timeout)
+
+    def get_document(self, namespace: str, doc_id: str) -> pb.GetDocumentResponse:
+        return self.stub.GetDocument(pb.GetDocumentRequest(namespace=namespace, doc_id=doc_id),
+                                     timeout=self.timeout)
+
+    def list_documents(self, namespace: str, page_size: int = 0, page_token: str = "",
+                       path_prefix: str = "") -> pb.ListDocumentsResponse:
+        return self.stub.ListDocuments(pb.ListDocumentsRequest(
+            namespace=namespace, page_size=page_size, page_token=page_token,
+            path_prefix=path_prefix), timeout=self.timeout)
+
+    def get_chunk(self, namespace: str, chunk_id: str) -> pb.GetChunkResponse:
+        return self.stub.GetChunk(pb.GetChunkRequest(namespace=namespace, chunk_id=chunk_id),
+                                  timeout=self.timeout)
+
+    # -- search ----------------------------------------------------------------------------
+    def search(self, namespace: str, query: str, top_k: int = 10,
+               filter: pb.SearchFilter | None = None,  # noqa: A002
+               request_id: str | None = None) -> pb.SearchResponse:
+        md = (("x-request-id", request_id),) if request_id else None
+        return self.stub.Search(pb.SearchRequest(namespace=namespace, query=query, top_k=top_k,
+                                                 filter=filter), timeout=self.timeout,
+                                metadata=md)
+
+    def batch_search(self, requests: Iterable[pb.SearchRequest]) -> pb.BatchSearchResponse:
+        return self.stub.BatchSearch(pb.BatchSearchRequest(requests=list(requests)),
+                                     timeout=self.timeout)
+
+    # -- namespaces and status -------------------------------------------------------------
+    def create_namespace(self, name: str, backend: str = "") -> pb.Namespace:
+        return self.stub.CreateNamespace(pb.CreateNamespaceRequest(name=name, backend=backend),
+                                         timeout=self.timeout).namespace
+
+    def get_namespace(self, name: str) -> pb.Namespace:
+        return self.stub.GetNamespace(pb.GetNamespaceRequest(name=name),
+                                      timeout=self.timeout).namespace
+
+    def list_namespaces(self, page_size: int = 0, page_token: str = ""
+                        ) -> pb.ListNamespacesResponse:
+        return self.stub.ListNamespaces(pb.ListNamespacesRequest(
+            page_size=page_size, page_token=page_token), timeout=self.timeout)
+
+    def delete_namespace(self, name: str) -> pb.DeleteNamespaceResponse:
+        return self.stub.DeleteNamespace(pb.DeleteNamespaceRequest(name=name),
+                                         timeout=self.timeout)
+
+    def status(self, namespace: str) -> pb.GetIndexStatusResponse:
+        return self.stub.GetIndexStatus(pb.GetIndexStatusRequest(namespace=namespace),
+                                        timeout=self.timeout)
+
+
+def _batched(namespace: str, documents: Iterable[pb.Document], size: int
+             ) -> Iterator[pb.UpsertDocumentsRequest]:
+    batch: list[pb.Document] = []
+    for d in documents:
+        batch.append(d)
+        if len(batch) >= size:
+            yield pb.UpsertDocumentsRequest(namespace=namespace, documents=batch)
+            batch = []
+    if batch:
+        yield pb.UpsertDocumentsRequest(namespace=namespace, documents=batch)

@@ -1,0 +1,207 @@
+"""Domain objects shared by the core. Frozen dataclasses; no protobuf, no grpc."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    doc_id: str
+    content: str
+    path: str = ""
+    revision: str = ""
+    source_updated_at: datetime | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    language: str = ""
+
+    @property
+    def effective_path(self) -> str:
+        return self.path or self.doc_id
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRecord:
+    """One chunk of one document version as the catalog holds it."""
+
+    chunk_id: str
+    vector_id: int
+    namespace: str
+    doc_id: str
+    ordinal: int
+    text: str
+    content_hash: str
+    start_line: int
+    end_line: int
+    start_byte: int
+    end_byte: int
+    token_count: int
+    language: str
+    chunker: str
+    # Of the document version the chunk belongs to:
+    path: str
+    revision: str
+    document_version: int
+    document_hash: str
+    indexed_at: datetime
+    source_updated_at: datetime | None
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentRecord:
+    namespace: str
+    doc_id: str
+    path: str
+    revision: str
+    content_hash: str
+    language: str
+    version: int
+    size_bytes: int
+    chunk_count: int
+    indexed_at: datetime
+    source_updated_at: datetime | None
+    metadata: dict[str, str]
+    content: str | None = None  # filled when asked for
+    chunk_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceRecord:
+    name: str
+    backend: str
+    embedder: str
+    embedder_revision: str
+    dimension: int
+    metric: str
+    index_generation: int
+    index_version: int
+    created_at: datetime
+    document_count: int = 0
+    chunk_count: int = 0
+    content_bytes: int = 0
+    last_indexed_at: datetime | None = None
+
+
+class DocStatus(enum.Enum):
+    CREATED = "created"
+    UPDATED = "updated"
+    UNCHANGED = "unchanged"
+
+
+@dataclass(frozen=True, slots=True)
+class DocResult:
+    doc_id: str
+    status: DocStatus
+    version: int
+    chunk_count: int
+    chunks_embedded: int
+    chunks_reused: int
+    content_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertResult:
+    results: tuple[DocResult, ...]
+    chunks_deleted: int
+    index_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    documents_deleted: int
+    chunks_deleted: int
+    not_found: tuple[str, ...]
+    index_version: int
+
+
+class SearchMode(enum.Enum):
+    DEFAULT = "default"
+    DENSE = "dense"
+    LEXICAL = "lexical"
+    HYBRID = "hybrid"
+
+
+@dataclass(frozen=True, slots=True)
+class SearchFilter:
+    doc_ids: tuple[str, ...] = ()
+    path_prefix: str = ""
+    languages: tuple[str, ...] = ()
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.doc_ids or self.path_prefix or self.languages or self.metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class SearchQuery:
+    namespace: str
+    query: str
+    top_k: int
+    filter: SearchFilter = SearchFilter()
+    mode: SearchMode = SearchMode.DEFAULT
+    rerank: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    chunk: ChunkRecord
+    score: float
+    rank: int
+    staleness_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Lineage:
+    request_id: str
+    namespace: str
+    embedder: str
+    embedder_revision: str
+    reranker: str
+    backend: str
+    index_generation: int
+    index_version: int
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
+class StageTimings:
+    """Seconds per stage; None where a stage did not run."""
+
+    embed: float | None = None
+    ann: float | None = None
+    lexical: float | None = None
+    rerank: float | None = None
+    fetch: float | None = None
+    total: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    hits: tuple[Hit, ...]
+    lineage: Lineage
+    timings: StageTimings
+
+
+@dataclass(frozen=True, slots=True)
+class IndexStatus:
+    namespace: NamespaceRecord
+    vector_count: int
+    device: str
+    precision: str
+    chunk_tokens: int
+    overlap_tokens: int
+    chunker: str
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: tuple[T, ...]
+    next_page_token: str
+    total_size: int = 0

@@ -1,0 +1,49 @@
+"""Language detection from a document's path and first line."""
+
+from __future__ import annotations
+
+import posixpath
+
+_BY_EXTENSION = {
+    ".py": "python", ".pyi": "python", ".js": "javascript", ".mjs": "javascript",
+    ".cjs": "javascript", ".jsx": "javascript", ".ts": "typescript", ".tsx": "tsx",
+    ".go": "go", ".rs": "rust", ".java": "java", ".c": "c", ".h": "c", ".cc": "cpp",
+    ".cpp": "cpp", ".cxx": "cpp", ".hpp": "cpp", ".hh": "cpp", ".cs": "csharp", ".rb": "ruby",
+    ".php": "php", ".kt": "kotlin", ".kts": "kotlin", ".swift": "swift", ".sh": "bash",
+    ".bash": "bash", ".zsh": "bash", ".sql": "sql", ".scala": "scala", ".lua": "lua",
+    ".r": "r", ".pl": "perl", ".yaml": "yaml", ".yml": "yaml", ".toml": "toml",
+    ".json": "json", ".ini": "ini", ".cfg": "ini", ".xml": "xml", ".html": "html",
+    ".htm": "html", ".css": "css", ".proto": "protobuf", ".md": "markdown",
+    ".markdown": "markdown", ".rst": "rst", ".txt": "text", ".text": "text",
+}
+_BY_NAME = {
+    "dockerfile": "dockerfile", "makefile": "make", "gnumakefile": "make",
+    "readme": "text", "license": "text", "copying": "text",
+}
+_SHEBANG = {"python": "python", "node": "javascript", "bash": "bash", "sh": "bash",
+            "zsh": "bash", "ruby": "ruby", "perl": "perl"}
+
+DOC_LANGUAGES = frozenset({"markdown", "rst", "text"})
+
+
+def detect_language(path: str, content: str = "") -> str:
+    """A lowercase language name; "text" when nothing identifies the file."""
+    name = posixpath.basename(path.replace("\\", "/")).lower()
+    if name in _BY_NAME:
+        return _BY_NAME[name]
+    if name.startswith("dockerfile"):
+        return "dockerfile"
+    _, ext = posixpath.splitext(name)
+    if ext in _BY_EXTENSION:
+        return _BY_EXTENSION[ext]
+    if content.startswith("#!"):
+        first = content.split("\n", 1)[0]
+        words = first[2:].strip().split()
+        if words:
+            program = posixpath.basename(words[0])
+            if program == "env" and len(words) > 1:
+                program = words[1]
+            program = program.rstrip("0123456789.")
+            if program in _SHEBANG:
+                return _SHEBANG[program]
+    return "text"

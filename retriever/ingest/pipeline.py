@@ -1,0 +1,251 @@
+"""The upsert and delete paths.
+
+Upsert, per message of a stream (all its documents commit together):
+  unchanged content -> refresh revision/time/metadata only;
+  else chunk -> chunk ids -> embed only ids the document did not have -> stage rows
+  (pending) -> write vectors to the index -> one catalog transaction flips the documents to
+  their new chunks -> remove superseded vectors from the index.
+Only after that transaction is a document acknowledged. A crash at any point leaves either
+the old version or the new one; start-up reconcile clears the leftovers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from retriever import validation
+from retriever.catalog import (
+    Catalog,
+    ChunkPlacement,
+    DocumentRefresh,
+    DocumentWrite,
+    NewChunk,
+)
+from retriever.config import Settings
+from retriever.domain import DeleteResult, DocResult, DocStatus, Document, UpsertResult
+from retriever.ingest.chunking import ChunkerSet, ChunkSpan, detect_language
+from retriever.models.embedder import Embedder
+from retriever.namespaces import Namespaces
+from retriever.slo.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# Tokens reserved for the path header embedded in front of every chunk.
+HEADER_TOKENS = 32
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def make_chunk_id(chunker: str, namespace: str, doc_id: str, path: str, text: str,
+                  occurrence: int) -> str:
+    """Stable identity: the same text at the same doc keeps its id wherever it moves.
+    ``occurrence`` tells apart identical texts within one document."""
+    h = hashlib.sha256()
+    for part in (chunker, namespace, doc_id, path, str(occurrence), text):
+        h.update(part.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()[:32]
+
+
+@dataclass(slots=True)
+class _Planned:
+    doc: Document
+    path: str
+    language: str
+    content_hash: str
+    chunker: str
+    spans: list[ChunkSpan]
+    chunk_ids: list[str]
+    embed_texts: list[str]
+    token_counts: list[int]
+    old_version: int  # 0 when new
+
+
+class Ingestor:
+    def __init__(self, settings: Settings, catalog: Catalog, namespaces: Namespaces,
+                 embedder: Embedder, chunkers: ChunkerSet, metrics: Metrics) -> None:
+        self._settings = settings
+        self._catalog = catalog
+        self._namespaces = namespaces
+        self._embedder = embedder
+        self._chunkers = chunkers
+        self._metrics = metrics
+
+    def header(self, path: str) -> tuple[str, int]:
+        """What is embedded in front of a chunk: its path, cut to HEADER_TOKENS tokens
+        from the right (the file name matters most). Returns (header, tokens)."""
+        header = path + "\n"
+        n = self._embedder.count_tokens([header])[0]
+        while n > HEADER_TOKENS and "/" in header:
+            header = header.split("/", 1)[1]
+            n = self._embedder.count_tokens([header])[0]
+        if n > HEADER_TOKENS:
+            header, n = "", 0
+        return header, n
+
+    def upsert(self, namespace: str, docs: Sequence[Document]) -> UpsertResult:
+        validation.namespace_name(namespace)
+        validation.documents(docs, self._settings)
+        handle = self._namespaces.get_or_create(namespace)
+        self._namespaces.require_compatible(handle)
+        with handle.write_lock:
+            return self._upsert_locked(handle, docs)
+
+    def _upsert_locked(self, handle, docs: Sequence[Document]) -> UpsertResult:  # noqa: ANN001
+        ns = handle.name
+        heads = self._catalog.document_heads(ns, [d.doc_id for d in docs])
+        planned: list[_Planned] = []
+        refreshes: list[DocumentRefresh] = []
+        results: dict[str, DocResult] = {}
+        with self._metrics.stage("chunk"):
+            for d in docs:
+                path = d.effective_path
+                language = d.language or detect_language(path, d.content)
+                content_hash = sha256(d.content)
+                head = heads.get(d.doc_id)
+                if head is not None and (head.content_hash, head.path, head.language) == (
+                        content_hash, path, language):
+                    refreshes.append(DocumentRefresh(d.doc_id, d.revision, d.source_updated_at,
+                                                     dict(d.metadata)))
+                    continue
+                planned.append(self._plan(ns, d, path, language, content_hash,
+                                          head.version if head else 0))
+
+        existing = self._catalog.active_chunks(ns, [p.doc.doc_id for p in planned])
+        to_embed: list[tuple[int, int]] = []  # (planned index, chunk index)
+        seen_new: set[str] = set()
+        for pi, p in enumerate(planned):
+            for ci, cid in enumerate(p.chunk_ids):
+                if cid not in existing and cid not in seen_new:
+                    to_embed.append((pi, ci))
+                    seen_new.add(cid)
+        with self._metrics.stage("embed"):
+            vectors = self._embedder.embed([planned[pi].embed_texts[ci] for pi, ci in to_embed])
+
+        new_rows = [
+            NewChunk(
+                chunk_id=planned[pi].chunk_ids[ci], doc_id=planned[pi].doc.doc_id, ordinal=ci,
+                text=planned[pi].spans[ci].text, content_hash=sha256(planned[pi].spans[ci].text),
+                start_line=planned[pi].spans[ci].start_line,
+                end_line=planned[pi].spans[ci].end_line,
+                start_byte=planned[pi].spans[ci].start_byte,
+                end_byte=planned[pi].spans[ci].end_byte,
+                token_count=planned[pi].token_counts[ci], chunker=planned[pi].chunker,
+                vector=vectors[row],
+            )
+            for row, (pi, ci) in enumerate(to_embed)
+        ]
+        staged = self._catalog.stage_chunks(ns, new_rows) if new_rows else []
+        try:
+            with self._metrics.stage("index_write"):
+                if staged:
+                    handle.index.upsert(staged, vectors)
+            staged_by_cid = {r.chunk_id: vid for r, vid in zip(new_rows, staged, strict=True)}
+            new_ids = {p.doc.doc_id: set(p.chunk_ids) for p in planned}
+            drops: dict[str, list[int]] = {}
+            for old in existing.values():
+                if old.chunk_id not in new_ids[old.doc_id]:
+                    drops.setdefault(old.doc_id, []).append(old.vector_id)
+            dropped_all = [vid for vids in drops.values() for vid in vids]
+            writes = [self._write(p, existing, staged_by_cid, drops.get(p.doc.doc_id, []))
+                      for p in planned]
+            with self._metrics.stage("commit"), handle.visibility.write():
+                version = self._catalog.commit_documents(ns, writes, refreshes)
+        except BaseException:
+            # Nothing was committed: take the staged rows back out of index and catalog.
+            if staged:
+                try:
+                    handle.index.delete(staged)
+                    self._catalog.discard(staged)
+                except Exception:  # reconcile at next start clears them
+                    log.exception("could not discard staged chunks of namespace %s", ns)
+            raise
+        if dropped_all:
+            handle.index.delete(dropped_all)
+
+        embedded_by_doc: dict[str, int] = {}
+        for pi, _ in to_embed:
+            doc_id = planned[pi].doc.doc_id
+            embedded_by_doc[doc_id] = embedded_by_doc.get(doc_id, 0) + 1
+        for p in planned:
+            n_emb = embedded_by_doc.get(p.doc.doc_id, 0)
+            results[p.doc.doc_id] = DocResult(
+                doc_id=p.doc.doc_id,
+                status=DocStatus.UPDATED if p.old_version else DocStatus.CREATED,
+                version=p.old_version + 1, chunk_count=len(p.spans), chunks_embedded=n_emb,
+                chunks_reused=len(p.spans) - n_emb, content_hash=p.content_hash)
+        for r in refreshes:
+            h = heads[r.doc_id]
+            results[r.doc_id] = DocResult(
+                doc_id=r.doc_id, status=DocStatus.UNCHANGED, version=h.version,
+                chunk_count=h.chunk_count, chunks_embedded=0, chunks_reused=0,
+                content_hash=h.content_hash)
+        ordered = tuple(results[d.doc_id] for d in docs)
+        self._count(ns, ordered)
+        return UpsertResult(results=ordered, chunks_deleted=len(dropped_all),
+                            index_version=version)
+
+    @staticmethod
+    def _write(p: _Planned, existing: dict, staged_by_cid: dict[str, int],
+               drop: list[int]) -> DocumentWrite:
+        keep, activate = [], []
+        for ci, (cid, span) in enumerate(zip(p.chunk_ids, p.spans, strict=True)):
+            old = existing.get(cid)
+            if old is not None:
+                keep.append(ChunkPlacement(old.vector_id, ci, span.start_line, span.end_line,
+                                           span.start_byte, span.end_byte))
+            else:
+                activate.append(staged_by_cid[cid])
+        return DocumentWrite(
+            doc_id=p.doc.doc_id, path=p.path, revision=p.doc.revision,
+            content_hash=p.content_hash, language=p.language, version=p.old_version + 1,
+            content=p.doc.content, chunk_count=len(p.spans),
+            source_updated_at=p.doc.source_updated_at, metadata=dict(p.doc.metadata),
+            chunker=p.chunker, keep=tuple(keep), activate=tuple(activate), drop=tuple(drop),
+        )
+
+    def _plan(self, ns: str, d: Document, path: str, language: str, content_hash: str,
+              old_version: int) -> _Planned:
+        chunker = self._chunkers.chunker_for(language)
+        spans = chunker.chunk(d.content, path=path, language=language)
+        header, header_tokens = self.header(path)
+        ids: list[str] = []
+        occurrences: dict[str, int] = {}
+        for s in spans:
+            occ = occurrences.get(s.text, 0)
+            occurrences[s.text] = occ + 1
+            ids.append(make_chunk_id(chunker.name, ns, d.doc_id, path, s.text, occ))
+        return _Planned(
+            doc=d, path=path, language=language, content_hash=content_hash,
+            chunker=chunker.name, spans=spans, chunk_ids=ids,
+            embed_texts=[header + s.text for s in spans],
+            token_counts=[s.token_count + header_tokens for s in spans],
+            old_version=old_version,
+        )
+
+    def _count(self, ns: str, results: Sequence[DocResult]) -> None:
+        m = self._metrics
+        for r in results:
+            m.documents.labels(ns, r.status.value).inc()
+            m.chunks_embedded.labels(ns).inc(r.chunks_embedded)
+            m.chunks_reused.labels(ns).inc(r.chunks_reused)
+
+    def delete(self, namespace: str, doc_ids: Sequence[str]) -> DeleteResult:
+        validation.namespace_name(namespace)
+        validation.doc_ids(doc_ids, self._settings)
+        handle = self._namespaces.get(namespace)
+        with handle.write_lock:
+            with handle.visibility.write():
+                deleted, vector_ids, version = self._catalog.delete_documents(namespace, doc_ids)
+            if vector_ids:
+                handle.index.delete(vector_ids)
+        gone = set(deleted)
+        unique_ids = list(dict.fromkeys(doc_ids))
+        return DeleteResult(documents_deleted=len(deleted), chunks_deleted=len(vector_ids),
+                            not_found=tuple(d for d in unique_ids if d not in gone),
+                            index_version=version)

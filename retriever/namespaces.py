@@ -1,0 +1,183 @@
+"""Open namespaces: each one's vector collection, write lock and visibility lock.
+
+A namespace remembers the embedder (name, revision, dimension) and backend that built it.
+Writing or searching it with another embedder is refused (ModelMismatch): vectors of two
+models must never be mixed in one index. Re-embedding goes into a new generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from indexers import Backend, CollectionSpec, VectorIndex, create_backend
+from retriever._rwlock import RWLock
+from retriever.catalog import Catalog
+from retriever.domain import NamespaceRecord
+from retriever.errors import AlreadyExists, InvalidArgument, ModelMismatch, NotFound
+from retriever.models.embedder import Embedder
+from retriever.slo.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class NamespaceHandle:
+    record: NamespaceRecord  # as created; counts are not kept current here
+    index: VectorIndex
+    # One writer at a time per namespace (the diff of old and new chunks needs it).
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Searches hold it shared from ANN to catalog look-up; a commit holds it exclusively,
+    # so a search sees a document entirely before or entirely after an upsert.
+    visibility: RWLock = field(default_factory=RWLock)
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+
+def collection_name(name: str, generation: int) -> str:
+    return f"{name}.g{generation}"
+
+
+class Namespaces:
+    def __init__(self, catalog: Catalog, embedder: Embedder, index_root: Path,
+                 default_backend: str, metrics: Metrics) -> None:
+        self._catalog = catalog
+        self._embedder = embedder
+        self._index_root = Path(index_root)
+        self._default_backend = default_backend
+        self._metrics = metrics
+        self._backends: dict[str, Backend] = {}
+        self._handles: dict[str, NamespaceHandle] = {}
+        self._lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def open_all(self) -> dict[str, dict[str, int]]:
+        """Open every namespace and repair disagreement between catalog and index left by a
+        crash. Returns per namespace the repairs made."""
+        self._backend(self._default_backend)  # fail fast on a bad configured backend
+        pending = self._catalog.drop_pending()
+        report: dict[str, dict[str, int]] = {}
+        for name in self._catalog.namespace_names():
+            record = self._catalog.get_namespace(name, with_counts=False)
+            assert record is not None
+            handle = self._open(record)
+            report[name] = self._reconcile(handle, len(pending.get(name, ())))
+        return report
+
+    def _reconcile(self, handle: NamespaceHandle, pending: int) -> dict[str, int]:
+        index = handle.index
+        in_index = index.ids()
+        in_catalog = self._catalog.active_vector_ids(handle.name)
+        extra = np.setdiff1d(in_index, in_catalog, assume_unique=True)
+        missing = np.setdiff1d(in_catalog, in_index, assume_unique=True)
+        if len(extra):
+            index.delete(extra.tolist())
+        if len(missing):
+            ids, vecs = self._catalog.vectors(handle.name, missing.tolist(),
+                                              handle.record.dimension)
+            for i in range(0, len(ids), 4096):
+                index.upsert(ids[i : i + 4096], vecs[i : i + 4096])
+        if len(extra) or len(missing):
+            index.flush()
+            log.warning("reconciled namespace %s: removed %d stray vectors, restored %d",
+                        handle.name, len(extra), len(missing))
+        self._metrics.reconcile_repairs.labels("pending_rows_dropped").inc(pending)
+        self._metrics.reconcile_repairs.labels("stray_vectors_removed").inc(len(extra))
+        self._metrics.reconcile_repairs.labels("vectors_restored").inc(len(missing))
+        return {"pending_rows_dropped": pending, "stray_vectors_removed": int(len(extra)),
+                "vectors_restored": int(len(missing))}
+
+    def flush_all(self) -> None:
+        with self._lock:
+            handles = list(self._handles.values())
+        for h in handles:
+            h.index.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            for backend in self._backends.values():
+                backend.close()
+            self._backends.clear()
+            self._handles.clear()
+
+    # -- look-up ---------------------------------------------------------------------------
+    def get(self, name: str) -> NamespaceHandle:
+        with self._lock:
+            handle = self._handles.get(name)
+        if handle is None:
+            raise NotFound(f"namespace {name!r} does not exist", field="namespace")
+        return handle
+
+    def get_or_create(self, name: str) -> NamespaceHandle:
+        try:
+            return self.get(name)
+        except NotFound:
+            try:
+                return self.create(name, "")
+            except AlreadyExists:  # created by a concurrent request meanwhile
+                return self.get(name)
+
+    def require_compatible(self, handle: NamespaceHandle) -> None:
+        """Raise ModelMismatch unless the loaded embedder built this namespace."""
+        r, e = handle.record, self._embedder
+        if (r.embedder, r.embedder_revision, r.dimension) != (e.name, e.revision, e.dimension):
+            raise ModelMismatch(
+                f"namespace {r.name!r} was built by embedder {r.embedder}@"
+                f"{r.embedder_revision} ({r.dimension}-d); this server runs {e.name}@"
+                f"{e.revision} ({e.dimension}-d). Serve it with that embedder, or index the "
+                "documents into a new namespace", field="namespace")
+
+    # -- changes ---------------------------------------------------------------------------
+    def create(self, name: str, backend: str) -> NamespaceHandle:
+        backend = backend or self._default_backend
+        self._backend(backend)
+        e = self._embedder
+        record = NamespaceRecord(
+            name=name, backend=backend, embedder=e.name, embedder_revision=e.revision,
+            dimension=e.dimension, metric="cosine", index_generation=1, index_version=0,
+            created_at=datetime.now(UTC),
+        )
+        with self._lock:
+            if name in self._handles or not self._catalog.create_namespace(record):
+                raise AlreadyExists(f"namespace {name!r} already exists", field="name")
+            return self._open_locked(record)
+
+    def delete(self, name: str) -> tuple[int, int]:
+        handle = self.get(name)
+        with handle.write_lock, handle.visibility.write():
+            docs, chunks = self._catalog.delete_namespace(name)
+            with self._lock:
+                self._handles.pop(name, None)
+            self._backend(handle.record.backend).drop(
+                collection_name(name, handle.record.index_generation))
+        return docs, chunks
+
+    def _open(self, record: NamespaceRecord) -> NamespaceHandle:
+        with self._lock:
+            return self._open_locked(record)
+
+    def _open_locked(self, record: NamespaceRecord) -> NamespaceHandle:
+        backend = self._backend(record.backend)
+        index = backend.open(CollectionSpec(
+            collection_name(record.name, record.index_generation), record.dimension,
+            record.metric))  # type: ignore[arg-type]
+        handle = NamespaceHandle(record=record, index=index)
+        self._handles[record.name] = handle
+        return handle
+
+    def _backend(self, name: str) -> Backend:
+        backend = self._backends.get(name)
+        if backend is None:
+            try:
+                backend = create_backend(name, self._index_root)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc), field="backend") from None
+            self._backends[name] = backend
+        return backend

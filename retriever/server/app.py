@@ -1,0 +1,168 @@
+"""Server lifecycle: bind, load, serve, drain.
+
+The gRPC port is bound first with health NOT_SERVING (RPCs answer UNAVAILABLE while the
+model and indexes load); health flips to SERVING once the core has started. On SIGTERM or
+SIGINT, health flips back, in-flight RPCs get ``shutdown_grace_s`` to finish, the indexes
+are flushed and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from retriever.config import Settings
+from retriever.server.interceptors import ObservabilityInterceptor
+from retriever.server.servicer import SERVICE_NAME, RetrieverServicer, method_handlers
+from retriever.service import RetrieverService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    servicer: RetrieverServicer
+    service: RetrieverService
+
+
+async def create_server(service: RetrieverService, settings: Settings) -> RunningServer:
+    """Build and bind (not start) the server; returns it with the bound port."""
+    opts = [
+        ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+        ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(interceptors=[ObservabilityInterceptor(service.metrics)],
+                             options=opts)
+    servicer = RetrieverServicer(service)
+    server.add_generic_rpc_handlers((method_handlers(servicer),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    if port == 0:
+        raise OSError(f"could not bind {settings.grpc_host}:{settings.grpc_port}")
+    return RunningServer(server, port, health_servicer, servicer, service)
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None,
+                on_ready: callable | None = None) -> None:  # type: ignore[valid-type]
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None)."""
+    service = RetrieverService(settings)
+    running = await create_server(service, settings)
+    loop = asyncio.get_running_loop()
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    metrics_port = 0
+    metrics_server = None
+    if settings.metrics_enabled:
+        metrics_server, _ = start_http_server(settings.metrics_port, settings.metrics_host,
+                                              registry=service.metrics.registry)
+        metrics_port = metrics_server.server_port
+    await running.server.start()
+    log.info("gRPC bound on %s:%d; loading models and indexes", settings.grpc_host,
+             running.port)
+    try:
+        start = loop.run_in_executor(None, service.start)
+        done, _ = await asyncio.wait({start, asyncio.ensure_future(stop.wait())},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if start in done:
+            start.result()
+            for name in ("", SERVICE_NAME):
+                await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            info = {"event": "serving", "grpc_port": running.port, "metrics_port": metrics_port,
+                    "data_dir": str(settings.data_dir), "device": service.embedder.device,
+                    "reconciled": service.reconcile_report}
+            log.info("serving: %s", json.dumps(info))
+            if on_ready is not None:
+                on_ready(info)
+            await stop.wait()
+        log.info("draining (grace %.1fs)", settings.shutdown_grace_s)
+        await running.health.enter_graceful_shutdown()
+        await running.server.stop(settings.shutdown_grace_s)
+        if not start.done():
+            await start
+    finally:
+        running.servicer.close()
+        await loop.run_in_executor(None, service.close)
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+    log.info("stopped")
+
+
+def run(settings: Settings) -> int:
+    """Blocking entry point of `retriever serve`; prints one JSON line when serving."""
+
+    def ready(info: dict) -> None:
+        print(json.dumps(info), flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):  # normally the signal handler's job
+        asyncio.run(serve(settings, on_ready=ready))
+    return 0
+
+
+class ServerThread:
+    """The real server on its own event loop in a background thread (tests, benchmarks)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.info: dict = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="grpc-server", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.grpc_host}:{self.info['grpc_port']}"
+
+    def start(self, timeout: float = 120) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(timeout) or self._error:
+            raise RuntimeError(f"server did not start: {self._error!r}")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=60)
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+
+            def ready(info: dict) -> None:
+                self.info = info
+                self._ready.set()
+
+            await serve(self.settings, self._stop, ready)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+            self._ready.set()
+            print(f"server thread failed: {exc!r}", file=sys.stderr)

@@ -1,0 +1,195 @@
+"""protobuf <-> domain objects. Protobuf types never leave the server layer."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from retriever.domain import (
+    ChunkRecord,
+    DeleteResult,
+    DocStatus,
+    Document,
+    DocumentRecord,
+    Hit,
+    IndexStatus,
+    Lineage,
+    NamespaceRecord,
+    SearchFilter,
+    SearchMode,
+    SearchQuery,
+    SearchResult,
+    StageTimings,
+    UpsertResult,
+)
+from retriever.v1 import retriever_pb2 as pb
+
+_MODES = {
+    pb.SEARCH_MODE_UNSPECIFIED: SearchMode.DEFAULT,
+    pb.DENSE: SearchMode.DENSE,
+    pb.LEXICAL: SearchMode.LEXICAL,
+    pb.HYBRID: SearchMode.HYBRID,
+}
+_STATUS = {
+    DocStatus.CREATED: pb.DocumentResult.CREATED,
+    DocStatus.UPDATED: pb.DocumentResult.UPDATED,
+    DocStatus.UNCHANGED: pb.DocumentResult.UNCHANGED,
+}
+
+
+def _ts(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _dur(seconds: float | None) -> Duration | None:
+    if seconds is None:
+        return None
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def _from_ts(msg: pb.Document) -> datetime | None:
+    if not msg.HasField("source_updated_at"):
+        return None
+    return msg.source_updated_at.ToDatetime(tzinfo=UTC)
+
+
+# -- requests ------------------------------------------------------------------------------
+def document_from_pb(msg: pb.Document) -> Document:
+    return Document(
+        doc_id=msg.doc_id, content=msg.content, path=msg.path, revision=msg.revision,
+        source_updated_at=_from_ts(msg), metadata=dict(msg.metadata), language=msg.language,
+    )
+
+
+def search_from_pb(msg: pb.SearchRequest) -> SearchQuery:
+    f = msg.filter
+    return SearchQuery(
+        namespace=msg.namespace, query=msg.query, top_k=msg.top_k,
+        filter=SearchFilter(
+            doc_ids=tuple(f.doc_ids), path_prefix=f.path_prefix, languages=tuple(f.languages),
+            metadata=tuple(sorted(f.metadata.items())),
+        ),
+        mode=_MODES.get(msg.mode, SearchMode.DEFAULT), rerank=msg.rerank,
+    )
+
+
+def search_mode_known(msg: pb.SearchRequest) -> bool:
+    return msg.mode in _MODES
+
+
+# -- responses -----------------------------------------------------------------------------
+def chunk_to_pb(c: ChunkRecord) -> pb.Chunk:
+    return pb.Chunk(
+        chunk_id=c.chunk_id, doc_id=c.doc_id, revision=c.revision, path=c.path,
+        start_line=c.start_line, end_line=c.end_line, text=c.text, content_hash=c.content_hash,
+        start_byte=c.start_byte, end_byte=c.end_byte, ordinal=c.ordinal, language=c.language,
+        document_version=c.document_version, document_hash=c.document_hash,
+        indexed_at=_ts(c.indexed_at), source_updated_at=_ts(c.source_updated_at),
+        metadata=c.metadata, token_count=c.token_count, chunker=c.chunker,
+        namespace=c.namespace,
+    )
+
+
+def hit_to_pb(h: Hit) -> pb.Hit:
+    return pb.Hit(chunk=chunk_to_pb(h.chunk), score=h.score, rank=h.rank,
+                  staleness=_dur(h.staleness_s))
+
+
+def lineage_to_pb(lin: Lineage) -> pb.Lineage:
+    return pb.Lineage(
+        request_id=lin.request_id, embedder=lin.embedder, reranker=lin.reranker,
+        backend=lin.backend, index_generation=lin.index_generation,
+        embedder_revision=lin.embedder_revision, namespace=lin.namespace,
+        index_version=lin.index_version, device=lin.device,
+    )
+
+
+def timings_to_pb(t: StageTimings) -> pb.StageTimings:
+    return pb.StageTimings(embed=_dur(t.embed), ann=_dur(t.ann), lexical=_dur(t.lexical),
+                           rerank=_dur(t.rerank), fetch=_dur(t.fetch), total=_dur(t.total))
+
+
+def search_result_to_pb(r: SearchResult) -> pb.SearchResponse:
+    return pb.SearchResponse(hits=[hit_to_pb(h) for h in r.hits],
+                             lineage=lineage_to_pb(r.lineage), timings=timings_to_pb(r.timings))
+
+
+def namespace_to_pb(n: NamespaceRecord) -> pb.Namespace:
+    return pb.Namespace(
+        name=n.name, backend=n.backend, embedder=n.embedder,
+        embedder_revision=n.embedder_revision, dimension=n.dimension, metric=n.metric,
+        index_generation=n.index_generation, document_count=n.document_count,
+        chunk_count=n.chunk_count, create_time=_ts(n.created_at),
+        index_version=n.index_version,
+    )
+
+
+def upsert_to_pb(namespace: str, results: list[UpsertResult], elapsed_s: float
+                 ) -> pb.UpsertDocumentsResponse:
+    resp = pb.UpsertDocumentsResponse(namespace=namespace, elapsed=_dur(elapsed_s))
+    for r in results:
+        resp.chunks_deleted += r.chunks_deleted
+        resp.index_version = max(resp.index_version, r.index_version)
+        for d in r.results:
+            resp.documents_received += 1
+            if d.status is DocStatus.CREATED:
+                resp.documents_created += 1
+            elif d.status is DocStatus.UPDATED:
+                resp.documents_updated += 1
+            else:
+                resp.documents_unchanged += 1
+            resp.chunks_total += d.chunk_count
+            resp.chunks_embedded += d.chunks_embedded
+            resp.chunks_reused += d.chunks_reused
+            resp.results.append(pb.DocumentResult(
+                doc_id=d.doc_id, status=_STATUS[d.status], version=d.version,
+                chunk_count=d.chunk_count, chunks_embedded=d.chunks_embedded,
+                chunks_reused=d.chunks_reused, content_hash=d.content_hash))
+    return resp
+
+
+def delete_to_pb(r: DeleteResult) -> pb.DeleteDocumentsResponse:
+    return pb.DeleteDocumentsResponse(
+        documents_deleted=r.documents_deleted, chunks_deleted=r.chunks_deleted,
+        not_found_doc_ids=list(r.not_found), index_version=r.index_version)
+
+
+def document_to_pb(d: DocumentRecord) -> pb.GetDocumentResponse:
+    return pb.GetDocumentResponse(
+        document=pb.Document(
+            doc_id=d.doc_id, content=d.content or "", path=d.path, revision=d.revision,
+            source_updated_at=_ts(d.source_updated_at), metadata=d.metadata,
+            language=d.language),
+        chunk_ids=list(d.chunk_ids), indexed_at=_ts(d.indexed_at), version=d.version,
+        content_hash=d.content_hash, language=d.language,
+    )
+
+
+def document_info_to_pb(d: DocumentRecord) -> pb.DocumentInfo:
+    return pb.DocumentInfo(
+        doc_id=d.doc_id, path=d.path, revision=d.revision,
+        source_updated_at=_ts(d.source_updated_at), indexed_at=_ts(d.indexed_at),
+        version=d.version, content_hash=d.content_hash, chunk_count=d.chunk_count,
+        size_bytes=d.size_bytes, language=d.language, metadata=d.metadata,
+    )
+
+
+def status_to_pb(s: IndexStatus) -> pb.GetIndexStatusResponse:
+    n = s.namespace
+    return pb.GetIndexStatusResponse(
+        namespace=n.name, document_count=n.document_count, chunk_count=n.chunk_count,
+        embedder=n.embedder, backend=n.backend, device=s.device,
+        embedder_revision=n.embedder_revision, dimension=n.dimension, metric=n.metric,
+        index_generation=n.index_generation, index_version=n.index_version,
+        vector_count=s.vector_count, last_indexed_at=_ts(n.last_indexed_at),
+        precision=s.precision, chunk_tokens=s.chunk_tokens, overlap_tokens=s.overlap_tokens,
+        chunker=s.chunker, content_bytes=n.content_bytes,
+    )

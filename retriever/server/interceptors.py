@@ -1,0 +1,76 @@
+"""Cross-cutting concerns of every RPC: request ids, latency and status-code metrics."""
+
+from __future__ import annotations
+
+import contextvars
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from retriever.server.status import RPC_CODE
+from retriever.slo.metrics import Metrics
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and value and len(value) <= 128:
+            return str(value)
+    return uuid.uuid4().hex
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        rpc = details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap(rpc, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap(rpc, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler  # streaming responses (health Watch, reflection) pass through
+
+    def _wrap(self, rpc: str, behavior: Callable[..., Awaitable[Any]]
+              ) -> Callable[..., Awaitable[Any]]:
+        m = self._metrics
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            rid = _request_id(context)
+            REQUEST_ID.set(rid)
+            RPC_CODE.set("OK")
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+            m.inflight.labels(rpc).inc()
+            t0 = time.perf_counter()
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except BaseException:
+                RPC_CODE.set(grpc.StatusCode.INTERNAL.name
+                             if RPC_CODE.get() == "OK" else RPC_CODE.get())
+                raise
+            finally:
+                m.inflight.labels(rpc).dec()
+                m.request_duration.labels(rpc).observe(time.perf_counter() - t0)
+                m.requests.labels(rpc, RPC_CODE.get()).inc()
+
+        return wrapped

@@ -1,0 +1,264 @@
+"""The thin gRPC servicer: protobuf in, core call off the event loop, protobuf out.
+
+Blocking core work runs in thread pools (reads and searches in one, upserts in another),
+bounded by in-flight limits beyond which calls fail fast with RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from retriever import errors
+from retriever.freshness.staleness import hit_staleness
+from retriever.server import convert
+from retriever.server.interceptors import REQUEST_ID
+from retriever.server.status import abort, code_for
+from retriever.service import RetrieverService
+from retriever.v1 import retriever_pb2 as pb
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
+
+
+class Undecodable:
+    """Stands in for a request whose bytes did not parse (e.g. non-UTF-8 in a string)."""
+
+    def __init__(self, message_type: str, error: str) -> None:
+        self.message_type = message_type
+        self.error = error
+
+
+def safe_deserializer(cls: type) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(cls.__name__, str(exc))
+
+    return deserialize
+
+
+class _Limiter:
+    """Counts calls in flight; beyond the limit a call is refused, never queued."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self._limit = limit
+        self._what = what
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._n >= self._limit:
+                raise errors.Overloaded(
+                    f"{self._n} {self._what} in flight (limit {self._limit}); retry with "
+                    "backoff")
+            self._n += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._n -= 1
+
+
+class RetrieverServicer:
+    def __init__(self, service: RetrieverService) -> None:
+        self._svc = service
+        s = service.settings
+        self._read_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc-read")
+        self._write_pool = ThreadPoolExecutor(max_workers=s.max_inflight_upserts,
+                                              thread_name_prefix="rpc-write")
+        self._searches = _Limiter(s.max_inflight_searches, "searches")
+        self._upserts = _Limiter(s.max_inflight_upserts, "upsert streams")
+
+    def close(self) -> None:
+        self._read_pool.shutdown(wait=False, cancel_futures=True)
+        self._write_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any,
+                   pool: ThreadPoolExecutor | None = None) -> T:
+        """Run blocking core work off the loop and map its errors to status codes."""
+        try:
+            for a in args:
+                if isinstance(a, Undecodable):
+                    raise errors.InvalidArgument(_undecodable_message(a))
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(pool or self._read_pool, fn, *args)
+        except errors.RetrieverError as exc:
+            await abort(context, code_for(exc), exc.message, exc.field)
+        except Exception as exc:  # a bug: say so, keep serving
+            log.exception("internal error in %s", getattr(fn, "__name__", fn))
+            await abort(context, grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+        raise AssertionError("unreachable")
+
+    # -- namespaces ------------------------------------------------------------------------
+    async def CreateNamespace(self, request: pb.CreateNamespaceRequest, context: Any):  # noqa: N802
+        ns = await self._run(context, lambda r: self._svc.create_namespace(r.name, r.backend),
+                             request)
+        return pb.CreateNamespaceResponse(namespace=convert.namespace_to_pb(ns))
+
+    async def GetNamespace(self, request: pb.GetNamespaceRequest, context: Any):  # noqa: N802
+        ns = await self._run(context, lambda r: self._svc.get_namespace(r.name), request)
+        return pb.GetNamespaceResponse(namespace=convert.namespace_to_pb(ns))
+
+    async def ListNamespaces(self, request: pb.ListNamespacesRequest, context: Any):  # noqa: N802
+        page = await self._run(
+            context, lambda r: self._svc.list_namespaces(r.page_size, r.page_token), request)
+        return pb.ListNamespacesResponse(
+            namespaces=[convert.namespace_to_pb(n) for n in page.items],
+            next_page_token=page.next_page_token)
+
+    async def DeleteNamespace(self, request: pb.DeleteNamespaceRequest, context: Any):  # noqa: N802
+        docs, chunks = await self._run(
+            context, lambda r: self._svc.delete_namespace(r.name), request,
+            pool=self._write_pool)
+        return pb.DeleteNamespaceResponse(documents_deleted=docs, chunks_deleted=chunks)
+
+    # -- documents -------------------------------------------------------------------------
+    async def UpsertDocuments(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.UpsertDocumentsRequest], context: Any
+    ) -> pb.UpsertDocumentsResponse:
+        t0 = time.perf_counter()
+        results = []
+        namespace = None
+        try:
+            limiter = self._upserts
+            limiter.__enter__()
+        except errors.Overloaded as exc:
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
+        try:
+            i = -1
+            async for request in request_iterator:
+                i += 1
+
+                def one(r: Any, i: int = i) -> Any:
+                    nonlocal namespace
+                    if isinstance(r, Undecodable):
+                        raise errors.InvalidArgument(
+                            f"message {i} of the stream: {_undecodable_message(r)}")
+                    if namespace is not None and r.namespace != namespace:
+                        raise errors.InvalidArgument(
+                            f"message {i} names namespace {r.namespace!r} but the stream "
+                            f"began with {namespace!r}: one namespace per stream",
+                            field="namespace")
+                    namespace = r.namespace
+                    docs = [convert.document_from_pb(d) for d in r.documents]
+                    return self._svc.upsert(r.namespace, docs)
+
+                results.append(await self._run(context, one, request, pool=self._write_pool))
+        finally:
+            limiter.__exit__()
+        if not results:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        "the stream carried no UpsertDocumentsRequest: send at least one",
+                        "documents")
+        return convert.upsert_to_pb(namespace or "", results, time.perf_counter() - t0)
+
+    async def DeleteDocuments(self, request: pb.DeleteDocumentsRequest, context: Any):  # noqa: N802
+        result = await self._run(
+            context, lambda r: self._svc.delete_documents(r.namespace, list(r.doc_ids)),
+            request, pool=self._write_pool)
+        return convert.delete_to_pb(result)
+
+    async def GetDocument(self, request: pb.GetDocumentRequest, context: Any):  # noqa: N802
+        doc = await self._run(
+            context, lambda r: self._svc.get_document(r.namespace, r.doc_id), request)
+        return convert.document_to_pb(doc)
+
+    async def ListDocuments(self, request: pb.ListDocumentsRequest, context: Any):  # noqa: N802
+        page = await self._run(
+            context, lambda r: self._svc.list_documents(r.namespace, r.page_size, r.page_token,
+                                                        r.path_prefix), request)
+        return pb.ListDocumentsResponse(
+            documents=[convert.document_info_to_pb(d) for d in page.items],
+            next_page_token=page.next_page_token, total_size=page.total_size)
+
+    async def GetChunk(self, request: pb.GetChunkRequest, context: Any):  # noqa: N802
+        chunk = await self._run(
+            context, lambda r: self._svc.get_chunk(r.namespace, r.chunk_id), request)
+        staleness = hit_staleness(chunk, datetime.now(UTC))
+        resp = pb.GetChunkResponse(chunk=convert.chunk_to_pb(chunk))
+        if staleness is not None:
+            resp.staleness.FromNanoseconds(int(staleness * 1e9))
+        return resp
+
+    # -- search ----------------------------------------------------------------------------
+    async def Search(self, request: pb.SearchRequest, context: Any):  # noqa: N802
+        rid = REQUEST_ID.get()
+
+        def one(r: Any) -> Any:
+            with self._searches:
+                return self._svc.search(convert.search_from_pb(r), rid)
+
+        result = await self._run(context, one, request)
+        return convert.search_result_to_pb(result)
+
+    async def BatchSearch(self, request: pb.BatchSearchRequest, context: Any):  # noqa: N802
+        rid = REQUEST_ID.get()
+
+        def many(r: Any) -> Any:
+            with self._searches:
+                return self._svc.batch_search([convert.search_from_pb(q) for q in r.requests],
+                                              rid)
+
+        results = await self._run(context, many, request)
+        return pb.BatchSearchResponse(
+            responses=[convert.search_result_to_pb(r) for r in results])
+
+    # -- status ----------------------------------------------------------------------------
+    async def GetIndexStatus(self, request: pb.GetIndexStatusRequest, context: Any):  # noqa: N802
+        status = await self._run(context, lambda r: self._svc.index_status(r.namespace),
+                                 request)
+        return convert.status_to_pb(status)
+
+    # -- not shipped yet -------------------------------------------------------------------
+    async def SyncSource(self, request: Any, context: Any):  # noqa: N802
+        await abort(context, grpc.StatusCode.UNIMPLEMENTED,
+                    "SyncSource is not available yet: send the repository's files with "
+                    "UpsertDocuments (e.g. `retriever index PATH`) until source sync ships")
+
+    async def RecordFeedback(self, request: Any, context: Any):  # noqa: N802
+        await abort(context, grpc.StatusCode.UNIMPLEMENTED,
+                    "RecordFeedback is not available yet: online precision@k ships with the "
+                    "SLO release")
+
+    async def RegisterGoldenSet(self, request: Any, context: Any):  # noqa: N802
+        await abort(context, grpc.StatusCode.UNIMPLEMENTED,
+                    "RegisterGoldenSet is not available yet: golden sets ship with the SLO "
+                    "release")
+
+    async def Evaluate(self, request: Any, context: Any):  # noqa: N802
+        await abort(context, grpc.StatusCode.UNIMPLEMENTED,
+                    "Evaluate is not available yet: offline evaluation ships with the SLO "
+                    "release")
+
+
+def _undecodable_message(u: Undecodable) -> str:
+    return (f"the {u.message_type} could not be parsed ({u.error}); string fields such as "
+            "Document.content must hold valid UTF-8 text")
+
+
+def method_handlers(servicer: RetrieverServicer) -> grpc.GenericRpcHandler:
+    """Handlers for every RPC of the service descriptor, with deserializers that turn
+    unparseable requests into INVALID_ARGUMENT instead of an opaque INTERNAL."""
+    service = pb.DESCRIPTOR.services_by_name["Retriever"]
+    handlers = {}
+    for method in service.methods:
+        req = getattr(pb, method.input_type.name)
+        resp = getattr(pb, method.output_type.name)
+        behavior = getattr(servicer, method.name)
+        factory = (grpc.stream_unary_rpc_method_handler if method.client_streaming
+                   else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = factory(behavior, request_deserializer=safe_deserializer(req),
+                                        response_serializer=resp.SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)

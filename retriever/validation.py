@@ -1,0 +1,148 @@
+"""Checks of caller input against the configured limits. Each failure names the field."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from retriever.config import Settings
+from retriever.domain import Document, SearchQuery
+from retriever.errors import InvalidArgument
+
+NAMESPACE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+MAX_DOC_ID_BYTES = 1024
+MAX_REVISION_BYTES = 256
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_KEY_BYTES = 128
+MAX_METADATA_VALUE_BYTES = 1024
+MAX_FILTER_DOC_IDS = 1024
+MAX_CHUNK_ID_BYTES = 128
+
+
+def _utf8_len(text: str, field: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{field} is not valid UTF-8 text (it holds lone surrogates)",
+                              field=field) from None
+
+
+def namespace_name(name: str, field: str = "namespace") -> str:
+    if not name:
+        raise InvalidArgument(f"{field} is required", field=field)
+    if not NAMESPACE_RE.match(name):
+        raise InvalidArgument(
+            f"{field} {name[:80]!r} is invalid: use 1-63 characters of lowercase letters, "
+            "digits, '-' and '_', starting with a letter or digit", field=field)
+    return name
+
+
+def documents(docs: Sequence[Document], settings: Settings, field: str = "documents") -> None:
+    if not docs:
+        raise InvalidArgument(f"{field} is empty: send at least one document", field=field)
+    if len(docs) > settings.max_batch_documents:
+        raise InvalidArgument(
+            f"{field} has {len(docs)} documents; at most {settings.max_batch_documents} "
+            "(max_batch_documents) per message: split the batch", field=field)
+    seen: set[str] = set()
+    for i, d in enumerate(docs):
+        f = f"{field}[{i}]"
+        if not d.doc_id:
+            raise InvalidArgument(f"{f}.doc_id is required", field=f"{f}.doc_id")
+        if _utf8_len(d.doc_id, f"{f}.doc_id") > MAX_DOC_ID_BYTES or "\x00" in d.doc_id:
+            raise InvalidArgument(
+                f"{f}.doc_id must be 1-{MAX_DOC_ID_BYTES} UTF-8 bytes without NUL",
+                field=f"{f}.doc_id")
+        if d.doc_id in seen:
+            raise InvalidArgument(f"{f}.doc_id {d.doc_id!r} appears twice in one message",
+                                  field=f"{f}.doc_id")
+        seen.add(d.doc_id)
+        size = _utf8_len(d.content, f"{f}.content")
+        if size > settings.max_document_bytes:
+            raise InvalidArgument(
+                f"{f}.content is {size} bytes; the limit is {settings.max_document_bytes} "
+                "bytes (max_document_bytes)", field=f"{f}.content")
+        if "\x00" in d.content:
+            raise InvalidArgument(f"{f}.content holds NUL bytes: send text, not binary data",
+                                  field=f"{f}.content")
+        if _utf8_len(d.path, f"{f}.path") > MAX_DOC_ID_BYTES or "\x00" in d.path:
+            raise InvalidArgument(f"{f}.path must be at most {MAX_DOC_ID_BYTES} bytes, no NUL",
+                                  field=f"{f}.path")
+        if _utf8_len(d.revision, f"{f}.revision") > MAX_REVISION_BYTES:
+            raise InvalidArgument(f"{f}.revision must be at most {MAX_REVISION_BYTES} bytes",
+                                  field=f"{f}.revision")
+        if len(d.metadata) > MAX_METADATA_ENTRIES:
+            raise InvalidArgument(
+                f"{f}.metadata has {len(d.metadata)} entries; at most {MAX_METADATA_ENTRIES}",
+                field=f"{f}.metadata")
+        for k, v in d.metadata.items():
+            if not k or _utf8_len(k, f"{f}.metadata") > MAX_METADATA_KEY_BYTES:
+                raise InvalidArgument(
+                    f"{f}.metadata key {k[:40]!r} must be 1-{MAX_METADATA_KEY_BYTES} bytes",
+                    field=f"{f}.metadata")
+            if _utf8_len(v, f"{f}.metadata") > MAX_METADATA_VALUE_BYTES:
+                raise InvalidArgument(
+                    f"{f}.metadata[{k!r}] must be at most {MAX_METADATA_VALUE_BYTES} bytes",
+                    field=f"{f}.metadata")
+        if len(d.language) > 32:
+            raise InvalidArgument(f"{f}.language must be at most 32 characters",
+                                  field=f"{f}.language")
+
+
+def doc_ids(ids: Sequence[str], settings: Settings, field: str = "doc_ids") -> None:
+    if not ids:
+        raise InvalidArgument(f"{field} is empty: name at least one document", field=field)
+    if len(ids) > settings.max_batch_documents:
+        raise InvalidArgument(
+            f"{field} has {len(ids)} ids; at most {settings.max_batch_documents} "
+            "(max_batch_documents) per request", field=field)
+    for i, d in enumerate(ids):
+        doc_id(d, f"{field}[{i}]")
+
+
+def doc_id(value: str, field: str = "doc_id") -> None:
+    if not value:
+        raise InvalidArgument(f"{field} is required", field=field)
+    if _utf8_len(value, field) > MAX_DOC_ID_BYTES:
+        raise InvalidArgument(f"{field} must be at most {MAX_DOC_ID_BYTES} bytes", field=field)
+
+
+def chunk_id(value: str, field: str = "chunk_id") -> None:
+    if not value:
+        raise InvalidArgument(f"{field} is required", field=field)
+    if _utf8_len(value, field) > MAX_CHUNK_ID_BYTES:
+        raise InvalidArgument(f"{field} must be at most {MAX_CHUNK_ID_BYTES} bytes",
+                              field=field)
+
+
+def search(q: SearchQuery, settings: Settings, prefix: str = "") -> None:
+    namespace_name(q.namespace, f"{prefix}namespace")
+    f = f"{prefix}query"
+    if not q.query or not q.query.strip():
+        raise InvalidArgument(f"{f} is empty: send the text to search for", field=f)
+    size = _utf8_len(q.query, f)
+    if size > settings.max_query_bytes:
+        raise InvalidArgument(
+            f"{f} is {size} bytes; the limit is {settings.max_query_bytes} (max_query_bytes)",
+            field=f)
+    f = f"{prefix}top_k"
+    if not 1 <= q.top_k <= settings.max_top_k:
+        raise InvalidArgument(
+            f"{f} is {q.top_k}; it must be between 1 and {settings.max_top_k} (max_top_k)",
+            field=f)
+    flt = q.filter
+    if len(flt.doc_ids) > MAX_FILTER_DOC_IDS:
+        raise InvalidArgument(
+            f"{prefix}filter.doc_ids has {len(flt.doc_ids)} ids; at most {MAX_FILTER_DOC_IDS}",
+            field=f"{prefix}filter.doc_ids")
+
+
+def page_size(value: int, settings: Settings, default: int = 100) -> int:
+    if value < 0:
+        raise InvalidArgument(f"page_size is {value}; it must be 0 (default {default}) or "
+                              f"positive", field="page_size")
+    if value > settings.max_page_size:
+        raise InvalidArgument(
+            f"page_size is {value}; at most {settings.max_page_size} (max_page_size)",
+            field="page_size")
+    return value or default
