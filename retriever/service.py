@@ -40,10 +40,12 @@ log = logging.getLogger(__name__)
 
 
 class RetrieverService:
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None,
+                 embedder: Embedder | None = None) -> None:
+        """``embedder`` may be shared, already loaded, between services in one process."""
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.embedder = Embedder(settings)
+        self.embedder = embedder or Embedder(settings)
         self.catalog = Catalog(settings.data_dir / "catalog.sqlite3")
         self.namespaces = Namespaces(self.catalog, self.embedder, settings.data_dir / "indexes",
                                      settings.index_backend, self.metrics)
@@ -69,7 +71,8 @@ class RetrieverService:
     def start(self) -> None:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
-        self.embedder.load()
+        if not self.embedder.loaded:
+            self.embedder.load()
         self.catalog.open()
         budget = min(s.chunk_tokens, self.embedder.max_tokens) - (
             self.embedder.special_tokens + HEADER_TOKENS)
@@ -232,15 +235,23 @@ class RetrieverService:
         return record
 
 
+_TOKEN_PREFIX = "after:"
+
+
 def _encode_token(last: str) -> str:
-    return base64.urlsafe_b64encode(last.encode("utf-8")).decode("ascii")
+    """An opaque page token: the last key of the page, so pages stay stable under writes."""
+    return base64.urlsafe_b64encode((_TOKEN_PREFIX + last).encode("utf-8")).decode("ascii")
 
 
 def _decode_token(token: str) -> str:
     if not token:
         return ""
     try:
-        return base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8")
+        raw = base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True)
+        text = raw.decode("utf-8")
     except (ValueError, UnicodeError):
+        text = ""
+    if not text.startswith(_TOKEN_PREFIX):
         raise InvalidArgument("page_token is not a token this server issued; pass the "
-                              "next_page_token of the previous page", field="page_token") from None
+                              "next_page_token of the previous page", field="page_token")
+    return text[len(_TOKEN_PREFIX):]

@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from retriever.config import Settings
+from retriever.models.embedder import Embedder
 from retriever.server.interceptors import ObservabilityInterceptor
 from retriever.server.servicer import SERVICE_NAME, RetrieverServicer, method_handlers
 from retriever.service import RetrieverService
@@ -64,9 +66,10 @@ async def create_server(service: RetrieverService, settings: Settings) -> Runnin
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None,
-                on_ready: callable | None = None) -> None:  # type: ignore[valid-type]
+                on_ready: Callable[[dict], None] | None = None,
+                embedder: Embedder | None = None) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None)."""
-    service = RetrieverService(settings)
+    service = RetrieverService(settings, embedder=embedder)
     running = await create_server(service, settings)
     loop = asyncio.get_running_loop()
     if stop is None:
@@ -125,8 +128,9 @@ def run(settings: Settings) -> int:
 class ServerThread:
     """The real server on its own event loop in a background thread (tests, benchmarks)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, embedder: Embedder | None = None) -> None:
         self.settings = settings
+        self.embedder = embedder
         self.info: dict = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -158,7 +162,7 @@ class ServerThread:
                 self.info = info
                 self._ready.set()
 
-            await serve(self.settings, self._stop, ready)
+            await serve(self.settings, self._stop, ready, self.embedder)
 
         try:
             asyncio.run(main())

@@ -61,9 +61,10 @@ class WindowChunker:
         spans: list[ChunkSpan] = []
         start = 0
         n = len(units)
+        must_end = 0  # a window ends after this unit: the first one its predecessor lacks
         while start < n:
             # Skip leading blank units: a window never starts on whitespace.
-            while start < n and units[start].tokens == 0:
+            while start < n and units[start].blank:
                 start += 1
             if start >= n:
                 break
@@ -72,10 +73,10 @@ class WindowChunker:
                 used += units[end].tokens
                 end += 1
             if end < n:
-                end = self._best_break(units, start, end)
+                end = self._best_break(units, start, end, must_end + 1)
             # Trim trailing blank units from the window's text.
             last = end
-            while last > start and units[last - 1].tokens == 0:
+            while last > start and units[last - 1].blank:
                 last -= 1
             first_u, last_u = units[start], units[last - 1]
             text = content[first_u.start_char : last_u.end_char]
@@ -93,7 +94,12 @@ class WindowChunker:
             )
             if end >= n:
                 break
-            start = self._overlap_start(units, start, end)
+            must_end = end
+            while must_end < n and units[must_end].blank:
+                must_end += 1
+            if must_end >= n:
+                break
+            start = self._overlap_start(units, start, end, units[must_end].tokens)
         return spans
 
     # -- pieces ----------------------------------------------------------------------------
@@ -143,9 +149,10 @@ class WindowChunker:
             result.extend(pieces.get(i, [u]))
         return result
 
-    def _best_break(self, units: list[_Unit], start: int, end: int) -> int:
-        """The end (exclusive) of a full window: the latest good break in its second half."""
-        floor = start + max(1, (end - start) // 2)
+    def _best_break(self, units: list[_Unit], start: int, end: int, least: int) -> int:
+        """The end (exclusive) of a full window: the latest good break in its second half,
+        and not before ``least`` (so that the window adds something to the previous one)."""
+        floor = max(start + max(1, (end - start) // 2), least)
         for j in range(end, floor - 1, -1):
             if j <= start:
                 break
@@ -153,11 +160,13 @@ class WindowChunker:
                 return j
         return end
 
-    def _overlap_start(self, units: list[_Unit], start: int, end: int) -> int:
+    def _overlap_start(self, units: list[_Unit], start: int, end: int, next_tokens: int) -> int:
         """Where the next window starts: whole units before ``end`` up to ``overlap`` tokens,
-        always after ``start`` so that every window advances."""
+        always after ``start`` so that every window advances, and leaving room in the budget
+        for the ``next_tokens`` of the first new unit, so that no window is all overlap."""
+        room = min(self.overlap, self.budget - next_tokens)
         j, used = end, 0
-        while j - 1 > start and used + units[j - 1].tokens <= self.overlap:
+        while j - 1 > start and used + units[j - 1].tokens <= room:
             used += units[j - 1].tokens
             j -= 1
         # Do not start on a piece inside a split line unless the overlap covers it whole.

@@ -1,0 +1,487 @@
+"""The real server on a loopback port, the real model and FAISS, through a real channel."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from datetime import UTC, datetime
+
+import grpc
+import pytest
+from corpus import CORPUS, QUERIES
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from retriever.client import RetrieverClient
+from retriever.server.app import ServerThread
+from retriever.v1 import retriever_pb2 as pb
+
+pytestmark = pytest.mark.integration
+
+NS = "mixed"
+
+
+def _docs(corpus: dict[str, str] = CORPUS, revision: str = "r1") -> list[pb.Document]:
+    out = []
+    for doc_id, content in corpus.items():
+        d = pb.Document(doc_id=doc_id, content=content, revision=revision,
+                        metadata={"kind": doc_id.split("/")[0]})
+        d.source_updated_at.FromDatetime(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
+        out.append(d)
+    return out
+
+
+def _index(client: RetrieverClient) -> pb.UpsertDocumentsResponse:
+    return client.upsert(NS, _docs(), batch_size=4)
+
+
+def test_indexes_mixed_corpus_and_ranks_expected_document_first(client: RetrieverClient) -> None:
+    resp = _index(client)
+    assert resp.documents_received == len(CORPUS)
+    assert resp.documents_created == len(CORPUS)
+    assert resp.chunks_total >= len(CORPUS)
+    assert resp.chunks_embedded == resp.chunks_total
+    assert [r.doc_id for r in resp.results] == list(CORPUS)
+    for query, expected in QUERIES.items():
+        hits = client.search(NS, query, top_k=3).hits
+        assert hits, query
+        assert hits[0].chunk.doc_id == expected, (query, [h.chunk.doc_id for h in hits])
+        assert [h.rank for h in hits] == list(range(1, len(hits) + 1))
+        assert all(hits[i].score >= hits[i + 1].score for i in range(len(hits) - 1))
+
+
+def test_every_hit_carries_identity_lineage_and_timings(client: RetrieverClient) -> None:
+    _index(client)
+    resp = client.search(NS, "knead the dough", top_k=5, request_id="req-123")
+    assert resp.lineage.request_id == "req-123"
+    lin = resp.lineage
+    assert lin.embedder == "all-MiniLM-L6-v2"
+    assert len(lin.embedder_revision) == 12
+    assert lin.backend == "faiss"
+    assert lin.index_generation == 1
+    assert lin.index_version >= 1
+    assert lin.device == "cpu"
+    assert lin.namespace == NS
+    assert lin.reranker == ""  # no re-ranking took place
+    for field in ("embed", "ann", "fetch", "total"):
+        assert resp.timings.HasField(field), field
+    assert not resp.timings.HasField("rerank")
+    assert resp.timings.total.ToNanoseconds() >= resp.timings.embed.ToNanoseconds()
+    for h in resp.hits:
+        c = h.chunk
+        content = CORPUS[c.doc_id]
+        assert len(c.chunk_id) == 32
+        assert c.revision == "r1" and c.path == c.doc_id and c.namespace == NS
+        assert 1 <= c.start_line <= c.end_line
+        assert content.encode()[c.start_byte:c.end_byte].decode() == c.text
+        lines = content.split("\n")
+        assert c.text.rstrip("\n") == "\n".join(lines[c.start_line - 1:c.end_line]).rstrip("\n")
+        import hashlib
+
+        assert c.content_hash == hashlib.sha256(c.text.encode()).hexdigest()
+        assert c.document_hash == hashlib.sha256(content.encode()).hexdigest()
+        assert c.HasField("indexed_at") and c.indexed_at.seconds > 0
+        assert c.source_updated_at.ToDatetime(tzinfo=UTC) == datetime(2026, 1, 2, 3, 4, 5,
+                                                                      tzinfo=UTC)
+        assert h.HasField("staleness") and h.staleness.ToNanoseconds() == 0
+        assert c.document_version == 1 and c.token_count > 0 and c.chunker == "windows/v1"
+        assert c.metadata["kind"] == c.doc_id.split("/")[0]
+        # GetChunk is the lineage look-up of the same chunk.
+        got = client.get_chunk(NS, c.chunk_id).chunk
+        assert got == c
+
+
+def test_staleness_is_unset_when_source_time_is_unknown(client: RetrieverClient) -> None:
+    client.upsert(NS, [pb.Document(doc_id="n.txt", content="the moon and the tides")])
+    hit = client.search(NS, "moon tides", top_k=1).hits[0]
+    assert not hit.HasField("staleness")
+    assert not hit.chunk.HasField("source_updated_at")
+
+
+def test_unchanged_upsert_reembeds_nothing_and_changed_doc_reuses_chunks(
+    client: RetrieverClient,
+) -> None:
+    _index(client)
+    again = client.upsert(NS, _docs(revision="r2"), batch_size=4)
+    assert again.documents_unchanged == len(CORPUS)
+    assert again.chunks_embedded == 0
+    # The refresh is visible: new revision, same version.
+    doc = client.get_document(NS, "docs/bread.md")
+    assert doc.document.revision == "r2" and doc.version == 1
+
+    # A long document: editing its tail re-embeds only the chunks that changed.
+    long_text = "\n\n".join(
+        f"Section {i}. " + " ".join(f"word{i}_{j}" for j in range(60)) for i in range(12))
+    first = client.upsert(NS, [pb.Document(doc_id="long.txt", content=long_text)])
+    n = first.chunks_total
+    assert n >= 4
+    edited = long_text + "\n\nAn appended closing paragraph about something else."
+    second = client.upsert(NS, [pb.Document(doc_id="long.txt", content=edited)])
+    assert second.documents_updated == 1
+    assert second.results[0].version == 2
+    assert second.chunks_reused >= n - 2
+    assert second.chunks_embedded <= 2
+    assert second.chunks_reused + second.chunks_embedded == second.chunks_total
+    doc = client.get_document(NS, "long.txt")
+    assert doc.document.content == edited and len(doc.chunk_ids) == second.chunks_total
+    status = client.status(NS)
+    assert status.vector_count == status.chunk_count
+
+
+def test_delete_removes_document_from_search_and_lookups(client: RetrieverClient) -> None:
+    _index(client)
+    hits = client.search(NS, "how to grow tomato plants", top_k=10).hits
+    chunk_ids = [h.chunk.chunk_id for h in hits if h.chunk.doc_id == "notes/garden.txt"]
+    assert chunk_ids
+    resp = client.delete(NS, ["notes/garden.txt", "no/such/doc"])
+    assert resp.documents_deleted == 1
+    assert list(resp.not_found_doc_ids) == ["no/such/doc"]
+    assert resp.chunks_deleted == len(chunk_ids)
+    hits = client.search(NS, "how to grow tomato plants", top_k=10).hits
+    assert all(h.chunk.doc_id != "notes/garden.txt" for h in hits)
+    with pytest.raises(grpc.RpcError) as e:
+        client.get_document(NS, "notes/garden.txt")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        client.get_chunk(NS, chunk_ids[0])
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    status = client.status(NS)
+    assert status.document_count == len(CORPUS) - 1
+    assert status.vector_count == status.chunk_count
+
+
+def test_restart_keeps_everything(settings, embedder) -> None:  # noqa: ANN001
+    first = ServerThread(settings, embedder).start()
+    try:
+        with RetrieverClient(first.address) as c:
+            _index(c)
+            before = {q: [(h.chunk.chunk_id, round(h.score, 5)) for h in
+                          c.search(NS, q, top_k=5).hits] for q in QUERIES}
+            status_before = c.status(NS)
+    finally:
+        first.stop()
+    second = ServerThread(settings, embedder).start()
+    try:
+        assert second.info["reconciled"][NS] == {
+            "pending_rows_dropped": 0, "stray_vectors_removed": 0, "vectors_restored": 0}
+        with RetrieverClient(second.address) as c:
+            after = {q: [(h.chunk.chunk_id, round(h.score, 5)) for h in
+                         c.search(NS, q, top_k=5).hits] for q in QUERIES}
+            status_after = c.status(NS)
+    finally:
+        second.stop()
+    assert after == before
+    for f in ("document_count", "chunk_count", "vector_count", "index_version"):
+        assert getattr(status_after, f) == getattr(status_before, f), f
+
+
+def test_health_serving_and_reflection(server, client: RetrieverClient) -> None:  # noqa: ANN001
+    assert client.health() == health_pb2.HealthCheckResponse.SERVING
+    channel = grpc.insecure_channel(server.address)
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        list_services="")]))
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"retriever.v1.Retriever", "grpc.health.v1.Health"} <= names
+    channel.close()
+
+
+def test_namespaces_lifecycle(client: RetrieverClient) -> None:
+    ns = client.create_namespace("alpha")
+    assert (ns.name, ns.backend, ns.dimension, ns.metric) == ("alpha", "faiss", 384, "cosine")
+    with pytest.raises(grpc.RpcError) as e:
+        client.create_namespace("alpha")
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    for name in ("beta", "gamma"):
+        client.create_namespace(name)
+    client.upsert("beta", [pb.Document(doc_id="x", content="hello world")])
+    page1 = client.list_namespaces(page_size=2)
+    assert [n.name for n in page1.namespaces] == ["alpha", "beta"]
+    assert page1.next_page_token
+    page2 = client.list_namespaces(page_size=2, page_token=page1.next_page_token)
+    assert [n.name for n in page2.namespaces] == ["gamma"] and not page2.next_page_token
+    assert client.get_namespace("beta").document_count == 1
+    deleted = client.delete_namespace("beta")
+    assert deleted.documents_deleted == 1 and deleted.chunks_deleted == 1
+    with pytest.raises(grpc.RpcError) as e:
+        client.search("beta", "hello", top_k=1)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        client.get_namespace("beta")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_list_documents_pages_in_doc_id_order(client: RetrieverClient) -> None:
+    _index(client)
+    seen, token = [], ""
+    while True:
+        page = client.list_documents(NS, page_size=4, page_token=token)
+        assert page.total_size == len(CORPUS)
+        seen += [d.doc_id for d in page.documents]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == sorted(CORPUS)
+    docs = client.list_documents(NS, path_prefix="docs/").documents
+    assert [d.doc_id for d in docs] == ["docs/bread.md", "docs/deploy.md"]
+    assert all(d.chunk_count >= 1 and d.size_bytes > 0 and d.version == 1 for d in docs)
+    assert docs[0].language == "markdown"
+
+
+def test_filters_restrict_candidates(client: RetrieverClient) -> None:
+    _index(client)
+    q = "how long should I knead and proof the dough"
+    only_py = client.search(NS, q, top_k=10, filter=pb.SearchFilter(languages=["python"])).hits
+    assert only_py and {h.chunk.language for h in only_py} == {"python"}
+    notes = client.search(NS, q, top_k=10, filter=pb.SearchFilter(path_prefix="notes/")).hits
+    assert notes and all(h.chunk.path.startswith("notes/") for h in notes)
+    by_meta = client.search(NS, q, top_k=10, filter=pb.SearchFilter(metadata={"kind": "src"}))
+    assert by_meta.hits and all(h.chunk.doc_id.startswith("src/") for h in by_meta.hits)
+    by_id = client.search(NS, q, top_k=10, filter=pb.SearchFilter(doc_ids=["notes/garden.txt"]))
+    assert {h.chunk.doc_id for h in by_id.hits} == {"notes/garden.txt"}
+    none = client.search(NS, q, top_k=10, filter=pb.SearchFilter(doc_ids=["missing"]))
+    assert len(none.hits) == 0
+
+
+def test_batch_search_answers_in_request_order(client: RetrieverClient) -> None:
+    _index(client)
+    reqs = [pb.SearchRequest(namespace=NS, query=q, top_k=2) for q in QUERIES]
+    resp = client.batch_search(reqs)
+    assert [r.hits[0].chunk.doc_id for r in resp.responses] == list(QUERIES.values())
+    assert len({r.lineage.request_id for r in resp.responses}) == 1
+
+
+def test_search_stays_responsive_during_bulk_upsert(client: RetrieverClient) -> None:
+    _index(client)
+    bulk = [pb.Document(doc_id=f"bulk/{i}.txt",
+                        content=" ".join(f"token{i}_{j}" for j in range(400)))
+            for i in range(120)]
+    done = threading.Event()
+    result: list[object] = []
+
+    def upsert() -> None:
+        try:
+            result.append(client.upsert("bulk", bulk, batch_size=8))
+        finally:
+            done.set()
+
+    t = threading.Thread(target=upsert)
+    t.start()
+    answered_during_upsert = 0
+    deadline = time.monotonic() + 300
+    while not done.is_set() and time.monotonic() < deadline:
+        hits = client.search(NS, "retry a failed HTTP request", top_k=1).hits
+        assert hits[0].chunk.doc_id == "src/http_client.py"
+        if not done.is_set():
+            answered_during_upsert += 1
+    t.join()
+    assert isinstance(result[0], pb.UpsertDocumentsResponse)
+    assert result[0].documents_created == 120
+    # Searches were answered while the upsert was still running, not queued behind it.
+    assert answered_during_upsert >= 3
+
+
+def test_replacing_a_document_is_atomic_for_concurrent_searches(client: RetrieverClient) -> None:
+    def version(tag: str) -> str:
+        return "\n\n".join(f"{tag} paragraph {i}: " + " ".join([tag] * 150) for i in range(5))
+
+    a, b = version("alpha"), version("bravo")
+    client.upsert(NS, [pb.Document(doc_id="atomic.txt", content=a)])
+    counts = {a: client.get_document(NS, "atomic.txt").document and
+              len(client.get_document(NS, "atomic.txt").chunk_ids)}
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for i in range(12):
+                client.upsert(NS, [pb.Document(doc_id="atomic.txt", content=(b, a)[i % 2])])
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    client.upsert(NS, [pb.Document(doc_id="atomic.txt", content=b)])
+    counts[b] = len(client.get_document(NS, "atomic.txt").chunk_ids)
+    t = threading.Thread(target=writer)
+    t.start()
+    flt = pb.SearchFilter(doc_ids=["atomic.txt"])
+    observed = 0
+    while not stop.is_set():
+        hits = client.search(NS, "paragraph", top_k=50, filter=flt).hits
+        versions = {h.chunk.document_version for h in hits}
+        tags = {h.chunk.text.split()[0] for h in hits}
+        assert len(versions) == 1, versions  # never two versions at once
+        assert len(tags) == 1, tags
+        text = a if tags == {"alpha"} else b
+        assert len(hits) == counts[text]  # never part of a version, never none
+        observed += 1
+    t.join()
+    assert not errors
+    assert observed > 0
+
+
+def test_metrics_count_rpcs_and_stages(server, client: RetrieverClient) -> None:  # noqa: ANN001
+    url = f"http://127.0.0.1:{server.info['metrics_port']}/metrics"
+
+    def scrape() -> dict[str, float]:
+        out = {}
+        for line in urllib.request.urlopen(url).read().decode().splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    _index(client)
+    before = scrape()
+    client.search(NS, "bread", top_k=1)
+    with pytest.raises(grpc.RpcError):
+        client.search(NS, "", top_k=1)
+    after = scrape()
+    ok = 'retriever_requests_total{code="OK",rpc="Search"}'
+    bad = 'retriever_requests_total{code="INVALID_ARGUMENT",rpc="Search"}'
+    assert after[ok] == before.get(ok, 0) + 1
+    assert after[bad] == before.get(bad, 0) + 1
+    count = 'retriever_request_duration_seconds_count{rpc="Search"}'
+    assert after[count] == before.get(count, 0) + 2
+    assert after['retriever_stage_duration_seconds_count{stage="ann"}'] >= 1
+    assert after['retriever_chunks_embedded_total{namespace="mixed"}'] >= len(CORPUS)
+    assert after["retriever_model_loaded"] == 1
+
+
+# -- bad input ---------------------------------------------------------------------------------
+BIG = "x" * (1024 * 1024 + 1)
+LONG_QUERY = "q" * 8193
+CASES = [
+    # (rpc, request, expected code, words the message must contain)
+    ("Search", pb.SearchRequest(namespace="", query="q", top_k=1),
+     grpc.StatusCode.INVALID_ARGUMENT, ["namespace", "required"]),
+    ("Search", pb.SearchRequest(namespace=NS, query="   ", top_k=1),
+     grpc.StatusCode.INVALID_ARGUMENT, ["query", "empty"]),
+    ("Search", pb.SearchRequest(namespace=NS, query="q", top_k=0),
+     grpc.StatusCode.INVALID_ARGUMENT, ["top_k", "1", "100"]),
+    ("Search", pb.SearchRequest(namespace=NS, query="q", top_k=-5),
+     grpc.StatusCode.INVALID_ARGUMENT, ["top_k"]),
+    ("Search", pb.SearchRequest(namespace=NS, query="q", top_k=101),
+     grpc.StatusCode.INVALID_ARGUMENT, ["top_k", "100", "max_top_k"]),
+    ("Search", pb.SearchRequest(namespace=NS, query=LONG_QUERY, top_k=1),
+     grpc.StatusCode.INVALID_ARGUMENT, ["query", "8192"]),
+    ("Search", pb.SearchRequest(namespace="Bad Name!", query="q", top_k=1),
+     grpc.StatusCode.INVALID_ARGUMENT, ["namespace", "lowercase"]),
+    ("Search", pb.SearchRequest(namespace="missing", query="q", top_k=1),
+     grpc.StatusCode.NOT_FOUND, ["missing"]),
+    ("Search", pb.SearchRequest(namespace=NS, query="q", top_k=1, mode=pb.LEXICAL),
+     grpc.StatusCode.UNIMPLEMENTED, ["mode", "DENSE"]),
+    ("Search", pb.SearchRequest(namespace=NS, query="q", top_k=1, rerank=True),
+     grpc.StatusCode.UNIMPLEMENTED, ["rerank"]),
+    ("BatchSearch", pb.BatchSearchRequest(),
+     grpc.StatusCode.INVALID_ARGUMENT, ["requests", "empty"]),
+    ("BatchSearch", pb.BatchSearchRequest(requests=[
+        pb.SearchRequest(namespace=NS, query="ok", top_k=1),
+        pb.SearchRequest(namespace=NS, query="q", top_k=0)]),
+     grpc.StatusCode.INVALID_ARGUMENT, ["requests[1].top_k"]),
+    ("GetChunk", pb.GetChunkRequest(namespace=NS, chunk_id="0" * 32),
+     grpc.StatusCode.NOT_FOUND, ["chunk", "0" * 32]),
+    ("GetChunk", pb.GetChunkRequest(namespace=NS, chunk_id=""),
+     grpc.StatusCode.INVALID_ARGUMENT, ["chunk_id", "required"]),
+    ("GetDocument", pb.GetDocumentRequest(namespace=NS, doc_id="nope"),
+     grpc.StatusCode.NOT_FOUND, ["nope"]),
+    ("GetIndexStatus", pb.GetIndexStatusRequest(namespace="ghost"),
+     grpc.StatusCode.NOT_FOUND, ["ghost"]),
+    ("DeleteDocuments", pb.DeleteDocumentsRequest(namespace=NS),
+     grpc.StatusCode.INVALID_ARGUMENT, ["doc_ids", "empty"]),
+    ("ListDocuments", pb.ListDocumentsRequest(namespace=NS, page_size=5000),
+     grpc.StatusCode.INVALID_ARGUMENT, ["page_size", "1000"]),
+    ("ListDocuments", pb.ListDocumentsRequest(namespace=NS, page_token="%%%"),
+     grpc.StatusCode.INVALID_ARGUMENT, ["page_token"]),
+    ("CreateNamespace", pb.CreateNamespaceRequest(name="UPPER"),
+     grpc.StatusCode.INVALID_ARGUMENT, ["name"]),
+    ("CreateNamespace", pb.CreateNamespaceRequest(name="ok-name", backend="nosuch"),
+     grpc.StatusCode.INVALID_ARGUMENT, ["nosuch", "faiss"]),
+    ("SyncSource", pb.SyncSourceRequest(namespace=NS, repo="."),
+     grpc.StatusCode.UNIMPLEMENTED, ["SyncSource"]),
+    ("Evaluate", pb.EvaluateRequest(namespace=NS), grpc.StatusCode.UNIMPLEMENTED, ["Evaluate"]),
+    ("RecordFeedback", pb.RecordFeedbackRequest(namespace=NS),
+     grpc.StatusCode.UNIMPLEMENTED, ["RecordFeedback"]),
+    ("RegisterGoldenSet", pb.RegisterGoldenSetRequest(namespace=NS),
+     grpc.StatusCode.UNIMPLEMENTED, ["RegisterGoldenSet"]),
+]
+UPSERT_CASES = [
+    (pb.UpsertDocumentsRequest(namespace="", documents=[pb.Document(doc_id="a", content="x")]),
+     ["namespace", "required"]),
+    (pb.UpsertDocumentsRequest(namespace="no spaces", documents=[pb.Document(doc_id="a")]),
+     ["namespace"]),
+    (pb.UpsertDocumentsRequest(namespace=NS, documents=[]), ["documents", "empty"]),
+    (pb.UpsertDocumentsRequest(namespace=NS, documents=[pb.Document(content="x")]),
+     ["documents[0].doc_id", "required"]),
+    (pb.UpsertDocumentsRequest(namespace=NS, documents=[pb.Document(doc_id="a", content=BIG)]),
+     ["documents[0].content", "1048576", "max_document_bytes"]),
+    (pb.UpsertDocumentsRequest(namespace=NS, documents=[pb.Document(doc_id="a"),
+                                                        pb.Document(doc_id="a")]),
+     ["documents[1].doc_id", "twice"]),
+    (pb.UpsertDocumentsRequest(namespace=NS, documents=[
+        pb.Document(doc_id=f"d{i}") for i in range(257)]),
+     ["257", "256", "max_batch_documents"]),
+    (pb.UpsertDocumentsRequest(namespace=NS, documents=[
+        pb.Document(doc_id="a", content="bin\x00ary")]), ["NUL"]),
+]
+
+
+@pytest.mark.parametrize(("rpc", "request_msg", "code", "words"), CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_bad_input_gets_precise_status(client: RetrieverClient, rpc, request_msg, code,
+                                       words) -> None:  # noqa: ANN001
+    client.upsert(NS, [pb.Document(doc_id="seed.txt", content="seed")])
+    with pytest.raises(grpc.RpcError) as e:
+        getattr(client.stub, rpc)(request_msg, timeout=30)
+    assert e.value.code() == code, e.value.details()
+    for w in words:
+        assert w in e.value.details(), (w, e.value.details())
+    status = rpc_status.from_call(e.value)
+    assert status is not None and status.details  # google.rpc details travel with it
+    assert client.health() == health_pb2.HealthCheckResponse.SERVING  # still up
+
+
+@pytest.mark.parametrize(("request_msg", "words"), UPSERT_CASES,
+                         ids=[f"upsert-{i}" for i in range(len(UPSERT_CASES))])
+def test_bad_upserts_are_rejected_and_nothing_is_written(client: RetrieverClient, request_msg,
+                                                         words) -> None:  # noqa: ANN001
+    client.upsert(NS, [pb.Document(doc_id="seed.txt", content="seed")])
+    with pytest.raises(grpc.RpcError) as e:
+        client.upsert_stream(iter([request_msg]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    for w in words:
+        assert w in e.value.details(), (w, e.value.details())
+    status = client.status(NS)
+    assert status.document_count == 1 and status.vector_count == status.chunk_count
+
+
+def test_non_utf8_content_is_invalid_argument(server, client: RetrieverClient) -> None:  # noqa: ANN001
+    def field(num: int, payload: bytes) -> bytes:
+        return bytes([num << 3 | 2, len(payload)]) + payload
+
+    doc = field(1, b"bad.txt") + field(2, b"caf\xe9 \xff\xfe")
+    raw = field(1, NS.encode()) + field(2, doc)
+    channel = grpc.insecure_channel(server.address)
+    call = channel.stream_unary("/retriever.v1.Retriever/UpsertDocuments",
+                                request_serializer=lambda b: b,
+                                response_deserializer=pb.UpsertDocumentsResponse.FromString)
+    with pytest.raises(grpc.RpcError) as e:
+        call(iter([raw]), timeout=30)
+    channel.close()
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UTF-8" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e2:
+        client.get_document(NS, "bad.txt")
+    assert e2.value.code() in (grpc.StatusCode.NOT_FOUND,)
+
+
+def test_stream_with_two_namespaces_is_rejected(client: RetrieverClient) -> None:
+    msgs = [pb.UpsertDocumentsRequest(namespace="one", documents=[pb.Document(doc_id="a")]),
+            pb.UpsertDocumentsRequest(namespace="two", documents=[pb.Document(doc_id="b")])]
+    with pytest.raises(grpc.RpcError) as e:
+        client.upsert_stream(iter(msgs))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "one namespace per stream" in e.value.details()
