@@ -75,6 +75,8 @@ class Embedder:
         self._count_tokenizer = AutoTokenizer.from_pretrained(
             tokenizer_source, local_files_only=True
         )
+        # It measures whole documents' lines, never feeds the model: no length warning.
+        self._count_tokenizer.model_max_length = 1 << 30
         if not s.embedder_model:
             self.name = DEFAULT_EMBEDDER
         elif Path(source).is_dir():

@@ -1,0 +1,117 @@
+"""Service behaviour that needs special settings: backpressure, batching, model mismatch."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import make_settings
+
+from retriever.client import RetrieverClient
+from retriever.errors import NotReady
+from retriever.server.app import ServerThread
+from retriever.service import RetrieverService
+from retriever.v1 import retriever_pb2 as pb
+
+pytestmark = pytest.mark.integration
+
+
+def _concurrently(n: int, fn) -> list:  # noqa: ANN001
+    barrier = threading.Barrier(n)
+    results: list = [None] * n
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = fn(i)
+        except grpc.RpcError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def test_concurrent_queries_share_micro_batches(tmp_path: Path, embedder) -> None:  # noqa: ANN001
+    st = ServerThread(make_settings(tmp_path, query_batch_wait_ms=150), embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            c.upsert("b", [pb.Document(doc_id="a", content="bread and butter")])
+            results = _concurrently(12, lambda i: c.search("b", f"query number {i}", top_k=1))
+        assert all(isinstance(r, pb.SearchResponse) for r in results), results
+        text = urllib.request.urlopen(
+            f"http://127.0.0.1:{st.info['metrics_port']}/metrics").read().decode()
+        values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                  if line.startswith("retriever_query_batch_size_")}
+        batches, queries = values["retriever_query_batch_size_count"], values[
+            "retriever_query_batch_size_sum"]
+        assert queries == 12
+        assert batches < 12  # some queries were embedded together
+    finally:
+        st.stop()
+
+
+def test_searches_beyond_the_limit_are_resource_exhausted(tmp_path: Path, embedder) -> None:  # noqa: ANN001
+    settings = make_settings(tmp_path, max_inflight_searches=1, query_batch_wait_ms=300)
+    st = ServerThread(settings, embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            c.upsert("b", [pb.Document(doc_id="a", content="bread and butter")])
+            results = _concurrently(6, lambda i: c.search("b", "bread", top_k=1))
+            refused = [r for r in results if isinstance(r, grpc.RpcError)]
+            served = [r for r in results if isinstance(r, pb.SearchResponse)]
+            assert served and refused
+            assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+            assert "limit 1" in refused[0].details()
+            # Once the burst is over the server answers again.
+            assert c.search("b", "bread", top_k=1).hits
+    finally:
+        st.stop()
+
+
+def test_namespace_built_by_another_embedder_is_refused(tmp_path: Path, embedder) -> None:  # noqa: ANN001
+    settings = make_settings(tmp_path)
+    st = ServerThread(settings, embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            c.upsert("old", [pb.Document(doc_id="a", content="bread and butter")])
+    finally:
+        st.stop()
+    # As if another model had built it: its recorded revision differs from the loaded one.
+    db = sqlite3.connect(settings.data_dir / "catalog.sqlite3")
+    db.execute("UPDATE namespaces SET embedder_revision = 'feedfacecafe' WHERE name = 'old'")
+    db.commit()
+    db.close()
+    st = ServerThread(settings, embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            for call in (lambda: c.search("old", "bread", top_k=1),
+                         lambda: c.upsert("old", [pb.Document(doc_id="b", content="x")])):
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "feedfacecafe" in e.value.details()
+                assert embedder.revision in e.value.details()
+            # Reads that need no model still work.
+            assert c.get_document("old", "a").document.content == "bread and butter"
+    finally:
+        st.stop()
+
+
+def test_core_refuses_work_before_start_and_after_close(tmp_path: Path, embedder) -> None:  # noqa: ANN001
+    svc = RetrieverService(make_settings(tmp_path), embedder=embedder)
+    with pytest.raises(NotReady):
+        svc.get_namespace("x")
+    svc.start()
+    svc.create_namespace("x")
+    assert svc.get_namespace("x").name == "x"
+    svc.close()
+    with pytest.raises(NotReady):
+        svc.get_namespace("x")

@@ -1,0 +1,83 @@
+"""`retriever index` and `retriever search` against the real server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from corpus import CORPUS
+from typer.testing import CliRunner
+
+from retriever.cli import app
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                   check=True, capture_output=True)
+
+
+def _repo(root: Path) -> Path:
+    for rel, content in CORPUS.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(content)
+    (root / ".gitignore").write_text("build/\n*.log\n")
+    (root / "build").mkdir()
+    (root / "build" / "generated.py").write_text("def generated():\n    pass\n")
+    (root / "debug.log").write_text("a log line about bread\n")
+    (root / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00binary")
+    (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    _git(root, "init", "-q")
+    _git(root, "add", ".")
+    _git(root, "commit", "-qm", "init")
+    (root / "untracked.md").write_text("# Untracked but not ignored\nIt counts.\n")
+    return root
+
+
+def test_index_then_search(server, tmp_path: Path) -> None:  # noqa: ANN001
+    repo = _repo(tmp_path / "repo")
+    result = runner.invoke(app, ["index", str(repo), "--namespace", "cli", "--address",
+                                 server.address, "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    # CORPUS + .gitignore + untracked.md; build/ and *.log ignored; binary and non-UTF-8 skipped.
+    assert summary["docs"] == len(CORPUS) + 2
+    assert summary["created"] == summary["docs"]
+    assert summary["chunks"] >= summary["docs"] and summary["chunks_reused"] == 0
+    assert summary["skipped"] == {"binary": 1, "not UTF-8": 1}
+
+    again = runner.invoke(app, ["index", str(repo), "-n", "cli", "-a", server.address])
+    assert again.exit_code == 0, again.output
+    assert f"{summary['docs']} unchanged" in again.stdout
+    assert "0 embedded" in again.stdout
+    assert "skipped 1 (binary): logo.png" in again.stdout
+
+    found = runner.invoke(app, ["search", "how long should I knead the dough", "-n", "cli",
+                                "-a", server.address, "-k", "3"])
+    assert found.exit_code == 0, found.output
+    first = found.stdout.splitlines()[0]
+    assert first.startswith("  1. docs/bread.md:1-")
+    assert "score 0." in first and "chunk " in first
+    chunk_id = first.rsplit("chunk ", 1)[1].strip()
+    assert len(chunk_id) == 32
+
+    as_json = runner.invoke(app, ["search", "load a TOML config", "-n", "cli", "-a",
+                                  server.address, "--json"])
+    body = json.loads(as_json.stdout)
+    assert body["hits"][0]["chunk"]["docId"] == "src/config.py"
+    assert body["lineage"]["embedder"] == "all-MiniLM-L6-v2"
+    ignored = runner.invoke(app, ["search", "generated", "-n", "cli", "-a", server.address,
+                                  "--json", "-k", "20"])
+    paths = {h["chunk"]["path"] for h in json.loads(ignored.stdout)["hits"]}
+    assert "build/generated.py" not in paths and "debug.log" not in paths
+    assert "untracked.md" in paths
+
+
+def test_cli_reports_errors_with_status_code(server) -> None:  # noqa: ANN001
+    result = runner.invoke(app, ["search", "x", "-n", "missing", "-a", server.address])
+    assert result.exit_code == 2
+    assert "NOT_FOUND" in result.output and "missing" in result.output
