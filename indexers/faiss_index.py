@@ -35,6 +35,7 @@ class FaissIndex:
         self.spec = spec
         self._dir = directory
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one snapshot write at a time
         self._dirty = False
         self._closed = False
         self._index = self._load_or_create()
@@ -157,16 +158,24 @@ class FaissIndex:
             return int(self._index.ntotal)
 
     def flush(self) -> None:
-        with self._lock:
-            self._check_open()
-            if not self._dirty and self._index_path.exists():
-                return
+        with self._flush_lock:
+            with self._lock:
+                self._check_open()
+                if not self._dirty and self._index_path.exists():
+                    return
+                # Copy under the lock (a memcpy), write outside it: searches are not held up
+                # while the snapshot goes to disk.
+                snapshot = faiss.clone_index(self._index)
+                self._dirty = False
             tmp = self._index_path.with_suffix(".tmp")
-            faiss.write_index(self._index, str(tmp))
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self._index_path)
-            self._dirty = False
+            try:
+                faiss.write_index(snapshot, str(tmp))
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self._index_path)
+            except BaseException:
+                self._dirty = True
+                raise
 
     def close(self) -> None:
         if self._closed:

@@ -35,6 +35,13 @@ class NamespaceHandle:
     # Searches hold it shared from ANN to catalog look-up; a commit holds it exclusively,
     # so a search sees a document entirely before or entirely after an upsert.
     visibility: RWLock = field(default_factory=RWLock)
+    # Set (under both locks) when the namespace is deleted; holders of a stale handle then
+    # answer NotFound instead of touching a dropped index.
+    deleted: bool = False
+
+    def require_live(self) -> None:
+        if self.deleted:
+            raise NotFound(f"namespace {self.name!r} was deleted", field="namespace")
 
     @property
     def name(self) -> str:
@@ -79,11 +86,10 @@ class Namespaces:
         missing = np.setdiff1d(in_catalog, in_index, assume_unique=True)
         if len(extra):
             index.delete(extra.tolist())
-        if len(missing):
-            ids, vecs = self._catalog.vectors(handle.name, missing.tolist(),
+        for i in range(0, len(missing), 4096):
+            ids, vecs = self._catalog.vectors(handle.name, missing[i : i + 4096].tolist(),
                                               handle.record.dimension)
-            for i in range(0, len(ids), 4096):
-                index.upsert(ids[i : i + 4096], vecs[i : i + 4096])
+            index.upsert(ids, vecs)
         if len(extra) or len(missing):
             index.flush()
             log.warning("reconciled namespace %s: removed %d stray vectors, restored %d",
@@ -152,7 +158,9 @@ class Namespaces:
     def delete(self, name: str) -> tuple[int, int]:
         handle = self.get(name)
         with handle.write_lock, handle.visibility.write():
+            handle.require_live()
             docs, chunks = self._catalog.delete_namespace(name)
+            handle.deleted = True
             with self._lock:
                 self._handles.pop(name, None)
             self._backend(handle.record.backend).drop(

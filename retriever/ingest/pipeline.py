@@ -91,10 +91,12 @@ class Ingestor:
     def upsert(self, namespace: str, docs: Sequence[Document]) -> UpsertResult:
         validation.namespace_name(namespace)
         validation.documents(docs, self._settings)
-        handle = self._namespaces.get_or_create(namespace)
-        self._namespaces.require_compatible(handle)
-        with handle.write_lock:
-            return self._upsert_locked(handle, docs)
+        while True:
+            handle = self._namespaces.get_or_create(namespace)
+            self._namespaces.require_compatible(handle)
+            with handle.write_lock:
+                if not handle.deleted:  # else deleted meanwhile: upsert re-creates it
+                    return self._upsert_locked(handle, docs)
 
     def _upsert_locked(self, handle, docs: Sequence[Document]) -> UpsertResult:  # noqa: ANN001
         ns = handle.name
@@ -240,6 +242,7 @@ class Ingestor:
         validation.doc_ids(doc_ids, self._settings)
         handle = self._namespaces.get(namespace)
         with handle.write_lock:
+            handle.require_live()
             with handle.visibility.write():
                 deleted, vector_ids, version = self._catalog.delete_documents(namespace, doc_ids)
             if vector_ids:

@@ -78,6 +78,7 @@ class Searcher:
              embed_s: float, t0: float) -> SearchResult:
         ann_s = fetch_s = 0.0
         with handle.visibility.read():
+            handle.require_live()
             allowed = None
             if not q.filter.empty:
                 f0 = time.perf_counter()
