@@ -31,7 +31,7 @@ proto $(STUBS): $(PROTO) $(STAMP)
 run: install
 	$(BIN)/retriever serve
 
-test: install
+test: install lint
 	$(BIN)/pytest
 
 test-unit: install
@@ -39,6 +39,7 @@ test-unit: install
 
 lint: install
 	$(BIN)/ruff check retriever indexers tests bench
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python bench/bench_service.py

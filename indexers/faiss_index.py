@@ -38,7 +38,7 @@ class FaissIndex:
         self._flush_lock = threading.Lock()  # one snapshot write at a time
         self._dirty = False
         self._closed = False
-        self._index = self._load_or_create()
+        self._index: faiss.Index | None = self._load_or_create()
 
     # -- storage ---------------------------------------------------------------------------
     @property
@@ -49,7 +49,7 @@ class FaissIndex:
     def _meta_path(self) -> Path:
         return self._dir / "meta.json"
 
-    def _new_index(self) -> faiss.Index:
+    def _new_index(self) -> faiss.IndexIDMap2:
         inner = (
             faiss.IndexFlatL2(self.spec.dimension)
             if self.spec.metric == "l2"
@@ -100,9 +100,9 @@ class FaissIndex:
         if not len(id_arr):
             return
         with self._lock:
-            self._check_open()
-            self._index.remove_ids(faiss.IDSelectorBatch(id_arr))
-            self._index.add_with_ids(vecs, id_arr)
+            index = self._live()
+            index.remove_ids(faiss.IDSelectorBatch(id_arr))
+            index.add_with_ids(vecs, id_arr)
             self._dirty = True
 
     def delete(self, ids: Iterable[int]) -> int:
@@ -110,8 +110,7 @@ class FaissIndex:
         if not len(id_arr):
             return 0
         with self._lock:
-            self._check_open()
-            removed = int(self._index.remove_ids(faiss.IDSelectorBatch(id_arr)))
+            removed = int(self._live().remove_ids(faiss.IDSelectorBatch(id_arr)))
             self._dirty = self._dirty or removed > 0
             return removed
 
@@ -127,8 +126,8 @@ class FaissIndex:
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         with self._lock:
-            self._check_open()
-            n = self._index.ntotal
+            index = self._live()
+            n = index.ntotal
             if n == 0 or (allowed_ids is not None and len(allowed_ids) == 0):
                 return [_empty() for _ in range(len(queries))]
             kk = min(k, n)
@@ -136,8 +135,8 @@ class FaissIndex:
             if allowed_ids is not None:
                 allowed = np.ascontiguousarray(allowed_ids, dtype=np.int64)
                 kk = min(kk, len(allowed))
-                params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
-            scores, ids = self._index.search(queries, kk, params=params)
+                params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))  # type: ignore[call-arg]
+            scores, ids = index.search(queries, kk, params=params)
         out = []
         for row_scores, row_ids in zip(scores, ids, strict=True):
             keep = row_ids >= 0
@@ -149,23 +148,22 @@ class FaissIndex:
 
     def ids(self) -> np.ndarray:
         with self._lock:
-            self._check_open()
-            return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            id_map = self._live().id_map  # type: ignore[attr-defined]
+            return faiss.vector_to_array(id_map).astype(np.int64)
 
     def count(self) -> int:
         with self._lock:
-            self._check_open()
-            return int(self._index.ntotal)
+            return int(self._live().ntotal)
 
     def flush(self) -> None:
         with self._flush_lock:
             with self._lock:
-                self._check_open()
+                index = self._live()
                 if not self._dirty and self._index_path.exists():
                     return
                 # Copy under the lock (a memcpy), write outside it: searches are not held up
                 # while the snapshot goes to disk.
-                snapshot = faiss.clone_index(self._index)
+                snapshot = faiss.clone_index(index)
                 self._dirty = False
             tmp = self._index_path.with_suffix(".tmp")
             try:
@@ -185,9 +183,11 @@ class FaissIndex:
             self._closed = True
             self._index = None
 
-    def _check_open(self) -> None:
-        if self._closed:
+    def _live(self) -> faiss.Index:
+        """The index, or RuntimeError once closed or dropped. Call under ``_lock``."""
+        if self._closed or self._index is None:
             raise RuntimeError(f"collection {self.spec.name!r} is closed")
+        return self._index
 
 
 def _empty() -> SearchHits:

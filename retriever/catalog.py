@@ -159,6 +159,10 @@ def _ts(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, tz=UTC)
 
 
+def _ts_req(value: float) -> datetime:
+    return datetime.fromtimestamp(value, tz=UTC)
+
+
 def _epoch(value: datetime | None) -> float | None:
     return None if value is None else value.timestamp()
 
@@ -311,7 +315,8 @@ class Catalog:
                      c.token_count, c.chunker,
                      np.ascontiguousarray(c.vector, dtype=np.float32).tobytes()),
                 )
-                ids.append(int(cur.lastrowid))
+                assert cur.lastrowid is not None
+                ids.append(cur.lastrowid)
         return ids
 
     def commit_documents(
@@ -417,7 +422,8 @@ class Catalog:
     def list_documents(
         self, namespace: str, after: str, limit: int, path_prefix: str
     ) -> tuple[list[DocumentRecord], int]:
-        where, args = "namespace = ?", [namespace]
+        where = "namespace = ?"
+        args: list[object] = [namespace]
         if path_prefix:
             where += " AND substr(path, 1, ?) = ?"
             args += [len(path_prefix), path_prefix]
@@ -558,7 +564,7 @@ def _namespace(row: sqlite3.Row, counts: tuple[int, int, int]) -> NamespaceRecor
         name=row["name"], backend=row["backend"], embedder=row["embedder"],
         embedder_revision=row["embedder_revision"], dimension=row["dimension"],
         metric=row["metric"], index_generation=row["index_generation"],
-        index_version=row["index_version"], created_at=_ts(row["created_at"]),
+        index_version=row["index_version"], created_at=_ts_req(row["created_at"]),
         document_count=counts[0], chunk_count=counts[1], content_bytes=counts[2],
         last_indexed_at=_ts(row["last_indexed_at"]),
     )
@@ -570,7 +576,7 @@ def _document(row: sqlite3.Row, *, with_content: bool,
         namespace=row["namespace"], doc_id=row["doc_id"], path=row["path"],
         revision=row["revision"], content_hash=row["content_hash"], language=row["language"],
         version=row["version"], size_bytes=row["size_bytes"], chunk_count=row["chunk_count"],
-        indexed_at=_ts(row["indexed_at"]), source_updated_at=_ts(row["source_updated_at"]),
+        indexed_at=_ts_req(row["indexed_at"]), source_updated_at=_ts(row["source_updated_at"]),
         metadata=json.loads(row["metadata"]),
         content=row["content"] if with_content else None, chunk_ids=chunk_ids,
     )
@@ -584,6 +590,6 @@ def _chunk(row: sqlite3.Row) -> ChunkRecord:
         end_line=row["end_line"], start_byte=row["start_byte"], end_byte=row["end_byte"],
         token_count=row["token_count"], language=row["language"], chunker=row["chunker"],
         path=row["path"], revision=row["revision"], document_version=row["version"],
-        document_hash=row["document_hash"], indexed_at=_ts(row["indexed_at"]),
+        document_hash=row["document_hash"], indexed_at=_ts_req(row["indexed_at"]),
         source_updated_at=_ts(row["source_updated_at"]), metadata=json.loads(row["metadata"]),
     )

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import grpc
 import typer
@@ -49,8 +49,9 @@ def serve(
     """Serve retriever.v1.Retriever until SIGTERM/SIGINT, then drain and exit 0."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {k: v for k, v in {"grpc_port": port, "metrics_port": metrics_port,
-                                   "data_dir": data_dir}.items() if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in {
+        "grpc_port": port, "metrics_port": metrics_port, "data_dir": data_dir}.items()
+        if v is not None}
     from retriever.server.app import run
 
     raise typer.Exit(run(Settings(**overrides)))

@@ -89,7 +89,7 @@ class Namespaces:
         for i in range(0, len(missing), 4096):
             ids, vecs = self._catalog.vectors(handle.name, missing[i : i + 4096].tolist(),
                                               handle.record.dimension)
-            index.upsert(ids, vecs)
+            index.upsert(ids.tolist(), vecs)
         if len(extra) or len(missing):
             index.flush()
             log.warning("reconciled namespace %s: removed %d stray vectors, restored %d",

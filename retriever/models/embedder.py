@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,8 +33,8 @@ def default_model_path() -> str:
 class Embedder:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._model = None
-        self._count_tokenizer = None
+        self._model: Any = None  # SentenceTransformer once loaded
+        self._count_tokenizer: Any = None
         self._model_lock = threading.Lock()  # guards the model's own tokenizer
         self.name = ""
         self.revision = ""
@@ -84,7 +85,7 @@ class Embedder:
         else:
             self.name = source
         self.dimension = int(_dimension(model))
-        self.max_tokens = int(model.max_seq_length)
+        self.max_tokens = int(model.max_seq_length or 512)
         self.device = str(model.device)
         self.precision = precision
         log.info(
@@ -117,7 +118,7 @@ class Embedder:
         tok = self._tokenizer()
         return len(tok("", add_special_tokens=True)["input_ids"])
 
-    def _tokenizer(self):  # noqa: ANN202
+    def _tokenizer(self) -> Any:
         if self._count_tokenizer is None:
             raise NotReady("the embedder is not loaded yet")
         return self._count_tokenizer

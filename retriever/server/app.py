@@ -86,9 +86,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None,
     log.info("gRPC bound on %s:%d; loading models and indexes", settings.grpc_host,
              running.port)
     try:
-        start = loop.run_in_executor(None, service.start)
-        done, _ = await asyncio.wait({start, asyncio.ensure_future(stop.wait())},
-                                     return_when=asyncio.FIRST_COMPLETED)
+        start: asyncio.Future[None] = loop.run_in_executor(None, service.start)
+        stopped: asyncio.Future[None] = asyncio.ensure_future(_wait(stop))
+        done, _ = await asyncio.wait([start, stopped], return_when=asyncio.FIRST_COMPLETED)
         if start in done:
             start.result()
             for name in ("", SERVICE_NAME):
@@ -112,6 +112,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None,
             metrics_server.shutdown()
             metrics_server.server_close()
     log.info("stopped")
+
+
+async def _wait(event: asyncio.Event) -> None:
+    await event.wait()
 
 
 def run(settings: Settings) -> int:

@@ -39,7 +39,7 @@ class Undecodable:
         self.error = error
 
 
-def safe_deserializer(cls: type) -> Callable[[bytes], Any]:
+def safe_deserializer(cls: Any) -> Callable[[bytes], Any]:
     def deserialize(data: bytes) -> Any:
         try:
             return cls.FromString(data)

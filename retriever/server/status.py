@@ -28,7 +28,7 @@ RPC_CODE: contextvars.ContextVar[str] = contextvars.ContextVar("rpc_code", defau
 def code_for(exc: errors.RetrieverError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in CODES:
-            return CODES[cls]  # type: ignore[index]
+            return CODES[cls]
     return grpc.StatusCode.INTERNAL
 
 
