@@ -205,7 +205,7 @@ class FaissBackend:
         self._lock = threading.Lock()
 
     def _dir(self, name: str) -> Path:
-        if not _SAFE_NAME.match(name):
+        if not _SAFE_NAME.fullmatch(name):
             raise ValueError(f"collection name {name!r} is not a safe file name")
         return self._root / name
 

@@ -487,8 +487,9 @@ class Catalog:
             where.append(f"d.language IN ({','.join('?' * len(flt.languages))})")
             args += list(flt.languages)
         for key, value in flt.metadata:
-            where.append("json_extract(d.metadata, ?) = ?")
-            args += ['$."' + key.replace('"', '\\"') + '"', value]
+            where.append("EXISTS (SELECT 1 FROM json_each(d.metadata) m"
+                         " WHERE m.key = ? AND m.value = ?)")
+            args += [key, value]
         with self._reader() as db:
             rows = db.execute(
                 "SELECT c.vector_id FROM chunks c JOIN documents d"

@@ -153,7 +153,11 @@ class Namespaces:
         with self._lock:
             if name in self._handles or not self._catalog.create_namespace(record):
                 raise AlreadyExists(f"namespace {name!r} already exists", field="name")
-            return self._open_locked(record)
+            try:
+                return self._open_locked(record)
+            except BaseException:
+                self._catalog.delete_namespace(name)  # no catalog row without its index
+                raise
 
     def delete(self, name: str) -> tuple[int, int]:
         handle = self.get(name)

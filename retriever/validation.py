@@ -30,7 +30,7 @@ def _utf8_len(text: str, field: str) -> int:
 def namespace_name(name: str, field: str = "namespace") -> str:
     if not name:
         raise InvalidArgument(f"{field} is required", field=field)
-    if not NAMESPACE_RE.match(name):
+    if not NAMESPACE_RE.fullmatch(name):
         raise InvalidArgument(
             f"{field} {name[:80]!r} is invalid: use 1-63 characters of lowercase letters, "
             "digits, '-' and '_', starting with a letter or digit", field=field)

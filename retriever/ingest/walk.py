@@ -2,8 +2,11 @@
 
 Inside a git work tree the file list is git's own (`git ls-files --cached --others
 --exclude-standard`: tracked plus untracked-but-not-ignored), so every .gitignore,
-.git/info/exclude and global excludes file counts exactly as git reads them. Elsewhere the
-directory is walked with each directory's .gitignore applied (pathspec's gitignore rules).
+.git/info/exclude and global excludes file counts exactly as git reads them. Outside one,
+git is asked the same question through a throwaway empty repository whose work tree is the
+directory, so .gitignore files still mean exactly what they mean to git. Only where git is
+not installed is the directory walked with pathspec's gitignore rules (close to git's, not
+identical in every corner).
 Binary, oversized and non-UTF-8 files are skipped and reported, never sent.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,6 +60,13 @@ def list_files(root: Path) -> tuple[list[str], str]:
             head = (_git(root, "rev-parse", "--verify", "-q", "HEAD") or "").strip()
             paths = sorted({p for p in listing.split("\0") if p and (root / p).is_file()})
             return paths, head
+    with tempfile.TemporaryDirectory(prefix="retriever-walk-") as scratch:
+        if _git(Path(scratch), "init", "-q", "--bare", scratch) is not None:
+            listing = _git(root, f"--git-dir={scratch}", f"--work-tree={root}", "ls-files",
+                           "-z", "--others", "--exclude-standard")
+            if listing is not None:
+                return sorted(p for p in listing.split("\0")
+                              if p and (root / p).is_file()), ""
     return sorted(_walk_gitignore(root)), ""
 
 

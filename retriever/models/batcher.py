@@ -57,12 +57,14 @@ class MicroBatcher:
         return fut
 
     def _run(self) -> None:
+        carry = None  # a request that did not fit the previous batch
         while True:
-            item = self._queue.get()
+            item = carry if carry is not None else self._queue.get()
+            carry = None
             if item is _STOP:
                 self._fail_rest()
                 return
-            batch = [item]
+            batch = [item]  # a single request larger than max_batch runs alone
             n = len(item[0])
             deadline = time.monotonic() + self._max_wait
             while n < self._max_batch:
@@ -71,8 +73,8 @@ class MicroBatcher:
                     nxt = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is _STOP:
-                    self._queue.put(_STOP)
+                if nxt is _STOP or n + len(nxt[0]) > self._max_batch:
+                    carry = nxt
                     break
                 batch.append(nxt)
                 n += len(nxt[0])

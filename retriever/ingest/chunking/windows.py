@@ -99,7 +99,12 @@ class WindowChunker:
                 must_end += 1
             if must_end >= n:
                 break
-            start = self._overlap_start(units, start, end, units[must_end].tokens)
+            if units[end - 1].blank:
+                # A clean break (a blank line: between functions, paragraphs): the next unit
+                # starts fresh, so one that fits the budget is never split by overlap.
+                start = must_end
+            else:
+                start = self._overlap_start(units, start, end, units[must_end].tokens)
         return spans
 
     # -- pieces ----------------------------------------------------------------------------
@@ -139,7 +144,14 @@ class WindowChunker:
                             stop = j
                             break
                 end_char = u.start_char + offs[stop][0] if stop < len(offs) else u.end_char
-                out.append(_Unit(piece_start, end_char, u.line_no, stop - t, False,
+                # A piece cut inside a word can tokenize longer on its own: shrink until the
+                # piece, counted alone, fits.
+                tokens = self._count([content[piece_start:end_char]])[0]
+                while tokens > self.budget and stop - t > 1:
+                    stop = max(t + 1, stop - (tokens - self.budget))
+                    end_char = u.start_char + offs[stop][0]
+                    tokens = self._count([content[piece_start:end_char]])[0]
+                out.append(_Unit(piece_start, end_char, u.line_no, tokens, False,
                                  piece_start == u.start_char and u.top_level))
                 piece_start = end_char
                 t = stop

@@ -1,0 +1,195 @@
+"""MicroBatcher with a deterministic fake embed function that records its batches."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+
+from retriever.errors import NotReady
+from retriever.models.batcher import MicroBatcher
+
+TIMEOUT = 10.0
+
+
+class FakeEmbed:
+    """Text "c:i" embeds to the row [c, i, len]; other texts to [-1, -1, len]. Records the
+    size of each batch; can be held on a gate and made to fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.lock = threading.Lock()
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        self.entered.set()
+        if self.gate is not None and "gate" in texts:
+            assert self.gate.wait(TIMEOUT)
+        with self.lock:
+            self.batches.append(len(texts))
+        if "boom" in texts:
+            raise RuntimeError("embedding failed")
+        return np.array([row(t) for t in texts], dtype=np.float32).reshape(len(texts), 3)
+
+
+def row(text: str) -> list[float]:
+    if ":" in text:
+        c, i = text.split(":")
+        return [float(c), float(i), float(len(text))]
+    return [-1.0, -1.0, float(len(text))]
+
+
+def rows(texts: Sequence[str]) -> np.ndarray:
+    return np.array([row(t) for t in texts], dtype=np.float32).reshape(len(texts), 3)
+
+
+@pytest.fixture
+def embed() -> FakeEmbed:
+    return FakeEmbed()
+
+
+@pytest.fixture
+def make(embed: FakeEmbed) -> Iterator:
+    started: list[MicroBatcher] = []
+
+    def make_batcher(max_batch: int = 64, max_wait_s: float = 0.05, **kw: object) -> MicroBatcher:
+        b = MicroBatcher(embed, max_batch, max_wait_s, **kw)  # type: ignore[arg-type]
+        b.start()
+        started.append(b)
+        return b
+
+    yield make_batcher
+    for b in started:
+        b.stop()
+
+
+def submit_together(batcher: MicroBatcher, requests: list[list[str]]) -> list[Future]:
+    """Submit each request from its own thread, all released at once."""
+    futures: list[Future | None] = [None] * len(requests)
+    barrier = threading.Barrier(len(requests), timeout=TIMEOUT)
+
+    def go(i: int) -> None:
+        barrier.wait()
+        futures[i] = batcher.submit(requests[i])
+
+    threads = [threading.Thread(target=go, args=(i,), daemon=True) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert all(f is not None for f in futures)
+    return futures  # type: ignore[return-value]
+
+
+def hold_worker(batcher: MicroBatcher, embed: FakeEmbed) -> tuple[threading.Event, Future]:
+    """Occupy the worker with a request whose embedding waits on the returned gate."""
+    embed.gate = threading.Event()
+    fut = batcher.submit(["gate"])
+    assert embed.entered.wait(TIMEOUT)
+    return embed.gate, fut
+
+
+def test_single_request(make, embed: FakeEmbed) -> None:  # noqa: ANN001
+    b = make()
+    out = b.submit(["1:0", "1:1", "x"]).result(TIMEOUT)
+    np.testing.assert_array_equal(out, rows(["1:0", "1:1", "x"]))
+    assert embed.batches == [3]
+
+
+def test_concurrent_submits_are_batched_and_answered_in_order(make, embed: FakeEmbed) -> None:  # noqa: ANN001
+    b = make(max_batch=1000, max_wait_s=0.05)
+    requests = [[f"{c}:{i}" for i in range(c % 3 + 1)] for c in range(16)]
+    futures = submit_together(b, requests)
+    for req, fut in zip(requests, futures, strict=True):
+        np.testing.assert_array_equal(fut.result(TIMEOUT), rows(req))
+    assert sum(embed.batches) == sum(len(r) for r in requests)
+    assert len(embed.batches) < 16, f"no request shared a batch: {embed.batches}"
+
+
+def test_max_batch_respected_for_single_texts(make, embed: FakeEmbed) -> None:  # noqa: ANN001
+    b = make(max_batch=4, max_wait_s=0.05)
+    gate, first = hold_worker(b, embed)
+    futures = [b.submit([f"{c}:0"]) for c in range(10)]  # queued behind the gate
+    gate.set()
+    for c, fut in enumerate(futures):
+        np.testing.assert_array_equal(fut.result(TIMEOUT), rows([f"{c}:0"]))
+    first.result(TIMEOUT)
+    assert embed.batches == [1, 4, 4, 2]
+
+
+def test_max_batch_respected_for_multi_text_requests(make, embed: FakeEmbed) -> None:  # noqa: ANN001
+    # Requests of 3 texts with max_batch 4: two of them (6 texts) must not share a batch.
+    b = make(max_batch=4, max_wait_s=0.05)
+    gate, first = hold_worker(b, embed)
+    requests = [[f"{c}:{i}" for i in range(3)] for c in range(4)]
+    futures = [b.submit(r) for r in requests]
+    gate.set()
+    for req, fut in zip(requests, futures, strict=True):
+        np.testing.assert_array_equal(fut.result(TIMEOUT), rows(req))
+    first.result(TIMEOUT)
+    assert max(embed.batches) <= 4, f"batches of {embed.batches} texts with max_batch 4"
+
+
+def test_a_request_larger_than_max_batch_is_still_embedded(make, embed: FakeEmbed) -> None:  # noqa: ANN001
+    b = make(max_batch=2)
+    req = [f"1:{i}" for i in range(5)]
+    np.testing.assert_array_equal(b.submit(req).result(TIMEOUT), rows(req))
+
+
+def test_embed_failure_reaches_every_waiting_caller_then_recovers(make, embed: FakeEmbed) -> None:  # noqa: ANN001
+    b = make(max_batch=100, max_wait_s=0.05)
+    gate, first = hold_worker(b, embed)
+    futures = [b.submit(["1:0"]), b.submit(["boom"]), b.submit(["2:0", "2:1"])]
+    gate.set()
+    first.result(TIMEOUT)
+    for fut in futures:
+        with pytest.raises(RuntimeError, match="embedding failed"):
+            fut.result(TIMEOUT)
+    assert embed.batches[-1] == 4  # all three were one batch
+    # The worker is still alive.
+    np.testing.assert_array_equal(b.submit(["3:1"]).result(TIMEOUT), rows(["3:1"]))
+
+
+def test_callbacks_see_batch_sizes_and_queue_depth(make) -> None:  # noqa: ANN001
+    sizes: list[int] = []
+    depths: list[int] = []
+    b = make(on_batch=sizes.append, on_depth=depths.append)
+    b.submit(["1:0", "1:1"]).result(TIMEOUT)
+    b.submit(["2:0"]).result(TIMEOUT)
+    assert sizes == [2, 1]
+    assert depths and all(d >= 0 for d in depths)
+
+
+def test_submit_before_start_or_after_stop_fails_with_not_ready(embed: FakeEmbed) -> None:
+    b = MicroBatcher(embed, 8, 0.01)
+    with pytest.raises(NotReady):
+        b.submit(["1:0"]).result(TIMEOUT)
+    b.start()
+    np.testing.assert_array_equal(b.submit(["1:0"]).result(TIMEOUT), rows(["1:0"]))
+    b.stop()
+    with pytest.raises(NotReady):
+        b.submit(["1:0"]).result(TIMEOUT)
+    b.stop()  # twice is fine
+    assert embed.batches == [1]
+
+
+def test_stop_answers_what_was_queued_before_it(embed: FakeEmbed) -> None:
+    b = MicroBatcher(embed, 2, 0.01)
+    b.start()
+    gate, first = hold_worker(b, embed)
+    queued = [b.submit([f"{c}:0"]) for c in range(5)]
+    stopper = threading.Thread(target=b.stop, daemon=True)
+    stopper.start()
+    gate.set()
+    stopper.join(TIMEOUT)
+    assert not stopper.is_alive()
+    first.result(TIMEOUT)
+    for c, fut in enumerate(queued):  # drained, not dropped
+        np.testing.assert_array_equal(fut.result(TIMEOUT), rows([f"{c}:0"]))
+    assert embed.batches == [1, 2, 2, 1]
+    with pytest.raises(NotReady):
+        b.submit(["9:0"]).result(TIMEOUT)

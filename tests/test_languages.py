@@ -1,0 +1,119 @@
+"""detect_language: extensions, special file names, shebangs, and the "text" fallback."""
+
+from __future__ import annotations
+
+import pytest
+
+from retriever.ingest.chunking import DOC_LANGUAGES, detect_language
+
+
+@pytest.mark.parametrize(
+    ("path", "language"),
+    [
+        ("main.py", "python"),
+        ("pkg/stubs.pyi", "python"),
+        ("src/app.js", "javascript"),
+        ("esm.mjs", "javascript"),
+        ("view.jsx", "javascript"),
+        ("api.ts", "typescript"),
+        ("view.tsx", "tsx"),
+        ("cmd/main.go", "go"),
+        ("lib.rs", "rust"),
+        ("Main.java", "java"),
+        ("x.c", "c"),
+        ("x.h", "c"),
+        ("x.cc", "cpp"),
+        ("x.cpp", "cpp"),
+        ("x.hpp", "cpp"),
+        ("Program.cs", "csharp"),
+        ("app.rb", "ruby"),
+        ("build.gradle.kts", "kotlin"),
+        ("run.sh", "bash"),
+        ("q.sql", "sql"),
+        ("ci.yml", "yaml"),
+        ("ci.yaml", "yaml"),
+        ("pyproject.toml", "toml"),
+        ("data.json", "json"),
+        ("setup.cfg", "ini"),
+        ("api.proto", "protobuf"),
+        ("README.md", "markdown"),
+        ("index.rst", "rst"),
+        ("notes.txt", "text"),
+        ("analysis.R", "r"),
+        ("MAIN.PY", "python"),
+        ("deep/dir.with.dots/file.go", "go"),
+        ("windows\\style\\path.rs", "rust"),
+    ],
+)
+def test_extension(path: str, language: str) -> None:
+    assert detect_language(path) == language
+
+
+@pytest.mark.parametrize(
+    ("path", "language"),
+    [
+        ("Dockerfile", "dockerfile"),
+        ("docker/Dockerfile", "dockerfile"),
+        ("Dockerfile.dev", "dockerfile"),
+        ("dockerfile", "dockerfile"),
+        ("Makefile", "make"),
+        ("sub/makefile", "make"),
+        ("GNUmakefile", "make"),
+        ("README", "text"),
+        ("LICENSE", "text"),
+        ("COPYING", "text"),
+    ],
+)
+def test_special_file_names(path: str, language: str) -> None:
+    assert detect_language(path) == language
+
+
+@pytest.mark.parametrize(
+    ("first_line", "language"),
+    [
+        ("#!/usr/bin/env python3", "python"),
+        ("#!/usr/bin/env python", "python"),
+        ("#!/usr/bin/python3.11", "python"),
+        ("#! /usr/bin/python", "python"),
+        ("#!/bin/bash", "bash"),
+        ("#!/bin/sh -e", "bash"),
+        ("#!/usr/bin/env zsh", "bash"),
+        ("#!/usr/bin/env node", "javascript"),
+        ("#!/usr/bin/env ruby", "ruby"),
+        ("#!/usr/bin/perl -w", "perl"),
+        ("#!/usr/bin/env", "text"),
+        ("#!/usr/bin/env unknown-interpreter", "text"),
+        ("#!", "text"),
+    ],
+)
+def test_shebang_of_a_file_without_extension(first_line: str, language: str) -> None:
+    content = first_line + "\nbody\n"
+    assert detect_language("bin/tool", content) == language
+    assert detect_language("bin/tool", first_line) == language  # no newline at all
+
+
+def test_shebang_must_be_on_the_first_line() -> None:
+    assert detect_language("tool", "\n#!/usr/bin/env python3\n") == "text"
+    assert detect_language("tool", "# comment\n#!/bin/bash\n") == "text"
+
+
+def test_extension_wins_over_shebang() -> None:
+    assert detect_language("script.rb", "#!/usr/bin/env python3\n") == "ruby"
+    assert detect_language("notes.txt", "#!/bin/bash\n") == "text"
+
+
+def test_special_name_wins_over_shebang() -> None:
+    assert detect_language("Makefile", "#!/usr/bin/env python3\n") == "make"
+
+
+@pytest.mark.parametrize("path", ["", "unknown", "file.unknownext", "archive.tar.gz", "x.",
+                                  ".hidden", "dir/"])
+def test_unknown_is_text(path: str) -> None:
+    assert detect_language(path) == "text"
+    assert detect_language(path, "just some words\n") == "text"
+
+
+def test_doc_languages() -> None:
+    assert {"markdown", "rst", "text"} == set(DOC_LANGUAGES)
+    assert detect_language("README.md") in DOC_LANGUAGES
+    assert detect_language("main.py") not in DOC_LANGUAGES
