@@ -12,6 +12,8 @@ import logging
 import threading
 from collections.abc import Sequence
 
+import numpy as np
+
 from retriever import validation
 from retriever.catalog import Catalog
 from retriever.config import Settings
@@ -54,6 +56,7 @@ class RetrieverService:
             settings.query_batch_wait_ms / 1000.0,
             on_batch=self.metrics.query_batch_size.observe,
             on_depth=self.metrics.embed_queue.set,
+            doc_batch=settings.embed_batch_size,
         )
         self.chunkers: ChunkerSet | None = None
         self.ingestor: Ingestor | None = None
@@ -84,9 +87,9 @@ class RetrieverService:
         self.chunkers = ChunkerSet(WindowChunker(
             self.embedder.count_tokens, self.embedder.token_offsets, budget, s.overlap_tokens))
         self.reconcile_report = self.namespaces.open_all()
-        self.ingestor = Ingestor(s, self.catalog, self.namespaces, self.embedder,
-                                 self.chunkers, self.metrics)
         self._batcher.start()
+        self.ingestor = Ingestor(s, self.catalog, self.namespaces, self.embedder,
+                                 self._embed_documents, self.chunkers, self.metrics)
         self.searcher = Searcher(s, self.catalog, self.namespaces, self.embedder,
                                  self._batcher.submit, self.metrics)
         self._flusher = threading.Thread(target=self._flush_loop, name="index-flusher",
@@ -105,6 +108,9 @@ class RetrieverService:
         self.namespaces.flush_all()
         self.namespaces.close()
         self.catalog.close()
+
+    def _embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        return self._batcher.submit_documents(texts).result()
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(self.settings.index_flush_interval_s):

@@ -193,3 +193,40 @@ def test_stop_answers_what_was_queued_before_it(embed: FakeEmbed) -> None:
     assert embed.batches == [1, 2, 2, 1]
     with pytest.raises(NotReady):
         b.submit(["9:0"]).result(TIMEOUT)
+
+
+# -- document jobs -----------------------------------------------------------------------------
+def test_document_job_is_sliced_longest_first_and_answered_in_order(make, embed: FakeEmbed
+                                                                    ) -> None:  # noqa: ANN001
+    b = make(doc_batch=4)
+    texts = [f"{i}:{10 ** (i % 7)}" for i in range(10)]
+    out = b.submit_documents(texts).result(TIMEOUT)
+    np.testing.assert_array_equal(out, rows(texts))
+    assert embed.batches == [4, 4, 2]
+
+
+def test_queries_go_ahead_of_the_rest_of_a_document_job(make, embed: FakeEmbed) -> None:  # noqa: ANN001
+    b = make(doc_batch=2, max_wait_s=0.0)
+    embed.gate = threading.Event()
+    docs = b.submit_documents(["gate", "1:1", "1:2", "1:3", "1:4", "1:5"])
+    assert embed.entered.wait(TIMEOUT)  # the first slice is running, held on the gate
+    query = b.submit(["7:7"])
+    embed.gate.set()
+    np.testing.assert_array_equal(query.result(TIMEOUT), rows(["7:7"]))
+    out = docs.result(TIMEOUT)
+    assert out.shape == (6, 3)
+    # slice 1 (2 texts), then the query (1 text) before the remaining slices
+    assert embed.batches[:2] == [2, 1]
+    assert sum(embed.batches) == 7
+
+
+def test_failed_document_job_fails_only_itself(make, embed: FakeEmbed) -> None:  # noqa: ANN001
+    b = make(doc_batch=2)
+    with pytest.raises(RuntimeError, match="embedding failed"):
+        b.submit_documents(["1:1", "boom", "1:2"]).result(TIMEOUT)
+    np.testing.assert_array_equal(b.submit_documents(["2:2"]).result(TIMEOUT), rows(["2:2"]))
+    np.testing.assert_array_equal(b.submit(["3:3"]).result(TIMEOUT), rows(["3:3"]))
+
+
+def test_empty_document_job_returns_no_rows(make) -> None:  # noqa: ANN001
+    assert make().submit_documents([]).result(TIMEOUT).shape[0] == 0

@@ -277,3 +277,18 @@ def test_read_sources_in_git_carries_the_head_revision(tmp_path: Path) -> None:
     assert sorted(report.skipped["binary"]) == ["binary.dat", "late_nul.txt"]
     assert report.skipped["not UTF-8"] == ["latin1.txt"]
     assert report.skipped["too large"] == ["big.txt"]
+
+
+def test_directory_ignored_by_its_repository_is_listed_as_its_own_tree(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "vendor" / "lib").mkdir(parents=True)
+    (repo / "vendor" / "lib" / "mod.py").write_text("x = 1\n")
+    (repo / "vendor" / "skip.log").write_text("log\n")
+    (repo / "vendor" / ".gitignore").write_text("*.log\n")
+    (repo / ".gitignore").write_text("vendor/\n")
+    (repo / "main.py").write_text("print()\n")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    paths, head = list_files(repo / "vendor")
+    assert paths == [".gitignore", "lib/mod.py"]
+    assert head == ""
+    assert list_files(repo)[0] == [".gitignore", "main.py"]

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from retriever import validation
 from retriever.catalog import (
@@ -68,11 +70,15 @@ class _Planned:
 
 class Ingestor:
     def __init__(self, settings: Settings, catalog: Catalog, namespaces: Namespaces,
-                 embedder: Embedder, chunkers: ChunkerSet, metrics: Metrics) -> None:
+                 embedder: Embedder, embed_documents: Callable[[Sequence[str]], np.ndarray],
+                 chunkers: ChunkerSet, metrics: Metrics) -> None:
+        """``embed_documents`` computes vectors (the service routes it through its one
+        model thread); ``embedder`` is used for its tokenizer."""
         self._settings = settings
         self._catalog = catalog
         self._namespaces = namespaces
         self._embedder = embedder
+        self._embed_documents = embed_documents
         self._chunkers = chunkers
         self._metrics = metrics
 
@@ -127,7 +133,8 @@ class Ingestor:
                     to_embed.append((pi, ci))
                     seen_new.add(cid)
         with self._metrics.stage("embed"):
-            vectors = self._embedder.embed([planned[pi].embed_texts[ci] for pi, ci in to_embed])
+            vectors = self._embed_documents(
+                [planned[pi].embed_texts[ci] for pi, ci in to_embed])
 
         new_rows = [
             NewChunk(

@@ -4,8 +4,8 @@ Inside a git work tree the file list is git's own (`git ls-files --cached --othe
 --exclude-standard`: tracked plus untracked-but-not-ignored), so every .gitignore,
 .git/info/exclude and global excludes file counts exactly as git reads them. Outside one,
 git is asked the same question through a throwaway empty repository whose work tree is the
-directory, so .gitignore files still mean exactly what they mean to git. Only where git is
-not installed is the directory walked with pathspec's gitignore rules (close to git's, not
+directory, so .gitignore files still mean exactly what they mean to git. The same holds for a
+directory that its enclosing repository ignores. Only where git is not installed is the directory walked with pathspec's gitignore rules (close to git's, not
 identical in every corner).
 Binary, oversized and non-UTF-8 files are skipped and reported, never sent.
 """
@@ -54,7 +54,10 @@ def list_files(root: Path) -> tuple[list[str], str]:
     or before the first commit)."""
     root = Path(root)
     inside = _git(root, "rev-parse", "--is-inside-work-tree")
-    if inside is not None and inside.strip() == "true":
+    # A directory that its enclosing repository ignores (a virtualenv, a vendored tree) was
+    # named on purpose: list it as a tree of its own rather than as nothing.
+    ignored_by_parent = _git(root, "check-ignore", "-q", ".") is not None
+    if inside is not None and inside.strip() == "true" and not ignored_by_parent:
         listing = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
         if listing is not None:
             head = (_git(root, "rev-parse", "--verify", "-q", "HEAD") or "").strip()

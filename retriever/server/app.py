@@ -106,7 +106,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None,
         if not start.done():
             await start
     finally:
-        running.servicer.close()
+        await loop.run_in_executor(None, running.servicer.close)
         await loop.run_in_executor(None, service.close)
         if metrics_server is not None:
             metrics_server.shutdown()

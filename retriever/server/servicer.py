@@ -82,8 +82,10 @@ class RetrieverServicer:
         self._upserts = _Limiter(s.max_inflight_upserts, "upsert streams")
 
     def close(self) -> None:
-        self._read_pool.shutdown(wait=False, cancel_futures=True)
-        self._write_pool.shutdown(wait=False, cancel_futures=True)
+        """Drop queued work and wait for running work, so the core is idle when it closes
+        (an upsert cut short here is not acknowledged; start-up reconcile clears it)."""
+        self._read_pool.shutdown(wait=True, cancel_futures=True)
+        self._write_pool.shutdown(wait=True, cancel_futures=True)
 
     async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any,
                    pool: ThreadPoolExecutor | None = None) -> T:
