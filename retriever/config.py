@@ -54,10 +54,11 @@ class Settings(BaseSettings):
     # Document chunks per forward pass; queries wait at most one such pass during a bulk
     # upsert, so keep it small on CPU (16 ~ 0.4 s here) and raise it on a GPU.
     embed_batch_size: int = Field(16, ge=1)
-    # Concurrent queries are embedded together: a batch closes at this size or after
-    # this wait, whichever comes first.
+    # Concurrent queries are embedded together: queries that arrive while the model is busy
+    # form the next batch (up to query_batch_size texts). A positive wait holds a batch open
+    # that long for more queries: bigger batches (worth it on a GPU) for added latency.
     query_batch_size: int = Field(64, ge=1)
-    query_batch_wait_ms: float = Field(2.0, ge=0)
+    query_batch_wait_ms: float = Field(0.0, ge=0)
     # Torch intra-op threads; 0 leaves torch's default.
     torch_threads: int = Field(0, ge=0)
 
@@ -67,6 +68,9 @@ class Settings(BaseSettings):
 
     # -- index -----------------------------------------------------------------------------
     index_backend: str = "faiss"
+    # FAISS OpenMP threads per search. 1 keeps FAISS's spinning OpenMP workers off the cores
+    # the embedder needs (see indexers/faiss_index.py); 0 leaves FAISS's default.
+    faiss_omp_threads: int = Field(1, ge=0)
     # Seconds between background snapshots of in-process indexes (their state is always
     # recoverable from the catalog; snapshots make restarts fast).
     index_flush_interval_s: float = Field(30.0, gt=0)

@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,10 @@ def collection_name(name: str, generation: int) -> str:
 
 class Namespaces:
     def __init__(self, catalog: Catalog, embedder: Embedder, index_root: Path,
-                 default_backend: str, metrics: Metrics) -> None:
+                 default_backend: str, metrics: Metrics,
+                 backend_options: dict[str, dict[str, Any]] | None = None) -> None:
+        """``backend_options``: per backend name, keyword arguments for its constructor."""
+        self._backend_options = backend_options or {}
         self._catalog = catalog
         self._embedder = embedder
         self._index_root = Path(index_root)
@@ -188,7 +192,8 @@ class Namespaces:
         backend = self._backends.get(name)
         if backend is None:
             try:
-                backend = create_backend(name, self._index_root)
+                backend = create_backend(name, self._index_root,
+                                         **self._backend_options.get(name, {}))
             except ValueError as exc:
                 raise InvalidArgument(str(exc), field="backend") from None
             self._backends[name] = backend

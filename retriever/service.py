@@ -49,8 +49,9 @@ class RetrieverService:
         self.metrics = metrics or Metrics()
         self.embedder = embedder or Embedder(settings)
         self.catalog = Catalog(settings.data_dir / "catalog.sqlite3")
-        self.namespaces = Namespaces(self.catalog, self.embedder, settings.data_dir / "indexes",
-                                     settings.index_backend, self.metrics)
+        self.namespaces = Namespaces(
+            self.catalog, self.embedder, settings.data_dir / "indexes", settings.index_backend,
+            self.metrics, backend_options={"faiss": {"omp_threads": settings.faiss_omp_threads}})
         self._batcher = MicroBatcher(
             self.embedder.embed, settings.query_batch_size,
             settings.query_batch_wait_ms / 1000.0,

@@ -28,7 +28,7 @@ from retriever.catalog import (
 )
 from retriever.config import Settings
 from retriever.domain import DeleteResult, DocResult, DocStatus, Document, UpsertResult
-from retriever.ingest.chunking import ChunkerSet, ChunkSpan, detect_language
+from retriever.ingest.chunking import ChunkerSet, ChunkSpan, TokenCounter, detect_language
 from retriever.models.embedder import Embedder
 from retriever.namespaces import Namespaces
 from retriever.slo.metrics import Metrics
@@ -41,6 +41,19 @@ HEADER_TOKENS = 32
 
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def path_header(path: str, count_tokens: TokenCounter) -> tuple[str, int]:
+    """What is embedded in front of a chunk: its path, cut to HEADER_TOKENS tokens from the
+    left (the file name matters most). Returns (header, tokens)."""
+    header = path + "\n"
+    n = count_tokens([header])[0]
+    while n > HEADER_TOKENS and "/" in header:
+        header = header.split("/", 1)[1]
+        n = count_tokens([header])[0]
+    if n > HEADER_TOKENS:
+        header, n = "", 0
+    return header, n
 
 
 def make_chunk_id(chunker: str, namespace: str, doc_id: str, path: str, text: str,
@@ -81,18 +94,6 @@ class Ingestor:
         self._embed_documents = embed_documents
         self._chunkers = chunkers
         self._metrics = metrics
-
-    def header(self, path: str) -> tuple[str, int]:
-        """What is embedded in front of a chunk: its path, cut to HEADER_TOKENS tokens
-        from the right (the file name matters most). Returns (header, tokens)."""
-        header = path + "\n"
-        n = self._embedder.count_tokens([header])[0]
-        while n > HEADER_TOKENS and "/" in header:
-            header = header.split("/", 1)[1]
-            n = self._embedder.count_tokens([header])[0]
-        if n > HEADER_TOKENS:
-            header, n = "", 0
-        return header, n
 
     def upsert(self, namespace: str, docs: Sequence[Document]) -> UpsertResult:
         validation.namespace_name(namespace)
@@ -222,7 +223,7 @@ class Ingestor:
               old_version: int) -> _Planned:
         chunker = self._chunkers.chunker_for(language)
         spans = chunker.chunk(d.content, path=path, language=language)
-        header, header_tokens = self.header(path)
+        header, header_tokens = path_header(path, self._embedder.count_tokens)
         ids: list[str] = []
         occurrences: dict[str, int] = {}
         for s in spans:

@@ -4,9 +4,10 @@ Inside a git work tree the file list is git's own (`git ls-files --cached --othe
 --exclude-standard`: tracked plus untracked-but-not-ignored), so every .gitignore,
 .git/info/exclude and global excludes file counts exactly as git reads them. Outside one,
 git is asked the same question through a throwaway empty repository whose work tree is the
-directory, so .gitignore files still mean exactly what they mean to git. The same holds for a
-directory that its enclosing repository ignores. Only where git is not installed is the directory walked with pathspec's gitignore rules (close to git's, not
-identical in every corner).
+directory, so .gitignore files still mean exactly what they mean to git. The same holds for
+a directory that its enclosing repository ignores. Only where git is not installed is the
+directory walked with pathspec's gitignore rules (close to git's, not identical in every
+corner).
 Binary, oversized and non-UTF-8 files are skipped and reported, never sent.
 """
 

@@ -1,0 +1,605 @@
+"""End-to-end benchmark of the retriever service against the raw model it wraps.
+
+    python bench/bench_service.py [--corpus DIR] [--max-files N] [--out bench/results/service.json]
+
+One process, one loaded embedder shared by the server and the raw baselines:
+
+1. corpus: by default a fixed set of Python standard library packages (staged as a copy, see
+   ``stage_stdlib``), else the text files ``retriever index`` would send from ``--corpus``;
+2. the real gRPC server (``ServerThread``) indexes it through ``UpsertDocuments`` (32 docs
+   per stream message);
+3. the same corpus is upserted again (unchanged: nothing may be re-embedded);
+4. ``Search`` latency at concurrency 1 and 8;
+5. with the server stopped, the raw baselines on the same model object:
+   ``SentenceTransformer.encode`` of exactly the texts the service embedded (read back
+   from its catalog, path header included), and ``encode([query])`` one query at a time.
+
+Prints a Markdown table and writes the figures as JSON to ``--out`` and the table next to
+it (same name, ``.md``). See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import logging
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from retriever.client import RetrieverClient, pb
+from retriever.config import Settings
+from retriever.ingest.pipeline import path_header
+from retriever.ingest.walk import WalkReport, read_sources
+from retriever.models.embedder import Embedder
+from retriever.server.app import ServerThread
+
+NAMESPACE = "bench"
+UPSERT_BATCH_DOCS = 32
+ENCODE_BATCH = 32
+TOP_K = 10
+SEQUENTIAL_REQUESTS = 200
+CONCURRENT_WORKERS = 8
+CONCURRENT_REQUESTS = 400
+RAW_QUERY_CALLS = 200
+# A phase is flagged when other processes used more than this share of the cores during
+# it (and at least FOREIGN_MIN_S CPU seconds: /proc/stat counts in 10 ms ticks).
+FOREIGN_SHARE = 0.05
+FOREIGN_MIN_S = 0.2
+# Server threads that run the model (upserts, query micro-batches) or may have run it.
+SERVER_THREADS = ("grpc-server", "rpc-write", "rpc-read", "query-embedder", "index-flusher")
+
+# Standard library packages indexed by default: ~2,800 chunks of at most 256 tokens, 1 to 2
+# minutes of CPU embedding on 2 cores. Fixed list, files in sorted order: deterministic.
+STDLIB_PACKAGES = ("asyncio", "concurrent", "email", "http", "importlib", "json", "logging",
+                   "re", "urllib", "wsgiref", "xmlrpc")
+
+QUERIES = (
+    "parse a JSON string into a Python object",
+    "serialize a dict to JSON with sorted keys and indentation",
+    "custom JSON encoder for objects that are not serializable",
+    "JSON decode error with line and column number",
+    "send an email with attachments",
+    "parse email headers and decode encoded words",
+    "build a multipart MIME message",
+    "quoted-printable and base64 content transfer encoding",
+    "validate and format an email address",
+    "create an event loop and run a coroutine until complete",
+    "run blocking code in a thread pool executor from async code",
+    "cancel a task and wait for it with a timeout",
+    "asyncio queue producer consumer",
+    "open a TCP connection with stream reader and writer",
+    "spawn a subprocess asynchronously and read its output",
+    "synchronization primitives lock event semaphore condition",
+    "gather several coroutines and collect their results",
+    "SSL handshake over a transport",
+    "import a module from a file path",
+    "call a remote procedure over XML-RPC",
+    "HTTP client send a GET request and read the response",
+    "simple HTTP server that serves files from a directory",
+    "parse and set cookies in HTTP headers",
+    "HTTP status codes and reason phrases",
+    "chunked transfer encoding when reading a response body",
+    "configure logging from a dictionary",
+    "rotating log file handler by size",
+    "format log records with timestamps",
+    "send log records over a socket or to syslog",
+    "logger hierarchy and propagation to parent handlers",
+    "split a URL into scheme, host, path and query",
+    "percent-encode a query string",
+    "open a URL with basic authentication and a proxy",
+    "parse robots.txt and check whether a URL may be fetched",
+    "thread pool executor map with max_workers",
+    "process pool executor with a broken worker process",
+    "wait for the first of several futures to complete",
+    "WSGI application validator and reference server",
+    "compile a regular expression and find all matches",
+    "timeouts when a remote server does not answer",
+)
+
+
+# -- corpus --------------------------------------------------------------------------------
+def stage_stdlib(dest: Path) -> Path:
+    """Copy the default packages out of the installed standard library into ``dest``.
+
+    The copy is what gets indexed: the installed stdlib can live inside a git work tree
+    that ignores it (pyenv's is: ~/.pyenv is a git clone that ignores versions/), and the
+    walker then lists nothing, exactly as ``git ls-files`` would. Contents and mtimes are
+    kept; ``__pycache__`` is left out."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in STDLIB_PACKAGES:
+        shutil.copytree(stdlib / name, dest / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return stdlib
+
+
+def load_corpus(corpus: Path | None, max_files: int | None, staging: Path,
+                max_bytes: int) -> tuple[list[pb.Document], dict]:
+    if corpus is None:
+        source = stage_stdlib(staging)
+        root = staging
+    else:
+        source = root = corpus.resolve()
+    report = WalkReport()
+    files = list(itertools.islice(read_sources(root, max_bytes, report), max_files))
+    if not files:
+        sys.exit(f"no files to index under {root} (a directory ignored by an enclosing git "
+                 "work tree yields none)")
+    docs = []
+    for f in files:
+        doc = pb.Document(doc_id=f.rel_path, path=f.rel_path, content=f.content,
+                          revision=f.revision)
+        doc.source_updated_at.FromDatetime(f.modified_at)
+        docs.append(doc)
+    paths = [f.rel_path for f in files]
+    info = {
+        "source": str(source),
+        "packages": list(STDLIB_PACKAGES) if corpus is None else None,
+        "staged_copy": corpus is None,
+        "max_files": max_files,
+        "files": report.files,
+        "bytes": report.bytes,
+        "top_level_dirs": sorted({p.split("/", 1)[0] for p in paths if "/" in p}),
+        "files_at_root": sum("/" not in p for p in paths),
+        "skipped": {reason: len(v) for reason, v in report.skipped.items()},
+        "paths": paths,
+    }
+    return docs, info
+
+
+# -- helpers -------------------------------------------------------------------------------
+def batches(docs: list[pb.Document]) -> Iterator[pb.UpsertDocumentsRequest]:
+    for i in range(0, len(docs), UPSERT_BATCH_DOCS):
+        yield pb.UpsertDocumentsRequest(namespace=NAMESPACE,
+                                        documents=docs[i : i + UPSERT_BATCH_DOCS])
+
+
+def upsert_summary(resp: pb.UpsertDocumentsResponse, seconds: float) -> dict:
+    return {
+        "docs": resp.documents_received, "created": resp.documents_created,
+        "updated": resp.documents_updated, "unchanged": resp.documents_unchanged,
+        "chunks": resp.chunks_total, "chunks_embedded": resp.chunks_embedded,
+        "chunks_reused": resp.chunks_reused, "wall_s": seconds,
+    }
+
+
+def service_header(settings: Settings, embedder: Embedder) -> Callable[[str], str]:
+    """The path header the service puts in front of each chunk it embeds: the service's
+    own ``path_header``, not a copy of it."""
+    return lambda path: path_header(path, embedder.count_tokens)[0]
+
+
+def latency_stats(seconds: list[float]) -> dict:
+    ms = np.asarray(seconds) * 1000.0
+    return {"n": int(ms.size), "p50_ms": float(np.percentile(ms, 50)),
+            "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
+            "mean_ms": float(ms.mean()), "max_ms": float(ms.max())}
+
+
+def catalog_chunks(data_dir: Path) -> list[sqlite3.Row]:
+    """Active chunks of the namespace as committed: what the service embedded."""
+    uri = (data_dir / "catalog.sqlite3").resolve().as_uri() + "?mode=ro"
+    with sqlite3.connect(uri, uri=True) as db:
+        db.row_factory = sqlite3.Row
+        return db.execute(
+            "SELECT c.chunk_id, c.text, c.token_count, c.vector, d.path FROM chunks c"
+            " JOIN documents d ON d.namespace = c.namespace AND d.doc_id = c.doc_id"
+            " WHERE c.namespace = ? AND c.state = 1 ORDER BY c.vector_id",
+            (NAMESPACE,)).fetchall()
+
+
+def measure_search(address: str, metrics_port: int, total: int, workers: int) -> dict:
+    """``total`` Search calls spread over ``workers`` threads (one channel each)."""
+    per = total // workers
+    latencies: list[list[float]] = [[] for _ in range(workers)]
+    server: list[list[tuple[int, int, int, int]]] = [[] for _ in range(workers)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(workers + 1)  # all connected ...
+    go = threading.Event()  # ... and the metrics scraped: start
+
+    def work(w: int) -> None:
+        try:
+            with RetrieverClient(address) as client:
+                client.search(NAMESPACE, QUERIES[w % len(QUERIES)], top_k=TOP_K)  # connect
+                barrier.wait()
+                go.wait()
+                for j in range(per):
+                    query = QUERIES[(w * per + j) % len(QUERIES)]
+                    t0 = time.perf_counter()
+                    resp = client.search(NAMESPACE, query, top_k=TOP_K)
+                    latencies[w].append(time.perf_counter() - t0)
+                    t = resp.timings
+                    server[w].append((t.embed.ToNanoseconds(), t.ann.ToNanoseconds(),
+                                      t.fetch.ToNanoseconds(), t.total.ToNanoseconds()))
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+            raise
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    with contextlib.suppress(threading.BrokenBarrierError):  # a worker failed: see below
+        barrier.wait()
+    before = scrape(metrics_port)
+    t0 = time.perf_counter()
+    go.set()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    after = scrape(metrics_port)
+    if errors:
+        raise RuntimeError(f"search failed: {errors[0]!r}") from errors[0]
+    flat = [x for lat in latencies for x in lat]
+    stages = np.asarray([s for ss in server for s in ss], dtype=np.float64) / 1e6
+    out = {"concurrency": workers, "requests": len(flat), "wall_s": wall,
+           "qps": len(flat) / wall, **latency_stats(flat)}
+    out["server_p50_ms"] = {name: float(np.percentile(stages[:, i], 50))
+                            for i, name in enumerate(("embed", "ann", "fetch", "total"))}
+    out["mean_query_batch"] = batch_mean(before, after)
+    return out
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The server's Prometheus samples, keyed by (name, sorted labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode("utf-8")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def stage_seconds(before: dict, after: dict) -> dict[str, float]:
+    """Seconds spent in each server pipeline stage between two scrapes."""
+    out = {}
+    for (name, labels), value in after.items():
+        if name == "retriever_stage_duration_seconds_sum":
+            out[dict(labels)["stage"]] = value - before.get((name, labels), 0.0)
+    return {k: v for k, v in sorted(out.items()) if v > 0}
+
+
+def batch_mean(before: dict, after: dict) -> float:
+    """Mean size of the query micro-batches between two scrapes."""
+    key = "retriever_query_batch_size"
+    total = after[(f"{key}_sum", ())] - before.get((f"{key}_sum", ()), 0.0)
+    count = after[(f"{key}_count", ())] - before.get((f"{key}_count", ()), 0.0)
+    return total / count if count else 0.0
+
+
+def cpu_seconds() -> tuple[float, float, float]:
+    """CPU seconds so far: busy in tasks on the whole machine (user, nice, system), in
+    interrupts and stolen by the hypervisor (irq, softirq, steal), and of this process."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    except OSError:
+        return 0.0, 0.0, 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
+    hz = os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return (user + nice + system) / hz, (irq + softirq + steal) / hz, own.user + own.system
+
+
+class ForeignLoad:
+    """CPU that other processes used during each phase: figures taken while another
+    process competed for the cores are not this service's, and say so."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        tasks0, irq0, own0 = cpu_seconds()
+        t0 = time.perf_counter()
+        yield
+        wall = time.perf_counter() - t0
+        tasks1, irq1, own1 = cpu_seconds()
+        foreign = max(0.0, (tasks1 - tasks0) - (own1 - own0))
+        self.phases[name] = {"wall_s": wall, "foreign_cpu_s": foreign,
+                             "foreign_share": foreign / (wall * (os.cpu_count() or 1)),
+                             "irq_steal_cpu_s": irq1 - irq0}
+
+
+def loadavg() -> list[float]:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return []
+
+
+def environment(embedder: Embedder, settings: Settings) -> dict:
+    import faiss
+    import grpc
+    import sentence_transformers
+    import torch
+    import transformers
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu = platform.processor()
+    repo = Path(__file__).resolve().parent.parent
+    git = ["git", "-C", str(repo)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "retriever"],
+                               capture_output=True, text=True, check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "", []
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "uncommitted_service_files": [line[3:] for line in dirty if line.strip()],
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "faiss": faiss.__version__,
+        "sentence_transformers": sentence_transformers.__version__,
+        "transformers": transformers.__version__, "grpcio": grpc.__version__,
+        "embedder": {"name": embedder.name, "revision": embedder.revision,
+                     "device": embedder.device, "precision": embedder.precision,
+                     "dimension": embedder.dimension, "max_tokens": embedder.max_tokens},
+        "settings": {"chunk_tokens": settings.chunk_tokens,
+                     "overlap_tokens": settings.overlap_tokens,
+                     "embed_batch_size": settings.embed_batch_size,
+                     "query_batch_size": settings.query_batch_size,
+                     "query_batch_wait_ms": settings.query_batch_wait_ms,
+                     "index_backend": settings.index_backend},
+    }
+
+
+# -- report --------------------------------------------------------------------------------
+def render(r: dict) -> str:
+    env, corpus, idx, raw = r["environment"], r["corpus"], r["index"], r["raw_encode"]
+    re_idx, search, rq = r["reindex"], r["search"], r["raw_query_encode"]
+    emb = env["embedder"]
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in idx["server_stage_s"].items())
+    where = (f"{len(corpus['packages'])} stdlib packages of Python {env['python']}"
+             if corpus["packages"] else f"`{corpus['source']}`")
+    if corpus["max_files"]:
+        where += f" (first {corpus['max_files']} files)"
+    seq = search[0]
+    lines = [
+        "# Service benchmark",
+        "",
+        f"Generated by `bench/bench_service.py` on {env['date']} in {r['run_s']:.0f} s: "
+        f"{env['cpu']}, {env['cores']} cores ({env['torch_threads']} torch threads), "
+        f"torch {env['torch']}, faiss {env['faiss']}, {emb['name']} on {emb['device']} "
+        f"({emb['precision']}). Service code: commit {env['git_commit'][:10] or '?'}"
+        + (f" with uncommitted changes to {', '.join(env['uncommitted_service_files'])}"
+           if env["uncommitted_service_files"] else "") + ".",
+        "",
+        f"Corpus: {where}: {corpus['files']} files, {corpus['bytes']:,} bytes "
+        f"(top-level dirs: {', '.join(corpus['top_level_dirs']) or '-'}).",
+        "",
+        "## Indexing",
+        "",
+        "| path | docs | chunks | tokens | wall s | docs/s | chunks/s | tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| service: gRPC UpsertDocuments ({UPSERT_BATCH_DOCS} docs/msg) | {idx['docs']} | "
+        f"{idx['chunks']} | {idx['tokens']:,} | {idx['wall_s']:.1f} | {idx['docs_per_s']:.2f} "
+        f"| {idx['chunks_per_s']:.1f} | {idx['tokens_per_s']:,.0f} |",
+        f"| raw: `encode(texts, batch_size={ENCODE_BATCH})` | - | {raw['chunks']} | "
+        f"{raw['tokens']:,} | {raw['wall_s']:.1f} | - | {raw['chunks_per_s']:.1f} | "
+        f"{raw['tokens_per_s']:,.0f} |",
+        f"| re-index, unchanged | {re_idx['docs']} | {re_idx['chunks_embedded']} embedded | "
+        f"- | {re_idx['wall_s']:.2f} | {re_idx['docs_per_s']:.0f} | - | - |",
+        "",
+        f"Service / raw throughput: **{r['service_over_raw']:.2f}** "
+        f"(raw vectors vs the service's: min cosine {raw['min_cosine']:.6f}).",
+        "",
+        f"Server stages during the first pass: {stages}; the rest of the "
+        f"{idx['wall_s']:.1f} s (gRPC, validation, catalog reads) "
+        f"{idx['wall_s'] - sum(idx['server_stage_s'].values()):.1f} s.",
+        "",
+        f"## Search (top_k={TOP_K}, gRPC round trip measured by the client)",
+        "",
+        "| concurrency | requests | p50 ms | p90 ms | p99 ms | mean ms | QPS | "
+        "server embed p50 ms | server total p50 ms | queries per embed batch |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in search:
+        sp = s["server_p50_ms"]
+        lines.append(
+            f"| {s['concurrency']} | {s['requests']} | {s['p50_ms']:.1f} | {s['p90_ms']:.1f} "
+            f"| {s['p99_ms']:.1f} | {s['mean_ms']:.1f} | {s['qps']:.1f} | {sp['embed']:.1f} | "
+            f"{sp['total']:.1f} | {s['mean_query_batch']:.2f} |")
+    busy = {k: v["foreign_share"] for k, v in r["foreign_cpu"].items()
+            if v["foreign_share"] > FOREIGN_SHARE and v["foreign_cpu_s"] >= FOREIGN_MIN_S}
+    lines += [
+        "",
+        f"Raw `encode([query])`, one query at a time ({rq['n']} calls): p50 "
+        f"{rq['p50_ms']:.1f} ms, p90 {rq['p90_ms']:.1f} ms, mean {rq['mean_ms']:.1f} ms; "
+        f"a sequential Search spends p50 {seq['server_p50_ms']['embed']:.1f} ms in its embed "
+        f"stage (the micro-batch window of {env['settings']['query_batch_wait_ms']:g} ms "
+        f"included) of {seq['p50_ms']:.1f} ms round trip.",
+        "",
+        ("Other processes used the CPU during: " + ", ".join(
+            f"{k} ({v:.0%} of the cores)" for k, v in busy.items())
+         + ": those figures are skewed; rerun on an idle machine." if busy
+         else f"No other process used more than {FOREIGN_SHARE:.0%} of the cores during "
+         "any phase."),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- phases --------------------------------------------------------------------------------
+def index_corpus(client: RetrieverClient, docs: list[pb.Document], settings: Settings,
+                 metrics_port: int) -> tuple[dict, list[sqlite3.Row]]:
+    """First pass through gRPC; returns its figures and the chunks it committed."""
+    before = scrape(metrics_port)
+    t0 = time.perf_counter()
+    resp = client.upsert_stream(batches(docs))
+    index = upsert_summary(resp, time.perf_counter() - t0)
+    index["server_stage_s"] = stage_seconds(before, scrape(metrics_port))
+    if not (resp.documents_created == len(docs) and resp.chunks_embedded == resp.chunks_total):
+        raise RuntimeError(f"first pass did not create everything: {index}")
+    rows = catalog_chunks(settings.data_dir)
+    status = client.status(NAMESPACE)
+    if not len(rows) == resp.chunks_total == status.chunk_count:
+        raise RuntimeError(f"catalog has {len(rows)} active chunks, the response "
+                           f"{resp.chunks_total}, GetIndexStatus {status.chunk_count}")
+    for row in rows[:: max(1, len(rows) // 20)]:  # the API serves what the file holds
+        chunk = client.get_chunk(NAMESPACE, row["chunk_id"]).chunk
+        if (chunk.text, chunk.token_count) != (row["text"], row["token_count"]):
+            raise RuntimeError(f"GetChunk disagrees with the catalog on {row['chunk_id']}")
+    tokens = sum(row["token_count"] for row in rows)
+    wall = index["wall_s"]
+    index.update(tokens=tokens, docs_per_s=index["docs"] / wall,
+                 chunks_per_s=index["chunks"] / wall, tokens_per_s=tokens / wall)
+    return index, rows
+
+
+def raw_encode(model, rows: list[sqlite3.Row], settings: Settings,  # noqa: ANN001
+               embedder: Embedder) -> dict:
+    """``encode`` of exactly the texts the service embedded: path header + chunk text."""
+    header = service_header(settings, embedder)
+    headers = {path: header(path) for path in {row["path"] for row in rows}}
+    texts = [headers[row["path"]] + row["text"] for row in rows]
+    t0 = time.perf_counter()
+    vectors = model.encode(texts, batch_size=ENCODE_BATCH, normalize_embeddings=True,
+                           show_progress_bar=False)
+    wall = time.perf_counter() - t0
+    # Same texts, same model: the vectors must match what the catalog stored.
+    stored = np.stack([np.frombuffer(row["vector"], dtype=np.float32) for row in rows])
+    cosine = np.sum(np.asarray(vectors, dtype=np.float32) * stored, axis=1)
+    tokens = sum(row["token_count"] for row in rows)
+    return {"chunks": len(texts), "tokens": tokens, "wall_s": wall,
+            "chunks_per_s": len(texts) / wall, "tokens_per_s": tokens / wall,
+            "min_cosine": float(cosine.min()), "mean_cosine": float(cosine.mean())}
+
+
+def reindex_corpus(client: RetrieverClient, docs: list[pb.Document]) -> dict:
+    t0 = time.perf_counter()
+    resp = client.upsert_stream(batches(docs))
+    out = upsert_summary(resp, time.perf_counter() - t0)
+    out["docs_per_s"] = out["docs"] / out["wall_s"]
+    assert resp.chunks_embedded == 0, f"re-index embedded chunks: {out}"
+    assert resp.documents_unchanged == len(docs), f"re-index changed documents: {out}"
+    return out
+
+
+def raw_query_encode(model) -> dict:  # noqa: ANN001
+    for q in QUERIES[:10]:  # warm-up
+        model.encode([q], normalize_embeddings=True, show_progress_bar=False)
+    seconds = []
+    for i in range(RAW_QUERY_CALLS):
+        q = QUERIES[i % len(QUERIES)]
+        t0 = time.perf_counter()
+        model.encode([q], batch_size=ENCODE_BATCH, normalize_embeddings=True,
+                     show_progress_bar=False)
+        seconds.append(time.perf_counter() - t0)
+    return latency_stats(seconds)
+
+
+# -- main ----------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", type=Path, default=None,
+                    help="directory to index [default: a fixed stdlib subset]")
+    ap.add_argument("--max-files", type=int, default=None, help="index at most N files")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/service.json"),
+                    help="JSON results; the Markdown table goes next to it (.md)")
+    args = ap.parse_args()
+    # Before anything imports huggingface_hub (Embedder.load does): never reach for a hub.
+    for var, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
+                       ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(var, value)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t_run = time.perf_counter()
+    load_start = loadavg()
+    foreign = ForeignLoad()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_run:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    with foreign("idle_check"):  # is anything else running?
+        time.sleep(2)
+    if foreign.phases["idle_check"]["foreign_share"] > FOREIGN_SHARE:
+        say(f"warning: other processes use {foreign.phases['idle_check']['foreign_share']:.0%} "
+            "of the cores: they will skew the figures")
+    with tempfile.TemporaryDirectory(prefix="retriever-bench-") as tmp:
+        settings = Settings(data_dir=Path(tmp) / "data", grpc_port=0, metrics_port=0)
+        docs, corpus = load_corpus(args.corpus, args.max_files, Path(tmp) / "corpus",
+                                   settings.max_document_bytes)
+        say(f"corpus: {corpus['files']} files, {corpus['bytes']:,} bytes")
+        embedder = Embedder(settings)
+        embedder.load()  # no forward pass: see "Threads" in bench/README.md
+        server = ServerThread(settings, embedder).start()
+        metrics_port = server.info["metrics_port"]
+        try:
+            with RetrieverClient(server.address, timeout=None) as client:
+                client.wait_ready()
+                client.create_namespace(NAMESPACE)
+                say(f"indexing {len(docs)} docs through UpsertDocuments ...")
+                with foreign("index"):
+                    index, rows = index_corpus(client, docs, settings, metrics_port)
+                say(f"indexed {index['chunks']} chunks in {index['wall_s']:.1f}s; "
+                    "re-indexing unchanged ...")
+                with foreign("reindex"):
+                    reindex = reindex_corpus(client, docs)
+                say(f"re-indexed in {reindex['wall_s']:.2f}s; searching ...")
+                top1 = {}
+                for q in QUERIES:  # warm-up, and a glance at relevance
+                    hits = client.search(NAMESPACE, q, top_k=TOP_K).hits
+                    top1[q] = f"{hits[0].chunk.path}:{hits[0].chunk.start_line}" if hits else ""
+            search = []
+            for total, workers in ((SEQUENTIAL_REQUESTS, 1),
+                                   (CONCURRENT_REQUESTS, CONCURRENT_WORKERS)):
+                with foreign(f"search_c{workers}"):
+                    search.append(measure_search(server.address, metrics_port, total, workers))
+        finally:
+            server.stop()
+        # The raw baselines run once the server's threads are gone, so the model runs
+        # alone, in this thread, as a plain script would run it.
+        for t in threading.enumerate():
+            if t is not threading.current_thread() and t.name.startswith(SERVER_THREADS):
+                t.join(timeout=30)
+        model = embedder._model  # the very object the service embedded with
+        say(f"raw encode of the {len(rows)} texts the service embedded ...")
+        with foreign("raw_encode"):
+            raw = raw_encode(model, rows, settings, embedder)
+        say(f"raw encode in {raw['wall_s']:.1f}s; raw encode([query]) ...")
+        with foreign("raw_query_encode"):
+            raw_query = raw_query_encode(model)
+        env = environment(embedder, settings)
+    env["loadavg_start"], env["loadavg_end"] = load_start, loadavg()
+
+    results = {
+        "environment": env, "corpus": corpus, "index": index, "raw_encode": raw,
+        "service_over_raw": index["chunks_per_s"] / raw["chunks_per_s"],
+        "reindex": reindex, "search": search, "raw_query_encode": raw_query,
+        "foreign_cpu": foreign.phases, "top1_hit": top1,
+        "run_s": time.perf_counter() - t_run,
+    }
+    table = render(results)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(table)
+    say(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
