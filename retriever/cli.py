@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import grpc
 import typer
@@ -16,6 +16,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from retriever.config import Settings
+
+if TYPE_CHECKING:
+    from retriever.client import RetrieverClient
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Retrieval as a service: index files, search them, serve the API.")
@@ -32,6 +35,15 @@ def _address(address: str | None) -> str:
         return address
     s = Settings()
     return f"{s.grpc_host}:{s.grpc_port}"
+
+
+def _client(address: str | None) -> RetrieverClient:
+    """A client for ``address``, with the token of RETRIEVER_AUTH_TOKEN when set."""
+    from retriever.client import RetrieverClient  # grpc stubs load only when needed
+
+    token = Settings().auth_token
+    return RetrieverClient(_address(address),
+                           token=token.get_secret_value() if token is not None else None)
 
 
 def _fail(exc: grpc.RpcError) -> typer.Exit:
@@ -67,7 +79,6 @@ def index(
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Index a directory: every text file git would track (respecting .gitignore)."""
-    from retriever.client import RetrieverClient
     from retriever.ingest.walk import WalkReport, list_files, read_sources
     from retriever.v1 import retriever_pb2 as pb
 
@@ -75,7 +86,7 @@ def index(
     total = len(list_files(root)[0])
     report = WalkReport()
     t0 = time.perf_counter()
-    with RetrieverClient(_address(address)) as client, Progress(
+    with _client(address) as client, Progress(
         TextColumn("[bold]indexing[/bold]"), BarColumn(), MofNCompleteColumn(),
         TextColumn("files"), TimeElapsedColumn(), console=err, disable=as_json,
     ) as progress:
@@ -141,11 +152,10 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="print the response as JSON")] = False,
 ) -> None:
     """Ranked hits: path:lines, score, chunk id."""
-    from retriever.client import RetrieverClient
     from retriever.v1 import retriever_pb2 as pb
 
     flt = pb.SearchFilter(path_prefix=path_prefix) if path_prefix else None
-    with RetrieverClient(_address(address)) as client:
+    with _client(address) as client:
         try:
             resp = client.search(namespace, query, top_k=top_k, filter=flt)
         except grpc.RpcError as exc:
@@ -171,9 +181,7 @@ def search(
 @app.command()
 def status(namespace: NamespaceOpt, address: AddressOpt = None) -> None:
     """Counts, models, backend and device of a namespace."""
-    from retriever.client import RetrieverClient
-
-    with RetrieverClient(_address(address)) as client:
+    with _client(address) as client:
         try:
             resp = client.status(namespace)
         except grpc.RpcError as exc:
@@ -184,9 +192,7 @@ def status(namespace: NamespaceOpt, address: AddressOpt = None) -> None:
 @app.command()
 def namespaces(address: AddressOpt = None) -> None:
     """List namespaces with their counts."""
-    from retriever.client import RetrieverClient
-
-    with RetrieverClient(_address(address)) as client:
+    with _client(address) as client:
         token = ""
         while True:
             try:

@@ -23,15 +23,20 @@ Document = pb.Document
 
 
 class RetrieverClient:
-    def __init__(self, address: str, *, timeout: float | None = 60.0,
+    def __init__(self, address: str, *, timeout: float | None = 60.0, token: str | None = None,
                  max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        """``token``: sent as ``authorization: Bearer <token>`` on every retriever.v1 call
+        (for servers started with RETRIEVER_AUTH_TOKEN)."""
         self.address = address
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ])
-        self.stub = pb_grpc.RetrieverStub(self._channel)
+        api_channel = self._channel
+        if token:
+            api_channel = grpc.intercept_channel(self._channel, _BearerToken(token))
+        self.stub = pb_grpc.RetrieverStub(api_channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -141,3 +146,31 @@ def _batched(namespace: str, documents: Iterable[pb.Document], size: int
             batch = []
     if batch:
         yield pb.UpsertDocumentsRequest(namespace=namespace, documents=batch)
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(details.method, details.timeout,
+                            [*(details.metadata or ()), self._header], details.credentials,
+                            details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # noqa: ANN001, ANN201
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details,  # noqa: ANN001, ANN201
+                               request_iterator):  # noqa: ANN001
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready,  # noqa: ANN001
+                 compression) -> None:  # noqa: ANN001
+        self.method = method
+        self.timeout = timeout
+        self.metadata = metadata
+        self.credentials = credentials
+        self.wait_for_ready = wait_for_ready
+        self.compression = compression

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     metrics_enabled: bool = True
     data_dir: Path = Path("data")
     shutdown_grace_s: float = Field(10.0, ge=0)
+    # When set, every retriever.v1 RPC needs metadata "authorization: Bearer <token>"
+    # (health and reflection stay open). Unset: no authentication (loopback default).
+    auth_token: SecretStr | None = None
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
 
     # -- limits (bad input beyond them is INVALID_ARGUMENT) --------------------------------

@@ -115,3 +115,29 @@ def test_core_refuses_work_before_start_and_after_close(tmp_path: Path, embedder
     svc.close()
     with pytest.raises(NotReady):
         svc.get_namespace("x")
+
+
+def test_auth_token_guards_the_api_but_not_health(tmp_path: Path, embedder) -> None:  # noqa: ANN001
+    st = ServerThread(make_settings(tmp_path, auth_token="s3cret"), embedder).start()
+    try:
+        with RetrieverClient(st.address) as anonymous:
+            with pytest.raises(grpc.RpcError) as e:
+                anonymous.search("b", "bread", top_k=1)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "Bearer" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:
+                anonymous.upsert("b", [pb.Document(doc_id="a", content="x")])
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert anonymous.health() == 1  # SERVING: probes need no token
+        with RetrieverClient(st.address, token="wrong") as wrong:
+            with pytest.raises(grpc.RpcError) as e:
+                wrong.list_namespaces()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with RetrieverClient(st.address, token="s3cret") as authorized:
+            authorized.upsert("b", [pb.Document(doc_id="a", content="bread and butter")])
+            assert authorized.search("b", "bread", top_k=1).hits[0].chunk.doc_id == "a"
+        text = urllib.request.urlopen(
+            f"http://127.0.0.1:{st.info['metrics_port']}/metrics").read().decode()
+        assert 'retriever_requests_total{code="UNAUTHENTICATED",rpc="Search"} 1.0' in text
+    finally:
+        st.stop()

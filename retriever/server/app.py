@@ -25,7 +25,7 @@ from prometheus_client import start_http_server
 
 from retriever.config import Settings
 from retriever.models.embedder import Embedder
-from retriever.server.interceptors import ObservabilityInterceptor
+from retriever.server.interceptors import AuthInterceptor, ObservabilityInterceptor
 from retriever.server.servicer import SERVICE_NAME, RetrieverServicer, method_handlers
 from retriever.service import RetrieverService
 
@@ -48,8 +48,11 @@ async def create_server(service: RetrieverService, settings: Settings) -> Runnin
         ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(interceptors=[ObservabilityInterceptor(service.metrics)],
-                             options=opts)
+    interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(service.metrics)]
+    if settings.auth_token is not None:
+        interceptors.append(AuthInterceptor(settings.auth_token.get_secret_value(),
+                                            (SERVICE_NAME,)))
+    server = grpc.aio.server(interceptors=interceptors, options=opts)
     servicer = RetrieverServicer(service)
     server.add_generic_rpc_handlers((method_handlers(servicer),))
     health_servicer = health.aio.HealthServicer()
