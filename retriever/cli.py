@@ -76,6 +76,9 @@ def index(
     address: AddressOpt = None,
     batch_size: Annotated[int, typer.Option(help="documents per stream message")] = 32,
     max_bytes: Annotated[int, typer.Option(help="skip larger files")] = 1024 * 1024,
+    prune: Annotated[bool, typer.Option(
+        help="also delete documents of the namespace that are no longer in the directory")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Index a directory: every text file git would track (respecting .gitignore)."""
@@ -92,9 +95,12 @@ def index(
     ) as progress:
         task = progress.add_task("index", total=total)
 
+        sent: set[str] = set()
+
         def requests():  # noqa: ANN202
             batch: list[pb.Document] = []
             for f in read_sources(root, max_bytes, report):
+                sent.add(f.rel_path)
                 doc = pb.Document(doc_id=f.rel_path, path=f.rel_path, content=f.content,
                                   revision=f.revision)
                 doc.source_updated_at.FromDatetime(f.modified_at)
@@ -111,10 +117,8 @@ def index(
             progress.advance(task, skipped)
 
         try:
-            if total == 0:
-                resp = pb.UpsertDocumentsResponse(namespace=namespace)
-            else:
-                resp = client.upsert_stream(requests())
+            resp = client.upsert_stream(requests())
+            pruned = _prune(client, namespace, sent) if prune else 0
         except grpc.RpcError as exc:
             raise _fail(exc) from None
     seconds = time.perf_counter() - t0
@@ -125,7 +129,7 @@ def index(
         "chunks_embedded": int(resp.chunks_embedded), "chunks_reused": int(resp.chunks_reused),
         "chunks_deleted": int(resp.chunks_deleted),
         "skipped": {k: len(v) for k, v in report.skipped.items()},
-        "bytes": report.bytes, "seconds": round(seconds, 3),
+        "pruned": pruned, "bytes": report.bytes, "seconds": round(seconds, 3),
     }
     if as_json:
         out.print_json(json.dumps(summary))
@@ -136,9 +140,32 @@ def index(
         f"{summary['unchanged']} unchanged): {summary['chunks']} chunks, "
         f"{summary['chunks_embedded']} embedded, {summary['chunks_reused']} reused, "
         f"{summary['chunks_deleted']} removed in {seconds:.1f}s")
+    if prune:
+        out.print(f"pruned {pruned} documents no longer in {path}")
     for reason, paths in report.skipped.items():
         out.print(f"skipped {len(paths)} ({reason}): {', '.join(paths[:5])}"
                   + (" ..." if len(paths) > 5 else ""))
+
+
+def _prune(client: RetrieverClient, namespace: str, keep: set[str]) -> int:
+    """Delete the namespace's documents whose ids are not in ``keep``."""
+    try:
+        client.get_namespace(namespace)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return 0
+        raise
+    gone: list[str] = []
+    token = ""
+    while True:
+        page = client.list_documents(namespace, page_size=1000, page_token=token)
+        gone += [d.doc_id for d in page.documents if d.doc_id not in keep]
+        token = page.next_page_token
+        if not token:
+            break
+    for i in range(0, len(gone), 256):
+        client.delete(namespace, gone[i : i + 256])
+    return len(gone)
 
 
 @app.command()

@@ -81,3 +81,29 @@ def test_cli_reports_errors_with_status_code(server) -> None:  # noqa: ANN001
     result = runner.invoke(app, ["search", "x", "-n", "missing", "-a", server.address])
     assert result.exit_code == 2
     assert "NOT_FOUND" in result.output and "missing" in result.output
+
+
+def test_index_prune_removes_documents_gone_from_the_directory(server, tmp_path: Path) -> None:  # noqa: ANN001
+    root = tmp_path / "tree"
+    root.mkdir()
+    (root / "keep.md").write_text("# Keep\nThis stays.\n")
+    (root / "drop.md").write_text("# Drop\nThis goes away.\n")
+    args = ["index", str(root), "-n", "prune", "-a", server.address, "--json"]
+    assert json.loads(runner.invoke(app, args).stdout)["docs"] == 2
+    (root / "drop.md").unlink()
+    without = json.loads(runner.invoke(app, args).stdout)
+    assert without["pruned"] == 0  # without --prune nothing is deleted
+    pruned = json.loads(runner.invoke(app, [*args, "--prune"]).stdout)
+    assert pruned["pruned"] == 1 and pruned["unchanged"] == 1
+    from retriever.client import RetrieverClient
+
+    with RetrieverClient(server.address) as c:
+        assert [d.doc_id for d in c.list_documents("prune").documents] == ["keep.md"]
+
+
+def test_index_of_an_empty_directory_is_a_no_op(server, tmp_path: Path) -> None:  # noqa: ANN001
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["index", str(tmp_path / "empty"), "-n", "e", "-a",
+                                 server.address, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["docs"] == 0

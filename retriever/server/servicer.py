@@ -160,10 +160,7 @@ class RetrieverServicer:
                 results.append(await self._run(context, one, request, pool=self._write_pool))
         finally:
             limiter.__exit__()
-        if not results:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                        "the stream carried no UpsertDocumentsRequest: send at least one",
-                        "documents")
+        # An empty stream (e.g. a directory with nothing to index) changes nothing.
         return convert.upsert_to_pb(namespace or "", results, time.perf_counter() - t0)
 
     async def DeleteDocuments(self, request: pb.DeleteDocumentsRequest, context: Any):  # noqa: N802
