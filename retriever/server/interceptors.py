@@ -25,9 +25,17 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
     return uuid.uuid4().hex
 
 
-class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
+Behavior = Callable[..., Awaitable[Any]]
+
+
+class _WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps the behavior of each unary and client-streaming RPC it applies to."""
+
+    def applies(self, method: str) -> bool:
+        return True
+
+    def _wrap(self, rpc: str, behavior: Behavior) -> Behavior:
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -35,11 +43,29 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
+        if handler is None or not self.applies(details.method):
+            return handler
         rpc = details.method.rsplit("/", 1)[-1]
-        return _wrap_handler(handler, lambda behavior: self._wrap(rpc, behavior))
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap(rpc, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap(rpc, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler  # streaming responses (health Watch, reflection) pass through
 
-    def _wrap(self, rpc: str, behavior: Callable[..., Awaitable[Any]]
-              ) -> Callable[..., Awaitable[Any]]:
+
+class ObservabilityInterceptor(_WrappingInterceptor):
+    """Request ids (x-request-id in, trailer out), per-RPC latency, in-flight and codes."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def _wrap(self, rpc: str, behavior: Behavior) -> Behavior:
         m = self._metrics
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -65,7 +91,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(_WrappingInterceptor):
     """Requires ``authorization: Bearer <token>`` on every RPC of the given services; health
     checks and reflection stay open so probes and grpcurl's discovery work."""
 
@@ -73,17 +99,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
         self._prefixes = tuple(f"/{s}/" for s in services)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if not details.method.startswith(self._prefixes):
-            return handler
-        return _wrap_handler(handler, self._guard)
+    def applies(self, method: str) -> bool:
+        return method.startswith(self._prefixes)
 
-    def _guard(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def _wrap(self, rpc: str, behavior: Behavior) -> Behavior:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             sent = b""
             for key, value in context.invocation_metadata() or ():
@@ -96,22 +115,3 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return await behavior(request, context)
 
         return guarded
-
-
-def _wrap_handler(
-    handler: grpc.RpcMethodHandler | None,
-    wrap: Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]],
-) -> grpc.RpcMethodHandler | None:
-    """The handler with its unary or client-streaming behavior wrapped; handlers that stream
-    responses (health Watch, reflection) pass through."""
-    if handler is None:
-        return None
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            wrap(handler.unary_unary), request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            wrap(handler.stream_unary), request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
-    return handler
