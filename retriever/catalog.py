@@ -31,6 +31,9 @@ from retriever.domain import (
 )
 
 PENDING, ACTIVE = 0, 1
+# Bumped with every schema change; a catalog written by a newer release is refused rather
+# than misread, an older one is migrated in open().
+SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS namespaces (
@@ -180,7 +183,14 @@ class Catalog:
     def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         with self._write_lock:
-            self._conn().executescript(_SCHEMA)
+            db = self._conn()
+            found = db.execute("PRAGMA user_version").fetchone()[0]
+            if found > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"catalog {self._path} has schema version {found}, newer than this "
+                    f"release's {SCHEMA_VERSION}: run the release that wrote it")
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

@@ -448,3 +448,21 @@ def test_readers_see_whole_versions_while_a_writer_commits(cat: Catalog) -> None
     doc = cat.get_document("ns", "doc")
     assert doc is not None and doc.version == rounds + 1
     assert len(cat.active_vector_ids("ns")) == doc.chunk_count
+
+
+def test_catalog_records_its_schema_version_and_refuses_a_newer_one(tmp_path: Path) -> None:
+    import sqlite3
+
+    from retriever.catalog import SCHEMA_VERSION
+
+    path = tmp_path / "c.sqlite3"
+    cat = Catalog(path)
+    cat.open()
+    cat.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        Catalog(path).open()
