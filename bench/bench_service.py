@@ -163,9 +163,10 @@ def load_corpus(corpus: Path | None, max_files: int | None, staging: Path,
 
 
 # -- helpers -------------------------------------------------------------------------------
-def batches(docs: list[pb.Document]) -> Iterator[pb.UpsertDocumentsRequest]:
+def batches(docs: list[pb.Document], namespace: str = NAMESPACE
+            ) -> Iterator[pb.UpsertDocumentsRequest]:
     for i in range(0, len(docs), UPSERT_BATCH_DOCS):
-        yield pb.UpsertDocumentsRequest(namespace=NAMESPACE,
+        yield pb.UpsertDocumentsRequest(namespace=namespace,
                                         documents=docs[i : i + UPSERT_BATCH_DOCS])
 
 
@@ -253,6 +254,40 @@ def measure_search(address: str, metrics_port: int, total: int, workers: int) ->
                             for i, name in enumerate(("embed", "ann", "fetch", "total"))}
     out["mean_query_batch"] = batch_mean(before, after)
     return out
+
+
+def measure_search_during_upsert(address: str, docs: list[pb.Document]) -> dict:
+    """Sequential searches of the indexed namespace while the whole corpus is upserted
+    into a second one: what an agent sees while a batch indexing job runs."""
+    latencies: list[float] = []
+    done = threading.Event()
+    upsert: dict = {}
+
+    def bulk() -> None:
+        try:
+            with RetrieverClient(address, timeout=None) as writer:
+                t0 = time.perf_counter()
+                resp = writer.upsert_stream(batches(docs, f"{NAMESPACE}-bulk"))
+                upsert.update(upsert_summary(resp, time.perf_counter() - t0))
+        finally:
+            done.set()
+
+    with RetrieverClient(address) as client:
+        client.search(NAMESPACE, QUERIES[0], top_k=TOP_K)  # connected before the clock runs
+        writer = threading.Thread(target=bulk)
+        writer.start()
+        j = 0
+        while not done.is_set():
+            t0 = time.perf_counter()
+            client.search(NAMESPACE, QUERIES[j % len(QUERIES)], top_k=TOP_K)
+            if not done.is_set():  # only searches that overlapped the upsert count
+                latencies.append(time.perf_counter() - t0)
+            j += 1
+        writer.join()
+    if not upsert:
+        raise RuntimeError("the bulk upsert failed")
+    return {"concurrency": 1, "requests": len(latencies), "upsert": upsert,
+            **latency_stats(latencies)}
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -423,6 +458,17 @@ def render(r: dict) -> str:
             f"| {s['concurrency']} | {s['requests']} | {s['p50_ms']:.1f} | {s['p90_ms']:.1f} "
             f"| {s['p99_ms']:.1f} | {s['mean_ms']:.1f} | {s['qps']:.1f} | {sp['embed']:.1f} | "
             f"{sp['total']:.1f} | {s['mean_query_batch']:.2f} |")
+    dur = r["search_during_upsert"]
+    lines += [
+        "",
+        f"While the same corpus was upserted into a second namespace "
+        f"({dur['upsert']['chunks']} chunks in {dur['upsert']['wall_s']:.1f} s, "
+        f"{dur['upsert']['chunks'] / dur['upsert']['wall_s']:.1f} chunks/s), sequential "
+        f"searches ({dur['requests']}) took p50 {dur['p50_ms']:.1f} ms, p90 "
+        f"{dur['p90_ms']:.1f} ms, p99 {dur['p99_ms']:.1f} ms, max {dur['max_ms']:.1f} ms: a "
+        "query waits for at most the one document slice "
+        f"({env['settings']['embed_batch_size']} chunks) being embedded when it arrives.",
+    ]
     busy = {k: v["foreign_share"] for k, v in r["foreign_cpu"].items()
             if v["foreign_share"] > FOREIGN_SHARE and v["foreign_cpu_s"] >= FOREIGN_MIN_S}
     lines += [
@@ -569,6 +615,9 @@ def main() -> None:
                                    (CONCURRENT_REQUESTS, CONCURRENT_WORKERS)):
                 with foreign(f"search_c{workers}"):
                     search.append(measure_search(server.address, metrics_port, total, workers))
+            say("searching while the corpus is upserted into a second namespace ...")
+            with foreign("search_during_upsert"):
+                during = measure_search_during_upsert(server.address, docs)
         finally:
             server.stop()
         # The raw baselines run once the server's threads are gone, so the model runs
@@ -589,7 +638,8 @@ def main() -> None:
     results = {
         "environment": env, "corpus": corpus, "index": index, "raw_encode": raw,
         "service_over_raw": index["chunks_per_s"] / raw["chunks_per_s"],
-        "reindex": reindex, "search": search, "raw_query_encode": raw_query,
+        "reindex": reindex, "search": search, "search_during_upsert": during,
+        "raw_query_encode": raw_query,
         "foreign_cpu": foreign.phases, "top1_hit": top1,
         "run_s": time.perf_counter() - t_run,
     }
