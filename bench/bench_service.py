@@ -395,7 +395,7 @@ def environment(embedder: Embedder, settings: Settings) -> dict:
                      "dimension": embedder.dimension, "max_tokens": embedder.max_tokens},
         "settings": {"chunk_tokens": settings.chunk_tokens,
                      "overlap_tokens": settings.overlap_tokens,
-                     "embed_batch_size": settings.embed_batch_size,
+                     "embed_batch_size": embedder.default_batch_size,
                      "query_batch_size": settings.query_batch_size,
                      "query_batch_wait_ms": settings.query_batch_wait_ms,
                      "index_backend": settings.index_backend},

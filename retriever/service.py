@@ -57,7 +57,6 @@ class RetrieverService:
             settings.query_batch_wait_ms / 1000.0,
             on_batch=self.metrics.query_batch_size.observe,
             on_depth=self.metrics.embed_queue.set,
-            doc_batch=settings.embed_batch_size,
         )
         self.chunkers: ChunkerSet | None = None
         self.ingestor: Ingestor | None = None
@@ -88,6 +87,7 @@ class RetrieverService:
         self.chunkers = ChunkerSet(WindowChunker(
             self.embedder.count_tokens, self.embedder.token_offsets, budget, s.overlap_tokens))
         self.reconcile_report = self.namespaces.open_all()
+        self._batcher.doc_batch = self.embedder.default_batch_size
         self._batcher.start()
         self.ingestor = Ingestor(s, self.catalog, self.namespaces, self.embedder,
                                  self._embed_documents, self.chunkers, self.metrics)

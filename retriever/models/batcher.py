@@ -52,7 +52,7 @@ class MicroBatcher:
         self._embed = embed
         self._max_batch = max_batch
         self._max_wait = max_wait_s
-        self._doc_batch = doc_batch
+        self.doc_batch = doc_batch  # may be changed before start()
         self._on_batch = on_batch or (lambda n: None)
         self._on_depth = on_depth or (lambda n: None)
         self._cond = threading.Condition()
@@ -151,7 +151,7 @@ class MicroBatcher:
             row += len(q.texts)
 
     def _run_slice(self, job: _DocJob) -> None:
-        idx = job.order[job.done : job.done + self._doc_batch]
+        idx = job.order[job.done : job.done + self.doc_batch]
         try:
             vectors = self._embed([job.texts[i] for i in idx]) if idx else None
         except BaseException as exc:

@@ -93,6 +93,13 @@ class Embedder:
             self.name, self.revision, self.device, precision, self.dimension, self.max_tokens,
         )
 
+    @property
+    def default_batch_size(self) -> int:
+        """Texts per forward pass: the setting, or 4 on CPU and 64 on CUDA when it is 0."""
+        if self._settings.embed_batch_size:
+            return self._settings.embed_batch_size
+        return 64 if self.device.startswith("cuda") else 4
+
     # -- tokens ----------------------------------------------------------------------------
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Token lengths without special tokens, in the model's own tokenizer."""
@@ -136,7 +143,7 @@ class Embedder:
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         if not texts:
             return out
-        bs = batch_size or self._settings.embed_batch_size
+        bs = batch_size or self.default_batch_size
         # Longest first, so each batch pads to similar lengths.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         for b in range(0, len(order), bs):
