@@ -16,15 +16,15 @@ import numpy as np
 Metric = Literal["cosine", "ip", "l2"]
 
 
-class IndexError_(Exception):  # noqa: N801 - "IndexError" is a builtin
+class EngineError(Exception):
     """Base of errors raised by engines."""
 
 
-class DimensionMismatch(IndexError_):
+class DimensionMismatch(EngineError):
     """Vectors of the wrong width for the collection, or a collection reopened with another."""
 
 
-class EngineUnavailable(IndexError_):
+class EngineUnavailable(EngineError):
     """The engine's optional dependency is missing or the engine cannot be reached."""
 
 

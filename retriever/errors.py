@@ -24,7 +24,11 @@ class AlreadyExists(RetrieverError):
     """Creating something whose name is taken."""
 
 
-class ModelMismatch(RetrieverError):
+class FailedPrecondition(RetrieverError):
+    """The system is not in a state the request needs (e.g. an engine is not installed)."""
+
+
+class ModelMismatch(FailedPrecondition):
     """A namespace was built by another embedder / dimension / backend than is loaded."""
 
 

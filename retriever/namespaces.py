@@ -16,11 +16,24 @@ from typing import Any
 
 import numpy as np
 
-from indexers import Backend, CollectionSpec, VectorIndex, create_backend
+from indexers import (
+    Backend,
+    CollectionSpec,
+    DimensionMismatch,
+    EngineUnavailable,
+    VectorIndex,
+    create_backend,
+)
 from retriever._rwlock import RWLock
 from retriever.catalog import Catalog
 from retriever.domain import NamespaceRecord
-from retriever.errors import AlreadyExists, InvalidArgument, ModelMismatch, NotFound
+from retriever.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    ModelMismatch,
+    NotFound,
+)
 from retriever.models.embedder import Embedder
 from retriever.slo.metrics import Metrics
 
@@ -181,9 +194,12 @@ class Namespaces:
 
     def _open_locked(self, record: NamespaceRecord) -> NamespaceHandle:
         backend = self._backend(record.backend)
-        index = backend.open(CollectionSpec(
-            collection_name(record.name, record.index_generation), record.dimension,
-            record.metric))  # type: ignore[arg-type]
+        try:
+            index = backend.open(CollectionSpec(
+                collection_name(record.name, record.index_generation), record.dimension,
+                record.metric))  # type: ignore[arg-type]
+        except DimensionMismatch as exc:
+            raise ModelMismatch(f"namespace {record.name!r}: {exc}", field="namespace") from exc
         handle = NamespaceHandle(record=record, index=index)
         self._handles[record.name] = handle
         return handle
@@ -196,5 +212,7 @@ class Namespaces:
                                          **self._backend_options.get(name, {}))
             except ValueError as exc:
                 raise InvalidArgument(str(exc), field="backend") from None
+            except EngineUnavailable as exc:
+                raise FailedPrecondition(str(exc), field="backend") from exc
             self._backends[name] = backend
         return backend

@@ -148,7 +148,7 @@ class RetrieverService:
         more = len(items) > size
         items = items[:size]
         token = _encode_token(items[-1].name) if more else ""
-        return Page(items=tuple(items), next_page_token=token, total_size=len(items))
+        return Page(items=tuple(items), next_page_token=token)
 
     def delete_namespace(self, name: str) -> tuple[int, int]:
         self._require_ready()
