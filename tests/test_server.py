@@ -185,6 +185,16 @@ def test_health_serving_and_reflection(server, client: RetrieverClient) -> None:
         list_services="")]))
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"retriever.v1.Retriever", "grpc.health.v1.Health"} <= names
+    # What grpcurl asks next: the file descriptor holding the service, with its methods.
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        file_containing_symbol="retriever.v1.Retriever")]))
+    from google.protobuf import descriptor_pb2
+
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw) for r in responses
+             for raw in r.file_descriptor_response.file_descriptor_proto]
+    proto = next(f for f in files if f.name == "retriever/v1/retriever.proto")
+    methods = {m.name for m in proto.service[0].method}
+    assert {"Search", "UpsertDocuments", "GetChunk", "GetIndexStatus"} <= methods
     channel.close()
 
 
