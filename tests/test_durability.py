@@ -162,3 +162,19 @@ def test_sigterm_drains_and_exits_zero_and_data_persists(tmp_path: Path) -> None
             assert len(docs) == 3
     finally:
         assert again.terminate() == 0
+
+
+def test_taken_port_is_a_clear_startup_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for env_name in ("RETRIEVER_GRPC_PORT", "RETRIEVER_METRICS_PORT"):
+            env = dict(os.environ, RETRIEVER_DATA_DIR=str(tmp_path / "data"),
+                       RETRIEVER_GRPC_PORT="0", RETRIEVER_METRICS_PORT="0")
+            env[env_name] = str(port)
+            proc = subprocess.run([sys.executable, "-m", "retriever.cli", "serve"], env=env,
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 1, proc.stderr
+            assert env_name in proc.stderr and str(port) in proc.stderr
+            assert "Traceback" not in proc.stderr

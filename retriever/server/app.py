@@ -32,6 +32,10 @@ from retriever.service import RetrieverService
 log = logging.getLogger(__name__)
 
 
+class StartupError(Exception):
+    """The server cannot start as configured (e.g. a port is taken); the message says why."""
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
@@ -62,9 +66,14 @@ async def create_server(service: RetrieverService, settings: Settings) -> Runnin
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio raises RuntimeError("Failed to bind ...")
+        raise StartupError(f"cannot listen for gRPC on {address} ({exc}): is another server "
+                           "running there? Set RETRIEVER_GRPC_PORT") from exc
     if port == 0:
-        raise OSError(f"could not bind {settings.grpc_host}:{settings.grpc_port}")
+        raise StartupError(f"cannot listen for gRPC on {address}: set RETRIEVER_GRPC_PORT")
     return RunningServer(server, port, health_servicer, servicer, service)
 
 
@@ -82,8 +91,14 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None,
     metrics_port = 0
     metrics_server = None
     if settings.metrics_enabled:
-        metrics_server, _ = start_http_server(settings.metrics_port, settings.metrics_host,
-                                              registry=service.metrics.registry)
+        try:
+            metrics_server, _ = start_http_server(settings.metrics_port, settings.metrics_host,
+                                                  registry=service.metrics.registry)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} "
+                f"({exc}): set RETRIEVER_METRICS_PORT, or RETRIEVER_METRICS_ENABLED=false"
+            ) from exc
         metrics_port = metrics_server.server_port
     await running.server.start()
     log.info("gRPC bound on %s:%d; loading models and indexes", settings.grpc_host,
@@ -127,8 +142,12 @@ def run(settings: Settings) -> int:
     def ready(info: dict) -> None:
         print(json.dumps(info), flush=True)
 
-    with contextlib.suppress(KeyboardInterrupt):  # normally the signal handler's job
-        asyncio.run(serve(settings, on_ready=ready))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # normally the signal handler's job
+            asyncio.run(serve(settings, on_ready=ready))
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
     return 0
 
 
