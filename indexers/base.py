@@ -108,6 +108,10 @@ class Backend(Protocol):
         """Delete the collection and its storage; a missing one is not an error."""
         ...
 
+    def collections(self) -> list[str]:
+        """Names of the collections stored, open or not."""
+        ...
+
     def close(self) -> None:
         """Close every collection this backend opened."""
         ...

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -243,14 +244,19 @@ class FaissBackend:
         with self._lock:
             index = self._open.pop(name, None)
             if index is not None:
-                with index._lock:
+                # No snapshot may be half-way to disk while the files go.
+                with index._flush_lock, index._lock:
                     index._closed = True
                     index._index = None
             directory = self._dir(name)
             if directory.exists():
-                for child in directory.iterdir():
-                    child.unlink()
-                directory.rmdir()
+                shutil.rmtree(directory)
+
+    def collections(self) -> list[str]:
+        if not self._root.is_dir():
+            return []
+        return sorted(p.name for p in self._root.iterdir()
+                      if p.is_dir() and _SAFE_NAME.fullmatch(p.name))
 
     def close(self) -> None:
         with self._lock:

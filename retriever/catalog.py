@@ -216,10 +216,11 @@ class Catalog:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # also when COMMIT itself failed (disk full, I/O)
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
 
     @contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:

@@ -88,6 +88,15 @@ class Namespaces:
         self._backend(self._default_backend)  # fail fast on a bad configured backend
         pending = self._catalog.drop_pending()
         report: dict[str, dict[str, int]] = {}
+        records = [r for r in (self._catalog.get_namespace(n, with_counts=False)
+                               for n in self._catalog.namespace_names()) if r is not None]
+        known = {collection_name(r.name, r.index_generation) for r in records}
+        for backend_name in {self._default_backend, *(r.backend for r in records)}:
+            backend = self._backend(backend_name)
+            for orphan in set(backend.collections()) - known:
+                # Left by a crash between a DeleteNamespace's commit and its drop.
+                log.warning("dropping collection %s of no namespace", orphan)
+                backend.drop(orphan)
         for name in self._catalog.namespace_names():
             record = self._catalog.get_namespace(name, with_counts=False)
             assert record is not None
@@ -121,7 +130,12 @@ class Namespaces:
         with self._lock:
             handles = list(self._handles.values())
         for h in handles:
-            h.index.flush()
+            if h.deleted:
+                continue
+            try:
+                h.index.flush()
+            except Exception:  # one failed snapshot must not skip the others
+                log.exception("snapshot of namespace %s failed", h.name)
 
     def close(self) -> None:
         with self._lock:
@@ -171,6 +185,9 @@ class Namespaces:
             if name in self._handles or not self._catalog.create_namespace(record):
                 raise AlreadyExists(f"namespace {name!r} already exists", field="name")
             try:
+                # A collection of this name can only be left over by a crash during an
+                # earlier DeleteNamespace: a new namespace starts empty.
+                self._backend(backend).drop(collection_name(name, record.index_generation))
                 return self._open_locked(record)
             except BaseException:
                 self._catalog.delete_namespace(name)  # no catalog row without its index
@@ -178,12 +195,13 @@ class Namespaces:
 
     def delete(self, name: str) -> tuple[int, int]:
         handle = self.get(name)
-        with handle.write_lock, handle.visibility.write():
+        # All under the registry lock too: a CreateNamespace of the same name waits until the
+        # old collection is gone, and never gets the old, closing index.
+        with handle.write_lock, handle.visibility.write(), self._lock:
             handle.require_live()
             docs, chunks = self._catalog.delete_namespace(name)
             handle.deleted = True
-            with self._lock:
-                self._handles.pop(name, None)
+            self._handles.pop(name, None)
             self._backend(handle.record.backend).drop(
                 collection_name(name, handle.record.index_generation))
         return docs, chunks

@@ -53,7 +53,9 @@ class RetrieverService:
             self.catalog, self.embedder, settings.data_dir / "indexes", settings.index_backend,
             self.metrics, backend_options={"faiss": {"omp_threads": settings.faiss_omp_threads}})
         self._batcher = MicroBatcher(
-            self.embedder.embed, settings.query_batch_size,
+            # A batch of queries is one forward pass (document slices are already cut).
+            lambda texts: self.embedder.embed(texts, batch_size=max(1, len(texts))),
+            settings.query_batch_size,
             settings.query_batch_wait_ms / 1000.0,
             on_batch=self.metrics.query_batch_size.observe,
             on_depth=self.metrics.embed_queue.set,
@@ -227,8 +229,11 @@ class RetrieverService:
         record = self.get_namespace_for_status(namespace)
         handle = self.namespaces.get(namespace)
         assert self.chunkers is not None
+        with handle.visibility.read():
+            handle.require_live()
+            vector_count = handle.index.count()
         return IndexStatus(
-            namespace=record, vector_count=handle.index.count(), device=self.embedder.device,
+            namespace=record, vector_count=vector_count, device=self.embedder.device,
             precision=self.embedder.precision,
             chunk_tokens=min(self.settings.chunk_tokens, self.embedder.max_tokens),
             overlap_tokens=self.settings.overlap_tokens,

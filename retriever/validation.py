@@ -16,6 +16,7 @@ MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY_BYTES = 128
 MAX_METADATA_VALUE_BYTES = 1024
 MAX_FILTER_DOC_IDS = 1024
+MAX_FILTER_ENTRIES = 64  # languages, metadata pairs
 MAX_CHUNK_ID_BYTES = 128
 
 
@@ -135,6 +136,11 @@ def search(q: SearchQuery, settings: Settings, prefix: str = "") -> None:
         raise InvalidArgument(
             f"{prefix}filter.doc_ids has {len(flt.doc_ids)} ids; at most {MAX_FILTER_DOC_IDS}",
             field=f"{prefix}filter.doc_ids")
+    for name, items in (("languages", flt.languages), ("metadata", flt.metadata)):
+        if len(items) > MAX_FILTER_ENTRIES:
+            raise InvalidArgument(
+                f"{prefix}filter.{name} has {len(items)} entries; at most "
+                f"{MAX_FILTER_ENTRIES}", field=f"{prefix}filter.{name}")
 
 
 def page_size(value: int, settings: Settings, default: int = 100) -> int:

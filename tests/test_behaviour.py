@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -139,5 +140,79 @@ def test_auth_token_guards_the_api_but_not_health(tmp_path: Path, embedder) -> N
         text = urllib.request.urlopen(
             f"http://127.0.0.1:{st.info['metrics_port']}/metrics").read().decode()
         assert 'retriever_requests_total{code="UNAUTHENTICATED",rpc="Search"} 1.0' in text
+    finally:
+        st.stop()
+
+
+def test_deleted_then_recreated_namespace_starts_empty(client: RetrieverClient) -> None:
+    client.upsert("again", [pb.Document(doc_id=f"d{i}", content=f"text {i}") for i in range(5)])
+    client.delete_namespace("again")
+    client.create_namespace("again")
+    status = client.status("again")
+    assert (status.document_count, status.chunk_count, status.vector_count) == (0, 0, 0)
+    client.upsert("again", [pb.Document(doc_id="new", content="bread and butter")])
+    assert [h.chunk.doc_id for h in client.search("again", "bread", top_k=5).hits] == ["new"]
+
+
+def test_collection_left_by_a_crashed_namespace_delete_is_removed(tmp_path: Path,
+                                                                  embedder) -> None:  # noqa: ANN001
+    settings = make_settings(tmp_path)
+    st = ServerThread(settings, embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            c.upsert("gone", [pb.Document(doc_id=f"d{i}", content=f"text {i}") for i in range(4)])
+    finally:
+        st.stop()
+    # As a crash right after DeleteNamespace's catalog commit leaves it: rows gone, files not.
+    db = sqlite3.connect(settings.data_dir / "catalog.sqlite3")
+    for table, col in (("chunks", "namespace"), ("documents", "namespace"),
+                       ("namespaces", "name")):
+        db.execute(f"DELETE FROM {table} WHERE {col} = 'gone'")
+    db.commit()
+    db.close()
+    collection = settings.data_dir / "indexes" / "faiss" / "gone.g1"
+    assert collection.is_dir()
+    st = ServerThread(settings, embedder).start()
+    try:
+        assert not collection.exists()
+        with RetrieverClient(st.address) as c:
+            c.create_namespace("gone")
+            assert c.status("gone").vector_count == 0
+    finally:
+        st.stop()
+
+
+def test_search_limit_above_the_thread_pool_still_refuses(tmp_path: Path, embedder) -> None:  # noqa: ANN001
+    settings = make_settings(tmp_path, max_inflight_searches=20, query_batch_wait_ms=400)
+    st = ServerThread(settings, embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            c.upsert("b", [pb.Document(doc_id="a", content="bread and butter")])
+            results = _concurrently(60, lambda i: c.search("b", "bread", top_k=1))
+        refused = [r for r in results if isinstance(r, grpc.RpcError)]
+        served = [r for r in results if isinstance(r, pb.SearchResponse)]
+        assert len(served) >= 20 and refused
+        assert {r.code() for r in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    finally:
+        st.stop()
+
+
+def test_deadline_exceeded_is_not_counted_as_a_server_error(tmp_path: Path, embedder) -> None:  # noqa: ANN001
+    st = ServerThread(make_settings(tmp_path, query_batch_wait_ms=300), embedder).start()
+    try:
+        with RetrieverClient(st.address, timeout=0.05) as c:
+            c.stub.UpsertDocuments(iter([pb.UpsertDocumentsRequest(
+                namespace="b", documents=[pb.Document(doc_id="a", content="bread")])]))
+            with pytest.raises(grpc.RpcError) as e:
+                c.search("b", "bread", top_k=1)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.6)  # the server notices the cancelled call
+        text = urllib.request.urlopen(
+            f"http://127.0.0.1:{st.info['metrics_port']}/metrics").read().decode()
+        search_codes = [line for line in text.splitlines()
+                        if line.startswith('retriever_requests_total{') and 'rpc="Search"' in line]
+        assert search_codes and not any('code="INTERNAL"' in line for line in search_codes)
+        assert any('code="DEADLINE_EXCEEDED"' in line or 'code="CANCELLED"' in line
+                   for line in search_codes)
     finally:
         st.stop()

@@ -386,6 +386,11 @@ CASES = [
      grpc.StatusCode.UNIMPLEMENTED, ["mode", "DENSE"]),
     ("Search", pb.SearchRequest(namespace=NS, query="q", top_k=1, rerank=True),
      grpc.StatusCode.UNIMPLEMENTED, ["rerank"]),
+    ("Search", pb.SearchRequest(namespace=NS, query="q", top_k=1, mode=42),
+     grpc.StatusCode.INVALID_ARGUMENT, ["mode", "42"]),
+    ("Search", pb.SearchRequest(namespace=NS, query="q", top_k=1, filter=pb.SearchFilter(
+        metadata={f"k{i}": "v" for i in range(65)})),
+     grpc.StatusCode.INVALID_ARGUMENT, ["filter.metadata", "65", "64"]),
     ("BatchSearch", pb.BatchSearchRequest(),
      grpc.StatusCode.INVALID_ARGUMENT, ["requests", "empty"]),
     ("BatchSearch", pb.BatchSearchRequest(requests=[
@@ -436,6 +441,10 @@ UPSERT_CASES = [
      ["257", "256", "max_batch_documents"]),
     (pb.UpsertDocumentsRequest(namespace=NS, documents=[
         pb.Document(doc_id="a", content="bin\x00ary")]), ["NUL"]),
+    (pb.UpsertDocumentsRequest(namespace=NS, documents=[
+        pb.Document(doc_id="ok", content="x"),
+        pb.Document(doc_id="a", content="x", source_updated_at={"seconds": 253402300800})]),
+     ["documents[1].source_updated_at", "Timestamp"]),
 ]
 
 
@@ -451,6 +460,8 @@ def test_bad_input_gets_precise_status(client: RetrieverClient, rpc, request_msg
         assert w in e.value.details(), (w, e.value.details())
     status = rpc_status.from_call(e.value)
     assert status is not None and status.details  # google.rpc details travel with it
+    trailers = dict(e.value.trailing_metadata())
+    assert len(trailers.get("x-request-id", "")) == 32  # errors carry the request id too
     assert client.health() == health_pb2.HealthCheckResponse.SERVING  # still up
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from datetime import UTC, datetime
@@ -292,3 +293,16 @@ def test_directory_ignored_by_its_repository_is_listed_as_its_own_tree(tmp_path:
     assert paths == [".gitignore", "lib/mod.py"]
     assert head == ""
     assert list_files(repo)[0] == [".gitignore", "main.py"]
+
+
+def test_file_name_that_is_not_utf8_is_skipped_not_fatal(tmp_path: Path) -> None:
+    root = tmp_path / "names"
+    root.mkdir()
+    (root / "ok.txt").write_text("fine\n")
+    with open(os.path.join(os.fsencode(root), b"caf\xe9.txt"), "wb") as fh:
+        fh.write(b"latin-1 name\n")
+    report = WalkReport()
+    files = list(read_sources(root, 1 << 20, report))
+    assert [f.rel_path for f in files] == ["ok.txt"]
+    assert list(report.skipped) == ["name not UTF-8"]
+    assert report.skipped["name not UTF-8"][0].startswith("caf")

@@ -108,6 +108,12 @@ def read_sources(root: Path, max_bytes: int, report: WalkReport) -> Iterator[Sou
     root = Path(root)
     paths, head = list_files(root)
     for rel in paths:
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:  # a file name git gave us as raw bytes
+            report.skip("name not UTF-8", rel.encode("utf-8", "surrogateescape").decode(
+                "utf-8", "backslashreplace"))
+            continue
         path = root / rel
         try:
             st = path.stat()

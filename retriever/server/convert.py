@@ -24,6 +24,7 @@ from retriever.domain import (
     StageTimings,
     UpsertResult,
 )
+from retriever.errors import InvalidArgument
 from retriever.v1 import retriever_pb2 as pb
 
 _MODES = {
@@ -55,21 +56,34 @@ def _dur(seconds: float | None) -> Duration | None:
     return d
 
 
-def _from_ts(msg: pb.Document) -> datetime | None:
+def _from_ts(msg: pb.Document, field: str) -> datetime | None:
     if not msg.HasField("source_updated_at"):
         return None
-    return msg.source_updated_at.ToDatetime(tzinfo=UTC)
+    try:
+        return msg.source_updated_at.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        ts = msg.source_updated_at
+        raise InvalidArgument(
+            f"{field}source_updated_at (seconds={ts.seconds}, nanos={ts.nanos}) is not a valid "
+            "Timestamp: years 1-9999, nanos 0-999999999", field=f"{field}source_updated_at"
+        ) from None
 
 
 # -- requests ------------------------------------------------------------------------------
-def document_from_pb(msg: pb.Document) -> Document:
+def document_from_pb(msg: pb.Document, field: str = "") -> Document:
+    """``field`` prefixes names in error messages, e.g. "documents[3]."."""
     return Document(
         doc_id=msg.doc_id, content=msg.content, path=msg.path, revision=msg.revision,
-        source_updated_at=_from_ts(msg), metadata=dict(msg.metadata), language=msg.language,
+        source_updated_at=_from_ts(msg, field), metadata=dict(msg.metadata),
+        language=msg.language,
     )
 
 
-def search_from_pb(msg: pb.SearchRequest) -> SearchQuery:
+def search_from_pb(msg: pb.SearchRequest, field: str = "") -> SearchQuery:
+    if msg.mode not in _MODES:
+        raise InvalidArgument(
+            f"{field}mode {msg.mode} is not a SearchMode: use DENSE (1) or leave it unset",
+            field=f"{field}mode")
     f = msg.filter
     return SearchQuery(
         namespace=msg.namespace, query=msg.query, top_k=msg.top_k,
@@ -79,10 +93,6 @@ def search_from_pb(msg: pb.SearchRequest) -> SearchQuery:
         ),
         mode=_MODES.get(msg.mode, SearchMode.DEFAULT), rerank=msg.rerank,
     )
-
-
-def search_mode_known(msg: pb.SearchRequest) -> bool:
-    return msg.mode in _MODES
 
 
 # -- responses -----------------------------------------------------------------------------

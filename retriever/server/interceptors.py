@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextvars
+import asyncio
 import hmac
 import time
 import uuid
@@ -11,11 +11,8 @@ from typing import Any
 
 import grpc
 
-from retriever.server.status import RPC_CODE, abort
+from retriever.server.status import REQUEST_ID, REQUEST_ID_HEADER, RPC_CODE, abort
 from retriever.slo.metrics import Metrics
-
-REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
-REQUEST_ID_HEADER = "x-request-id"
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
@@ -78,6 +75,11 @@ class ObservabilityInterceptor(_WrappingInterceptor):
             try:
                 return await behavior(request, context)
             except grpc.aio.AbortError:
+                raise
+            except asyncio.CancelledError:  # the client cancelled or its deadline passed
+                remaining = context.time_remaining()
+                RPC_CODE.set("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0
+                             else "CANCELLED")
                 raise
             except BaseException:
                 RPC_CODE.set(grpc.StatusCode.INTERNAL.name

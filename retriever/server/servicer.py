@@ -21,8 +21,7 @@ from google.protobuf.message import DecodeError
 from retriever import errors
 from retriever.freshness.staleness import hit_staleness
 from retriever.server import convert
-from retriever.server.interceptors import REQUEST_ID
-from retriever.server.status import abort, code_for
+from retriever.server.status import REQUEST_ID, abort, code_for
 from retriever.service import RetrieverService
 from retriever.v1 import retriever_pb2 as pb
 
@@ -58,17 +57,23 @@ class _Limiter:
         self._n = 0
         self._lock = threading.Lock()
 
-    def __enter__(self) -> None:
+    def acquire(self, n: int = 1) -> None:
         with self._lock:
-            if self._n >= self._limit:
+            if self._n + n > self._limit:
                 raise errors.Overloaded(
                     f"{self._n} {self._what} in flight (limit {self._limit}); retry with "
                     "backoff")
-            self._n += 1
+            self._n += n
+
+    def release(self, n: int = 1) -> None:
+        with self._lock:
+            self._n -= n
+
+    def __enter__(self) -> None:
+        self.acquire()
 
     def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self._n -= 1
+        self.release()
 
 
 class RetrieverServicer:
@@ -133,9 +138,9 @@ class RetrieverServicer:
         t0 = time.perf_counter()
         results = []
         namespace = None
+        limiter = self._upserts
         try:
-            limiter = self._upserts
-            limiter.__enter__()
+            limiter.acquire()
         except errors.Overloaded as exc:
             await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
         try:
@@ -154,12 +159,13 @@ class RetrieverServicer:
                             f"began with {namespace!r}: one namespace per stream",
                             field="namespace")
                     namespace = r.namespace
-                    docs = [convert.document_from_pb(d) for d in r.documents]
+                    docs = [convert.document_from_pb(d, f"documents[{j}].")
+                            for j, d in enumerate(r.documents)]
                     return self._svc.upsert(r.namespace, docs)
 
                 results.append(await self._run(context, one, request, pool=self._write_pool))
         finally:
-            limiter.__exit__()
+            limiter.release()
         # An empty stream (e.g. a directory with nothing to index) changes nothing.
         return convert.upsert_to_pb(namespace or "", results, time.perf_counter() - t0)
 
@@ -192,25 +198,35 @@ class RetrieverServicer:
         return resp
 
     # -- search ----------------------------------------------------------------------------
+    async def _limited(self, context: grpc.aio.ServicerContext, n: int) -> None:
+        """Count ``n`` searches in flight, or refuse: checked on the event loop, before any
+        work is queued, so excess load is refused rather than queued without bound."""
+        try:
+            self._searches.acquire(n)
+        except errors.Overloaded as exc:
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
+
     async def Search(self, request: pb.SearchRequest, context: Any):  # noqa: N802
         rid = REQUEST_ID.get()
-
-        def one(r: Any) -> Any:
-            with self._searches:
-                return self._svc.search(convert.search_from_pb(r), rid)
-
-        result = await self._run(context, one, request)
+        await self._limited(context, 1)
+        try:
+            result = await self._run(
+                context, lambda r: self._svc.search(convert.search_from_pb(r), rid), request)
+        finally:
+            self._searches.release(1)
         return convert.search_result_to_pb(result)
 
     async def BatchSearch(self, request: pb.BatchSearchRequest, context: Any):  # noqa: N802
         rid = REQUEST_ID.get()
-
-        def many(r: Any) -> Any:
-            with self._searches:
-                return self._svc.batch_search([convert.search_from_pb(q) for q in r.requests],
-                                              rid)
-
-        results = await self._run(context, many, request)
+        n = max(1, len(request.requests)) if isinstance(request, pb.BatchSearchRequest) else 1
+        await self._limited(context, n)
+        try:
+            results = await self._run(
+                context, lambda r: self._svc.batch_search(
+                    [convert.search_from_pb(q, f"requests[{i}].") for i, q in
+                     enumerate(r.requests)], rid), request)
+        finally:
+            self._searches.release(n)
         return pb.BatchSearchResponse(
             responses=[convert.search_result_to_pb(r) for r in results])
 

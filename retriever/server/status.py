@@ -23,6 +23,9 @@ CODES: dict[type[errors.RetrieverError], grpc.StatusCode] = {
 
 # The final code of the RPC being handled, read by the metrics interceptor.
 RPC_CODE: contextvars.ContextVar[str] = contextvars.ContextVar("rpc_code", default="OK")
+# The id of the request being handled; sent back as a trailer on every response.
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+REQUEST_ID_HEADER = "x-request-id"
 
 
 def code_for(exc: errors.RetrieverError) -> grpc.StatusCode:
@@ -51,4 +54,17 @@ def to_status(code: grpc.StatusCode, message: str, field: str | None = None) -> 
 async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
                 field: str | None = None) -> None:
     RPC_CODE.set(code.name)
-    await context.abort_with_status(to_status(code, message, field))
+    status = to_status(code, message, field)
+    rid = REQUEST_ID.get()
+    if rid:  # abort replaces the trailers set earlier: keep the request id among them
+        status = _Status(status.code, status.details,
+                         (*status.trailing_metadata, (REQUEST_ID_HEADER, rid)))
+    await context.abort_with_status(status)
+
+
+class _Status(grpc.Status):
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 trailing_metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
