@@ -286,31 +286,20 @@ class Catalog:
     # -- documents -------------------------------------------------------------------------
     def document_heads(self, namespace: str, doc_ids: Sequence[str]) -> dict[str, DocHead]:
         """The current version's head of those documents that exist."""
-        out: dict[str, DocHead] = {}
         with self._reader() as db:
-            for batch in _batches(list(doc_ids), 500):
-                marks = ",".join("?" * len(batch))
-                for r in db.execute(
-                    "SELECT doc_id, content_hash, path, language, version, chunk_count"
-                    f" FROM documents WHERE namespace = ? AND doc_id IN ({marks})",
-                    (namespace, *batch),
-                ):
-                    out[r["doc_id"]] = DocHead(r["content_hash"], r["path"], r["language"],
-                                               r["version"], r["chunk_count"])
-        return out
+            rows = _in(db, "SELECT doc_id, content_hash, path, language, version, chunk_count"
+                       " FROM documents WHERE namespace = ? AND doc_id IN ({marks})",
+                       doc_ids, namespace)
+        return {r["doc_id"]: DocHead(r["content_hash"], r["path"], r["language"], r["version"],
+                                     r["chunk_count"]) for r in rows}
 
     def active_chunks(self, namespace: str, doc_ids: Sequence[str]) -> dict[str, StoredChunk]:
         """chunk_id -> row of the current versions of these documents."""
-        out: dict[str, StoredChunk] = {}
         with self._reader() as db:
-            for batch in _batches(list(doc_ids), 500):
-                marks = ",".join("?" * len(batch))
-                for r in db.execute(
-                    "SELECT vector_id, chunk_id, doc_id FROM chunks WHERE namespace = ?"
-                    f" AND state = 1 AND doc_id IN ({marks})", (namespace, *batch),
-                ):
-                    out[r["chunk_id"]] = StoredChunk(r["vector_id"], r["chunk_id"], r["doc_id"])
-        return out
+            rows = _in(db, "SELECT vector_id, chunk_id, doc_id FROM chunks WHERE namespace = ?"
+                       " AND state = 1 AND doc_id IN ({marks})", doc_ids, namespace)
+        return {r["chunk_id"]: StoredChunk(r["vector_id"], r["chunk_id"], r["doc_id"])
+                for r in rows}
 
     def stage_chunks(self, namespace: str, chunks: Sequence[NewChunk]) -> list[int]:
         """Insert chunk rows as pending; returns their vector ids in order."""
@@ -338,10 +327,7 @@ class Catalog:
         now = time.time()
         with self._writer() as db:
             for w in writes:
-                if w.drop:
-                    for batch in _batches(list(w.drop), 500):
-                        marks = ",".join("?" * len(batch))
-                        db.execute(f"DELETE FROM chunks WHERE vector_id IN ({marks})", batch)
+                _in(db, "DELETE FROM chunks WHERE vector_id IN ({marks})", w.drop)
                 for k in w.keep:
                     db.execute(
                         "UPDATE chunks SET ordinal=?, start_line=?, end_line=?, start_byte=?,"
@@ -349,9 +335,7 @@ class Catalog:
                         (k.ordinal, k.start_line, k.end_line, k.start_byte, k.end_byte,
                          k.vector_id),
                     )
-                for batch in _batches(list(w.activate), 500):
-                    marks = ",".join("?" * len(batch))
-                    db.execute(f"UPDATE chunks SET state = 1 WHERE vector_id IN ({marks})", batch)
+                _in(db, "UPDATE chunks SET state = 1 WHERE vector_id IN ({marks})", w.activate)
                 db.execute(
                     "INSERT INTO documents (namespace, doc_id, path, revision, content_hash,"
                     " language, version, size_bytes, chunk_count, indexed_at, source_updated_at,"
@@ -384,23 +368,15 @@ class Catalog:
         """Remove documents with their chunks in one transaction. Returns (deleted doc ids,
         vector ids of their chunks, new index_version)."""
         with self._writer() as db:
-            deleted: list[str] = []
-            vector_ids: list[int] = []
-            for batch in _batches(list(doc_ids), 500):
-                marks = ",".join("?" * len(batch))
-                deleted += [r[0] for r in db.execute(
-                    f"SELECT doc_id FROM documents WHERE namespace=? AND doc_id IN ({marks})",
-                    (namespace, *batch))]
-                vector_ids += [r[0] for r in db.execute(
-                    f"SELECT vector_id FROM chunks WHERE namespace=? AND doc_id IN ({marks})",
-                    (namespace, *batch))]
-                db.execute(f"DELETE FROM chunks WHERE namespace=? AND doc_id IN ({marks})",
-                           (namespace, *batch))
-                db.execute(f"DELETE FROM documents WHERE namespace=? AND doc_id IN ({marks})",
-                           (namespace, *batch))
-            version = self._bump(db, namespace, time.time()) if deleted else self._version(db,
-                                                                                          namespace)
-            return deleted, vector_ids, version
+            deleted = [r[0] for r in _in(
+                db, "DELETE FROM documents WHERE namespace = ? AND doc_id IN ({marks})"
+                " RETURNING doc_id", doc_ids, namespace)]
+            vector_ids = [r[0] for r in _in(
+                db, "DELETE FROM chunks WHERE namespace = ? AND doc_id IN ({marks})"
+                " RETURNING vector_id", doc_ids, namespace)]
+            if deleted:
+                return deleted, vector_ids, self._bump(db, namespace, time.time())
+            return deleted, vector_ids, self._version(db, namespace)
 
     def _bump(self, db: sqlite3.Connection, namespace: str, now: float) -> int:
         db.execute(
@@ -408,10 +384,6 @@ class Catalog:
             " WHERE name = ?", (now, namespace),
         )
         return self._version(db, namespace)
-
-    def index_version(self, namespace: str) -> int:
-        with self._reader() as db:
-            return self._version(db, namespace)
 
     @staticmethod
     def _version(db: sqlite3.Connection, namespace: str) -> int:
@@ -469,20 +441,16 @@ class Catalog:
 
     def chunks_by_vector_ids(
         self, namespace: str, vector_ids: Sequence[int]
-    ) -> dict[int, ChunkRecord]:
-        """Visible chunks among these ids (pending and superseded ones are left out)."""
-        out: dict[int, ChunkRecord] = {}
+    ) -> tuple[dict[int, ChunkRecord], int]:
+        """Visible chunks among these ids (pending and superseded ones are left out), and
+        the namespace's index_version they belong to, read in one snapshot."""
         with self._reader() as db:
-            for batch in _batches([int(v) for v in vector_ids], 500):
-                marks = ",".join("?" * len(batch))
-                for row in db.execute(
-                    f"SELECT {self._CHUNK_COLS} FROM chunks c JOIN documents d"
-                    " ON d.namespace = c.namespace AND d.doc_id = c.doc_id"
-                    f" WHERE c.namespace = ? AND c.state = 1 AND c.vector_id IN ({marks})",
-                    (namespace, *batch),
-                ):
-                    out[int(row["vector_id"])] = _chunk(row)
-        return out
+            rows = _in(db, f"SELECT {self._CHUNK_COLS} FROM chunks c JOIN documents d"
+                       " ON d.namespace = c.namespace AND d.doc_id = c.doc_id"
+                       " WHERE c.namespace = ? AND c.state = 1 AND c.vector_id IN ({marks})",
+                       [int(v) for v in vector_ids], namespace)
+            version = self._version(db, namespace)
+        return {int(r["vector_id"]): _chunk(r) for r in rows}, version
 
     def filter_vector_ids(self, namespace: str, flt: SearchFilter) -> np.ndarray:
         """Vector ids of visible chunks whose document passes ``flt``."""
@@ -530,26 +498,19 @@ class Catalog:
     def vectors(self, namespace: str, vector_ids: Iterable[int],
                 dimension: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids, float32 vectors) of these active rows."""
-        ids: list[int] = []
-        blobs: list[bytes] = []
         with self._reader() as db:
-            for batch in _batches([int(v) for v in vector_ids], 500):
-                marks = ",".join("?" * len(batch))
-                for r in db.execute(
-                    f"SELECT vector_id, vector FROM chunks WHERE namespace = ? AND state = 1"
-                    f" AND vector_id IN ({marks})", (namespace, *batch),
-                ):
-                    ids.append(int(r[0]))
-                    blobs.append(r[1])
-        vecs = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), dimension)
-        return np.asarray(ids, dtype=np.int64), vecs
+            rows = _in(db, "SELECT vector_id, vector FROM chunks WHERE namespace = ?"
+                       " AND state = 1 AND vector_id IN ({marks})",
+                       [int(v) for v in vector_ids], namespace)
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+        return (np.asarray([r[0] for r in rows], dtype=np.int64),
+                vecs.reshape(len(rows), dimension))
 
     def discard(self, vector_ids: Sequence[int]) -> None:
         """Delete rows that were staged but will not be committed."""
         with self._writer() as db:
-            for batch in _batches([int(v) for v in vector_ids], 500):
-                marks = ",".join("?" * len(batch))
-                db.execute(f"DELETE FROM chunks WHERE state = 0 AND vector_id IN ({marks})", batch)
+            _in(db, "DELETE FROM chunks WHERE state = 0 AND vector_id IN ({marks})",
+                [int(v) for v in vector_ids])
 
     def namespace_names(self) -> list[str]:
         with self._reader() as db:
@@ -566,9 +527,17 @@ class DocumentRefresh:
     metadata: dict[str, str]
 
 
-def _batches(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def _in(db: sqlite3.Connection, sql: str, values: Iterable[object], *args: object
+        ) -> list[sqlite3.Row]:
+    """Run ``sql``, whose ``{marks}`` stands for an IN (...) list, over ``values`` in batches
+    that stay within SQLite's bound-parameter limit; ``args`` bind before the list. Returns
+    the rows of all batches."""
+    items = list(values)
+    rows: list[sqlite3.Row] = []
+    for i in range(0, len(items), 500):
+        batch = items[i : i + 500]
+        rows += db.execute(sql.format(marks=",".join("?" * len(batch))), (*args, *batch))
+    return rows
 
 
 def _namespace(row: sqlite3.Row, counts: tuple[int, int, int]) -> NamespaceRecord:

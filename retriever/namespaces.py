@@ -85,7 +85,6 @@ class Namespaces:
     def open_all(self) -> dict[str, dict[str, int]]:
         """Open every namespace and repair disagreement between catalog and index left by a
         crash. Returns per namespace the repairs made."""
-        self._backend(self._default_backend)  # fail fast on a bad configured backend
         pending = self._catalog.drop_pending()
         report: dict[str, dict[str, int]] = {}
         records = [r for r in (self._catalog.get_namespace(n, with_counts=False)
@@ -97,11 +96,9 @@ class Namespaces:
                 # Left by a crash between a DeleteNamespace's commit and its drop.
                 log.warning("dropping collection %s of no namespace", orphan)
                 backend.drop(orphan)
-        for name in self._catalog.namespace_names():
-            record = self._catalog.get_namespace(name, with_counts=False)
-            assert record is not None
+        for record in records:
             handle = self._open(record)
-            report[name] = self._reconcile(handle, len(pending.get(name, ())))
+            report[record.name] = self._reconcile(handle, len(pending.get(record.name, ())))
         return report
 
     def _reconcile(self, handle: NamespaceHandle, pending: int) -> dict[str, int]:

@@ -8,7 +8,6 @@ methods are blocking and thread-safe; the gRPC layer runs them off its event loo
 from __future__ import annotations
 
 import base64
-import logging
 import threading
 from collections.abc import Sequence
 
@@ -37,8 +36,6 @@ from retriever.models.embedder import Embedder
 from retriever.namespaces import Namespaces
 from retriever.search.pipeline import Searcher
 from retriever.slo.metrics import Metrics
-
-log = logging.getLogger(__name__)
 
 
 class RetrieverService:
@@ -108,8 +105,7 @@ class RetrieverService:
         if self._flusher is not None:
             self._flusher.join(timeout=30)
         self._batcher.stop()
-        self.namespaces.flush_all()
-        self.namespaces.close()
+        self.namespaces.close()  # closing an index writes its last snapshot
         self.catalog.close()
 
     def _embed_documents(self, texts: Sequence[str]) -> np.ndarray:
@@ -117,10 +113,7 @@ class RetrieverService:
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(self.settings.index_flush_interval_s):
-            try:
-                self.namespaces.flush_all()
-            except Exception:  # a failed snapshot is retried; the catalog still holds all
-                log.exception("index snapshot failed")
+            self.namespaces.flush_all()  # logs and skips a failed snapshot; retried next time
 
     def _require_ready(self) -> None:
         if not self._ready.is_set():
@@ -136,10 +129,14 @@ class RetrieverService:
 
     def get_namespace(self, name: str) -> NamespaceRecord:
         self._require_ready()
-        validation.namespace_name(name, "name")
+        return self._namespace_record(name, "name")
+
+    def _namespace_record(self, name: str, field: str) -> NamespaceRecord:
+        """The catalog's record with current counts; ``field`` names the request field."""
+        validation.namespace_name(name, field)
         record = self.catalog.get_namespace(name)
         if record is None:
-            raise NotFound(f"namespace {name!r} does not exist", field="name")
+            raise NotFound(f"namespace {name!r} does not exist", field=field)
         return record
 
     def list_namespaces(self, page_size: int, page_token: str) -> Page[NamespaceRecord]:
@@ -226,7 +223,7 @@ class RetrieverService:
     # -- status ----------------------------------------------------------------------------
     def index_status(self, namespace: str) -> IndexStatus:
         self._require_ready()
-        record = self.get_namespace_for_status(namespace)
+        record = self._namespace_record(namespace, "namespace")
         handle = self.namespaces.get(namespace)
         assert self.chunkers is not None
         with handle.visibility.read():
@@ -238,13 +235,6 @@ class RetrieverService:
             chunk_tokens=min(self.settings.chunk_tokens, self.embedder.max_tokens),
             overlap_tokens=self.settings.overlap_tokens,
             chunker=",".join(self.chunkers.names))
-
-    def get_namespace_for_status(self, namespace: str) -> NamespaceRecord:
-        validation.namespace_name(namespace)
-        record = self.catalog.get_namespace(namespace)
-        if record is None:
-            raise NotFound(f"namespace {namespace!r} does not exist", field="namespace")
-        return record
 
 
 _TOKEN_PREFIX = "after:"

@@ -117,22 +117,28 @@ def test_namespace_counts_and_delete(cat: Catalog) -> None:
 
 
 # -- two-step writes ---------------------------------------------------------------------------
+def version_of(catalog: Catalog) -> int:
+    ns = catalog.get_namespace("ns")
+    assert ns is not None
+    return ns.index_version
+
+
 def test_staged_chunks_are_invisible_until_commit(cat: Catalog) -> None:
     chunks = [new_chunk("a.py", 0), new_chunk("a.py", 1)]
     ids = cat.stage_chunks("ns", chunks)
     assert len(ids) == 2 and ids[0] < ids[1]
 
     assert cat.get_chunk("ns", chunks[0].chunk_id) is None
-    assert cat.chunks_by_vector_ids("ns", ids) == {}
+    assert cat.chunks_by_vector_ids("ns", ids) == ({}, 0)
     assert id_set(cat.active_vector_ids("ns")) == set()
     assert id_set(cat.filter_vector_ids("ns", SearchFilter())) == set()
     assert cat.active_chunks("ns", ["a.py"]) == {}
     got_ids, got_vecs = cat.vectors("ns", ids, DIM)
     assert len(got_ids) == 0 and got_vecs.shape == (0, DIM)
-    assert cat.index_version("ns") == 0
+    assert version_of(cat) == 0
 
     version = cat.commit_documents("ns", [doc_write("a.py", ids, metadata={"k": "v"})], [])
-    assert version == 1 == cat.index_version("ns")
+    assert version == 1 == version_of(cat)
     assert id_set(cat.active_vector_ids("ns")) == set(ids)
     rec = cat.get_chunk("ns", chunks[1].chunk_id)
     assert rec is not None
@@ -144,7 +150,8 @@ def test_staged_chunks_are_invisible_until_commit(cat: Catalog) -> None:
     assert (rec.language, rec.chunker, rec.path, rec.revision) == (
         "python", "windows/v1", "a.py", "rev1")
     assert (rec.document_version, rec.document_hash, rec.metadata) == (1, "doc-a.py-1", {"k": "v"})
-    assert set(cat.chunks_by_vector_ids("ns", [*ids, 999_999])) == set(ids)
+    found, seen_version = cat.chunks_by_vector_ids("ns", [*ids, 999_999])
+    assert set(found) == set(ids) and seen_version == 1
     assert {k: v.vector_id for k, v in cat.active_chunks("ns", ["a.py"]).items()} == {
         chunks[0].chunk_id: ids[0], chunks[1].chunk_id: ids[1]}
 
@@ -218,7 +225,7 @@ def test_delete_documents_returns_their_vector_ids(cat: Catalog) -> None:
     a_ids = add_doc(cat, "a", 2)
     b_ids = add_doc(cat, "b", 3)
     pending = cat.stage_chunks("ns", [new_chunk("a", 5, tag="v2")])
-    assert cat.index_version("ns") == 2
+    assert version_of(cat) == 2
 
     deleted, vector_ids, version = cat.delete_documents("ns", ["a", "nope"])
     assert deleted == ["a"]
@@ -391,7 +398,7 @@ def test_reopen_keeps_everything(tmp_path: Path) -> None:
     second = Catalog(path)
     second.open()
     try:
-        assert second.index_version("ns") == 1
+        assert version_of(second) == 1
         assert id_set(second.active_vector_ids("ns")) == set(ids)
         doc = second.get_document("ns", "a")
         assert doc is not None and doc.metadata == {"k": "v"}

@@ -349,12 +349,19 @@ def test_metrics_count_rpcs_and_stages(server, client: RetrieverClient) -> None:
     client.search(NS, "bread", top_k=1)
     with pytest.raises(grpc.RpcError):
         client.search(NS, "", top_k=1)
-    after = scrape()
     ok = 'retriever_requests_total{code="OK",rpc="Search"}'
     bad = 'retriever_requests_total{code="INVALID_ARGUMENT",rpc="Search"}'
+    count = 'retriever_request_duration_seconds_count{rpc="Search"}'
+    # The status of an aborted call can reach the client a moment before the interceptor
+    # has counted it: wait (bounded) for both calls to be counted, then compare exactly.
+    deadline = time.monotonic() + 5
+    while True:
+        after = scrape()
+        if after.get(count, 0) >= before.get(count, 0) + 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert after[ok] == before.get(ok, 0) + 1
     assert after[bad] == before.get(bad, 0) + 1
-    count = 'retriever_request_duration_seconds_count{rpc="Search"}'
     assert after[count] == before.get(count, 0) + 2
     assert after['retriever_stage_duration_seconds_count{stage="ann"}'] >= 1
     assert after['retriever_chunks_embedded_total{namespace="mixed"}'] >= len(CORPUS)

@@ -25,12 +25,13 @@ from retriever.catalog import (
     DocumentRefresh,
     DocumentWrite,
     NewChunk,
+    StoredChunk,
 )
 from retriever.config import Settings
 from retriever.domain import DeleteResult, DocResult, DocStatus, Document, UpsertResult
 from retriever.ingest.chunking import ChunkerSet, ChunkSpan, TokenCounter, detect_language
 from retriever.models.embedder import Embedder
-from retriever.namespaces import Namespaces
+from retriever.namespaces import NamespaceHandle, Namespaces
 from retriever.slo.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class Ingestor:
                 if not handle.deleted:  # else deleted meanwhile: upsert re-creates it
                     return self._upsert_locked(handle, docs)
 
-    def _upsert_locked(self, handle, docs: Sequence[Document]) -> UpsertResult:  # noqa: ANN001
+    def _upsert_locked(self, handle: NamespaceHandle, docs: Sequence[Document]) -> UpsertResult:
         ns = handle.name
         heads = self._catalog.document_heads(ns, [d.doc_id for d in docs])
         planned: list[_Planned] = []
@@ -126,13 +127,10 @@ class Ingestor:
                                           head.version if head else 0))
 
         existing = self._catalog.active_chunks(ns, [p.doc.doc_id for p in planned])
-        to_embed: list[tuple[int, int]] = []  # (planned index, chunk index)
-        seen_new: set[str] = set()
-        for pi, p in enumerate(planned):
-            for ci, cid in enumerate(p.chunk_ids):
-                if cid not in existing and cid not in seen_new:
-                    to_embed.append((pi, ci))
-                    seen_new.add(cid)
+        # (planned index, chunk index) of chunks this namespace has no vector for. Chunk ids
+        # are unique across the message (doc_id and occurrence are in them).
+        to_embed = [(pi, ci) for pi, p in enumerate(planned)
+                    for ci, cid in enumerate(p.chunk_ids) if cid not in existing]
         with self._metrics.stage("embed"):
             vectors = self._embed_documents(
                 [planned[pi].embed_texts[ci] for pi, ci in to_embed])
@@ -201,7 +199,7 @@ class Ingestor:
                             index_version=version)
 
     @staticmethod
-    def _write(p: _Planned, existing: dict, staged_by_cid: dict[str, int],
+    def _write(p: _Planned, existing: dict[str, StoredChunk], staged_by_cid: dict[str, int],
                drop: list[int]) -> DocumentWrite:
         keep, activate = [], []
         for ci, (cid, span) in enumerate(zip(p.chunk_ids, p.spans, strict=True)):

@@ -89,7 +89,8 @@ class Searcher:
                 a0 = time.perf_counter()
                 found = handle.index.search(vec[None, :], k, allowed)[0]
                 a1 = time.perf_counter()
-                chunks = self._catalog.chunks_by_vector_ids(q.namespace, found.ids.tolist())
+                chunks, index_version = self._catalog.chunks_by_vector_ids(
+                    q.namespace, found.ids.tolist())
                 f1 = time.perf_counter()
                 ann_s += a1 - a0
                 fetch_s += f1 - a1
@@ -97,7 +98,6 @@ class Searcher:
                 if len(chunks) >= q.top_k or len(found.ids) < k:
                     break
                 k *= 4
-            index_version = self._catalog.index_version(q.namespace)
         now = datetime.now(UTC)
         hits: list[Hit] = []
         for vid, score in zip(found.ids.tolist(), found.scores.tolist(), strict=True):

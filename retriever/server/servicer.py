@@ -69,12 +69,6 @@ class _Limiter:
         with self._lock:
             self._n -= n
 
-    def __enter__(self) -> None:
-        self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
 
 class RetrieverServicer:
     def __init__(self, service: RetrieverService) -> None:
