@@ -76,26 +76,16 @@ def test_readers_share() -> None:
     assert not any(t.is_alive() for t in threads)
 
 
-def test_writer_excludes_readers() -> None:
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_writer_excludes_readers_and_writers(mode: str) -> None:
     lock = RWLock()
     writer = Holder(lock, "write")
     assert writer.entered.wait(TIMEOUT)
-    reader = Holder(lock, "read")
-    assert not reader.entered.wait(BLOCKED)
+    other = Holder(lock, mode)
+    assert not other.entered.wait(BLOCKED)
     writer.finish()
-    assert reader.entered.wait(TIMEOUT)
-    reader.finish()
-
-
-def test_writer_excludes_writers() -> None:
-    lock = RWLock()
-    first = Holder(lock, "write")
-    assert first.entered.wait(TIMEOUT)
-    second = Holder(lock, "write")
-    assert not second.entered.wait(BLOCKED)
-    first.finish()
-    assert second.entered.wait(TIMEOUT)
-    second.finish()
+    assert other.entered.wait(TIMEOUT)
+    other.finish()
 
 
 def test_writer_waits_for_all_readers() -> None:
