@@ -12,6 +12,7 @@ from typing import Any
 
 from indexers.base import (
     Backend,
+    CollectionClosed,
     CollectionSpec,
     DimensionMismatch,
     EngineUnavailable,
@@ -27,6 +28,7 @@ BACKENDS: dict[str, str] = {
 __all__ = [
     "BACKENDS",
     "Backend",
+    "CollectionClosed",
     "CollectionSpec",
     "DimensionMismatch",
     "EngineUnavailable",

@@ -28,6 +28,11 @@ class EngineUnavailable(EngineError):
     """The engine's optional dependency is missing or the engine cannot be reached."""
 
 
+class CollectionClosed(EngineError):
+    """The collection was closed or dropped (its namespace is being deleted or the
+    service is shutting down)."""
+
+
 @dataclass(frozen=True, slots=True)
 class CollectionSpec:
     """What a collection is: its name, vector width and similarity metric."""

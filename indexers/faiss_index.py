@@ -17,7 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from indexers.base import CollectionSpec, DimensionMismatch, EngineUnavailable, SearchHits
+from indexers.base import (
+    CollectionClosed,
+    CollectionSpec,
+    DimensionMismatch,
+    EngineUnavailable,
+    SearchHits,
+)
 
 try:
     import faiss
@@ -188,9 +194,9 @@ class FaissIndex:
             self._index = None
 
     def _live(self) -> faiss.Index:
-        """The index, or RuntimeError once closed or dropped. Call under ``_lock``."""
+        """The index, or CollectionClosed once closed or dropped. Call under ``_lock``."""
         if self._closed or self._index is None:
-            raise RuntimeError(f"collection {self.spec.name!r} is closed")
+            raise CollectionClosed(f"collection {self.spec.name!r} is closed")
         return self._index
 
 

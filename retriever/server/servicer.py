@@ -19,9 +19,10 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from retriever import errors
+from retriever.cancel import CallToken
 from retriever.freshness.staleness import hit_staleness
 from retriever.server import convert
-from retriever.server.status import REQUEST_ID, abort, code_for
+from retriever.server.status import REQUEST_ID, abort, abort_error
 from retriever.service import RetrieverService
 from retriever.v1 import retriever_pb2 as pb
 
@@ -87,20 +88,39 @@ class RetrieverServicer:
         self._write_pool.shutdown(wait=True, cancel_futures=True)
 
     async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any,
-                   pool: ThreadPoolExecutor | None = None) -> T:
-        """Run blocking core work off the loop and map its errors to status codes."""
+                   pool: ThreadPoolExecutor | None = None, token: CallToken | None = None) -> T:
+        """Run blocking core work off the loop and map its errors to status codes. When the
+        caller cancels, ``token`` tells the core, which then commits nothing."""
         try:
             for a in args:
                 if isinstance(a, Undecodable):
                     raise errors.InvalidArgument(_undecodable_message(a))
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(pool or self._read_pool, fn, *args)
+            try:
+                return await loop.run_in_executor(pool or self._read_pool, fn, *args)
+            except asyncio.CancelledError:
+                if token is not None:
+                    token.cancel()
+                raise
         except errors.RetrieverError as exc:
-            await abort(context, code_for(exc), exc.message, exc.field)
-        except Exception as exc:  # a bug: say so, keep serving
-            log.exception("internal error in %s", getattr(fn, "__name__", fn))
-            await abort(context, grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+            await abort_error(context, exc)
+        except Exception as exc:
+            domain = errors.translate(exc)
+            if domain is not None:
+                log.warning("%s: %s (%s)", getattr(fn, "__name__", fn), domain.message, exc)
+                await abort_error(context, domain)
+            # A bug: say so without leaking internals, keep serving.
+            log.exception("internal error in %s (request id %s)",
+                          getattr(fn, "__name__", fn), REQUEST_ID.get())
+            await abort(context, grpc.StatusCode.INTERNAL,
+                        f"internal error (request id {REQUEST_ID.get()}); the server log has "
+                        "the details")
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _token(context: grpc.aio.ServicerContext) -> CallToken:
+        """The call's cancellation token, with its deadline."""
+        return CallToken(context.time_remaining())
 
     # -- namespaces ------------------------------------------------------------------------
     async def CreateNamespace(self, request: pb.CreateNamespaceRequest, context: Any):  # noqa: N802
