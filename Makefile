@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install proto run test test-unit lint bench clean
+.PHONY: install proto run test test-unit lint bench loadtest clean
 
 install: $(STAMP) $(STUBS)
 
@@ -38,11 +38,15 @@ test-unit: install
 	$(BIN)/pytest -m "not integration"
 
 lint: install
-	$(BIN)/ruff check retriever indexers tests bench
+	$(BIN)/ruff check retriever indexers tests bench load-tests
 	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python bench/bench_service.py
+
+# Load test against a server it starts itself; e.g. LOADTEST_ARGS="--soak 600 --name NAME".
+loadtest: install
+	$(BIN)/python load-tests/loadgen.py --spawn $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) retriever/v1 .pytest_cache

@@ -16,8 +16,11 @@ from indexers.base import (
     CollectionSpec,
     DimensionMismatch,
     EngineUnavailable,
+    QuarantinedFile,
     SearchHits,
+    SelfRepairing,
     VectorIndex,
+    Verifiable,
 )
 
 # name -> "module:class"; each class takes (root: Path, **options).
@@ -32,8 +35,11 @@ __all__ = [
     "CollectionSpec",
     "DimensionMismatch",
     "EngineUnavailable",
+    "QuarantinedFile",
     "SearchHits",
+    "SelfRepairing",
     "VectorIndex",
+    "Verifiable",
     "create_backend",
 ]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -49,6 +50,37 @@ class SearchHits:
 
     ids: np.ndarray  # int64, shape (n,), n <= k
     scores: np.ndarray  # float32, shape (n,)
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedFile:
+    """A damaged file of a collection, moved aside when the collection was opened. The
+    collection then started without it (empty when it was the snapshot), to be refilled
+    from the catalog by the caller."""
+
+    kind: str  # what the file was, e.g. "faiss_snapshot", "faiss_meta"
+    path: Path  # where it was
+    moved_to: Path  # where it is now
+    reason: str  # why it could not be used
+
+
+@runtime_checkable
+class SelfRepairing(Protocol):
+    """A collection that moves damaged files aside at open instead of failing to open."""
+
+    quarantined: tuple[QuarantinedFile, ...]  # what was moved aside when it was opened
+
+
+@runtime_checkable
+class Verifiable(Protocol):
+    """A backend that can check a collection's stored files without opening or changing
+    them (for an offline `retriever check`)."""
+
+    def verify(self, name: str, spec: CollectionSpec | None = None) -> list[str]:
+        """Problems found in collection ``name``'s files, each a sentence naming the file;
+        empty when they load (and, given ``spec``, match it). A missing collection is no
+        problem: it is created, and filled from the catalog, at next open."""
+        ...
 
 
 @runtime_checkable

@@ -3,15 +3,23 @@
 Writes go to memory; ``flush`` writes a snapshot atomically (temp file + rename). What was
 written after the last snapshot is restored by the service's start-up reconcile from the
 vectors the catalog keeps, so a snapshot per write is not needed for durability.
+
+A collection directory holds ``index.faiss`` (the snapshot) and ``meta.json`` (dimension,
+metric, and the SHA-256 of the snapshot). A file that does not load or does not match its
+checksum (bytes overwritten, a truncated copy) is renamed ``<file>.corrupt-<time>`` at open
+and the collection starts empty; the caller refills it from the catalog. Both files are
+derived data: nothing is lost by moving them aside.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -22,6 +30,7 @@ from indexers.base import (
     CollectionSpec,
     DimensionMismatch,
     EngineUnavailable,
+    QuarantinedFile,
     SearchHits,
 )
 
@@ -33,6 +42,68 @@ except ImportError as exc:  # pragma: no cover - faiss-cpu is a core dependency
     ) from exc
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+INDEX_FILE, META_FILE = "index.faiss", "meta.json"
+_METRICS = {"cosine": faiss.METRIC_INNER_PRODUCT, "ip": faiss.METRIC_INNER_PRODUCT,
+            "l2": faiss.METRIC_L2}
+
+
+class _Damaged(Exception):
+    """A collection file that cannot be used; the message says why."""
+
+    def __init__(self, kind: str, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.kind = kind
+        self.path = path
+        self.reason = reason
+
+
+def _read_meta(path: Path) -> dict:
+    """meta.json, parsed and shape-checked; _Damaged when it is not what flush writes."""
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _Damaged("faiss_meta", path, f"not valid JSON ({exc})") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("dimension"), int)
+            and meta.get("metric") in _METRICS
+            and isinstance(meta.get("sha256", []), list)
+            and all(isinstance(h, str) for h in meta.get("sha256", []))):
+        raise _Damaged("faiss_meta", path, "not a collection's metadata (dimension, metric, "
+                       "sha256)")
+    return meta
+
+
+def _read_snapshot(path: Path, meta: dict | None, dimension: int, metric: str) -> faiss.Index:
+    """Load a snapshot, checked against the checksums in ``meta`` (snapshots written before
+    checksums existed carry none) and against the collection's dimension and metric."""
+    digests = meta.get("sha256", []) if meta is not None else []
+    if digests:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+        if h.hexdigest() not in digests:
+            raise _Damaged("faiss_snapshot", path, "its SHA-256 does not match meta.json "
+                           "(bytes changed or the file was cut short)")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as exc:  # FAISS's message is a C++ assertion: keep its last words
+        last = (str(exc).strip().splitlines() or ["unknown error"])[-1][-160:]
+        raise _Damaged("faiss_snapshot", path, f"FAISS cannot read it ({last})") from None
+    if not isinstance(index, faiss.IndexIDMap2):
+        raise _Damaged("faiss_snapshot", path, f"holds a {type(index).__name__}, not the "
+                       "IndexIDMap2 this backend writes")
+    if index.d != dimension or index.metric_type != _METRICS[metric]:
+        raise _Damaged("faiss_snapshot", path, f"holds {index.d}-d vectors of metric "
+                       f"{index.metric_type}, its meta.json says {dimension}-d {metric}")
+    return index
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class FaissIndex:
@@ -46,16 +117,20 @@ class FaissIndex:
         self._flush_lock = threading.Lock()  # one snapshot write at a time
         self._dirty = False
         self._closed = False
+        # Checksums meta.json lists: the last snapshot's and the one before, so a crash
+        # between writing meta.json and renaming the new snapshot into place finds either.
+        self._digests: list[str] = []
+        self.quarantined: tuple[QuarantinedFile, ...] = ()  # see SelfRepairing
         self._index: faiss.Index | None = self._load_or_create()
 
     # -- storage ---------------------------------------------------------------------------
     @property
     def _index_path(self) -> Path:
-        return self._dir / "index.faiss"
+        return self._dir / INDEX_FILE
 
     @property
     def _meta_path(self) -> Path:
-        return self._dir / "meta.json"
+        return self._dir / META_FILE
 
     def _new_index(self) -> faiss.IndexIDMap2:
         inner = (
@@ -67,30 +142,64 @@ class FaissIndex:
 
     def _load_or_create(self) -> faiss.Index:
         self._dir.mkdir(parents=True, exist_ok=True)
+        for stale in self._dir.glob("*.tmp"):  # a snapshot write cut short by a crash
+            stale.unlink(missing_ok=True)
+        meta = None
+        moved: list[QuarantinedFile] = []
         if self._meta_path.exists():
-            meta = json.loads(self._meta_path.read_text())
-            if meta["dimension"] != self.spec.dimension or meta["metric"] != self.spec.metric:
-                raise DimensionMismatch(
-                    f"collection {self.spec.name!r} holds {meta['dimension']}-d "
-                    f"{meta['metric']} vectors, asked for {self.spec.dimension}-d "
-                    f"{self.spec.metric}"
-                )
-        else:
-            self._write_meta()
+            try:
+                meta = _read_meta(self._meta_path)
+            except _Damaged as d:
+                moved.append(self._quarantine(d))
+                if self._index_path.exists():  # it cannot be verified without its checksum
+                    moved.append(self._quarantine(_Damaged(
+                        "faiss_snapshot", self._index_path, "moved with its damaged "
+                        "meta.json, which holds its checksum")))
+            else:
+                if meta["dimension"] != self.spec.dimension or meta["metric"] != self.spec.metric:
+                    raise DimensionMismatch(
+                        f"collection {self.spec.name!r} holds {meta['dimension']}-d "
+                        f"{meta['metric']} vectors, asked for {self.spec.dimension}-d "
+                        f"{self.spec.metric}"
+                    )
+                self._digests = list(meta.get("sha256", []))
+        index = None
         if self._index_path.exists():
-            index = faiss.read_index(str(self._index_path))
-            if index.d != self.spec.dimension:
-                raise DimensionMismatch(
-                    f"snapshot of {self.spec.name!r} is {index.d}-d, expected "
-                    f"{self.spec.dimension}"
-                )
-            return index
-        return self._new_index()
+            try:
+                index = _read_snapshot(self._index_path, meta, self.spec.dimension,
+                                       self.spec.metric)
+            except _Damaged as d:
+                moved.append(self._quarantine(d))
+        if index is None:
+            self._digests = []
+        if meta is None or index is None:
+            self._write_meta(self._digests)
+        self.quarantined = tuple(moved)
+        return index if index is not None else self._new_index()
 
-    def _write_meta(self) -> None:
+    def _quarantine(self, damage: _Damaged) -> QuarantinedFile:
+        """Rename a damaged file aside (kept for inspection; dropped with the collection)."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        target = damage.path.with_name(f"{damage.path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = damage.path.with_name(f"{damage.path.name}.corrupt-{stamp}-{n}")
+        os.replace(damage.path, target)
+        return QuarantinedFile(damage.kind, damage.path, target, damage.reason)
+
+    def _write_meta(self, digests: list[str]) -> None:
         tmp = self._meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"dimension": self.spec.dimension, "metric": self.spec.metric}))
-        os.replace(tmp, self._meta_path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump({"dimension": self.spec.dimension, "metric": self.spec.metric,
+                           "sha256": digests}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self._meta_path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # no litter on a full disk
+            raise
 
     # -- VectorIndex -----------------------------------------------------------------------
     def upsert(self, ids: Sequence[int], vectors: np.ndarray) -> None:
@@ -171,27 +280,42 @@ class FaissIndex:
                 index = self._live()
                 if not self._dirty and self._index_path.exists():
                     return
-                # Copy under the lock (a memcpy), write outside it: searches are not held up
-                # while the snapshot goes to disk.
-                snapshot = faiss.clone_index(index)
+                # Serialize under the lock (a copy), write outside it: searches are not held
+                # up while the snapshot goes to disk.
+                data = faiss.serialize_index(index)
                 self._dirty = False
+            digest = hashlib.sha256(data.data).hexdigest()
             tmp = self._index_path.with_suffix(".tmp")
             try:
-                faiss.write_index(snapshot, str(tmp))
-                with open(tmp, "rb") as fh:
+                # Python's own file I/O, not faiss.write_index: a full disk is then an
+                # OSError(ENOSPC) the service can name, not a C++ assertion.
+                with open(tmp, "wb") as fh:
+                    fh.write(data.data)
+                    fh.flush()
                     os.fsync(fh.fileno())
+                # meta.json lists the new checksum before the rename and keeps the current
+                # one, so the snapshot on disk matches it at every instant.
+                digests = [digest, *self._digests[:1]]
+                self._write_meta(digests)
                 os.replace(tmp, self._index_path)
+                _fsync_dir(self._dir)
+                self._digests = digests
             except BaseException:
                 self._dirty = True
+                tmp.unlink(missing_ok=True)  # no litter; the previous snapshot stays whole
                 raise
 
     def close(self) -> None:
+        """Flush and release. The collection is closed even when the last snapshot fails
+        (e.g. a full disk): the previous snapshot stays, and the catalog has the rest."""
         if self._closed:
             return
-        self.flush()
-        with self._lock:
-            self._closed = True
-            self._index = None
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                self._closed = True
+                self._index = None
 
     def _live(self) -> faiss.Index:
         """The index, or CollectionClosed once closed or dropped. Call under ``_lock``."""
@@ -264,8 +388,44 @@ class FaissBackend:
         return sorted(p.name for p in self._root.iterdir()
                       if p.is_dir() and _SAFE_NAME.fullmatch(p.name))
 
+    def verify(self, name: str, spec: CollectionSpec | None = None) -> list[str]:
+        """See ``Verifiable``: reads the files, changes nothing."""
+        directory = self._dir(name)
+        meta_path, index_path = directory / META_FILE, directory / INDEX_FILE
+        problems: list[str] = []
+        meta = None
+        try:
+            if meta_path.exists():
+                meta = _read_meta(meta_path)
+                if spec is not None and (meta["dimension"], meta["metric"]) != (
+                        spec.dimension, spec.metric):
+                    problems.append(f"{meta_path}: holds {meta['dimension']}-d "
+                                    f"{meta['metric']} vectors, the catalog says "
+                                    f"{spec.dimension}-d {spec.metric}: the server refuses "
+                                    f"to open it; move {directory} away and it is rebuilt "
+                                    "from the catalog at start")
+                    return problems
+            if index_path.exists():
+                dimension = meta["dimension"] if meta else spec.dimension if spec else None
+                metric = meta["metric"] if meta else spec.metric if spec else None
+                if dimension is None or metric is None:
+                    problems.append(f"{index_path}: no meta.json to check it against")
+                else:
+                    _read_snapshot(index_path, meta, dimension, metric)
+        except _Damaged as d:
+            problems.append(str(d))
+        return problems
+
     def close(self) -> None:
+        """Close every open collection, all of them even when one's last snapshot fails;
+        then raise the first failure."""
+        first: BaseException | None = None
         with self._lock:
             for index in self._open.values():
-                index.close()
+                try:
+                    index.close()
+                except Exception as exc:
+                    first = first or exc
             self._open.clear()
+        if first is not None:
+            raise first

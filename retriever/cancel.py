@@ -51,7 +51,7 @@ class CallToken:
                             deadline=True)
 
     def wait(self, future: Future[T], before: str,
-             on_cancel: Callable[[], None] | None = None) -> T:
+             on_cancel: Callable[[], object] | None = None) -> T:
         """The future's result, or Cancelled (after ``on_cancel``) once the caller is gone."""
         while True:
             try:

@@ -84,50 +84,66 @@ def index(
     """Index a directory: every text file git would track (respecting .gitignore)."""
     from retriever.ingest.walk import WalkReport, list_files, read_sources
     from retriever.v1 import retriever_pb2 as pb
+    from retriever.validation import MAX_SOURCE_TIME, MIN_SOURCE_TIME
 
     root = path.resolve()
     total = len(list_files(root)[0])
     report = WalkReport()
+    totals = pb.UpsertDocumentsResponse(namespace=namespace)
+    sent: set[str] = set()
     t0 = time.perf_counter()
     with _client(address) as client, Progress(
         TextColumn("[bold]indexing[/bold]"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("files"), TimeElapsedColumn(), console=err, disable=as_json,
+        TextColumn("files · {task.fields[chunks]} chunks, {task.fields[embedded]} embedded"),
+        TimeElapsedColumn(), console=err, disable=as_json,
     ) as progress:
-        task = progress.add_task("index", total=total)
+        task = progress.add_task("index", total=total, chunks=0, embedded=0)
+        skipped_seen = 0
 
-        sent: set[str] = set()
+        def acknowledged(docs: int) -> None:
+            """Advance by documents the server committed, and files skipped meanwhile."""
+            nonlocal skipped_seen
+            skipped = sum(len(v) for v in report.skipped.values())
+            progress.update(task, advance=docs + skipped - skipped_seen,
+                            chunks=totals.chunks_total, embedded=totals.chunks_embedded)
+            skipped_seen = skipped
 
-        def requests():  # noqa: ANN202
+        def send(batch: list[pb.Document]) -> None:
+            # One call per batch: its response is the server's word that these documents
+            # are committed, so the bar moves only as the server gets through them.
+            resp = client.upsert_stream(iter([
+                pb.UpsertDocumentsRequest(namespace=namespace, documents=batch)]))
+            _accumulate(totals, resp)
+            acknowledged(resp.documents_received)
+
+        try:
+            # Created up front so that even an empty directory leaves a namespace that
+            # status and search can answer for.
+            _ensure_namespace(client, namespace)
             batch: list[pb.Document] = []
             for f in read_sources(root, max_bytes, report):
                 sent.add(f.rel_path)
                 doc = pb.Document(doc_id=f.rel_path, path=f.rel_path, content=f.content,
                                   revision=f.revision)
-                doc.source_updated_at.FromDatetime(f.modified_at)
+                if MIN_SOURCE_TIME <= f.modified_at < MAX_SOURCE_TIME:  # else: unknown
+                    doc.source_updated_at.FromDatetime(f.modified_at)
                 batch.append(doc)
                 if len(batch) >= batch_size:
-                    yield pb.UpsertDocumentsRequest(namespace=namespace, documents=batch)
-                    progress.advance(task, len(batch))
+                    send(batch)
                     batch = []
-                progress.update(task, total=total)
             if batch:
-                yield pb.UpsertDocumentsRequest(namespace=namespace, documents=batch)
-                progress.advance(task, len(batch))
-            skipped = sum(len(v) for v in report.skipped.values())
-            progress.advance(task, skipped)
-
-        try:
-            resp = client.upsert_stream(requests())
+                send(batch)
+            acknowledged(0)
             pruned = _prune(client, namespace, sent) if prune else 0
         except grpc.RpcError as exc:
             raise _fail(exc) from None
     seconds = time.perf_counter() - t0
     summary = {
-        "namespace": namespace, "docs": int(resp.documents_received),
-        "created": int(resp.documents_created), "updated": int(resp.documents_updated),
-        "unchanged": int(resp.documents_unchanged), "chunks": int(resp.chunks_total),
-        "chunks_embedded": int(resp.chunks_embedded), "chunks_reused": int(resp.chunks_reused),
-        "chunks_deleted": int(resp.chunks_deleted),
+        "namespace": namespace, "docs": int(totals.documents_received),
+        "created": int(totals.documents_created), "updated": int(totals.documents_updated),
+        "unchanged": int(totals.documents_unchanged), "chunks": int(totals.chunks_total),
+        "chunks_embedded": int(totals.chunks_embedded),
+        "chunks_reused": int(totals.chunks_reused), "chunks_deleted": int(totals.chunks_deleted),
         "skipped": {k: len(v) for k, v in report.skipped.items()},
         "pruned": pruned, "bytes": report.bytes, "seconds": round(seconds, 3),
     }
@@ -145,6 +161,26 @@ def index(
     for reason, paths in report.skipped.items():
         out.print(f"skipped {len(paths)} ({reason}): {', '.join(paths[:5])}"
                   + (" ..." if len(paths) > 5 else ""))
+
+
+_COUNTS = ("documents_received", "documents_created", "documents_updated",
+           "documents_unchanged", "chunks_total", "chunks_embedded", "chunks_reused",
+           "chunks_deleted")
+
+
+def _accumulate(totals: Any, resp: Any) -> None:
+    """Add the counts of one UpsertDocuments response to ``totals``."""
+    for name in _COUNTS:
+        setattr(totals, name, getattr(totals, name) + getattr(resp, name))
+    totals.index_version = max(totals.index_version, resp.index_version)
+
+
+def _ensure_namespace(client: RetrieverClient, namespace: str) -> None:
+    try:
+        client.create_namespace(namespace)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+            raise
 
 
 def _prune(client: RetrieverClient, namespace: str, keep: set[str]) -> int:
@@ -232,6 +268,148 @@ def namespaces(address: AddressOpt = None) -> None:
             token = page.next_page_token
             if not token:
                 break
+
+
+DataDirOpt = Annotated[Path | None, typer.Option(
+    help="data directory [default: RETRIEVER_DATA_DIR, else ./data]")]
+
+
+@app.command()
+def check(data_dir: DataDirOpt = None) -> None:
+    """Check the catalog (SQLite integrity_check) and every index's files, offline; say
+    what is damaged and what can be recovered. Exits 0 when healthy, 1 when not."""
+    from retriever.repair import check as run_check
+    from retriever.repair import render_check
+
+    report = run_check(data_dir or Settings().data_dir)
+    for line in render_check(report):
+        out.print(line, markup=False, highlight=False)
+    raise typer.Exit(0 if report.healthy else 1)
+
+
+@app.command()
+def repair(data_dir: DataDirOpt = None) -> None:
+    """Rebuild a damaged catalog from every row that can still be read (with the server
+    stopped). Whole documents only: those that lost chunks are dropped and listed. The
+    damaged files are kept under <data-dir>/quarantine/."""
+    from retriever.errors import RetrieverError
+    from retriever.repair import RepairError, render_repair
+    from retriever.repair import repair as run_repair
+
+    try:
+        report = run_repair(data_dir or Settings().data_dir)
+    except (RepairError, RetrieverError) as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    for line in render_repair(report):
+        out.print(line, markup=False, highlight=False)
+
+
+@app.command("eval")
+def evaluate(
+    namespace: NamespaceOpt,
+    beir: Annotated[Path | None, typer.Option(
+        file_okay=False, exists=True, help="a BEIR dataset directory")] = None,
+    split: Annotated[str, typer.Option(help="BEIR qrels split")] = "test",
+    git: Annotated[Path | None, typer.Option(
+        file_okay=False, exists=True, help="a git repository: queries from its history")] = None,
+    commits: Annotated[int, typer.Option(help="query commits to take (--git)")] = 100,
+    rev_range: Annotated[str, typer.Option(help="revision or range to take them from")] = "HEAD",
+    path_filter: Annotated[list[str] | None, typer.Option(
+        "--path", help="only files under this prefix (repeatable; --git)")] = None,
+    ext: Annotated[str, typer.Option(
+        help="source extensions, comma-separated, e.g. py,go [default: common languages]")] = "",
+    index_first: Annotated[bool, typer.Option(
+        "--index/--no-index", help="index the corpus into the namespace first")] = True,
+    prune: Annotated[bool, typer.Option(
+        help="delete the namespace's documents that are not in the corpus")] = False,
+    modes: Annotated[str, typer.Option(help="search modes, comma-separated")] = (
+        "dense,lexical,hybrid"),
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="hits per search")] = 100,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="also write the results as JSON to this file ('-': stdout)")] = None,
+    address: AddressOpt = None,
+) -> None:
+    """Retrieval quality through the real Search: nDCG, precision, recall, MRR, latency."""
+    from collections.abc import Sequence
+
+    from rich import box
+    from rich.table import Table
+
+    from retriever.errors import InvalidArgument
+    from retriever.slo.evaluation import (
+        DEFAULT_SOURCE_EXTENSIONS,
+        build_git_history_set,
+        load_beir,
+    )
+    from retriever.slo.runner import MODES, client_search, evaluate_modes, index_corpus
+
+    if (beir is None) == (git is None):
+        raise typer.BadParameter("give exactly one of --beir DIR and --git REPO")
+    mode_list = [m.strip().lower() for m in modes.split(",") if m.strip()]
+    if not mode_list or any(m not in MODES for m in mode_list):
+        raise typer.BadParameter(f"--modes takes a comma-separated subset of {', '.join(MODES)}")
+    try:
+        if beir is not None:
+            qs = load_beir(beir, split)
+        else:
+            assert git is not None
+            exts = ({e if e.startswith(".") else f".{e}" for e in ext.split(",") if e.strip()}
+                    or DEFAULT_SOURCE_EXTENSIONS)
+            qs = build_git_history_set(git, commits=commits, rev_range=rev_range,
+                                       paths=path_filter or (), extensions=exts)
+    except InvalidArgument as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    ks = (1, 5, 10, 100)
+    indexed: dict[str, int] | None = None
+    with _client(address) as client:
+        try:
+            if index_first:
+                with Progress(TextColumn("[bold]indexing[/bold]"), BarColumn(),
+                              MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
+                    task = bar.add_task("index", total=len(qs.corpus) if isinstance(
+                        qs.corpus, Sequence) else None)
+                    indexed = index_corpus(client, namespace, qs, prune=prune,
+                                           on_batch=lambda n: bar.advance(task, n))
+                if indexed["foreign"] and not prune:
+                    err.print(f"warning: {namespace} holds {indexed['foreign']} documents "
+                              "outside the corpus; they can be hits (--prune deletes them)",
+                              markup=False, highlight=False)
+            with Progress(TextColumn("[bold]searching[/bold] {task.description}"), BarColumn(),
+                          MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
+                tasks = {m: bar.add_task(m, total=len(qs.qrels)) for m in mode_list}
+                results = evaluate_modes(qs, client_search(client, namespace), mode_list,
+                                         top_k=top_k, ks=ks,
+                                         on_query=lambda m: bar.advance(tasks[m]))
+        except grpc.RpcError as exc:
+            raise _fail(exc) from None
+    table = Table(title=f"{qs.name} · {namespace} · {len(qs.queries)} queries · top_k {top_k}",
+                  box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)  # fits 80 columns
+    columns = ["nDCG@10", "P@1", "P@5", "P@10", "R@10", "R@100", "MRR"]
+    for c in ["mode", *columns, "p50 ms", "p99 ms"]:
+        table.add_column(c, justify="left" if c == "mode" else "right", no_wrap=True)
+    for r in results:
+        if r.available:
+            table.add_row(r.mode, *(f"{r.metrics[c]:.3f}" for c in columns),
+                          f"{r.latency_p50_s * 1e3:.1f}", f"{r.latency_p99_s * 1e3:.1f}")
+        else:
+            table.add_row(r.mode, *["—"] * (len(columns) + 2))
+    out.print(table)
+    for r in results:
+        if not r.available:
+            out.print(f"{r.mode}: unavailable: {r.reason}", markup=False, highlight=False)
+    if json_path is not None:
+        doc = {"set": {"name": qs.name, "queries": len(qs.queries), "metadata": qs.metadata},
+               "namespace": namespace, "address": _address(address), "top_k": top_k,
+               "ks": list(ks), "index": indexed, "modes": [r.to_dict() for r in results]}
+        text = json.dumps(doc, indent=2)
+        if str(json_path) == "-":
+            out.print_json(text)
+        else:
+            json_path.write_text(text + "\n")
+    if not any(r.available for r in results):
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -14,19 +14,23 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from retriever._retry import NO_RETRY, OnRetry, RetryPolicy, SyncRetryInterceptor
 from retriever.v1 import retriever_pb2 as pb
 from retriever.v1 import retriever_pb2_grpc as pb_grpc
 
-__all__ = ["Document", "RetrieverClient", "pb"]
+__all__ = ["NO_RETRY", "Document", "RetrieverClient", "RetryPolicy", "pb"]
 
 Document = pb.Document
 
 
 class RetrieverClient:
     def __init__(self, address: str, *, timeout: float | None = 60.0, token: str | None = None,
-                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_message_bytes: int = 64 * 1024 * 1024,
+                 retry: RetryPolicy = NO_RETRY, on_retry: OnRetry | None = None) -> None:
         """``token``: sent as ``authorization: Bearer <token>`` on every retriever.v1 call
-        (for servers started with RETRIEVER_AUTH_TOKEN)."""
+        (for servers started with RETRIEVER_AUTH_TOKEN). ``retry``, e.g. ``RetryPolicy()``: retry
+        unary calls on UNAVAILABLE and on RESOURCE_EXHAUSTED that carries RetryInfo, never
+        past their deadline (retriever/_retry.py); off by default here, upsert streams never."""
         self.address = address
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address, options=[
@@ -36,6 +40,9 @@ class RetrieverClient:
         api_channel = self._channel
         if token:
             api_channel = grpc.intercept_channel(self._channel, _BearerToken(token))
+        if retry.max_attempts > 1:
+            api_channel = grpc.intercept_channel(api_channel,
+                                                 SyncRetryInterceptor(retry, on_retry))
         self.stub = pb_grpc.RetrieverStub(api_channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

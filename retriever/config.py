@@ -46,7 +46,15 @@ class Settings(BaseSettings):
     max_page_size: int = Field(1000, ge=1)
     # -- backpressure (beyond them: RESOURCE_EXHAUSTED) ----------------------------------
     max_inflight_searches: int = Field(256, ge=1)
+    # New searches are refused (RESOURCE_EXHAUSTED, RetryInfo) while the oldest search in
+    # flight has run longer than this: beyond saturation the service sheds load at once
+    # instead of queueing it into timeouts. Above a re-ranking search's normal latency.
+    search_shed_after_s: float = Field(2.0, gt=0)
     max_inflight_upserts: int = Field(8, ge=1)
+    # Open upsert streams one client host may hold (so one peer cannot take every slot),
+    # and how long a stream may sit idle between messages before it is closed.
+    max_upsert_streams_per_peer: int = Field(6, ge=1)
+    upsert_stream_idle_timeout_s: float = Field(30.0, gt=0)
 
     # -- embedder --------------------------------------------------------------------------
     # A local directory or a model id; empty means all-MiniLM-L6-v2 from the
@@ -61,14 +69,53 @@ class Settings(BaseSettings):
     # Concurrent queries are embedded together: queries that arrive while the model is busy
     # form the next batch (up to query_batch_size texts). A positive wait holds a batch open
     # that long for more queries: bigger batches (worth it on a GPU) for added latency.
+    # Token budget of one document slice (the unit a search may wait behind); 0 = auto: one
+    # full chunk on CPU, 64 chunks on CUDA. Throughput per chunk on CPU hardly depends on it.
+    embed_slice_tokens: int = Field(0, ge=0)
+    # Bound on how long document embedding waits while searches keep the model busy: once
+    # documents waited this long, their next slice runs before the next query batch. Under
+    # a saturating search load upserts still progress; searches wait at most one slice.
+    embed_doc_max_wait_ms: float = Field(50.0, ge=0)
     query_batch_size: int = Field(64, ge=1)
     query_batch_wait_ms: float = Field(0.0, ge=0)
+    # -- search ----------------------------------------------------------------------------
+    # The mode of a SearchRequest that leaves mode unset.
+    default_search_mode: Literal["dense", "lexical", "hybrid"] = "hybrid"
+    # HYBRID: weight of the dense side (SearchRequest.dense_weight overrides it), the
+    # per-query normalization of each side before fusion, and candidates taken from each
+    # side. The weight was chosen on data sets other than those reported (bench/README.md).
+    hybrid_dense_weight: float = Field(0.3, ge=0.0, le=1.0)
+    hybrid_normalization: Literal["zscore", "minmax"] = "zscore"
+    hybrid_candidates: int = Field(100, ge=1, le=10_000)
+
+    # -- re-ranking ------------------------------------------------------------------------
+    # A local cross-encoder directory (e.g. a saved cross-encoder/ms-marco-MiniLM-L-6-v2);
+    # empty: no re-ranker, and Search's rerank answers FAILED_PRECONDITION.
+    reranker_model: str = ""
+    # Tokens of (query, passage) the cross-encoder reads; 0: the model's own maximum.
+    reranker_max_tokens: int = Field(0, ge=0)
+    # Candidates a search may send to the cross-encoder (SearchRequest.rerank_candidates is
+    # capped here; its default when unset).
+    max_rerank_candidates: int = Field(100, ge=1, le=1000)
+    default_rerank_candidates: int = Field(30, ge=1)
+    # A directory caching document embeddings by embedder revision and embedded text, so a
+    # corpus indexed again (benchmarks, a rebuilt namespace) embeds only what changed.
+    # Unset: no cache.
+    embed_cache_dir: Path | None = None
     # Torch intra-op threads; 0 leaves torch's default.
     torch_threads: int = Field(0, ge=0)
 
     # -- chunking (in tokens of the embedder's own tokenizer) ------------------------------
     chunk_tokens: int = Field(256, ge=16, description="clamped to the model's max length")
     overlap_tokens: int = Field(32, ge=0)
+    # Characters a chunk may hold, whatever its tokens: text the tokenizer folds into a few
+    # tokens (a 1 MiB word is one [UNK]) is cut here, so no hit carries a huge text. A full
+    # 256-token chunk of code or prose holds ~1k characters (at most 2.8k measured over 40k
+    # chunks), so 4096 cuts only such degenerate text; raise it with chunk_tokens. Bound on
+    # a BatchSearch: max_batch_queries x max_top_k x chunk_max_chars = 64 x 100 x 4096
+    # ~ 26 MB of text (ASCII) under grpc_max_message_bytes (64 MiB); a response that would
+    # pass the limit anyway (multi-byte text, large metadata) is refused by name.
+    chunk_max_chars: int = Field(4096, ge=256)
 
     # -- index -----------------------------------------------------------------------------
     index_backend: str = "faiss"
@@ -78,6 +125,21 @@ class Settings(BaseSettings):
     # Seconds between background snapshots of in-process indexes (their state is always
     # recoverable from the catalog; snapshots make restarts fast).
     index_flush_interval_s: float = Field(30.0, gt=0)
+
+    # -- storage faults --------------------------------------------------------------------
+    # Bytes held back on the data directory's disk: when a write fails because the disk is
+    # full this reserve is deleted so deletes can still run and free space, and writes are
+    # refused (RESOURCE_EXHAUSTED) until twice this much is free again. 0 turns it off.
+    storage_reserve_bytes: int = Field(32 * 1024 * 1024, ge=0)
+    # SQLite quick_check of the catalog at start: a damaged catalog then stops start-up with
+    # one line naming it, instead of failing requests later. It reads the whole file (100k
+    # chunks, 519 MB: 0.4 s cached, 7-8 s from a cold ~70 MB/s disk); false skips it.
+    catalog_check_on_start: bool = True
+
+    # -- testing ---------------------------------------------------------------------------
+    # Points of the upsert path where the process kills itself (SIGKILL), for durability
+    # tests: see retriever.ingest.pipeline.FAULT_POINTS. Empty in production.
+    fault_points: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -48,7 +48,7 @@ class ChunkRecord:
     revision: str
     document_version: int
     document_hash: str
-    indexed_at: datetime
+    indexed_at: datetime | None  # None: the stored time is unreadable
     source_updated_at: datetime | None
     metadata: dict[str, str]
 
@@ -64,7 +64,7 @@ class DocumentRecord:
     version: int
     size_bytes: int
     chunk_count: int
-    indexed_at: datetime
+    indexed_at: datetime | None  # None: the stored time is unreadable
     source_updated_at: datetime | None
     metadata: dict[str, str]
     content: str | None = None  # filled when asked for
@@ -81,7 +81,7 @@ class NamespaceRecord:
     metric: str
     index_generation: int
     index_version: int
-    created_at: datetime
+    created_at: datetime | None  # None: the stored time is unreadable
     document_count: int = 0
     chunk_count: int = 0
     content_bytes: int = 0
@@ -147,6 +147,11 @@ class SearchQuery:
     filter: SearchFilter = SearchFilter()
     mode: SearchMode = SearchMode.DEFAULT
     rerank: bool = False
+    dense_weight: float | None = None  # HYBRID; None: the server's setting
+    rerank_candidates: int = 0  # 0: the server's default
+    collapse: bool = False
+    min_score: float | None = None
+    max_hits_per_path: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +160,11 @@ class Hit:
     score: float
     rank: int
     staleness_s: float | None
+    # Each stage's score; None where that stage did not score the hit.
+    dense_score: float | None = None
+    lexical_score: float | None = None
+    fused_score: float | None = None
+    rerank_score: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +178,9 @@ class Lineage:
     index_generation: int
     index_version: int
     device: str
+    reranker_revision: str = ""
+    mode: SearchMode = SearchMode.DENSE
+    analyzer: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +193,7 @@ class StageTimings:
     rerank: float | None = None
     fetch: float | None = None
     total: float | None = None
+    fuse: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

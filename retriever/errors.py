@@ -79,6 +79,8 @@ def translate(exc: BaseException) -> RetrieverError | None:
 
     if isinstance(exc, RetrieverError):
         return exc
+    if isinstance(exc, sqlite3.ProgrammingError) and "closed" in str(exc).lower():
+        return NotReady("the catalog is closed: the server is shutting down; retry shortly")
     if isinstance(exc, sqlite3.Error):
         text = str(exc).lower()
         code = getattr(exc, "sqlite_errorcode", None)
@@ -121,3 +123,8 @@ def translate(exc: BaseException) -> RetrieverError | None:
 
 _DISK_FULL = ("the data directory's disk is full: free space (deleting documents or "
               "namespaces works) or grow the volume; retrying will not help until then")
+
+
+def disk_full() -> StorageFull:
+    """The error of a write refused, or failed, because the data directory's disk is full."""
+    return StorageFull(_DISK_FULL)

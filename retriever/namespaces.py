@@ -21,10 +21,14 @@ from indexers import (
     CollectionSpec,
     DimensionMismatch,
     EngineUnavailable,
+    SelfRepairing,
     VectorIndex,
     create_backend,
 )
 from retriever._rwlock import RWLock
+from retriever.analyzer import ANALYZER
+from retriever.analyzer import terms as analyzer_terms
+from retriever.cancel import NEVER, CallToken
 from retriever.catalog import Catalog
 from retriever.domain import NamespaceRecord
 from retriever.errors import (
@@ -33,6 +37,7 @@ from retriever.errors import (
     InvalidArgument,
     ModelMismatch,
     NotFound,
+    translate,
 )
 from retriever.models.embedder import Embedder
 from retriever.slo.metrics import Metrics
@@ -96,10 +101,48 @@ class Namespaces:
                 # Left by a crash between a DeleteNamespace's commit and its drop.
                 log.warning("dropping collection %s of no namespace", orphan)
                 backend.drop(orphan)
+        rebuild_terms = self._catalog.meta("analyzer") != ANALYZER
         for record in records:
             handle = self._open(record)
+            self._report_quarantined(handle)
             report[record.name] = self._reconcile(handle, len(pending.get(record.name, ())))
+            report[record.name].update(self._reconcile_lexical(handle.name, rebuild_terms))
+        self._catalog.set_meta("analyzer", ANALYZER)
         return report
+
+    def _reconcile_lexical(self, name: str, rebuild: bool) -> dict[str, int]:
+        """Make the lexical index agree with the catalog's chunks: terms for every active
+        chunk that lacks them (a catalog from before the lexical index, or rows lost with a
+        damaged page), all of them again when the analyzer changed, none for chunks gone."""
+        restored = 0
+        after = 0
+        while True:
+            rows = self._catalog.chunks_without_terms(name, after, 2048, all_rows=rebuild)
+            if not rows:
+                break
+            self._catalog.put_terms(name, [
+                (vid, " ".join(analyzer_terms(f"{path}\n{text}"))) for vid, path, text in rows])
+            restored += len(rows)
+            after = rows[-1][0]
+        stray = self._catalog.stray_terms(name)
+        if restored or stray:
+            log.warning("reconciled the lexical index of namespace %s: %s %d chunks' terms, "
+                        "removed %d stray rows", name, "rebuilt" if rebuild else "restored",
+                        restored, stray)
+        self._metrics.reconcile_repairs.labels("lexical_rows_restored").inc(restored)
+        self._metrics.reconcile_repairs.labels("lexical_rows_removed").inc(stray)
+        return {"lexical_rows_restored": restored, "lexical_rows_removed": stray}
+
+    def _report_quarantined(self, handle: NamespaceHandle) -> None:
+        """Log and count the damaged index files the engine moved aside at open; the
+        reconcile that follows refills the index from the catalog."""
+        if not isinstance(handle.index, SelfRepairing):
+            return
+        for q in handle.index.quarantined:
+            log.warning("namespace %s: moved damaged %s aside to %s (%s); rebuilding its "
+                        "index from the catalog", handle.name, q.path, q.moved_to.name,
+                        q.reason)
+            self._metrics.derived_files_rebuilt.labels(q.kind).inc()
 
     def _reconcile(self, handle: NamespaceHandle, pending: int) -> dict[str, int]:
         index = handle.index
@@ -114,7 +157,13 @@ class Namespaces:
                                               handle.record.dimension)
             index.upsert(ids.tolist(), vecs)
         if len(extra) or len(missing):
-            index.flush()
+            try:
+                index.flush()
+            except Exception as exc:  # e.g. a full disk: the catalog has it all anyway
+                if translate(exc) is None:
+                    raise
+                log.warning("namespace %s: snapshot after reconcile failed (%s); the next "
+                            "flush retries it", handle.name, exc)
             log.warning("reconciled namespace %s: removed %d stray vectors, restored %d",
                         handle.name, len(extra), len(missing))
         self._metrics.reconcile_repairs.labels("pending_rows_dropped").inc(pending)
@@ -131,13 +180,27 @@ class Namespaces:
                 continue
             try:
                 h.index.flush()
-            except Exception:  # one failed snapshot must not skip the others
-                log.exception("snapshot of namespace %s failed", h.name)
+            except Exception as exc:  # one failed snapshot must not skip the others
+                known = translate(exc)
+                if known is None:
+                    log.exception("snapshot of namespace %s failed", h.name)
+                else:  # e.g. a full disk: the previous snapshot stays; retried next time
+                    log.warning("snapshot of namespace %s failed: %s (%s)", h.name,
+                                known.message, exc)
 
     def close(self) -> None:
+        """Close every backend (each writes its last snapshots), even when one fails."""
         with self._lock:
-            for backend in self._backends.values():
-                backend.close()
+            for name, backend in self._backends.items():
+                try:
+                    backend.close()
+                except Exception as exc:
+                    known = translate(exc)
+                    if known is None:
+                        log.exception("closing index backend %s failed", name)
+                    else:  # the previous snapshot stays; start-up reconcile restores the rest
+                        log.warning("last snapshot of index backend %s failed: %s (%s)", name,
+                                    known.message, exc)
             self._backends.clear()
             self._handles.clear()
 
@@ -190,17 +253,24 @@ class Namespaces:
                 self._catalog.delete_namespace(name)  # no catalog row without its index
                 raise
 
-    def delete(self, name: str) -> tuple[int, int]:
+    def delete(self, name: str, token: CallToken = NEVER) -> tuple[int, int]:
+        """Delete the namespace; gives up (Cancelled) while waiting behind its writers once
+        the caller is gone, so a delete its caller saw fail never applies later."""
         handle = self.get(name)
-        # All under the registry lock too: a CreateNamespace of the same name waits until the
-        # old collection is gone, and never gets the old, closing index.
-        with handle.write_lock, handle.visibility.write(), self._lock:
-            handle.require_live()
-            docs, chunks = self._catalog.delete_namespace(name)
-            handle.deleted = True
-            self._handles.pop(name, None)
-            self._backend(handle.record.backend).drop(
-                collection_name(name, handle.record.index_generation))
+        token.acquire(handle.write_lock, "the delete started")
+        try:
+            # All under the registry lock too: a CreateNamespace of the same name waits until
+            # the old collection is gone, and never gets the old, closing index.
+            with handle.visibility.write(), self._lock:
+                handle.require_live()
+                token.check("the delete")
+                docs, chunks = self._catalog.delete_namespace(name)
+                handle.deleted = True
+                self._handles.pop(name, None)
+                self._backend(handle.record.backend).drop(
+                    collection_name(name, handle.record.index_generation))
+        finally:
+            handle.write_lock.release()
         return docs, chunks
 
     def _open(self, record: NamespaceRecord) -> NamespaceHandle:

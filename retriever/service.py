@@ -8,12 +8,15 @@ methods are blocking and thread-safe; the gRPC layer runs them off its event loo
 from __future__ import annotations
 
 import base64
+import hashlib
+import sqlite3
 import threading
 from collections.abc import Sequence
 
 import numpy as np
 
 from retriever import validation
+from retriever.cancel import NEVER, CallToken
 from retriever.catalog import Catalog
 from retriever.config import Settings
 from retriever.domain import (
@@ -28,14 +31,17 @@ from retriever.domain import (
     SearchResult,
     UpsertResult,
 )
-from retriever.errors import InvalidArgument, NotFound, NotReady
+from retriever.errors import DataLoss, InvalidArgument, NotFound, NotReady, translate
 from retriever.ingest.chunking import ChunkerSet, WindowChunker
 from retriever.ingest.pipeline import HEADER_TOKENS, Ingestor
 from retriever.models.batcher import MicroBatcher
+from retriever.models.embed_cache import EmbeddingCache
 from retriever.models.embedder import Embedder
+from retriever.models.reranker import Reranker
 from retriever.namespaces import Namespaces
 from retriever.search.pipeline import Searcher
 from retriever.slo.metrics import Metrics
+from retriever.storage import DataDirLock, SpaceGuard
 
 
 class RetrieverService:
@@ -49,6 +55,11 @@ class RetrieverService:
         self.namespaces = Namespaces(
             self.catalog, self.embedder, settings.data_dir / "indexes", settings.index_backend,
             self.metrics, backend_options={"faiss": {"omp_threads": settings.faiss_omp_threads}})
+        self._dir_lock = DataDirLock(settings.data_dir)
+        # Writes and deletes go through it: on a full disk deletes still run, writes are
+        # refused with StorageFull until space is freed.
+        self.space = SpaceGuard(settings.data_dir, settings.storage_reserve_bytes,
+                                self.catalog.release_space, self.metrics)
         self._batcher = MicroBatcher(
             # A batch of queries is one forward pass (document slices are already cut).
             lambda texts: self.embedder.embed(texts, batch_size=max(1, len(texts))),
@@ -56,7 +67,11 @@ class RetrieverService:
             settings.query_batch_wait_ms / 1000.0,
             on_batch=self.metrics.query_batch_size.observe,
             on_depth=self.metrics.embed_queue.set,
+            doc_max_wait_s=settings.embed_doc_max_wait_ms / 1000.0,
+            on_wait=lambda kind, s: self.metrics.model_wait.labels(kind).observe(s),
         )
+        self.reranker = Reranker(settings)
+        self._embed_cache: EmbeddingCache | None = None
         self.chunkers: ChunkerSet | None = None
         self.ingestor: Ingestor | None = None
         self.searcher: Searcher | None = None
@@ -73,9 +88,17 @@ class RetrieverService:
     def start(self) -> None:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
+        self._dir_lock.acquire()
+        # The catalog first: a damaged one stops start-up before the model loads.
+        self.catalog.open(check=s.catalog_check_on_start)
+        self.space.start()
         if not self.embedder.loaded:
             self.embedder.load()
-        self.catalog.open()
+        if self.reranker.configured and not self.reranker.loaded:
+            self.reranker.load()
+        if s.embed_cache_dir is not None:
+            self._embed_cache = EmbeddingCache(s.embed_cache_dir, self.embedder.revision,
+                                               self.embedder.dimension)
         budget = min(s.chunk_tokens, self.embedder.max_tokens) - (
             self.embedder.special_tokens + HEADER_TOKENS)
         if budget <= s.overlap_tokens:
@@ -84,14 +107,24 @@ class RetrieverService:
                 f"max {self.embedder.max_tokens}, header {HEADER_TOKENS}) must exceed "
                 f"overlap_tokens {s.overlap_tokens}")
         self.chunkers = ChunkerSet(WindowChunker(
-            self.embedder.count_tokens, self.embedder.token_offsets, budget, s.overlap_tokens))
-        self.reconcile_report = self.namespaces.open_all()
+            self.embedder.count_tokens, self.embedder.token_offsets, budget, s.overlap_tokens,
+            s.chunk_max_chars))
+        try:
+            self.reconcile_report = self.namespaces.open_all()
+        except sqlite3.DatabaseError as exc:  # damage quick_check missed, or it was skipped
+            if isinstance(translate(exc), DataLoss):
+                raise self.catalog.damaged(str(exc)) from None
+            raise
         self._batcher.doc_batch = self.embedder.default_batch_size
+        self._batcher.doc_slice_tokens = self.embedder.default_slice_tokens
         self._batcher.start()
         self.ingestor = Ingestor(s, self.catalog, self.namespaces, self.embedder,
                                  self._embed_documents, self.chunkers, self.metrics)
-        self.searcher = Searcher(s, self.catalog, self.namespaces, self.embedder,
-                                 self._batcher.submit, self.metrics)
+        self.searcher = Searcher(
+            s, self.catalog, self.namespaces, self.embedder, self._batcher.submit, self.metrics,
+            self.reranker,
+            lambda pairs, lengths: self._batcher.submit_rerank(self.reranker.score, pairs,
+                                                               lengths))
         self._flusher = threading.Thread(target=self._flush_loop, name="index-flusher",
                                          daemon=True)
         self._flusher.start()
@@ -107,13 +140,32 @@ class RetrieverService:
         self._batcher.stop()
         self.namespaces.close()  # closing an index writes its last snapshot
         self.catalog.close()
+        if self._embed_cache is not None:
+            self._embed_cache.close()
+        self._dir_lock.release()
 
-    def _embed_documents(self, texts: Sequence[str]) -> np.ndarray:
-        return self._batcher.submit_documents(texts).result()
+    def _embed_documents(self, texts: Sequence[str], lengths: Sequence[int],
+                         token: CallToken) -> np.ndarray:
+        cached = self._embed_cache.get(texts) if self._embed_cache is not None else {}
+        todo = [i for i in range(len(texts)) if i not in cached]
+        out = np.empty((len(texts), self.embedder.dimension), dtype=np.float32)
+        if todo:
+            fut = self._batcher.submit_documents([texts[i] for i in todo],
+                                                 [lengths[i] for i in todo])
+            fresh = token.wait(fut, "the commit",
+                               on_cancel=lambda: self._batcher.cancel_documents(fut))
+            out[todo] = fresh
+            if self._embed_cache is not None:
+                self._embed_cache.put([texts[i] for i in todo], fresh)
+        for i, vec in cached.items():
+            out[i] = vec
+        return out
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(self.settings.index_flush_interval_s):
             self.namespaces.flush_all()  # logs and skips a failed snapshot; retried next time
+            if self.space.full:
+                self.space.recover()  # space freed by other means (a grown volume)
 
     def _require_ready(self) -> None:
         if not self._ready.is_set():
@@ -124,7 +176,7 @@ class RetrieverService:
     def create_namespace(self, name: str, backend: str = "") -> NamespaceRecord:
         self._require_ready()
         validation.namespace_name(name, "name")
-        handle = self.namespaces.create(name, backend)
+        handle = self.space.write(lambda: self.namespaces.create(name, backend))
         return self.get_namespace(handle.name)
 
     def get_namespace(self, name: str) -> NamespaceRecord:
@@ -142,33 +194,39 @@ class RetrieverService:
     def list_namespaces(self, page_size: int, page_token: str) -> Page[NamespaceRecord]:
         self._require_ready()
         size = validation.page_size(page_size, self.settings)
-        after = _decode_token(page_token)
+        scope = _token_scope("namespaces")
+        after = _decode_token(page_token, scope)
         items = self.catalog.list_namespaces(after, size + 1)
         more = len(items) > size
         items = items[:size]
-        token = _encode_token(items[-1].name) if more else ""
+        token = _encode_token(scope, items[-1].name) if more else ""
         return Page(items=tuple(items), next_page_token=token)
 
-    def delete_namespace(self, name: str) -> tuple[int, int]:
+    def delete_namespace(self, name: str, token: CallToken = NEVER) -> tuple[int, int]:
         self._require_ready()
         validation.namespace_name(name, "name")
-        return self.namespaces.delete(name)
+        return self.space.delete(lambda: self.namespaces.delete(name, token))
 
     # -- documents -------------------------------------------------------------------------
-    def upsert(self, namespace: str, docs: Sequence[Document]) -> UpsertResult:
+    def upsert(self, namespace: str, docs: Sequence[Document],
+               token: CallToken = NEVER) -> UpsertResult:
         self._require_ready()
-        assert self.ingestor is not None
-        return self.ingestor.upsert(namespace, docs)
+        ingestor = self.ingestor
+        assert ingestor is not None
+        return self.space.write(lambda: ingestor.upsert(namespace, docs, token))
 
-    def delete_documents(self, namespace: str, doc_ids: Sequence[str]) -> DeleteResult:
+    def delete_documents(self, namespace: str, doc_ids: Sequence[str],
+                         token: CallToken = NEVER) -> DeleteResult:
         self._require_ready()
-        assert self.ingestor is not None
-        return self.ingestor.delete(namespace, doc_ids)
+        ingestor = self.ingestor
+        assert ingestor is not None
+        return self.space.delete(lambda: ingestor.delete(namespace, doc_ids, token))
 
     def get_document(self, namespace: str, doc_id: str) -> DocumentRecord:
         self._require_ready()
+        validation.namespace_name(namespace)
+        validation.doc_id(doc_id)  # bad input is INVALID_ARGUMENT before any look-up
         self._existing(namespace)
-        validation.doc_id(doc_id)
         record = self.catalog.get_document(namespace, doc_id)
         if record is None:
             raise NotFound(f"document {doc_id!r} is not in namespace {namespace!r}",
@@ -178,19 +236,23 @@ class RetrieverService:
     def list_documents(self, namespace: str, page_size: int, page_token: str,
                        path_prefix: str = "") -> Page[DocumentRecord]:
         self._require_ready()
-        self._existing(namespace)
+        validation.namespace_name(namespace)
         size = validation.page_size(page_size, self.settings)
-        after = _decode_token(page_token)
+        validation.path(path_prefix, "path_prefix")
+        scope = _token_scope("documents", namespace, path_prefix)
+        after = _decode_token(page_token, scope)
+        self._existing(namespace)
         items, total = self.catalog.list_documents(namespace, after, size + 1, path_prefix)
         more = len(items) > size
         items = items[:size]
-        token = _encode_token(items[-1].doc_id) if more else ""
+        token = _encode_token(scope, items[-1].doc_id) if more else ""
         return Page(items=tuple(items), next_page_token=token, total_size=total)
 
     def get_chunk(self, namespace: str, chunk_id: str) -> ChunkRecord:
         self._require_ready()
-        self._existing(namespace)
+        validation.namespace_name(namespace)
         validation.chunk_id(chunk_id)
+        self._existing(namespace)
         chunk = self.catalog.get_chunk(namespace, chunk_id)
         if chunk is None:
             raise NotFound(
@@ -206,7 +268,9 @@ class RetrieverService:
     def search(self, query: SearchQuery, request_id: str) -> SearchResult:
         self._require_ready()
         assert self.searcher is not None
-        return self.searcher.search([query], request_id)[0]
+        result = self.searcher.search([query], request_id)[0]
+        self._check_response_size([result], "top_k")
+        return result
 
     def batch_search(self, queries: Sequence[SearchQuery], request_id: str) -> list[SearchResult]:
         self._require_ready()
@@ -218,7 +282,23 @@ class RetrieverService:
             raise InvalidArgument(
                 f"requests has {len(queries)} searches; at most "
                 f"{self.settings.max_batch_queries} (max_batch_queries)", field="requests")
-        return self.searcher.search(queries, request_id, batch=True)
+        results = self.searcher.search(queries, request_id, batch=True)
+        self._check_response_size(results, "requests")
+        return results
+
+    def _check_response_size(self, results: Sequence[SearchResult], field: str) -> None:
+        """Refuse, by name, an answer too big for one gRPC message, rather than let the
+        transport fail it. With chunks capped at chunk_max_chars the limits keep ASCII
+        answers well under (64 queries x 100 hits x 4096 chars ~ 26 MB of 64 MiB); only
+        multi-byte text or large metadata on many hits can get here."""
+        limit = self.settings.grpc_max_message_bytes
+        size = _response_bytes(results)
+        if size > limit:
+            hits = sum(len(r.hits) for r in results)
+            raise InvalidArgument(
+                f"the {hits} hits asked for would make a response of about {size} bytes, over "
+                f"the message limit of {limit} bytes (grpc_max_message_bytes): ask for fewer "
+                "hits (top_k) or fewer searches per BatchSearch", field=field)
 
     # -- status ----------------------------------------------------------------------------
     def index_status(self, namespace: str) -> IndexStatus:
@@ -237,15 +317,46 @@ class RetrieverService:
             chunker=",".join(self.chunkers.names))
 
 
+# Bytes a hit takes in a response besides its strings (ids, hashes, numbers, timestamps,
+# field tags), rounded up; and those of a response besides its hits (lineage, timings).
+_HIT_OVERHEAD = 320
+_RESPONSE_OVERHEAD = 1024
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _response_bytes(results: Sequence[SearchResult]) -> int:
+    """An upper estimate of the encoded size of these results."""
+    total = 0
+    for r in results:
+        total += _RESPONSE_OVERHEAD
+        for h in r.hits:
+            c = h.chunk
+            total += _HIT_OVERHEAD + sum(_utf8_size(x) for x in (
+                c.text, c.doc_id, c.path, c.revision, c.language, c.chunker, c.namespace))
+            total += sum(_utf8_size(k) + _utf8_size(v) + 8 for k, v in c.metadata.items())
+    return total
+
+
 _TOKEN_PREFIX = "after:"
 
 
-def _encode_token(last: str) -> str:
-    """An opaque page token: the last key of the page, so pages stay stable under writes."""
-    return base64.urlsafe_b64encode((_TOKEN_PREFIX + last).encode("utf-8")).decode("ascii")
+def _token_scope(kind: str, *parts: str) -> str:
+    """What a page token pages: the listing and its filters. A token carries it, so one
+    issued for one namespace (or prefix, or listing) is refused by every other."""
+    return hashlib.sha256("\0".join((kind, *parts)).encode("utf-8")).hexdigest()[:16]
 
 
-def _decode_token(token: str) -> str:
+def _encode_token(scope: str, last: str) -> str:
+    """An opaque page token: the listing's scope and the last key of the page, so pages
+    stay stable under writes."""
+    text = f"{_TOKEN_PREFIX}{scope}:{last}"
+    return base64.urlsafe_b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def _decode_token(token: str, scope: str) -> str:
     if not token:
         return ""
     try:
@@ -253,7 +364,13 @@ def _decode_token(token: str) -> str:
         text = raw.decode("utf-8")
     except (ValueError, UnicodeError):
         text = ""
-    if not text.startswith(_TOKEN_PREFIX):
+    found, sep, last = text[len(_TOKEN_PREFIX):].partition(":")
+    if not text.startswith(_TOKEN_PREFIX) or not sep:
         raise InvalidArgument("page_token is not a token this server issued; pass the "
                               "next_page_token of the previous page", field="page_token")
-    return text[len(_TOKEN_PREFIX):]
+    if found != scope:
+        raise InvalidArgument(
+            "page_token was issued for another listing (another namespace, path_prefix or "
+            "list): pass the next_page_token of the previous page of this same listing, or "
+            "no token to start over", field="page_token")
+    return last

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from retriever.config import Settings
 from retriever.domain import Document, SearchQuery
@@ -18,6 +19,13 @@ MAX_METADATA_VALUE_BYTES = 1024
 MAX_FILTER_DOC_IDS = 1024
 MAX_FILTER_ENTRIES = 64  # languages, metadata pairs
 MAX_CHUNK_ID_BYTES = 128
+MAX_PATH_BYTES = 1024
+# Source times the catalog stores as float epoch seconds. Below 2^33 s (year 2242) a float
+# holds them to better than half a microsecond, so they read back exactly, and staleness
+# arithmetic on them cannot overflow. (9999-12-31T23:59:59.999999Z, a valid Timestamp,
+# rounds to year 10000 as a float and could not be read back at all.)
+MIN_SOURCE_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_SOURCE_TIME = datetime(2200, 1, 1, tzinfo=UTC)  # exclusive
 
 
 def _utf8_len(text: str, field: str) -> int:
@@ -48,12 +56,7 @@ def documents(docs: Sequence[Document], settings: Settings, field: str = "docume
     seen: set[str] = set()
     for i, d in enumerate(docs):
         f = f"{field}[{i}]"
-        if not d.doc_id:
-            raise InvalidArgument(f"{f}.doc_id is required", field=f"{f}.doc_id")
-        if _utf8_len(d.doc_id, f"{f}.doc_id") > MAX_DOC_ID_BYTES or "\x00" in d.doc_id:
-            raise InvalidArgument(
-                f"{f}.doc_id must be 1-{MAX_DOC_ID_BYTES} UTF-8 bytes without NUL",
-                field=f"{f}.doc_id")
+        doc_id(d.doc_id, f"{f}.doc_id")
         if d.doc_id in seen:
             raise InvalidArgument(f"{f}.doc_id {d.doc_id!r} appears twice in one message",
                                   field=f"{f}.doc_id")
@@ -66,9 +69,9 @@ def documents(docs: Sequence[Document], settings: Settings, field: str = "docume
         if "\x00" in d.content:
             raise InvalidArgument(f"{f}.content holds NUL bytes: send text, not binary data",
                                   field=f"{f}.content")
-        if _utf8_len(d.path, f"{f}.path") > MAX_DOC_ID_BYTES or "\x00" in d.path:
-            raise InvalidArgument(f"{f}.path must be at most {MAX_DOC_ID_BYTES} bytes, no NUL",
-                                  field=f"{f}.path")
+        path(d.path, f"{f}.path")
+        if d.source_updated_at is not None:
+            source_time(d.source_updated_at, f"{f}.source_updated_at")
         if _utf8_len(d.revision, f"{f}.revision") > MAX_REVISION_BYTES:
             raise InvalidArgument(f"{f}.revision must be at most {MAX_REVISION_BYTES} bytes",
                                   field=f"{f}.revision")
@@ -101,19 +104,44 @@ def doc_ids(ids: Sequence[str], settings: Settings, field: str = "doc_ids") -> N
         doc_id(d, f"{field}[{i}]")
 
 
+# One check per kind of identifier, used wherever one comes in (upsert, delete, get, list,
+# search filters), so a value is rejected the same way everywhere rather than, say, refused
+# by Upsert but merely not found by GetDocument.
 def doc_id(value: str, field: str = "doc_id") -> None:
     if not value:
         raise InvalidArgument(f"{field} is required", field=field)
-    if _utf8_len(value, field) > MAX_DOC_ID_BYTES:
-        raise InvalidArgument(f"{field} must be at most {MAX_DOC_ID_BYTES} bytes", field=field)
+    if _utf8_len(value, field) > MAX_DOC_ID_BYTES or "\x00" in value:
+        raise InvalidArgument(
+            f"{field} must be 1-{MAX_DOC_ID_BYTES} UTF-8 bytes without NUL", field=field)
 
 
 def chunk_id(value: str, field: str = "chunk_id") -> None:
     if not value:
         raise InvalidArgument(f"{field} is required", field=field)
-    if _utf8_len(value, field) > MAX_CHUNK_ID_BYTES:
-        raise InvalidArgument(f"{field} must be at most {MAX_CHUNK_ID_BYTES} bytes",
+    if _utf8_len(value, field) > MAX_CHUNK_ID_BYTES or "\x00" in value:
+        raise InvalidArgument(
+            f"{field} must be 1-{MAX_CHUNK_ID_BYTES} UTF-8 bytes without NUL", field=field)
+
+
+def path(value: str, field: str = "path") -> None:
+    """A document path or a path prefix; empty is allowed (it means "none")."""
+    if _utf8_len(value, field) > MAX_PATH_BYTES or "\x00" in value:
+        raise InvalidArgument(f"{field} must be at most {MAX_PATH_BYTES} UTF-8 bytes without "
+                              "NUL", field=field)
+
+
+def source_time(value: datetime, field: str = "source_updated_at") -> None:
+    if value.tzinfo is None:
+        raise InvalidArgument(f"{field} has no time zone: give an aware datetime (UTC)",
                               field=field)
+    if not MIN_SOURCE_TIME <= value < MAX_SOURCE_TIME:
+        raise InvalidArgument(
+            f"{field} {_iso(value)} is out of range: it must be at or after "
+            f"{_iso(MIN_SOURCE_TIME)} and before {_iso(MAX_SOURCE_TIME)}", field=field)
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def search(q: SearchQuery, settings: Settings, prefix: str = "") -> None:
@@ -136,6 +164,9 @@ def search(q: SearchQuery, settings: Settings, prefix: str = "") -> None:
         raise InvalidArgument(
             f"{prefix}filter.doc_ids has {len(flt.doc_ids)} ids; at most {MAX_FILTER_DOC_IDS}",
             field=f"{prefix}filter.doc_ids")
+    for i, d in enumerate(flt.doc_ids):
+        doc_id(d, f"{prefix}filter.doc_ids[{i}]")
+    path(flt.path_prefix, f"{prefix}filter.path_prefix")
     for name, items in (("languages", flt.languages), ("metadata", flt.metadata)):
         if len(items) > MAX_FILTER_ENTRIES:
             raise InvalidArgument(

@@ -230,3 +230,112 @@ def test_failed_document_job_fails_only_itself(make, embed: FakeEmbed) -> None: 
 
 def test_empty_document_job_returns_no_rows(make) -> None:  # noqa: ANN001
     assert make().submit_documents([]).result(TIMEOUT).shape[0] == 0
+
+
+# -- fairness between classes ------------------------------------------------------------------
+class SlowEmbed(FakeEmbed):
+    """Each forward pass takes ``per_call`` seconds, like a real model."""
+
+    def __init__(self, per_call: float) -> None:
+        super().__init__()
+        self.per_call = per_call
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        import time
+
+        time.sleep(self.per_call)
+        return super().__call__(texts)
+
+
+def test_a_stream_of_queries_cannot_starve_a_document_job() -> None:
+    """Two clients search in a tight loop; a document job still finishes, each of its slices
+    waiting no longer than the bound plus one query batch."""
+    import time
+
+    embed = SlowEmbed(0.005)
+    waits: list[tuple[str, float]] = []
+    b = MicroBatcher(embed, 64, 0.0, doc_batch=1, doc_max_wait_s=0.02,
+                     on_wait=lambda kind, s: waits.append((kind, s)))
+    b.start()
+    stop = threading.Event()
+
+    def searcher() -> None:
+        while not stop.is_set():
+            b.submit(["1:0"]).result(TIMEOUT)
+
+    threads = [threading.Thread(target=searcher, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.05)  # the query stream is running
+        t0 = time.monotonic()
+        out = b.submit_documents([f"2:{i}" for i in range(10)]).result(TIMEOUT)
+        elapsed = time.monotonic() - t0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(TIMEOUT)
+        b.stop()
+    np.testing.assert_array_equal(out, rows([f"2:{i}" for i in range(10)]))
+    doc_waits = [s for kind, s in waits if kind == "document"]
+    assert len(doc_waits) >= 10
+    # Bound: doc_max_wait (20 ms) + one query batch (5 ms) + scheduling slack.
+    assert max(doc_waits) < 0.02 + 0.005 + 0.05, doc_waits
+    # 10 slices of 5 ms each, each after at most ~25 ms of queries: well under a second.
+    assert elapsed < 1.0
+
+
+def test_queries_wait_at_most_one_slice_during_a_bulk_job() -> None:
+    embed = SlowEmbed(0.01)
+    waits: list[tuple[str, float]] = []
+    b = MicroBatcher(embed, 64, 0.0, doc_batch=1, doc_max_wait_s=0.0,
+                     on_wait=lambda kind, s: waits.append((kind, s)))
+    b.start()
+    try:
+        docs = b.submit_documents([f"2:{i}" for i in range(30)])
+        for _ in range(10):
+            b.submit(["1:0"]).result(TIMEOUT)
+        docs.result(TIMEOUT)
+    finally:
+        b.stop()
+    query_waits = [s for kind, s in waits if kind == "query"]
+    assert len(query_waits) == 10
+    assert max(query_waits) < 0.01 + 0.05, query_waits  # one slice + slack
+
+
+def test_document_jobs_take_turns(make, embed: FakeEmbed) -> None:  # noqa: ANN001
+    """A small job submitted behind a bulk one finishes long before the bulk one."""
+    b = make(doc_batch=1)
+    gate, first = hold_worker(b, embed)
+    order: list[str] = []
+    bulk = b.submit_documents([f"1:{i}" for i in range(20)])
+    small = b.submit_documents(["2:0", "2:1"])
+    bulk.add_done_callback(lambda f: order.append("bulk"))
+    small.add_done_callback(lambda f: order.append("small"))
+    gate.set()
+    first.result(TIMEOUT)
+    small.result(TIMEOUT)
+    bulk.result(TIMEOUT)
+    assert order == ["small", "bulk"]
+
+
+def test_slices_respect_the_token_budget(make, embed: FakeEmbed) -> None:  # noqa: ANN001
+    b = make(doc_batch=8, doc_slice_tokens=10)
+    texts = [f"1:{i}" for i in range(6)]
+    out = b.submit_documents(texts, lengths=[6, 4, 4, 3, 3, 12]).result(TIMEOUT)
+    np.testing.assert_array_equal(out, rows(texts))
+    # longest first: [12] alone (over budget, still runs), [6, 4], [4, 3, 3]
+    assert embed.batches == [1, 2, 3]
+
+
+def test_a_cancelled_document_job_stops_using_the_model(make, embed: FakeEmbed) -> None:  # noqa: ANN001
+    b = make(doc_batch=1)
+    gate, first = hold_worker(b, embed)
+    job = b.submit_documents([f"1:{i}" for i in range(50)])
+    assert b.cancel_documents(job)
+    gate.set()
+    first.result(TIMEOUT)
+    assert job.cancelled()
+    np.testing.assert_array_equal(b.submit(["3:3"]).result(TIMEOUT), rows(["3:3"]))
+    assert sum(embed.batches) < 5  # the 50 texts never ran
+    assert not b.cancel_documents(job)

@@ -19,6 +19,7 @@ from retriever.catalog import (
     NewChunk,
 )
 from retriever.domain import NamespaceRecord, SearchFilter
+from retriever.errors import FailedPrecondition, NotReady
 
 DIM = 4
 CREATED = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -392,7 +393,7 @@ def test_reopen_keeps_everything(tmp_path: Path) -> None:
     first.create_namespace(ns_record())
     ids = add_doc(first, "a", 3, metadata={"k": "v"})
     first.close()
-    with pytest.raises((RuntimeError, sqlite3.Error)):  # unusable once closed
+    with pytest.raises(NotReady, match="closed"):  # unusable once closed, retryable
         first.get_namespace("ns")
 
     second = Catalog(path)
@@ -471,5 +472,35 @@ def test_catalog_records_its_schema_version_and_refuses_a_newer_one(tmp_path: Pa
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.commit()
     db.close()
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(FailedPrecondition, match="newer"):
         Catalog(path).open()
+
+
+@pytest.mark.parametrize("stored", [253402300800.0, -1e12, 1e300, float("inf"), "soon"])
+def test_unreadable_stored_times_read_as_unknown(cat: Catalog, stored: object,
+                                                 caplog: pytest.LogCaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A time written before input was range-checked (9999-12-31T23:59:59.999999Z rounds to
+    year 10000 as a float) or edited by hand must not make its rows unreadable."""
+    import retriever.catalog
+
+    monkeypatch.setattr(retriever.catalog, "_bad_time_logged", False)
+    add_doc(cat, "d", 2, source_updated_at=CREATED)
+    db = sqlite3.connect(cat._path)  # noqa: SLF001 - writing what the catalog never would
+    db.execute("UPDATE documents SET source_updated_at = ?, indexed_at = ?", (stored, stored))
+    db.execute("UPDATE namespaces SET created_at = ?, last_indexed_at = ?", (stored, stored))
+    db.commit()
+    db.close()
+    doc = cat.get_document("ns", "d")
+    assert doc is not None and doc.source_updated_at is None and doc.indexed_at is None
+    listed, total = cat.list_documents("ns", "", 10, "")
+    assert total == 1 and listed[0].source_updated_at is None
+    chunk = cat.get_chunk("ns", doc.chunk_ids[0])
+    assert chunk is not None and chunk.source_updated_at is None and chunk.indexed_at is None
+    found, _ = cat.chunks_by_vector_ids("ns", cat.active_vector_ids("ns").tolist())
+    assert len(found) == 2
+    ns = cat.get_namespace("ns")
+    assert ns is not None and ns.created_at is None and ns.last_indexed_at is None
+    assert [n.name for n in cat.list_namespaces("", 10)] == ["ns"]
+    # Logged once, not once per read.
+    assert sum("out of range" in r.getMessage() for r in caplog.records) == 1

@@ -287,6 +287,91 @@ def test_random_text_properties(seed: int) -> None:
         assert spans == []
 
 
+# -- the character cap -------------------------------------------------------------------------
+def capped(budget: int, overlap: int, max_chars: int) -> WindowChunker:
+    return WindowChunker(ws_count, ws_offsets, budget, overlap, max_chars)
+
+
+def assert_chars(spans: Sequence[ChunkSpan], max_chars: int) -> None:
+    for s in spans:
+        assert len(s.text) <= max_chars, f"{len(s.text)} chars > {max_chars}: {s}"
+
+
+def test_a_huge_word_is_cut_at_the_character_cap() -> None:
+    # One token to the tokenizer (as a 1 MiB word is one [UNK]), far more than the cap.
+    content = "".join(random.Random(5).choice("abcdefghij") for _ in range(10_500))
+    for overlap in (0, 4):
+        spans = capped(50, overlap, 1000).chunk(content)
+        assert_all(content, spans, ws_count, 50, overlap)
+        assert_chars(spans, 1000)
+        assert [len(s.text) for s in spans] == [1000] * 10 + [500]
+        assert "".join(s.text for s in spans) == content  # no overlap: pieces never share
+
+
+def test_the_cap_cuts_after_whitespace_else_punctuation() -> None:
+    spaced = "abcdefghi " * 50  # 10 chars a word
+    spans = capped(1000, 0, 64).chunk(spaced)
+    assert_all(spaced, spans, ws_count, 1000, 0)
+    assert_chars(spans, 64)
+    assert all(len(s.text) == 60 and s.text.endswith(" ") for s in spans[:-1])
+    assert all(s.text.startswith("a") for s in spans)
+
+    punctuated = "abcdefghi," * 50  # no whitespace: one token to ws_count
+    spans = capped(1000, 0, 64).chunk(punctuated)
+    assert_all(punctuated, spans, ws_count, 1000, 0)
+    assert all(len(s.text) == 60 and s.text.endswith(",") for s in spans[:-1])
+    assert "".join(s.text for s in spans) == punctuated
+
+
+def test_lines_under_the_cap_stay_whole_and_overlap_respects_it() -> None:
+    lines = [f"line {i:02d} " + "w" * 21 + "\n" for i in range(40)]  # 30 chars, 3 tokens
+    content = "".join(lines)
+    starts = {sum(len(x) for x in lines[:i]) for i in range(len(lines) + 1)}
+    for overlap in (0, 3, 6):
+        spans = capped(1000, overlap, 100).chunk(content)
+        assert_all(content, spans, ws_count, 1000, overlap)
+        assert_chars(spans, 100)
+        for s in spans:
+            assert s.start_char in starts and s.end_char in starts, s  # whole lines
+        assert max(len(s.text) for s in spans) == 90  # three lines fit, four would not
+
+
+def test_a_long_line_among_short_ones_is_cut_and_spans_stay_exact() -> None:
+    long_line = "😀é中" * 700  # no whitespace, multi-byte: byte offsets must stay exact
+    content = "def f():\n    return 1\n" + long_line + "\nprint(f())\n"
+    spans = capped(40, 5, 256).chunk(content)
+    assert_all(content, spans, ws_count, 40, 5)
+    assert_chars(spans, 256)
+    assert spans[0].text.startswith("def f():") and spans[-1].text.endswith("print(f())\n")
+    assert sum(1 for s in spans if s.start_line == s.end_line == 3) >= 8
+
+
+def test_the_default_cap_changes_nothing_in_ordinary_text() -> None:
+    rng = random.Random(11)
+    prose = "\n".join(" ".join(rng.choice(["retrieval", "of", "chunks", "über", "a", "vector",
+                                             "index", "(x)"]) for _ in range(rng.randint(0, 30)))
+                      for _ in range(400))
+    for content in (SOURCE * 20, prose):
+        default = WindowChunker(ws_count, ws_offsets, 222, 32).chunk(content)
+        assert default == capped(222, 32, 10**9).chunk(content)
+        assert len(default) > 3
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_random_text_properties_under_a_character_cap(seed: int) -> None:
+    rng = random.Random(seed)
+    content = "".join(rng.choice(_ALPHABET + "abcdefgh" * 3)
+                      for _ in range(rng.choice([1, 40, 300, 900])))
+    if rng.random() < 0.4:  # sometimes one long line without newlines or spaces
+        content = re.sub(r"\s", "", content) or "x"
+    budget = rng.randint(1, 40)
+    overlap = rng.randint(0, budget - 1)
+    max_chars = rng.randint(2, 80)
+    spans = capped(budget, overlap, max_chars).chunk(content)
+    assert_all(content, spans, ws_count, budget, overlap)
+    assert_chars(spans, max_chars)
+
+
 def test_chunker_set_picks_per_language_with_fallback() -> None:
     default = ws_chunker(10, 2)
 
@@ -355,6 +440,17 @@ def test_real_tokenizer_long_line_without_whitespace_stays_in_budget(real, embed
     assert_progress(spans)
     assert_cuts_between_tokens(line, spans, embedder.token_offsets)
     assert_budget(line, spans, embedder.count_tokens, budget, 8)
+
+
+@pytest.mark.integration
+def test_real_tokenizer_huge_word_is_cut_at_the_character_cap(real, embedder) -> None:  # noqa: ANN001
+    # Letters and digits only: the tokenizer folds each 4096-character piece into one [UNK].
+    content = "".join(random.Random(9).choice("abcdef0123456789") for _ in range(100_000))
+    assert embedder.count_tokens([content])[0] < 10
+    spans = WindowChunker(embedder.count_tokens, embedder.token_offsets, 222, 32).chunk(content)
+    assert_all(content, spans, embedder.count_tokens, 222, 32)
+    assert_chars(spans, 4096)
+    assert "".join(s.text for s in spans) == content
 
 
 @pytest.mark.integration

@@ -31,12 +31,13 @@ def _free_port() -> int:
 class ServerProcess:
     """`retriever serve` as a child process with its own data dir and ports."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, **extra_env: str) -> None:
+        """``extra_env``: more RETRIEVER_* settings for this server."""
         self.data_dir = data_dir
         self.port = _free_port()
         env = dict(os.environ, RETRIEVER_DATA_DIR=str(data_dir),
                    RETRIEVER_GRPC_PORT=str(self.port), RETRIEVER_METRICS_PORT="0",
-                   RETRIEVER_INDEX_FLUSH_INTERVAL_S="3600", HF_HUB_OFFLINE="1")
+                   RETRIEVER_INDEX_FLUSH_INTERVAL_S="3600", HF_HUB_OFFLINE="1", **extra_env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "retriever.cli", "serve", "--log-level", "WARNING"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

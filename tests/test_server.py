@@ -165,7 +165,8 @@ def test_restart_keeps_everything(settings, embedder) -> None:  # noqa: ANN001
     second = ServerThread(settings, embedder).start()
     try:
         assert second.info["reconciled"][NS] == {
-            "pending_rows_dropped": 0, "stray_vectors_removed": 0, "vectors_restored": 0}
+            "pending_rows_dropped": 0, "stray_vectors_removed": 0, "vectors_restored": 0,
+            "lexical_rows_restored": 0, "lexical_rows_removed": 0}
         with RetrieverClient(second.address) as c:
             after = {q: [(h.chunk.chunk_id, round(h.score, 5)) for h in
                          c.search(NS, q, top_k=5).hits] for q in QUERIES}
@@ -389,10 +390,11 @@ CASES = [
      grpc.StatusCode.INVALID_ARGUMENT, ["namespace", "lowercase"]),
     ("Search", pb.SearchRequest(namespace="missing", query="q", top_k=1),
      grpc.StatusCode.NOT_FOUND, ["missing"]),
-    ("Search", pb.SearchRequest(namespace=NS, query="q", top_k=1, mode=pb.LEXICAL),
-     grpc.StatusCode.UNIMPLEMENTED, ["mode", "DENSE"]),
+    ("Search", pb.SearchRequest(namespace=NS, query="q", top_k=1, mode=pb.HYBRID,
+                                dense_weight=-0.5),
+     grpc.StatusCode.INVALID_ARGUMENT, ["dense_weight", "[0, 1]"]),
     ("Search", pb.SearchRequest(namespace=NS, query="q", top_k=1, rerank=True),
-     grpc.StatusCode.UNIMPLEMENTED, ["rerank"]),
+     grpc.StatusCode.FAILED_PRECONDITION, ["rerank", "reranker_model"]),
     ("Search", pb.SearchRequest(namespace=NS, query="q", top_k=1, mode=42),
      grpc.StatusCode.INVALID_ARGUMENT, ["mode", "42"]),
     ("Search", pb.SearchRequest(namespace=NS, query="q", top_k=1, filter=pb.SearchFilter(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -65,6 +66,17 @@ BAD_DOCUMENTS: list[tuple[str, list[Document], str, str]] = [
     ("long language", [doc(language="l" * 33)], "documents[0].language", "32"),
     ("error in a later document", [doc(doc_id="ok"), doc(doc_id="bad", revision="r" * 300)],
      "documents[1].revision", "256"),
+    # The largest Timestamp: as a float epoch it rounds to year 10000 and cannot be read back.
+    ("source time at the end of time",
+     [doc(source_updated_at=datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC))],
+     "documents[0].source_updated_at", "before 2200-01-01T00:00:00Z"),
+    ("source time in year 2200", [doc(source_updated_at=datetime(2200, 1, 1, tzinfo=UTC))],
+     "documents[0].source_updated_at", "2200-01-01T00:00:00Z"),
+    ("source time before 1970",
+     [doc(source_updated_at=datetime(1969, 12, 31, 23, 59, 59, tzinfo=UTC))],
+     "documents[0].source_updated_at", "at or after 1970-01-01T00:00:00Z"),
+    ("naive source time", [doc(source_updated_at=datetime(2024, 1, 1))],
+     "documents[0].source_updated_at", "time zone"),
 ]
 
 
@@ -88,6 +100,17 @@ def test_documents_at_the_limits_pass() -> None:
                        SETTINGS) is None
 
 
+@pytest.mark.parametrize("when", [
+    datetime(1970, 1, 1, tzinfo=UTC),
+    datetime(2199, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    datetime(2024, 5, 1, 12, tzinfo=timezone(timedelta(hours=-7))),
+])
+def test_source_times_at_the_ends_of_the_range_pass(when: datetime) -> None:
+    v.documents([doc(source_updated_at=when)], SETTINGS)
+    # ... and survive the catalog's float epoch exactly.
+    assert datetime.fromtimestamp(when.timestamp(), tz=UTC) == when
+
+
 # -- ids ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("ids", "field", "needle"),
@@ -97,6 +120,7 @@ def test_documents_at_the_limits_pass() -> None:
         (["a", ""], "doc_ids[1]", "required"),
         (["x" * 1025], "doc_ids[0]", "1024"),
         (["\ud800"], "doc_ids[0]", "UTF-8"),
+        (["a", "b\x00"], "doc_ids[1]", "NUL"),
     ],
 )
 def test_bad_doc_ids(ids: list[str], field: str, needle: str) -> None:
@@ -109,6 +133,12 @@ def test_doc_id_and_chunk_id() -> None:
     expect_invalid(lambda: v.chunk_id(""), "chunk_id", "required")
     expect_invalid(lambda: v.chunk_id("c" * 129), "chunk_id", "128")
     expect_invalid(lambda: v.chunk_id("c" * 129, "ids[2]"), "ids[2]", "128")
+    # The same checks wherever an id comes in: a NUL is invalid, not merely not found.
+    expect_invalid(lambda: v.doc_id("a\x00b"), "doc_id", "NUL")
+    expect_invalid(lambda: v.chunk_id("\x00" * 32), "chunk_id", "NUL")
+    expect_invalid(lambda: v.path("src/\x00", "path_prefix"), "path_prefix", "NUL")
+    expect_invalid(lambda: v.path("p" * 1025, "path_prefix"), "path_prefix", "1024")
+    v.path("")
     v.doc_id("d" * 1024)
     v.chunk_id("c" * 128)
     v.doc_ids(["a", "b", "c"], SETTINGS)
@@ -146,6 +176,14 @@ BAD_QUERIES: list[tuple[str, SearchQuery, str, str]] = [
     ("too many filter doc_ids",
      query(filter=SearchFilter(doc_ids=tuple(f"d{i}" for i in range(1025)))),
      "filter.doc_ids", "1024"),
+    ("NUL in a filter doc_id", query(filter=SearchFilter(doc_ids=("a", "b\x00"))),
+     "filter.doc_ids[1]", "NUL"),
+    ("empty filter doc_id", query(filter=SearchFilter(doc_ids=("",))),
+     "filter.doc_ids[0]", "required"),
+    ("NUL in the filter path_prefix", query(filter=SearchFilter(path_prefix="src\x00")),
+     "filter.path_prefix", "NUL"),
+    ("long filter path_prefix", query(filter=SearchFilter(path_prefix="p" * 1025)),
+     "filter.path_prefix", "1024"),
 ]
 
 

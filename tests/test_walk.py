@@ -306,3 +306,68 @@ def test_file_name_that_is_not_utf8_is_skipped_not_fatal(tmp_path: Path) -> None
     assert [f.rel_path for f in files] == ["ok.txt"]
     assert list(report.skipped) == ["name not UTF-8"]
     assert report.skipped["name not UTF-8"][0].startswith("caf")
+
+
+# -- symbolic links ----------------------------------------------------------------------------
+def link_tree(tmp_path: Path, name: str) -> Path:
+    """A tree with links of every kind; a secret outside it that must never be read."""
+    outside = tmp_path / "outside"
+    outside.mkdir(exist_ok=True)
+    (outside / "secret.txt").write_text("TOP SECRET\n")
+    root = tmp_path / name
+    (root / "d").mkdir(parents=True)
+    (root / "ok.txt").write_text("fine\n")
+    (root / "d" / "a.txt").write_text("in the tree\n")
+    (root / ".gitignore").write_text(".env\n")
+    (root / ".env").write_text("PASSWORD=hunter2\n")
+    (root / "passwd").symlink_to(outside / "secret.txt")  # a file out of the tree
+    (root / "rel_escape").symlink_to(Path("..") / "outside" / "secret.txt")
+    (root / "outdir").symlink_to(outside, target_is_directory=True)  # a directory out of it
+    (root / "dlink").symlink_to("d", target_is_directory=True)  # a directory in it
+    (root / "broken").symlink_to("nowhere")
+    (root / "inlink").symlink_to(Path("d") / "a.txt")  # a listed file in the tree
+    (root / "envlink").symlink_to(".env")  # a file the listing leaves out
+    return root
+
+
+LINK_SKIPS = {
+    "symlink out of the tree": ["outdir", "passwd", "rel_escape"],
+    "symlink to a directory": ["dlink"],
+    "broken symlink": ["broken"],
+    "symlink to an unlisted file": ["envlink"],
+}
+
+
+@pytest.mark.parametrize("kind", ["repo", "plain", "no-git"])
+def test_symlinks_out_of_the_tree_or_to_directories_are_skipped_and_listed(
+        tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = link_tree(tmp_path, kind)
+    if kind == "repo":
+        git(root, "init", "-q")
+        git(root, "add", ".")
+        git(root, "commit", "-q", "-m", "links")
+    if kind == "no-git":  # the pathspec walk, used where git is not installed
+        import retriever.ingest.walk as walk
+
+        monkeypatch.setattr(walk, "_git", lambda root, *args: None)
+    paths, _ = list_files(root)
+    assert paths == sorted([".gitignore", "d/a.txt", "ok.txt", "inlink",
+                            *(p for ps in LINK_SKIPS.values() for p in ps)])
+    report = WalkReport()
+    files = {f.rel_path: f.content for f in read_sources(root, MAX, report)}
+    assert files == {".gitignore": ".env\n", "d/a.txt": "in the tree\n", "ok.txt": "fine\n",
+                     "inlink": "in the tree\n"}
+    assert {k: sorted(v) for k, v in report.skipped.items()} == LINK_SKIPS
+    assert report.files == 4
+
+
+def test_root_given_through_a_symlink_is_read(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "a.txt").write_text("a\n")
+    (real / "b.txt").symlink_to("a.txt")
+    alias = tmp_path / "alias"
+    alias.symlink_to(real, target_is_directory=True)
+    report = WalkReport()
+    assert {f.rel_path for f in read_sources(alias, MAX, report)} == {"a.txt", "b.txt"}
+    assert report.skipped == {}

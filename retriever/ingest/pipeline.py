@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from retriever import validation
+from retriever import analyzer, validation
+from retriever.cancel import NEVER, CallToken
 from retriever.catalog import (
     Catalog,
     ChunkPlacement,
@@ -35,6 +38,20 @@ from retriever.namespaces import NamespaceHandle, Namespaces
 from retriever.slo.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+# Embeds document texts (with their token counts) for a caller who may go away.
+EmbedDocuments = Callable[[Sequence[str], Sequence[int], CallToken], np.ndarray]
+
+# Points of the write path where a test may make the process die (Settings.fault_points):
+# durability is proven by crashing at each, not argued.
+FAULT_POINTS = ("upsert.after_stage", "upsert.after_index_write", "upsert.before_commit",
+                "upsert.after_commit")
+
+
+def _crash_if_armed(armed: frozenset[str], point: str) -> None:
+    if point in armed:
+        log.error("fault point %s reached: killing the process", point)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 # Tokens reserved for the path header embedded in front of every chunk.
 HEADER_TOKENS = 32
@@ -84,7 +101,7 @@ class _Planned:
 
 class Ingestor:
     def __init__(self, settings: Settings, catalog: Catalog, namespaces: Namespaces,
-                 embedder: Embedder, embed_documents: Callable[[Sequence[str]], np.ndarray],
+                 embedder: Embedder, embed_documents: EmbedDocuments,
                  chunkers: ChunkerSet, metrics: Metrics) -> None:
         """``embed_documents`` computes vectors (the service routes it through its one
         model thread); ``embedder`` is used for its tokenizer."""
@@ -95,18 +112,30 @@ class Ingestor:
         self._embed_documents = embed_documents
         self._chunkers = chunkers
         self._metrics = metrics
+        self._faults = frozenset(settings.fault_points)
+        if unknown := self._faults - set(FAULT_POINTS):
+            raise ValueError(f"unknown fault_points {sorted(unknown)}; known: {FAULT_POINTS}")
 
-    def upsert(self, namespace: str, docs: Sequence[Document]) -> UpsertResult:
+    def upsert(self, namespace: str, docs: Sequence[Document],
+               token: CallToken = NEVER) -> UpsertResult:
+        """Commit ``docs`` as one unit. Nothing commits once ``token`` says the caller is
+        gone (checked while waiting for the namespace and the model, and right before the
+        commit)."""
         validation.namespace_name(namespace)
         validation.documents(docs, self._settings)
         while True:
+            token.check("the upsert started")
             handle = self._namespaces.get_or_create(namespace)
             self._namespaces.require_compatible(handle)
-            with handle.write_lock:
+            token.acquire(handle.write_lock, "the upsert started")
+            try:
                 if not handle.deleted:  # else deleted meanwhile: upsert re-creates it
-                    return self._upsert_locked(handle, docs)
+                    return self._upsert_locked(handle, docs, token)
+            finally:
+                handle.write_lock.release()
 
-    def _upsert_locked(self, handle: NamespaceHandle, docs: Sequence[Document]) -> UpsertResult:
+    def _upsert_locked(self, handle: NamespaceHandle, docs: Sequence[Document],
+                       token: CallToken) -> UpsertResult:
         ns = handle.name
         heads = self._catalog.document_heads(ns, [d.doc_id for d in docs])
         planned: list[_Planned] = []
@@ -133,7 +162,8 @@ class Ingestor:
                     for ci, cid in enumerate(p.chunk_ids) if cid not in existing]
         with self._metrics.stage("embed"):
             vectors = self._embed_documents(
-                [planned[pi].embed_texts[ci] for pi, ci in to_embed])
+                [planned[pi].embed_texts[ci] for pi, ci in to_embed],
+                [planned[pi].token_counts[ci] for pi, ci in to_embed], token)
 
         new_rows = [
             NewChunk(
@@ -145,14 +175,19 @@ class Ingestor:
                 end_byte=planned[pi].spans[ci].end_byte,
                 token_count=planned[pi].token_counts[ci], chunker=planned[pi].chunker,
                 vector=vectors[row],
+                terms=" ".join(analyzer.terms(
+                    f"{planned[pi].path}\n{planned[pi].spans[ci].text}")),
             )
             for row, (pi, ci) in enumerate(to_embed)
         ]
+        token.check("the commit")
         staged = self._catalog.stage_chunks(ns, new_rows) if new_rows else []
         try:
+            _crash_if_armed(self._faults, "upsert.after_stage")
             with self._metrics.stage("index_write"):
                 if staged:
                     handle.index.upsert(staged, vectors)
+            _crash_if_armed(self._faults, "upsert.after_index_write")
             staged_by_cid = {r.chunk_id: vid for r, vid in zip(new_rows, staged, strict=True)}
             new_ids = {p.doc.doc_id: set(p.chunk_ids) for p in planned}
             drops: dict[str, list[int]] = {}
@@ -163,7 +198,11 @@ class Ingestor:
             writes = [self._write(p, existing, staged_by_cid, drops.get(p.doc.doc_id, []))
                       for p in planned]
             with self._metrics.stage("commit"), handle.visibility.write():
+                # The last moment to give up: past it, the documents are acknowledged.
+                token.check("the commit")
+                _crash_if_armed(self._faults, "upsert.before_commit")
                 version = self._catalog.commit_documents(ns, writes, refreshes)
+            _crash_if_armed(self._faults, "upsert.after_commit")
         except BaseException:
             # Nothing was committed: take the staged rows back out of index and catalog.
             if staged:
@@ -243,16 +282,21 @@ class Ingestor:
             m.chunks_embedded.labels(ns).inc(r.chunks_embedded)
             m.chunks_reused.labels(ns).inc(r.chunks_reused)
 
-    def delete(self, namespace: str, doc_ids: Sequence[str]) -> DeleteResult:
+    def delete(self, namespace: str, doc_ids: Sequence[str],
+               token: CallToken = NEVER) -> DeleteResult:
         validation.namespace_name(namespace)
         validation.doc_ids(doc_ids, self._settings)
         handle = self._namespaces.get(namespace)
-        with handle.write_lock:
+        token.acquire(handle.write_lock, "the delete started")
+        try:
             handle.require_live()
             with handle.visibility.write():
+                token.check("the delete")
                 deleted, vector_ids, version = self._catalog.delete_documents(namespace, doc_ids)
             if vector_ids:
                 handle.index.delete(vector_ids)
+        finally:
+            handle.write_lock.release()
         gone = set(deleted)
         unique_ids = list(dict.fromkeys(doc_ids))
         return DeleteResult(documents_deleted=len(deleted), chunks_deleted=len(vector_ids),

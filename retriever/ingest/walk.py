@@ -8,12 +8,16 @@ directory, so .gitignore files still mean exactly what they mean to git. The sam
 a directory that its enclosing repository ignores. Only where git is not installed is the
 directory walked with pathspec's gitignore rules (close to git's, not identical in every
 corner).
-Binary, oversized and non-UTF-8 files are skipped and reported, never sent.
+Binary, oversized and non-UTF-8 files are skipped and reported, never sent. So are symbolic
+links that lead out of the tree (a link to /etc/passwd), to a directory, to a file the
+listing leaves out (an ignored .env), or nowhere: git tracks a link, not what it points to,
+so only a link to a file that is itself indexed is read (under the link's own path).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -62,7 +66,7 @@ def list_files(root: Path) -> tuple[list[str], str]:
         listing = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
         if listing is not None:
             head = (_git(root, "rev-parse", "--verify", "-q", "HEAD") or "").strip()
-            paths = sorted({p for p in listing.split("\0") if p and (root / p).is_file()})
+            paths = sorted({p for p in listing.split("\0") if p and _listable(root / p)})
             return paths, head
     with tempfile.TemporaryDirectory(prefix="retriever-walk-") as scratch:
         if _git(Path(scratch), "init", "-q", "--bare", scratch) is not None:
@@ -70,8 +74,13 @@ def list_files(root: Path) -> tuple[list[str], str]:
                            "-z", "--others", "--exclude-standard")
             if listing is not None:
                 return sorted(p for p in listing.split("\0")
-                              if p and (root / p).is_file()), ""
+                              if p and _listable(root / p)), ""
     return sorted(_walk_gitignore(root)), ""
+
+
+def _listable(path: Path) -> bool:
+    """A regular file, or a symbolic link (which read_sources checks and reports)."""
+    return path.is_symlink() or path.is_file()
 
 
 def _walk_gitignore(root: Path) -> Iterator[str]:
@@ -95,18 +104,24 @@ def _walk_gitignore(root: Path) -> Iterator[str]:
                     verdict = bool(result.include)
             return verdict
 
+        # A link to a directory is an entry like a file (git does not descend into one
+        # either); read_sources reports it.
+        links = [d for d in dirnames if (Path(dirpath) / d).is_symlink()]
         dirnames[:] = sorted(d for d in dirnames
-                             if d != ".git" and not ignored(rel_dir + d, True))
-        for name in filenames:
+                             if d != ".git" and d not in links
+                             and not ignored(rel_dir + d, True))
+        for name in [*filenames, *links]:
             rel = rel_dir + name
-            if not ignored(rel, False) and not (Path(dirpath) / name).is_symlink():
+            if not ignored(rel, False):
                 yield rel
 
 
 def read_sources(root: Path, max_bytes: int, report: WalkReport) -> Iterator[SourceFile]:
     """Yield the text files under ``root``; skipped ones are recorded in ``report``."""
     root = Path(root)
+    real_root = root.resolve()
     paths, head = list_files(root)
+    listed = set(paths)
     for rel in paths:
         try:
             rel.encode("utf-8")
@@ -115,14 +130,29 @@ def read_sources(root: Path, max_bytes: int, report: WalkReport) -> Iterator[Sou
                 "utf-8", "backslashreplace"))
             continue
         path = root / rel
+        reason, real = _resolve(path, real_root, listed)
+        if reason:
+            report.skip(reason, rel)
+            continue
         try:
-            st = path.stat()
-            if st.st_size > max_bytes:
-                report.skip("too large", rel)
-                continue
-            data = path.read_bytes()
+            # What was checked is what is read: the resolved path, opened without following
+            # a link swapped in meanwhile, and never blocking on a FIFO.
+            fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_NONBLOCK", 0))
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    report.skip("not a regular file", rel)
+                    continue
+                if st.st_size > max_bytes:
+                    report.skip("too large", rel)
+                    continue
+                data = fh.read(max_bytes + 1)
         except OSError:
             report.skip("unreadable", rel)
+            continue
+        if len(data) > max_bytes:  # grew since fstat
+            report.skip("too large", rel)
             continue
         if b"\x00" in data[:8192]:
             report.skip("binary", rel)
@@ -138,3 +168,20 @@ def read_sources(root: Path, max_bytes: int, report: WalkReport) -> Iterator[Sou
         report.files += 1
         report.bytes += len(data)
         yield SourceFile(rel, text, datetime.fromtimestamp(st.st_mtime, tz=UTC), head)
+
+
+def _resolve(path: Path, real_root: Path, listed: set[str]) -> tuple[str, Path]:
+    """(reason to skip or "", the real path to read) of a listed entry."""
+    link = path.is_symlink()
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, or a loop of links
+        return ("broken symlink" if link else "unreadable"), path
+    if not real.is_relative_to(real_root):
+        # A link, or a path through a linked directory, that leads out of the tree.
+        return "symlink out of the tree", real
+    if real.is_dir():
+        return "symlink to a directory", real
+    if link and real.relative_to(real_root).as_posix() not in listed:
+        return "symlink to an unlisted file", real
+    return "", real

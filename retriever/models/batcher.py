@@ -1,4 +1,4 @@
-"""One thread runs every forward pass of the embedder: queries first, documents in slices.
+"""One thread runs every forward pass of the model: the one place that decides what runs next.
 
 Why one thread: when several long-lived threads run the model, each keeps its own OpenMP
 team and a single query's forward pass takes about twice as long (measured: p50 6.6 ms ->
@@ -8,8 +8,18 @@ removes that, and gives an explicit priority:
 - queries: the first waiting query opens a micro-batch; others join it for up to
   ``max_wait_s`` or until ``max_batch`` texts, then one forward pass answers them all;
 - documents: a document job (the new chunks of one upsert message) is embedded in slices of
-  ``doc_batch`` texts, longest first; between slices waiting queries go ahead, so a search
-  waits at most one slice during a bulk upsert.
+  at most ``doc_batch`` texts and ``doc_slice_tokens`` tokens, longest first; between
+  slices waiting queries go ahead, so a search waits at most one slice during a bulk upsert.
+
+Fair both ways, with a bounded wait for each class:
+- a query waits for at most the one slice in flight (a slice is small: one or a few chunks);
+- documents are not starved by a stream of searches: once a document job has waited
+  ``doc_max_wait_s`` since the model last worked on documents, its next slice runs before
+  the next query batch. Under a saturating search load documents still get at least
+  slice / (slice + doc_max_wait) of the model;
+- document jobs take turns slice by slice (round robin), so a small upsert is not queued
+  behind a bulk one;
+- a job whose caller went away is dropped before its next slice (``cancel_documents``).
 """
 
 from __future__ import annotations
@@ -37,9 +47,15 @@ class _Query:
 
 @dataclass(eq=False)
 class _DocJob:
-    texts: list[str]
+    """A long job run in slices: a document job (texts -> vectors) or a re-ranking job
+    ((query, passage) pairs -> scores)."""
+
+    texts: list
     future: Future[np.ndarray]
     order: list[int]  # indices, longest text first
+    lengths: list[int]  # tokens (or an estimate) per text
+    fn: Callable[[list], np.ndarray]
+    kind: str  # "document" | "rerank"
     done: int = 0
     out: list[tuple[list[int], np.ndarray]] = field(default_factory=list)
 
@@ -48,16 +64,28 @@ class MicroBatcher:
     def __init__(self, embed: EmbedFn, max_batch: int, max_wait_s: float,
                  on_batch: Callable[[int], None] | None = None,
                  on_depth: Callable[[int], None] | None = None,
-                 doc_batch: int = 16) -> None:
+                 doc_batch: int = 16, doc_slice_tokens: int = 0,
+                 doc_max_wait_s: float = 0.05,
+                 on_wait: Callable[[str, float], None] | None = None) -> None:
+        """``doc_slice_tokens``: token budget of one document slice (0: no budget, only
+        ``doc_batch``). ``on_wait(kind, seconds)`` receives how long each query batch and
+        each document slice waited for the model."""
         self._embed = embed
         self._max_batch = max_batch
         self._max_wait = max_wait_s
         self.doc_batch = doc_batch  # may be changed before start()
+        self.doc_slice_tokens = doc_slice_tokens
+        self._doc_max_wait = doc_max_wait_s
+        self._on_wait = on_wait or (lambda kind, s: None)
+        # When the model last worked on documents (or the first job began to wait).
+        self._docs_served = time.monotonic()
+        self._last_was_doc = False
         self._on_batch = on_batch or (lambda n: None)
         self._on_depth = on_depth or (lambda n: None)
         self._cond = threading.Condition()
         self._queries: deque[_Query] = deque()
         self._docs: deque[_DocJob] = deque()
+        self._reranks: deque[_DocJob] = deque()
         self._thread: threading.Thread | None = None
         self._running = False
 
@@ -88,19 +116,56 @@ class MicroBatcher:
         self._on_depth(depth)
         return fut
 
-    def submit_documents(self, texts: Sequence[str]) -> Future[np.ndarray]:
+    def submit_documents(self, texts: Sequence[str],
+                         lengths: Sequence[int] | None = None) -> Future[np.ndarray]:
         """Document embeddings of ``texts`` (rows in order), computed in slices that yield
-        to queries."""
+        to queries. ``lengths``: tokens per text, for token-budgeted slices (estimated from
+        characters when absent)."""
         fut: Future[np.ndarray] = Future()
         texts = list(texts)
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        sizes = list(lengths) if lengths is not None else [len(t) // 4 + 1 for t in texts]
+        if len(sizes) != len(texts):
+            raise ValueError(f"{len(sizes)} lengths for {len(texts)} texts")
+        order = sorted(range(len(texts)), key=lambda i: (-sizes[i], -len(texts[i])))
         with self._cond:
             if not self._running:
                 fut.set_exception(NotReady("the embedder is not running"))
                 return fut
-            self._docs.append(_DocJob(texts, fut, order))
+            if not self._docs:
+                self._docs_served = time.monotonic()  # the wait starts now
+            self._docs.append(_DocJob(texts, fut, order, sizes, self._embed, "document"))
             self._cond.notify_all()
         return fut
+
+    def submit_rerank(self, score: Callable[[list], np.ndarray], pairs: Sequence[object],
+                      lengths: Sequence[int]) -> Future[np.ndarray]:
+        """Scores of ``pairs`` by ``score`` (a cross-encoder), in slices like a document job
+        but ahead of documents: a re-ranking search is interactive. Queries still go first
+        after each slice, so a plain search waits at most one slice behind a re-ranking."""
+        fut: Future[np.ndarray] = Future()
+        items = list(pairs)
+        order = sorted(range(len(items)), key=lambda i: -lengths[i])
+        with self._cond:
+            if not self._running:
+                fut.set_exception(NotReady("the model thread is not running"))
+                return fut
+            self._reranks.append(_DocJob(items, fut, order, list(lengths), score, "rerank"))
+            self._cond.notify_all()
+        return fut
+
+    def cancel_documents(self, future: Future[np.ndarray]) -> bool:
+        """Drop the queued job of ``future`` (its caller went away); True if it was queued.
+        A slice already running finishes; nothing more of the job runs."""
+        with self._cond:
+            for queue in (self._docs, self._reranks):
+                job = next((j for j in queue if j.future is future), None)
+                if job is not None:
+                    queue.remove(job)
+                    break
+            else:
+                return False
+        future.cancel()
+        return True
 
     # -- the model thread ------------------------------------------------------------------
     def _run(self) -> None:
@@ -116,28 +181,44 @@ class MicroBatcher:
 
     def _next_locked(self) -> list[_Query] | _DocJob | None:
         """The next unit of work; None once stopped and drained. Holds ``_cond``."""
-        while self._running and not self._queries and not self._docs:
+        while self._running and not self._queries and not self._docs and not self._reranks:
             self._cond.wait()
-        if not self._queries and not self._docs:
+        if not self._queries and not self._docs and not self._reranks:
             return None  # stopped, nothing left: what was queued before stop() is answered
-        if self._queries:
-            deadline = self._queries[0].arrived + self._max_wait
-            while self._running and sum(len(q.texts) for q in self._queries) < self._max_batch:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            batch = [self._queries.popleft()]  # a single request over max_batch runs alone
-            n = len(batch[0].texts)
-            while self._queries and n + len(self._queries[0].texts) <= self._max_batch:
-                n += len(self._queries[0].texts)
-                batch.append(self._queries.popleft())
-            self._on_depth(sum(len(q.texts) for q in self._queries))
-            return batch
-        return self._docs[0]
+        # Waiting queries go after at most one slice; waiting documents after at most
+        # doc_max_wait of query batches.
+        if self._docs and ((not self._queries and not self._reranks)
+                           or (not self._last_was_doc and self._docs_overdue())):
+            self._last_was_doc = True
+            job = self._docs[0]
+            self._docs.rotate(-1)  # jobs take turns, one slice each
+            return job
+        if self._reranks and not self._queries:
+            self._last_was_doc = False
+            job = self._reranks[0]
+            self._reranks.rotate(-1)
+            return job
+        self._last_was_doc = False
+        deadline = self._queries[0].arrived + self._max_wait
+        while self._running and sum(len(q.texts) for q in self._queries) < self._max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(left)
+        batch = [self._queries.popleft()]  # a single request over max_batch runs alone
+        n = len(batch[0].texts)
+        while self._queries and n + len(self._queries[0].texts) <= self._max_batch:
+            n += len(self._queries[0].texts)
+            batch.append(self._queries.popleft())
+        self._on_depth(sum(len(q.texts) for q in self._queries))
+        return batch
+
+    def _docs_overdue(self) -> bool:
+        return time.monotonic() - self._docs_served >= self._doc_max_wait
 
     def _run_queries(self, batch: list[_Query]) -> None:
         texts = [t for q in batch for t in q.texts]
+        self._on_wait("query", time.monotonic() - batch[0].arrived)
         try:
             vectors = self._embed(texts)
         except BaseException as exc:  # every waiting caller hears of it
@@ -150,27 +231,55 @@ class MicroBatcher:
             q.future.set_result(vectors[row : row + len(q.texts)])
             row += len(q.texts)
 
+    def _slice(self, job: _DocJob) -> list[int]:
+        """The next texts of ``job``: up to doc_batch texts and doc_slice_tokens tokens
+        (always at least one text)."""
+        budget = self.doc_slice_tokens
+        idx: list[int] = []
+        tokens = 0
+        for i in job.order[job.done : job.done + max(1, self.doc_batch)]:
+            if idx and budget and tokens + job.lengths[i] > budget:
+                break
+            idx.append(i)
+            tokens += job.lengths[i]
+        return idx
+
     def _run_slice(self, job: _DocJob) -> None:
-        idx = job.order[job.done : job.done + self.doc_batch]
+        queue = self._docs if job.kind == "document" else self._reranks
+        if job.kind == "document":
+            with self._cond:
+                waited = time.monotonic() - self._docs_served
+            self._on_wait("document", waited)
+        idx = self._slice(job)
         try:
-            vectors = self._embed([job.texts[i] for i in idx]) if idx else None
+            vectors = job.fn([job.texts[i] for i in idx]) if idx else None
         except BaseException as exc:
             with self._cond:
-                self._docs.remove(job)
-            job.future.set_exception(exc)
+                if job.kind == "document":
+                    self._docs_served = time.monotonic()
+                if job in queue:
+                    queue.remove(job)
+            if not job.future.done():
+                job.future.set_exception(exc)
             return
+        if job.kind == "document":
+            with self._cond:
+                self._docs_served = time.monotonic()
         if vectors is not None:
             job.out.append((idx, vectors))
         job.done += len(idx)
         if job.done < len(job.texts):
             return
         with self._cond:
-            self._docs.remove(job)
+            if job in queue:
+                queue.remove(job)
+        if job.future.done():  # cancelled meanwhile
+            return
         if job.out:
-            dim = job.out[0][1].shape[1]
-            result = np.empty((len(job.texts), dim), dtype=np.float32)
+            first = job.out[0][1]
+            result = np.empty((len(job.texts), *first.shape[1:]), dtype=np.float32)
             for rows, vecs in job.out:
                 result[rows] = vecs
         else:
-            result = self._embed([])
+            result = job.fn([])
         job.future.set_result(result)

@@ -100,6 +100,16 @@ class Embedder:
             return self._settings.embed_batch_size
         return 64 if self.device.startswith("cuda") else 4
 
+    @property
+    def default_slice_tokens(self) -> int:
+        """Token budget of one document slice: the setting, or when it is 0 one full chunk
+        on CPU (a search waits at most about one chunk's forward pass, ~25-50 ms here) and
+        64 chunks on CUDA."""
+        if self._settings.embed_slice_tokens:
+            return self._settings.embed_slice_tokens
+        per_chunk = self.max_tokens or 256
+        return per_chunk * (64 if self.device.startswith("cuda") else 1)
+
     # -- tokens ----------------------------------------------------------------------------
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Token lengths without special tokens, in the model's own tokenizer."""

@@ -1,8 +1,19 @@
-"""The query path: embed (micro-batched) -> ANN -> catalog look-up -> hits with lineage.
+"""The query path as stages: candidates (dense, lexical) -> fuse -> re-rank -> shape.
 
-ANN and the catalog look-up of its ids run under the namespace's shared visibility lock,
-and ids the catalog does not show (staged or superseded chunks) are skipped, so a search
-sees each document entirely before or entirely after a concurrent upsert.
+- **dense**: the query's embedding (micro-batched with concurrent queries) against the
+  namespace's vector index;
+- **lexical**: BM25 over the code-aware analyzer's terms (retriever/analyzer.py), read from
+  the catalog's FTS5 index;
+- **fuse** (HYBRID): per-query normalized scores of both sides, convex combination
+  (search/fusion.py);
+- **rerank** (when asked): the cross-encoder re-scores the best candidates, on the model
+  thread in slices that yield to plain queries;
+- **shape**: collapse to one hit per document, min_score, a cap per path, top_k.
+
+Candidate generation and the catalog look-up of the candidates run under the namespace's
+shared visibility lock, and ids the catalog does not show (staged or superseded chunks) are
+skipped, so a search sees each document entirely before or entirely after a concurrent
+upsert, on both sides. Each stage records its time and each hit carries each stage's score.
 """
 
 from __future__ import annotations
@@ -10,14 +21,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
 
-from retriever import validation
+from retriever import analyzer, validation
 from retriever.catalog import Catalog
 from retriever.config import Settings
 from retriever.domain import (
+    ChunkRecord,
     Hit,
     Lineage,
     SearchMode,
@@ -25,39 +38,77 @@ from retriever.domain import (
     SearchResult,
     StageTimings,
 )
-from retriever.errors import Unimplemented
+from retriever.errors import FailedPrecondition, InvalidArgument
 from retriever.freshness.staleness import hit_staleness
 from retriever.models.embedder import Embedder
+from retriever.models.reranker import Reranker
 from retriever.namespaces import NamespaceHandle, Namespaces
+from retriever.search import fusion
 from retriever.slo.metrics import Metrics
 
 EmbedQueries = Callable[[Sequence[str]], "Future[np.ndarray]"]
+# Scores (query, passage) pairs with their token counts on the model thread.
+RerankPairs = Callable[[Sequence[tuple[str, str]], Sequence[int]], "Future[np.ndarray]"]
+
+_MODES = {"dense": SearchMode.DENSE, "lexical": SearchMode.LEXICAL,
+          "hybrid": SearchMode.HYBRID}
+
+
+@dataclass(slots=True)
+class _Candidate:
+    chunk: ChunkRecord
+    dense: float | None = None
+    lexical: float | None = None
+    fused: float | None = None
+    rerank: float | None = None
+    score: float = 0.0
 
 
 class Searcher:
     def __init__(self, settings: Settings, catalog: Catalog, namespaces: Namespaces,
-                 embedder: Embedder, embed_queries: EmbedQueries, metrics: Metrics) -> None:
+                 embedder: Embedder, embed_queries: EmbedQueries, metrics: Metrics,
+                 reranker: Reranker | None = None, rerank_pairs: RerankPairs | None = None
+                 ) -> None:
         self._settings = settings
         self._catalog = catalog
         self._namespaces = namespaces
         self._embedder = embedder
         self._embed_queries = embed_queries
         self._metrics = metrics
+        self._reranker = reranker if reranker is not None and reranker.loaded else None
+        self._rerank_pairs = rerank_pairs
+        self.default_mode = _MODES[settings.default_search_mode]
+
+    def mode_of(self, q: SearchQuery) -> SearchMode:
+        return self.default_mode if q.mode is SearchMode.DEFAULT else q.mode
 
     def validate(self, queries: Sequence[SearchQuery], *, batch: bool) -> list[NamespaceHandle]:
         """Check every query before any work; returns each one's namespace."""
         handles = []
+        s = self._settings
         for i, q in enumerate(queries):
             prefix = f"requests[{i}]." if batch else ""
-            validation.search(q, self._settings, prefix)
-            if q.mode in (SearchMode.LEXICAL, SearchMode.HYBRID):
-                raise Unimplemented(
-                    f"{prefix}mode {q.mode.name} needs the lexical index, which this server "
-                    "does not have yet; use DENSE or leave mode unset", field=f"{prefix}mode")
-            if q.rerank:
-                raise Unimplemented(
-                    f"{prefix}rerank: no re-ranker is configured on this server; leave "
-                    "rerank unset", field=f"{prefix}rerank")
+            validation.search(q, s, prefix)
+            if q.dense_weight is not None and not 0.0 <= q.dense_weight <= 1.0:
+                raise InvalidArgument(
+                    f"{prefix}dense_weight is {q.dense_weight}; it must be in [0, 1] (1: dense "
+                    "only, 0: lexical only)", field=f"{prefix}dense_weight")
+            if not 0 <= q.rerank_candidates <= s.max_rerank_candidates:
+                raise InvalidArgument(
+                    f"{prefix}rerank_candidates is {q.rerank_candidates}; it must be between "
+                    f"0 (default {s.default_rerank_candidates}) and {s.max_rerank_candidates} "
+                    "(max_rerank_candidates)", field=f"{prefix}rerank_candidates")
+            if q.max_hits_per_path < 0:
+                raise InvalidArgument(f"{prefix}max_hits_per_path must be 0 (no cap) or "
+                                      "positive", field=f"{prefix}max_hits_per_path")
+            if q.min_score is not None and not np.isfinite(q.min_score):
+                raise InvalidArgument(f"{prefix}min_score must be a finite number",
+                                      field=f"{prefix}min_score")
+            if q.rerank and self._reranker is None:
+                raise FailedPrecondition(
+                    f"{prefix}rerank: this server has no re-ranker; set reranker_model to a "
+                    "local cross-encoder directory, or leave rerank unset",
+                    field=f"{prefix}rerank")
             handle = self._namespaces.get(q.namespace)
             self._namespaces.require_compatible(handle)
             handles.append(handle)
@@ -67,60 +118,154 @@ class Searcher:
                batch: bool = False) -> list[SearchResult]:
         t0 = time.perf_counter()
         handles = self.validate(queries, batch=batch)
-        with self._metrics.stage("embed") as embed_t:
-            vectors = self._embed_queries([q.query for q in queries]).result()
-        results = []
-        for q, handle, vec in zip(queries, handles, vectors, strict=True):
-            results.append(self._one(q, handle, vec, request_id, embed_t[0], t0))
-        return results
+        modes = [self.mode_of(q) for q in queries]
+        dense_rows = [i for i, m in enumerate(modes) if m is not SearchMode.LEXICAL]
+        vectors: dict[int, np.ndarray] = {}
+        embed_s = None
+        if dense_rows:
+            with self._metrics.stage("embed") as embed_t:
+                out = self._embed_queries([queries[i].query for i in dense_rows]).result()
+            embed_s = embed_t[0]
+            vectors = {i: out[r] for r, i in enumerate(dense_rows)}
+        return [self._one(q, m, h, vectors.get(i), request_id, embed_s, t0)
+                for i, (q, m, h) in enumerate(zip(queries, modes, handles, strict=True))]
 
-    def _one(self, q: SearchQuery, handle: NamespaceHandle, vec: np.ndarray, request_id: str,
-             embed_s: float, t0: float) -> SearchResult:
-        ann_s = fetch_s = 0.0
+    # -- one query -------------------------------------------------------------------------
+    def _one(self, q: SearchQuery, mode: SearchMode, handle: NamespaceHandle,
+             vec: np.ndarray | None, request_id: str, embed_s: float | None,
+             t0: float) -> SearchResult:
+        s = self._settings
+        shaped = q.collapse or q.max_hits_per_path or q.min_score is not None
+        wanted = q.top_k * (8 if shaped else 2) + 8
+        rerank_n = 0
+        if q.rerank:
+            rerank_n = max(q.top_k, q.rerank_candidates or s.default_rerank_candidates)
+            wanted = max(wanted, rerank_n)
+        if mode is SearchMode.HYBRID:
+            wanted = max(wanted, s.hybrid_candidates)
+        timings: dict[str, float] = {}
+        dense: dict[int, float] = {}
+        lexical: dict[int, float] = {}
         with handle.visibility.read():
             handle.require_live()
-            allowed = None
-            if not q.filter.empty:
-                f0 = time.perf_counter()
-                allowed = self._catalog.filter_vector_ids(q.namespace, q.filter)
-                fetch_s += time.perf_counter() - f0
-            k = q.top_k * 2 + 8
-            while True:
-                a0 = time.perf_counter()
-                found = handle.index.search(vec[None, :], k, allowed)[0]
-                a1 = time.perf_counter()
-                chunks, index_version = self._catalog.chunks_by_vector_ids(
-                    q.namespace, found.ids.tolist())
-                f1 = time.perf_counter()
-                ann_s += a1 - a0
-                fetch_s += f1 - a1
-                # Skipped ids (staged/superseded) can crowd out real hits: ask for more.
-                if len(chunks) >= q.top_k or len(found.ids) < k:
-                    break
-                k *= 4
+            if vec is not None:
+                dense, chunks, index_version = self._dense(q, handle, vec, wanted, timings)
+            else:
+                chunks, index_version = {}, 0
+            if mode is not SearchMode.DENSE:
+                l0 = time.perf_counter()
+                lexical = dict(self._catalog.lexical_search(
+                    q.namespace, analyzer.query_terms(q.query), q.filter, wanted))
+                timings["lexical"] = time.perf_counter() - l0
+                missing = [v for v in lexical if v not in chunks]
+                if missing or vec is None:
+                    f0 = time.perf_counter()
+                    more, index_version = self._catalog.chunks_by_vector_ids(
+                        q.namespace, missing)
+                    chunks.update(more)
+                    timings["fetch"] = timings.get("fetch", 0.0) + time.perf_counter() - f0
+        candidates = self._fuse(q, mode, dense, lexical, chunks, timings)
+        reranker = ""
+        if q.rerank and candidates:
+            candidates = self._rerank(q, candidates[:rerank_n], timings)
+            assert self._reranker is not None
+            reranker = self._reranker.name
+        final = fusion.shape(candidates, q.top_k, key_doc=lambda c: c.chunk.doc_id,
+                             key_path=lambda c: c.chunk.path, score=lambda c: c.score,
+                             collapse=q.collapse, min_score=q.min_score,
+                             max_per_path=q.max_hits_per_path)
         now = datetime.now(UTC)
         hits: list[Hit] = []
-        for vid, score in zip(found.ids.tolist(), found.scores.tolist(), strict=True):
-            chunk = chunks.get(vid)
-            if chunk is None:
-                continue
-            staleness = hit_staleness(chunk, now)
+        for c in final:
+            staleness = hit_staleness(c.chunk, now)
             if staleness is not None:
                 self._metrics.result_staleness.observe(staleness)
-            hits.append(Hit(chunk=chunk, score=float(score), rank=len(hits) + 1,
-                            staleness_s=staleness))
-            if len(hits) == q.top_k:
-                break
+            hits.append(Hit(chunk=c.chunk, score=float(c.score), rank=len(hits) + 1,
+                            staleness_s=staleness, dense_score=c.dense,
+                            lexical_score=c.lexical, fused_score=c.fused,
+                            rerank_score=c.rerank))
         if not hits:
             self._metrics.zero_results.labels(q.namespace).inc()
-        self._metrics.stage_duration.labels("ann").observe(ann_s)
-        self._metrics.stage_duration.labels("fetch").observe(fetch_s)
+        for stage, seconds in timings.items():
+            if stage != "embed":
+                self._metrics.stage_duration.labels(stage).observe(seconds)
         r, e = handle.record, self._embedder
         lineage = Lineage(
             request_id=request_id, namespace=q.namespace, embedder=e.name,
-            embedder_revision=e.revision, reranker="", backend=r.backend,
+            embedder_revision=e.revision, reranker=reranker, backend=r.backend,
             index_generation=r.index_generation, index_version=index_version, device=e.device,
+            reranker_revision=self._reranker.revision if reranker and self._reranker else "",
+            mode=mode, analyzer=analyzer.ANALYZER if mode is not SearchMode.DENSE else "",
         )
-        timings = StageTimings(embed=embed_s, ann=ann_s, fetch=fetch_s,
-                               total=time.perf_counter() - t0)
-        return SearchResult(hits=tuple(hits), lineage=lineage, timings=timings)
+        return SearchResult(hits=tuple(hits), lineage=lineage, timings=StageTimings(
+            embed=embed_s if vec is not None else None, ann=timings.get("ann"),
+            lexical=timings.get("lexical"), rerank=timings.get("rerank"),
+            fetch=timings.get("fetch"), fuse=timings.get("fuse"),
+            total=time.perf_counter() - t0))
+
+    def _dense(self, q: SearchQuery, handle: NamespaceHandle, vec: np.ndarray, wanted: int,
+               timings: dict[str, float]) -> tuple[dict[int, float], dict[int, ChunkRecord], int]:
+        """ANN candidates that the catalog shows (at most ``wanted``), their chunks, and the
+        index version read with them. Call under the visibility lock."""
+        ann_s = fetch_s = 0.0
+        allowed = None
+        if not q.filter.empty:
+            f0 = time.perf_counter()
+            allowed = self._catalog.filter_vector_ids(q.namespace, q.filter)
+            fetch_s += time.perf_counter() - f0
+        k = wanted
+        while True:
+            a0 = time.perf_counter()
+            found = handle.index.search(vec[None, :], k, allowed)[0]
+            a1 = time.perf_counter()
+            chunks, index_version = self._catalog.chunks_by_vector_ids(
+                q.namespace, found.ids.tolist())
+            fetch_s += time.perf_counter() - a1
+            ann_s += a1 - a0
+            # Skipped ids (staged/superseded) can crowd out real hits: ask for more.
+            if len(chunks) >= wanted or len(found.ids) < k:
+                break
+            k *= 4
+        dense: dict[int, float] = {}
+        for vid, score in zip(found.ids.tolist(), found.scores.tolist(), strict=True):
+            if vid in chunks and len(dense) < wanted:
+                dense[vid] = float(score)
+        timings["ann"] = ann_s
+        timings["fetch"] = timings.get("fetch", 0.0) + fetch_s
+        return dense, chunks, index_version
+
+    def _fuse(self, q: SearchQuery, mode: SearchMode, dense: dict[int, float],
+              lexical: dict[int, float], chunks: dict[int, ChunkRecord],
+              timings: dict[str, float]) -> list[_Candidate]:
+        """Candidates best first, each with its stage scores; ``score`` is the last one."""
+        dense = {v: s for v, s in dense.items() if v in chunks}
+        lexical = {v: s for v, s in lexical.items() if v in chunks}
+        if mode is SearchMode.DENSE:
+            scores = dense
+        elif mode is SearchMode.LEXICAL:
+            scores = lexical
+        else:
+            f0 = time.perf_counter()
+            w = self._settings.hybrid_dense_weight if q.dense_weight is None else q.dense_weight
+            scores = fusion.fuse(dense, lexical, w, self._settings.hybrid_normalization)
+            timings["fuse"] = time.perf_counter() - f0
+        out = []
+        for vid in fusion.rank(scores):
+            out.append(_Candidate(
+                chunk=chunks[vid], dense=dense.get(vid), lexical=lexical.get(vid),
+                fused=scores[vid] if mode is SearchMode.HYBRID else None, score=scores[vid]))
+        return out
+
+    def _rerank(self, q: SearchQuery, candidates: list[_Candidate],
+                timings: dict[str, float]) -> list[_Candidate]:
+        """The candidates re-scored by the cross-encoder, best first."""
+        assert self._reranker is not None and self._rerank_pairs is not None
+        r0 = time.perf_counter()
+        pairs = [(q.query, f"{c.chunk.path}\n{c.chunk.text}") for c in candidates]
+        scores = self._rerank_pairs(pairs, self._reranker.count_tokens(pairs)).result()
+        for c, s in zip(candidates, scores.tolist(), strict=True):
+            c.rerank = float(s)
+            c.score = float(s)
+        timings["rerank"] = time.perf_counter() - r0
+        self._metrics.rerank_candidates.observe(len(candidates))
+        return sorted(candidates, key=lambda c: -c.score)

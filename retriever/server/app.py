@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from retriever.config import Settings
+from retriever.errors import RetrieverError
 from retriever.models.embedder import Embedder
 from retriever.server.interceptors import AuthInterceptor, ObservabilityInterceptor
 from retriever.server.servicer import SERVICE_NAME, RetrieverServicer, method_handlers
@@ -108,7 +109,13 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None,
         stopped: asyncio.Future[None] = asyncio.ensure_future(_wait(stop))
         done, _ = await asyncio.wait([start, stopped], return_when=asyncio.FIRST_COMPLETED)
         if start in done:
-            start.result()
+            try:
+                start.result()
+            except BaseException:
+                # e.g. a damaged catalog: stop listening before the error goes up, so the
+                # process ends with the one line run() logs, not grpc's complaints.
+                await running.server.stop(0)
+                raise
             for name in ("", SERVICE_NAME):
                 await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
             info = {"event": "serving", "grpc_port": running.port, "metrics_port": metrics_port,
@@ -145,7 +152,7 @@ def run(settings: Settings) -> int:
     try:
         with contextlib.suppress(KeyboardInterrupt):  # normally the signal handler's job
             asyncio.run(serve(settings, on_ready=ready))
-    except StartupError as exc:
+    except (StartupError, RetrieverError) as exc:  # e.g. a catalog from a newer release
         log.error("%s", exc)
         return 1
     return 0

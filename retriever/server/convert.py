@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 
 from google.protobuf.duration_pb2 import Duration
@@ -27,12 +28,14 @@ from retriever.domain import (
 from retriever.errors import InvalidArgument
 from retriever.v1 import retriever_pb2 as pb
 
+log = logging.getLogger(__name__)
 _MODES = {
     pb.SEARCH_MODE_UNSPECIFIED: SearchMode.DEFAULT,
     pb.DENSE: SearchMode.DENSE,
     pb.LEXICAL: SearchMode.LEXICAL,
     pb.HYBRID: SearchMode.HYBRID,
 }
+_MODE_PB = {v: k for k, v in _MODES.items()}
 _STATUS = {
     DocStatus.CREATED: pb.DocumentResult.CREATED,
     DocStatus.UPDATED: pb.DocumentResult.UPDATED,
@@ -41,10 +44,16 @@ _STATUS = {
 
 
 def _ts(value: datetime | None) -> Timestamp | None:
+    """``value`` as a Timestamp; unset (None) when there is none or it cannot be one, so a
+    single odd stored time never fails a whole response."""
     if value is None:
         return None
     ts = Timestamp()
-    ts.FromDatetime(value)
+    try:
+        ts.FromDatetime(value)
+    except (ValueError, OverflowError, TypeError):
+        log.warning("time %r cannot be a Timestamp; it is left unset", value)
+        return None
     return ts
 
 
@@ -82,8 +91,8 @@ def document_from_pb(msg: pb.Document, field: str = "") -> Document:
 def search_from_pb(msg: pb.SearchRequest, field: str = "") -> SearchQuery:
     if msg.mode not in _MODES:
         raise InvalidArgument(
-            f"{field}mode {msg.mode} is not a SearchMode: use DENSE (1) or leave it unset",
-            field=f"{field}mode")
+            f"{field}mode {msg.mode} is not a SearchMode: use DENSE (1), LEXICAL (2), HYBRID "
+            "(3), or leave it unset for the server's default", field=f"{field}mode")
     f = msg.filter
     return SearchQuery(
         namespace=msg.namespace, query=msg.query, top_k=msg.top_k,
@@ -92,6 +101,10 @@ def search_from_pb(msg: pb.SearchRequest, field: str = "") -> SearchQuery:
             metadata=tuple(sorted(f.metadata.items())),
         ),
         mode=_MODES.get(msg.mode, SearchMode.DEFAULT), rerank=msg.rerank,
+        dense_weight=msg.dense_weight if msg.HasField("dense_weight") else None,
+        rerank_candidates=msg.rerank_candidates, collapse=msg.collapse,
+        min_score=msg.min_score if msg.HasField("min_score") else None,
+        max_hits_per_path=msg.max_hits_per_path,
     )
 
 
@@ -110,7 +123,9 @@ def chunk_to_pb(c: ChunkRecord) -> pb.Chunk:
 
 def hit_to_pb(h: Hit) -> pb.Hit:
     return pb.Hit(chunk=chunk_to_pb(h.chunk), score=h.score, rank=h.rank,
-                  staleness=_dur(h.staleness_s))
+                  staleness=_dur(h.staleness_s), dense_score=h.dense_score,
+                  lexical_score=h.lexical_score, fused_score=h.fused_score,
+                  rerank_score=h.rerank_score)
 
 
 def lineage_to_pb(lin: Lineage) -> pb.Lineage:
@@ -119,12 +134,15 @@ def lineage_to_pb(lin: Lineage) -> pb.Lineage:
         backend=lin.backend, index_generation=lin.index_generation,
         embedder_revision=lin.embedder_revision, namespace=lin.namespace,
         index_version=lin.index_version, device=lin.device,
+        reranker_revision=lin.reranker_revision, mode=_MODE_PB[lin.mode],
+        analyzer=lin.analyzer,
     )
 
 
 def timings_to_pb(t: StageTimings) -> pb.StageTimings:
     return pb.StageTimings(embed=_dur(t.embed), ann=_dur(t.ann), lexical=_dur(t.lexical),
-                           rerank=_dur(t.rerank), fetch=_dur(t.fetch), total=_dur(t.total))
+                           rerank=_dur(t.rerank), fetch=_dur(t.fetch), total=_dur(t.total),
+                           fuse=_dur(t.fuse))
 
 
 def search_result_to_pb(r: SearchResult) -> pb.SearchResponse:

@@ -71,6 +71,89 @@ class _Limiter:
             self._n -= n
 
 
+class _SearchGate:
+    """Admission of searches: at most ``limit`` in flight, and none while the oldest search
+    in flight has been running longer than ``shed_after_s``.
+
+    A count alone queues far more than a small machine can clear (searches then wait many
+    seconds, then time out); the age of the oldest search says directly that the service is
+    behind, so beyond saturation new searches are refused at once with RESOURCE_EXHAUSTED
+    and RetryInfo, and the latency of admitted ones stays bounded. The age falls as soon as
+    the backlog drains, so admission resumes by itself."""
+
+    def __init__(self, limit: int, shed_after_s: float) -> None:
+        self._limit = limit
+        self._shed_after = shed_after_s
+        self._inflight: dict[int, tuple[float, int]] = {}  # key -> (start, searches)
+        self._n = 0
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def acquire(self, n: int = 1) -> int:
+        now = time.monotonic()
+        with self._lock:
+            if self._n + n > self._limit:
+                raise errors.Overloaded(
+                    f"{self._n} searches in flight (limit {self._limit}, "
+                    "max_inflight_searches); retry with backoff")
+            if self._inflight:
+                oldest = now - next(iter(self._inflight.values()))[0]
+                if oldest > self._shed_after:
+                    raise errors.Overloaded(
+                        f"the service is behind: a search has been running {oldest:.1f} s "
+                        f"(shedding beyond {self._shed_after:g} s, search_shed_after_s); "
+                        "retry with backoff")
+            key = self._next
+            self._next += 1
+            self._inflight[key] = (now, n)
+            self._n += n
+            return key
+
+    def release(self, key: int) -> None:
+        with self._lock:
+            _, n = self._inflight.pop(key)
+            self._n -= n
+
+
+class _PeerLimiter:
+    """Open upsert streams per client host, so one client cannot hold every slot."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, peer: str) -> None:
+        with self._lock:
+            n = self._open.get(peer, 0)
+            if n >= self._limit:
+                raise errors.Overloaded(
+                    f"this client ({peer}) already has {n} upsert streams open (limit "
+                    f"{self._limit}, max_upsert_streams_per_peer): finish or close one, "
+                    "or send more documents per message on an open stream")
+            self._open[peer] = n + 1
+
+    def release(self, peer: str) -> None:
+        with self._lock:
+            n = self._open.get(peer, 0) - 1
+            if n > 0:
+                self._open[peer] = n
+            else:
+                self._open.pop(peer, None)
+
+
+def _peer_host(peer: str | None) -> str:
+    """The client host of a gRPC peer string ("ipv4:1.2.3.4:5678", "ipv6:[::1]:5678",
+    "unix:/path"), without the port: one host's connections share its allowance."""
+    if not peer:
+        return "unknown"
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host, _, _port = rest.rpartition(":")
+        return host or rest
+    return peer
+
+
 class RetrieverServicer:
     def __init__(self, service: RetrieverService) -> None:
         self._svc = service
@@ -78,8 +161,9 @@ class RetrieverServicer:
         self._read_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc-read")
         self._write_pool = ThreadPoolExecutor(max_workers=s.max_inflight_upserts,
                                               thread_name_prefix="rpc-write")
-        self._searches = _Limiter(s.max_inflight_searches, "searches")
+        self._searches = _SearchGate(s.max_inflight_searches, s.search_shed_after_s)
         self._upserts = _Limiter(s.max_inflight_upserts, "upsert streams")
+        self._peer_streams = _PeerLimiter(s.max_upsert_streams_per_peer)
 
     def close(self) -> None:
         """Drop queued work and wait for running work, so the core is idle when it closes
@@ -140,9 +224,10 @@ class RetrieverServicer:
             next_page_token=page.next_page_token)
 
     async def DeleteNamespace(self, request: pb.DeleteNamespaceRequest, context: Any):  # noqa: N802
+        token = self._token(context)
         docs, chunks = await self._run(
-            context, lambda r: self._svc.delete_namespace(r.name), request,
-            pool=self._write_pool)
+            context, lambda r: self._svc.delete_namespace(r.name, token), request,
+            pool=self._write_pool, token=token)
         return pb.DeleteNamespaceResponse(documents_deleted=docs, chunks_deleted=chunks)
 
     # -- documents -------------------------------------------------------------------------
@@ -152,14 +237,33 @@ class RetrieverServicer:
         t0 = time.perf_counter()
         results = []
         namespace = None
-        limiter = self._upserts
+        peer = _peer_host(context.peer())
         try:
-            limiter.acquire()
+            self._upserts.acquire()
         except errors.Overloaded as exc:
-            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
+            await abort_error(context, exc)
+        try:
+            self._peer_streams.acquire(peer)
+        except errors.Overloaded as exc:
+            self._upserts.release()
+            await abort_error(context, exc)
+        token = self._token(context)
+        idle = self._svc.settings.upsert_stream_idle_timeout_s
+        messages = aiter(request_iterator)
         try:
             i = -1
-            async for request in request_iterator:
+            while True:
+                try:
+                    request = await asyncio.wait_for(anext(messages), idle)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    await abort(
+                        context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"the upsert stream sent nothing for {idle:g} s after {i + 1} "
+                        "message(s) (upsert_stream_idle_timeout_s) and was closed to free its "
+                        "slot; messages before were committed. Send messages without long "
+                        "pauses, or close the stream and open one per batch", retry=False)
                 i += 1
 
                 def one(r: Any, i: int = i) -> Any:
@@ -175,18 +279,21 @@ class RetrieverServicer:
                     namespace = r.namespace
                     docs = [convert.document_from_pb(d, f"documents[{j}].")
                             for j, d in enumerate(r.documents)]
-                    return self._svc.upsert(r.namespace, docs)
+                    return self._svc.upsert(r.namespace, docs, token)
 
-                results.append(await self._run(context, one, request, pool=self._write_pool))
+                results.append(await self._run(context, one, request, pool=self._write_pool,
+                                               token=token))
         finally:
-            limiter.release()
+            self._peer_streams.release(peer)
+            self._upserts.release()
         # An empty stream (e.g. a directory with nothing to index) changes nothing.
         return convert.upsert_to_pb(namespace or "", results, time.perf_counter() - t0)
 
     async def DeleteDocuments(self, request: pb.DeleteDocumentsRequest, context: Any):  # noqa: N802
+        token = self._token(context)
         result = await self._run(
-            context, lambda r: self._svc.delete_documents(r.namespace, list(r.doc_ids)),
-            request, pool=self._write_pool)
+            context, lambda r: self._svc.delete_documents(r.namespace, list(r.doc_ids), token),
+            request, pool=self._write_pool, token=token)
         return convert.delete_to_pb(result)
 
     async def GetDocument(self, request: pb.GetDocumentRequest, context: Any):  # noqa: N802
@@ -212,35 +319,43 @@ class RetrieverServicer:
         return resp
 
     # -- search ----------------------------------------------------------------------------
-    async def _limited(self, context: grpc.aio.ServicerContext, n: int) -> None:
-        """Count ``n`` searches in flight, or refuse: checked on the event loop, before any
-        work is queued, so excess load is refused rather than queued without bound."""
+    async def _limited(self, context: grpc.aio.ServicerContext, n: int) -> int:
+        """Admit ``n`` searches, or refuse: checked on the event loop, before any work is
+        queued, so excess load is refused rather than queued without bound."""
         try:
-            self._searches.acquire(n)
+            return self._searches.acquire(n)
         except errors.Overloaded as exc:
-            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
+            await abort_error(context, exc)
+        raise AssertionError("unreachable")
 
     async def Search(self, request: pb.SearchRequest, context: Any):  # noqa: N802
         rid = REQUEST_ID.get()
-        await self._limited(context, 1)
+        admitted = await self._limited(context, 1)
         try:
             result = await self._run(
                 context, lambda r: self._svc.search(convert.search_from_pb(r), rid), request)
         finally:
-            self._searches.release(1)
+            self._searches.release(admitted)
         return convert.search_result_to_pb(result)
 
     async def BatchSearch(self, request: pb.BatchSearchRequest, context: Any):  # noqa: N802
         rid = REQUEST_ID.get()
         n = max(1, len(request.requests)) if isinstance(request, pb.BatchSearchRequest) else 1
-        await self._limited(context, n)
+        s = self._svc.settings
+        limit, name = min((s.max_batch_queries, "max_batch_queries"),
+                          (s.max_inflight_searches, "max_inflight_searches"))
+        if n > limit:  # no retry could succeed: refuse it as bad input, before counting it
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"requests has {n} searches; at most {limit} ({name}): split the "
+                        "batch", "requests")
+        admitted = await self._limited(context, n)
         try:
             results = await self._run(
                 context, lambda r: self._svc.batch_search(
                     [convert.search_from_pb(q, f"requests[{i}].") for i, q in
                      enumerate(r.requests)], rid), request)
         finally:
-            self._searches.release(n)
+            self._searches.release(admitted)
         return pb.BatchSearchResponse(
             responses=[convert.search_result_to_pb(r) for r in results])
 

@@ -57,12 +57,28 @@ class Metrics:
         self.query_batch_size = Histogram(
             "retriever_query_batch_size", "Queries embedded together in one micro-batch.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.model_wait = Histogram(
+            "retriever_model_wait_seconds",
+            "How long work waited for the model thread, by class (query: a query batch "
+            "from its first query's arrival; document: a document slice since the model "
+            "last worked on documents).", ["class"], buckets=_LATENCY, registry=r)
+        self.rerank_candidates = Histogram(
+            "retriever_rerank_candidates", "Candidates re-scored by the cross-encoder per "
+            "search.", buckets=(1, 5, 10, 20, 30, 50, 100, 200, 500, 1000), registry=r)
         self.model_loaded = Gauge(
             "retriever_model_loaded", "1 once the embedder is loaded and indexes are open.",
             registry=r)
         self.reconcile_repairs = Counter(
             "retriever_reconcile_repairs",
             "Start-up repairs of index/catalog disagreement, by kind.", ["kind"], registry=r)
+        self.derived_files_rebuilt = Counter(
+            "retriever_derived_files_rebuilt",
+            "Damaged index files moved aside at start and rebuilt from the catalog, by kind "
+            "of file (faiss_snapshot, faiss_meta).", ["kind"], registry=r)
+        self.storage_full = Gauge(
+            "retriever_storage_full",
+            "1 while the data directory's disk is full: writes are refused (deletes still "
+            "run) until space is freed.", registry=r)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[list[float]]:

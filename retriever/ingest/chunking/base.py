@@ -26,7 +26,8 @@ class ChunkSpan:
 
 
 class Chunker(Protocol):
-    """Cuts one document into chunks of at most ``budget`` tokens each.
+    """Cuts one document into chunks of at most ``budget`` tokens and a bounded number of
+    characters each (so that no hit carries an outsized text).
 
     ``name`` (e.g. "windows/v1") is part of every chunk id it produces: a change to how a
     chunker cuts must change its name so old vectors are not reused for new texts.

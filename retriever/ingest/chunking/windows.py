@@ -6,6 +6,14 @@ column 0 (a top-level definition, a heading) — so units that fit are rarely cu
 window starts with whole trailing lines of the previous one, up to ``overlap`` tokens. A
 line longer than the budget is cut between tokens, at a whitespace gap where there is one,
 never inside a token.
+
+A window also holds at most ``max_chars`` characters, so that text the tokenizer folds into
+a few tokens (a 1 MiB word is one [UNK]) cannot make a huge chunk that every hit then
+carries. A line longer than that is first cut at the cap, at the last whitespace or else
+punctuation in the cap's second half, else right at the cap (then inside a token: there is
+no better place). The default cap is far above what a full window of code or prose holds
+(about 3 characters a token: a 222-token window of code, prose, markup or JSON measured at
+most 2.8k characters over 40k windows), so it only cuts such degenerate text.
 """
 
 from __future__ import annotations
@@ -17,6 +25,11 @@ from dataclasses import dataclass
 from retriever.ingest.chunking.base import ChunkSpan, TokenCounter
 
 _LINE = re.compile(r"[^\n]*\n|[^\n]+")
+# Matched from a position, these end right after the last whitespace / punctuation
+# character before the match's end bound: where an over-long line is best cut.
+_LAST_SPACE = re.compile(r".*\s", re.DOTALL)
+_LAST_PUNCT = re.compile(r".*[^\w\s]", re.DOTALL)
+DEFAULT_MAX_CHARS = 4096
 
 # (texts) -> per text, the (start_char, end_char) offsets of each of its tokens.
 TokenOffsets = Callable[[Sequence[str]], list[list[tuple[int, int]]]]
@@ -43,15 +56,19 @@ class WindowChunker:
         token_offsets: TokenOffsets,
         budget: int,
         overlap: int,
+        max_chars: int = DEFAULT_MAX_CHARS,
     ) -> None:
         if budget < 1:
             raise ValueError(f"budget must be positive, got {budget}")
         if not 0 <= overlap < budget:
             raise ValueError(f"overlap must be in [0, budget), got {overlap} for {budget}")
+        if max_chars < 2:
+            raise ValueError(f"max_chars must be at least 2, got {max_chars}")
         self._count = count_tokens
         self._offsets = token_offsets
         self.budget = budget
         self.overlap = overlap
+        self.max_chars = max_chars
 
     def chunk(self, content: str, *, path: str = "", language: str = "text") -> list[ChunkSpan]:
         units = self._units(content)
@@ -69,7 +86,9 @@ class WindowChunker:
             if start >= n:
                 break
             end, used = start, 0
-            while end < n and used + units[end].tokens <= self.budget:
+            first_char = units[start].start_char
+            while (end < n and used + units[end].tokens <= self.budget
+                   and units[end].end_char - first_char <= self.max_chars):
                 used += units[end].tokens
                 end += 1
             if end < n:
@@ -104,7 +123,7 @@ class WindowChunker:
                 # starts fresh, so one that fits the budget is never split by overlap.
                 start = must_end
             else:
-                start = self._overlap_start(units, start, end, units[must_end].tokens)
+                start = self._overlap_start(units, start, end, must_end)
         return spans
 
     # -- pieces ----------------------------------------------------------------------------
@@ -120,46 +139,65 @@ class WindowChunker:
             blank = not text.strip()
             units.append(_Unit(s, e, i + 1, 0 if blank else tokens, blank,
                                not blank and not text[0].isspace()))
-            if tokens > self.budget:
+            # (A blank line of any length needs no cut: no window starts or ends on one, and
+            # one that does not fit under the cap ends the window before it.)
+            if not blank and (tokens > self.budget or e - s > self.max_chars):
                 long_lines.append(len(units) - 1)
         if long_lines:
             units = self._split_long(content, units, set(long_lines))
         return units
 
     def _split_long(self, content: str, units: list[_Unit], long_idx: set[int]) -> list[_Unit]:
-        order = sorted(long_idx)
-        offsets = self._offsets([content[units[i].start_char : units[i].end_char] for i in order])
+        """Cut each long unit into pieces within both the character cap and the budget."""
+        # First at the character cap, then each piece still over the budget between tokens.
+        segs = [(i, a, b) for i in sorted(long_idx)
+                for a, b in _cut_chars(content, units[i].start_char, units[i].end_char,
+                                       self.max_chars)]
+        counts = self._count([content[a:b] for _, a, b in segs])
+        over = [k for k, c in enumerate(counts) if c > self.budget]
+        offsets = dict(zip(over, self._offsets([content[segs[k][1] : segs[k][2]]
+                                                for k in over]), strict=True))
         pieces: dict[int, list[_Unit]] = {}
-        for i, offs in zip(order, offsets, strict=True):
+        for k, ((i, a, b), c) in enumerate(zip(segs, counts, strict=True)):
             u = units[i]
-            out: list[_Unit] = []
-            t = 0
-            piece_start = u.start_char
-            while t < len(offs):
-                stop = min(t + self.budget, len(offs))
-                if stop < len(offs):
-                    # Prefer a whitespace gap in the second half of the piece.
-                    for j in range(stop, t + self.budget // 2, -1):
-                        if offs[j][0] > offs[j - 1][1]:
-                            stop = j
-                            break
-                end_char = u.start_char + offs[stop][0] if stop < len(offs) else u.end_char
-                # A piece cut inside a word can tokenize longer on its own: shrink until the
-                # piece, counted alone, fits.
-                tokens = self._count([content[piece_start:end_char]])[0]
-                while tokens > self.budget and stop - t > 1:
-                    stop = max(t + 1, stop - (tokens - self.budget))
-                    end_char = u.start_char + offs[stop][0]
-                    tokens = self._count([content[piece_start:end_char]])[0]
-                out.append(_Unit(piece_start, end_char, u.line_no, tokens, False,
-                                 piece_start == u.start_char and u.top_level))
-                piece_start = end_char
-                t = stop
-            pieces[i] = out
+            cuts = self._cut_tokens(content, a, b, offsets[k]) if k in offsets else [(a, b, c)]
+            for pa, pb, tokens in cuts:
+                blank = not content[pa:pb].strip()
+                pieces.setdefault(i, []).append(_Unit(
+                    pa, pb, u.line_no, 0 if blank else tokens, blank,
+                    pa == u.start_char and u.top_level))
         result: list[_Unit] = []
         for i, u in enumerate(units):
             result.extend(pieces.get(i, [u]))
         return result
+
+    def _cut_tokens(self, content: str, start: int, end: int, offs: list[tuple[int, int]]
+                    ) -> list[tuple[int, int, int]]:
+        """``content[start:end]`` (whose tokens are at ``offs``, relative to ``start``) as
+        (start, end, tokens) pieces of at most ``budget`` tokens, cut between tokens."""
+        out: list[tuple[int, int, int]] = []
+        t = 0
+        piece_start = start
+        while t < len(offs):
+            stop = min(t + self.budget, len(offs))
+            if stop < len(offs):
+                # Prefer a whitespace gap in the second half of the piece.
+                for j in range(stop, t + self.budget // 2, -1):
+                    if offs[j][0] > offs[j - 1][1]:
+                        stop = j
+                        break
+            end_char = start + offs[stop][0] if stop < len(offs) else end
+            # A piece cut inside a word can tokenize longer on its own: shrink until the
+            # piece, counted alone, fits.
+            tokens = self._count([content[piece_start:end_char]])[0]
+            while tokens > self.budget and stop - t > 1:
+                stop = max(t + 1, stop - (tokens - self.budget))
+                end_char = start + offs[stop][0]
+                tokens = self._count([content[piece_start:end_char]])[0]
+            out.append((piece_start, end_char, tokens))
+            piece_start = end_char
+            t = stop
+        return out
 
     def _best_break(self, units: list[_Unit], start: int, end: int, least: int) -> int:
         """The end (exclusive) of a full window: the latest good break in its second half,
@@ -172,17 +210,36 @@ class WindowChunker:
                 return j
         return end
 
-    def _overlap_start(self, units: list[_Unit], start: int, end: int, next_tokens: int) -> int:
+    def _overlap_start(self, units: list[_Unit], start: int, end: int, nxt: int) -> int:
         """Where the next window starts: whole units before ``end`` up to ``overlap`` tokens,
         always after ``start`` so that every window advances, and leaving room in the budget
-        for the ``next_tokens`` of the first new unit, so that no window is all overlap."""
-        room = min(self.overlap, self.budget - next_tokens)
+        and under the character cap for unit ``nxt``, the first new one, so that no window
+        is all overlap."""
+        room = min(self.overlap, self.budget - units[nxt].tokens)
+        last_char = units[nxt].end_char
         j, used = end, 0
-        while j - 1 > start and used + units[j - 1].tokens <= room:
+        while (j - 1 > start and used + units[j - 1].tokens <= room
+               and last_char - units[j - 1].start_char <= self.max_chars):
             used += units[j - 1].tokens
             j -= 1
         # Do not start on a piece inside a split line unless the overlap covers it whole.
         return j
+
+
+def _cut_chars(content: str, start: int, end: int, cap: int) -> list[tuple[int, int]]:
+    """``content[start:end]`` as consecutive (start, end) pieces of at most ``cap``
+    characters, each cut after the last whitespace, else punctuation, in the second half of
+    its room, else at the cap."""
+    out: list[tuple[int, int]] = []
+    pos = start
+    while end - pos > cap:
+        low, limit = pos + cap // 2, pos + cap
+        m = _LAST_SPACE.match(content, low, limit) or _LAST_PUNCT.match(content, low, limit)
+        cut = m.end() if m is not None else limit
+        out.append((pos, cut))
+        pos = cut
+    out.append((pos, end))
+    return out
 
 
 class _ByteOffsets:

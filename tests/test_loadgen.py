@@ -1,0 +1,72 @@
+"""A few seconds of load-tests/loadgen.py against the test server: the report is written and
+its figures are sane (what they say about the service is the full run's business)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from corpus import CORPUS
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _ordered(lat: dict) -> bool:
+    return lat.get("n", 0) == 0 or lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+
+
+@pytest.mark.integration
+def test_loadgen_writes_a_sane_report(server, tmp_path: Path) -> None:  # noqa: ANN001
+    corpus = tmp_path / "corpus"
+    for rel, text in CORPUS.items():
+        (corpus / rel).parent.mkdir(parents=True, exist_ok=True)
+        (corpus / rel).write_text(text)
+    out = tmp_path / "results"
+    cmd = [sys.executable, "load-tests/loadgen.py", "--address", server.address,
+           "--server-pid", str(os.getpid()),
+           "--metrics-address", f"127.0.0.1:{server.info['metrics_port']}",
+           "--corpus", str(corpus), "--idle-requests", "10", "--closed", "1,2",
+           "--rates", "4", "--step-seconds", "2", "--warmup-seconds", "0.5",
+           "--cooldown", "0.1", "--target-rate", "4", "--target-seconds", "2", "--soak", "2",
+           "--soak-window", "2",
+           "--sample-interval", "0.5", "--deadline", "60", "--name", "smoke",
+           "--out-dir", str(out), "--quiet"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    report = json.loads((out / "smoke.json").read_text())
+    assert (out / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "smoke.md").read_text()
+    for heading in ("## Goals", "## Idle", "## Closed loop", "## Open loop", "## Mixed load",
+                    "## Soak", "## Error codes by type"):
+        assert heading in md
+    assert report["corpus"]["documents"] == len(CORPUS) and report["corpus"]["chunks"] > 0
+
+    steps = report["steps"]
+    assert [(s["kind"], s["level"]) for s in steps] == [("closed", 1), ("closed", 2),
+                                                        ("open", 4)]
+    assert [w["end_s"] for w in report["soak_windows"]] == [2]
+    for s in [*steps, report["target"], report["soak"], *report["soak_windows"]]:
+        assert s["goodput_rps"] > 0 and s["codes"].get("OK", 0) > 0
+        assert _ordered(s["latency_s"])
+        assert all(_ordered(c["latency_s"]) for c in s["classes"].values())
+    assert all(_ordered(c["latency_s"]) for c in report["idle"].values())
+    assert report["idle"]["search"]["codes"] == {"OK": 10}
+    assert report["saturation"]["rps"] > 0
+    assert report["target"]["level"] == 4
+
+    # The server (this process) was sampled, through the soak too.
+    assert {s["phase"] for s in report["samples"]} >= {"idle", "closed", "open", "soak"}
+    assert all(s["rss_bytes"] > 0 and s["fds"] > 0 for s in report["samples"])
+    assert report["soak_memory"]["rss_after_warmup_bytes"] > 0
+
+    # Every goal judged on a measured value, and printed.
+    assert {g["status"] for g in report["goals"]} <= {"PASS", "FAIL", "n/a"}
+    assert len([g for g in report["goals"] if g["status"] != "n/a"]) >= 2
+    printed = [line for line in proc.stdout.splitlines() if line[:4].strip() in
+               ("PASS", "FAIL", "n/a")]
+    assert len(printed) == len(report["goals"])

@@ -1,0 +1,243 @@
+"""Mixed load and abusive clients against a real server: searches cannot starve ingestion,
+a call nobody waits for never commits, idle streams cannot hold ingestion hostage."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import make_settings
+from grpc_status import rpc_status
+
+from retriever.client import RetrieverClient
+from retriever.models.embedder import Embedder
+from retriever.server.app import ServerThread
+from retriever.v1 import retriever_pb2 as pb
+
+pytestmark = pytest.mark.integration
+IDLE_S = 1.5
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> Iterator[ServerThread]:
+    settings = make_settings(Path(tmp_path_factory.mktemp("mixed")) / "data",
+                             upsert_stream_idle_timeout_s=IDLE_S, max_upsert_streams_per_peer=2,
+                             max_inflight_searches=16, max_batch_queries=64)
+    st = ServerThread(settings, embedder).start()
+    try:
+        yield st
+    finally:
+        st.stop()
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[RetrieverClient]:
+    with RetrieverClient(server.address, timeout=60) as c:
+        yield c
+
+
+def _small(i: int, tag: str) -> pb.Document:
+    return pb.Document(doc_id=f"{tag}-{i}.md", content=f"# Note {i}\nA small note about {tag}.")
+
+
+def _big(i: int, tag: str) -> pb.Document:
+    words = " ".join(f"{tag}{i}w{j}" for j in range(1000))  # ~25 chunks
+    return pb.Document(doc_id=f"{tag}-{i}.txt", content=words)
+
+
+def _exists(client: RetrieverClient, ns: str, doc_id: str) -> bool:
+    try:
+        client.get_document(ns, doc_id)
+        return True
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.NOT_FOUND, exc
+        return False
+
+
+def _settle(client: RetrieverClient, ns: str) -> None:
+    """Wait until the namespace's writers are done: an upsert takes its write lock last."""
+    client.upsert(ns, [pb.Document(doc_id="settle.md", content="settle")])
+
+
+def test_searches_in_a_loop_do_not_starve_upserts(client: RetrieverClient,
+                                                  server: ServerThread) -> None:
+    client.upsert("load-a", [_small(i, "seed") for i in range(4)])
+    stop = threading.Event()
+    searches = [0, 0]
+    errors: list[BaseException] = []
+
+    def searcher(k: int) -> None:
+        with RetrieverClient(server.address, timeout=30) as c:
+            while not stop.is_set():
+                try:
+                    c.search("load-a", "a small note", top_k=5)
+                    searches[k] += 1
+                except BaseException as exc:  # noqa: BLE001
+                    errors.append(exc)
+                    return
+
+    threads = [threading.Thread(target=searcher, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        # Four tiny documents into another namespace, and into the searched one, each under
+        # a deadline that the spine missed by 10-20 s (it never ran them while searches came).
+        for ns in ("load-b", "load-a"):
+            resp = client.stub.UpsertDocuments(
+                iter([pb.UpsertDocumentsRequest(namespace=ns,
+                                                documents=[_small(i, ns) for i in range(4)])]),
+                timeout=10)
+            assert resp.documents_created == 4
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors
+    assert min(searches) > 0  # the searches kept going meanwhile
+
+
+def test_a_timed_out_upsert_never_commits(client: RetrieverClient) -> None:
+    docs = [_big(i, "late") for i in range(6)]  # seconds of embedding on a CPU
+    with pytest.raises(grpc.RpcError) as info:
+        client.stub.UpsertDocuments(
+            iter([pb.UpsertDocumentsRequest(namespace="cancel", documents=docs)]), timeout=0.5)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _settle(client, "cancel")
+    time.sleep(0.5)
+    assert not any(_exists(client, "cancel", d.doc_id) for d in docs)
+
+
+def test_a_cancelled_upsert_never_commits(client: RetrieverClient) -> None:
+    docs = [_big(i, "gone") for i in range(6)]
+    call = client.stub.UpsertDocuments.future(
+        iter([pb.UpsertDocumentsRequest(namespace="cancel", documents=docs)]), timeout=60)
+    time.sleep(0.5)  # the server is embedding
+    assert call.cancel()
+    _settle(client, "cancel")
+    time.sleep(0.5)
+    assert not any(_exists(client, "cancel", d.doc_id) for d in docs)
+
+
+def test_a_delete_namespace_that_timed_out_behind_an_upsert_is_not_applied_later(
+        client: RetrieverClient, server: ServerThread) -> None:
+    client.upsert("doomed", [_small(0, "x")])
+    done = threading.Event()
+    failed: list[BaseException] = []
+
+    def bulk() -> None:
+        try:
+            with RetrieverClient(server.address, timeout=120) as c:
+                c.upsert("doomed", [_big(i, "bulk") for i in range(4)], batch_size=4)
+            done.set()
+        except BaseException as exc:  # noqa: BLE001
+            failed.append(exc)
+
+    t = threading.Thread(target=bulk)
+    t.start()
+    time.sleep(0.5)  # the bulk upsert holds the namespace's write lock
+    with pytest.raises(grpc.RpcError) as info:
+        client.stub.DeleteNamespace(pb.DeleteNamespaceRequest(name="doomed"), timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    t.join(120)
+    assert done.is_set(), failed
+    time.sleep(0.5)
+    assert client.status("doomed").document_count == 5  # still there, with the bulk docs
+
+
+def _idle_stream(first: pb.UpsertDocumentsRequest, release: threading.Event
+                 ) -> Iterator[pb.UpsertDocumentsRequest]:
+    yield first
+    release.wait(30)
+
+
+def test_an_idle_upsert_stream_is_closed_and_its_first_messages_kept(
+        client: RetrieverClient) -> None:
+    release = threading.Event()
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        client.stub.UpsertDocuments(_idle_stream(pb.UpsertDocumentsRequest(
+            namespace="idle", documents=[_small(0, "idle")]), release), timeout=30)
+    release.set()
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "upsert_stream_idle_timeout_s" in info.value.details()
+    assert time.monotonic() - t0 < 20
+    assert _exists(client, "idle", "idle-0.md")
+
+
+def test_one_client_cannot_hold_every_upsert_slot(client: RetrieverClient) -> None:
+    release = threading.Event()
+    held = [client.stub.UpsertDocuments.future(_idle_stream(pb.UpsertDocumentsRequest(
+        namespace="peer", documents=[_small(k, "held")]), release), timeout=30)
+        for k in range(2)]
+    try:
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as info:
+            client.upsert("peer", [_small(9, "third")])
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_upsert_streams_per_peer" in info.value.details()
+    finally:
+        release.set()
+    for call in held:
+        assert call.result(30).documents_created == 1
+    client.upsert("peer", [_small(9, "third")])  # the slots are free again
+
+
+def test_batch_search_larger_than_any_limit_is_invalid_not_retryable(
+        client: RetrieverClient) -> None:
+    client.upsert("batch", [_small(0, "b")])
+    requests = [pb.SearchRequest(namespace="batch", query=f"q{i}", top_k=1) for i in range(17)]
+    with pytest.raises(grpc.RpcError) as info:
+        client.stub.BatchSearch(pb.BatchSearchRequest(requests=requests), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_inflight_searches" in info.value.details()
+    status = rpc_status.from_call(info.value)
+    assert status is not None
+    assert not any(d.type_url.endswith("RetryInfo") for d in status.details)
+
+
+def test_beyond_saturation_searches_are_shed_at_once_and_admission_resumes(
+        tmp_path: Path, embedder: Embedder) -> None:
+    st = ServerThread(make_settings(tmp_path / "data", search_shed_after_s=0.2),
+                      embedder).start()
+    codes: list[grpc.StatusCode] = []
+    refusal_s: list[float] = []
+    lock = threading.Lock()
+    try:
+        with RetrieverClient(st.address, timeout=60) as c:
+            c.upsert("shed", [_small(i, "shed") for i in range(8)])
+
+            def burst() -> None:
+                with RetrieverClient(st.address, timeout=60) as mine:
+                    for i in range(6):
+                        t0 = time.monotonic()
+                        try:
+                            # long queries: each forward pass is slow, the backlog builds
+                            mine.search("shed", f"note {i} " + "words " * 200, top_k=5)
+                            code = grpc.StatusCode.OK
+                        except grpc.RpcError as exc:
+                            code = exc.code()
+                            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                                assert "search_shed_after_s" in exc.details()
+                                with lock:
+                                    refusal_s.append(time.monotonic() - t0)
+                        with lock:
+                            codes.append(code)
+
+            threads = [threading.Thread(target=burst) for _ in range(24)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > 0
+            assert codes.count(grpc.StatusCode.OK) > 0
+            assert max(refusal_s) < 1.0  # refused on arrival, not after queueing
+            time.sleep(0.5)
+            assert c.search("shed", "a small note", top_k=1).hits  # admission resumed
+    finally:
+        st.stop()

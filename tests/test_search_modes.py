@@ -1,0 +1,225 @@
+"""Search modes through the real server: dense, lexical, hybrid, re-ranking and shaping."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import make_settings
+from corpus import CORPUS
+
+from retriever.client import RetrieverClient
+from retriever.models.embedder import Embedder, default_model_path
+from retriever.server.app import ServerThread
+from retriever.v1 import retriever_pb2 as pb
+
+pytestmark = pytest.mark.integration
+NS = "modes"
+
+
+def build_cross_encoder(directory: Path) -> Path:
+    """A small, randomly initialised BERT cross-encoder saved where a real one would be
+    (no weights can be downloaded here): it exercises the real loading and scoring code."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=512,
+                     num_labels=1)
+    BertForSequenceClassification(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_cross_encoder(tmp_path_factory.mktemp("tiny-ce"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder,
+           cross_encoder: Path) -> Iterator[ServerThread]:
+    data = Path(tmp_path_factory.mktemp("modes")) / "data"
+    st = ServerThread(make_settings(data, reranker_model=str(cross_encoder)), embedder).start()
+    with RetrieverClient(st.address) as c:
+        c.upsert(NS, [pb.Document(doc_id=k, content=v) for k, v in CORPUS.items()])
+    try:
+        yield st
+    finally:
+        st.stop()
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[RetrieverClient]:
+    with RetrieverClient(server.address) as c:
+        yield c
+
+
+def _search(client: RetrieverClient, query: str, **kw: object) -> pb.SearchResponse:
+    kw.setdefault("top_k", 5)
+    return client.stub.Search(pb.SearchRequest(namespace=NS, query=query, **kw), timeout=60)
+
+
+def test_each_mode_fills_its_own_scores_and_names_itself(client: RetrieverClient) -> None:
+    dense = _search(client, "parse_config toml settings", mode=pb.DENSE)
+    assert dense.lineage.mode == pb.DENSE and dense.lineage.analyzer == ""
+    for h in dense.hits:
+        assert h.HasField("dense_score") and not h.HasField("lexical_score")
+        assert h.score == pytest.approx(h.dense_score)
+    assert dense.timings.HasField("ann") and not dense.timings.HasField("lexical")
+
+    lexical = _search(client, "parse_config toml settings", mode=pb.LEXICAL)
+    assert lexical.lineage.mode == pb.LEXICAL and lexical.lineage.analyzer == "code-v1"
+    assert lexical.hits and lexical.hits[0].chunk.path == "src/config.py"
+    for h in lexical.hits:
+        assert h.HasField("lexical_score") and not h.HasField("dense_score")
+        assert h.score == pytest.approx(h.lexical_score) and h.score > 0
+    assert not lexical.timings.HasField("embed") and lexical.timings.HasField("lexical")
+
+    hybrid = _search(client, "parse_config toml settings", mode=pb.HYBRID)
+    assert hybrid.lineage.mode == pb.HYBRID and hybrid.timings.HasField("fuse")
+    assert hybrid.hits[0].chunk.path == "src/config.py"
+    assert all(h.HasField("fused_score") and h.score == pytest.approx(h.fused_score)
+               for h in hybrid.hits)
+    assert [h.score for h in hybrid.hits] == sorted((h.score for h in hybrid.hits),
+                                                    reverse=True)
+    # The default mode is hybrid (the setting's default).
+    assert _search(client, "parse_config").lineage.mode == pb.HYBRID
+
+
+def test_lexical_matches_identifiers_the_analyzer_splits(client: RetrieverClient) -> None:
+    for query in ("RetryingClient", "retrying client", "urllib.request", "urlopen"):
+        hits = _search(client, query, mode=pb.LEXICAL).hits
+        assert hits and hits[0].chunk.path == "src/http_client.py", query
+
+
+def test_dense_weight_moves_hybrid_between_its_sides(client: RetrieverClient) -> None:
+    q = "exponential backoff for failed requests"
+    only_dense = _search(client, q, mode=pb.HYBRID, dense_weight=1.0, top_k=3)
+    dense = _search(client, q, mode=pb.DENSE, top_k=3)
+    assert [h.chunk.chunk_id for h in only_dense.hits] == [h.chunk.chunk_id for h in dense.hits]
+    with pytest.raises(grpc.RpcError) as info:
+        _search(client, q, mode=pb.HYBRID, dense_weight=1.5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "dense_weight" in info.value.details()
+
+
+def test_collapse_min_score_and_cap_per_path(client: RetrieverClient) -> None:
+    hits = _search(client, "the", mode=pb.DENSE, top_k=20).hits
+    collapsed = _search(client, "the", mode=pb.DENSE, top_k=20, collapse=True).hits
+    assert len({h.chunk.doc_id for h in collapsed}) == len(collapsed)
+    assert {h.chunk.doc_id for h in collapsed} == {h.chunk.doc_id for h in hits}
+    capped = _search(client, "the", mode=pb.DENSE, top_k=20, max_hits_per_path=1).hits
+    assert len({h.chunk.path for h in capped}) == len(capped)
+    cut = hits[len(hits) // 2].score
+    above = _search(client, "the", mode=pb.DENSE, top_k=20, min_score=cut).hits
+    assert above and all(h.score >= cut for h in above)
+
+
+def test_rerank_reorders_by_the_cross_encoders_scores(client: RetrieverClient,
+                                                      cross_encoder: Path) -> None:
+    from sentence_transformers import CrossEncoder
+
+    q = "how do I configure the server"
+    resp = _search(client, q, mode=pb.HYBRID, rerank=True, rerank_candidates=8, top_k=8)
+    assert resp.lineage.reranker == cross_encoder.name and resp.lineage.reranker_revision
+    assert resp.timings.HasField("rerank")
+    model = CrossEncoder(str(cross_encoder), device="cpu", local_files_only=True)
+    expected = model.predict([(q, f"{h.chunk.path}\n{h.chunk.text}") for h in resp.hits])
+    got = np.array([h.rerank_score for h in resp.hits])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert list(got) == sorted(got, reverse=True)
+    assert all(h.HasField("fused_score") and h.score == h.rerank_score for h in resp.hits)
+    # Plain searches name no reranker.
+    assert _search(client, q).lineage.reranker == ""
+
+
+def test_rerank_without_a_reranker_is_a_failed_precondition(client: object, tmp_path: Path,
+                                                            embedder: Embedder) -> None:
+    st = ServerThread(make_settings(tmp_path / "data"), embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            c.upsert("x", [pb.Document(doc_id="a.md", content="hello")])
+            with pytest.raises(grpc.RpcError) as info:
+                c.stub.Search(pb.SearchRequest(namespace="x", query="hi", top_k=1,
+                                               rerank=True), timeout=30)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "reranker_model" in info.value.details()
+    finally:
+        st.stop()
+
+
+def test_lexical_index_follows_replacements_and_deletes(client: RetrieverClient) -> None:
+    client.upsert(NS, [pb.Document(doc_id="swap.md", content="# Zanzibar\nquokkas live here")])
+    assert _search(client, "quokkas", mode=pb.LEXICAL).hits[0].chunk.doc_id == "swap.md"
+    client.upsert(NS, [pb.Document(doc_id="swap.md", content="# Zanzibar\nwombats now")])
+    assert not _search(client, "quokkas", mode=pb.LEXICAL).hits
+    assert _search(client, "wombats", mode=pb.LEXICAL).hits[0].chunk.doc_id == "swap.md"
+    client.stub.DeleteDocuments(pb.DeleteDocumentsRequest(namespace=NS, doc_ids=["swap.md"]))
+    assert not _search(client, "wombats", mode=pb.LEXICAL).hits
+
+
+def test_restart_rebuilds_a_lexical_index_that_disagrees_with_the_catalog(
+        tmp_path: Path, embedder: Embedder) -> None:
+    data = tmp_path / "data"
+    st = ServerThread(make_settings(data), embedder).start()
+    with RetrieverClient(st.address) as c:
+        c.upsert("lex", [pb.Document(doc_id=k, content=v) for k, v in CORPUS.items()])
+        before = [h.chunk.chunk_id for h in c.stub.Search(pb.SearchRequest(
+            namespace="lex", query="bread dough", top_k=5, mode=pb.LEXICAL)).hits]
+    st.stop()
+    db = sqlite3.connect(data / "catalog.sqlite3")
+    lost = db.execute("DELETE FROM chunk_terms WHERE rowid IN (SELECT rowid FROM chunk_terms"
+                      " LIMIT 3)").rowcount
+    db.execute("INSERT INTO chunk_terms (rowid, ns, terms) VALUES (999999, 'lex', 'bread')")
+    db.commit()
+    db.close()
+    st = ServerThread(make_settings(data), embedder).start()
+    try:
+        report = st.info["reconciled"]["lex"]
+        assert report["lexical_rows_restored"] == lost == 3
+        assert report["lexical_rows_removed"] == 1
+        with RetrieverClient(st.address) as c:
+            after = [h.chunk.chunk_id for h in c.stub.Search(pb.SearchRequest(
+                namespace="lex", query="bread dough", top_k=5, mode=pb.LEXICAL)).hits]
+        assert after == before
+    finally:
+        st.stop()
+
+
+def test_the_embedding_cache_makes_a_reindex_embed_nothing(tmp_path: Path,
+                                                           embedder: Embedder) -> None:
+    cache = tmp_path / "cache"
+    docs = [pb.Document(doc_id=k, content=v) for k, v in CORPUS.items()]
+    import urllib.request
+
+    embedded, slices = [], []
+    for run in range(2):  # two fresh data dirs sharing one cache
+        st = ServerThread(make_settings(tmp_path / f"data{run}", embed_cache_dir=cache),
+                          embedder).start()
+        try:
+            with RetrieverClient(st.address) as c:
+                embedded.append(c.upsert("cached", docs).chunks_embedded)
+                url = f"http://127.0.0.1:{st.info['metrics_port']}/metrics"
+                text = urllib.request.urlopen(url, timeout=10).read().decode()
+                slices.append(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                                  if line.startswith("retriever_model_wait_seconds_count")
+                                  and 'class="document"' in line))
+                top = c.stub.Search(pb.SearchRequest(namespace="cached", query="knead dough",
+                                                     top_k=1, mode=pb.DENSE)).hits[0]
+                assert top.chunk.doc_id == "docs/bread.md"
+        finally:
+            st.stop()
+    # "embedded" counts chunks new to the namespace; the cache saved the model the work.
+    assert embedded[0] == embedded[1] > 0
+    assert slices[0] > 0 and slices[1] == 0  # the second run never ran the model on them
+    import sqlite3 as sq
+
+    n = sq.connect(cache / "embeddings.sqlite3").execute("SELECT count(*) FROM vectors")
+    assert n.fetchone()[0] == embedded[0]
