@@ -191,14 +191,7 @@ def _prune(client: RetrieverClient, namespace: str, keep: set[str]) -> int:
         if exc.code() == grpc.StatusCode.NOT_FOUND:
             return 0
         raise
-    gone: list[str] = []
-    token = ""
-    while True:
-        page = client.list_documents(namespace, page_size=1000, page_token=token)
-        gone += [d.doc_id for d in page.documents if d.doc_id not in keep]
-        token = page.next_page_token
-        if not token:
-            break
+    gone = [d for d in client.document_ids(namespace) if d not in keep]
     for i in range(0, len(gone), 256):
         client.delete(namespace, gone[i : i + 256])
     return len(gone)

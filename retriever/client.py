@@ -103,6 +103,16 @@ class RetrieverClient:
             namespace=namespace, page_size=page_size, page_token=page_token,
             path_prefix=path_prefix), timeout=self.timeout)
 
+    def document_ids(self, namespace: str) -> Iterator[str]:
+        """Every doc id of the namespace, page by page (ListDocuments)."""
+        token = ""
+        while True:
+            page = self.list_documents(namespace, page_size=1000, page_token=token)
+            yield from (d.doc_id for d in page.documents)
+            token = page.next_page_token
+            if not token:
+                return
+
     def get_chunk(self, namespace: str, chunk_id: str) -> pb.GetChunkResponse:
         return self.stub.GetChunk(pb.GetChunkRequest(namespace=namespace, chunk_id=chunk_id),
                                   timeout=self.timeout)

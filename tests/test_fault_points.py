@@ -18,7 +18,18 @@ pytestmark = pytest.mark.integration
 
 
 def _versions(client: RetrieverClient) -> dict[str, int]:
-    return {d: r.version for d, r in _assert_consistent(client).items()}
+    """Document versions, after checking that every listed document is whole on the dense
+    side (_assert_consistent) and on the lexical side: each document's chunks are exactly
+    what a lexical search restricted to it finds for its own first words (the terms are
+    written with the staged rows, before the commit)."""
+    docs = _assert_consistent(client)
+    for doc_id, doc in docs.items():
+        hits = client.stub.Search(pb.SearchRequest(
+            namespace=NS, query=doc.document.content[:200], top_k=100, mode=pb.LEXICAL,
+            filter=pb.SearchFilter(doc_ids=[doc_id])), timeout=60).hits
+        assert {h.chunk.chunk_id for h in hits} <= set(doc.chunk_ids), doc_id
+        assert {h.chunk.document_version for h in hits} == {doc.version}, doc_id
+    return {d: r.version for d, r in docs.items()}
 
 
 def test_a_crash_at_every_step_of_an_upsert_loses_nothing_and_shows_nothing_half_written(

@@ -186,12 +186,4 @@ def _batches(docs: Iterable[CorpusDoc], size: int) -> Iterator[list[CorpusDoc]]:
 
 
 def _foreign(client: RetrieverClient, namespace: str, keep: set[str]) -> list[str]:
-    gone: list[str] = []
-    token = ""
-    while True:
-        page = client.list_documents(namespace, page_size=1000, page_token=token)
-        gone += [d.doc_id for d in page.documents if d.doc_id not in keep]
-        token = page.next_page_token
-        if not token:
-            break
-    return gone
+    return [d for d in client.document_ids(namespace) if d not in keep]
