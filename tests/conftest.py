@@ -9,12 +9,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 from retriever.config import Settings  # noqa: E402
 from retriever.models.embedder import Embedder  # noqa: E402
+from retriever.server.app import ServerThread  # noqa: E402
 
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
@@ -38,16 +40,21 @@ def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path / "data")
 
 
-@pytest.fixture
-def server(settings: Settings, embedder: Embedder) -> Iterator[object]:
-    """The real gRPC server on a loopback port (own thread, own event loop)."""
-    from retriever.server.app import ServerThread
-
+@contextmanager
+def running_server(settings: Settings, embedder: Embedder) -> Iterator[ServerThread]:
+    """The real gRPC server on a loopback port (own thread, own event loop), stopped on
+    exit; module-scoped fixtures with settings of their own use it too."""
     st = ServerThread(settings, embedder).start()
     try:
         yield st
     finally:
         st.stop()
+
+
+@pytest.fixture
+def server(settings: Settings, embedder: Embedder) -> Iterator[object]:
+    with running_server(settings, embedder) as st:
+        yield st
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import make_settings
+from conftest import make_settings, running_server
 from grpc_status import rpc_status
 
 from retriever.client import RetrieverClient
@@ -27,11 +27,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> Iter
     settings = make_settings(Path(tmp_path_factory.mktemp("mixed")) / "data",
                              upsert_stream_idle_timeout_s=IDLE_S, max_upsert_streams_per_peer=2,
                              max_inflight_searches=16, max_batch_queries=64)
-    st = ServerThread(settings, embedder).start()
-    try:
+    with running_server(settings, embedder) as st:
         yield st
-    finally:
-        st.stop()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import make_settings
+from conftest import make_settings, running_server
 from corpus import CORPUS
 
 from retriever.client import RetrieverClient
@@ -46,13 +46,11 @@ def cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder,
            cross_encoder: Path) -> Iterator[ServerThread]:
     data = Path(tmp_path_factory.mktemp("modes")) / "data"
-    st = ServerThread(make_settings(data, reranker_model=str(cross_encoder)), embedder).start()
-    with RetrieverClient(st.address) as c:
-        c.upsert(NS, [pb.Document(doc_id=k, content=v) for k, v in CORPUS.items()])
-    try:
+    with running_server(make_settings(data, reranker_model=str(cross_encoder)),
+                        embedder) as st:
+        with RetrieverClient(st.address) as c:
+            c.upsert(NS, [pb.Document(doc_id=k, content=v) for k, v in CORPUS.items()])
         yield st
-    finally:
-        st.stop()
 
 
 @pytest.fixture
