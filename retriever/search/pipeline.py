@@ -64,29 +64,6 @@ class _Candidate:
     score: float = 0.0
 
 
-class _Embedding:
-    """Query embeddings being computed on the model thread; ``seconds`` is how long they
-    took from submission (recorded once, in the embed stage histogram)."""
-
-    def __init__(self, future: Future[np.ndarray], metrics: Metrics) -> None:
-        self._future = future
-        self._metrics = metrics
-        self._t0 = time.perf_counter()
-        self._done: float | None = None
-        self.seconds: float | None = None
-        future.add_done_callback(lambda f: setattr(self, "_done", time.perf_counter()))
-
-    def row(self, i: int) -> np.ndarray:
-        out = self._future.result()
-        if self.seconds is None:
-            self.seconds = (self._done or time.perf_counter()) - self._t0
-            self._metrics.stage_duration.labels("embed").observe(self.seconds)
-        return out[i]
-
-    def getter(self, i: int) -> Callable[[], np.ndarray]:
-        return lambda: self.row(i)
-
-
 class Searcher:
     def __init__(self, settings: Settings, catalog: Catalog, namespaces: Namespaces,
                  embedder: Embedder, embed_queries: EmbedQueries, metrics: Metrics,
@@ -142,23 +119,21 @@ class Searcher:
         t0 = time.perf_counter()
         handles = self.validate(queries, batch=batch)
         modes = [self.mode_of(q) for q in queries]
-        dense_rows = {i: r for r, i in enumerate(
-            i for i, m in enumerate(modes) if m is not SearchMode.LEXICAL)}
-        # The embedding runs on the model thread while this thread reads the lexical side:
-        # a hybrid search costs about the longer of the two, not their sum.
-        pending = None
+        dense_rows = [i for i, m in enumerate(modes) if m is not SearchMode.LEXICAL]
+        vectors: dict[int, np.ndarray] = {}
+        embed_s = None
         if dense_rows:
-            pending = _Embedding(self._embed_queries([queries[i].query for i in dense_rows]),
-                                 self._metrics)
-        return [self._one(q, m, h, pending.getter(dense_rows[i])
-                          if pending is not None and i in dense_rows else None,
-                          request_id, pending, t0)
+            with self._metrics.stage("embed") as embed_t:
+                out = self._embed_queries([queries[i].query for i in dense_rows]).result()
+            embed_s = embed_t[0]
+            vectors = {i: out[r] for r, i in enumerate(dense_rows)}
+        return [self._one(q, m, h, vectors.get(i), request_id, embed_s, t0)
                 for i, (q, m, h) in enumerate(zip(queries, modes, handles, strict=True))]
 
     # -- one query -------------------------------------------------------------------------
     def _one(self, q: SearchQuery, mode: SearchMode, handle: NamespaceHandle,
-             vector: Callable[[], np.ndarray] | None, request_id: str,
-             embedding: _Embedding | None, t0: float) -> SearchResult:
+             vec: np.ndarray | None, request_id: str, embed_s: float | None,
+             t0: float) -> SearchResult:
         s = self._settings
         shaped = q.collapse or q.max_hits_per_path or q.min_score is not None
         wanted = q.top_k * (8 if shaped else 2) + 8
@@ -171,21 +146,19 @@ class Searcher:
         timings: dict[str, float] = {}
         dense: dict[int, float] = {}
         lexical: dict[int, float] = {}
-        chunks: dict[int, ChunkRecord] = {}
-        index_version = 0
         with handle.visibility.read():
             handle.require_live()
+            if vec is not None:
+                dense, chunks, index_version = self._dense(q, handle, vec, wanted, timings)
+            else:
+                chunks, index_version = {}, 0
             if mode is not SearchMode.DENSE:
                 l0 = time.perf_counter()
                 lexical = dict(self._catalog.lexical_search(
                     q.namespace, analyzer.query_terms(q.query), q.filter, wanted))
                 timings["lexical"] = time.perf_counter() - l0
-            if vector is not None:
-                dense, chunks, index_version = self._dense(q, handle, vector(), wanted,
-                                                           timings)
-            if mode is not SearchMode.DENSE:
                 missing = [v for v in lexical if v not in chunks]
-                if missing or vector is None:
+                if missing or vec is None:
                     f0 = time.perf_counter()
                     more, index_version = self._catalog.chunks_by_vector_ids(
                         q.namespace, missing)
@@ -225,8 +198,7 @@ class Searcher:
             mode=mode, analyzer=analyzer.ANALYZER if mode is not SearchMode.DENSE else "",
         )
         return SearchResult(hits=tuple(hits), lineage=lineage, timings=StageTimings(
-            embed=embedding.seconds if embedding is not None and vector is not None else None,
-            ann=timings.get("ann"),
+            embed=embed_s if vec is not None else None, ann=timings.get("ann"),
             lexical=timings.get("lexical"), rerank=timings.get("rerank"),
             fetch=timings.get("fetch"), fuse=timings.get("fuse"),
             total=time.perf_counter() - t0))
