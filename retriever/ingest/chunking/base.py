@@ -23,6 +23,17 @@ class ChunkSpan:
     start_line: int
     end_line: int
     token_count: int
+    # What the chunk is: its symbol or heading path ("class Session > def request",
+    # "Install > From source"), "" when none; its kind ("function", "section", "window"...).
+    symbol: str = ""
+    kind: str = ""
+    # The chunker that cut it ("syntax/v1", "windows/v1"...; "" = the document's chunker)
+    # and, when a structured chunker degraded to windows, why ("parse-error", ...).
+    chunker: str = ""
+    fallback: str = ""
+    # Embedded in the header but not returned: the enclosing signature of a piece of a
+    # split definition ("def request(self, method, url):"), "" when none.
+    context: str = ""
 
 
 class Chunker(Protocol):
