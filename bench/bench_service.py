@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,7 +44,6 @@ import numpy as np
 
 from retriever.client import RetrieverClient, pb
 from retriever.config import Settings
-from retriever.ingest.pipeline import path_header
 from retriever.ingest.walk import WalkReport, read_sources
 from retriever.models.embedder import Embedder
 from retriever.server.app import ServerThread
@@ -179,12 +178,6 @@ def upsert_summary(resp: pb.UpsertDocumentsResponse, seconds: float) -> dict:
     }
 
 
-def service_header(settings: Settings, embedder: Embedder) -> Callable[[str], str]:
-    """The path header the service puts in front of each chunk it embeds: the service's
-    own ``path_header``, not a copy of it."""
-    return lambda path: path_header(path, embedder.count_tokens)[0]
-
-
 def latency_stats(seconds: list[float]) -> dict:
     ms = np.asarray(seconds) * 1000.0
     return {"n": int(ms.size), "p50_ms": float(np.percentile(ms, 50)),
@@ -198,7 +191,7 @@ def catalog_chunks(data_dir: Path) -> list[sqlite3.Row]:
     with sqlite3.connect(uri, uri=True) as db:
         db.row_factory = sqlite3.Row
         return db.execute(
-            "SELECT c.chunk_id, c.text, c.token_count, c.vector, d.path FROM chunks c"
+            "SELECT c.chunk_id, c.text, c.token_count, c.vector, c.header, d.path FROM chunks c"
             " JOIN documents d ON d.namespace = c.namespace AND d.doc_id = c.doc_id"
             " WHERE c.namespace = ? AND c.state = 1 ORDER BY c.vector_id",
             (NAMESPACE,)).fetchall()
@@ -518,10 +511,9 @@ def index_corpus(client: RetrieverClient, docs: list[pb.Document], settings: Set
 
 def raw_encode(model, rows: list[sqlite3.Row], settings: Settings,  # noqa: ANN001
                embedder: Embedder) -> dict:
-    """``encode`` of exactly the texts the service embedded: path header + chunk text."""
-    header = service_header(settings, embedder)
-    headers = {path: header(path) for path in {row["path"] for row in rows}}
-    texts = [headers[row["path"]] + row["text"] for row in rows]
+    """``encode`` of exactly the texts the service embedded: the header it stored with each
+    chunk (path, symbol...) + the chunk text."""
+    texts = [row["header"] + row["text"] for row in rows]
     t0 = time.perf_counter()
     vectors = model.encode(texts, batch_size=ENCODE_BATCH, normalize_embeddings=True,
                            show_progress_bar=False)

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 PENDING, ACTIVE = 0, 1
 # Bumped with every schema change; a catalog written by a newer release is refused rather
 # than misread, an older one is migrated in open().
-SCHEMA_VERSION = 2  # 2: the lexical index (chunk_terms) and catalog_meta
+SCHEMA_VERSION = 3  # 2: the lexical index (chunk_terms) and catalog_meta; 3: chunk symbol/kind
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS namespaces (
@@ -86,6 +86,10 @@ CREATE TABLE IF NOT EXISTS chunks (
     token_count INTEGER NOT NULL,
     chunker TEXT NOT NULL,
     vector BLOB NOT NULL,
+    symbol TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL DEFAULT '',
+    fallback TEXT NOT NULL DEFAULT '',
+    header TEXT NOT NULL DEFAULT '',
     UNIQUE (namespace, chunk_id)
 );
 CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks (namespace, doc_id, state);
@@ -121,6 +125,10 @@ class NewChunk:
     chunker: str
     vector: np.ndarray
     terms: str = ""  # the analyzer's terms of path and text, space-separated
+    symbol: str = ""
+    kind: str = ""
+    fallback: str = ""
+    header: str = ""  # what was embedded in front of the text (path, symbol...): not returned
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +181,7 @@ class DocHead:
     language: str
     version: int
     chunk_count: int
+    chunker: str = ""  # the chunking signature it was cut with (Ingestor.chunking_signature)
 
 
 _bad_time_logged = False
@@ -229,6 +238,7 @@ class Catalog:
                         f"catalog {self._path} has schema version {found}, newer than this "
                         f"release's {SCHEMA_VERSION}: run the release that wrote it")
                 db.executescript(_SCHEMA)
+                _add_missing_columns(db)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             domain = translate(exc)
@@ -391,11 +401,11 @@ class Catalog:
     def document_heads(self, namespace: str, doc_ids: Sequence[str]) -> dict[str, DocHead]:
         """The current version's head of those documents that exist."""
         with self._reader() as db:
-            rows = _in(db, "SELECT doc_id, content_hash, path, language, version, chunk_count"
-                       " FROM documents WHERE namespace = ? AND doc_id IN ({marks})",
+            rows = _in(db, "SELECT doc_id, content_hash, path, language, version, chunk_count,"
+                       " chunker FROM documents WHERE namespace = ? AND doc_id IN ({marks})",
                        doc_ids, namespace)
         return {r["doc_id"]: DocHead(r["content_hash"], r["path"], r["language"], r["version"],
-                                     r["chunk_count"]) for r in rows}
+                                     r["chunk_count"], r["chunker"]) for r in rows}
 
     def active_chunks(self, namespace: str, doc_ids: Sequence[str]) -> dict[str, StoredChunk]:
         """chunk_id -> row of the current versions of these documents."""
@@ -413,11 +423,13 @@ class Catalog:
                 cur = db.execute(
                     "INSERT INTO chunks (namespace, chunk_id, doc_id, state, ordinal, text,"
                     " content_hash, start_line, end_line, start_byte, end_byte, token_count,"
-                    " chunker, vector) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " chunker, vector, symbol, kind, fallback, header)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (namespace, c.chunk_id, c.doc_id, PENDING, c.ordinal, c.text,
                      c.content_hash, c.start_line, c.end_line, c.start_byte, c.end_byte,
                      c.token_count, c.chunker,
-                     np.ascontiguousarray(c.vector, dtype=np.float32).tobytes()),
+                     np.ascontiguousarray(c.vector, dtype=np.float32).tobytes(),
+                     c.symbol, c.kind, c.fallback, c.header),
                 )
                 assert cur.lastrowid is not None
                 ids.append(cur.lastrowid)
@@ -497,6 +509,10 @@ class Catalog:
                          (namespace,)).fetchone()
         return int(row[0]) if row else 0
 
+    def index_version(self, namespace: str) -> int:
+        with self._reader() as db:
+            return self._version(db, namespace)
+
     def get_document(self, namespace: str, doc_id: str) -> DocumentRecord | None:
         with self._reader() as db:
             row = db.execute("SELECT * FROM documents WHERE namespace=? AND doc_id=?",
@@ -531,7 +547,8 @@ class Catalog:
     _CHUNK_COLS = (
         "c.vector_id, c.chunk_id, c.namespace, c.doc_id, c.ordinal, c.text, c.content_hash,"
         " c.start_line, c.end_line, c.start_byte, c.end_byte, c.token_count, c.chunker,"
-        " d.language, d.path, d.revision, d.version, d.content_hash AS document_hash,"
+        " c.symbol, c.kind, c.fallback, d.language, d.path, d.revision, d.version,"
+        " d.content_hash AS document_hash,"
         " d.indexed_at, d.source_updated_at, d.metadata"
     )
 
@@ -570,25 +587,60 @@ class Catalog:
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def lexical_search(self, namespace: str, terms: Sequence[str], flt: SearchFilter,
-                       limit: int) -> list[tuple[int, float]]:
+                       limit: int) -> tuple[list[tuple[int, float]], int]:
         """The ``limit`` visible chunks of the namespace best matching any of ``terms`` by
         BM25 (FTS5's, k1 1.2, b 0.75), whose document passes ``flt``: (vector_id, score),
-        best first, score > 0."""
+        best first, score > 0; and the namespace's index_version, read in the same snapshot.
+
+        Unfiltered, the best matches are ranked inside FTS5 first and only those are joined
+        to their chunk rows (joining every match before ranking cost more than the ranking
+        itself: 15 ms against 8 ms per SciFact query on 15k chunks); matches that are not
+        visible (staged rows) are skipped by asking for more."""
         if not terms or limit <= 0:
-            return []
+            return [], 0
         match = 'ns : "{}" AND terms : ({})'.format(
             namespace, " OR ".join('"' + t.replace('"', "") + '"' for t in terms))
         where, args = _filter_sql(namespace, flt)
-        join_docs = "" if flt.empty else (" JOIN documents d ON d.namespace = c.namespace"
-                                          " AND d.doc_id = c.doc_id")
         with self._reader() as db:
-            rows = db.execute(
-                "SELECT c.vector_id, -bm25(chunk_terms, 0.0, 1.0) AS s FROM chunk_terms"
-                " JOIN chunks c ON c.vector_id = chunk_terms.rowid" + join_docs +
-                f" WHERE chunk_terms MATCH ? AND {' AND '.join(where)}"
-                " ORDER BY s DESC LIMIT ?", (match, *args, limit),
-            ).fetchall()
-        return [(int(r[0]), float(r[1])) for r in rows]
+            version = self._version(db, namespace)
+            if flt.empty:
+                k = limit + 16
+                while True:
+                    rows = db.execute(
+                        "SELECT c.vector_id, t.s FROM (SELECT rowid, -bm25(chunk_terms, 0.0,"
+                        " 1.0) AS s FROM chunk_terms WHERE chunk_terms MATCH ? ORDER BY s DESC"
+                        " LIMIT ?) t JOIN chunks c ON c.vector_id = t.rowid"
+                        " WHERE c.namespace = ? AND c.state = 1 ORDER BY t.s DESC LIMIT ?",
+                        (match, k, namespace, limit)).fetchall()
+                    if len(rows) >= limit or k >= 1 << 20:
+                        break
+                    matched = db.execute("SELECT count(*) FROM chunk_terms WHERE chunk_terms"
+                                         " MATCH ?", (match,)).fetchone()[0]
+                    if matched <= k:
+                        break
+                    k *= 4
+            else:
+                rows = db.execute(
+                    "SELECT c.vector_id, -bm25(chunk_terms, 0.0, 1.0) AS s FROM chunk_terms"
+                    " JOIN chunks c ON c.vector_id = chunk_terms.rowid JOIN documents d"
+                    " ON d.namespace = c.namespace AND d.doc_id = c.doc_id"
+                    f" WHERE chunk_terms MATCH ? AND {' AND '.join(where)}"
+                    " ORDER BY s DESC LIMIT ?", (match, *args, limit),
+                ).fetchall()
+        return [(int(r[0]), float(r[1])) for r in rows], version
+
+    def chunk_heads(self, namespace: str, vector_ids: Sequence[int]
+                    ) -> dict[int, tuple[str, str]]:
+        """(doc_id, path) of the visible chunks among these ids: what ranking and shaping
+        need of a candidate, without reading its text."""
+        with self._reader() as db:
+            rows = _in(db, "SELECT c.vector_id, c.doc_id, d.path FROM chunks c JOIN documents d"
+                       " ON d.namespace = c.namespace AND d.doc_id = c.doc_id"
+                       # (The unary + keeps the planner on rowid look-ups: with only these
+                       # columns it would rather scan a covering index of the namespace.)
+                       " WHERE +c.namespace = ? AND +c.state = 1 AND c.vector_id IN ({marks})",
+                       [int(v) for v in vector_ids], namespace)
+        return {int(r[0]): (r[1], r[2]) for r in rows}
 
     # -- lexical reconcile -----------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -696,11 +748,32 @@ def _filter_sql(namespace: str, flt: SearchFilter) -> tuple[list[str], list[obje
     if flt.languages:
         where.append(f"d.language IN ({','.join('?' * len(flt.languages))})")
         args += list(flt.languages)
+    if flt.kinds:
+        where.append(f"c.kind IN ({','.join('?' * len(flt.kinds))})")
+        args += list(flt.kinds)
     for key, value in flt.metadata:
         where.append("EXISTS (SELECT 1 FROM json_each(d.metadata) m"
                      " WHERE m.key = ? AND m.value = ?)")
         args += [key, value]
     return where, args
+
+
+# Columns later schema versions added to existing tables: (table, column, declaration).
+_ADDED_COLUMNS = (
+    ("chunks", "symbol", "TEXT NOT NULL DEFAULT ''"),
+    ("chunks", "kind", "TEXT NOT NULL DEFAULT ''"),
+    ("chunks", "fallback", "TEXT NOT NULL DEFAULT ''"),
+    ("chunks", "header", "TEXT NOT NULL DEFAULT ''"),
+)
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Bring a catalog written by an older release up to this schema (in place: SQLite adds
+    a column with a constant default without rewriting the table)."""
+    for table, column, decl in _ADDED_COLUMNS:
+        have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
 
 def _in(db: sqlite3.Connection, sql: str, values: Iterable[object], *args: object
@@ -749,4 +822,5 @@ def _chunk(row: sqlite3.Row) -> ChunkRecord:
         path=row["path"], revision=row["revision"], document_version=row["version"],
         document_hash=row["document_hash"], indexed_at=_ts(row["indexed_at"]),
         source_updated_at=_ts(row["source_updated_at"]), metadata=json.loads(row["metadata"]),
+        symbol=row["symbol"], kind=row["kind"], fallback=row["fallback"],
     )

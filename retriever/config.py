@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     # -- chunking (in tokens of the embedder's own tokenizer) ------------------------------
     chunk_tokens: int = Field(256, ge=16, description="clamped to the model's max length")
     overlap_tokens: int = Field(32, ge=0)
+    # How documents are cut: "structured" (code by syntax tree, Markdown/RST by headings,
+    # prose by paragraphs and sentences, windows for the rest) or "windows" (line windows
+    # for every document: the windows/v1 chunker alone).
+    chunking: Literal["structured", "windows"] = "structured"
     # Characters a chunk may hold, whatever its tokens: text the tokenizer folds into a few
     # tokens (a 1 MiB word is one [UNK]) is cut here, so no hit carries a huge text. A full
     # 256-token chunk of code or prose holds ~1k characters (at most 2.8k measured over 40k

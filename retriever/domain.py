@@ -51,6 +51,11 @@ class ChunkRecord:
     indexed_at: datetime | None  # None: the stored time is unreadable
     source_updated_at: datetime | None
     metadata: dict[str, str]
+    # What the chunk is (symbol or heading path, kind) and, when the document's chunker fell
+    # back to windows, why.
+    symbol: str = ""
+    kind: str = ""
+    fallback: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,10 +138,12 @@ class SearchFilter:
     path_prefix: str = ""
     languages: tuple[str, ...] = ()
     metadata: tuple[tuple[str, str], ...] = ()
+    kinds: tuple[str, ...] = ()  # chunk kinds ("function", "section"...)
 
     @property
     def empty(self) -> bool:
-        return not (self.doc_ids or self.path_prefix or self.languages or self.metadata)
+        return not (self.doc_ids or self.path_prefix or self.languages or self.metadata
+                    or self.kinds)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from retriever.domain import (
     UpsertResult,
 )
 from retriever.errors import DataLoss, InvalidArgument, NotFound, NotReady, translate
-from retriever.ingest.chunking import ChunkerSet, WindowChunker
+from retriever.ingest.chunking import ChunkerSet, build_chunkers
 from retriever.ingest.pipeline import HEADER_TOKENS, Ingestor
 from retriever.models.batcher import MicroBatcher
 from retriever.models.embed_cache import EmbeddingCache
@@ -106,9 +106,9 @@ class RetrieverService:
                 f"chunk budget of {budget} text tokens (chunk_tokens {s.chunk_tokens}, model "
                 f"max {self.embedder.max_tokens}, header {HEADER_TOKENS}) must exceed "
                 f"overlap_tokens {s.overlap_tokens}")
-        self.chunkers = ChunkerSet(WindowChunker(
+        self.chunkers = build_chunkers(
             self.embedder.count_tokens, self.embedder.token_offsets, budget, s.overlap_tokens,
-            s.chunk_max_chars))
+            s.chunk_max_chars, structured=s.chunking == "structured")
         try:
             self.reconcile_report = self.namespaces.open_all()
         except sqlite3.DatabaseError as exc:  # damage quick_check missed, or it was skipped

@@ -167,7 +167,8 @@ def search(q: SearchQuery, settings: Settings, prefix: str = "") -> None:
     for i, d in enumerate(flt.doc_ids):
         doc_id(d, f"{prefix}filter.doc_ids[{i}]")
     path(flt.path_prefix, f"{prefix}filter.path_prefix")
-    for name, items in (("languages", flt.languages), ("metadata", flt.metadata)):
+    for name, items in (("languages", flt.languages), ("metadata", flt.metadata),
+                        ("kinds", flt.kinds)):
         if len(items) > MAX_FILTER_ENTRIES:
             raise InvalidArgument(
                 f"{prefix}filter.{name} has {len(items)} entries; at most "

@@ -43,6 +43,16 @@ from retriever.ingest.chunking import DOC_LANGUAGES, detect_language
         ("MAIN.PY", "python"),
         ("deep/dir.with.dots/file.go", "go"),
         ("windows\\style\\path.rs", "rust"),
+        ("x.hxx", "cpp"),
+        ("x.ipp", "cpp"),
+        ("x.inl", "cpp"),
+        ("esm.mts", "typescript"),
+        ("tasks/db.rake", "ruby"),
+        ("gem.gemspec", "ruby"),
+        ("tsconfig.jsonc", "json"),
+        ("rules.mk", "make"),
+        ("CMakeLists.txt", "text"),
+        ("main.tf", "text"),
     ],
 )
 def test_extension(path: str, language: str) -> None:
@@ -59,6 +69,13 @@ def test_extension(path: str, language: str) -> None:
         ("Makefile", "make"),
         ("sub/makefile", "make"),
         ("GNUmakefile", "make"),
+        ("Containerfile", "dockerfile"),
+        ("build/Containerfile.ci", "dockerfile"),
+        ("app.dockerfile", "dockerfile"),
+        ("Gemfile", "ruby"),
+        ("Rakefile", "ruby"),
+        ("Vagrantfile", "ruby"),
+        ("Pipfile", "toml"),
         ("README", "text"),
         ("LICENSE", "text"),
         ("COPYING", "text"),
@@ -117,3 +134,17 @@ def test_doc_languages() -> None:
     assert {"markdown", "rst", "text"} == set(DOC_LANGUAGES)
     assert detect_language("README.md") in DOC_LANGUAGES
     assert detect_language("main.py") not in DOC_LANGUAGES
+
+
+def test_structured_languages_have_outliners() -> None:
+    """Every code or config language detect_language can name has a syntax outliner."""
+    from retriever.ingest.chunking.syntax import OUTLINERS
+
+    structured = {"python", "javascript", "typescript", "tsx", "go", "rust", "java", "c", "cpp",
+                  "csharp", "ruby", "php", "kotlin", "bash", "yaml", "toml", "json",
+                  "dockerfile", "make", "sql"}
+    assert set(OUTLINERS) == structured
+    paths = ["a.py", "a.js", "a.ts", "a.tsx", "a.go", "a.rs", "A.java", "a.c", "a.cpp", "a.cs",
+             "a.rb", "a.php", "a.kt", "a.sh", "a.yaml", "a.toml", "a.json", "Dockerfile",
+             "Makefile", "a.sql"]
+    assert {detect_language(p) for p in paths} == structured

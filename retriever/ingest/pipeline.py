@@ -53,30 +53,63 @@ def _crash_if_armed(armed: frozenset[str], point: str) -> None:
         log.error("fault point %s reached: killing the process", point)
         os.kill(os.getpid(), signal.SIGKILL)
 
-# Tokens reserved for the path header embedded in front of every chunk.
-HEADER_TOKENS = 32
+# Tokens reserved for the header embedded in front of every chunk, and of them for its path.
+HEADER_TOKENS = 48
+PATH_TOKENS = 24
+# Changes whenever the header's format does: part of every document's chunking signature.
+HEADER_FORMAT = "h2"
 
 
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def path_header(path: str, count_tokens: TokenCounter) -> tuple[str, int]:
-    """What is embedded in front of a chunk: its path, cut to HEADER_TOKENS tokens from the
-    left (the file name matters most). Returns (header, tokens)."""
-    header = path + "\n"
-    n = count_tokens([header])[0]
-    while n > HEADER_TOKENS and "/" in header:
-        header = header.split("/", 1)[1]
-        n = count_tokens([header])[0]
-    if n > HEADER_TOKENS:
-        header, n = "", 0
-    return header, n
+def chunk_headers(path: str, language: str, items: Sequence[tuple[str, str]],
+                  count_tokens: TokenCounter) -> list[tuple[str, int]]:
+    """What is embedded in front of each chunk of one document, for its (symbol, context):
+
+        <path> (<language>)
+        <symbol>     the symbol or heading path, when there is one
+        <context>    the enclosing signature of a piece of a split definition, when any
+
+    within HEADER_TOKENS tokens: the path is cut from the left to PATH_TOKENS (the file name
+    matters most), the context is dropped first, then the symbol's outer levels. Returns
+    (header, tokens) per item."""
+    def first_line(p: str) -> str:  # plain text says nothing by its language
+        return f"{p} ({language})\n" if language not in ("", "text") else f"{p}\n"
+
+    head, p = first_line(path), path
+    n = count_tokens([head])[0]
+    while n > PATH_TOKENS and "/" in p:
+        p = p.split("/", 1)[1]
+        head = first_line(p)
+        n = count_tokens([head])[0]
+    if n > PATH_TOKENS:
+        head = f"({language})\n" if language not in ("", "text") else ""
+        n = count_tokens([head])[0] if head else 0
+    room = HEADER_TOKENS - n
+    pairs = sorted({(s, c) for s, c in items if s or c})
+    lines = sorted({x for s, c in pairs for x in (s, c) if x})
+    counts = dict(zip(lines, count_tokens([x + "\n" for x in lines]), strict=True))
+    done: dict[tuple[str, str], tuple[str, int]] = {}
+    for symbol, context in pairs:
+        sym, sym_n = symbol, counts.get(symbol, 0)
+        while sym_n > room and " > " in sym:  # drop outer levels: the innermost names it
+            sym = sym.split(" > ", 1)[1]
+            sym_n = count_tokens([sym + "\n"])[0]
+        if sym_n > room:
+            sym, sym_n = "", 0
+        ctx_n = counts.get(context, 0)
+        ctx = context if context and context != sym and sym_n + ctx_n <= room else ""
+        text = head + (sym + "\n" if sym else "") + (ctx + "\n" if ctx else "")
+        done[(symbol, context)] = (text, n + sym_n + (ctx_n if ctx else 0))
+    return [done.get((s, c), (head, n)) for s, c in items]
 
 
 def make_chunk_id(chunker: str, namespace: str, doc_id: str, path: str, text: str,
                   occurrence: int) -> str:
-    """Stable identity: the same text at the same doc keeps its id wherever it moves.
+    """Stable identity: the same embedded text (header and chunk text) of the same document
+    keeps its id wherever it moves in the file, so an edit elsewhere re-embeds nothing.
     ``occurrence`` tells apart identical texts within one document."""
     h = hashlib.sha256()
     for part in (chunker, namespace, doc_id, path, str(occurrence), text):
@@ -92,9 +125,11 @@ class _Planned:
     language: str
     content_hash: str
     chunker: str
+    signature: str
     spans: list[ChunkSpan]
     chunk_ids: list[str]
     embed_texts: list[str]
+    headers: list[str]
     token_counts: list[int]
     old_version: int  # 0 when new
 
@@ -147,13 +182,15 @@ class Ingestor:
                 language = d.language or detect_language(path, d.content)
                 content_hash = sha256(d.content)
                 head = heads.get(d.doc_id)
-                if head is not None and (head.content_hash, head.path, head.language) == (
-                        content_hash, path, language):
+                signature = self.chunking_signature(language)
+                if head is not None and (head.content_hash, head.path, head.language,
+                                         head.chunker) == (content_hash, path, language,
+                                                           signature):
                     refreshes.append(DocumentRefresh(d.doc_id, d.revision, d.source_updated_at,
                                                      dict(d.metadata)))
                     continue
                 planned.append(self._plan(ns, d, path, language, content_hash,
-                                          head.version if head else 0))
+                                          head.version if head else 0, signature))
 
         existing = self._catalog.active_chunks(ns, [p.doc.doc_id for p in planned])
         # (planned index, chunk index) of chunks this namespace has no vector for. Chunk ids
@@ -173,10 +210,15 @@ class Ingestor:
                 end_line=planned[pi].spans[ci].end_line,
                 start_byte=planned[pi].spans[ci].start_byte,
                 end_byte=planned[pi].spans[ci].end_byte,
-                token_count=planned[pi].token_counts[ci], chunker=planned[pi].chunker,
+                token_count=planned[pi].token_counts[ci],
+                chunker=planned[pi].spans[ci].chunker or planned[pi].chunker,
                 vector=vectors[row],
                 terms=" ".join(analyzer.terms(
-                    f"{planned[pi].path}\n{planned[pi].spans[ci].text}")),
+                    f"{planned[pi].path}\n{planned[pi].spans[ci].symbol}\n"
+                    f"{planned[pi].spans[ci].text}")),
+                symbol=planned[pi].spans[ci].symbol, kind=planned[pi].spans[ci].kind,
+                fallback=planned[pi].spans[ci].fallback,
+                header=planned[pi].headers[ci],
             )
             for row, (pi, ci) in enumerate(to_embed)
         ]
@@ -253,25 +295,34 @@ class Ingestor:
             content_hash=p.content_hash, language=p.language, version=p.old_version + 1,
             content=p.doc.content, chunk_count=len(p.spans),
             source_updated_at=p.doc.source_updated_at, metadata=dict(p.doc.metadata),
-            chunker=p.chunker, keep=tuple(keep), activate=tuple(activate), drop=tuple(drop),
+            chunker=p.signature, keep=tuple(keep), activate=tuple(activate), drop=tuple(drop),
         )
 
+    def chunking_signature(self, language: str) -> str:
+        """What a document's chunks depend on besides its content, path and language: the
+        chunker (name, version, budgets), the header format and the embedder. A document
+        whose signature changed is re-chunked on its next upsert, never left UNCHANGED."""
+        c = self._chunkers.chunker_for(language)
+        return f"{c.name} {self._chunkers.config} {HEADER_FORMAT} {self._embedder.revision}"
+
     def _plan(self, ns: str, d: Document, path: str, language: str, content_hash: str,
-              old_version: int) -> _Planned:
+              old_version: int, signature: str) -> _Planned:
         chunker = self._chunkers.chunker_for(language)
         spans = chunker.chunk(d.content, path=path, language=language)
-        header, header_tokens = path_header(path, self._embedder.count_tokens)
+        headers = chunk_headers(path, language, [(s.symbol, s.context) for s in spans],
+                                self._embedder.count_tokens)
+        texts = [h + s.text for (h, _), s in zip(headers, spans, strict=True)]
         ids: list[str] = []
         occurrences: dict[str, int] = {}
-        for s in spans:
-            occ = occurrences.get(s.text, 0)
-            occurrences[s.text] = occ + 1
-            ids.append(make_chunk_id(chunker.name, ns, d.doc_id, path, s.text, occ))
+        for s, text in zip(spans, texts, strict=True):
+            occ = occurrences.get(text, 0)
+            occurrences[text] = occ + 1
+            ids.append(make_chunk_id(s.chunker or chunker.name, ns, d.doc_id, path, text, occ))
         return _Planned(
             doc=d, path=path, language=language, content_hash=content_hash,
-            chunker=chunker.name, spans=spans, chunk_ids=ids,
-            embed_texts=[header + s.text for s in spans],
-            token_counts=[s.token_count + header_tokens for s in spans],
+            chunker=chunker.name, signature=signature, spans=spans, chunk_ids=ids,
+            embed_texts=texts, headers=[h for h, _ in headers],
+            token_counts=[s.token_count + n for (_, n), s in zip(headers, spans, strict=True)],
             old_version=old_version,
         )
 

@@ -98,7 +98,7 @@ def search_from_pb(msg: pb.SearchRequest, field: str = "") -> SearchQuery:
         namespace=msg.namespace, query=msg.query, top_k=msg.top_k,
         filter=SearchFilter(
             doc_ids=tuple(f.doc_ids), path_prefix=f.path_prefix, languages=tuple(f.languages),
-            metadata=tuple(sorted(f.metadata.items())),
+            metadata=tuple(sorted(f.metadata.items())), kinds=tuple(f.kinds),
         ),
         mode=_MODES.get(msg.mode, SearchMode.DEFAULT), rerank=msg.rerank,
         dense_weight=msg.dense_weight if msg.HasField("dense_weight") else None,
@@ -117,7 +117,7 @@ def chunk_to_pb(c: ChunkRecord) -> pb.Chunk:
         document_version=c.document_version, document_hash=c.document_hash,
         indexed_at=_ts(c.indexed_at), source_updated_at=_ts(c.source_updated_at),
         metadata=c.metadata, token_count=c.token_count, chunker=c.chunker,
-        namespace=c.namespace,
+        namespace=c.namespace, symbol=c.symbol, kind=c.kind, fallback_reason=c.fallback,
     )
 
 

@@ -22,17 +22,18 @@ tests/test_evaluation.py):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
 import re
-import subprocess
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from retriever.errors import InvalidArgument
+from retriever.freshness.git import GitRepo
 
 __all__ = [
     "DEFAULT_KS", "DEFAULT_SOURCE_EXTENSIONS", "CorpusDoc", "Qrels", "Query", "QuerySet",
@@ -325,44 +326,6 @@ def clean_commit_message(message: str) -> str:
     return "\n\n".join(kept).strip()
 
 
-class _Git:
-    """Plumbing over one repository, with one long-lived `git cat-file --batch`."""
-
-    def __init__(self, repo: Path) -> None:
-        self.repo = repo
-        self._batch: subprocess.Popen[bytes] | None = None
-
-    def run(self, *args: str) -> bytes:
-        proc = subprocess.run(["git", "-C", str(self.repo), *args], capture_output=True,
-                              check=False)
-        if proc.returncode != 0:
-            raise InvalidArgument(
-                f"git {' '.join(args[:3])} failed in {self.repo}: "
-                f"{proc.stderr.decode(errors='replace').strip()}", field="git")
-        return proc.stdout
-
-    def object(self, oid: str) -> bytes:
-        if self._batch is None:
-            self._batch = subprocess.Popen(["git", "-C", str(self.repo), "cat-file", "--batch"],
-                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert self._batch.stdin is not None and self._batch.stdout is not None
-        self._batch.stdin.write(oid.encode() + b"\n")
-        self._batch.stdin.flush()
-        header = self._batch.stdout.readline().split()
-        if len(header) != 3:
-            raise InvalidArgument(f"git object {oid} is missing in {self.repo}", field="git")
-        data = self._batch.stdout.read(int(header[2]))
-        self._batch.stdout.read(1)  # the newline after the object
-        return data
-
-    def close(self) -> None:
-        if self._batch is not None:
-            assert self._batch.stdin is not None
-            self._batch.stdin.close()
-            self._batch.wait()
-            self._batch = None
-
-
 @dataclass(frozen=True)
 class _Change:
     status: str  # A, M, D, R, T (first letter of git's status)
@@ -420,7 +383,7 @@ def build_git_history_set(
     if commits < 1:
         raise InvalidArgument(f"commits must be >= 1, got {commits}", field="commits")
     root = Path(repo).resolve()
-    git = _Git(root)
+    git = GitRepo(root, error=functools.partial(InvalidArgument, field="git"))
     try:
         return _build(git, root, commits, rev_range, paths, frozenset(e.lower() for e in
                       extensions), max_file_bytes, max_query_chars, name)
@@ -428,7 +391,7 @@ def build_git_history_set(
         git.close()
 
 
-def _build(git: _Git, root: Path, n: int, rev_range: str, paths: Sequence[str],
+def _build(git: GitRepo, root: Path, n: int, rev_range: str, paths: Sequence[str],
            extensions: frozenset[str], max_file_bytes: int, max_query_chars: int,
            name: str | None) -> QuerySet:
     prefixes = tuple(p.strip("/") for p in paths if p.strip("/"))

@@ -1,22 +1,27 @@
 """Chunking: documents into token-budgeted, span-exact chunks.
 
-One module per family; ``chunker_for(language)`` picks the chunker. Today every language
-uses overlapping line windows; syntax-aware and heading-aware chunkers plug in here.
+``syntax/v1`` cuts code and config files by their syntax tree (tree-sitter), ``sections/v1``
+cuts Markdown, reStructuredText and prose by headings, paragraphs and sentences (both pack
+an outline with ``structure.StructuredChunker``), and ``windows/v1`` (overlapping line
+windows) cuts everything else and whatever the others cannot trust.
 """
 
 from __future__ import annotations
 
 from retriever.ingest.chunking.base import Chunker, ChunkSpan, TokenCounter
 from retriever.ingest.chunking.languages import DOC_LANGUAGES, detect_language
-from retriever.ingest.chunking.windows import WindowChunker
+from retriever.ingest.chunking.structure import StructuredChunker
+from retriever.ingest.chunking.windows import TokenOffsets, WindowChunker
 
 __all__ = [
     "DOC_LANGUAGES",
     "ChunkSpan",
     "Chunker",
     "ChunkerSet",
+    "StructuredChunker",
     "TokenCounter",
     "WindowChunker",
+    "build_chunkers",
     "detect_language",
 ]
 
@@ -24,9 +29,13 @@ __all__ = [
 class ChunkerSet:
     """The chunker for each language, with a fallback for all others."""
 
-    def __init__(self, default: Chunker, by_language: dict[str, Chunker] | None = None) -> None:
+    def __init__(self, default: Chunker, by_language: dict[str, Chunker] | None = None,
+                 config: str = "") -> None:
+        """``config`` names the budgets the chunkers were built with (it goes into every
+        document's chunking signature, so a change re-chunks)."""
         self._default = default
         self._by_language = dict(by_language or {})
+        self.config = config
 
     def chunker_for(self, language: str) -> Chunker:
         return self._by_language.get(language, self._default)
@@ -34,3 +43,21 @@ class ChunkerSet:
     @property
     def names(self) -> list[str]:
         return sorted({self._default.name, *(c.name for c in self._by_language.values())})
+
+
+def build_chunkers(count_tokens: TokenCounter, token_offsets: TokenOffsets, budget: int,
+                   overlap: int, max_chars: int, structured: bool = True) -> ChunkerSet:
+    """The service's chunkers for a text budget of ``budget`` tokens per chunk."""
+    windows = WindowChunker(count_tokens, token_offsets, budget, overlap, max_chars)
+    config = f"budget={budget} overlap={overlap} max_chars={max_chars}"
+    if not structured:
+        return ChunkerSet(windows, config=config)
+    # Imported here: the grammars load only when structured chunking is on.
+    from retriever.ingest.chunking import docs, syntax
+    code = StructuredChunker("syntax/v1", syntax.OUTLINERS, windows, count_tokens)
+    prose = StructuredChunker("sections/v1", docs.OUTLINERS, windows, count_tokens,
+                              prose=frozenset(docs.OUTLINERS))
+    by_language: dict[str, Chunker] = dict.fromkeys(syntax.OUTLINERS, code)
+    by_language.update(dict.fromkeys(docs.OUTLINERS, prose))
+    # Languages neither knows are cut by windows, the chunks saying why.
+    return ChunkerSet(code, by_language, config=config)

@@ -6,18 +6,22 @@ import posixpath
 
 _BY_EXTENSION = {
     ".py": "python", ".pyi": "python", ".js": "javascript", ".mjs": "javascript",
-    ".cjs": "javascript", ".jsx": "javascript", ".ts": "typescript", ".tsx": "tsx",
-    ".go": "go", ".rs": "rust", ".java": "java", ".c": "c", ".h": "c", ".cc": "cpp",
-    ".cpp": "cpp", ".cxx": "cpp", ".hpp": "cpp", ".hh": "cpp", ".cs": "csharp", ".rb": "ruby",
-    ".php": "php", ".kt": "kotlin", ".kts": "kotlin", ".swift": "swift", ".sh": "bash",
-    ".bash": "bash", ".zsh": "bash", ".sql": "sql", ".scala": "scala", ".lua": "lua",
-    ".r": "r", ".pl": "perl", ".yaml": "yaml", ".yml": "yaml", ".toml": "toml",
-    ".json": "json", ".ini": "ini", ".cfg": "ini", ".xml": "xml", ".html": "html",
+    ".cjs": "javascript", ".jsx": "javascript", ".ts": "typescript", ".mts": "typescript",
+    ".cts": "typescript", ".tsx": "tsx", ".go": "go", ".rs": "rust", ".java": "java",
+    ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".cxx": "cpp", ".hpp": "cpp",
+    ".hh": "cpp", ".hxx": "cpp", ".ipp": "cpp", ".inl": "cpp", ".tpp": "cpp",
+    ".cs": "csharp", ".rb": "ruby", ".rake": "ruby", ".gemspec": "ruby", ".php": "php",
+    ".kt": "kotlin", ".kts": "kotlin", ".swift": "swift", ".sh": "bash", ".bash": "bash",
+    ".zsh": "bash", ".sql": "sql", ".scala": "scala", ".lua": "lua", ".r": "r", ".pl": "perl",
+    ".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json", ".jsonc": "json",
+    ".mk": "make", ".ini": "ini", ".cfg": "ini", ".xml": "xml", ".html": "html",
     ".htm": "html", ".css": "css", ".proto": "protobuf", ".md": "markdown",
     ".markdown": "markdown", ".rst": "rst", ".txt": "text", ".text": "text",
 }
 _BY_NAME = {
-    "dockerfile": "dockerfile", "makefile": "make", "gnumakefile": "make",
+    "dockerfile": "dockerfile", "containerfile": "dockerfile", "makefile": "make",
+    "gnumakefile": "make", "gemfile": "ruby", "rakefile": "ruby", "vagrantfile": "ruby",
+    "pipfile": "toml",
     "readme": "text", "license": "text", "copying": "text",
 }
 _SHEBANG = {"python": "python", "node": "javascript", "bash": "bash", "sh": "bash",
@@ -31,7 +35,7 @@ def detect_language(path: str, content: str = "") -> str:
     name = posixpath.basename(path.replace("\\", "/")).lower()
     if name in _BY_NAME:
         return _BY_NAME[name]
-    if name.startswith("dockerfile"):
+    if name.startswith(("dockerfile", "containerfile")) or name.endswith(".dockerfile"):
         return "dockerfile"
     _, ext = posixpath.splitext(name)
     if ext in _BY_EXTENSION:

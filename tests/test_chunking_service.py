@@ -1,0 +1,228 @@
+"""Structure-aware chunking through the real server: what a chunk says it is, which chunker
+cut it and why, stable identity under unrelated edits, re-chunking when the chunking
+changes, the kind filter, and the token budget in the embedder's own tokens."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import make_settings, running_server
+
+from retriever.catalog import Catalog
+from retriever.client import RetrieverClient, pb
+from retriever.config import Settings
+from retriever.models.embedder import Embedder
+
+pytestmark = pytest.mark.integration
+NS = "chunks"
+
+PY = '''"""Sessions: a small HTTP client."""
+import json
+import socket
+
+
+class Session:
+    """Keeps connections and cookies across requests."""
+
+    def __init__(self, base_url):
+        self.base_url = base_url
+        self.cookies = {}
+
+    def request(self, method, url, body=None):
+        """Send one request and parse the JSON answer."""
+        sock = socket.create_connection((self.base_url, 80))
+        sock.sendall(f"{method} {url} HTTP/1.1\\r\\n\\r\\n".encode())
+        return json.loads(sock.recv(65536))
+
+
+def parse_config(path):
+    """Read the TOML configuration at path into a dict."""
+    with open(path) as f:
+        return dict(line.split("=", 1) for line in f if "=" in line)
+
+
+def retry(times, fn):
+    for _ in range(times):
+        try:
+            return fn()
+        except OSError:
+            continue
+    raise TimeoutError("gave up")
+'''
+
+MD = """# Baking bread
+
+Bread needs flour, water, salt and yeast.
+
+## Kneading
+
+Knead the dough for ten minutes until it is smooth and elastic.
+
+```python
+# not a heading
+knead(dough, minutes=10)
+```
+
+## Proofing
+
+Let it rise in a warm place for an hour, covered with a damp cloth.
+"""
+
+
+def doc(doc_id: str, content: str, **kw: str) -> pb.Document:
+    return pb.Document(doc_id=doc_id, content=content, path=kw.pop("path", doc_id), **kw)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("chunking") / "data"
+
+
+@pytest.fixture(scope="module")
+def client(data_dir: Path, embedder: Embedder) -> Iterator[RetrieverClient]:
+    with running_server(make_settings(data_dir), embedder) as st, \
+            RetrieverClient(st.address) as c:
+        c.upsert(NS, [doc("src/session.py", PY), doc("docs/bread.md", MD)])
+        yield c
+
+
+def chunks_of(client: RetrieverClient, doc_id: str) -> list[pb.Chunk]:
+    ids = client.get_document(NS, doc_id).chunk_ids
+    return [client.get_chunk(NS, cid).chunk for cid in ids]
+
+
+def test_code_chunks_are_whole_definitions_with_symbols(client: RetrieverClient) -> None:
+    chunks = chunks_of(client, "src/session.py")
+    assert {c.chunker for c in chunks} == {"syntax/v1"}
+    assert all(c.fallback_reason == "" for c in chunks)
+    by_symbol = {c.symbol: c for c in chunks}
+    imports = next(c for c in chunks if c.kind == "imports")
+    assert imports.text.strip() == "import json\nimport socket"
+    # Each definition that fits lies whole in one chunk, and the chunk names it.
+    for name in ("class Session", "def parse_config", "def retry"):
+        holder = [c for c in chunks if name in c.symbol]
+        assert holder, (name, list(by_symbol))
+        assert any(name.split()[1] in c.text for c in holder)
+    session = next(c for c in chunks if "class Session" in c.symbol)
+    assert "def request" in session.text and "return json.loads" in session.text
+    # Returned text is the original text at its exact span.
+    for c in chunks:
+        assert PY.encode()[c.start_byte:c.end_byte].decode() == c.text
+        assert PY.split("\n")[c.start_line - 1].strip() == c.text.split("\n")[0].strip()
+
+
+def test_docs_chunk_by_heading_with_the_heading_path(client: RetrieverClient) -> None:
+    chunks = chunks_of(client, "docs/bread.md")
+    assert {c.chunker for c in chunks} == {"sections/v1"}
+    assert all(c.symbol.startswith("Baking bread") for c in chunks)
+    fence = [c for c in chunks if "knead(dough" in c.text]
+    assert len(fence) == 1 and "```python" in fence[0].text and fence[0].text.count("```") == 2
+
+
+def test_kind_filter_selects_chunks(client: RetrieverClient) -> None:
+    hits = client.search(NS, "send a request", top_k=20,
+                         filter=pb.SearchFilter(kinds=["imports"])).hits
+    assert hits and {h.chunk.kind for h in hits} == {"imports"}
+    sections = client.search(NS, "bread", top_k=20,
+                             filter=pb.SearchFilter(kinds=["section"])).hits
+    assert sections and all(h.chunk.path == "docs/bread.md" for h in sections)
+    with pytest.raises(grpc.RpcError) as err:
+        client.search(NS, "x", filter=pb.SearchFilter(kinds=[f"k{i}" for i in range(65)]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "filter.kinds" in err.value.details()
+
+
+def test_an_edit_re_embeds_only_the_edited_definition(client: RetrieverClient) -> None:
+    before = {c.chunk_id: c for c in chunks_of(client, "src/session.py")}
+    edited = PY.replace('raise TimeoutError("gave up")', 'raise TimeoutError("no luck")')
+    r = client.upsert(NS, [doc("src/session.py", edited)]).results[0]
+    assert r.status == pb.DocumentResult.UPDATED
+    after = {c.chunk_id: c for c in chunks_of(client, "src/session.py")}
+    changed = set(after) - set(before)
+    assert r.chunks_embedded == len(changed) == 1, r
+    assert r.chunks_reused == len(after) - 1
+    assert "no luck" in after[changed.pop()].text
+    # An edit that moves lines (a comment added on top) keeps every id: spans move.
+    moved = "# header comment\n" + edited
+    r = client.upsert(NS, [doc("src/session.py", moved)]).results[0]
+    assert r.chunks_embedded <= 1  # the first chunk takes the comment; the rest keep ids
+    client.upsert(NS, [doc("src/session.py", PY)])
+
+
+def test_fallbacks_are_recorded_on_the_chunk(client: RetrieverClient) -> None:
+    broken = "def broken(:\n    return ]\n" + "x = 1\n" * 3
+    minified = "var a=" + ",".join(f"b{i}={i}" for i in range(3000)) + ";\n"
+    client.upsert(NS, [doc("bad.py", broken), doc("app.min.js", minified),
+                       doc("init.lua", "local x = 1\nreturn x\n"),
+                       doc("notes.xyz", "plain words in an unknown format\n")])
+    for doc_id, reason in (("bad.py", "parse-error"), ("app.min.js", "minified"),
+                           ("init.lua", "unsupported-language")):
+        chunks = chunks_of(client, doc_id)
+        assert chunks and {c.chunker for c in chunks} == {"windows/v1"}, doc_id
+        assert {c.fallback_reason for c in chunks} == {reason}, doc_id
+        assert {c.kind for c in chunks} == {"window"}
+    # A file of no known format is prose: paragraphs and sentences.
+    notes = chunks_of(client, "notes.xyz")
+    assert [(c.chunker, c.kind, c.fallback_reason) for c in notes] == [
+        ("sections/v1", "paragraph", "")]
+
+
+def test_language_override_picks_the_chunker(client: RetrieverClient) -> None:
+    client.upsert(NS, [doc("bin/tool", "def main():\n    return 0\n", language="python")])
+    chunks = chunks_of(client, "bin/tool")
+    assert [c.chunker for c in chunks] == ["syntax/v1"] and chunks[0].language == "python"
+    assert chunks[0].symbol == "def main" and chunks[0].kind == "function"
+
+
+def test_no_embedded_text_exceeds_the_model_budget(client: RetrieverClient,
+                                                    embedder: Embedder) -> None:
+    long_fn = "def long():\n" + "".join(f"    value_{i} = compute({i}, 'x' * {i})\n"
+                                         for i in range(400))
+    client.upsert(NS, [doc("long.py", long_fn)])
+    chunks = chunks_of(client, "long.py")
+    assert len(chunks) > 3
+    limit = min(Settings().chunk_tokens, embedder.max_tokens) - embedder.special_tokens
+    assert max(c.token_count for c in chunks) <= limit
+    assert all(c.symbol == "def long" and c.kind == "function" for c in chunks)
+    # Pieces split at statements: each starts on a whole line.
+    for c in chunks:
+        assert long_fn[: long_fn.encode().index(c.text.encode())].endswith("\n") or \
+            c.start_byte == 0
+
+
+def test_a_chunking_change_re_chunks_instead_of_unchanged(tmp_path: Path,
+                                                          embedder: Embedder) -> None:
+    data = tmp_path / "data"
+    with running_server(make_settings(data, chunking="windows"), embedder) as st, \
+            RetrieverClient(st.address) as c:
+        c.upsert(NS, [doc("src/session.py", PY)])
+        assert {x.chunker for x in chunks_of(c, "src/session.py")} == {"windows/v1"}
+        again = c.upsert(NS, [doc("src/session.py", PY)]).results[0]
+        assert again.status == pb.DocumentResult.UNCHANGED
+    with running_server(make_settings(data), embedder) as st, \
+            RetrieverClient(st.address) as c:
+        r = c.upsert(NS, [doc("src/session.py", PY)]).results[0]
+        assert r.status == pb.DocumentResult.UPDATED and r.chunks_embedded > 0
+        assert {x.chunker for x in chunks_of(c, "src/session.py")} == {"syntax/v1"}
+        assert c.upsert(NS, [doc("src/session.py", PY)]).results[0].status == \
+            pb.DocumentResult.UNCHANGED
+
+
+def test_an_older_catalog_gains_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.sqlite3"
+    Catalog(path).open()
+    with sqlite3.connect(path) as db:  # as the release before chunk symbols wrote it
+        for col in ("symbol", "kind", "fallback", "header"):
+            db.execute(f"ALTER TABLE chunks DROP COLUMN {col}")
+        db.execute("PRAGMA user_version = 2")
+    cat = Catalog(path)
+    cat.open()
+    with sqlite3.connect(path) as db:
+        cols = {r[1] for r in db.execute("PRAGMA table_info(chunks)")}
+        assert {"symbol", "kind", "fallback", "header"} <= cols
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    cat.close()

@@ -1,0 +1,239 @@
+"""StructuredChunker's packer: outlines in, exact, budgeted, whole-unit chunks out.
+
+Outlines here are built by hand or drawn by hypothesis over random text, so the packing
+rules are pinned independently of any grammar. A whitespace tokenizer (additive counts)
+keeps budgets exact; tests/test_chunking_syntax.py and test_chunking_docs.py run the real
+outliners through the same checks.
+"""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_chunking import assert_covers, assert_exact, ws_count, ws_offsets
+
+from retriever.ingest.chunking.outline import Fallback, Unit
+from retriever.ingest.chunking.structure import StructuredChunker
+from retriever.ingest.chunking.windows import WindowChunker
+
+_WORD = re.compile(r"\S+")
+
+
+def chunker(outline, budget: int = 40, overlap: int = 4, **kw) -> StructuredChunker:
+    windows = WindowChunker(ws_count, ws_offsets, budget, overlap)
+    return StructuredChunker("test/v1", {"lang": outline}, windows, ws_count, **kw)
+
+
+def words(text: str) -> int:
+    return len(_WORD.findall(text))
+
+
+CODE = '''"""Module doc."""
+import os
+import sys
+
+# the answer
+CONST = 42
+
+
+def small(a):
+    return a
+
+
+class Big:
+    """A class too big for one chunk."""
+
+    def one(self):
+        x = 1
+        y = 2
+        return x + y
+
+    def two(self):
+        a = [1, 2, 3]
+        b = [4, 5, 6]
+        c = [7, 8, 9]
+        return a + b + c
+
+    def three(self):
+        return 3
+'''
+
+
+def code_outline(c: str) -> list[Unit]:
+    """A hand outline of CODE, as a Python outliner would give it."""
+    def at(s: str, end: str | None = None) -> tuple[int, int]:
+        i = c.index(s)
+        j = c.index(end, i) + len(end) if end else i + len(s)
+        return i, j
+
+    def method(name: str, end: str) -> Unit:
+        s, e = at(f"    def {name}(self):", end)
+        body = c[s:e]
+        stmts = []
+        for m in re.finditer(r"^        \S.*$", body, re.M):
+            stmts.append(Unit(s + m.start(), s + m.end(), "statements"))
+        return Unit(s, e, "method", f"def {name}", stmts, signature=f"def {name}(self):")
+
+    cls_s = c.index("class Big")
+    return [
+        Unit(*at('"""Module doc."""'), "docstring", standalone=True),
+        Unit(*at("import os", "import sys"), "imports", standalone=True),
+        Unit(*at("CONST = 42"), "statements"),
+        Unit(*at("def small(a):", "return a"), "function", "def small",
+             signature="def small(a):"),
+        Unit(cls_s, len(c), "class", "class Big", [
+            Unit(*at('    """A class too', 'chunk."""'), "statements"),
+            method("one", "return x + y"),
+            method("two", "return a + b + c"),
+            method("three", "return 3"),
+        ], signature="class Big:"),
+    ]
+
+
+def test_whole_units_symbols_and_kinds() -> None:
+    spans = chunker(code_outline, budget=30).chunk(CODE, language="lang")
+    assert_exact(CODE, spans)
+    assert_covers(CODE, spans)
+    assert all(s.token_count <= 30 and words(s.text) == s.token_count for s in spans)
+    by_text = {s.text.strip().splitlines()[0].strip(): s for s in spans}
+    # Standalone units stay alone; the comment above CONST travels with it.
+    assert by_text['"""Module doc."""'].text.strip() == '"""Module doc."""'
+    assert by_text["import os"].kind == "imports"
+    assert by_text["import os"].text.strip() == "import os\nimport sys"
+    # The class did not fit: it split at its methods; each method fits and is whole.
+    # The class head (its line and docstring) joins the first method's chunk; the tiny last
+    # method joins its neighbour.
+    one = next(s for s in spans if "def one" in s.text)
+    assert one.text.startswith("class Big:") and one.symbol == "class Big > def one"
+    two = next(s for s in spans if "def two" in s.text)
+    assert "return a + b + c" in two.text and two.kind == "method"
+    assert two.symbol == "class Big > def two, def three" and two.context == "class Big:"
+    for s in spans:
+        assert s.chunker == "" and s.fallback == ""
+
+
+def test_small_neighbours_merge_and_fitting_file_is_one_chunk() -> None:
+    spans = chunker(code_outline, budget=400).chunk(CODE, language="lang")
+    # Docstring and imports stand alone; everything else fits one chunk.
+    assert [s.kind for s in spans][:2] == ["docstring", "imports"]
+    assert len(spans) == 3
+    assert spans[2].text.startswith("# the answer") and spans[2].text.endswith("return 3\n")
+
+
+def test_oversized_leaf_is_windowed_inside_its_span() -> None:
+    body = "\n".join(f"    v{i} = {i} + {i}" for i in range(40))
+    c = f"def f():\n{body}\n\ndef g():\n    return 1\n"
+    g0 = c.index("def g")
+
+    def outline(text: str) -> list[Unit]:
+        return [Unit(0, g0 - 1, "function", "def f", signature="def f():"),
+                Unit(g0, len(text), "function", "def g")]
+
+    spans = chunker(outline, budget=20).chunk(c, language="lang")
+    assert_exact(c, spans)
+    assert_covers(c, spans)
+    f_spans = [s for s in spans if s.symbol == "def f"]
+    assert len(f_spans) > 2 and all(s.end_char <= g0 for s in f_spans)
+    assert all(s.context == "def f():" for s in f_spans)
+    assert spans[-1].text == "def g():\n    return 1\n"  # g fits: whole, never mixed with f
+
+
+def test_fallbacks_name_their_reason() -> None:
+    def broken(text: str) -> list[Unit]:
+        raise Fallback("parse-error")
+
+    def buggy(text: str) -> list[Unit]:
+        raise RuntimeError("bug")
+
+    text = "a b c\nd e f\n"
+    for outline, reason in ((broken, "parse-error"), (buggy, "error")):
+        spans = chunker(outline).chunk(text, language="lang")
+        assert [(s.chunker, s.fallback, s.kind) for s in spans] == [
+            ("windows/v1", reason, "window")]
+    spans = chunker(broken).chunk(text, language="other")
+    assert spans[0].fallback == "unsupported-language"
+    minified = "x=1;" * 2000 + "\n"
+    spans = chunker(code_outline).chunk(minified, language="lang")
+    assert {s.fallback for s in spans} == {"minified"}
+    assert_covers(minified, spans)
+
+
+def test_sentences_split_a_paragraph_on_one_long_line() -> None:
+    sentences = [f"Sentence number {i} says a few more words here." for i in range(12)]
+    c = "# Title\n\n" + " ".join(sentences) + "\n"
+    p0 = c.index("Sentence")
+
+    def outline(text: str) -> list[Unit]:
+        kids, pos = [], p0
+        for s in sentences:
+            i = text.index(s, pos)
+            kids.append(Unit(i, i + len(s), "sentences"))
+            pos = i + len(s)
+        para = Unit(p0, len(text) - 1, "paragraph", children=kids)
+        return [Unit(0, len(text), "section", "Title", [para], signature="# Title")]
+
+    spans = chunker(outline, budget=30, prose=frozenset({"lang"})).chunk(c, language="lang")
+    assert_exact(c, spans)
+    assert_covers(c, spans)
+    assert len(spans) > 2
+    # Cut between sentences, not inside one: every chunk of the paragraph ends a sentence.
+    for s in spans[1:]:
+        assert s.text.rstrip().endswith("here."), s.text
+        assert s.symbol == "Title"
+
+
+# -- properties over random outlines -----------------------------------------------------------
+@st.composite
+def text_and_outline(draw: st.DrawFn) -> tuple[str, list[Unit]]:
+    lines = draw(st.lists(st.one_of(
+        st.just(""), st.just("   "),
+        st.text(alphabet="ab é{}();\t", min_size=1, max_size=30),
+        st.lists(st.sampled_from(["w", "xy", "zzz", "ü"]), min_size=1, max_size=60).map(
+            " ".join)), min_size=0, max_size=40))
+    content = "\n".join(lines) + draw(st.sampled_from(["", "\n"]))
+
+    def units(lo: int, hi: int, depth: int) -> list[Unit]:
+        if hi - lo < 2 or depth > 3:
+            return []
+        cuts = sorted(set(draw(st.lists(st.integers(lo, hi), max_size=6))))
+        out = []
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            if draw(st.booleans()):
+                out.append(Unit(a, b, draw(st.sampled_from(["function", "class", "x"])),
+                                draw(st.sampled_from(["", "f", "g"])),
+                                units(a, b, depth + 1),
+                                standalone=draw(st.booleans())))
+        return out
+
+    return content, units(0, len(content), 0)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text_and_outline(), st.integers(min_value=3, max_value=40))
+def test_any_outline_packs_exactly(case: tuple[str, list[Unit]], budget: int) -> None:
+    content, units = case
+    spans = chunker(lambda _: units, budget=budget, overlap=1).chunk(content, language="lang")
+    assert_exact(content, spans)
+    assert_covers(content, spans)
+    for s in spans:
+        assert s.token_count == words(s.text) <= budget
+
+
+@settings(max_examples=200, deadline=None)
+@given(text_and_outline())
+def test_units_that_fit_are_never_split(case: tuple[str, list[Unit]]) -> None:
+    content, units = case
+    budget = 25
+    spans = chunker(lambda _: units, budget=budget, overlap=1).chunk(content, language="lang")
+    # A top-level unit with a whole line of its own that fits lies inside one chunk.
+    for u in units:
+        text = content[u.start:u.end]
+        own_lines = (u.start == 0 or content[u.start - 1] == "\n") and (
+            u.end == len(content) or content[u.end] == "\n")
+        if own_lines and text.strip() and words(text) <= budget and len(text) < 4000:
+            first = len(content[: u.start]) + (len(text) - len(text.lstrip()))
+            last = u.start + len(text.rstrip()) - 1
+            inside = [s for s in spans if s.start_char <= first and last < s.end_char]
+            assert inside, (u, text, spans)
