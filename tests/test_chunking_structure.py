@@ -97,12 +97,9 @@ def test_whole_units_symbols_and_kinds() -> None:
     assert_exact(CODE, spans)
     assert_covers(CODE, spans)
     assert all(s.token_count <= 30 and words(s.text) == s.token_count for s in spans)
-    by_text = {s.text.strip().splitlines()[0].strip(): s for s in spans}
-    # Standalone units stay alone; the comment above CONST travels with it.
-    assert by_text['"""Module doc."""'].text.strip() == '"""Module doc."""'
-    assert by_text["import os"].kind == "imports"
-    assert by_text["import os"].text.strip() == "import os\nimport sys"
-    # The class did not fit: it split at its methods; each method fits and is whole.
+    # A tiny docstring and imports block (under TINY_SHARE of the budget) do not stand
+    # alone: they join what follows (the comment above CONST travels with CONST).
+    assert spans[0].text.startswith('"""Module doc."""\nimport os\nimport sys\n\n# the answer')
     # The class head (its line and docstring) joins the first method's chunk; the tiny last
     # method joins its neighbour.
     one = next(s for s in spans if "def one" in s.text)
@@ -116,10 +113,24 @@ def test_whole_units_symbols_and_kinds() -> None:
 
 def test_small_neighbours_merge_and_fitting_file_is_one_chunk() -> None:
     spans = chunker(code_outline, budget=400).chunk(CODE, language="lang")
-    # Docstring and imports stand alone; everything else fits one chunk.
-    assert [s.kind for s in spans][:2] == ["docstring", "imports"]
-    assert len(spans) == 3
-    assert spans[2].text.startswith("# the answer") and spans[2].text.endswith("return 3\n")
+    assert len(spans) == 1 and spans[0].text == CODE
+    assert spans[0].symbol == "def small, class Big"
+
+
+def test_imports_and_docstring_that_are_not_tiny_stand_alone() -> None:
+    imports = "".join(f"import module_{i}\n" for i in range(8))
+    doc = " ".join(["A module docstring that says what the module is for."] * 2)
+    code = f'"""{doc}"""\n{imports}\nX = 1\n'
+
+    def outline(c: str) -> list[Unit]:
+        d = c.index('"""', 3) + 3
+        i, j = c.index("import"), c.index("\nX") + 1
+        return [Unit(0, d, "docstring", standalone=True),
+                Unit(i, j - 1, "imports", standalone=True), Unit(j, len(c), "statements")]
+
+    spans = chunker(outline, budget=40).chunk(code, language="lang")  # tiny: < 14 tokens
+    assert [s.kind for s in spans] == ["docstring", "imports", "statements"]
+    assert spans[1].text == imports
 
 
 def test_oversized_leaf_is_windowed_inside_its_span() -> None:

@@ -1179,5 +1179,6 @@ def test_split_class_pieces_name_their_method() -> None:
     request = next(s for s in spans if "def request" in s.text)
     assert request.symbol.startswith("class Session > ") and "def request" in request.symbol
     assert request.kind == "method"
-    imports = next(s for s in spans if s.kind == "imports")
-    assert imports.text.startswith("from __future__")
+    # The imports block is under TINY_SHARE of this budget: it joins its neighbour.
+    imports = next(s for s in spans if "from __future__" in s.text)
+    assert spans.index(imports) <= 1
