@@ -193,13 +193,24 @@ def render(r: dict) -> str:
             "MRR windows | MRR structured |",
             "|---|---|---|---|---|---|---|",
         ]
+        wins = total = 0
+
+        def pair(a: float, b: float) -> str:  # the better one in bold
+            return (f"{a:.3f} | **{b:.3f}**" if b > a else
+                    f"**{a:.3f}** | {b:.3f}" if a > b else f"{a:.3f} | {b:.3f}")
+
         for name, e in r["quality"].items():
             for mode in MODES:
                 w, s = e["windows"][mode], e["structured"][mode]
+                r10_w, r10_s = pair(w["R@10"], s["R@10"]).split(" | ")
+                mrr_w, mrr_s = pair(w["MRR"], s["MRR"]).split(" | ")
+                wins += (s["R@10"] > w["R@10"]) + (s["MRR"] > w["MRR"])
+                total += 2
                 lines.append(
                     f"| {name} | {mode} | {e['windows']['chunks']} → {e['structured']['chunks']}"
-                    f" | {w['R@10']:.3f} | **{s['R@10']:.3f}** | {w['MRR']:.3f} | "
-                    f"**{s['MRR']:.3f}** |")
+                    f" | {r10_w} | {r10_s} | {mrr_w} | {mrr_s} |")
+        lines += ["", f"Structured chunking wins {wins} of {total} comparisons (R@10 and MRR, "
+                  "each repository and mode; ties count as losses)."]
         lines += ["", "Sets:", ""]
         for name, e in r["quality"].items():
             lines.append(f"- **{name}**: {e['queries']} queries, {e['corpus_documents']} files;"
@@ -231,12 +242,16 @@ def render(r: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--render", type=Path, help="only render this JSON result as Markdown")
     ap.add_argument("--tree", action="append", default=[], help="NAME=DIR (throughput)")
     ap.add_argument("--repo", action="append", default=[], help="NAME=GIT DIR (quality)")
     ap.add_argument("--commits", type=int, default=200)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/chunking.json")
     ap.add_argument("--cache", type=Path, default=ROOT / "bench/.cache")
     args = ap.parse_args()
+    if args.render:
+        print(render(json.loads(args.render.read_text())))
+        return 0
     embedder = Embedder(Settings())
     embedder.load()
     result: dict[str, object] = {

@@ -535,8 +535,9 @@ _NASTY = {
 
 def assert_linear(outliner: Outliner, content: str) -> None:
     """Work grows about linearly with the text: a sixteenth of it takes about a sixteenth of
-    the time (quadratic work would take 1/256; the garbage collector adds a little). A ratio in one process, not a time budget: the
-    machine may be busy. Fast enough either way passes (below 50 ms there is only noise)."""
+    the time (quadratic work would take 1/256; the garbage collector adds a little). A ratio
+    in one process, not a time budget: the machine may be busy. Fast enough either way
+    passes (below 50 ms there is only noise)."""
     def best(text: str, runs: int) -> float:
         times = []
         for _ in range(runs):
