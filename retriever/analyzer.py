@@ -91,6 +91,12 @@ def terms(text: str) -> list[str]:
     return out
 
 
+def chunk_terms(path: str, symbol: str, text: str) -> str:
+    """What the lexical index holds for a chunk: the terms of its path, symbol path and
+    text, space-separated (written at upsert, rebuilt the same way by the reconcile)."""
+    return " ".join(terms(f"{path}\n{symbol}\n{text}"))
+
+
 def query_terms(text: str, limit: int = 64) -> list[str]:
     """Distinct terms of a query, in order, at most ``limit`` (a pasted file is not a
     query)."""

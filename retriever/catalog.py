@@ -11,6 +11,7 @@ writes the document rows. Start-up reconcile drops whatever is still pending.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 PENDING, ACTIVE = 0, 1
 # Bumped with every schema change; a catalog written by a newer release is refused rather
 # than misread, an older one is migrated in open().
-SCHEMA_VERSION = 3  # 2: the lexical index (chunk_terms) and catalog_meta; 3: chunk symbol/kind
+SCHEMA_VERSION = 4  # 2: lexical index, catalog_meta; 3: chunk symbol/kind; 4: FTS per namespace
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS namespaces (
@@ -94,17 +95,39 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks (namespace, doc_id, state);
 CREATE INDEX IF NOT EXISTS chunks_by_state ON chunks (state);
--- The lexical index: one row per chunk row (rowid = vector_id), its namespace and the
--- analyzer's terms of its path and text (retriever/analyzer.py), so BM25 candidates are
--- read in the same snapshot, and written in the same transactions, as the chunk rows: a
--- staged chunk's terms are as invisible as its vector (searches join state = 1), and the
--- trigger takes a chunk's terms away in the transaction that deletes the chunk.
-CREATE VIRTUAL TABLE IF NOT EXISTS chunk_terms USING fts5(
-    ns, terms, tokenize = "unicode61 remove_diacritics 0 tokenchars '_.-'");
-CREATE TRIGGER IF NOT EXISTS chunk_terms_follow_chunks AFTER DELETE ON chunks BEGIN
-    DELETE FROM chunk_terms WHERE rowid = old.vector_id;
-END;
 CREATE TABLE IF NOT EXISTS catalog_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- The git source a namespace is bound to (retriever/freshness/sync.py). include/exclude:
+-- JSON lists of globs. last_commit: the commit the namespace's documents equal ('' before
+-- the first finished sync). pending_commit / pending_full: the commit a sync began applying
+-- and did not finish ('' when none), and whether that sync compared the whole tree: what
+-- it applied stays applied, so the next sync must compare the whole tree unless it goes to
+-- the same commit by the same diff.
+CREATE TABLE IF NOT EXISTS sources (
+    namespace TEXT PRIMARY KEY,
+    location TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    include TEXT NOT NULL DEFAULT '[]',
+    exclude TEXT NOT NULL DEFAULT '[]',
+    max_file_bytes INTEGER NOT NULL,
+    last_commit TEXT NOT NULL DEFAULT '',
+    pending_commit TEXT NOT NULL DEFAULT '',
+    pending_full INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+);
+-- The recent syncs of each namespace (the last few are kept): state 'running',
+-- 'succeeded' or 'failed'; commit_sha the commit synced to ('' until resolved); summary the
+-- counts as JSON.
+CREATE TABLE IF NOT EXISTS syncs (
+    sync_id TEXT PRIMARY KEY,
+    namespace TEXT NOT NULL,
+    state TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    commit_sha TEXT NOT NULL DEFAULT '',
+    summary TEXT NOT NULL DEFAULT '{}',
+    error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS syncs_by_namespace ON syncs (namespace, started_at);
 """
 
 
@@ -170,6 +193,36 @@ class StoredChunk:
     vector_id: int
     chunk_id: str
     doc_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    """The git source a namespace is bound to, and how far its documents follow it."""
+
+    namespace: str
+    location: str
+    ref: str
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    max_file_bytes: int
+    last_commit: str = ""
+    pending_commit: str = ""
+    pending_full: bool = False
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRecord:
+    """One sync of a namespace as the catalog keeps it; ``summary`` holds its counts."""
+
+    sync_id: str
+    namespace: str
+    state: str
+    started_at: datetime | None
+    finished_at: datetime | None
+    commit: str
+    summary: dict[str, object]
+    error: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +292,13 @@ class Catalog:
                         f"release's {SCHEMA_VERSION}: run the release that wrote it")
                 db.executescript(_SCHEMA)
                 _add_missing_columns(db)
+                # Release 2-3 kept every namespace's terms in one FTS table, whose BM25
+                # statistics mixed namespaces: its rows go, and the start-up reconcile
+                # re-analyzes each namespace into its own table.
+                db.execute("DROP TRIGGER IF EXISTS chunk_terms_follow_chunks")
+                db.execute("DROP TABLE IF EXISTS chunk_terms")
+                for (name,) in db.execute("SELECT name FROM namespaces").fetchall():
+                    _create_terms(db, name)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             domain = translate(exc)
@@ -365,7 +425,10 @@ class Catalog:
                 (ns.name, ns.backend, ns.embedder, ns.embedder_revision, ns.dimension,
                  ns.metric, ns.index_generation, ns.index_version, _epoch(ns.created_at)),
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            _create_terms(db, ns.name)
+            return True
 
     def get_namespace(self, name: str, *, with_counts: bool = True) -> NamespaceRecord | None:
         with self._reader() as db:
@@ -392,9 +455,14 @@ class Catalog:
     def delete_namespace(self, name: str) -> tuple[int, int]:
         """Remove the namespace and everything in it; returns (documents, chunks) removed."""
         with self._writer() as db:
+            terms = _terms_table(name)
+            db.execute(f"DROP TRIGGER IF EXISTS {terms}_follow")
+            db.execute(f"DROP TABLE IF EXISTS {terms}")
             chunks = db.execute("DELETE FROM chunks WHERE namespace = ?", (name,)).rowcount
             docs = db.execute("DELETE FROM documents WHERE namespace = ?", (name,)).rowcount
             db.execute("DELETE FROM namespaces WHERE name = ?", (name,))
+            db.execute("DELETE FROM sources WHERE namespace = ?", (name,))
+            db.execute("DELETE FROM syncs WHERE namespace = ?", (name,))
             return docs, chunks
 
     # -- documents -------------------------------------------------------------------------
@@ -433,8 +501,8 @@ class Catalog:
                 )
                 assert cur.lastrowid is not None
                 ids.append(cur.lastrowid)
-                db.execute("INSERT INTO chunk_terms (rowid, ns, terms) VALUES (?,?,?)",
-                           (cur.lastrowid, namespace, c.terms))
+                db.execute(f"INSERT INTO {_terms_table(namespace)} (rowid, terms) VALUES (?,?)",
+                           (cur.lastrowid, c.terms))
         return ids
 
     def commit_documents(
@@ -589,8 +657,9 @@ class Catalog:
     def lexical_search(self, namespace: str, terms: Sequence[str], flt: SearchFilter,
                        limit: int) -> tuple[list[tuple[int, float]], int]:
         """The ``limit`` visible chunks of the namespace best matching any of ``terms`` by
-        BM25 (FTS5's, k1 1.2, b 0.75), whose document passes ``flt``: (vector_id, score),
-        best first, score > 0; and the namespace's index_version, read in the same snapshot.
+        BM25 (FTS5's, k1 1.2, b 0.75, over the namespace's own lexical table: its statistics
+        are the namespace's alone), whose document passes ``flt``: (vector_id, score), best
+        first, score > 0; and the namespace's index_version, read in the same snapshot.
 
         Unfiltered, the best matches are ranked inside FTS5 first and only those are joined
         to their chunk rows (joining every match before ranking cost more than the ranking
@@ -598,8 +667,8 @@ class Catalog:
         visible (staged rows) are skipped by asking for more."""
         if not terms or limit <= 0:
             return [], 0
-        match = 'ns : "{}" AND terms : ({})'.format(
-            namespace, " OR ".join('"' + t.replace('"', "") + '"' for t in terms))
+        table = _terms_table(namespace)
+        match = " OR ".join('"' + t.replace('"', "") + '"' for t in terms)
         where, args = _filter_sql(namespace, flt)
         with self._reader() as db:
             version = self._version(db, namespace)
@@ -607,24 +676,23 @@ class Catalog:
                 k = limit + 16
                 while True:
                     rows = db.execute(
-                        "SELECT c.vector_id, t.s FROM (SELECT rowid, -bm25(chunk_terms, 0.0,"
-                        " 1.0) AS s FROM chunk_terms WHERE chunk_terms MATCH ? ORDER BY s DESC"
-                        " LIMIT ?) t JOIN chunks c ON c.vector_id = t.rowid"
-                        " WHERE c.namespace = ? AND c.state = 1 ORDER BY t.s DESC LIMIT ?",
-                        (match, k, namespace, limit)).fetchall()
+                        f"SELECT c.vector_id, t.s FROM (SELECT rowid, -bm25({table}) AS s"
+                        f" FROM {table} WHERE {table} MATCH ? ORDER BY s DESC LIMIT ?) t"
+                        " JOIN chunks c ON c.vector_id = t.rowid WHERE c.state = 1"
+                        " ORDER BY t.s DESC LIMIT ?", (match, k, limit)).fetchall()
                     if len(rows) >= limit or k >= 1 << 20:
                         break
-                    matched = db.execute("SELECT count(*) FROM chunk_terms WHERE chunk_terms"
+                    matched = db.execute(f"SELECT count(*) FROM {table} WHERE {table}"
                                          " MATCH ?", (match,)).fetchone()[0]
                     if matched <= k:
                         break
                     k *= 4
             else:
                 rows = db.execute(
-                    "SELECT c.vector_id, -bm25(chunk_terms, 0.0, 1.0) AS s FROM chunk_terms"
-                    " JOIN chunks c ON c.vector_id = chunk_terms.rowid JOIN documents d"
+                    f"SELECT c.vector_id, -bm25({table}) AS s FROM {table}"
+                    f" JOIN chunks c ON c.vector_id = {table}.rowid JOIN documents d"
                     " ON d.namespace = c.namespace AND d.doc_id = c.doc_id"
-                    f" WHERE chunk_terms MATCH ? AND {' AND '.join(where)}"
+                    f" WHERE {table} MATCH ? AND {' AND '.join(where)}"
                     " ORDER BY s DESC LIMIT ?", (match, *args, limit),
                 ).fetchall()
         return [(int(r[0]), float(r[1])) for r in rows], version
@@ -642,6 +710,79 @@ class Catalog:
                        [int(v) for v in vector_ids], namespace)
         return {int(r[0]): (r[1], r[2]) for r in rows}
 
+    # -- sources and syncs -----------------------------------------------------------------
+    def get_source(self, namespace: str) -> SourceRecord | None:
+        with self._reader() as db:
+            row = db.execute("SELECT * FROM sources WHERE namespace = ?",
+                             (namespace,)).fetchone()
+        if row is None:
+            return None
+        return SourceRecord(
+            namespace=row["namespace"], location=row["location"], ref=row["ref"],
+            include=tuple(json.loads(row["include"])), exclude=tuple(json.loads(row["exclude"])),
+            max_file_bytes=int(row["max_file_bytes"]), last_commit=row["last_commit"],
+            pending_commit=row["pending_commit"], pending_full=bool(row["pending_full"]),
+            updated_at=_ts(row["updated_at"]))
+
+    def put_source(self, src: SourceRecord) -> None:
+        """Bind (or rebind) the namespace to ``src``, with its commits as given."""
+        with self._writer() as db:
+            db.execute(
+                "INSERT INTO sources (namespace, location, ref, include, exclude,"
+                " max_file_bytes, last_commit, pending_commit, pending_full, updated_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (namespace) DO UPDATE SET"
+                " location=excluded.location, ref=excluded.ref, include=excluded.include,"
+                " exclude=excluded.exclude, max_file_bytes=excluded.max_file_bytes,"
+                " last_commit=excluded.last_commit, pending_commit=excluded.pending_commit,"
+                " pending_full=excluded.pending_full, updated_at=excluded.updated_at",
+                (src.namespace, src.location, src.ref, json.dumps(list(src.include)),
+                 json.dumps(list(src.exclude)), src.max_file_bytes, src.last_commit,
+                 src.pending_commit, int(src.pending_full), time.time()))
+
+    def source_synced(self, namespace: str, commit: str) -> None:
+        """The namespace's documents now equal ``commit``: record it, clear the pending
+        one. A source deleted meanwhile (with its namespace) stays deleted."""
+        with self._writer() as db:
+            db.execute("UPDATE sources SET last_commit = ?, pending_commit = '',"
+                       " pending_full = 0, updated_at = ? WHERE namespace = ?",
+                       (commit, time.time(), namespace))
+
+    def add_sync(self, sync_id: str, namespace: str, started_at: datetime) -> None:
+        with self._writer() as db:
+            db.execute("INSERT INTO syncs (sync_id, namespace, state, started_at)"
+                       " VALUES (?, ?, 'running', ?)",
+                       (sync_id, namespace, _epoch(started_at)))
+
+    def finish_sync(self, rec: SyncRecord, keep: int) -> None:
+        """Record how a sync ended, and keep only the ``keep`` latest of its namespace."""
+        with self._writer() as db:
+            db.execute("UPDATE syncs SET state = ?, finished_at = ?, commit_sha = ?,"
+                       " summary = ?, error = ? WHERE sync_id = ?",
+                       (rec.state, _epoch(rec.finished_at), rec.commit,
+                        json.dumps(rec.summary, sort_keys=True), rec.error, rec.sync_id))
+            db.execute("DELETE FROM syncs WHERE namespace = ? AND sync_id NOT IN (SELECT"
+                       " sync_id FROM syncs WHERE namespace = ? ORDER BY started_at DESC,"
+                       " rowid DESC LIMIT ?)", (rec.namespace, rec.namespace, keep))
+
+    def list_syncs(self, namespace: str, limit: int) -> list[SyncRecord]:
+        """The namespace's latest syncs, newest first."""
+        with self._reader() as db:
+            rows = db.execute("SELECT * FROM syncs WHERE namespace = ?"
+                              " ORDER BY started_at DESC, rowid DESC LIMIT ?",
+                              (namespace, limit)).fetchall()
+        return [SyncRecord(sync_id=r["sync_id"], namespace=r["namespace"], state=r["state"],
+                           started_at=_ts(r["started_at"]), finished_at=_ts(r["finished_at"]),
+                           commit=r["commit_sha"], summary=json.loads(r["summary"]),
+                           error=r["error"]) for r in rows]
+
+    def fail_running_syncs(self, error: str) -> int:
+        """Mark syncs still 'running' failed (a previous process stopped during them);
+        returns how many. Only at start, while this process holds the data directory."""
+        with self._writer() as db:
+            return db.execute("UPDATE syncs SET state = 'failed', error = ?,"
+                              " finished_at = coalesce(finished_at, ?) WHERE state = 'running'",
+                              (error, time.time())).rowcount
+
     # -- lexical reconcile -----------------------------------------------------------------
     def meta(self, key: str) -> str | None:
         with self._reader() as db:
@@ -654,35 +795,37 @@ class Catalog:
                        " DO UPDATE SET value = excluded.value", (key, value))
 
     def chunks_without_terms(self, namespace: str, after: int, limit: int, *,
-                             all_rows: bool = False) -> list[tuple[int, str, str]]:
-        """(vector_id, path, text) of active chunks lacking lexical terms (or of every
-        active chunk with ``all_rows``), by vector_id after ``after``: what a start-up
+                             all_rows: bool = False) -> list[tuple[int, str, str, str]]:
+        """(vector_id, path, symbol, text) of active chunks lacking lexical terms (or of
+        every active chunk with ``all_rows``), by vector_id after ``after``: what a start-up
         reconcile (re)indexes."""
+        table = _terms_table(namespace)
         missing = "" if all_rows else (
-            " AND NOT EXISTS (SELECT 1 FROM chunk_terms t WHERE t.rowid = c.vector_id)")
+            f" AND NOT EXISTS (SELECT 1 FROM {table} t WHERE t.rowid = c.vector_id)")
         with self._reader() as db:
             rows = db.execute(
-                "SELECT c.vector_id, d.path, c.text FROM chunks c JOIN documents d"
+                "SELECT c.vector_id, d.path, c.symbol, c.text FROM chunks c JOIN documents d"
                 " ON d.namespace = c.namespace AND d.doc_id = c.doc_id"
                 " WHERE c.namespace = ? AND c.state = 1 AND c.vector_id > ?" + missing +
                 " ORDER BY c.vector_id LIMIT ?", (namespace, after, limit)).fetchall()
-        return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+        return [(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
 
     def put_terms(self, namespace: str, rows: Sequence[tuple[int, str]]) -> None:
         """Set the lexical terms of these chunk rows (vector_id, terms)."""
+        table = _terms_table(namespace)
         with self._writer() as db:
             for vid, terms in rows:
-                db.execute("DELETE FROM chunk_terms WHERE rowid = ?", (vid,))
-                db.execute("INSERT INTO chunk_terms (rowid, ns, terms) VALUES (?,?,?)",
-                           (vid, namespace, terms))
+                db.execute(f"DELETE FROM {table} WHERE rowid = ?", (vid,))
+                db.execute(f"INSERT INTO {table} (rowid, terms) VALUES (?,?)", (vid, terms))
 
     def stray_terms(self, namespace: str) -> int:
         """Delete lexical rows of the namespace whose chunk row is gone; returns how many."""
+        table = _terms_table(namespace)
         with self._writer() as db:
             return db.execute(
-                "DELETE FROM chunk_terms WHERE rowid IN (SELECT t.rowid FROM chunk_terms t"
-                " WHERE chunk_terms MATCH ? AND NOT EXISTS (SELECT 1 FROM chunks c"
-                " WHERE c.vector_id = t.rowid))", (f'ns : "{namespace}"',)).rowcount
+                f"DELETE FROM {table} WHERE rowid IN (SELECT t.rowid FROM {table} t"
+                " WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.vector_id = t.rowid"
+                " AND c.namespace = ?))", (namespace,)).rowcount
 
     # -- reconcile -------------------------------------------------------------------------
     def drop_pending(self) -> dict[str, list[int]]:
@@ -756,6 +899,27 @@ def _filter_sql(namespace: str, flt: SearchFilter) -> tuple[list[str], list[obje
                      " WHERE m.key = ? AND m.value = ?)")
         args += [key, value]
     return where, args
+
+
+def _terms_table(namespace: str) -> str:
+    """The namespace's lexical table: an FTS5 table of its chunks' analyzer terms (rowid =
+    vector_id), one per namespace so that BM25's document frequencies and lengths are the
+    namespace's own. Named by a hash: namespace names allow '-', identifiers do not."""
+    return "terms_" + hashlib.sha256(namespace.encode("utf-8")).hexdigest()[:16]
+
+
+def _create_terms(db: sqlite3.Connection, namespace: str) -> None:
+    """Create the namespace's lexical table and the trigger that takes a chunk's terms away
+    in the transaction that deletes the chunk, so BM25 candidates are written and removed
+    with the chunk rows (a staged chunk's terms are as invisible as its vector: searches
+    join state = 1)."""
+    table = _terms_table(namespace)
+    literal = namespace.replace("'", "''")
+    db.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING fts5(terms, tokenize ="
+               " \"unicode61 remove_diacritics 0 tokenchars '_.-'\")")
+    db.execute(f"CREATE TRIGGER IF NOT EXISTS {table}_follow AFTER DELETE ON chunks"
+               f" WHEN old.namespace = '{literal}' BEGIN"
+               f" DELETE FROM {table} WHERE rowid = old.vector_id; END")
 
 
 # Columns later schema versions added to existing tables: (table, column, declaration).

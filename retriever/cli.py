@@ -1,4 +1,4 @@
-"""The `retriever` command: serve, index, search, status, namespaces."""
+"""The `retriever` command: serve, index, sync, search, status, namespaces."""
 
 from __future__ import annotations
 
@@ -195,6 +195,68 @@ def _prune(client: RetrieverClient, namespace: str, keep: set[str]) -> int:
     for i in range(0, len(gone), 256):
         client.delete(namespace, gone[i : i + 256])
     return len(gone)
+
+
+@app.command()
+def sync(
+    namespace: Annotated[str, typer.Argument(help="namespace to sync into")],
+    repo: Annotated[str, typer.Option(
+        help="git repository: a local path (under the server's RETRIEVER_SYNC_ROOTS) or a "
+             "URL (under RETRIEVER_SYNC_URL_PREFIXES) [default: the namespace's bound source]")
+    ] = "",
+    ref: Annotated[str, typer.Option(help="branch, tag or commit [default: HEAD]")] = "",
+    include: Annotated[list[str] | None, typer.Option(
+        help="only files matching this gitignore-style glob (repeatable)")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        help="leave out files matching this glob (repeatable)")] = None,
+    max_file_bytes: Annotated[int, typer.Option(
+        help="skip larger files [default: the server's max_document_bytes]")] = 0,
+    wait: Annotated[bool, typer.Option(
+        "--wait/--no-wait", help="block until the sync has finished")] = False,
+    address: AddressOpt = None,
+) -> None:
+    """Sync a namespace with a git repository: the server fetches it and indexes what changed
+    since the last synced commit. Prints a JSON summary; exits 1 when the sync fails."""
+    from retriever.freshness.git import is_url
+
+    location = repo
+    if location and not is_url(location):
+        location = str(Path(location).absolute())  # the server wants absolute paths
+    with _client(address) as client:
+        try:
+            resp = client.sync_source(namespace, location, ref, include or (), exclude or (),
+                                      max_file_bytes, wait=wait)
+        except grpc.RpcError as exc:
+            failed = {"namespace": namespace, "state": "FAILED", "code": exc.code().name,
+                      "error": exc.details()}
+            out.print_json(json.dumps(failed))
+            err.print(f"[red]sync failed[/red] {exc.code().name}: {exc.details()}",
+                      highlight=False)
+            raise typer.Exit(1) from None
+    out.print_json(json.dumps(_sync_summary(namespace, resp)))
+    from retriever.v1 import retriever_pb2 as pb
+
+    if resp.state == pb.SYNC_STATE_FAILED:  # (a failed sync is normally an error status)
+        raise typer.Exit(1)
+
+
+def _sync_summary(namespace: str, resp: Any) -> dict[str, Any]:
+    from retriever.v1 import retriever_pb2 as pb
+
+    return {
+        "namespace": namespace, "sync_id": resp.sync_id,
+        "state": pb.SyncState.Name(resp.state).removeprefix("SYNC_STATE_"),
+        "commit": resp.commit, "previous_commit": resp.previous_commit,
+        "full_reconcile": resp.full_reconcile,
+        "files": {"added": resp.files_added, "modified": resp.files_modified,
+                  "deleted": resp.files_deleted, "renamed": resp.files_renamed},
+        "documents_upserted": resp.documents_upserted,
+        "documents_deleted": resp.documents_deleted,
+        "documents_unchanged": resp.documents_unchanged,
+        "chunks_embedded": resp.chunks_embedded, "chunks_reused": resp.chunks_reused,
+        "skipped": dict(sorted(resp.skipped.items())),
+        "seconds": round(resp.duration.ToNanoseconds() / 1e9, 3), "error": resp.error,
+    }
 
 
 @app.command()

@@ -23,6 +23,13 @@ __all__ = ["NO_RETRY", "Document", "RetrieverClient", "RetryPolicy", "pb"]
 Document = pb.Document
 
 
+class _Default:
+    """The type of a default that differs by call (see ``sync_source``)."""
+
+
+_DEFAULT = _Default()
+
+
 class RetrieverClient:
     def __init__(self, address: str, *, timeout: float | None = 60.0, token: str | None = None,
                  max_message_bytes: int = 64 * 1024 * 1024,
@@ -129,6 +136,22 @@ class RetrieverClient:
     def batch_search(self, requests: Iterable[pb.SearchRequest]) -> pb.BatchSearchResponse:
         return self.stub.BatchSearch(pb.BatchSearchRequest(requests=list(requests)),
                                      timeout=self.timeout)
+
+    # -- sources ---------------------------------------------------------------------------
+    def sync_source(self, namespace: str, repo: str = "", ref: str = "",
+                    include: Iterable[str] = (), exclude: Iterable[str] = (),
+                    max_file_bytes: int = 0, *, wait: bool = False,
+                    timeout: float | None | _Default = _DEFAULT) -> pb.SyncSourceResponse:
+        """Sync ``namespace`` with a git repository (local path under the server's
+        RETRIEVER_SYNC_ROOTS, or a URL under RETRIEVER_SYNC_URL_PREFIXES); ``repo`` empty:
+        the source it is bound to. Without ``wait`` it returns at once (state RUNNING);
+        with it, when the sync has finished. ``timeout``: the call's deadline in seconds;
+        by default none with ``wait`` (a sync may be long), else the client's."""
+        if isinstance(timeout, _Default):
+            timeout = None if wait else self.timeout
+        return self.stub.SyncSource(pb.SyncSourceRequest(
+            namespace=namespace, repo=repo, ref=ref, include=list(include),
+            exclude=list(exclude), max_file_bytes=max_file_bytes, wait=wait), timeout=timeout)
 
     # -- namespaces and status -------------------------------------------------------------
     def create_namespace(self, name: str, backend: str = "") -> pb.Namespace:

@@ -130,6 +130,22 @@ class Settings(BaseSettings):
     # recoverable from the catalog; snapshots make restarts fast).
     index_flush_interval_s: float = Field(30.0, gt=0)
 
+    # -- source sync (SyncSource, `retriever sync`) -----------------------------------------
+    # What SyncSource may read. A local repository must resolve (symlinks followed) to a
+    # directory inside one of sync_roots; a URL must start with one of sync_url_prefixes
+    # (end a prefix with "/": "https://github.com/org" would also admit ".../org-evil").
+    # Both empty (the default): SyncSource answers PERMISSION_DENIED, so no caller can make
+    # the server read /etc or clone what it was not allowed to. From the environment, JSON
+    # lists: RETRIEVER_SYNC_ROOTS='["/srv/repos"]',
+    # RETRIEVER_SYNC_URL_PREFIXES='["https://github.com/my-org/"]'. URL sources are
+    # mirrored under <data_dir>/sources.
+    sync_roots: list[Path] = Field(default_factory=list)
+    sync_url_prefixes: list[str] = Field(default_factory=list)
+    # Documents a sync upserts per call (capped by max_batch_documents): each batch commits
+    # on its own, so a sync holds at most this many files in memory, and a sync stopped
+    # midway keeps what it applied (the next sync finishes the job).
+    sync_batch_documents: int = Field(64, ge=1)
+
     # -- storage faults --------------------------------------------------------------------
     # Bytes held back on the data directory's disk: when a write fails because the disk is
     # full this reserve is deleted so deletes can still run and free space, and writes are

@@ -24,6 +24,15 @@ class AlreadyExists(RetrieverError):
     """Creating something whose name is taken."""
 
 
+class PermissionDenied(RetrieverError):
+    """The caller may not do this here: e.g. sync a source outside the configured roots."""
+
+
+class Aborted(RetrieverError):
+    """The operation conflicts with one already running (a second sync of a namespace);
+    retry once that one has finished."""
+
+
 class FailedPrecondition(RetrieverError):
     """The system is not in a state the request needs (e.g. an engine is not installed)."""
 

@@ -26,8 +26,7 @@ from indexers import (
     create_backend,
 )
 from retriever._rwlock import RWLock
-from retriever.analyzer import ANALYZER
-from retriever.analyzer import terms as analyzer_terms
+from retriever.analyzer import ANALYZER, chunk_terms
 from retriever.cancel import NEVER, CallToken
 from retriever.catalog import Catalog
 from retriever.domain import NamespaceRecord
@@ -120,8 +119,8 @@ class Namespaces:
             rows = self._catalog.chunks_without_terms(name, after, 2048, all_rows=rebuild)
             if not rows:
                 break
-            self._catalog.put_terms(name, [
-                (vid, " ".join(analyzer_terms(f"{path}\n{text}"))) for vid, path, text in rows])
+            self._catalog.put_terms(name, [(vid, chunk_terms(path, symbol, text))
+                                           for vid, path, symbol, text in rows])
             restored += len(rows)
             after = rows[-1][0]
         stray = self._catalog.stray_terms(name)

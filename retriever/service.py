@@ -32,6 +32,7 @@ from retriever.domain import (
     UpsertResult,
 )
 from retriever.errors import DataLoss, InvalidArgument, NotFound, NotReady, translate
+from retriever.freshness.sync import Syncer, SyncRequest, SyncState
 from retriever.ingest.chunking import ChunkerSet, build_chunkers
 from retriever.ingest.pipeline import HEADER_TOKENS, Ingestor
 from retriever.models.batcher import MicroBatcher
@@ -79,6 +80,7 @@ class RetrieverService:
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
+        self.syncer: Syncer | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     @property
@@ -128,10 +130,17 @@ class RetrieverService:
         self._flusher = threading.Thread(target=self._flush_loop, name="index-flusher",
                                          daemon=True)
         self._flusher.start()
+        self.syncer = Syncer(s, self.catalog, self._sync_upsert, self._sync_delete,
+                             self._ensure_namespace)
+        self.syncer.start()
         self._ready.set()
         self.metrics.model_loaded.set(1)
 
     def close(self) -> None:
+        if self.syncer is not None:
+            # Syncs stop at their next batch (what they applied stays applied) while the
+            # model and catalog still serve them.
+            self.syncer.close()
         self._ready.clear()
         self.metrics.model_loaded.set(0)
         self._stop.set()
@@ -221,6 +230,34 @@ class RetrieverService:
         ingestor = self.ingestor
         assert ingestor is not None
         return self.space.delete(lambda: ingestor.delete(namespace, doc_ids, token))
+
+    # -- sources -----------------------------------------------------------------------------
+    def sync_source(self, namespace: str, request: SyncRequest, *, wait: bool = False,
+                    token: CallToken = NEVER) -> SyncState:
+        """Sync ``namespace`` with its git source (retriever/freshness/sync.py): at once
+        RUNNING, or with ``wait`` when finished (its error raised if it failed)."""
+        self._require_ready()
+        assert self.syncer is not None
+        return self.syncer.sync(namespace, request, wait=wait, token=token)
+
+    def recent_syncs(self, namespace: str) -> list[SyncState]:
+        """The namespace's latest syncs, newest first (the running one included)."""
+        self._require_ready()
+        assert self.syncer is not None
+        validation.namespace_name(namespace)
+        return self.syncer.recent(namespace)
+
+    def _sync_upsert(self, namespace: str, docs: Sequence[Document],
+                     token: CallToken) -> UpsertResult:
+        return self.upsert(namespace, docs, token)
+
+    def _sync_delete(self, namespace: str, doc_ids: Sequence[str],
+                     token: CallToken) -> DeleteResult:
+        return self.delete_documents(namespace, doc_ids, token)
+
+    def _ensure_namespace(self, namespace: str) -> None:
+        """Create the namespace with the server's defaults when it does not exist."""
+        self.space.write(lambda: self.namespaces.get_or_create(namespace))
 
     def get_document(self, namespace: str, doc_id: str) -> DocumentRecord:
         self._require_ready()

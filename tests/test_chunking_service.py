@@ -12,7 +12,7 @@ import grpc
 import pytest
 from conftest import make_settings, running_server
 
-from retriever.catalog import Catalog
+from retriever.catalog import SCHEMA_VERSION, Catalog
 from retriever.client import RetrieverClient, pb
 from retriever.config import Settings
 from retriever.models.embedder import Embedder
@@ -225,5 +225,5 @@ def test_an_older_catalog_gains_the_new_columns(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         cols = {r[1] for r in db.execute("PRAGMA table_info(chunks)")}
         assert {"symbol", "kind", "fallback", "header"} <= cols
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     cat.close()

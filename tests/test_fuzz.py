@@ -61,6 +61,8 @@ ALLOWED = frozenset({
     grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED,
     grpc.StatusCode.OUT_OF_RANGE,
+    # SyncSource: a location outside the sync roots (none are set here); a second sync.
+    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.ABORTED,
 })
 # RPCs that can change the seeded data: the seed is restored after each of their examples.
 WRITES = frozenset({"UpsertDocuments", "DeleteDocuments", "DeleteNamespace", "CreateNamespace"})

@@ -12,6 +12,7 @@ import pytest
 from conftest import make_settings, running_server
 from corpus import CORPUS
 
+from retriever.catalog import _terms_table
 from retriever.client import RetrieverClient
 from retriever.models.embedder import Embedder, default_model_path
 from retriever.server.app import ServerThread
@@ -163,6 +164,25 @@ def test_lexical_index_follows_replacements_and_deletes(client: RetrieverClient)
     assert not _search(client, "wombats", mode=pb.LEXICAL).hits
 
 
+def test_lexical_scores_of_a_namespace_ignore_other_namespaces(client: RetrieverClient
+                                                               ) -> None:
+    """BM25's statistics (document frequency, lengths) are the namespace's own: another
+    tenant's documents move neither the scores nor the order."""
+    def scores() -> list[tuple[str, float]]:
+        return [(h.chunk.chunk_id, h.lexical_score) for h in _search(
+            client, "bread dough oven", mode=pb.LEXICAL, top_k=10).hits]
+
+    before = scores()
+    assert before
+    client.upsert("other-tenant", [pb.Document(doc_id=f"b{i}", content="bread " * (i + 1))
+                                   for i in range(30)])
+    try:
+        assert scores() == before
+    finally:
+        client.delete_namespace("other-tenant")
+    assert scores() == before
+
+
 def test_restart_rebuilds_a_lexical_index_that_disagrees_with_the_catalog(
         tmp_path: Path, embedder: Embedder) -> None:
     data = tmp_path / "data"
@@ -173,9 +193,10 @@ def test_restart_rebuilds_a_lexical_index_that_disagrees_with_the_catalog(
             namespace="lex", query="bread dough", top_k=5, mode=pb.LEXICAL)).hits]
     st.stop()
     db = sqlite3.connect(data / "catalog.sqlite3")
-    lost = db.execute("DELETE FROM chunk_terms WHERE rowid IN (SELECT rowid FROM chunk_terms"
+    terms = _terms_table("lex")
+    lost = db.execute(f"DELETE FROM {terms} WHERE rowid IN (SELECT rowid FROM {terms}"
                       " LIMIT 3)").rowcount
-    db.execute("INSERT INTO chunk_terms (rowid, ns, terms) VALUES (999999, 'lex', 'bread')")
+    db.execute(f"INSERT INTO {terms} (rowid, terms) VALUES (999999, 'bread')")
     db.commit()
     db.close()
     st = ServerThread(make_settings(data), embedder).start()
@@ -189,6 +210,36 @@ def test_restart_rebuilds_a_lexical_index_that_disagrees_with_the_catalog(
         assert after == before
     finally:
         st.stop()
+
+
+def test_a_catalog_with_one_shared_lexical_table_moves_to_one_per_namespace(
+        tmp_path: Path, embedder: Embedder) -> None:
+    """Releases before schema 4 kept all namespaces' terms in one table (mixed BM25
+    statistics): at open it is dropped and each namespace's terms are rebuilt in its own."""
+    data = tmp_path / "data"
+    docs = [pb.Document(doc_id=k, content=v) for k, v in CORPUS.items()]
+    with running_server(make_settings(data), embedder) as st, RetrieverClient(st.address) as c:
+        c.upsert("lex", docs)
+        before = [h.chunk.chunk_id for h in c.stub.Search(pb.SearchRequest(
+            namespace="lex", query="bread dough", top_k=5, mode=pb.LEXICAL)).hits]
+        chunks = c.status("lex").chunk_count
+    db = sqlite3.connect(data / "catalog.sqlite3")  # as schema 3 left it
+    terms = _terms_table("lex")
+    db.execute(f"DROP TRIGGER {terms}_follow")
+    db.execute(f"DROP TABLE {terms}")
+    db.execute("CREATE VIRTUAL TABLE chunk_terms USING fts5(ns, terms)")
+    db.execute("INSERT INTO chunk_terms (rowid, ns, terms) VALUES (1, 'lex', 'bread')")
+    db.execute("PRAGMA user_version = 3")
+    db.commit()
+    db.close()
+    with running_server(make_settings(data), embedder) as st, RetrieverClient(st.address) as c:
+        assert st.info["reconciled"]["lex"]["lexical_rows_restored"] == chunks
+        after = [h.chunk.chunk_id for h in c.stub.Search(pb.SearchRequest(
+            namespace="lex", query="bread dough", top_k=5, mode=pb.LEXICAL)).hits]
+        assert after == before
+    db = sqlite3.connect(data / "catalog.sqlite3")
+    assert not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'chunk_terms'").fetchall()
+    db.close()
 
 
 def test_the_embedding_cache_makes_a_reindex_embed_nothing(tmp_path: Path,

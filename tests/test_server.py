@@ -426,7 +426,7 @@ CASES = [
     ("CreateNamespace", pb.CreateNamespaceRequest(name="ok-name", backend="nosuch"),
      grpc.StatusCode.INVALID_ARGUMENT, ["nosuch", "faiss"]),
     ("SyncSource", pb.SyncSourceRequest(namespace=NS, repo="."),
-     grpc.StatusCode.UNIMPLEMENTED, ["SyncSource"]),
+     grpc.StatusCode.PERMISSION_DENIED, ["RETRIEVER_SYNC_ROOTS", "RETRIEVER_SYNC_URL_PREFIXES"]),
     ("Evaluate", pb.EvaluateRequest(namespace=NS), grpc.StatusCode.UNIMPLEMENTED, ["Evaluate"]),
     ("RecordFeedback", pb.RecordFeedbackRequest(namespace=NS),
      grpc.StatusCode.UNIMPLEMENTED, ["RecordFeedback"]),

@@ -213,9 +213,8 @@ class Ingestor:
                 token_count=planned[pi].token_counts[ci],
                 chunker=planned[pi].spans[ci].chunker or planned[pi].chunker,
                 vector=vectors[row],
-                terms=" ".join(analyzer.terms(
-                    f"{planned[pi].path}\n{planned[pi].spans[ci].symbol}\n"
-                    f"{planned[pi].spans[ci].text}")),
+                terms=analyzer.chunk_terms(planned[pi].path, planned[pi].spans[ci].symbol,
+                                           planned[pi].spans[ci].text),
                 symbol=planned[pi].spans[ci].symbol, kind=planned[pi].spans[ci].kind,
                 fallback=planned[pi].spans[ci].fallback,
                 header=planned[pi].headers[ci],

@@ -26,6 +26,7 @@ from retriever.domain import (
     UpsertResult,
 )
 from retriever.errors import InvalidArgument
+from retriever.freshness.sync import SyncRequest, SyncState, SyncStatus
 from retriever.v1 import retriever_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,11 @@ _MODES = {
     pb.HYBRID: SearchMode.HYBRID,
 }
 _MODE_PB = {v: k for k, v in _MODES.items()}
+_SYNC_STATES = {
+    SyncStatus.RUNNING: pb.SYNC_STATE_RUNNING,
+    SyncStatus.SUCCEEDED: pb.SYNC_STATE_SUCCEEDED,
+    SyncStatus.FAILED: pb.SYNC_STATE_FAILED,
+}
 _STATUS = {
     DocStatus.CREATED: pb.DocumentResult.CREATED,
     DocStatus.UPDATED: pb.DocumentResult.UPDATED,
@@ -106,6 +112,11 @@ def search_from_pb(msg: pb.SearchRequest, field: str = "") -> SearchQuery:
         min_score=msg.min_score if msg.HasField("min_score") else None,
         max_hits_per_path=msg.max_hits_per_path,
     )
+
+
+def sync_request_from_pb(msg: pb.SyncSourceRequest) -> SyncRequest:
+    return SyncRequest(location=msg.repo, ref=msg.ref, include=tuple(msg.include),
+                       exclude=tuple(msg.exclude), max_file_bytes=msg.max_file_bytes)
 
 
 # -- responses -----------------------------------------------------------------------------
@@ -220,4 +231,17 @@ def status_to_pb(s: IndexStatus) -> pb.GetIndexStatusResponse:
         vector_count=s.vector_count, last_indexed_at=_ts(n.last_indexed_at),
         precision=s.precision, chunk_tokens=s.chunk_tokens, overlap_tokens=s.overlap_tokens,
         chunker=s.chunker, content_bytes=n.content_bytes,
+    )
+
+
+def sync_to_pb(s: SyncState) -> pb.SyncSourceResponse:
+    return pb.SyncSourceResponse(
+        commit=s.commit, documents_upserted=s.documents_upserted,
+        documents_deleted=s.documents_deleted, sync_id=s.sync_id, state=_SYNC_STATES[s.status],
+        files_added=s.files_added, files_modified=s.files_modified,
+        files_deleted=s.files_deleted, files_renamed=s.files_renamed,
+        documents_unchanged=s.documents_unchanged, chunks_embedded=s.chunks_embedded,
+        chunks_reused=s.chunks_reused, duration=_dur(s.seconds), error=s.error,
+        previous_commit=s.previous_commit, full_reconcile=s.full_reconcile,
+        skipped=s.skipped, start_time=_ts(s.started_at),
     )

@@ -161,6 +161,10 @@ class RetrieverServicer:
         self._read_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc-read")
         self._write_pool = ThreadPoolExecutor(max_workers=s.max_inflight_upserts,
                                               thread_name_prefix="rpc-write")
+        # SyncSource calls: one waiting for its sync holds a thread for the whole sync (the
+        # sync itself runs on a thread of the core's), so they get their own pool rather
+        # than block upserts or searches.
+        self._sync_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rpc-sync")
         self._searches = _SearchGate(s.max_inflight_searches, s.search_shed_after_s)
         self._upserts = _Limiter(s.max_inflight_upserts, "upsert streams")
         self._peer_streams = _PeerLimiter(s.max_upsert_streams_per_peer)
@@ -170,6 +174,7 @@ class RetrieverServicer:
         (an upsert cut short here is not acknowledged; start-up reconcile clears it)."""
         self._read_pool.shutdown(wait=True, cancel_futures=True)
         self._write_pool.shutdown(wait=True, cancel_futures=True)
+        self._sync_pool.shutdown(wait=True, cancel_futures=True)
 
     async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any,
                    pool: ThreadPoolExecutor | None = None, token: CallToken | None = None) -> T:
@@ -365,12 +370,16 @@ class RetrieverServicer:
                                  request)
         return convert.status_to_pb(status)
 
-    # -- not shipped yet -------------------------------------------------------------------
-    async def SyncSource(self, request: Any, context: Any):  # noqa: N802
-        await abort(context, grpc.StatusCode.UNIMPLEMENTED,
-                    "SyncSource is not available yet: send the repository's files with "
-                    "UpsertDocuments (e.g. `retriever index PATH`) until source sync ships")
+    # -- sources -------------------------------------------------------------------------
+    async def SyncSource(self, request: pb.SyncSourceRequest, context: Any):  # noqa: N802
+        token = self._token(context)
+        state = await self._run(
+            context, lambda r: self._svc.sync_source(
+                r.namespace, convert.sync_request_from_pb(r), wait=r.wait, token=token),
+            request, pool=self._sync_pool, token=token)
+        return convert.sync_to_pb(state)
 
+    # -- not shipped yet -------------------------------------------------------------------
     async def RecordFeedback(self, request: Any, context: Any):  # noqa: N802
         await abort(context, grpc.StatusCode.UNIMPLEMENTED,
                     "RecordFeedback is not available yet: online precision@k ships with the "

@@ -1,0 +1,674 @@
+"""Source sync: a namespace follows a git source, and a sync applies what changed.
+
+A namespace is bound to a source (location, ref, include/exclude globs, file size limit) in
+the catalog. A sync fetches it (a URL is mirrored under ``<data_dir>/sources``), resolves
+the ref, and then:
+
+- when the namespace's last synced commit still exists and is an ancestor of the new head
+  (and the globs and size limit are those it was synced with), applies the diff: added and
+  modified files upserted, deleted files removed, a rename as an upsert of the new path and
+  a delete of the old one;
+- otherwise (a first sync, a rewritten history, changed globs, an interrupted sync to
+  another commit) reconciles the whole tree by content hash: files whose text or revision
+  differ from their document are upserted, documents not in the tree are deleted.
+
+Every write goes through the service's own upsert and delete (atomic per call; a document
+whose content, path, language and chunking are unchanged comes back UNCHANGED and costs
+nothing), in batches of ``sync_batch_documents`` files, so memory stays bounded. A
+document's revision is the commit that last changed its file, and its source time that
+commit's time. The new last synced commit is recorded only after every batch and delete
+has been applied: a sync stopped midway (killed, cancelled, failed) keeps what it applied,
+and the next sync finishes the job without duplicating or losing anything.
+
+One sync per namespace at a time: a second answers Aborted naming the running one. Each
+sync runs on a thread of its own, owned by the Syncer, which cancels and joins them at
+close. Who may sync what is decided by ``sync_roots`` and ``sync_url_prefixes`` alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import re
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from retriever import validation
+from retriever.cancel import NEVER, CallToken
+from retriever.catalog import Catalog, SourceRecord, SyncRecord
+from retriever.config import Settings
+from retriever.domain import DeleteResult, DocStatus, Document, UpsertResult
+from retriever.errors import (
+    Aborted,
+    Cancelled,
+    InvalidArgument,
+    NotFound,
+    NotReady,
+    PermissionDenied,
+    RetrieverError,
+    translate,
+)
+from retriever.freshness.git import (
+    Entry,
+    GitRepo,
+    Revision,
+    SourceSpec,
+    commit_time,
+    diff,
+    fetch,
+    is_ancestor,
+    is_url,
+    last_changes,
+    open_source,
+    read_text,
+    resolve,
+    snapshot,
+)
+from retriever.ingest.pipeline import sha256
+
+__all__ = ["SYNC_HISTORY", "SyncRequest", "SyncState", "SyncStatus", "Syncer",
+           "check_location"]
+
+log = logging.getLogger(__name__)
+
+#: Finished syncs kept per namespace in the catalog.
+SYNC_HISTORY = 20
+MAX_LOCATION_BYTES = 4096
+MAX_REF_BYTES = 256
+MAX_GLOBS = 64
+MAX_GLOB_BYTES = 1024
+# How long close() and a cancelled waiting caller wait for a sync to stop (it stops at its
+# next batch, or sooner while waiting for the model).
+_STOP_WAIT_S = 30.0
+_POLL_S = 0.05
+_PAGE = 1000
+_USERINFO = re.compile(r"(://)[^/@\s]+@")
+
+
+class SyncStatus(enum.Enum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRequest:
+    """What a caller asks to sync. An empty ``location`` means the namespace's bound source
+    (then the rest must be empty too); ``ref`` empty means HEAD; ``max_file_bytes`` 0 means
+    the server's max_document_bytes."""
+
+    location: str = ""
+    ref: str = ""
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    max_file_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SyncState:
+    """A sync as it stands (RUNNING) or ended. Counts are of what this sync did: a file
+    whose document already held its content counts as unchanged, whatever git says."""
+
+    sync_id: str
+    namespace: str
+    status: SyncStatus
+    started_at: datetime
+    finished_at: datetime | None
+    seconds: float
+    location: str
+    ref: str
+    commit: str = ""  # the commit synced to; "" until resolved
+    previous_commit: str = ""  # the namespace's last synced commit before this sync
+    full_reconcile: bool = False
+    files_added: int = 0
+    files_modified: int = 0
+    files_deleted: int = 0
+    files_renamed: int = 0
+    documents_unchanged: int = 0
+    documents_upserted: int = 0
+    documents_deleted: int = 0
+    chunks_embedded: int = 0
+    chunks_reused: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> files
+    error: str = ""
+
+    def summary(self) -> dict[str, object]:
+        """The counts as plain JSON values (what the catalog keeps of a finished sync)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("sync_id", "namespace", "status", "started_at", "finished_at",
+                             "commit", "error")}
+
+
+@dataclass(slots=True)
+class _Counts:
+    added: int = 0
+    modified: int = 0
+    deleted: int = 0
+    renamed: int = 0
+    unchanged: int = 0
+    upserted: int = 0
+    docs_deleted: int = 0
+    embedded: int = 0
+    reused: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+class _Run:
+    """One sync in flight: its thread, its stop token and its counts so far."""
+
+    def __init__(self, namespace: str, spec: SourceSpec, target: str) -> None:
+        self.sync_id = uuid.uuid4().hex[:16]
+        self.namespace = namespace
+        self.spec = spec
+        self.target = target  # the checked location to open (a local path resolved)
+        self.started_at = datetime.now(UTC)
+        self.t0 = time.monotonic()
+        self.token = CallToken()  # cancelled by close() or a waiting caller who left
+        self.stop_reason = ""
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.counts = _Counts()
+        self.commit = ""
+        self.previous_commit = ""
+        self.full = False
+        self.status = SyncStatus.RUNNING
+        self.error = ""
+        self.exc: BaseException | None = None
+        self.finished_at: datetime | None = None
+        self.seconds: float | None = None
+        self.thread: threading.Thread | None = None
+
+    def stop(self, reason: str) -> None:
+        if not self.stop_reason:
+            self.stop_reason = reason
+        self.token.cancel()
+
+    def state(self) -> SyncState:
+        with self.lock:
+            c = self.counts
+            return SyncState(
+                sync_id=self.sync_id, namespace=self.namespace, status=self.status,
+                started_at=self.started_at, finished_at=self.finished_at,
+                seconds=self.seconds if self.seconds is not None
+                else time.monotonic() - self.t0,
+                location=_redact(self.spec.location), ref=self.spec.ref, commit=self.commit,
+                previous_commit=self.previous_commit, full_reconcile=self.full,
+                files_added=c.added, files_modified=c.modified, files_deleted=c.deleted,
+                files_renamed=c.renamed, documents_unchanged=c.unchanged,
+                documents_upserted=c.upserted, documents_deleted=c.docs_deleted,
+                chunks_embedded=c.embedded, chunks_reused=c.reused,
+                skipped=dict(sorted(c.skipped.items())), error=self.error)
+
+
+Upsert = Callable[[str, Sequence[Document], CallToken], UpsertResult]
+Delete = Callable[[str, Sequence[str], CallToken], DeleteResult]
+
+
+class Syncer:
+    """Runs the syncs of a service. ``upsert`` and ``delete`` are the service's own write
+    paths; ``ensure_namespace`` creates a namespace with the server's defaults if missing."""
+
+    def __init__(self, settings: Settings, catalog: Catalog, upsert: Upsert, delete: Delete,
+                 ensure_namespace: Callable[[str], object]) -> None:
+        self._settings = settings
+        self._catalog = catalog
+        self._upsert = upsert
+        self._delete = delete
+        self._ensure_namespace = ensure_namespace
+        self._mirrors = settings.data_dir / "sources"
+        self._batch = max(1, min(settings.sync_batch_documents, settings.max_batch_documents))
+        self._runs: dict[str, _Run] = {}
+        self._lock = threading.Lock()
+        self._fetch_locks: dict[str, threading.Lock] = {}
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Mark syncs a previous process left running as failed (this process holds the
+        data directory, so none of them can still run)."""
+        n = self._catalog.fail_running_syncs(
+            "interrupted: the server stopped during this sync; what it applied stays applied "
+            "and the next sync finishes the job")
+        if n:
+            log.warning("%d sync(s) were interrupted by the last shutdown; marked failed", n)
+
+    def close(self) -> None:
+        """Stop every running sync at its next batch and wait for it (what was applied stays
+        applied; its commit is not recorded as synced)."""
+        with self._lock:
+            self._closed = True
+            runs = list(self._runs.values())
+        for run in runs:
+            run.stop("the server is shutting down")
+        for run in runs:
+            if run.thread is not None:
+                run.thread.join(_STOP_WAIT_S)
+
+    # -- the API ---------------------------------------------------------------------------
+    def sync(self, namespace: str, request: SyncRequest, *, wait: bool,
+             token: CallToken = NEVER) -> SyncState:
+        """Start a sync of ``namespace``; without ``wait`` return at once (RUNNING), with it
+        when it has ended, raising its error if it failed. Bad input, a location outside the
+        allowed roots and a second sync of a namespace are refused before anything starts
+        (InvalidArgument, NotFound, PermissionDenied, Aborted)."""
+        validation.namespace_name(namespace)
+        spec = self._spec(namespace, request)
+        target = check_location(spec.location, self._settings)
+        if not is_url(target):
+            self._check_local(spec, target)
+        with self._lock:
+            if self._closed:
+                raise NotReady("the server is shutting down; retry against a running server")
+            running = self._runs.get(namespace)
+            if running is not None:
+                age = time.monotonic() - running.t0
+                raise Aborted(
+                    f"namespace {namespace!r} is already syncing: sync {running.sync_id} "
+                    f"started at {running.started_at.isoformat(timespec='seconds')} "
+                    f"({age:.1f} s ago); retry once it has finished")
+            run = _Run(namespace, spec, target)
+            self._runs[namespace] = run
+        try:
+            self._catalog.add_sync(run.sync_id, namespace, run.started_at)
+            run.thread = threading.Thread(target=self._execute, args=(run,),
+                                          name=f"sync-{namespace}", daemon=True)
+            run.thread.start()
+        except BaseException:
+            with self._lock:
+                self._runs.pop(namespace, None)
+            raise
+        if not wait:
+            return run.state()
+        return self._wait(run, token)
+
+    def recent(self, namespace: str, limit: int = SYNC_HISTORY) -> list[SyncState]:
+        """The namespace's latest syncs, newest first: the running one (live counts), then
+        those the catalog keeps."""
+        with self._lock:
+            running = self._runs.get(namespace)
+        out = [running.state()] if running is not None else []
+        for rec in self._catalog.list_syncs(namespace, limit):
+            if len(out) >= limit:
+                break
+            if running is None or rec.sync_id != running.sync_id:
+                out.append(_from_record(rec))
+        return out
+
+    # -- request checks --------------------------------------------------------------------
+    def _spec(self, namespace: str, req: SyncRequest) -> SourceSpec:
+        limit = self._settings.max_document_bytes
+        if not req.location:
+            if req.ref or req.include or req.exclude or req.max_file_bytes:
+                raise InvalidArgument(
+                    "ref, include, exclude and max_file_bytes need repo: give repo to bind "
+                    "the namespace anew, or leave them all empty to sync its bound source",
+                    field="repo")
+            src = self._catalog.get_source(namespace)
+            if src is None:
+                raise NotFound(f"namespace {namespace!r} is bound to no source: give repo (a "
+                               "local path or a URL) to bind it", field="repo")
+            return SourceSpec(src.location, src.ref, src.include, src.exclude,
+                              min(src.max_file_bytes, limit))
+        _max_bytes(req.location, MAX_LOCATION_BYTES, "repo")
+        _max_bytes(req.ref, MAX_REF_BYTES, "ref")
+        for name, globs in (("include", req.include), ("exclude", req.exclude)):
+            if len(globs) > MAX_GLOBS:
+                raise InvalidArgument(f"{name} has {len(globs)} globs; at most {MAX_GLOBS}",
+                                      field=name)
+            for g in globs:
+                _max_bytes(g, MAX_GLOB_BYTES, name)
+        if not 0 <= req.max_file_bytes <= limit:
+            raise InvalidArgument(
+                f"max_file_bytes must be 1..{limit} (the server's max_document_bytes), or 0 "
+                f"for that limit; got {req.max_file_bytes}", field="max_file_bytes")
+        try:
+            return SourceSpec(req.location, req.ref or "HEAD", tuple(req.include),
+                              tuple(req.exclude), req.max_file_bytes or limit)
+        except InvalidArgument as exc:
+            raise _as_repo_field(exc) from None
+
+    def _check_local(self, spec: SourceSpec, target: str) -> None:
+        """A local location must be a repository's top directory, and the repository's own
+        git directories (a `.git` file can point elsewhere) must be inside the roots too."""
+        try:
+            repo = open_source(dataclasses.replace(spec, location=target), self._mirrors)
+        except InvalidArgument as exc:
+            raise _as_repo_field(exc) from None
+        with repo:
+            out = repo.run("rev-parse", "--path-format=absolute", "--git-dir",
+                           "--git-common-dir")
+        for line in out.decode("utf-8", "surrogateescape").splitlines():
+            if line.strip() and _root_of(Path(line.strip()).resolve(),
+                                         self._settings.sync_roots) is None:
+                raise PermissionDenied(
+                    f"repo {spec.location!r} keeps its git data outside RETRIEVER_SYNC_ROOTS "
+                    "(its .git points elsewhere): sync the repository that holds it",
+                    field="repo")
+
+    # -- running ---------------------------------------------------------------------------
+    def _wait(self, run: _Run, token: CallToken) -> SyncState:
+        while not run.done.wait(_POLL_S):
+            if token.done:
+                deadline = token.expired
+                run.stop("the deadline of the waiting call passed" if deadline
+                         else "the waiting call was cancelled")
+                run.done.wait(_STOP_WAIT_S)
+                applied = run.state()
+                raise Cancelled(
+                    f"{'the deadline passed' if deadline else 'the call was cancelled'} before "
+                    f"sync {run.sync_id} finished; it stopped: the "
+                    f"{applied.documents_upserted} documents upserted and "
+                    f"{applied.documents_deleted} deleted stay applied, and the next sync "
+                    "finishes the job", deadline=deadline)
+        if run.status is SyncStatus.FAILED:
+            assert run.exc is not None
+            raise run.exc
+        return run.state()
+
+    def _execute(self, run: _Run) -> None:
+        status, error, exc = SyncStatus.SUCCEEDED, "", None
+        try:
+            self._apply(run)
+        except BaseException as e:  # recorded as the sync's error, raised to a waiting caller
+            status, exc = SyncStatus.FAILED, e
+            if isinstance(e, Cancelled) or (run.token.done and isinstance(e, NotReady)):
+                error = (f"stopped: {run.stop_reason or 'cancelled'}; what was applied "
+                         "stays applied, and the next sync finishes the job")
+                exc = Cancelled(error, deadline=isinstance(e, Cancelled) and e.deadline)
+                log.info("sync %s of %s %s", run.sync_id, run.namespace, error)
+            elif (domain := translate(e)) is not None:
+                error, exc = domain.message, domain
+                log.warning("sync %s of %s failed: %s", run.sync_id, run.namespace, error)
+            else:
+                error = f"internal error ({type(e).__name__}); the server log has the details"
+                log.exception("sync %s of %s failed", run.sync_id, run.namespace)
+        with run.lock:
+            run.status, run.error, run.exc = status, error, exc
+            run.finished_at = datetime.now(UTC)
+            run.seconds = time.monotonic() - run.t0
+        state = run.state()
+        try:
+            self._catalog.finish_sync(SyncRecord(
+                sync_id=run.sync_id, namespace=run.namespace, state=status.value,
+                started_at=run.started_at, finished_at=state.finished_at, commit=state.commit,
+                summary=state.summary(), error=error), keep=SYNC_HISTORY)
+        except Exception:  # e.g. the catalog closed under a shutdown: start() marks it
+            log.warning("could not record the end of sync %s of %s", run.sync_id,
+                        run.namespace, exc_info=True)
+        finally:
+            with self._lock:
+                if self._runs.get(run.namespace) is run:
+                    del self._runs[run.namespace]
+            run.done.set()
+        if status is SyncStatus.SUCCEEDED:
+            log.info("sync %s of %s to %s: %s", run.sync_id, run.namespace, state.commit[:12],
+                     state.summary())
+
+    def _apply(self, run: _Run) -> None:
+        spec, ns = run.spec, run.namespace
+        repo = open_source(dataclasses.replace(spec, location=run.target), self._mirrors)
+        with repo:
+            if is_url(run.target):
+                with self._lock:
+                    lock = self._fetch_locks.setdefault(run.target, threading.Lock())
+                run.token.acquire(lock, "the fetch")  # git cannot fetch one mirror twice
+                try:
+                    fetch(repo, spec)
+                finally:
+                    lock.release()
+            run.token.check("the sync's first batch")
+            head = resolve(repo, spec.ref)
+            source = self._catalog.get_source(ns)
+            previous = source.last_commit if source is not None else ""
+            incremental = _can_diff(repo, source, spec, head)
+            with run.lock:
+                run.commit, run.previous_commit, run.full = head, previous, not incremental
+            self._ensure_namespace(ns)
+            # Bound before anything is applied, and marked pending: if this sync stops
+            # midway, the next one knows what state the namespace may be in.
+            self._catalog.put_source(SourceRecord(
+                namespace=ns, location=spec.location, ref=spec.ref, include=spec.include,
+                exclude=spec.exclude, max_file_bytes=spec.max_file_bytes,
+                last_commit=previous, pending_commit=head, pending_full=not incremental))
+            if incremental:
+                self._apply_diff(run, repo, previous, head)
+            else:
+                self._reconcile(run, repo, head)
+            self._catalog.source_synced(ns, head)
+
+    def _apply_diff(self, run: _Run, repo: GitRepo, previous: str, head: str) -> None:
+        changes = diff(repo, previous, head, run.spec)
+        skipped = dict(changes.skipped)
+        renamed_new = {r.new_path for r in changes.renamed}
+        paths = [*changes.added, *changes.modified, *sorted(renamed_new)]
+        entries = [changes.entries[p] for p in paths if _usable(p, skipped)]
+        unreadable = self._upsert_files(run, repo, head, entries, skipped, None, renamed_new)
+        written = {e.path for e in entries} - set(unreadable)
+        # Upserts first, deletes after: a search during the sync may briefly see a renamed
+        # file under both paths, never under neither.
+        removals = [*changes.deleted, *unreadable,
+                    *(r.old_path for r in changes.renamed if r.new_path not in written)]
+        self._delete_docs(run, [p for p in removals if _usable(p, None)], count=True)
+        self._delete_docs(run, [r.old_path for r in changes.renamed
+                                if r.new_path in written and _usable(r.old_path, None)],
+                          count=False)
+        self._add_skipped(run, skipped)
+
+    def _reconcile(self, run: _Run, repo: GitRepo, head: str) -> None:
+        snap = snapshot(repo, head, run.spec)
+        skipped = dict(snap.skipped)
+        known: dict[str, tuple[str, str]] = {}
+        after = ""
+        while True:
+            page, _ = self._catalog.list_documents(run.namespace, after, _PAGE, "")
+            known.update((d.doc_id, (d.content_hash, d.revision)) for d in page)
+            if len(page) < _PAGE:
+                break
+            after = page[-1].doc_id
+        entries = [e for p, e in sorted(snap.entries.items()) if _usable(p, skipped)]
+        unreadable = set(self._upsert_files(run, repo, head, entries, skipped, known, set()))
+        present = {e.path for e in entries if e.path not in unreadable}
+        self._delete_docs(run, [d for d in sorted(known) if d not in present], count=True)
+        self._add_skipped(run, skipped)
+
+    def _upsert_files(self, run: _Run, repo: GitRepo, head: str, entries: Sequence[Entry],
+                      skipped: dict[str, str], known: dict[str, tuple[str, str]] | None,
+                      renamed_new: set[str]) -> list[str]:
+        """Upsert the text files among ``entries`` in batches, each document at the commit
+        that last changed it; with ``known`` ((content hash, revision) per doc id) files
+        whose document already matches are counted unchanged without a call. Returns the
+        paths that are no text (binary, not UTF-8): their reasons go into ``skipped``."""
+        if not entries:
+            return []
+        revisions = last_changes(repo, head, [e.path for e in entries])
+        fallback = Revision(head, commit_time(repo, head))
+        unreadable: list[str] = []
+        batch: list[Document] = []
+        for e in entries:
+            text = read_text(repo, e, skipped)
+            if text is None:
+                unreadable.append(e.path)
+                continue
+            rev = revisions.get(e.path, fallback)
+            if known is not None and known.get(e.path) == (sha256(text), rev.commit):
+                with run.lock:
+                    run.counts.unchanged += 1
+                continue
+            batch.append(Document(doc_id=e.path, content=text, path=e.path,
+                                  revision=rev.commit, source_updated_at=rev.time))
+            if len(batch) >= self._batch:
+                self._upsert_batch(run, batch, renamed_new)
+                batch = []
+        if batch:
+            self._upsert_batch(run, batch, renamed_new)
+        return unreadable
+
+    def _upsert_batch(self, run: _Run, docs: list[Document], renamed_new: set[str]) -> None:
+        run.token.check("the sync's next batch")
+        result = self._upsert(run.namespace, docs, run.token)
+        with run.lock:
+            c = run.counts
+            for r in result.results:
+                c.embedded += r.chunks_embedded
+                c.reused += r.chunks_reused
+                if r.status is DocStatus.UNCHANGED:
+                    c.unchanged += 1
+                    continue
+                c.upserted += 1
+                if r.doc_id in renamed_new:
+                    c.renamed += 1
+                elif r.status is DocStatus.CREATED:
+                    c.added += 1
+                else:
+                    c.modified += 1
+
+    def _delete_docs(self, run: _Run, doc_ids: Sequence[str], *, count: bool) -> None:
+        """Delete these documents (those that exist), in calls of at most
+        max_batch_documents ids; ``count``: as deleted files (not as renames' old paths)."""
+        step = self._settings.max_batch_documents
+        for i in range(0, len(doc_ids), step):
+            run.token.check("the sync's next delete")
+            result = self._delete(run.namespace, doc_ids[i:i + step], run.token)
+            with run.lock:
+                run.counts.docs_deleted += result.documents_deleted
+                if count:
+                    run.counts.deleted += result.documents_deleted
+
+    @staticmethod
+    def _add_skipped(run: _Run, skipped: dict[str, str]) -> None:
+        with run.lock:
+            run.counts.skipped.update(skipped.values())
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def check_location(location: str, settings: Settings) -> str:
+    """The location to open if this server may sync it: a URL as given when it starts with
+    one of ``sync_url_prefixes``, a local path resolved (symlinks followed) when that lies
+    inside one of ``sync_roots``. Else PermissionDenied saying which setting allows it."""
+    roots, prefixes = settings.sync_roots, settings.sync_url_prefixes
+    if not roots and not prefixes:
+        raise PermissionDenied(
+            "source sync is turned off on this server: set RETRIEVER_SYNC_ROOTS to the local "
+            "directories repositories may be synced from, and/or RETRIEVER_SYNC_URL_PREFIXES "
+            "to the URL prefixes that may be cloned, each a JSON list, e.g. "
+            "RETRIEVER_SYNC_ROOTS='[\"/srv/repos\"]' or "
+            "RETRIEVER_SYNC_URL_PREFIXES='[\"https://github.com/my-org/\"]'", field="repo")
+    if is_url(location):
+        shown = _redact(location)
+        if not any(location.startswith(p) for p in prefixes):
+            raise PermissionDenied(
+                f"repo {shown} starts with none of RETRIEVER_SYNC_URL_PREFIXES "
+                f"({_listing(prefixes)}): add a prefix there (a JSON list) to allow it",
+                field="repo")
+        url_path = urlsplit(location).path if "://" in location else location.split(":", 1)[1]
+        if any(part in (".", "..") for part in url_path.split("/")):
+            raise PermissionDenied(f"repo {shown} has '.' or '..' path segments: give the "
+                                   "URL without them", field="repo")
+        return location
+    path = Path(location)
+    if not path.is_absolute():
+        raise InvalidArgument(f"repo {location!r} must be an absolute path or a URL",
+                              field="repo")
+    real = path.resolve()
+    if _root_of(real, roots) is None:
+        raise PermissionDenied(
+            f"repo {location!r} is not inside RETRIEVER_SYNC_ROOTS ({_listing(roots)}; "
+            "symbolic links resolved): sync repositories under those directories, or add a "
+            "directory there (a JSON list)", field="repo")
+    return str(real)
+
+
+def _root_of(real: Path, roots: Iterable[Path]) -> Path | None:
+    for root in roots:
+        r = Path(root).resolve()
+        if real == r or r in real.parents:
+            return r
+    return None
+
+
+def _listing(items: Sequence[object]) -> str:
+    return ", ".join(str(i) for i in items) if items else "none set"
+
+
+def _can_diff(repo: GitRepo, source: SourceRecord | None, spec: SourceSpec,
+              head: str) -> bool:
+    """Whether the namespace's documents equal the tree of its last synced commit under
+    ``spec``'s rules, and ``head`` descends from that commit: then the diff is the work."""
+    if source is None or not source.last_commit:
+        return False
+    if (source.include, source.exclude, source.max_file_bytes) != (
+            spec.include, spec.exclude, spec.max_file_bytes):
+        return False
+    # An interrupted sync applied part of its work: only a sync to the same commit by the
+    # same diff covers all of it.
+    if source.pending_commit and (source.pending_commit != head or source.pending_full):
+        return False
+    try:
+        return is_ancestor(repo, source.last_commit, head)
+    except RetrieverError:  # a malformed stored sha, another hash kind: compare in full
+        return False
+
+
+def _usable(path: str, skipped: dict[str, str] | None) -> bool:
+    """Whether ``path`` can be a doc id; a too-long one is recorded in ``skipped``."""
+    size = len(path.encode("utf-8", "surrogatepass"))
+    if size <= min(validation.MAX_DOC_ID_BYTES, validation.MAX_PATH_BYTES):
+        return True
+    if skipped is not None:
+        skipped[path] = "path-too-long"
+    return False
+
+
+def _max_bytes(value: str, limit: int, name: str) -> None:
+    if len(value.encode("utf-8", "surrogatepass")) > limit:
+        raise InvalidArgument(f"{name} must be at most {limit} bytes", field=name)
+
+
+def _as_repo_field(exc: InvalidArgument) -> InvalidArgument:
+    """The git layer names the location "location"; the API calls it "repo"."""
+    if exc.field == "location":
+        return InvalidArgument(exc.message.replace("source ", "repo ", 1), field="repo")
+    return exc
+
+
+def _redact(text: str) -> str:
+    """``text`` without the user:password part of URLs."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def _from_record(rec: SyncRecord) -> SyncState:
+    s = rec.summary
+
+    def num(key: str) -> int:
+        value = s.get(key, 0)
+        return int(value) if isinstance(value, int | float) else 0
+
+    skipped = s.get("skipped")
+    started = rec.started_at or datetime.fromtimestamp(0, UTC)
+    seconds = s.get("seconds")
+    return SyncState(
+        sync_id=rec.sync_id, namespace=rec.namespace, status=SyncStatus(rec.state),
+        started_at=started, finished_at=rec.finished_at,
+        seconds=float(seconds) if isinstance(seconds, int | float) else 0.0,
+        location=str(s.get("location", "")), ref=str(s.get("ref", "")), commit=rec.commit,
+        previous_commit=str(s.get("previous_commit", "")),
+        full_reconcile=bool(s.get("full_reconcile", False)),
+        files_added=num("files_added"), files_modified=num("files_modified"),
+        files_deleted=num("files_deleted"), files_renamed=num("files_renamed"),
+        documents_unchanged=num("documents_unchanged"),
+        documents_upserted=num("documents_upserted"),
+        documents_deleted=num("documents_deleted"), chunks_embedded=num("chunks_embedded"),
+        chunks_reused=num("chunks_reused"),
+        skipped={str(k): int(v) for k, v in skipped.items()} if isinstance(skipped, dict)
+        else {},
+        error=rec.error)
