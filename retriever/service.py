@@ -218,11 +218,12 @@ class RetrieverService:
 
     # -- documents -------------------------------------------------------------------------
     def upsert(self, namespace: str, docs: Sequence[Document],
-               token: CallToken = NEVER) -> UpsertResult:
+               token: CallToken = NEVER, *, create: bool = True) -> UpsertResult:
         self._require_ready()
         ingestor = self.ingestor
         assert ingestor is not None
-        return self.space.write(lambda: ingestor.upsert(namespace, docs, token))
+        return self.space.write(lambda: ingestor.upsert(namespace, docs, token,
+                                                         create=create))
 
     def delete_documents(self, namespace: str, doc_ids: Sequence[str],
                          token: CallToken = NEVER) -> DeleteResult:
@@ -249,7 +250,9 @@ class RetrieverService:
 
     def _sync_upsert(self, namespace: str, docs: Sequence[Document],
                      token: CallToken) -> UpsertResult:
-        return self.upsert(namespace, docs, token)
+        # The sync created the namespace before its first batch: one deleted while the sync
+        # runs stays deleted (its later batches fail NOT_FOUND) instead of coming back.
+        return self.upsert(namespace, docs, token, create=False)
 
     def _sync_delete(self, namespace: str, doc_ids: Sequence[str],
                      token: CallToken) -> DeleteResult:

@@ -392,6 +392,37 @@ def test_one_sync_at_a_time_in_the_background_resumed_after_a_deadline(
     assert _lexical(client, "big", "handler_42") >= {"pkg/module_42.py"}
 
 
+def test_a_namespace_deleted_during_a_sync_stays_deleted(client: RetrieverClient,
+                                                        roots: Path) -> None:
+    repo = _Repo(roots / "doomed")
+    for i in range(60):
+        repo.write(f"pkg/mod_{i:02d}.py", f"def fn_{i}():\n    return {i}\n")
+    repo.commit("sixty modules")
+    started = _sync(client, "doomed", str(repo.root), wait=False, timeout=30)
+    assert started.state == pb.SYNC_STATE_RUNNING
+    deadline = time.monotonic() + 30  # the sync creates the namespace on its thread
+    while "doomed" not in {n.name for n in client.list_namespaces().namespaces}:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    client.delete_namespace("doomed")
+    # The sync's later batches find no namespace: it ends, and nothing brings it back.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        names = {n.name for n in client.list_namespaces().namespaces}
+        assert "doomed" not in names
+        try:
+            _sync(client, "doomed", wait=False, timeout=30)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:  # unbound: the sync is over
+                break
+            assert exc.code() == grpc.StatusCode.ABORTED, exc.details()
+        time.sleep(0.2)
+    else:
+        pytest.fail("the sync did not end")
+    time.sleep(0.5)
+    assert "doomed" not in {n.name for n in client.list_namespaces().namespaces}
+
+
 # -- URL sources -----------------------------------------------------------------------------
 
 

@@ -152,20 +152,24 @@ class Ingestor:
             raise ValueError(f"unknown fault_points {sorted(unknown)}; known: {FAULT_POINTS}")
 
     def upsert(self, namespace: str, docs: Sequence[Document],
-               token: CallToken = NEVER) -> UpsertResult:
+               token: CallToken = NEVER, *, create: bool = True) -> UpsertResult:
         """Commit ``docs`` as one unit. Nothing commits once ``token`` says the caller is
         gone (checked while waiting for the namespace and the model, and right before the
-        commit)."""
+        commit). A missing namespace is created, unless ``create`` is False (a sync's later
+        batches: a namespace deleted meanwhile stays deleted): then NotFound."""
         validation.namespace_name(namespace)
         validation.documents(docs, self._settings)
         while True:
             token.check("the upsert started")
-            handle = self._namespaces.get_or_create(namespace)
+            handle = (self._namespaces.get_or_create(namespace) if create
+                      else self._namespaces.get(namespace))
             self._namespaces.require_compatible(handle)
             token.acquire(handle.write_lock, "the upsert started")
             try:
                 if not handle.deleted:  # else deleted meanwhile: upsert re-creates it
                     return self._upsert_locked(handle, docs, token)
+                if not create:
+                    handle.require_live()
             finally:
                 handle.write_lock.release()
 
