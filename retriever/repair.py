@@ -37,7 +37,7 @@ from indexers import BACKENDS, CollectionSpec, EngineUnavailable, Verifiable, cr
 from retriever.catalog import _SCHEMA, SCHEMA_VERSION, Catalog
 from retriever.storage import DataDirLock, catalog_path, index_root, quarantine_dir
 
-TABLES = ("namespaces", "documents", "chunks")
+TABLES = ("namespaces", "documents", "chunks", "sources")
 LOST_LIST = "lost-documents.tsv"  # in the quarantine directory: namespace<TAB>doc_id
 _SHOWN = 100  # lost documents listed in a report; the quarantine has the full list
 _METRICS = ("cosine", "ip", "l2")
@@ -265,6 +265,8 @@ def _salvage(src_path: Path, dst: sqlite3.Connection, *, light: bool) -> Salvage
         dims: dict[str, int] = {}
         for table in TABLES:
             cols = columns[table]
+            if not cols:
+                continue
             insert = (f"INSERT INTO {table} ({', '.join(cols)})"
                       f" VALUES ({', '.join('?' * len(cols))})")
             for row in _readable_rows(src, table, cols, out.unreadable[table]):
@@ -385,8 +387,21 @@ def _valid_chunk(v: dict[str, Any], dims: dict[str, int]) -> str:
     return "ok"
 
 
+def _valid_source(v: dict[str, Any], dims: dict[str, int]) -> str:
+    """A namespace's git source binding. Kept, but as never synced: the repair may have
+    dropped documents that git still holds, and the next sync's full reconcile (by content
+    hash) brings them back instead of diffing from the last synced commit."""
+    if not (_ok_text(v["namespace"]) and _ok_text(v["location"]) and _ok_text(v["ref"])
+            and isinstance(v["max_file_bytes"], int)):
+        return "bad"
+    for key, value in (("last_commit", ""), ("pending_commit", ""), ("pending_full", 1)):
+        if key in v:
+            v[key] = value
+    return "ok"
+
+
 _VALIDATE = {"namespaces": _valid_namespace, "documents": _valid_document,
-             "chunks": _valid_chunk}
+             "chunks": _valid_chunk, "sources": _valid_source}
 
 
 def _lighten(table: str, values: dict[str, Any]) -> None:
@@ -422,6 +437,7 @@ def _settle(dst: sqlite3.Connection, out: Salvage, known: set[tuple[str, str]]) 
     for ns, doc_id in lost:
         dst.execute("DELETE FROM documents WHERE namespace = ? AND doc_id = ?", (ns, doc_id))
         dst.execute("DELETE FROM chunks WHERE namespace = ? AND doc_id = ?", (ns, doc_id))
+    dst.execute("DELETE FROM sources WHERE namespace NOT IN (SELECT name FROM namespaces)")
     kept = {(r[0], r[1]) for r in dst.execute("SELECT namespace, doc_id FROM documents")}
     # Documents the damaged catalog's indexes name, of which nothing readable is left.
     lost |= known - kept
@@ -460,13 +476,18 @@ def _sequence(src: sqlite3.Connection) -> int | None:
 
 
 def _columns(src: sqlite3.Connection, dst: sqlite3.Connection, table: str) -> list[str]:
-    """The current schema's columns of ``table``, which the damaged catalog must have."""
-    new = [r[1] for r in dst.execute(f"PRAGMA table_info({table})")]
+    """The columns of ``table`` to copy: the current schema's, less those a catalog written
+    by an older release lacks and the current one fills by default (chunk symbols, ...).
+    A table an older release did not have yet (``sources``) has none to copy."""
+    info = list(dst.execute(f"PRAGMA table_info({table})"))
     old = {r[1] for r in src.execute(f"PRAGMA table_info({table})")}
-    missing = [c for c in new if c not in old]
+    if not old and table not in ("namespaces", "documents", "chunks"):
+        return []
+    # (PRAGMA table_info: name, NOT NULL and default are fields 1, 3 and 4.)
+    missing = [r[1] for r in info if r[1] not in old and r[3] and r[4] is None]
     if missing:
         raise sqlite3.DatabaseError(f"table {table} lacks columns {missing}")
-    return new
+    return [r[1] for r in info if r[1] in old]
 
 
 def _open_damaged(path: Path) -> sqlite3.Connection:

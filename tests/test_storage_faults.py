@@ -373,6 +373,40 @@ def test_check_and_repair_recover_every_whole_document(
 
 
 @pytest.mark.integration
+def test_repair_of_an_older_catalog_keeps_the_source_binding_as_never_synced(
+        built: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """A catalog from before chunk symbols (schema 2: columns the current schema fills by
+    default are missing) repairs; a namespace's git source binding survives the repair, as
+    never synced, so the next sync reconciles in full and brings back what the repair
+    dropped."""
+    from retriever.catalog import Catalog, SourceRecord
+
+    data_dir = copy_of(built, tmp_path)
+    path = data_dir / "catalog.sqlite3"
+    cat = Catalog(path)
+    cat.open()
+    cat.put_source(SourceRecord(NS, "/srv/repos/app", "main", ("src/**",), (), 1 << 20,
+                                last_commit="a" * 40))
+    cat.close()
+    with sqlite3.connect(path) as db:
+        for col in ("symbol", "kind", "fallback", "header"):
+            db.execute(f"ALTER TABLE chunks DROP COLUMN {col}")
+    smash_page(path, "chunks")
+    repaired = runner.invoke(app, ["repair", "--data-dir", str(data_dir)])
+    assert repaired.exit_code == 0, repaired.output
+    assert "sources 1" in repaired.stdout
+    cat = Catalog(path)
+    cat.open()
+    try:
+        source = cat.get_source(NS)
+        assert source is not None and source.location == "/srv/repos/app"
+        assert source.include == ("src/**",)
+        assert (source.last_commit, source.pending_full) == ("", True)
+    finally:
+        cat.close()
+
+
+@pytest.mark.integration
 def test_repair_refuses_while_a_server_uses_the_directory(tmp_path: Path, embedder) -> None:  # noqa: ANN001
     st = ServerThread(make_settings(tmp_path / "data"), embedder).start()
     try:
