@@ -315,7 +315,7 @@ def test_rst_sections_levels_by_first_appearance() -> None:
             ("section", "Installation", [
                 ("paragraph", "", []),
                 ("code_block", "", []),
-                ("directive", "code-block", []),
+                ("directive", "code-block python", []),
                 ("directive", "note", [("paragraph", "", []), ("paragraph", "", [])]),
                 ("section", "Options", [
                     ("table", "", []),
@@ -641,3 +641,10 @@ def test_any_document_packs_exactly_without_falling_back(content: str, language:
     assert_exact(content, spans)
     assert_covers(content, spans)
     assert_budget(content, spans, ws_count, budget, overlap=2)
+
+
+def test_a_directive_is_named_by_its_type_and_argument() -> None:
+    doc = "API\n===\n\n.. py:function:: get(url, params=None)\n\n   Sends a GET request.\n"
+    (section,) = OUTLINERS["rst"](doc)
+    (directive,) = [u for u in section.children if u.kind == "directive"]
+    assert directive.name == "py:function get(url, params=None)"

@@ -723,7 +723,11 @@ class _Rst:
             flat.append((0, L.unit(i, j, kind, children=L.groups(i, j))))
             return j
         name = m.group(1).lower()
-        unit = L.unit(i, j, "directive", name=_label(name), signature=_label(s))
+        # The argument names what the directive is about ("py:function requests.get",
+        # "code-block python"): the symbol path carries it.
+        argument = s[m.end():].strip()
+        unit = L.unit(i, j, "directive", name=_label(f"{name} {argument}".strip()),
+                      signature=_label(s))
         if name.split(":")[-1] in _CODE_DIRECTIVES:
             unit.children = L.groups(i, j)
         else:
