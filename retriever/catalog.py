@@ -577,10 +577,6 @@ class Catalog:
                          (namespace,)).fetchone()
         return int(row[0]) if row else 0
 
-    def index_version(self, namespace: str) -> int:
-        with self._reader() as db:
-            return self._version(db, namespace)
-
     def get_document(self, namespace: str, doc_id: str) -> DocumentRecord | None:
         with self._reader() as db:
             row = db.execute("SELECT * FROM documents WHERE namespace=? AND doc_id=?",
@@ -655,23 +651,22 @@ class Catalog:
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def lexical_search(self, namespace: str, terms: Sequence[str], flt: SearchFilter,
-                       limit: int) -> tuple[list[tuple[int, float]], int]:
+                       limit: int) -> list[tuple[int, float]]:
         """The ``limit`` visible chunks of the namespace best matching any of ``terms`` by
         BM25 (FTS5's, k1 1.2, b 0.75, over the namespace's own lexical table: its statistics
         are the namespace's alone), whose document passes ``flt``: (vector_id, score), best
-        first, score > 0; and the namespace's index_version, read in the same snapshot.
+        first, score > 0.
 
         Unfiltered, the best matches are ranked inside FTS5 first and only those are joined
         to their chunk rows (joining every match before ranking cost more than the ranking
         itself: 15 ms against 8 ms per SciFact query on 15k chunks); matches that are not
         visible (staged rows) are skipped by asking for more."""
         if not terms or limit <= 0:
-            return [], 0
+            return []
         table = _terms_table(namespace)
         match = " OR ".join('"' + t.replace('"', "") + '"' for t in terms)
         where, args = _filter_sql(namespace, flt)
         with self._reader() as db:
-            version = self._version(db, namespace)
             if flt.empty:
                 k = limit + 16
                 while True:
@@ -695,7 +690,7 @@ class Catalog:
                     f" WHERE {table} MATCH ? AND {' AND '.join(where)}"
                     " ORDER BY s DESC LIMIT ?", (match, *args, limit),
                 ).fetchall()
-        return [(int(r[0]), float(r[1])) for r in rows], version
+        return [(int(r[0]), float(r[1])) for r in rows]
 
     def chunk_heads(self, namespace: str, vector_ids: Sequence[int]
                     ) -> dict[int, tuple[str, str]]:

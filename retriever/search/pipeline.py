@@ -173,9 +173,8 @@ class Searcher:
                 dense, heads = self._dense(q, handle, vec, wanted, timings)
             if mode is not SearchMode.DENSE:
                 l0 = time.perf_counter()
-                found, _ = self._catalog.lexical_search(
-                    q.namespace, analyzer.query_terms(q.query), q.filter, wanted)
-                lexical = dict(found)
+                lexical = dict(self._catalog.lexical_search(
+                    q.namespace, analyzer.query_terms(q.query), q.filter, wanted))
                 timings["lexical"] = time.perf_counter() - l0
                 missing = [v for v in lexical if v not in heads]
                 if missing:
