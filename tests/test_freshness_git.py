@@ -7,10 +7,12 @@ import os
 import subprocess
 import threading
 from collections.abc import Generator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from gitrepo import GIT_ENV, T0
+from gitrepo import TimedRepo as _Repo
 
 from retriever.errors import InvalidArgument, NotFound, Unavailable
 from retriever.freshness.git import (
@@ -34,57 +36,6 @@ from retriever.freshness.git import (
     resolve,
     snapshot,
 )
-
-T0 = datetime(2024, 1, 1, tzinfo=UTC)
-_ENV = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null",
-        "GIT_TERMINAL_PROMPT": "0"}
-for _k in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
-    _ENV.pop(_k, None)
-
-
-class _Repo:
-    """A work tree whose commits are made at exact times: commit n at T0 + n minutes."""
-
-    def __init__(self, root: Path, branch: str = "main") -> None:
-        self.root = root
-        self.n = 0
-        self.times: dict[str, datetime] = {}
-        root.mkdir(parents=True)
-        self.git("init", "-q", "-b", branch)
-
-    def git(self, *args: str) -> str:
-        stamp = (T0 + timedelta(minutes=self.n)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        env = {**_ENV, "GIT_AUTHOR_DATE": stamp, "GIT_COMMITTER_DATE": stamp}
-        return subprocess.run(
-            ["git", "-C", str(self.root), "-c", "user.name=t", "-c", "user.email=t@t",
-             "-c", "commit.gpgsign=false", "-c", "protocol.file.allow=always", *args],
-            check=True, capture_output=True, text=True, env=env).stdout.strip()
-
-    def write(self, rel: str, content: str | bytes) -> None:
-        p = self.root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            p.write_bytes(content)
-        else:
-            p.write_text(content)
-
-    def rm(self, rel: str) -> None:
-        self.git("rm", "-q", "--", rel)
-
-    def mv(self, old: str, new: str) -> None:
-        (self.root / new).parent.mkdir(parents=True, exist_ok=True)
-        self.git("mv", "--", old, new)
-
-    def commit(self, message: str = "change") -> str:
-        self.n += 1
-        self.git("add", "-A")
-        self.git("commit", "-q", "--allow-empty", "-m", message)
-        sha = self.git("rev-parse", "HEAD")
-        self.times[sha] = T0 + timedelta(minutes=self.n)
-        return sha
-
-    def blob(self, commit: str, path: str) -> str:
-        return self.git("rev-parse", f"{commit}:{path}")
 
 
 def _lines(n: int, tag: str = "") -> str:
@@ -457,7 +408,7 @@ def test_local_source_checks(tmp_path: Path, repo: _Repo) -> None:
 
     bare = tmp_path / "bare.git"
     subprocess.run(["git", "clone", "-q", "--bare", str(repo.root), str(bare)], check=True,
-                   env=_ENV, capture_output=True)
+                   env=GIT_ENV, capture_output=True)
     with open_source(SourceSpec(str(bare)), tmp_path / "unused") as git:
         assert resolve(git, "main") == head
 

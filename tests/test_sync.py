@@ -10,8 +10,6 @@ that return only those chunks.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,6 +18,8 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import make_settings, running_server
+from gitrepo import T0
+from gitrepo import TimedRepo as _Repo
 from typer.testing import CliRunner
 
 from retriever.catalog import Catalog, SourceRecord, SyncRecord
@@ -32,58 +32,7 @@ from retriever.v1 import retriever_pb2 as pb
 
 pytestmark = pytest.mark.integration
 
-T0 = datetime(2024, 1, 1, tzinfo=UTC)
-_ENV = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null",
-        "GIT_TERMINAL_PROMPT": "0"}
-for _k in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
-    _ENV.pop(_k, None)
 runner = CliRunner()
-
-
-class _Repo:
-    """A work tree whose commits are made at exact times: commit n at T0 + n minutes."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.n = 0
-        self.times: dict[str, datetime] = {}
-        root.mkdir(parents=True)
-        self.git("init", "-q", "-b", "main")
-
-    def git(self, *args: str) -> str:
-        return self.raw(*args).strip()
-
-    def raw(self, *args: str) -> str:
-        stamp = (T0 + timedelta(minutes=self.n)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        env = {**_ENV, "GIT_AUTHOR_DATE": stamp, "GIT_COMMITTER_DATE": stamp,
-               "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-               "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-        return subprocess.run(
-            ["git", "-C", str(self.root), "-c", "commit.gpgsign=false",
-             "-c", "protocol.file.allow=always", *args],
-            check=True, capture_output=True, text=True, env=env).stdout
-
-    def write(self, rel: str, content: str | bytes) -> None:
-        p = self.root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            p.write_bytes(content)
-        else:
-            p.write_text(content)
-
-    def commit(self, message: str = "change") -> str:
-        self.n += 1
-        self.git("add", "-A")
-        self.git("commit", "-q", "--allow-empty", "-m", message)
-        sha = self.git("rev-parse", "HEAD")
-        self.times[sha] = T0 + timedelta(minutes=self.n)
-        return sha
-
-    def show(self, commit: str, path: str) -> str:
-        return self.raw("show", f"{commit}:{path}")
-
-    def last_change(self, commit: str, path: str) -> str:
-        return self.git("log", "-1", "--format=%H", commit, "--", path)
 
 
 def _function(name: str, topic: str, variant: str = "") -> str:
