@@ -14,7 +14,7 @@ client means no deadline). Unary calls are retried by :class:`retriever._retry.R
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -23,6 +23,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from retriever._retry import NO_RETRY, AsyncRetryInterceptor, OnRetry, RetryPolicy
+from retriever.client import _batched  # grpc.aio streams a plain iterator too
 from retriever.v1 import retriever_pb2 as pb
 from retriever.v1 import retriever_pb2_grpc as pb_grpc
 
@@ -186,18 +187,6 @@ class AsyncRetrieverClient:
                      ) -> pb.GetIndexStatusResponse:
         return await self.stub.GetIndexStatus(pb.GetIndexStatusRequest(namespace=namespace),
                                               timeout=self._t(timeout))
-
-
-async def _batched(namespace: str, documents: Iterable[pb.Document], size: int
-                   ) -> AsyncIterator[pb.UpsertDocumentsRequest]:
-    batch: list[pb.Document] = []
-    for d in documents:
-        batch.append(d)
-        if len(batch) >= size:
-            yield pb.UpsertDocumentsRequest(namespace=namespace, documents=batch)
-            batch = []
-    if batch:
-        yield pb.UpsertDocumentsRequest(namespace=namespace, documents=batch)
 
 
 def _with_token(details: grpc.aio.ClientCallDetails, header: tuple[str, str]
