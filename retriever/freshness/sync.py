@@ -149,15 +149,17 @@ class SyncState:
 
 @dataclass(slots=True)
 class _Counts:
-    added: int = 0
-    modified: int = 0
-    deleted: int = 0
-    renamed: int = 0
-    unchanged: int = 0
-    upserted: int = 0
-    docs_deleted: int = 0
-    embedded: int = 0
-    reused: int = 0
+    """A running sync's counters, named as SyncState names them."""
+
+    files_added: int = 0
+    files_modified: int = 0
+    files_deleted: int = 0
+    files_renamed: int = 0
+    documents_unchanged: int = 0
+    documents_upserted: int = 0
+    documents_deleted: int = 0
+    chunks_embedded: int = 0
+    chunks_reused: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
 
 
@@ -201,10 +203,8 @@ class _Run:
                 else time.monotonic() - self.t0,
                 location=_redact(self.spec.location), ref=self.spec.ref, commit=self.commit,
                 previous_commit=self.previous_commit, full_reconcile=self.full,
-                files_added=c.added, files_modified=c.modified, files_deleted=c.deleted,
-                files_renamed=c.renamed, documents_unchanged=c.unchanged,
-                documents_upserted=c.upserted, documents_deleted=c.docs_deleted,
-                chunks_embedded=c.embedded, chunks_reused=c.reused,
+                **{f.name: getattr(c, f.name) for f in dataclasses.fields(c)
+                   if f.name != "skipped"},
                 skipped=dict(sorted(c.skipped.items())), error=self.error)
 
 
@@ -500,7 +500,7 @@ class Syncer:
             rev = revisions.get(e.path, fallback)
             if known is not None and known.get(e.path) == (sha256(text), rev.commit):
                 with run.lock:
-                    run.counts.unchanged += 1
+                    run.counts.documents_unchanged += 1
                 continue
             batch.append(Document(doc_id=e.path, content=text, path=e.path,
                                   revision=rev.commit, source_updated_at=rev.time))
@@ -517,18 +517,18 @@ class Syncer:
         with run.lock:
             c = run.counts
             for r in result.results:
-                c.embedded += r.chunks_embedded
-                c.reused += r.chunks_reused
+                c.chunks_embedded += r.chunks_embedded
+                c.chunks_reused += r.chunks_reused
                 if r.status is DocStatus.UNCHANGED:
-                    c.unchanged += 1
+                    c.documents_unchanged += 1
                     continue
-                c.upserted += 1
+                c.documents_upserted += 1
                 if r.doc_id in renamed_new:
-                    c.renamed += 1
+                    c.files_renamed += 1
                 elif r.status is DocStatus.CREATED:
-                    c.added += 1
+                    c.files_added += 1
                 else:
-                    c.modified += 1
+                    c.files_modified += 1
 
     def _delete_docs(self, run: _Run, doc_ids: Sequence[str], *, count: bool) -> None:
         """Delete these documents (those that exist), in calls of at most
@@ -538,9 +538,9 @@ class Syncer:
             run.token.check("the sync's next delete")
             result = self._delete(run.namespace, doc_ids[i:i + step], run.token)
             with run.lock:
-                run.counts.docs_deleted += result.documents_deleted
+                run.counts.documents_deleted += result.documents_deleted
                 if count:
-                    run.counts.deleted += result.documents_deleted
+                    run.counts.files_deleted += result.documents_deleted
 
     @staticmethod
     def _add_skipped(run: _Run, skipped: dict[str, str]) -> None:
