@@ -7,12 +7,12 @@ import json
 import math
 import os
 import random
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pytrec_eval
+from gitrepo import TimedRepo as _Repo
 from typer.testing import CliRunner
 
 from retriever.cli import app
@@ -238,36 +238,6 @@ def test_load_beir_scifact() -> None:
 
 
 # -- sets from git history ------------------------------------------------------------------
-class _Repo:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.tick = 0
-        root.mkdir(parents=True)
-        self.git("init", "-q", "-b", "main")
-
-    def git(self, *args: str) -> str:
-        self.tick += 1
-        stamp = f"2024-01-01T00:{self.tick // 60:02d}:{self.tick % 60:02d}Z"
-        env = {**os.environ, "GIT_AUTHOR_DATE": stamp, "GIT_COMMITTER_DATE": stamp}
-        return subprocess.run(
-            ["git", "-C", str(self.root), "-c", "user.name=t", "-c", "user.email=t@t",
-             "-c", "commit.gpgsign=false", *args],
-            check=True, capture_output=True, text=True, env=env).stdout.strip()
-
-    def write(self, rel: str, content: str | bytes) -> None:
-        p = self.root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            p.write_bytes(content)
-        else:
-            p.write_text(content)
-
-    def commit(self, message: str) -> str:
-        self.git("add", "-A")
-        self.git("commit", "-q", "-m", message)
-        return self.git("rev-parse", "HEAD")
-
-
 @pytest.fixture
 def history(tmp_path: Path) -> tuple[_Repo, dict[str, str]]:
     r = _Repo(tmp_path / "repo")
