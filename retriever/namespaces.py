@@ -38,7 +38,7 @@ from retriever.errors import (
     NotFound,
     translate,
 )
-from retriever.models.embedder import Embedder
+from retriever.models.embedder import Embedder, compatibility_key
 from retriever.slo.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -221,9 +221,11 @@ class Namespaces:
                 return self.get(name)
 
     def require_compatible(self, handle: NamespaceHandle) -> None:
-        """Raise ModelMismatch unless the loaded embedder built this namespace."""
+        """Raise ModelMismatch unless the loaded embedder's weights built this namespace (at
+        any float precision: see `retriever.models.embedder.compatibility_key`)."""
         r, e = handle.record, self._embedder
-        if (r.embedder, r.embedder_revision, r.dimension) != (e.name, e.revision, e.dimension):
+        if ((r.embedder, compatibility_key(r.embedder_revision), r.dimension)
+                != (e.name, compatibility_key(e.revision), e.dimension)):
             raise ModelMismatch(
                 f"namespace {r.name!r} was built by embedder {r.embedder}@"
                 f"{r.embedder_revision} ({r.dimension}-d); this server runs {e.name}@"

@@ -3,10 +3,21 @@
 ``Embedder()`` is cheap; ``load()`` reads the weights. Documents and queries are embedded
 L2-normalised, so inner product is cosine similarity. Tokenisation for chunk budgets uses a
 tokenizer instance of its own, so it never contends with a running forward pass.
+
+Precision (setting ``embedder_precision``): ``fp32``; ``fp16`` and ``bf16`` on CUDA (the
+weights converted); ``bf16`` on a CPU with native bf16 (AVX-512 BF16 / AMX) as autocast over
+fp32 weights. The revision names the weights (a hash taken before any conversion) and, when
+it is not fp32, the precision: ``3f2a...`` vs ``3f2a...+fp16``. Vectors of the float
+precisions are one compatibility class (`compatibility_key`): a namespace built with
+one is served by the others.
+
+Batches are budgeted in padded tokens (``embed_batch_tokens``), longest first, so a batch
+of short chunks holds more of them and none is padded far past its own length.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -42,6 +53,8 @@ class Embedder:
         self.max_tokens = 0
         self.device = ""
         self.precision = ""
+        self.weights_revision = ""  # the weights alone, whatever the precision
+        self._autocast: Any = None  # torch dtype to autocast to on CPU, or None
 
     @property
     def loaded(self) -> bool:
@@ -62,15 +75,20 @@ class Embedder:
         precision = s.embedder_precision
         if precision == "auto":
             precision = "fp16" if device == "cuda" else "fp32"
+        check_precision(device, precision)
         t0 = time.perf_counter()
         model = SentenceTransformer(source, device=device, local_files_only=True)
         model.eval()
         t1 = time.perf_counter()
         # Identity of the weights, before any precision change: stable across machines.
-        self.revision = _state_hash(model)
+        self.weights_revision = _state_hash(model)
+        self.revision = revision_name(self.weights_revision, precision)
         log.debug("model read in %.2fs, hashed in %.2fs", t1 - t0, time.perf_counter() - t1)
-        if precision == "fp16":
-            model.half()
+        self._autocast = None
+        if device == "cuda" and precision in ("fp16", "bf16"):
+            model.to(torch.float16 if precision == "fp16" else torch.bfloat16)
+        elif precision == "bf16":
+            self._autocast = torch.bfloat16
         self._model = model
         tokenizer_source = source
         self._count_tokenizer = AutoTokenizer.from_pretrained(
@@ -99,6 +117,14 @@ class Embedder:
         if self._settings.embed_batch_size:
             return self._settings.embed_batch_size
         return 64 if self.device.startswith("cuda") else 4
+
+    @property
+    def default_batch_tokens(self) -> int:
+        """Padded tokens per forward pass: the setting, or when it is 0 the default batch's
+        worth of full-length chunks (so a batch of short chunks holds more of them)."""
+        if self._settings.embed_batch_tokens:
+            return self._settings.embed_batch_tokens
+        return (self.max_tokens or 256) * self.default_batch_size
 
     @property
     def default_slice_tokens(self) -> int:
@@ -141,9 +167,14 @@ class Embedder:
         return self._count_tokenizer
 
     # -- vectors ---------------------------------------------------------------------------
-    def embed(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+    def embed(self, texts: Sequence[str], batch_size: int | None = None,
+              batch_tokens: int | None = None) -> np.ndarray:
         """float32 (len(texts), dimension), L2-normalised. Inputs longer than the model's
-        max length are truncated by the model; chunkers keep chunks within it."""
+        max length are truncated by the model; chunkers keep chunks within it.
+
+        Texts are tokenised once, then run longest first in batches of at most
+        ``batch_size`` texts and ``batch_tokens`` padded tokens (defaults: the settings),
+        each batch cut to its own longest member."""
         import torch
         from torch.nn import functional
 
@@ -153,22 +184,77 @@ class Embedder:
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         if not texts:
             return out
-        bs = batch_size or self.default_batch_size
-        # Longest first, so each batch pads to similar lengths.
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        for b in range(0, len(order), bs):
-            idx = order[b : b + bs]
-            with self._model_lock:
-                features = model.preprocess([texts[i] for i in idx])
-            features = {
-                k: v.to(model.device) if isinstance(v, torch.Tensor) else v
+        cap = max(1, batch_size or self.default_batch_size)
+        budget = batch_tokens or self.default_batch_tokens
+        with self._model_lock:
+            features = model.preprocess(list(texts))
+        lengths = features["attention_mask"].sum(dim=1).tolist()
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        autocast = (torch.autocast("cpu", dtype=self._autocast) if self._autocast is not None
+                    else contextlib.nullcontext())
+        for idx, width in _batches(order, lengths, cap, budget):
+            rows = torch.tensor(idx)
+            batch = {
+                k: (v[rows, :width] if v.dim() == 2 else v[rows]).to(model.device)
+                if isinstance(v, torch.Tensor) else v
                 for k, v in features.items()
             }
-            with torch.inference_mode():
-                emb = model(features)["sentence_embedding"]
-                emb = functional.normalize(emb.float(), p=2, dim=1)
+            with torch.inference_mode(), autocast:
+                emb = model(batch)["sentence_embedding"]
+            emb = functional.normalize(emb.float(), p=2, dim=1)
             out[idx] = emb.cpu().numpy()
         return out
+
+
+def _batches(order: Sequence[int], lengths: Sequence[int], cap: int,
+             budget: int) -> list[tuple[list[int], int]]:
+    """Consecutive runs of ``order`` (longest first) as (rows, padded width): each run at
+    most ``cap`` rows and ``budget`` padded tokens (rows x its first row's length), never
+    empty."""
+    out = []
+    b = 0
+    while b < len(order):
+        width = max(1, int(lengths[order[b]]))
+        n = max(1, min(cap, budget // width))
+        out.append((list(order[b : b + n]), width))
+        b += n
+    return out
+
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def check_precision(device: str, precision: str) -> None:
+    """Refuse a precision the device cannot run well, with what to set instead."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"embedder_precision must be one of auto, {', '.join(PRECISIONS)}; "
+                         f"got {precision!r}")
+    if device == "cpu" and precision == "fp16":
+        raise ValueError("embedder_precision=fp16 needs CUDA; on a CPU use fp32, or bf16 "
+                         "where the CPU has native bf16 (avx512_bf16 or AMX)")
+    if device == "cpu" and precision == "bf16" and not cpu_has_bf16():
+        raise ValueError("embedder_precision=bf16 on this CPU would be emulated (no "
+                         "avx512_bf16 or AMX in /proc/cpuinfo) and slower than fp32: use fp32")
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def compatibility_key(revision: str) -> str:
+    """What a namespace's vectors must have been made with to be searched with an
+    embedder's queries: the weights, whatever the float precision (fp32, fp16 and bf16
+    vectors of one model agree to cosine >= 0.99; bench/bench_embedder.py measures it)."""
+    return revision.split("+", 1)[0]
+
+
+def revision_name(weights_revision: str, precision: str) -> str:
+    """The embedder revision lineage reports: the weights, and the precision unless fp32."""
+    return weights_revision if precision == "fp32" else f"{weights_revision}+{precision}"
 
 
 def _dimension(model) -> int:  # noqa: ANN001

@@ -1,0 +1,108 @@
+"""The embedder's precisions, token-budgeted batches and precision-independent compatibility."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_settings
+
+from retriever.client import RetrieverClient, pb
+from retriever.config import Settings
+from retriever.models.embedder import (
+    Embedder,
+    _batches,
+    check_precision,
+    compatibility_key,
+    cpu_has_bf16,
+    revision_name,
+)
+from retriever.server.app import ServerThread
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def real_chunks() -> list[str]:
+    """Slices of this project's own sources, of every length up to a full chunk."""
+    out = []
+    for p in sorted((ROOT / "retriever").rglob("*.py"))[:40]:
+        t = p.read_text()
+        out += [t[:1200], t[:300], t[:60]]
+    return [t for t in out if t.strip()]
+
+
+def test_batches_respect_the_token_budget_and_the_cap() -> None:
+    lengths = [256, 200, 120, 100, 60, 60, 30, 10, 5, 5]
+    order = list(range(len(lengths)))  # already longest first
+    batches = _batches(order, lengths, cap=4, budget=512)
+    assert [i for idx, _ in batches for i in idx] == order  # every row once, in order
+    for idx, width in batches:
+        assert idx and width == lengths[idx[0]]
+        assert len(idx) <= 4
+        assert len(idx) == 1 or len(idx) * width <= 512
+    # Short rows share a batch, long ones do not: 256 alone, the 5-token ones together.
+    assert batches[0][0] == [0, 1] and batches[-1][0][-1] == 9
+    # A row longer than the budget still runs, alone.
+    assert _batches([0, 1], [900, 10], cap=8, budget=100) == [([0], 900), ([1], 10)]
+
+
+def test_token_budgeted_batches_embed_like_one_text_at_a_time(embedder: Embedder) -> None:
+    texts = real_chunks()
+    batched = embedder.embed(texts, batch_size=64, batch_tokens=4096)
+    single = np.stack([embedder.embed([t], batch_size=1)[0] for t in texts[:24]])
+    cos = np.sum(batched[:24] * single, axis=1)
+    assert cos.min() > 0.9999
+    assert np.allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+
+
+def test_revision_names_the_precision_and_compatibility_ignores_it() -> None:
+    assert revision_name("80bc779a287d", "fp32") == "80bc779a287d"
+    assert revision_name("80bc779a287d", "fp16") == "80bc779a287d+fp16"
+    assert compatibility_key("80bc779a287d+bf16") == compatibility_key("80bc779a287d")
+
+
+def test_precisions_a_device_cannot_run_are_refused_with_what_to_set() -> None:
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        check_precision("cpu", "fp16")
+    with pytest.raises(ValueError, match="one of auto, fp32, fp16, bf16"):
+        check_precision("cuda", "int4")
+    check_precision("cuda", "bf16")
+    if not cpu_has_bf16():
+        with pytest.raises(ValueError, match="emulated"):
+            check_precision("cpu", "bf16")
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bf16 "
+                    "(avx512_bf16/AMX): bf16 is refused here, as the test above checks")
+def test_bf16_agrees_with_fp32_and_serves_a_namespace_fp32_built(tmp_path: Path,
+                                                                  embedder: Embedder) -> None:
+    bf16 = Embedder(Settings(embedder_precision="bf16"))
+    bf16.load()
+    assert bf16.precision == "bf16"
+    assert bf16.revision == f"{embedder.revision}+bf16"
+    texts = real_chunks()
+    cos = np.sum(embedder.embed(texts) * bf16.embed(texts), axis=1)
+    assert cos.mean() >= 0.99 and cos.min() >= 0.98
+
+    settings = make_settings(tmp_path / "data")
+    docs = [pb.Document(doc_id=f"d{i}", path=f"src/m{i}.py", content=t)
+            for i, t in enumerate(texts[:30:3])]
+    with_fp32 = ServerThread(settings, embedder).start()
+    try:
+        with RetrieverClient(with_fp32.address) as c:
+            c.upsert("code", docs)
+            before = [h.chunk.chunk_id for h in c.search("code", texts[3][:200], top_k=3).hits]
+    finally:
+        with_fp32.stop()
+    with_bf16 = ServerThread(settings, bf16).start()
+    try:
+        with RetrieverClient(with_bf16.address) as c:
+            resp = c.search("code", texts[3][:200], top_k=3)
+            assert resp.lineage.embedder_revision == bf16.revision
+            assert [h.chunk.chunk_id for h in resp.hits][0] == before[0]
+            # It writes to the namespace too: same weights, vectors of one class.
+            c.upsert("code", [pb.Document(doc_id="new", path="src/new.py", content=texts[0])])
+            assert c.status("code").document_count == len(docs) + 1
+    finally:
+        with_bf16.stop()
