@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import grpc
 import typer
@@ -224,8 +226,9 @@ def sync(
         location = str(Path(location).absolute())  # the server wants absolute paths
     with _client(address) as client:
         try:
-            resp = client.sync_source(namespace, location, ref, include or (), exclude or (),
-                                      max_file_bytes, wait=wait)
+            call = functools.partial(client.sync_source, namespace, location, ref,
+                                     include or (), exclude or (), max_file_bytes, wait=wait)
+            resp = _with_progress(client, namespace, call) if wait else call()
         except grpc.RpcError as exc:
             failed = {"namespace": namespace, "state": "FAILED", "code": exc.code().name,
                       "error": exc.details()}
@@ -238,6 +241,36 @@ def sync(
 
     if resp.state == pb.SYNC_STATE_FAILED:  # (a failed sync is normally an error status)
         raise typer.Exit(1)
+
+
+def _with_progress(client: RetrieverClient, namespace: str, call: Callable[[], Any]) -> Any:
+    """Run the blocking ``call`` (a SyncSource with wait); on a terminal, show the running
+    sync's counts (GetIndexStatus) on stderr meanwhile."""
+    if not err.is_terminal:
+        return call()
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rich.progress import SpinnerColumn
+
+    with ThreadPoolExecutor(1) as pool, Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+            console=err, transient=True) as bar:
+        task = bar.add_task(f"syncing {namespace}", total=None)
+        fut = pool.submit(call)
+        while True:
+            try:
+                return fut.result(timeout=0.5)
+            except TimeoutError:
+                pass
+            try:
+                run = client.status(namespace).running_sync
+            except grpc.RpcError:
+                continue
+            if run.sync_id:
+                files = run.files_added + run.files_modified + run.files_deleted
+                bar.update(task, description=(
+                    f"syncing {namespace} to {run.commit[:12] or '...'}: {files} files, "
+                    f"{run.chunks_embedded} chunks embedded, {run.chunks_reused} reused"))
 
 
 def _sync_summary(namespace: str, resp: Any) -> dict[str, Any]:
@@ -323,6 +356,25 @@ def namespaces(address: AddressOpt = None) -> None:
             token = page.next_page_token
             if not token:
                 break
+
+
+@app.command("mcp")
+def mcp_server(
+    address: AddressOpt = None,
+    transport: Annotated[Literal["stdio", "http"], typer.Option(
+        help="stdio (the agent starts this command) or http (streamable HTTP at "
+             "http://HOST:PORT/mcp)")] = "stdio",
+    host: Annotated[str, typer.Option(help="http: interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="http: port")] = 8765,
+    log_level: Annotated[str, typer.Option(help="logging level (to stderr)")] = "WARNING",
+) -> None:
+    """Serve search to agents over MCP: tools search, get_chunk, get_document,
+    list_namespaces, index_status, sync and feedback, each a call to the server at
+    --address (with RETRIEVER_AUTH_TOKEN when set). Needs the mcp extra."""
+    from retriever.integrations.mcp_server import serve as serve_mcp
+
+    with _client(address) as client:
+        serve_mcp(client, transport=transport, host=host, port=port, log_level=log_level)
 
 
 DataDirOpt = Annotated[Path | None, typer.Option(

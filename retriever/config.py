@@ -37,6 +37,35 @@ class Settings(BaseSettings):
     auth_token: SecretStr | None = None
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
 
+    # -- SLOs ------------------------------------------------------------------------------
+    # Declared objectives, exported as retriever_slo_objective{slo="..."} so the alerting
+    # rules and the dashboard in k8s/ read them instead of repeating them (docs/slo.md).
+    # RPCs that must not fail by the service's fault (which codes count: docs/slo.md).
+    slo_availability: float = Field(0.999, gt=0, lt=1)
+    # slo_search_latency_target of Searches finish within slo_search_latency_seconds
+    # (p99 <= 150 ms). The seconds must be a bucket boundary of the latency histogram
+    # (retriever.slo.metrics.LATENCY_BUCKETS): the rules count the Searches above it.
+    slo_search_latency_seconds: float = Field(0.15, gt=0)
+    slo_search_latency_target: float = Field(0.99, gt=0, lt=1)
+    # Floors of the golden sets' recall@10 and precision@10 (retriever_eval_*{k="10"}).
+    # precision@10 = relevant in the top 10 / 10, so a query with one relevant document
+    # scores at most 0.1: 0.08 is recall's floor / 10, the least a set with >= 1 relevant
+    # document per query shows while recall holds. Raise it for sets with more per query.
+    slo_recall_at_10: float = Field(0.8, ge=0, le=1)
+    slo_precision_at_10: float = Field(0.08, ge=0, le=1)
+    # Age of a namespace's oldest source change not yet searchable.
+    slo_staleness_seconds: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_slo(self) -> Settings:
+        from retriever.slo.metrics import LATENCY_BUCKETS
+
+        if self.slo_search_latency_seconds not in LATENCY_BUCKETS:
+            raise ValueError(
+                f"slo_search_latency_seconds ({self.slo_search_latency_seconds}) must be one "
+                f"of the latency histogram's bucket boundaries {LATENCY_BUCKETS}")
+        return self
+
     # -- limits (bad input beyond them is INVALID_ARGUMENT) --------------------------------
     max_document_bytes: int = Field(1024 * 1024, ge=1)
     max_top_k: int = Field(100, ge=1, le=10_000)

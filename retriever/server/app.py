@@ -83,6 +83,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None,
                 embedder: Embedder | None = None) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None)."""
     service = RetrieverService(settings, embedder=embedder)
+    service.metrics.set_objectives(settings)
     running = await create_server(service, settings)
     loop = asyncio.get_running_loop()
     if stop is None:

@@ -1,0 +1,102 @@
+"""Declared SLOs: settings -> retriever_slo_objective on /metrics of a running server."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from conftest import make_settings, running_server
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+
+from retriever.config import Settings
+from retriever.models.embedder import Embedder
+from retriever.slo.metrics import LATENCY_BUCKETS, Metrics
+from retriever.v1 import retriever_pb2 as pb
+
+DEFAULTS = {"availability": 0.999, "search_latency_seconds": 0.15,
+            "search_latency_target": 0.99, "recall_at_10": 0.8, "precision_at_10": 0.08,
+            "staleness_seconds": 600.0}
+
+
+def _objectives(text: str) -> dict[str, tuple[float, dict[str, str]]]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "retriever_slo_objective":
+            for s in family.samples:
+                out[s.labels["slo"]] = (s.value, s.labels)
+    return out
+
+
+def test_objectives_follow_the_settings() -> None:
+    m = Metrics()
+    assert _objectives(generate_latest(m.registry).decode()) == {}  # none before start
+    m.set_objectives(Settings(slo_availability=0.995, slo_search_latency_seconds=1.0))
+    got = _objectives(generate_latest(m.registry).decode())
+    assert {k: v for k, (v, _) in got.items()} == {
+        **DEFAULTS, "availability": 0.995, "search_latency_seconds": 1.0}
+    # le spells the bucket exactly as the latency histogram does ("1.0", not "1").
+    assert got["search_latency_seconds"][1] == {"slo": "search_latency_seconds", "le": "1.0"}
+    m.request_duration.labels("Search").observe(0.5)
+    assert 'retriever_request_duration_seconds_bucket{le="1.0",rpc="Search"} 1.0' in \
+        generate_latest(m.registry).decode()
+    assert set(got["availability"][1]) == {"slo"}
+
+
+def test_latency_objective_must_be_a_histogram_bucket() -> None:
+    assert Settings().slo_search_latency_seconds in LATENCY_BUCKETS
+    Settings(slo_search_latency_seconds=0.25)
+    with pytest.raises(ValidationError, match="bucket boundaries"):
+        Settings(slo_search_latency_seconds=0.2)
+    with pytest.raises(ValidationError):
+        Settings(slo_availability=1.0)  # no budget at all: the burn-rate rules divide by it
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> Iterator[object]:
+    settings = make_settings(tmp_path_factory.mktemp("slo") / "data", slo_recall_at_10=0.65,
+                             slo_search_latency_seconds=0.25, slo_staleness_seconds=1200.0)
+    with running_server(settings, embedder) as st:
+        yield st
+
+
+def _scrape(server: object) -> str:
+    url = f"http://127.0.0.1:{server.info['metrics_port']}/metrics"  # type: ignore[attr-defined]
+    return urllib.request.urlopen(url, timeout=30).read().decode()
+
+
+@pytest.mark.integration
+def test_running_server_exports_configured_objectives(server: object) -> None:
+    got = _objectives(_scrape(server))
+    assert {k: v for k, (v, _) in got.items()} == {
+        **DEFAULTS, "recall_at_10": 0.65, "search_latency_seconds": 0.25,
+        "staleness_seconds": 1200.0}
+    assert got["search_latency_seconds"][1]["le"] == "0.25"
+
+
+@pytest.mark.integration
+def test_objective_bucket_is_a_search_latency_bucket(server: object) -> None:
+    """The rules join the objective's le to the Search histogram's: after a Search the
+    bucket it names is one of the series the server exports."""
+    from retriever.client import RetrieverClient
+
+    with RetrieverClient(server.address) as client:  # type: ignore[attr-defined]
+        client.upsert("docs", [pb.Document(doc_id="bread.md", revision="r1",
+                                           content="Knead the dough and let it rise.")])
+        before = _search_count(_scrape(server))
+        client.search("docs", "dough", top_k=1)
+    text = _scrape(server)
+    assert _search_count(text) == before + 1
+    le = _objectives(text)["search_latency_seconds"][1]["le"]
+    assert f'retriever_request_duration_seconds_bucket{{le="{le}",rpc="Search"}}' in text
+
+
+def _search_count(text: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "retriever_request_duration_seconds_count" and \
+                    s.labels.get("rpc") == "Search":
+                return s.value
+    return 0.0
