@@ -719,6 +719,11 @@ class Catalog:
             pending_commit=row["pending_commit"], pending_full=bool(row["pending_full"]),
             updated_at=_ts(row["updated_at"]))
 
+    def source_namespaces(self) -> list[str]:
+        """The namespaces bound to a git source."""
+        with self._reader() as db:
+            return [r[0] for r in db.execute("SELECT namespace FROM sources ORDER BY namespace")]
+
     def put_source(self, src: SourceRecord) -> None:
         """Bind (or rebind) the namespace to ``src``, with its commits as given."""
         with self._writer() as db:

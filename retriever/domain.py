@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -159,6 +159,9 @@ class SearchQuery:
     collapse: bool = False
     min_score: float | None = None
     max_hits_per_path: int = 0
+    # Bound on hit staleness (seconds; None: no bound): drop staler hits, or flag them.
+    max_staleness_s: float | None = None
+    flag_stale: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +175,8 @@ class Hit:
     lexical_score: float | None = None
     fused_score: float | None = None
     rerank_score: float | None = None
+    staleness_basis: str = ""  # "source" or "document" (retriever.freshness.staleness)
+    stale: bool = False  # beyond the query's max_staleness (when it asked to flag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +224,11 @@ class IndexStatus:
     chunk_tokens: int
     overlap_tokens: int
     chunker: str
+    # The bound git source's lag (retriever.freshness.staleness.SourceLag) and the running
+    # and last finished syncs (retriever.freshness.sync.SyncState); None when none.
+    source: Any = None
+    running_sync: Any = None
+    last_sync: Any = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ import hashlib
 import sqlite3
 import threading
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -32,7 +33,8 @@ from retriever.domain import (
     UpsertResult,
 )
 from retriever.errors import DataLoss, InvalidArgument, NotFound, NotReady, translate
-from retriever.freshness.sync import Syncer, SyncRequest, SyncState
+from retriever.freshness.staleness import SourceFreshness, chunk_staleness
+from retriever.freshness.sync import Syncer, SyncRequest, SyncState, SyncStatus
 from retriever.ingest.chunking import ChunkerSet, build_chunkers
 from retriever.ingest.pipeline import HEADER_TOKENS, Ingestor
 from retriever.models.batcher import MicroBatcher
@@ -53,6 +55,10 @@ class RetrieverService:
         self.metrics = metrics or Metrics()
         self.embedder = embedder or Embedder(settings)
         self.catalog = Catalog(settings.data_dir / "catalog.sqlite3")
+        self.freshness = SourceFreshness(
+            self.catalog, settings.data_dir / "sources", settings.staleness_refresh_s,
+            fetch_error=lambda url: self.syncer.fetch_error(url) if self.syncer else "")
+        self.metrics.watch_sources(self.freshness.cached)
         self.namespaces = Namespaces(
             self.catalog, self.embedder, settings.data_dir / "indexes", settings.index_backend,
             self.metrics, backend_options={"faiss": {"omp_threads": settings.faiss_omp_threads}})
@@ -70,6 +76,7 @@ class RetrieverService:
             on_depth=self.metrics.embed_queue.set,
             doc_max_wait_s=settings.embed_doc_max_wait_ms / 1000.0,
             on_wait=lambda kind, s: self.metrics.model_wait.labels(kind).observe(s),
+            nice=settings.model_thread_nice,
         )
         self.reranker = Reranker(settings)
         self._embed_cache: EmbeddingCache | None = None
@@ -126,13 +133,15 @@ class RetrieverService:
             s, self.catalog, self.namespaces, self.embedder, self._batcher.submit, self.metrics,
             self.reranker,
             lambda pairs, lengths: self._batcher.submit_rerank(self.reranker.score, pairs,
-                                                               lengths))
+                                                               lengths),
+            source_lag=self.freshness.lag)
         self._flusher = threading.Thread(target=self._flush_loop, name="index-flusher",
                                          daemon=True)
         self._flusher.start()
         self.syncer = Syncer(s, self.catalog, self._sync_upsert, self._sync_delete,
-                             self._ensure_namespace)
+                             self._ensure_namespace, on_finish=self._synced)
         self.syncer.start()
+        self.freshness.warm(self.catalog.source_namespaces())
         self._ready.set()
         self.metrics.model_loaded.set(1)
 
@@ -214,7 +223,10 @@ class RetrieverService:
     def delete_namespace(self, name: str, token: CallToken = NEVER) -> tuple[int, int]:
         self._require_ready()
         validation.namespace_name(name, "name")
-        return self.space.delete(lambda: self.namespaces.delete(name, token))
+        try:
+            return self.space.delete(lambda: self.namespaces.delete(name, token))
+        finally:
+            self.freshness.forget(name)
 
     # -- documents -------------------------------------------------------------------------
     def upsert(self, namespace: str, docs: Sequence[Document],
@@ -240,6 +252,19 @@ class RetrieverService:
         self._require_ready()
         assert self.syncer is not None
         return self.syncer.sync(namespace, request, wait=wait, token=token)
+
+    def _synced(self, state: SyncState, commit_times: list[datetime]) -> None:
+        """After a sync: its commits' commit-to-searchable latency, and the namespace's lag
+        read afresh (the next search must not show the lag from before the sync)."""
+        if commit_times and state.finished_at is not None:
+            hist = self.metrics.commit_to_searchable.labels(state.namespace)
+            for t in commit_times:
+                hist.observe(max(0.0, (state.finished_at - t).total_seconds()))
+        self.freshness.forget(state.namespace)
+
+    def chunk_staleness(self, chunk: ChunkRecord) -> tuple[float | None, str]:
+        """(seconds, basis) of one chunk now (GetChunk)."""
+        return chunk_staleness(chunk, self.freshness.lag(chunk.namespace), datetime.now(UTC))
 
     def recent_syncs(self, namespace: str) -> list[SyncState]:
         """The namespace's latest syncs, newest first (the running one included)."""
@@ -349,12 +374,18 @@ class RetrieverService:
         with handle.visibility.read():
             handle.require_live()
             vector_count = handle.index.count()
+        assert self.syncer is not None
+        recent = self.syncer.recent(namespace)
+        running = next((r for r in recent if r.status is SyncStatus.RUNNING), None)
+        finished = next((r for r in recent if r.status is not SyncStatus.RUNNING), None)
         return IndexStatus(
             namespace=record, vector_count=vector_count, device=self.embedder.device,
             precision=self.embedder.precision,
             chunk_tokens=min(self.settings.chunk_tokens, self.embedder.max_tokens),
             overlap_tokens=self.settings.overlap_tokens,
-            chunker=",".join(self.chunkers.names))
+            chunker=",".join(self.chunkers.names),
+            source=self.freshness.lag(namespace, fresh=True), running_sync=running,
+            last_sync=finished)
 
 
 # Bytes a hit takes in a response besides its strings (ids, hashes, numbers, timestamps,

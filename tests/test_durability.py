@@ -179,3 +179,56 @@ def test_taken_port_is_a_clear_startup_error(tmp_path: Path) -> None:
             assert proc.returncode == 1, proc.stderr
             assert env_name in proc.stderr and str(port) in proc.stderr
             assert "Traceback" not in proc.stderr
+
+
+def test_sigkill_during_a_sync_then_the_next_sync_finishes_the_job(tmp_path: Path) -> None:
+    from gitrepo import TimedRepo
+
+    root = tmp_path / "repos"
+    repo = TimedRepo(root / "big")
+    for i in range(48):
+        repo.write(f"pkg/mod_{i:02d}.py",
+                   f"def handler_{i}(request):\n    return 'response number {i}'\n")
+    head = repo.commit("many modules")
+    env = {"RETRIEVER_SYNC_ROOTS": json.dumps([str(root)]),
+           "RETRIEVER_SYNC_BATCH_DOCUMENTS": "2"}
+    server = ServerProcess(tmp_path / "data", **env)
+    with RetrieverClient(server.address, timeout=120) as c:
+        started = c.sync_source("synced", str(repo.root), wait=False)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # kill it once part of the tree is applied
+            run = c.status("synced").running_sync if c.list_namespaces().namespaces else None
+            if run is not None and run.files_added >= 8:
+                break
+            time.sleep(0.05)
+        assert run is not None and 8 <= run.files_added < 48, run
+    server.kill()
+
+    restarted = ServerProcess(tmp_path / "data", **env)
+    try:
+        with RetrieverClient(restarted.address, timeout=120) as c:
+            status = c.status("synced")
+            assert status.last_sync.sync_id == started.sync_id
+            assert status.last_sync.state == pb.SYNC_STATE_FAILED
+            assert "interrupted" in status.last_sync.error
+            assert status.source.never_synced and not status.source.indexed_commit
+            partial = status.document_count
+            assert partial >= 8
+            done = c.sync_source("synced", wait=True, timeout=240)
+            assert done.state == pb.SYNC_STATE_SUCCEEDED and done.commit == head
+            # What the killed sync had applied was kept, not embedded again.
+            assert done.chunks_reused >= partial or done.documents_unchanged >= partial
+            docs = {d.doc_id: d for d in c.list_documents("synced", page_size=100).documents}
+            assert set(docs) == {f"pkg/mod_{i:02d}.py" for i in range(48)}
+            chunk_ids: set[str] = set()
+            for doc_id in docs:
+                got = c.get_document("synced", doc_id)
+                assert got.document.content == repo.show(head, doc_id)
+                assert got.document.revision == head
+                assert not chunk_ids & set(got.chunk_ids)
+                chunk_ids |= set(got.chunk_ids)
+            final = c.status("synced")
+            assert final.chunk_count == final.vector_count == len(chunk_ids)
+            assert final.source.indexed_commit == head and final.source.commits_behind == 0
+    finally:
+        assert restarted.terminate() == 0

@@ -101,7 +101,10 @@ def test_bf16_agrees_with_fp32_and_serves_a_namespace_fp32_built(tmp_path: Path,
             resp = c.search("code", texts[3][:200], top_k=3)
             assert resp.lineage.embedder_revision == bf16.revision
             assert [h.chunk.chunk_id for h in resp.hits][0] == before[0]
-            # It writes to the namespace too: same weights, vectors of one class.
+            # What fp32 indexed stays UNCHANGED (one vector class: nothing re-embedded),
+            # and it writes to the namespace too.
+            again = c.upsert("code", docs[:2])
+            assert (again.documents_unchanged, again.chunks_embedded) == (2, 0)
             c.upsert("code", [pb.Document(doc_id="new", path="src/new.py", content=texts[0])])
             assert c.status("code").document_count == len(docs) + 1
     finally:

@@ -317,13 +317,18 @@ def open_source(spec: SourceSpec, cache_dir: str | Path,
     scheme = _URL.match(spec.location)
     if scheme and scheme.group(1).lower() not in _SCHEMES:
         raise InvalidArgument(f"unsupported URL scheme {scheme.group(1)!r} in "
-                              f"{_redact(spec.location)}", field="location")
+                              f"{redact(spec.location)}", field="location")
     cache = Path(cache_dir)
-    target = cache / hashlib.sha256(spec.location.encode()).hexdigest()
+    target = mirror_path(cache, spec.location)
     if not (target / "HEAD").is_file():
         cache.mkdir(parents=True, exist_ok=True)
         _clone(spec, cache, target, timeout_s)
     return GitRepo(target)
+
+
+def mirror_path(cache_dir: str | Path, location: str) -> Path:
+    """Where the bare mirror of the URL ``location`` lives under ``cache_dir``."""
+    return Path(cache_dir) / hashlib.sha256(location.encode()).hexdigest()
 
 
 def _open_local(location: str) -> GitRepo:
@@ -372,14 +377,14 @@ def _clone(spec: SourceSpec, cache: Path, target: Path, timeout_s: float | None)
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _redact(text: str) -> str:
+def redact(text: str) -> str:
     """``text`` without the user:password part of URLs."""
     return _USERINFO.sub(r"\1***@", text)
 
 
 def _fetch_error(spec: SourceSpec) -> Callable[[str], RetrieverError]:
     def error(message: str) -> RetrieverError:
-        return Unavailable(f"cannot fetch {_redact(spec.location)}: {_redact(message)}")
+        return Unavailable(f"cannot fetch {redact(spec.location)}: {redact(message)}")
     return error
 
 
@@ -738,6 +743,17 @@ def last_changes(repo: GitRepo, commit: str, paths: Iterable[str]) -> dict[str, 
     finally:
         log.close()
     return found
+
+
+def commit_times(repo: GitRepo, old: str, new: str, limit: int = 1000) -> list[datetime]:
+    """Committer times of the first-parent commits of ``old..new`` (all of ``new``'s when
+    ``old`` is empty), newest first, at most ``limit``."""
+    _check_oid(new)
+    if old:
+        _check_oid(old)
+    out = repo.run("log", "--first-parent", "--format=%ct", f"--max-count={limit}",
+                   "--end-of-options", f"{old}..{new}" if old else new, "--")
+    return [datetime.fromtimestamp(int(x), UTC) for x in out.split()]
 
 
 def pending(repo: GitRepo, indexed: str, head: str) -> Pending:

@@ -1,19 +1,225 @@
-"""How far an indexed document version lags its source.
+"""How far indexed documents lag their source.
 
-Until a namespace is bound to a source it can poll, the newest version the service knows of
-is the one it indexed: staleness is zero when the source time of that version is known and
-unset when it is not (never a made-up number).
+A namespace bound to a git source (SyncSource) lags it by the commits of its ref after the
+commit it was last synced to. `SourceFreshness` keeps, per bound namespace, what those
+commits are (`SourceLag`: how many, the commit time of the oldest, and per path the commit
+time of the oldest one that touched it), read from the repository itself: a local source's
+ref as it is now, a URL's mirror as of its last fetch. Searches read the cached lag and
+never wait for git (an expired entry is refreshed in the background); GetIndexStatus reads
+it afresh. A source that cannot be read keeps its last known lag, says why, and its
+staleness keeps growing from the last successful read: never hidden.
+
+A document of a namespace with no source: the newest version the service knows of is the
+one it indexed, so staleness is zero when that version's source time is known and unset when
+it is not (never a made-up number).
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 
+from retriever.catalog import Catalog, SourceRecord
 from retriever.domain import ChunkRecord
+from retriever.errors import RetrieverError, Unavailable
+from retriever.freshness.git import (
+    GitRepo,
+    SourceSpec,
+    is_url,
+    mirror_path,
+    open_source,
+    pending,
+    redact,
+    resolve,
+)
+
+log = logging.getLogger(__name__)
+
+SOURCE = "source"
+DOCUMENT = "document"
 
 
 def hit_staleness(chunk: ChunkRecord, now: datetime) -> float | None:
-    """Seconds the chunk's document version lags its source; None when unknown."""
+    """Seconds the chunk's document version lags its source, by the document rule (no
+    source bound): 0 when its source time is known, None when not."""
     if chunk.source_updated_at is None:
         return None
     return 0.0
+
+
+def chunk_staleness(chunk: ChunkRecord, lag: SourceLag | None,
+                    now: datetime) -> tuple[float | None, str]:
+    """(seconds, basis) of a chunk: by its namespace's source when one is bound, else by
+    the document rule."""
+    if lag is not None:
+        return lag.path_staleness_s(chunk.path, now), SOURCE
+    return hit_staleness(chunk, now), DOCUMENT
+
+
+@dataclass(frozen=True)
+class SourceLag:
+    """A bound namespace against its source, as of ``checked_at``."""
+
+    namespace: str
+    location: str  # credentials removed
+    ref: str
+    indexed_commit: str  # "" before the first finished sync
+    head_commit: str  # "" when never read
+    commits_behind: int
+    oldest_pending: datetime | None  # commit time of the oldest commit not indexed
+    by_path: dict[str, datetime] = field(repr=False)
+    checked_at: datetime | None  # the last successful read of the ref
+    bound_at: datetime | None  # when the namespace was (re)bound or last synced
+    error: str = ""  # why the last read failed; "" when it succeeded
+
+    @property
+    def never_synced(self) -> bool:
+        return not self.indexed_commit
+
+    def staleness_s(self, now: datetime) -> float:
+        """Age of the oldest source change not yet indexed: the oldest pending commit's; for
+        a source never synced to the end, since it was bound; while the source cannot be
+        read and nothing was pending, since the last successful read. 0 when caught up."""
+        since = self.oldest_pending
+        if self.never_synced:
+            since = self.bound_at or self.checked_at
+        elif since is None and self.error:
+            since = self.checked_at or self.bound_at
+        return max(0.0, (now - since).total_seconds()) if since is not None else 0.0
+
+    def path_staleness_s(self, path: str, now: datetime) -> float:
+        """Age of the oldest pending commit that touched ``path``; 0 when none did (as of
+        the last read). A source never synced to the end lags everywhere."""
+        if self.never_synced:
+            return self.staleness_s(now)
+        when = self.by_path.get(path)
+        return max(0.0, (now - when).total_seconds()) if when is not None else 0.0
+
+
+@dataclass
+class _Entry:
+    lag: SourceLag
+    computed: float  # time.monotonic()
+    refreshing: bool = False
+
+
+class SourceFreshness:
+    """Lags of the bound namespaces, cached ``refresh_s`` seconds. ``on_lag(lag)`` is called
+    with each freshly computed lag (metrics)."""
+
+    def __init__(self, catalog: Catalog, mirrors: Path, refresh_s: float,
+                 on_lag: Callable[[SourceLag], None] | None = None,
+                 fetch_error: Callable[[str], str] | None = None) -> None:
+        """``fetch_error(url)``: why the last fetch of a URL source failed ("" if it did
+        not): its mirror is then as old as its last good fetch, and the lag says so."""
+        self._catalog = catalog
+        self._fetch_error = fetch_error or (lambda location: "")
+        self._mirrors = mirrors
+        self._refresh_s = refresh_s
+        self._on_lag = on_lag or (lambda lag: None)
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+        self._ns_locks: dict[str, threading.Lock] = {}
+
+    def lag(self, namespace: str, *, fresh: bool = False) -> SourceLag | None:
+        """The namespace's lag behind its source; None when it has none. ``fresh``: read the
+        source now (GetIndexStatus). Otherwise a cached value (a search): an expired one is
+        returned as is and refreshed in the background; only a namespace never read waits."""
+        with self._lock:
+            entry = self._entries.get(namespace)
+            expired = entry is not None and time.monotonic() - entry.computed > self._refresh_s
+            if entry is not None and not fresh:
+                if expired and not entry.refreshing:
+                    entry.refreshing = True
+                    threading.Thread(target=self._refresh, args=(namespace,),
+                                     name="staleness-refresh", daemon=True).start()
+                return entry.lag
+        return self._refresh(namespace)
+
+    def cached(self) -> list[SourceLag]:
+        """Every namespace's last computed lag (for the metrics scrape)."""
+        with self._lock:
+            return [e.lag for e in self._entries.values()]
+
+    def forget(self, namespace: str) -> None:
+        """Drop what is cached (the namespace was synced, rebound or deleted)."""
+        with self._lock:
+            self._entries.pop(namespace, None)
+
+    def warm(self, namespaces: Iterable[str]) -> None:
+        for ns in namespaces:
+            try:
+                self._refresh(ns)
+            except Exception:  # noqa: BLE001 - a start-up courtesy, never fatal
+                log.exception("reading the source of namespace %r", ns)
+
+    def _refresh(self, namespace: str) -> SourceLag | None:
+        with self._lock:
+            ns_lock = self._ns_locks.setdefault(namespace, threading.Lock())
+        with ns_lock:  # one reader of a source at a time; the others wait for its answer
+            try:
+                source = self._catalog.get_source(namespace)
+                if source is None:
+                    self.forget(namespace)
+                    return None
+                with self._lock:
+                    entry = self._entries.get(namespace)
+                previous = entry.lag if entry is not None else None
+                lag = self._compute(source, previous)
+            except BaseException:
+                with self._lock:
+                    entry = self._entries.get(namespace)
+                    if entry is not None:
+                        entry.refreshing = False
+                raise
+            with self._lock:
+                self._entries[namespace] = _Entry(lag, time.monotonic())
+        self._on_lag(lag)
+        return lag
+
+    def _compute(self, source: SourceRecord, previous: SourceLag | None) -> SourceLag:
+        spec = SourceSpec(location=source.location, ref=source.ref)
+        now = datetime.now(UTC)
+        base = SourceLag(
+            namespace=source.namespace, location=redact(source.location), ref=source.ref,
+            indexed_commit=source.last_commit, head_commit="", commits_behind=0,
+            oldest_pending=None, by_path={}, checked_at=None, bound_at=source.updated_at)
+        try:
+            repo, checked_at = self._open(spec, now)
+            with repo:
+                head = resolve(repo, source.ref)
+                if not source.last_commit:
+                    return _replace(base, head_commit=head, checked_at=checked_at)
+                p = pending(repo, source.last_commit, head)
+            error = self._fetch_error(source.location) if is_url(source.location) else ""
+            return _replace(base, head_commit=head, commits_behind=p.count,
+                            oldest_pending=p.oldest_time, by_path=p.by_path,
+                            checked_at=checked_at, error=redact(error))
+        except RetrieverError as exc:
+            message = redact(str(exc))
+            log.warning("cannot read the source of namespace %r: %s", source.namespace, message)
+            if previous is not None and previous.indexed_commit == source.last_commit:
+                return _replace(previous, error=message, bound_at=source.updated_at)
+            return _replace(base, error=message)
+
+    def _open(self, spec: SourceSpec, now: datetime) -> tuple[GitRepo, datetime]:
+        """The repository to read, and when what it says was current: now for a local
+        path; a URL's mirror as of its last fetch (never fetched here: that is a sync's)."""
+        if not is_url(spec.location):
+            return open_source(spec, self._mirrors), now
+        mirror = mirror_path(self._mirrors, spec.location)
+        if not (mirror / "HEAD").is_file():
+            raise Unavailable(f"{redact(spec.location)} has not been fetched yet")
+        fetched = mirror / "FETCH_HEAD"
+        stamp = fetched if fetched.is_file() else mirror / "HEAD"
+        return GitRepo(mirror), datetime.fromtimestamp(stamp.stat().st_mtime, UTC)
+
+
+def _replace(lag: SourceLag, **changes: object) -> SourceLag:
+    return dataclasses.replace(lag, **changes)  # type: ignore[arg-type]

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-import re
 import threading
 import time
 import uuid
@@ -42,6 +41,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from retriever import validation
+from retriever._priority import lower_priority
 from retriever.cancel import NEVER, CallToken
 from retriever.catalog import Catalog, SourceRecord, SyncRecord
 from retriever.config import Settings
@@ -62,6 +62,7 @@ from retriever.freshness.git import (
     Revision,
     SourceSpec,
     commit_time,
+    commit_times,
     diff,
     fetch,
     is_ancestor,
@@ -69,6 +70,7 @@ from retriever.freshness.git import (
     last_changes,
     open_source,
     read_text,
+    redact,
     resolve,
     snapshot,
 )
@@ -90,7 +92,6 @@ MAX_GLOB_BYTES = 1024
 _STOP_WAIT_S = 30.0
 _POLL_S = 0.05
 _PAGE = 1000
-_USERINFO = re.compile(r"(://)[^/@\s]+@")
 
 
 class SyncStatus(enum.Enum):
@@ -187,6 +188,7 @@ class _Run:
         self.finished_at: datetime | None = None
         self.seconds: float | None = None
         self.thread: threading.Thread | None = None
+        self.commit_times: list[datetime] = []  # of the commits it makes searchable
 
     def stop(self, reason: str) -> None:
         if not self.stop_reason:
@@ -201,7 +203,7 @@ class _Run:
                 started_at=self.started_at, finished_at=self.finished_at,
                 seconds=self.seconds if self.seconds is not None
                 else time.monotonic() - self.t0,
-                location=_redact(self.spec.location), ref=self.spec.ref, commit=self.commit,
+                location=redact(self.spec.location), ref=self.spec.ref, commit=self.commit,
                 previous_commit=self.previous_commit, full_reconcile=self.full,
                 **{f.name: getattr(c, f.name) for f in dataclasses.fields(c)
                    if f.name != "skipped"},
@@ -217,8 +219,12 @@ class Syncer:
     paths; ``ensure_namespace`` creates a namespace with the server's defaults if missing."""
 
     def __init__(self, settings: Settings, catalog: Catalog, upsert: Upsert, delete: Delete,
-                 ensure_namespace: Callable[[str], object]) -> None:
+                 ensure_namespace: Callable[[str], object],
+                 on_finish: Callable[[SyncState, list[datetime]], None] | None = None) -> None:
+        """``on_finish(state, commit_times)``: after each sync ends, with the committer
+        times of the commits it made searchable (empty unless it succeeded)."""
         self._settings = settings
+        self._on_finish = on_finish or (lambda state, times: None)
         self._catalog = catalog
         self._upsert = upsert
         self._delete = delete
@@ -228,7 +234,10 @@ class Syncer:
         self._runs: dict[str, _Run] = {}
         self._lock = threading.Lock()
         self._fetch_locks: dict[str, threading.Lock] = {}
+        self._fetch_errors: dict[str, str] = {}  # URL -> why its last fetch failed
         self._closed = False
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -239,10 +248,17 @@ class Syncer:
             "and the next sync finishes the job")
         if n:
             log.warning("%d sync(s) were interrupted by the last shutdown; marked failed", n)
+        if self._settings.sync_poll_interval_s > 0:
+            self._poller = threading.Thread(target=self._poll_loop, name="sync-poller",
+                                            daemon=True)
+            self._poller.start()
 
     def close(self) -> None:
         """Stop every running sync at its next batch and wait for it (what was applied stays
         applied; its commit is not recorded as synced)."""
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(_STOP_WAIT_S)
         with self._lock:
             self._closed = True
             runs = list(self._runs.values())
@@ -288,6 +304,71 @@ class Syncer:
         if not wait:
             return run.state()
         return self._wait(run, token)
+
+    def fetch_error(self, location: str) -> str:
+        """Why the last fetch of the URL ``location`` failed; "" when it succeeded."""
+        with self._lock:
+            return self._fetch_errors.get(location, "")
+
+    # -- polling ---------------------------------------------------------------------------
+    def _poll_loop(self) -> None:
+        lower_priority(self._settings.write_thread_nice)
+        while not self._stop.wait(self._settings.sync_poll_interval_s):
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - the poller outlives any one bad source
+                log.exception("polling the sources")
+
+    def poll_once(self) -> list[str]:
+        """Start a sync of every bound namespace whose source moved past its last synced
+        commit (a URL's mirror is fetched first); returns those namespaces. Namespaces
+        already syncing are left alone."""
+        started = []
+        for ns in self._catalog.source_namespaces():
+            if self._stop.is_set():
+                break
+            with self._lock:
+                if ns in self._runs:
+                    continue
+            source = self._catalog.get_source(ns)
+            if source is None:
+                continue
+            try:
+                if not self._moved(source):
+                    continue
+                self.sync(ns, SyncRequest(), wait=False)
+                started.append(ns)
+            except Aborted:
+                continue  # a sync started meanwhile
+            except RetrieverError as exc:
+                log.warning("polling the source of %s: %s", ns, redact(exc.message))
+        return started
+
+    def _moved(self, source: SourceRecord) -> bool:
+        spec = SourceSpec(location=source.location, ref=source.ref)
+        target = check_location(source.location, self._settings)
+        repo = open_source(dataclasses.replace(spec, location=target), self._mirrors)
+        with repo:
+            if is_url(target):
+                self._fetch(repo, spec, target, NEVER)
+            head = resolve(repo, source.ref)
+        return head != source.last_commit or bool(source.pending_commit)
+
+    def _fetch(self, repo: GitRepo, spec: SourceSpec, target: str, token: CallToken) -> None:
+        """Fetch a URL's mirror (one fetch of a mirror at a time), remembering how it went."""
+        with self._lock:
+            lock = self._fetch_locks.setdefault(target, threading.Lock())
+        token.acquire(lock, "the fetch")  # git cannot fetch one mirror twice
+        try:
+            fetch(repo, spec)
+        except RetrieverError as exc:
+            with self._lock:
+                self._fetch_errors[spec.location] = redact(exc.message)
+            raise
+        finally:
+            lock.release()
+        with self._lock:
+            self._fetch_errors.pop(spec.location, None)
 
     def recent(self, namespace: str, limit: int = SYNC_HISTORY) -> list[SyncState]:
         """The namespace's latest syncs, newest first: the running one (live counts), then
@@ -374,6 +455,7 @@ class Syncer:
         return run.state()
 
     def _execute(self, run: _Run) -> None:
+        lower_priority(self._settings.write_thread_nice)  # a sync is batch work, as upserts
         status, error, exc = SyncStatus.SUCCEEDED, "", None
         try:
             self._apply(run)
@@ -404,6 +486,11 @@ class Syncer:
             log.warning("could not record the end of sync %s of %s", run.sync_id,
                         run.namespace, exc_info=True)
         finally:
+            try:  # before a waiting caller returns: it may read the lag next
+                self._on_finish(state, run.commit_times if status is SyncStatus.SUCCEEDED
+                                else [])
+            except Exception:  # noqa: BLE001 - metrics and caches must not fail a sync
+                log.exception("after sync %s of %s", run.sync_id, run.namespace)
             with self._lock:
                 if self._runs.get(run.namespace) is run:
                     del self._runs[run.namespace]
@@ -417,13 +504,7 @@ class Syncer:
         repo = open_source(dataclasses.replace(spec, location=run.target), self._mirrors)
         with repo:
             if is_url(run.target):
-                with self._lock:
-                    lock = self._fetch_locks.setdefault(run.target, threading.Lock())
-                run.token.acquire(lock, "the fetch")  # git cannot fetch one mirror twice
-                try:
-                    fetch(repo, spec)
-                finally:
-                    lock.release()
+                self._fetch(repo, spec, run.target, run.token)
             run.token.check("the sync's first batch")
             head = resolve(repo, spec.ref)
             source = self._catalog.get_source(ns)
@@ -438,11 +519,18 @@ class Syncer:
                 namespace=ns, location=spec.location, ref=spec.ref, include=spec.include,
                 exclude=spec.exclude, max_file_bytes=spec.max_file_bytes,
                 last_commit=previous, pending_commit=head, pending_full=not incremental))
+            if previous == head:
+                times: list[datetime] = []
+            elif previous and is_ancestor(repo, previous, head):
+                times = commit_times(repo, previous, head)
+            else:  # first sync or rewritten history: what it makes searchable is the head
+                times = [commit_time(repo, head)]
             if incremental:
                 self._apply_diff(run, repo, previous, head)
             else:
                 self._reconcile(run, repo, head)
             self._catalog.source_synced(ns, head)
+            run.commit_times = times
 
     def _apply_diff(self, run: _Run, repo: GitRepo, previous: str, head: str) -> None:
         changes = diff(repo, previous, head, run.spec)
@@ -564,7 +652,7 @@ def check_location(location: str, settings: Settings) -> str:
             "RETRIEVER_SYNC_ROOTS='[\"/srv/repos\"]' or "
             "RETRIEVER_SYNC_URL_PREFIXES='[\"https://github.com/my-org/\"]'", field="repo")
     if is_url(location):
-        shown = _redact(location)
+        shown = redact(location)
         if not any(location.startswith(p) for p in prefixes):
             raise PermissionDenied(
                 f"repo {shown} starts with none of RETRIEVER_SYNC_URL_PREFIXES "
@@ -639,11 +727,6 @@ def _as_repo_field(exc: InvalidArgument) -> InvalidArgument:
     if exc.field == "location":
         return InvalidArgument(exc.message.replace("source ", "repo ", 1), field="repo")
     return exc
-
-
-def _redact(text: str) -> str:
-    """``text`` without the user:password part of URLs."""
-    return _USERINFO.sub(r"\1***@", text)
 
 
 def _from_record(rec: SyncRecord) -> SyncState:

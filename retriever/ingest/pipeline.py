@@ -33,7 +33,7 @@ from retriever.catalog import (
 from retriever.config import Settings
 from retriever.domain import DeleteResult, DocResult, DocStatus, Document, UpsertResult
 from retriever.ingest.chunking import ChunkerSet, ChunkSpan, TokenCounter, detect_language
-from retriever.models.embedder import Embedder
+from retriever.models.embedder import Embedder, compatibility_key
 from retriever.namespaces import NamespaceHandle, Namespaces
 from retriever.slo.metrics import Metrics
 
@@ -303,10 +303,12 @@ class Ingestor:
 
     def chunking_signature(self, language: str) -> str:
         """What a document's chunks depend on besides its content, path and language: the
-        chunker (name, version, budgets), the header format and the embedder. A document
+        chunker (name, version, budgets), the header format and the embedder's weights (not
+        its float precision: vectors of one class, see `compatibility_key`). A document
         whose signature changed is re-chunked on its next upsert, never left UNCHANGED."""
         c = self._chunkers.chunker_for(language)
-        return f"{c.name} {self._chunkers.config} {HEADER_FORMAT} {self._embedder.revision}"
+        weights = compatibility_key(self._embedder.revision)
+        return f"{c.name} {self._chunkers.config} {HEADER_FORMAT} {weights}"
 
     def _plan(self, ns: str, d: Document, path: str, language: str, content_hash: str,
               old_version: int, signature: str) -> _Planned:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from retriever._priority import lower_priority
 from retriever.errors import NotReady
 
 EmbedFn = Callable[[Sequence[str]], np.ndarray]
@@ -66,11 +67,14 @@ class MicroBatcher:
                  on_depth: Callable[[int], None] | None = None,
                  doc_batch: int = 16, doc_slice_tokens: int = 0,
                  doc_max_wait_s: float = 0.05,
-                 on_wait: Callable[[str, float], None] | None = None) -> None:
+                 on_wait: Callable[[str, float], None] | None = None,
+                 nice: int = 0) -> None:
         """``doc_slice_tokens``: token budget of one document slice (0: no budget, only
         ``doc_batch``). ``on_wait(kind, seconds)`` receives how long each query batch and
-        each document slice waited for the model."""
+        each document slice waited for the model. ``nice``: how far the model thread (and
+        the OpenMP workers its first forward pass starts) lowers its CPU priority."""
         self._embed = embed
+        self._nice = nice
         self._max_batch = max_batch
         self._max_wait = max_wait_s
         self.doc_batch = doc_batch  # may be changed before start()
@@ -169,6 +173,7 @@ class MicroBatcher:
 
     # -- the model thread ------------------------------------------------------------------
     def _run(self) -> None:
+        lower_priority(self._nice)
         while True:
             with self._cond:
                 work = self._next_locked()

@@ -39,7 +39,7 @@ from retriever.domain import (
     StageTimings,
 )
 from retriever.errors import FailedPrecondition, InvalidArgument
-from retriever.freshness.staleness import hit_staleness
+from retriever.freshness.staleness import SourceLag, chunk_staleness
 from retriever.models.embedder import Embedder
 from retriever.models.reranker import Reranker
 from retriever.namespaces import NamespaceHandle, Namespaces
@@ -70,9 +70,12 @@ class _Candidate:
 class Searcher:
     def __init__(self, settings: Settings, catalog: Catalog, namespaces: Namespaces,
                  embedder: Embedder, embed_queries: EmbedQueries, metrics: Metrics,
-                 reranker: Reranker | None = None, rerank_pairs: RerankPairs | None = None
-                 ) -> None:
+                 reranker: Reranker | None = None, rerank_pairs: RerankPairs | None = None,
+                 source_lag: Callable[[str], SourceLag | None] | None = None) -> None:
+        """``source_lag(namespace)``: its lag behind a bound git source (None: none bound),
+        from which hits take their staleness."""
         self._settings = settings
+        self._source_lag = source_lag or (lambda ns: None)
         self._catalog = catalog
         self._namespaces = namespaces
         self._embedder = embedder
@@ -196,16 +199,21 @@ class Searcher:
             reranker = self._reranker.name
         final = self._shape(q, candidates) if q.rerank else candidates
         now = datetime.now(UTC)
+        lag = self._source_lag(q.namespace)
         hits: list[Hit] = []
         for c in final:
             assert c.chunk is not None
-            staleness = hit_staleness(c.chunk, now)
+            staleness, basis = chunk_staleness(c.chunk, lag, now)
+            stale = (q.max_staleness_s is not None and staleness is not None
+                     and staleness > q.max_staleness_s)
+            if stale and not q.flag_stale:
+                continue  # beyond the caller's bound: dropped
             if staleness is not None:
                 self._metrics.result_staleness.observe(staleness)
             hits.append(Hit(chunk=c.chunk, score=float(c.score), rank=len(hits) + 1,
                             staleness_s=staleness, dense_score=c.dense,
                             lexical_score=c.lexical, fused_score=c.fused,
-                            rerank_score=c.rerank))
+                            rerank_score=c.rerank, staleness_basis=basis, stale=stale))
         if not hits:
             self._metrics.zero_results.labels(q.namespace).inc()
         for stage, seconds in timings.items():

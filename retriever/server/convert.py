@@ -26,6 +26,7 @@ from retriever.domain import (
     UpsertResult,
 )
 from retriever.errors import InvalidArgument
+from retriever.freshness.staleness import SourceLag
 from retriever.freshness.sync import SyncRequest, SyncState, SyncStatus
 from retriever.v1 import retriever_pb2 as pb
 
@@ -111,7 +112,19 @@ def search_from_pb(msg: pb.SearchRequest, field: str = "") -> SearchQuery:
         rerank_candidates=msg.rerank_candidates, collapse=msg.collapse,
         min_score=msg.min_score if msg.HasField("min_score") else None,
         max_hits_per_path=msg.max_hits_per_path,
+        max_staleness_s=_max_staleness(msg, field), flag_stale=msg.flag_stale,
     )
+
+
+def _max_staleness(msg: pb.SearchRequest, field: str) -> float | None:
+    if not msg.HasField("max_staleness"):
+        return None
+    d = msg.max_staleness
+    if d.seconds < 0 or d.nanos < 0:
+        raise InvalidArgument(f"{field}max_staleness must not be negative",
+                              field=f"{field}max_staleness")
+    seconds = d.seconds + d.nanos / 1e9
+    return seconds or None
 
 
 def sync_request_from_pb(msg: pb.SyncSourceRequest) -> SyncRequest:
@@ -136,7 +149,8 @@ def hit_to_pb(h: Hit) -> pb.Hit:
     return pb.Hit(chunk=chunk_to_pb(h.chunk), score=h.score, rank=h.rank,
                   staleness=_dur(h.staleness_s), dense_score=h.dense_score,
                   lexical_score=h.lexical_score, fused_score=h.fused_score,
-                  rerank_score=h.rerank_score)
+                  rerank_score=h.rerank_score, staleness_basis=h.staleness_basis,
+                  stale=h.stale)
 
 
 def lineage_to_pb(lin: Lineage) -> pb.Lineage:
@@ -231,7 +245,31 @@ def status_to_pb(s: IndexStatus) -> pb.GetIndexStatusResponse:
         vector_count=s.vector_count, last_indexed_at=_ts(n.last_indexed_at),
         precision=s.precision, chunk_tokens=s.chunk_tokens, overlap_tokens=s.overlap_tokens,
         chunker=s.chunker, content_bytes=n.content_bytes,
+        source=_source_to_pb(s.source), running_sync=_sync_run_to_pb(s.running_sync),
+        last_sync=_sync_run_to_pb(s.last_sync),
     )
+
+
+def _source_to_pb(lag: SourceLag | None) -> pb.SourceStatus | None:
+    if lag is None:
+        return None
+    return pb.SourceStatus(
+        repo=lag.location, ref=lag.ref, indexed_commit=lag.indexed_commit,
+        head_commit=lag.head_commit, commits_behind=lag.commits_behind,
+        staleness=_dur(lag.staleness_s(datetime.now(UTC))), checked_at=_ts(lag.checked_at),
+        error=lag.error, never_synced=lag.never_synced)
+
+
+def _sync_run_to_pb(s: SyncState | None) -> pb.SyncRun | None:
+    if s is None:
+        return None
+    return pb.SyncRun(
+        sync_id=s.sync_id, state=_SYNC_STATES[s.status], commit=s.commit,
+        previous_commit=s.previous_commit, full_reconcile=s.full_reconcile,
+        files_added=s.files_added, files_modified=s.files_modified,
+        files_deleted=s.files_deleted, files_renamed=s.files_renamed,
+        chunks_embedded=s.chunks_embedded, chunks_reused=s.chunks_reused,
+        start_time=_ts(s.started_at), duration=_dur(s.seconds), error=s.error)
 
 
 def sync_to_pb(s: SyncState) -> pb.SyncSourceResponse:

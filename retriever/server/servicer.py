@@ -12,15 +12,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from retriever import errors
+from retriever._priority import lower_priority
 from retriever.cancel import CallToken
-from retriever.freshness.staleness import hit_staleness
 from retriever.server import convert
 from retriever.server.status import REQUEST_ID, abort, abort_error
 from retriever.service import RetrieverService
@@ -159,8 +158,11 @@ class RetrieverServicer:
         self._svc = service
         s = service.settings
         self._read_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc-read")
+        # Upserts are the batch class: their threads give way to the request path.
         self._write_pool = ThreadPoolExecutor(max_workers=s.max_inflight_upserts,
-                                              thread_name_prefix="rpc-write")
+                                              thread_name_prefix="rpc-write",
+                                              initializer=lower_priority,
+                                              initargs=(s.write_thread_nice,))
         # SyncSource calls: one waiting for its sync holds a thread for the whole sync (the
         # sync itself runs on a thread of the core's), so they get their own pool rather
         # than block upserts or searches.
@@ -317,7 +319,7 @@ class RetrieverServicer:
     async def GetChunk(self, request: pb.GetChunkRequest, context: Any):  # noqa: N802
         chunk = await self._run(
             context, lambda r: self._svc.get_chunk(r.namespace, r.chunk_id), request)
-        staleness = hit_staleness(chunk, datetime.now(UTC))
+        staleness, _basis = self._svc.chunk_staleness(chunk)
         resp = pb.GetChunkResponse(chunk=convert.chunk_to_pb(chunk))
         if staleness is not None:
             resp.staleness.FromNanoseconds(int(staleness * 1e9))

@@ -1,0 +1,37 @@
+"""Per-thread CPU priority: batch work yields the cores to the request path.
+
+On a machine with few cores the model's forward passes (and their OpenMP workers) and the
+CPU work of upserts (chunking, token counting, commits) can keep every core busy; the event
+loop that admits or refuses requests, and the threads that answer searches, then wait for a
+time slice behind them. Linux keeps a nice value per thread, and threads inherit their
+creator's: a thread that lowers its own priority before it starts work (before its first
+forward pass creates the OpenMP team) takes its helpers down with it. It still uses every
+idle core; it only gives way when request-path threads want to run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+log = logging.getLogger(__name__)
+
+
+def lower_priority(nice: int) -> None:
+    """Raise the calling thread's nice value by ``nice`` (at most 19); no-op for 0, and off
+    Linux (where nice values are per process)."""
+    if nice <= 0 or sys.platform != "linux":
+        return
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + nice))
+    except OSError as exc:  # e.g. a seccomp profile that refuses it: run as is
+        log.warning("could not lower the priority of thread %s: %s", tid, exc)
+
+
+def thread_nice() -> int:
+    """The calling thread's nice value (Linux), for tests and diagnostics."""
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())

@@ -1,0 +1,62 @@
+"""Batch work runs at a lower CPU priority than the request path (Linux, per thread)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import make_settings
+
+from retriever._priority import lower_priority, thread_nice
+from retriever.client import RetrieverClient, pb
+from retriever.server.app import ServerThread
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
+
+
+def nice_of(tid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+def test_lower_priority_affects_only_the_calling_thread() -> None:
+    base = thread_nice()
+    seen: dict[str, int] = {}
+
+    def work() -> None:
+        lower_priority(3)
+        seen["worker"] = thread_nice()
+        child = threading.Thread(target=lambda: seen.__setitem__("child", thread_nice()))
+        child.start()
+        child.join()
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen == {"worker": min(19, base + 3), "child": min(19, base + 3)}  # inherited
+    assert thread_nice() == base  # the caller's own priority is untouched
+    lower_priority(0)
+    assert thread_nice() == base
+
+
+def test_model_and_upsert_threads_give_way_to_the_request_path(tmp_path: Path,
+                                                               embedder) -> None:  # noqa: ANN001
+    base = thread_nice()
+    settings = make_settings(tmp_path / "data", model_thread_nice=4, write_thread_nice=9)
+    st = ServerThread(settings, embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            c.upsert("ns", [pb.Document(doc_id="a", content="def parse_config(path): ...")])
+            assert c.search("ns", "parse the config", top_k=1).hits
+            threads = {t.name: t.native_id for t in threading.enumerate()}
+            embedder_tid = next(tid for name, tid in threads.items() if name == "embedder")
+            writers = [tid for name, tid in threads.items() if name.startswith("rpc-write")]
+            readers = [tid for name, tid in threads.items() if name.startswith("rpc-read")]
+            assert nice_of(embedder_tid) == min(19, base + 4)
+            assert writers and {nice_of(t) for t in writers} == {min(19, base + 9)}
+            assert readers and {nice_of(t) for t in readers} == {base}
+            assert nice_of(threads["grpc-server"]) == base
+    finally:
+        st.stop()

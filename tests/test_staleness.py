@@ -1,0 +1,198 @@
+"""How stale each namespace and each hit is against its git source: status, hits, /metrics,
+max_staleness, an unreadable source, commit-to-searchable and the poller. Real git
+repositories and the real server."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from conftest import make_settings, running_server
+from gitrepo import TimedRepo
+from google.protobuf.duration_pb2 import Duration
+
+from retriever.client import RetrieverClient
+from retriever.v1 import retriever_pb2 as pb
+
+SLACK_S = 30.0  # between a computation of "now" here and one in the server
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("repos")
+
+
+@pytest.fixture(scope="module")
+def server(roots: Path, embedder, tmp_path_factory: pytest.TempPathFactory  # noqa: ANN001
+           ) -> Iterator[object]:
+    # A refresh interval longer than any test: what searches see changes only through a
+    # sync (which forgets the cached lag) or GetIndexStatus (which reads afresh).
+    settings = make_settings(tmp_path_factory.mktemp("data") / "d", sync_roots=[roots],
+                             staleness_refresh_s=3600)
+    with running_server(settings, embedder) as st:
+        yield st
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Iterator[RetrieverClient]:  # noqa: ANN001
+    with RetrieverClient(server.address, timeout=120) as c:
+        yield c
+
+
+def metrics(server) -> str:  # noqa: ANN001
+    port = server.info["metrics_port"]
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
+def metric(text: str, name: str, namespace: str) -> float | None:
+    m = re.search(rf'^{name}\{{namespace="{re.escape(namespace)}"\}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def age(t: datetime) -> float:
+    return (datetime.now(UTC) - t).total_seconds()
+
+
+def hits_by_path(client: RetrieverClient, ns: str, **kw: object) -> dict[str, pb.Hit]:
+    req = pb.SearchRequest(namespace=ns, query="compute the values", top_k=50,
+                           mode=pb.LEXICAL, **kw)  # type: ignore[arg-type]
+    out: dict[str, pb.Hit] = {}
+    for h in client.stub.Search(req, timeout=60).hits:
+        out.setdefault(h.chunk.path, h)
+    return out
+
+
+def make_repo(root: Path) -> TimedRepo:
+    repo = TimedRepo(root)
+    repo.write("src/alpha.py", "def alpha(values):\n    return [2 * v for v in values]\n")
+    repo.write("src/beta.py", "def beta(values):\n    return sum(values)  # compute the values\n")
+    repo.commit("two modules")
+    return repo
+
+
+def test_staleness_rises_with_a_commit_and_returns_to_zero_after_a_sync(
+        client: RetrieverClient, server, roots: Path) -> None:  # noqa: ANN001
+    repo = make_repo(roots / "rise")
+    ns = "rise"
+    first = client.sync_source(ns, str(repo.root), wait=True, timeout=120)
+    assert first.state == pb.SYNC_STATE_SUCCEEDED
+
+    status = client.status(ns)
+    src = status.source
+    assert src.indexed_commit == src.head_commit == first.commit
+    assert (src.commits_behind, src.error, src.never_synced) == (0, "", False)
+    assert src.staleness.ToTimedelta().total_seconds() == 0
+    assert status.last_sync.sync_id == first.sync_id
+    assert status.last_sync.state == pb.SYNC_STATE_SUCCEEDED
+    assert status.last_sync.commit == first.commit and not status.HasField("running_sync")
+    hits = hits_by_path(client, ns)
+    assert set(hits) == {"src/alpha.py", "src/beta.py"}
+    for h in hits.values():
+        assert (h.staleness_basis, h.staleness.ToTimedelta().total_seconds()) == ("source", 0)
+
+    # A commit touching alpha only: the namespace and alpha's hits lag from its time on.
+    repo.write("src/alpha.py", "def alpha(values):\n    return [3 * v for v in values]\n")
+    second = repo.commit("triple")
+    src = client.status(ns).source  # reads the local ref afresh
+    assert (src.head_commit, src.indexed_commit, src.commits_behind) == (
+        second, first.commit, 1)
+    lag = src.staleness.ToTimedelta().total_seconds()
+    assert abs(lag - age(repo.times[second])) < SLACK_S
+    hits = hits_by_path(client, ns)
+    assert abs(hits["src/alpha.py"].staleness.ToTimedelta().total_seconds() - lag) < SLACK_S
+    assert hits["src/beta.py"].staleness.ToTimedelta().total_seconds() == 0
+    text = metrics(server)
+    assert metric(text, "retriever_namespace_commits_behind", ns) == 1
+    assert abs(metric(text, "retriever_namespace_staleness_seconds", ns) - lag) < SLACK_S
+    assert metric(text, "retriever_source_readable", ns) == 1
+    # GetChunk says the same of alpha's chunk.
+    chunk = client.get_chunk(ns, hits["src/alpha.py"].chunk.chunk_id)
+    assert abs(chunk.staleness.ToTimedelta().total_seconds() - lag) < SLACK_S
+
+    # max_staleness drops alpha's hits, or flags them.
+    bound = Duration(seconds=3600)
+    assert set(hits_by_path(client, ns, max_staleness=bound)) == {"src/beta.py"}
+    flagged = hits_by_path(client, ns, max_staleness=bound, flag_stale=True)
+    assert flagged["src/alpha.py"].stale and not flagged["src/beta.py"].stale
+    assert set(hits_by_path(client, ns, max_staleness=Duration(seconds=int(lag) + 3600))) == {
+        "src/alpha.py", "src/beta.py"}
+
+    # Sync: back to zero everywhere, and the commit's commit-to-searchable is recorded.
+    before = metric(metrics(server), "retriever_commit_to_searchable_seconds_count", ns) or 0
+    assert client.sync_source(ns, wait=True, timeout=120).commit == second
+    src = client.status(ns).source
+    assert (src.indexed_commit, src.commits_behind) == (second, 0)
+    assert src.staleness.ToTimedelta().total_seconds() == 0
+    for h in hits_by_path(client, ns).values():
+        assert h.staleness.ToTimedelta().total_seconds() == 0
+    text = metrics(server)
+    assert metric(text, "retriever_namespace_staleness_seconds", ns) == 0
+    assert metric(text, "retriever_commit_to_searchable_seconds_count", ns) == before + 1
+    total = metric(text, "retriever_commit_to_searchable_seconds_sum", ns)
+    assert total is not None and total >= age(repo.times[second]) - SLACK_S
+
+
+def test_an_unreadable_source_is_reported_and_its_staleness_keeps_growing(
+        client: RetrieverClient, server, roots: Path) -> None:  # noqa: ANN001
+    repo = make_repo(roots / "gone")
+    ns = "gone"
+    client.sync_source(ns, str(repo.root), wait=True, timeout=120)
+    repo.write("src/beta.py", "def beta(values):\n    return max(values)  # compute\n")
+    pending_commit = repo.commit("max")
+    lag_before = client.status(ns).source.staleness.ToTimedelta().total_seconds()
+    assert lag_before > 0
+    shutil.move(str(repo.root), str(roots / "gone-moved"))
+    time.sleep(1.1)
+    src = client.status(ns).source
+    assert src.error and "gone" in src.error
+    assert src.commits_behind == 1 and src.head_commit == pending_commit  # last known
+    assert src.staleness.ToTimedelta().total_seconds() >= lag_before + 1
+    assert metric(metrics(server), "retriever_source_readable", ns) == 0
+    # Searches still answer, with the last known lag.
+    assert hits_by_path(client, ns)["src/beta.py"].staleness.ToTimedelta().total_seconds() > 0
+
+
+def test_a_namespace_without_a_source_uses_the_document_rule(client: RetrieverClient) -> None:
+    client.upsert("plain", [pb.Document(doc_id="a", path="a.py", content="def compute(): ...")])
+    status = client.status("plain")
+    assert not status.HasField("source") and not status.HasField("last_sync")
+    hit = client.stub.Search(pb.SearchRequest(namespace="plain", query="compute", top_k=1),
+                             timeout=60).hits[0]
+    assert hit.staleness_basis == "document" and not hit.HasField("staleness")
+
+
+def test_negative_max_staleness_is_invalid(client: RetrieverClient) -> None:
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as e:
+        client.stub.Search(pb.SearchRequest(namespace="plain", query="x", top_k=1,
+                                            max_staleness=Duration(seconds=-5)), timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_staleness" in e.value.details()
+
+
+def test_the_poller_syncs_a_source_whose_ref_moved(roots: Path, embedder,  # noqa: ANN001
+                                                     tmp_path: Path) -> None:
+    repo = make_repo(roots / "polled")
+    settings = make_settings(tmp_path / "data", sync_roots=[roots], sync_poll_interval_s=0.3)
+    with running_server(settings, embedder) as st, \
+            RetrieverClient(st.address, timeout=120) as c:
+        c.sync_source("polled", str(repo.root), wait=True, timeout=120)
+        repo.write("src/gamma.py", "def gamma(values):\n    return min(values)  # compute\n")
+        head = repo.commit("gamma")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            src = c.status("polled").source
+            if src.indexed_commit == head:
+                break
+            time.sleep(0.2)
+        assert src.indexed_commit == head and src.commits_behind == 0
+        assert "src/gamma.py" in {d.doc_id for d in c.list_documents("polled").documents}
+        last = c.status("polled").last_sync
+        assert last.commit == head and last.files_added == 1
