@@ -127,7 +127,12 @@ def main() -> int:
     ap.add_argument("--commits", type=int, default=200)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/quality.json")
     ap.add_argument("--cache", type=Path, default=ROOT / "bench/.cache")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="only step 3 (DENSE vs LEXICAL vs HYBRID latency on SciFact); writes "
+                         "bench/results/hybrid-latency.{json,md} unless --out is given")
     args = ap.parse_args()
+    if args.latency_only and args.out == ROOT / "bench/results/quality.json":
+        args.out = ROOT / "bench/results/hybrid-latency.json"
 
     embedder = Embedder(Settings())
     embedder.load()
@@ -155,6 +160,8 @@ def main() -> int:
             result["scifact_index"] = {**counts, "seconds": time.perf_counter() - t0}
             sets["scifact-test"] = ("scifact", sci_test, "beir")
             tune: list[tuple[str, QuerySet]] = [("scifact", sci_train)]
+            if args.latency_only:
+                args.repo, args.tune_repo, tune = [], "", []
             for spec, role in [(r, "report") for r in args.repo] + (
                     [(args.tune_repo, "tune")] if args.tune_repo else []):
                 name, path = spec.split("=", 1)
@@ -175,7 +182,7 @@ def main() -> int:
             # -- 1. choose the weight on the tuning data --------------------------------
             log("choosing the dense weight on SciFact-train and the tuning history set")
             sweep: dict[str, dict[str, float]] = {}
-            for w in WEIGHTS:
+            for w in WEIGHTS if not args.latency_only else ():
                 row: dict[str, float] = {}
                 for ns, qs in tune:
                     run, _ = run_queries(client, ns, qs, "hybrid", 100, w)
@@ -185,13 +192,14 @@ def main() -> int:
                 row["objective"] = sum(row.values()) / len(row)
                 sweep[str(w)] = row
                 log(f"w={w}: {row}")
-            best = max(sweep, key=lambda w: sweep[w]["objective"])
-            result["weight_sweep"] = sweep
-            result["chosen_dense_weight"] = float(best)
+            if sweep:
+                best = max(sweep, key=lambda w: sweep[w]["objective"])
+                result["weight_sweep"] = sweep
+                result["chosen_dense_weight"] = float(best)
 
             # -- 2. the reported table --------------------------------------------------
             reported: dict[str, dict[str, object]] = {}
-            for name, (ns, qs, _kind) in sets.items():
+            for name, (ns, qs, _kind) in (sets.items() if not args.latency_only else ()):
                 for mode in MODES:
                     log(f"{name}: {mode}")
                     run, lat = run_queries(client, ns, qs, mode, 100)
@@ -218,6 +226,13 @@ def main() -> int:
                 for m, v in lat_modes.items()}
     finally:
         st.stop()
+    if args.latency_only:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        md = render_latency(result)
+        args.out.with_suffix(".md").write_text(md)
+        print(md)
+        return 0
     log("re-rank cost")
     result["rerank"] = rerank_cost(embedder)
 
@@ -227,6 +242,23 @@ def main() -> int:
     args.out.with_suffix(".md").write_text(md)
     print(md)
     return 0
+
+
+def render_latency(r: dict) -> str:
+    lt = r["latency_top10"]
+    cpu = r["cpu"]
+    lines = [f"# Search latency per mode ({r['when']}, commit {r['commit']})", "",
+             f"`bench/bench_quality.py --latency-only`: {cpu}. The real gRPC Search on the "
+             f"SciFact corpus ({r['scifact_index']['chunks_total']} chunks), top_k 10, no "
+             "collapse, the 300 test queries twice, the modes interleaved per query so drift "
+             "hits each alike; client-side latency.", "",
+             "| mode | p50 ms | p99 ms |", "|---|---|---|"]
+    for mode, v in lt.items():
+        lines.append(f"| {mode} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} |")
+    lines.append(f"\nHybrid adds {lt['hybrid']['p50_ms'] - lt['dense']['p50_ms']:.1f} ms p50 "
+                 f"and {lt['hybrid']['p99_ms'] - lt['dense']['p99_ms']:.1f} ms p99 to dense "
+                 "(goal: <= 5 ms p50).")
+    return "\n".join(lines) + "\n"
 
 
 def render(r: dict) -> str:
