@@ -11,6 +11,7 @@ writes the document rows. Start-up reconcile drops whatever is still pending.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,10 +30,15 @@ import numpy as np
 from retriever.domain import (
     ChunkRecord,
     DocumentRecord,
+    EvalMetric,
+    EvaluationRecord,
+    GoldenQuery,
+    GoldenSet,
     NamespaceRecord,
     SearchFilter,
+    SearchMode,
 )
-from retriever.errors import DataLoss, FailedPrecondition, NotReady, translate
+from retriever.errors import DataLoss, FailedPrecondition, NotFound, NotReady, translate
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +134,35 @@ CREATE TABLE IF NOT EXISTS syncs (
     error TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS syncs_by_namespace ON syncs (namespace, started_at);
+-- Golden query sets (retriever/slo/golden.py): every version of every named set is kept.
+-- origin 'request' or 'git-history'; queries a JSON list of {id, text, doc_grades,
+-- path_grades}; metadata JSON (for a history set: the corpus commit and the query commits).
+CREATE TABLE IF NOT EXISTS golden_sets (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    origin TEXT NOT NULL,
+    queries TEXT NOT NULL,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (namespace, name, version)
+);
+-- Runs of golden sets (the latest eval_history_size of each namespace are kept); metrics a
+-- JSON list of [name, k, value].
+CREATE TABLE IF NOT EXISTS evaluations (
+    evaluation_id TEXT PRIMARY KEY,
+    namespace TEXT NOT NULL,
+    golden_set TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    seconds REAL NOT NULL,
+    mode TEXT NOT NULL,
+    rerank INTEGER NOT NULL,
+    query_count INTEGER NOT NULL,
+    trigger TEXT NOT NULL,
+    metrics TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS evaluations_by_namespace ON evaluations (namespace, started_at);
 """
 
 
@@ -463,6 +498,8 @@ class Catalog:
             db.execute("DELETE FROM namespaces WHERE name = ?", (name,))
             db.execute("DELETE FROM sources WHERE namespace = ?", (name,))
             db.execute("DELETE FROM syncs WHERE namespace = ?", (name,))
+            db.execute("DELETE FROM golden_sets WHERE namespace = ?", (name,))
+            db.execute("DELETE FROM evaluations WHERE namespace = ?", (name,))
             return docs, chunks
 
     # -- documents -------------------------------------------------------------------------
@@ -782,6 +819,109 @@ class Catalog:
             return db.execute("UPDATE syncs SET state = 'failed', error = ?,"
                               " finished_at = coalesce(finished_at, ?) WHERE state = 'running'",
                               (error, time.time())).rowcount
+
+    # -- golden sets and evaluations --------------------------------------------------------
+    def add_golden_set(self, gs: GoldenSet) -> GoldenSet:
+        """Store ``gs`` as the next version of its name (1 for a new name); returns it with
+        its version and creation time."""
+        now = time.time()
+        queries = json.dumps([{"id": q.id, "text": q.text, "doc_grades": q.doc_grades,
+                               "path_grades": q.path_grades} for q in gs.queries])
+        with self._writer() as db:
+            if db.execute("SELECT 1 FROM namespaces WHERE name = ?",
+                          (gs.namespace,)).fetchone() is None:
+                raise NotFound(f"namespace {gs.namespace!r} does not exist", field="namespace")
+            (latest,) = db.execute("SELECT coalesce(max(version), 0) FROM golden_sets"
+                                   " WHERE namespace = ? AND name = ?",
+                                   (gs.namespace, gs.name)).fetchone()
+            version = int(latest) + 1
+            db.execute("INSERT INTO golden_sets (namespace, name, version, created_at, origin,"
+                       " queries, metadata) VALUES (?,?,?,?,?,?,?)",
+                       (gs.namespace, gs.name, version, now, gs.origin, queries,
+                        json.dumps(gs.metadata, sort_keys=True)))
+        return dataclasses.replace(gs, version=version, created_at=_ts(now))
+
+    def get_golden_set(self, namespace: str, name: str, version: int = 0) -> GoldenSet | None:
+        """One version of a set (0: the latest), or None."""
+        with self._reader() as db:
+            if version:
+                row = db.execute("SELECT * FROM golden_sets WHERE namespace = ? AND name = ?"
+                                 " AND version = ?", (namespace, name, version)).fetchone()
+            else:
+                row = db.execute("SELECT * FROM golden_sets WHERE namespace = ? AND name = ?"
+                                 " ORDER BY version DESC LIMIT 1", (namespace, name)).fetchone()
+        if row is None:
+            return None
+        return GoldenSet(
+            namespace=row["namespace"], name=row["name"], version=int(row["version"]),
+            created_at=_ts(row["created_at"]), origin=row["origin"],
+            queries=tuple(GoldenQuery(id=q["id"], text=q["text"], doc_grades=q["doc_grades"],
+                                      path_grades=q["path_grades"])
+                          for q in json.loads(row["queries"])),
+            metadata=json.loads(row["metadata"]))
+
+    def golden_set_names(self) -> list[tuple[str, str]]:
+        """(namespace, name) of every stored set."""
+        with self._reader() as db:
+            return [(r[0], r[1]) for r in db.execute(
+                "SELECT DISTINCT namespace, name FROM golden_sets ORDER BY namespace, name")]
+
+    def doc_ids_by_path(self, namespace: str, paths: Iterable[str]) -> dict[str, list[str]]:
+        """path -> doc ids of the namespace's documents with that path (paths none has are
+        absent)."""
+        out: dict[str, list[str]] = {}
+        with self._reader() as db:
+            for r in _in(db, "SELECT path, doc_id FROM documents WHERE namespace = ?"
+                         " AND path IN ({marks})", sorted(set(paths)), namespace):
+                out.setdefault(r[0], []).append(r[1])
+        return out
+
+    def document_paths(self, namespace: str) -> set[str]:
+        """Paths of the namespace's current documents."""
+        with self._reader() as db:
+            return {r[0] for r in db.execute("SELECT path FROM documents WHERE namespace = ?",
+                                             (namespace,))}
+
+    def add_evaluation(self, rec: EvaluationRecord, keep: int) -> None:
+        """Record a run, and keep only the ``keep`` latest of its namespace. A namespace
+        deleted meanwhile keeps no history."""
+        with self._writer() as db:
+            if db.execute("SELECT 1 FROM namespaces WHERE name = ?",
+                          (rec.namespace,)).fetchone() is None:
+                return
+            db.execute("INSERT INTO evaluations (evaluation_id, namespace, golden_set, version,"
+                       " started_at, seconds, mode, rerank, query_count, trigger, metrics)"
+                       " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                       (rec.evaluation_id, rec.namespace, rec.golden_set, rec.version,
+                        _epoch(rec.started_at), rec.seconds, rec.mode.value, int(rec.rerank),
+                        rec.query_count, rec.trigger,
+                        json.dumps([[m.name, m.k, m.value] for m in rec.metrics])))
+            db.execute("DELETE FROM evaluations WHERE namespace = ? AND evaluation_id NOT IN"
+                       " (SELECT evaluation_id FROM evaluations WHERE namespace = ?"
+                       " ORDER BY started_at DESC, rowid DESC LIMIT ?)",
+                       (rec.namespace, rec.namespace, keep))
+
+    def list_evaluations(self, namespace: str | None, limit: int) -> list[EvaluationRecord]:
+        """The latest runs of a namespace (None: the latest run of every namespace), newest
+        first."""
+        with self._reader() as db:
+            if namespace is None:
+                rows = db.execute(
+                    "SELECT * FROM evaluations e WHERE rowid = (SELECT rowid FROM evaluations"
+                    " WHERE namespace = e.namespace ORDER BY started_at DESC, rowid DESC"
+                    " LIMIT 1) LIMIT ?", (limit,)).fetchall()
+            else:
+                rows = db.execute("SELECT * FROM evaluations WHERE namespace = ?"
+                                  " ORDER BY started_at DESC, rowid DESC LIMIT ?",
+                                  (namespace, limit)).fetchall()
+        return [EvaluationRecord(
+            evaluation_id=r["evaluation_id"], namespace=r["namespace"],
+            golden_set=r["golden_set"], version=int(r["version"]),
+            started_at=_ts(r["started_at"]), seconds=float(r["seconds"]),
+            mode=SearchMode(r["mode"]), rerank=bool(r["rerank"]),
+            query_count=int(r["query_count"]), trigger=r["trigger"],
+            metrics=tuple(EvalMetric(str(n), int(k), float(v))
+                          for n, k, v in json.loads(r["metrics"]))) for r in rows]
 
     # -- lexical reconcile -----------------------------------------------------------------
     def meta(self, key: str) -> str | None:

@@ -430,14 +430,28 @@ def evaluate(
         "--index/--no-index", help="index the corpus into the namespace first")] = True,
     prune: Annotated[bool, typer.Option(
         help="delete the namespace's documents that are not in the corpus")] = False,
-    modes: Annotated[str, typer.Option(help="search modes, comma-separated")] = (
-        "dense,lexical,hybrid"),
+    modes: Annotated[str | None, typer.Option(
+        help="search modes, comma-separated [default: dense,lexical,hybrid; with "
+             "--golden-set: the server's default mode]")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="hits per search")] = 100,
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="also write the results as JSON to this file ('-': stdout)")] = None,
+    golden_set: Annotated[str | None, typer.Option(
+        "--golden-set", help="a golden set stored in the namespace: run it server-side "
+                             "(Evaluate) instead of a client-side set")] = None,
+    version: Annotated[int, typer.Option(
+        help="version of the golden set (--golden-set) [default: the latest]")] = 0,
+    cutoffs: Annotated[str, typer.Option(
+        help="k values of the metrics, comma-separated (--golden-set)")] = "1,5,10",
+    rerank: Annotated[bool, typer.Option(
+        help="re-rank with the server's cross-encoder (--golden-set)")] = False,
     address: AddressOpt = None,
 ) -> None:
-    """Retrieval quality through the real Search: nDCG, precision, recall, MRR, latency."""
+    """Retrieval quality through the real Search: nDCG, precision, recall, MRR, latency.
+
+    With --beir or --git the set is built here and its corpus indexed first; with
+    --golden-set a set stored in the namespace (`retriever golden-set register`) is run by
+    the server (Evaluate), which keeps the result and exports it as metrics."""
     from collections.abc import Sequence
 
     from rich import box
@@ -451,9 +465,15 @@ def evaluate(
     )
     from retriever.slo.runner import MODES, client_search, evaluate_modes, index_corpus
 
-    if (beir is None) == (git is None):
-        raise typer.BadParameter("give exactly one of --beir DIR and --git REPO")
-    mode_list = [m.strip().lower() for m in modes.split(",") if m.strip()]
+    if sum(x is not None for x in (beir, git, golden_set)) != 1:
+        raise typer.BadParameter("give exactly one of --beir DIR, --git REPO and "
+                                 "--golden-set NAME")
+    if golden_set is not None:
+        _evaluate_golden_set(namespace, golden_set, version, cutoffs, modes, rerank,
+                             json_path, address)
+        return
+    mode_list = [m.strip().lower() for m in (modes or "dense,lexical,hybrid").split(",")
+                 if m.strip()]
     if not mode_list or any(m not in MODES for m in mode_list):
         raise typer.BadParameter(f"--modes takes a comma-separated subset of {', '.join(MODES)}")
     try:
@@ -517,6 +537,117 @@ def evaluate(
             json_path.write_text(text + "\n")
     if not any(r.available for r in results):
         raise typer.Exit(1)
+
+
+def _evaluate_golden_set(namespace: str, name: str, version: int, cutoffs: str,
+                         modes: str | None, rerank: bool, json_path: Path | None,
+                         address: str | None) -> None:
+    """`retriever eval --golden-set`: one Evaluate per mode (none: the server's default)."""
+    from rich import box
+    from rich.table import Table
+
+    from retriever.client import pb
+    from retriever.slo.runner import MODES
+
+    try:
+        ks = [int(k) for k in cutoffs.split(",") if k.strip()]
+    except ValueError:
+        raise typer.BadParameter("--cutoffs takes comma-separated integers, e.g. 1,5,10"
+                                 ) from None
+    mode_list = [m.strip().lower() for m in (modes or "").split(",") if m.strip()]
+    if any(m not in MODES for m in mode_list):
+        raise typer.BadParameter(f"--modes takes a comma-separated subset of {', '.join(MODES)}")
+    runs = []
+    with _client(address) as client:
+        for mode in mode_list or [""]:
+            request = pb.EvaluateRequest(
+                namespace=namespace, golden_set=name, version=version, k=ks, rerank=rerank,
+                mode=pb.SearchMode.Value(mode.upper()) if mode else pb.SEARCH_MODE_UNSPECIFIED)
+            try:
+                # An evaluation searches every query of the set: no short deadline.
+                runs.append(client.stub.Evaluate(request, timeout=max(client.timeout or 0, 3600)))
+            except grpc.RpcError as exc:
+                raise _fail(exc) from None
+    first = runs[0].evaluation
+    ks_run = sorted({m.k for m in first.metrics if m.name != "mrr"})
+    table = Table(title=f"{name} v{first.version} · {namespace} · {first.query_count} queries",
+                  box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)
+    for c in ["mode", "metric", *(f"@{k}" for k in ks_run)]:
+        table.add_column(c, justify="left" if c in ("mode", "metric") else "right",
+                         no_wrap=True)
+    for r in runs:
+        e = r.evaluation
+        mode = pb.SearchMode.Name(e.mode).lower() + (" +rerank" if e.rerank else "")
+        values = {(m.name, m.k): m.value for m in e.metrics}
+        for metric, label in (("precision", "P"), ("recall", "R"), ("ndcg", "nDCG")):
+            table.add_row(mode, label, *(f"{values[(metric, k)]:.3f}" for k in ks_run))
+            mode = ""
+        mrr = next(m for m in e.metrics if m.name == "mrr")
+        table.add_row("", "MRR", *(f"{mrr.value:.3f}" if k == mrr.k else "" for k in ks_run))
+        table.add_row("", "seconds", f"{e.duration.ToTimedelta().total_seconds():.2f}",
+                      *([""] * (len(ks_run) - 1)))
+    out.print(table)
+    if json_path is not None:
+        text = json.dumps({"evaluations": [MessageToDict(r.evaluation) for r in runs]},
+                          indent=2)
+        if str(json_path) == "-":
+            out.print_json(text)
+        else:
+            json_path.write_text(text + "\n")
+
+
+golden_app = typer.Typer(no_args_is_help=True,
+                         help="Golden query sets stored in a namespace (Evaluate runs them).")
+app.add_typer(golden_app, name="golden-set")
+
+
+@golden_app.command("register")
+def golden_register(
+    namespace: Annotated[str, typer.Argument(help="namespace")],
+    name: Annotated[str, typer.Argument(help="name of the set (again: a new version)")],
+    beir: Annotated[Path | None, typer.Option(
+        file_okay=False, exists=True, help="a BEIR dataset directory: its queries and qrels "
+                                           "(corpus ids are the namespace's doc ids)")] = None,
+    split: Annotated[str, typer.Option(help="BEIR qrels split")] = "test",
+    from_history: Annotated[int | None, typer.Option(
+        "--from-history", help="build N queries from the history of the namespace's git "
+                               "source (server-side)")] = None,
+    path_filter: Annotated[list[str] | None, typer.Option(
+        "--path", help="only files under this prefix (repeatable; --from-history)")] = None,
+    address: AddressOpt = None,
+) -> None:
+    """Store a golden set in NAMESPACE under NAME: from a BEIR directory (read here), or
+    built by the server from the namespace's git source history."""
+    from retriever.client import pb
+    from retriever.errors import InvalidArgument
+    from retriever.slo.evaluation import load_beir
+
+    if (beir is None) == (from_history is None):
+        raise typer.BadParameter("give exactly one of --beir DIR and --from-history N")
+    request = pb.RegisterGoldenSetRequest(namespace=namespace, name=name)
+    if beir is not None:
+        try:
+            qs = load_beir(beir, split)
+        except InvalidArgument as exc:
+            err.print(f"error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
+        # Queries with no relevant document score nothing (and the server refuses them).
+        request.queries.extend(pb.GoldenQuery(id=q.id, query=q.text, doc_grades=qs.qrels[q.id])
+                               for q in qs.queries
+                               if any(g > 0 for g in qs.qrels[q.id].values()))
+    else:
+        assert from_history is not None
+        request.from_source_history.commits = from_history
+        request.from_source_history.paths.extend(path_filter or [])
+    with _client(address) as client:
+        try:
+            resp = client.stub.RegisterGoldenSet(request, timeout=max(client.timeout or 0, 600))
+        except grpc.RpcError as exc:
+            raise _fail(exc) from None
+    where = f" (corpus {resp.corpus_revision[:12]})" if resp.corpus_revision else ""
+    out.print(f"{namespace}: golden set {resp.name} version {resp.version}, "
+              f"{resp.query_count} queries from {resp.origin}{where}",
+              markup=False, highlight=False)
 
 
 def main() -> None:

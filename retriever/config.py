@@ -56,6 +56,22 @@ class Settings(BaseSettings):
     # Age of a namespace's oldest source change not yet searchable.
     slo_staleness_seconds: float = Field(600.0, gt=0)
 
+    # -- evaluation and feedback (retriever.slo.golden, retriever.slo.feedback) -----------
+    # Evaluate every namespace's golden sets (the latest version of each, the default mode)
+    # this often, in a background thread at write_thread_nice; 0 = no schedule.
+    eval_interval_s: float = Field(0.0, ge=0)
+    # Queries one golden set may hold (RegisterGoldenSet), and the evaluations of a
+    # namespace kept in the catalog (older ones are dropped).
+    max_golden_set_queries: int = Field(1000, ge=1, le=100_000)
+    eval_history_size: int = Field(100, ge=1)
+    # Recent Search/BatchSearch responses kept for RecordFeedback to join to (oldest
+    # evicted), and the sliding window of judgements behind retriever_online_precision_at_k.
+    feedback_log_size: int = Field(10_000, ge=1)
+    feedback_window_s: float = Field(3600.0, gt=0)
+    # Namespaces that get a label of their own on per-namespace quality metrics
+    # (retriever_eval_*, retriever_online_*); the rest are reported as "other".
+    metrics_max_namespaces: int = Field(50, ge=1)
+
     @model_validator(mode="after")
     def _check_slo(self) -> Settings:
         from retriever.slo.metrics import LATENCY_BUCKETS

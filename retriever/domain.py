@@ -229,6 +229,56 @@ class IndexStatus:
     source: Any = None
     running_sync: Any = None
     last_sync: Any = None
+    last_evaluation: EvaluationRecord | None = None
+
+
+# -- golden sets and evaluations (retriever.slo.golden) -------------------------------------
+@dataclass(frozen=True, slots=True)
+class GoldenQuery:
+    """One golden query: its text and graded judgements of documents, by doc id and by
+    path (a grade > 0 is relevant)."""
+
+    id: str
+    text: str
+    doc_grades: dict[str, int] = field(default_factory=dict)
+    path_grades: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class GoldenSet:
+    """One stored version of a named golden set of a namespace."""
+
+    namespace: str
+    name: str
+    version: int
+    created_at: datetime | None
+    origin: str  # "request" or "git-history"
+    queries: tuple[GoldenQuery, ...]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EvalMetric:
+    name: str  # "precision", "recall", "ndcg", "mrr"
+    k: int
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationRecord:
+    """One run of a golden set through the search path, as the catalog keeps it."""
+
+    evaluation_id: str
+    namespace: str
+    golden_set: str
+    version: int
+    started_at: datetime | None
+    seconds: float
+    mode: SearchMode
+    rerank: bool
+    query_count: int
+    trigger: str  # "request" or "schedule"
+    metrics: tuple[EvalMetric, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from indexers import BACKENDS, CollectionSpec, EngineUnavailable, Verifiable, cr
 from retriever.catalog import _SCHEMA, SCHEMA_VERSION, Catalog
 from retriever.storage import DataDirLock, catalog_path, index_root, quarantine_dir
 
-TABLES = ("namespaces", "documents", "chunks", "sources")
+TABLES = ("namespaces", "documents", "chunks", "sources", "syncs", "golden_sets", "evaluations")
 LOST_LIST = "lost-documents.tsv"  # in the quarantine directory: namespace<TAB>doc_id
 _SHOWN = 100  # lost documents listed in a report; the quarantine has the full list
 _METRICS = ("cosine", "ip", "l2")
@@ -400,8 +400,15 @@ def _valid_source(v: dict[str, Any], dims: dict[str, int]) -> str:
     return "ok"
 
 
+def _valid_namespaced(v: dict[str, Any], dims: dict[str, int]) -> str:
+    """A row that belongs to a namespace (a sync's record, a golden set, an evaluation):
+    kept when it names a namespace that was recovered."""
+    return "ok" if _ok_text(v.get("namespace")) and v["namespace"] in dims else "bad"
+
+
 _VALIDATE = {"namespaces": _valid_namespace, "documents": _valid_document,
-             "chunks": _valid_chunk, "sources": _valid_source}
+             "chunks": _valid_chunk, "sources": _valid_source, "syncs": _valid_namespaced,
+             "golden_sets": _valid_namespaced, "evaluations": _valid_namespaced}
 
 
 def _lighten(table: str, values: dict[str, Any]) -> None:

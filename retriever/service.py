@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import sqlite3
 import threading
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import numpy as np
 
 from retriever import validation
+from retriever._priority import lower_priority
 from retriever.cancel import NEVER, CallToken
 from retriever.catalog import Catalog
 from retriever.config import Settings
@@ -25,14 +28,26 @@ from retriever.domain import (
     DeleteResult,
     Document,
     DocumentRecord,
+    EvaluationRecord,
+    GoldenQuery,
+    GoldenSet,
     IndexStatus,
     NamespaceRecord,
     Page,
+    SearchMode,
     SearchQuery,
     SearchResult,
     UpsertResult,
 )
-from retriever.errors import DataLoss, InvalidArgument, NotFound, NotReady, translate
+from retriever.errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    NotReady,
+    RetrieverError,
+    translate,
+)
 from retriever.freshness.staleness import SourceFreshness, chunk_staleness
 from retriever.freshness.sync import Syncer, SyncRequest, SyncState, SyncStatus
 from retriever.ingest.chunking import ChunkerSet, build_chunkers
@@ -43,9 +58,12 @@ from retriever.models.embedder import Embedder
 from retriever.models.reranker import Reranker
 from retriever.namespaces import Namespaces
 from retriever.search.pipeline import Searcher
+from retriever.slo import golden
+from retriever.slo.feedback import FeedbackLog
 from retriever.slo.metrics import Metrics
 from retriever.storage import DataDirLock, SpaceGuard
 
+log = logging.getLogger(__name__)
 
 class RetrieverService:
     def __init__(self, settings: Settings, metrics: Metrics | None = None,
@@ -59,6 +77,11 @@ class RetrieverService:
             self.catalog, settings.data_dir / "sources", settings.staleness_refresh_s,
             fetch_error=lambda url: self.syncer.fetch_error(url) if self.syncer else "")
         self.metrics.watch_sources(self.freshness.cached)
+        self.metrics.cap_namespaces(settings.metrics_max_namespaces)
+        # Recent search responses, for RecordFeedback (online precision@k).
+        self.feedback = FeedbackLog(settings.feedback_log_size, settings.feedback_window_s)
+        self.metrics.watch_feedback(self.feedback.window)
+        self._evaluator: threading.Thread | None = None
         self.namespaces = Namespaces(
             self.catalog, self.embedder, settings.data_dir / "indexes", settings.index_backend,
             self.metrics, backend_options={"faiss": {"omp_threads": settings.faiss_omp_threads}})
@@ -142,8 +165,15 @@ class RetrieverService:
                              self._ensure_namespace, on_finish=self._synced)
         self.syncer.start()
         self.freshness.warm(self.catalog.source_namespaces())
+        # The quality gauges resume from the catalog's latest evaluation of each namespace.
+        for rec in reversed(self.catalog.list_evaluations(None, 10_000)):
+            self.metrics.set_evaluation(rec)
         self._ready.set()
         self.metrics.model_loaded.set(1)
+        if s.eval_interval_s > 0:
+            self._evaluator = threading.Thread(target=self._eval_loop, name="evaluator",
+                                               daemon=True)
+            self._evaluator.start()
 
     def close(self) -> None:
         if self.syncer is not None:
@@ -155,6 +185,8 @@ class RetrieverService:
         self._stop.set()
         if self._flusher is not None:
             self._flusher.join(timeout=30)
+        if self._evaluator is not None:
+            self._evaluator.join(timeout=30)  # stops at its next query batch
         self._batcher.stop()
         self.namespaces.close()  # closing an index writes its last snapshot
         self.catalog.close()
@@ -227,6 +259,8 @@ class RetrieverService:
             return self.space.delete(lambda: self.namespaces.delete(name, token))
         finally:
             self.freshness.forget(name)
+            self.feedback.forget(name)
+            self.metrics.forget_evaluations(name)
 
     # -- documents -------------------------------------------------------------------------
     def upsert(self, namespace: str, docs: Sequence[Document],
@@ -335,6 +369,7 @@ class RetrieverService:
         assert self.searcher is not None
         result = self.searcher.search([query], request_id)[0]
         self._check_response_size([result], "top_k")
+        self._log_responses(request_id, [result])
         return result
 
     def batch_search(self, queries: Sequence[SearchQuery], request_id: str) -> list[SearchResult]:
@@ -349,7 +384,148 @@ class RetrieverService:
                 f"{self.settings.max_batch_queries} (max_batch_queries)", field="requests")
         results = self.searcher.search(queries, request_id, batch=True)
         self._check_response_size(results, "requests")
+        self._log_responses(request_id, results)
         return results
+
+    def _log_responses(self, request_id: str, results: Sequence[SearchResult]) -> None:
+        """Keep what a request returned, for RecordFeedback to join to."""
+        self.feedback.record(request_id, [(r.lineage.namespace,
+                                           [h.chunk.chunk_id for h in r.hits]) for r in results])
+
+    # -- quality: feedback, golden sets, evaluation ----------------------------------------
+    def record_feedback(self, namespace: str, request_id: str,
+                        judgements: Sequence[tuple[str, bool]]) -> tuple[int, int]:
+        """Judgements of chunks a recent search returned; (recorded, relevant)."""
+        self._require_ready()
+        recorded, relevant, judged_ns = self.feedback.judge(namespace, request_id, judgements)
+        label = self.metrics.namespace_label(judged_ns)
+        self.metrics.feedback.labels(label, "relevant").inc(relevant)
+        self.metrics.feedback.labels(label, "not_relevant").inc(recorded - relevant)
+        return recorded, relevant
+
+    def register_golden_set(self, namespace: str, name: str, queries: Sequence[GoldenQuery],
+                            history: tuple[int, Sequence[str]] | None = None) -> GoldenSet:
+        """Store a new version of the set ``name``: ``queries``, or, with ``history``
+        (commits, path prefixes), queries built from the namespace's git source history."""
+        self._require_ready()
+        s = self.settings
+        validation.namespace_name(namespace)
+        golden.check_name(name)
+        if history is not None and queries:
+            raise InvalidArgument("give either queries or from_source_history, not both",
+                                  field="from_source_history")
+        if history is None:
+            checked = golden.check_queries(queries, s.max_golden_set_queries,
+                                           s.max_query_bytes)
+            self._namespace_record(namespace, "namespace")
+            return self.catalog.add_golden_set(GoldenSet(
+                namespace=namespace, name=name, version=0, created_at=None, origin="request",
+                queries=checked))
+        commits, paths = history
+        if not 1 <= commits <= s.max_golden_set_queries:
+            raise InvalidArgument(
+                f"from_source_history.commits is {commits}; it must be between 1 and "
+                f"{s.max_golden_set_queries} (max_golden_set_queries)",
+                field="from_source_history.commits")
+        if len(paths) > golden.MAX_HISTORY_PATHS:
+            raise InvalidArgument(f"from_source_history.paths has {len(paths)} prefixes; at "
+                                  f"most {golden.MAX_HISTORY_PATHS}",
+                                  field="from_source_history.paths")
+        for p in paths:
+            validation.path(p, "from_source_history.paths")
+        self._namespace_record(namespace, "namespace")
+        source = self.catalog.get_source(namespace)
+        if source is None:
+            raise FailedPrecondition(
+                f"namespace {namespace!r} is bound to no git source: bind and sync one "
+                "(SyncSource) before building a golden set from its history",
+                field="from_source_history")
+        if not source.last_commit:
+            raise FailedPrecondition(
+                f"namespace {namespace!r} has not finished a sync of its source yet: its "
+                "indexed revision is unknown", field="from_source_history")
+        repo = golden.open_source_repo(source, s.data_dir / "sources")
+        try:
+            built, meta = golden.history_queries(
+                repo, source.last_commit, commits, self.catalog.document_paths(namespace),
+                paths=paths, max_query_bytes=s.max_query_bytes)
+        finally:
+            repo.close()
+        return self.catalog.add_golden_set(GoldenSet(
+            namespace=namespace, name=name, version=0, created_at=None, origin="git-history",
+            queries=tuple(built), metadata=meta))
+
+    def evaluate(self, namespace: str, name: str, version: int = 0, ks: Sequence[int] = (),
+                 mode: SearchMode = SearchMode.DEFAULT, rerank: bool = False, *,
+                 trigger: str = "request") -> EvaluationRecord:
+        """Run a stored golden set (version 0: the latest) through the search path, keep the
+        run in the catalog and export it; returns it."""
+        self._require_ready()
+        assert self.searcher is not None
+        searcher = self.searcher
+        validation.namespace_name(namespace)
+        golden.check_name(name, "golden_set")
+        if version < 0:
+            raise InvalidArgument(f"version is {version}; 0 means the latest",
+                                  field="version")
+        cutoffs = golden.check_ks(ks, self.settings.max_top_k)
+        self._namespace_record(namespace, "namespace")
+        gs = self.catalog.get_golden_set(namespace, name, version)
+        if gs is None:
+            which = f"version {version} of golden set" if version else "golden set"
+            raise NotFound(f"{which} {name!r} is not registered in namespace {namespace!r}",
+                           field="version" if version else "golden_set")
+        top_k = max(cutoffs)
+        rid = f"eval-{uuid.uuid4().hex[:12]}"
+
+        def search(texts: Sequence[str]) -> list[list[str]]:
+            if self._stop.is_set():
+                raise NotReady("the service is shutting down; the evaluation stopped")
+            results = searcher.search(
+                [SearchQuery(namespace=namespace, query=t, top_k=top_k, mode=mode,
+                             rerank=rerank, collapse=True) for t in texts], rid, batch=True)
+            return [[h.chunk.doc_id for h in r.hits] for r in results]
+
+        paths = {p for q in gs.queries for p in q.path_grades}
+        run = golden.EvalRun(namespace, gs.name, gs.version,
+                             searcher.mode_of(SearchQuery(namespace, "q", 1, mode=mode)),
+                             rerank, cutoffs, trigger)
+        try:
+            rec = golden.run_evaluation(
+                run, gs.queries, search,
+                self.catalog.doc_ids_by_path(namespace, paths) if paths else {},
+                batch=min(32, self.settings.max_batch_queries))
+        except BaseException:
+            self.metrics.evaluations.labels(trigger, "error").inc()
+            raise
+        self.catalog.add_evaluation(rec, self.settings.eval_history_size)
+        self.metrics.set_evaluation(rec)
+        self.metrics.evaluations.labels(trigger, "ok").inc()
+        return rec
+
+    def _eval_loop(self) -> None:
+        """Evaluate every namespace's golden sets (latest versions) every eval_interval_s."""
+        lower_priority(self.settings.write_thread_nice)  # batch work, as upserts and syncs
+        while not self._stop.wait(self.settings.eval_interval_s):
+            self.evaluate_all()
+
+    def evaluate_all(self) -> int:
+        """One scheduled round: every stored set once; returns the runs that succeeded.
+        A failing set is logged and does not stop the others."""
+        done = 0
+        for namespace, name in self.catalog.golden_set_names():
+            if self._stop.is_set():
+                break
+            try:
+                self.evaluate(namespace, name, trigger="schedule")
+                done += 1
+            except RetrieverError as exc:
+                log.warning("scheduled evaluation of golden set %r of %r: %s", name,
+                            namespace, exc)
+            except Exception:
+                log.exception("scheduled evaluation of golden set %r of %r failed", name,
+                              namespace)
+        return done
 
     def _check_response_size(self, results: Sequence[SearchResult], field: str) -> None:
         """Refuse, by name, an answer too big for one gRPC message, rather than let the
@@ -385,7 +561,8 @@ class RetrieverService:
             overlap_tokens=self.settings.overlap_tokens,
             chunker=",".join(self.chunkers.names),
             source=self.freshness.lag(namespace, fresh=True), running_sync=running,
-            last_sync=finished)
+            last_sync=finished,
+            last_evaluation=next(iter(self.catalog.list_evaluations(namespace, 1)), None))
 
 
 # Bytes a hit takes in a response besides its strings (ids, hashes, numbers, timestamps,

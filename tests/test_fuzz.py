@@ -311,7 +311,14 @@ class Ctx:
 
 def _hint(f: FieldDescriptor, ctx: Ctx) -> Hint | None:
     hint = ctx.hints.get(f.full_name)
-    return hint if hint is not None else ctx.hints.get(f.name)
+    if hint is not None:
+        return hint
+    # A map entry's "key"/"value" hints are for string maps (metadata): an int32 map value
+    # (golden-set grades) keeps its type's generic values.
+    entry = f.containing_type is not None and f.containing_type.GetOptions().map_entry
+    if entry and f.type != FieldDescriptor.TYPE_STRING:
+        return None
+    return ctx.hints.get(f.name)
 
 
 def _generic_scalar(f: FieldDescriptor, ctx: Ctx) -> st.SearchStrategy[Any]:

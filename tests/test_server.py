@@ -428,11 +428,12 @@ CASES = [
      grpc.StatusCode.INVALID_ARGUMENT, ["nosuch", "faiss"]),
     ("SyncSource", pb.SyncSourceRequest(namespace=NS, repo="."),
      grpc.StatusCode.PERMISSION_DENIED, ["RETRIEVER_SYNC_ROOTS", "RETRIEVER_SYNC_URL_PREFIXES"]),
-    ("Evaluate", pb.EvaluateRequest(namespace=NS), grpc.StatusCode.UNIMPLEMENTED, ["Evaluate"]),
+    ("Evaluate", pb.EvaluateRequest(namespace=NS), grpc.StatusCode.INVALID_ARGUMENT,
+     ["golden_set", "required"]),
     ("RecordFeedback", pb.RecordFeedbackRequest(namespace=NS),
-     grpc.StatusCode.UNIMPLEMENTED, ["RecordFeedback"]),
+     grpc.StatusCode.INVALID_ARGUMENT, ["request_id", "required"]),
     ("RegisterGoldenSet", pb.RegisterGoldenSetRequest(namespace=NS),
-     grpc.StatusCode.UNIMPLEMENTED, ["RegisterGoldenSet"]),
+     grpc.StatusCode.INVALID_ARGUMENT, ["name", "required"]),
 ]
 UPSERT_CASES = [
     (pb.UpsertDocumentsRequest(namespace="", documents=[pb.Document(doc_id="a", content="x")]),

@@ -378,8 +378,11 @@ def test_repair_of_an_older_catalog_keeps_the_source_binding_as_never_synced(
     """A catalog from before chunk symbols (schema 2: columns the current schema fills by
     default are missing) repairs; a namespace's git source binding survives the repair, as
     never synced, so the next sync reconciles in full and brings back what the repair
-    dropped."""
+    dropped. Its sync history and golden sets survive too."""
+    from datetime import UTC, datetime
+
     from retriever.catalog import Catalog, SourceRecord
+    from retriever.domain import GoldenQuery, GoldenSet
 
     data_dir = copy_of(built, tmp_path)
     path = data_dir / "catalog.sqlite3"
@@ -387,6 +390,9 @@ def test_repair_of_an_older_catalog_keeps_the_source_binding_as_never_synced(
     cat.open()
     cat.put_source(SourceRecord(NS, "/srv/repos/app", "main", ("src/**",), (), 1 << 20,
                                 last_commit="a" * 40))
+    cat.add_sync("s1", NS, datetime.now(UTC))
+    cat.add_golden_set(GoldenSet(NS, "smoke", 0, None, "request",
+                                 (GoldenQuery("q1", "knead", {"a": 1}),)))
     cat.close()
     with sqlite3.connect(path) as db:
         for col in ("symbol", "kind", "fallback", "header"):
@@ -402,6 +408,9 @@ def test_repair_of_an_older_catalog_keeps_the_source_binding_as_never_synced(
         assert source is not None and source.location == "/srv/repos/app"
         assert source.include == ("src/**",)
         assert (source.last_commit, source.pending_full) == ("", True)
+        assert [s.sync_id for s in cat.list_syncs(NS, 10)] == ["s1"]
+        golden = cat.get_golden_set(NS, "smoke")
+        assert golden is not None and golden.queries[0].doc_grades == {"a": 1}
     finally:
         cat.close()
 

@@ -14,6 +14,9 @@ from retriever.domain import (
     DocStatus,
     Document,
     DocumentRecord,
+    EvaluationRecord,
+    GoldenQuery,
+    GoldenSet,
     Hit,
     IndexStatus,
     Lineage,
@@ -127,6 +130,29 @@ def _max_staleness(msg: pb.SearchRequest, field: str) -> float | None:
     return seconds or None
 
 
+def mode_from_pb(value: int, field: str = "mode") -> SearchMode:
+    if value not in _MODES:
+        raise InvalidArgument(
+            f"{field} {value} is not a SearchMode: use DENSE (1), LEXICAL (2), HYBRID (3), or "
+            "leave it unset for the server's default", field=field)
+    return _MODES[value]  # type: ignore[index]  # an int checked against the enum's values
+
+
+def golden_query_from_pb(msg: pb.GoldenQuery) -> GoldenQuery:
+    """Binary judgements (relevant_doc_ids, relevant_paths) count grade 1; an explicit grade
+    in doc_grades / path_grades wins."""
+    docs = dict.fromkeys(msg.relevant_doc_ids, 1)
+    docs.update(msg.doc_grades)
+    paths = dict.fromkeys(msg.relevant_paths, 1)
+    paths.update(msg.path_grades)
+    return GoldenQuery(id=msg.id, text=msg.query, doc_grades=docs, path_grades=paths)
+
+
+def golden_query_to_pb(q: GoldenQuery) -> pb.GoldenQuery:
+    return pb.GoldenQuery(id=q.id, query=q.text, doc_grades=q.doc_grades,
+                          path_grades=q.path_grades)
+
+
 def sync_request_from_pb(msg: pb.SyncSourceRequest) -> SyncRequest:
     return SyncRequest(location=msg.repo, ref=msg.ref, include=tuple(msg.include),
                        exclude=tuple(msg.exclude), max_file_bytes=msg.max_file_bytes)
@@ -173,6 +199,24 @@ def timings_to_pb(t: StageTimings) -> pb.StageTimings:
 def search_result_to_pb(r: SearchResult) -> pb.SearchResponse:
     return pb.SearchResponse(hits=[hit_to_pb(h) for h in r.hits],
                              lineage=lineage_to_pb(r.lineage), timings=timings_to_pb(r.timings))
+
+
+def golden_set_to_pb(gs: GoldenSet) -> pb.RegisterGoldenSetResponse:
+    return pb.RegisterGoldenSetResponse(
+        query_count=len(gs.queries), version=gs.version, name=gs.name,
+        create_time=_ts(gs.created_at), origin=gs.origin,
+        corpus_revision=str(gs.metadata.get("corpus_revision", "")),
+        queries=[golden_query_to_pb(q) for q in gs.queries])
+
+
+def evaluation_to_pb(e: EvaluationRecord | None) -> pb.Evaluation | None:
+    if e is None:
+        return None
+    return pb.Evaluation(
+        evaluation_id=e.evaluation_id, namespace=e.namespace, golden_set=e.golden_set,
+        version=e.version, start_time=_ts(e.started_at), duration=_dur(e.seconds),
+        mode=_MODE_PB[e.mode], rerank=e.rerank, query_count=e.query_count, trigger=e.trigger,
+        metrics=[pb.EvalMetric(name=m.name, k=m.k, value=m.value) for m in e.metrics])
 
 
 def namespace_to_pb(n: NamespaceRecord) -> pb.Namespace:
@@ -247,6 +291,7 @@ def status_to_pb(s: IndexStatus) -> pb.GetIndexStatusResponse:
         chunker=s.chunker, content_bytes=n.content_bytes,
         source=_source_to_pb(s.source), running_sync=_sync_run_to_pb(s.running_sync),
         last_sync=_sync_run_to_pb(s.last_sync),
+        last_evaluation=evaluation_to_pb(s.last_evaluation),
     )
 
 

@@ -381,21 +381,34 @@ class RetrieverServicer:
             request, pool=self._sync_pool, token=token)
         return convert.sync_to_pb(state)
 
-    # -- not shipped yet -------------------------------------------------------------------
-    async def RecordFeedback(self, request: Any, context: Any):  # noqa: N802
-        await abort(context, grpc.StatusCode.UNIMPLEMENTED,
-                    "RecordFeedback is not available yet: online precision@k ships with the "
-                    "SLO release")
+    # -- quality -------------------------------------------------------------------------
+    async def RecordFeedback(self, request: pb.RecordFeedbackRequest, context: Any):  # noqa: N802
+        recorded, relevant = await self._run(
+            context, lambda r: self._svc.record_feedback(
+                r.namespace, r.request_id, [(f.chunk_id, f.relevant) for f in r.feedback]),
+            request)
+        return pb.RecordFeedbackResponse(recorded=recorded, relevant=relevant)
 
-    async def RegisterGoldenSet(self, request: Any, context: Any):  # noqa: N802
-        await abort(context, grpc.StatusCode.UNIMPLEMENTED,
-                    "RegisterGoldenSet is not available yet: golden sets ship with the SLO "
-                    "release")
+    async def RegisterGoldenSet(self, request: pb.RegisterGoldenSetRequest,  # noqa: N802
+                                context: Any):
+        def register(r: pb.RegisterGoldenSetRequest) -> Any:
+            history = None
+            if r.HasField("from_source_history"):
+                h = r.from_source_history
+                history = (h.commits, list(h.paths))
+            return self._svc.register_golden_set(
+                r.namespace, r.name, [convert.golden_query_from_pb(q) for q in r.queries],
+                history)
 
-    async def Evaluate(self, request: Any, context: Any):  # noqa: N802
-        await abort(context, grpc.StatusCode.UNIMPLEMENTED,
-                    "Evaluate is not available yet: offline evaluation ships with the SLO "
-                    "release")
+        gs = await self._run(context, register, request)
+        return convert.golden_set_to_pb(gs)
+
+    async def Evaluate(self, request: pb.EvaluateRequest, context: Any):  # noqa: N802
+        rec = await self._run(
+            context, lambda r: self._svc.evaluate(
+                r.namespace, r.golden_set, r.version, list(r.k), convert.mode_from_pb(r.mode),
+                r.rerank), request)
+        return pb.EvaluateResponse(evaluation=convert.evaluation_to_pb(rec))
 
 
 def _undecodable_message(u: Undecodable) -> str:

@@ -1,13 +1,15 @@
 """Prometheus metrics of one service instance, on a registry of its own.
 
-Label sets are bounded: rpc, code, stage, namespace, status. Never a query or a doc id.
+Label sets are bounded: rpc, code, stage, namespace, status, k, trigger, verdict. Never a
+query or a doc id. Quality metrics cap namespace (NamespaceLabels, "other").
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -17,7 +19,9 @@ from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from retriever.config import Settings
+    from retriever.domain import EvaluationRecord
     from retriever.freshness.staleness import SourceLag
+    from retriever.slo.feedback import WindowStats
 
 # Latency buckets for an embedding service: sub-ms catalog look-ups to multi-second bulk
 # upserts.
@@ -99,6 +103,81 @@ class Metrics:
         self._objectives: dict[str, float] = {}
         self.registry.register(_ObjectiveCollector(self._objectives))
 
+        # Retrieval quality. namespace is capped (namespace_label): the first
+        # metrics_max_namespaces namespaces seen have their own label, the rest "other".
+        self._ns_labels = NamespaceLabels(50)
+        self.eval_precision = Gauge(
+            "retriever_eval_precision_at_k",
+            "precision@k of the namespace's latest golden set evaluation (over documents: "
+            "relevant in the top k / k).", ["namespace", "k"], registry=r)
+        self.eval_recall = Gauge(
+            "retriever_eval_recall_at_k",
+            "recall@k of the namespace's latest golden set evaluation (relevant in the top k "
+            "/ relevant).", ["namespace", "k"], registry=r)
+        self.eval_ndcg = Gauge(
+            "retriever_eval_ndcg_at_k",
+            "nDCG@k of the namespace's latest golden set evaluation.", ["namespace", "k"],
+            registry=r)
+        self.eval_mrr = Gauge(
+            "retriever_eval_mrr",
+            "MRR (cut at the evaluation's largest k) of the namespace's latest golden set "
+            "evaluation.", ["namespace"], registry=r)
+        self.eval_queries = Gauge(
+            "retriever_eval_queries",
+            "Queries the namespace's latest golden set evaluation scored.", ["namespace"],
+            registry=r)
+        self.eval_timestamp = Gauge(
+            "retriever_eval_last_run_timestamp_seconds",
+            "When the namespace's latest golden set evaluation started (Unix time).",
+            ["namespace"], registry=r)
+        self.evaluations = Counter(
+            "retriever_evaluations", "Golden set evaluations run, by trigger (request, "
+            "schedule) and outcome (ok, error).", ["trigger", "outcome"], registry=r)
+        self.feedback = Counter(
+            "retriever_feedback_judgements",
+            "RecordFeedback judgements recorded, by verdict (relevant, not_relevant).",
+            ["namespace", "verdict"], registry=r)
+
+    def cap_namespaces(self, limit: int) -> None:
+        """Give at most ``limit`` namespaces a label of their own (setting
+        metrics_max_namespaces); call before any quality metric is written."""
+        self._ns_labels = NamespaceLabels(limit)
+
+    def namespace_label(self, namespace: str) -> str:
+        return self._ns_labels.label(namespace)
+
+    def set_evaluation(self, rec: EvaluationRecord) -> None:
+        """Export one evaluation as the namespace's current quality figures."""
+        ns = self.namespace_label(rec.namespace)
+        gauges = {"precision": self.eval_precision, "recall": self.eval_recall,
+                  "ndcg": self.eval_ndcg}
+        for m in rec.metrics:
+            if m.name in gauges:
+                gauges[m.name].labels(ns, str(m.k)).set(m.value)
+            elif m.name == "mrr":
+                self.eval_mrr.labels(ns).set(m.value)
+        self.eval_queries.labels(ns).set(rec.query_count)
+        if rec.started_at is not None:
+            self.eval_timestamp.labels(ns).set(rec.started_at.timestamp())
+
+    def forget_evaluations(self, namespace: str) -> None:
+        """Remove a deleted namespace's quality series (not the shared "other" ones)."""
+        ns = self._ns_labels.label(namespace)
+        if ns == OTHER:
+            return
+        for g in (self.eval_precision, self.eval_recall, self.eval_ndcg):
+            for labels in [s.labels for fam in g.collect() for s in fam.samples
+                           if s.labels.get("namespace") == ns]:
+                with suppress(KeyError):
+                    g.remove(ns, labels["k"])
+        for g in (self.eval_mrr, self.eval_queries, self.eval_timestamp):
+            with suppress(KeyError):
+                g.remove(ns)
+
+    def watch_feedback(self, window: Callable[[], Iterable[WindowStats]]) -> None:
+        """Export online precision@k, computed at scrape time from ``window()``."""
+        self.registry.register(_FeedbackCollector(window, self.namespace_label))
+
     def set_objectives(self, settings: Settings) -> None:
         """Export the declared SLOs (settings ``slo_*``) as ``retriever_slo_objective``, so
         alerting rules and dashboards read the targets instead of repeating them."""
@@ -157,6 +236,60 @@ class _SourceCollector:
         yield stale
         yield behind
         yield readable
+
+
+OTHER = "other"
+
+
+class NamespaceLabels:
+    """The namespace label of per-namespace quality metrics, bounded: the first ``limit``
+    namespaces seen keep their name, later ones are reported as "other"."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+
+    def label(self, namespace: str) -> str:
+        with self._lock:
+            if namespace in self._known:
+                return namespace
+            if len(self._known) < self._limit:
+                self._known.add(namespace)
+                return namespace
+            return OTHER
+
+
+class _FeedbackCollector:
+    def __init__(self, window: Callable[[], Iterable[WindowStats]],
+                 label: Callable[[str], str]) -> None:
+        self._window = window
+        self._label = label
+
+    def describe(self) -> list[object]:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        precision = GaugeMetricFamily(
+            "retriever_online_precision_at_k",
+            "RecordFeedback judgements of the last feedback_window_s seconds: relevant among "
+            "the judged chunks returned at rank <= k, over those judged (absent without any).",
+            labels=["namespace", "k"])
+        judged = GaugeMetricFamily(
+            "retriever_online_judged_at_k",
+            "Judgements of the last feedback_window_s seconds of chunks returned at rank <= "
+            "k (the sample behind retriever_online_precision_at_k).", labels=["namespace", "k"])
+        sums: dict[tuple[str, int], list[int]] = {}
+        for w in self._window():
+            c = sums.setdefault((self._label(w.namespace), w.k), [0, 0])
+            c[0] += w.relevant
+            c[1] += w.judged
+        for (ns, k), (rel, n) in sorted(sums.items()):
+            judged.add_metric([ns, str(k)], n)
+            if n:
+                precision.add_metric([ns, str(k)], rel / n)
+        yield precision
+        yield judged
 
 
 class _ObjectiveCollector:

@@ -1,0 +1,148 @@
+"""Online precision@k: a bounded log of recent search responses, and the relevance
+judgements callers send for them (RecordFeedback).
+
+Online precision@k over a window = judgements "relevant" of chunks returned at rank <= k /
+judgements of chunks returned at rank <= k, summed over the window's judgements (each
+request's chunk counts once: judging it again replaces the verdict). No grpc here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from retriever import validation
+from retriever.errors import InvalidArgument, NotFound
+
+__all__ = ["MAX_JUDGEMENTS_PER_CALL", "MAX_REQUEST_ID_BYTES", "FeedbackLog", "WindowStats"]
+
+MAX_JUDGEMENTS_PER_CALL = 1000
+MAX_REQUEST_ID_BYTES = 128
+#: Judgements kept (within the window) per response the log holds.
+_JUDGEMENTS_PER_RESPONSE = 10
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    namespace: str
+    k: int
+    relevant: int
+    judged: int
+
+
+class FeedbackLog:
+    """Thread-safe. ``record`` after each search response; ``judge`` for RecordFeedback;
+    ``window`` at scrape time."""
+
+    def __init__(self, size: int, window_s: float, ks: Sequence[int] = (1, 5, 10),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._size = size
+        self._window = window_s
+        self._ks = tuple(ks)
+        self._clock = clock
+        self._lock = threading.Lock()
+        # request id -> the searches it made: (namespace, chunk ids in rank order)
+        self._responses: OrderedDict[str, tuple[tuple[str, tuple[str, ...]], ...]] = (
+            OrderedDict())
+        # (request id, chunk id) -> (time, namespace, rank, relevant), oldest first
+        self._judged: OrderedDict[tuple[str, str], tuple[float, str, int, bool]] = OrderedDict()
+
+    def record(self, request_id: str, results: Sequence[tuple[str, Sequence[str]]]) -> None:
+        """Remember what ``request_id`` returned: per search, its namespace and chunk ids in
+        rank order. A request id seen again replaces the earlier entry."""
+        if not request_id:
+            return
+        entry = tuple((ns, tuple(ids)) for ns, ids in results)
+        with self._lock:
+            self._responses.pop(request_id, None)
+            self._responses[request_id] = entry
+            while len(self._responses) > self._size:
+                self._responses.popitem(last=False)
+
+    def judge(self, namespace: str, request_id: str,
+              judgements: Sequence[tuple[str, bool]]) -> tuple[int, int, str]:
+        """Record judgements of chunks ``request_id`` returned; returns (recorded,
+        relevant, the namespace judged). NotFound for a request the log does not hold;
+        InvalidArgument for bad input, a namespace the request did not search, or a chunk
+        it did not return."""
+        if not request_id:
+            raise InvalidArgument("request_id is required: the Lineage.request_id of the "
+                                  "search judged", field="request_id")
+        if len(request_id.encode("utf-8", "surrogatepass")) > MAX_REQUEST_ID_BYTES:
+            raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_BYTES} bytes",
+                                  field="request_id")
+        if namespace:
+            validation.namespace_name(namespace)
+        if not judgements:
+            raise InvalidArgument("feedback is empty: judge at least one chunk",
+                                  field="feedback")
+        if len(judgements) > MAX_JUDGEMENTS_PER_CALL:
+            raise InvalidArgument(f"feedback has {len(judgements)} judgements; at most "
+                                  f"{MAX_JUDGEMENTS_PER_CALL}", field="feedback")
+        verdicts: dict[str, bool] = {}
+        for i, (chunk_id, relevant) in enumerate(judgements):
+            validation.chunk_id(chunk_id, f"feedback[{i}].chunk_id")
+            if verdicts.setdefault(chunk_id, relevant) != relevant:
+                raise InvalidArgument(f"feedback[{i}].chunk_id {chunk_id!r} is judged both "
+                                      "relevant and not relevant", field=f"feedback[{i}]")
+        with self._lock:
+            entry = self._responses.get(request_id)
+            if entry is None:
+                raise NotFound(
+                    f"no recent search has request id {request_id!r}: it is unknown, or older "
+                    f"than the last {self._size} responses the server keeps "
+                    "(feedback_log_size)", field="request_id")
+            searched = [(ns, ids) for ns, ids in entry if not namespace or ns == namespace]
+            if not searched:
+                names = sorted({ns for ns, _ in entry})
+                raise InvalidArgument(f"request {request_id!r} searched {names}, not "
+                                      f"namespace {namespace!r}", field="namespace")
+            ranks: dict[str, tuple[str, int]] = {}
+            for ns, ids in searched:
+                for rank, cid in enumerate(ids, start=1):
+                    ranks.setdefault(cid, (ns, rank))
+            for i, chunk_id in enumerate(verdicts):
+                if chunk_id not in ranks:
+                    raise InvalidArgument(
+                        f"chunk {chunk_id!r} (feedback, judgement {i}) was not returned by "
+                        f"request {request_id!r}", field="feedback")
+            now = self._clock()
+            for chunk_id, relevant in verdicts.items():
+                ns, rank = ranks[chunk_id]
+                key = (request_id, chunk_id)
+                self._judged.pop(key, None)
+                self._judged[key] = (now, ns, rank, relevant)
+            self._prune(now)
+        return len(verdicts), sum(verdicts.values()), searched[0][0]
+
+    def _prune(self, now: float) -> None:
+        cap = self._size * _JUDGEMENTS_PER_RESPONSE
+        while self._judged:
+            key, (t, *_rest) = next(iter(self._judged.items()))
+            if t >= now - self._window and len(self._judged) <= cap:
+                break
+            del self._judged[key]
+
+    def window(self) -> list[WindowStats]:
+        """Per namespace and k: judgements of the last window_s seconds at rank <= k, and
+        how many of them said relevant. Namespaces without any judgement are absent."""
+        with self._lock:
+            self._prune(self._clock())
+            counts: dict[tuple[str, int], list[int]] = {}
+            for _t, ns, rank, relevant in self._judged.values():
+                for k in self._ks:
+                    c = counts.setdefault((ns, k), [0, 0])
+                    if rank <= k:
+                        c[1] += 1
+                        c[0] += int(relevant)
+        return [WindowStats(ns, k, rel, judged)
+                for (ns, k), (rel, judged) in sorted(counts.items())]
+
+    def forget(self, namespace: str) -> None:
+        """Drop the judgements of a deleted namespace."""
+        with self._lock:
+            for key in [k for k, v in self._judged.items() if v[1] == namespace]:
+                del self._judged[key]
