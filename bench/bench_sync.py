@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +34,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import cpu, cpu_line, git, log  # noqa: E402
+
 from retriever.client import RetrieverClient  # noqa: E402
 from retriever.config import Settings  # noqa: E402
 from retriever.models.embedder import Embedder  # noqa: E402
@@ -44,17 +45,6 @@ from retriever.v1 import retriever_pb2 as pb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL = 0.03
-GIT_ENV = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null",
-           "GIT_TERMINAL_PROMPT": "0"}
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True,
-                          text=True, env=GIT_ENV).stdout.strip()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def pick_commit(work: Path) -> tuple[str, list[str], int]:
@@ -146,20 +136,11 @@ def measure(name: str, source: Path, embedder: Embedder, tmp: Path) -> dict:
     return out
 
 
-def cpu() -> dict:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
-                  if ln.startswith("model name")), platform.processor())
-    flags = set(info.split())
-    return {"model": model, "cores": os.cpu_count(),
-            "flags": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f in flags]}
-
-
 def render(r: dict) -> str:
     c = r["cpu"]
     lines = [f"# Sync: full index vs incremental ({r['when']}, commit {r['commit']})", "",
-             f"{c['model']}, {c['cores']} cores ({' '.join(c['flags'])}); embedder on CPU, "
-             "no embedding cache. Goal: incremental <= 3 % of the full index's seconds.", "",
+             f"{cpu_line(c)}; embedder on CPU, no embedding cache. Goal: incremental <= 3 % "
+             "of the full index's seconds.", "",
              "| repository | change | files touched / tree | full s (chunks) | incremental s "
              "(embedded / reused) | ratio | goal | commit to searchable (poll 1 s) |",
              "|---|---|---|---|---|---|---|---|"]
