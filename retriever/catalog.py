@@ -492,6 +492,7 @@ class Catalog:
         with self._writer() as db:
             terms = _terms_table(name)
             db.execute(f"DROP TRIGGER IF EXISTS {terms}_follow")
+            db.execute(f"DROP TABLE IF EXISTS {terms}_vocab")
             db.execute(f"DROP TABLE IF EXISTS {terms}")
             chunks = db.execute("DELETE FROM chunks WHERE namespace = ?", (name,)).rowcount
             docs = db.execute("DELETE FROM documents WHERE namespace = ?", (name,)).rowcount
@@ -701,9 +702,10 @@ class Catalog:
         if not terms or limit <= 0:
             return []
         table = _terms_table(namespace)
-        match = " OR ".join('"' + t.replace('"', "") + '"' for t in terms)
         where, args = _filter_sql(namespace, flt)
         with self._reader() as db:
+            terms = _informative(db, table, terms)
+            match = " OR ".join('"' + t.replace('"', "") + '"' for t in terms)
             if flt.empty:
                 k = limit + 16
                 while True:
@@ -1048,6 +1050,44 @@ def _terms_table(namespace: str) -> str:
     return "terms_" + hashlib.sha256(namespace.encode("utf-8")).hexdigest()[:16]
 
 
+# A query term found in more than this share of a namespace's chunks is left out of its
+# lexical query when the query has others: BM25 gives it almost no weight, yet it matches a
+# large part of the namespace and every match must be scored. On SciFact (11.6k chunks) the
+# query took 5.4 -> 4.3 ms with nDCG@10 0.6843 -> 0.6849; at 10 % it saved more but cost 0.02.
+COMMON_TERM_SHARE = 0.2
+
+
+def _informative(db: sqlite3.Connection, table: str, terms: Sequence[str]) -> list[str]:
+    """``terms`` without those in more than COMMON_TERM_SHARE of the namespace's chunks
+    (all of them when every term is that common, or the statistics cannot be read)."""
+    if len(terms) < 2:
+        return list(terms)
+    try:
+        row = db.execute(f"SELECT block FROM {table}_data WHERE id = 1").fetchone()
+        total = _fts5_row_count(row[0]) if row else 0
+        if total < 100:  # too small for document frequencies to say much
+            return list(terms)
+        marks = ",".join("?" * len(terms))
+        df = dict(db.execute(f"SELECT term, doc FROM {table}_vocab WHERE term IN ({marks})",
+                             list(terms)).fetchall())
+    except sqlite3.OperationalError:  # no vocabulary view (yet): every term
+        return list(terms)
+    kept = [t for t in terms if df.get(t, 0) <= COMMON_TERM_SHARE * total]
+    return kept or list(terms)
+
+
+def _fts5_row_count(averages: bytes) -> int:
+    """Rows of an FTS5 table: the first varint of its averages record (%_data id 1)."""
+    value = 0
+    for n, byte in enumerate(averages[:9]):
+        if n == 8:
+            return (value << 8) | byte
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            return value
+    return 0
+
+
 def _create_terms(db: sqlite3.Connection, namespace: str) -> None:
     """Create the namespace's lexical table and the trigger that takes a chunk's terms away
     in the transaction that deletes the chunk, so BM25 candidates are written and removed
@@ -1060,6 +1100,10 @@ def _create_terms(db: sqlite3.Connection, namespace: str) -> None:
     db.execute(f"CREATE TRIGGER IF NOT EXISTS {table}_follow AFTER DELETE ON chunks"
                f" WHEN old.namespace = '{literal}' BEGIN"
                f" DELETE FROM {table} WHERE rowid = old.vector_id; END")
+    # Each term's document frequency, read by lexical_search to leave out near-ubiquitous
+    # query terms (a view over the FTS index: it stores nothing).
+    db.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS {table}_vocab USING fts5vocab({table},"
+               " 'row')")
 
 
 # Columns later schema versions added to existing tables: (table, column, declaration).

@@ -291,10 +291,16 @@ class RetrieverService:
         """After a sync: its commits' commit-to-searchable latency, and the namespace's lag
         read afresh (the next search must not show the lag from before the sync)."""
         if commit_times and state.finished_at is not None:
-            hist = self.metrics.commit_to_searchable.labels(state.namespace)
+            hist = self.metrics.commit_to_searchable.labels(
+                self.metrics.namespace_label(state.namespace))
             for t in commit_times:
                 hist.observe(max(0.0, (state.finished_at - t).total_seconds()))
         self.freshness.forget(state.namespace)
+        try:  # read again now, so the staleness gauges never go missing after a sync
+            self.freshness.lag(state.namespace)
+        except Exception:  # noqa: BLE001 - the next read reports it
+            log.warning("reading the source of %s after its sync", state.namespace,
+                        exc_info=True)
 
     def chunk_staleness(self, chunk: ChunkRecord) -> tuple[float | None, str]:
         """(seconds, basis) of one chunk now (GetChunk)."""

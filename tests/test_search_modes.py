@@ -272,3 +272,33 @@ def test_the_embedding_cache_makes_a_reindex_embed_nothing(tmp_path: Path,
 
     n = sq.connect(cache / "embeddings.sqlite3").execute("SELECT count(*) FROM vectors")
     assert n.fetchone()[0] == embedded[0]
+
+
+def test_near_ubiquitous_query_terms_are_left_out_of_the_lexical_query(
+        tmp_path: Path, embedder: Embedder) -> None:
+    """A term in more than COMMON_TERM_SHARE of the namespace's chunks is dropped from a
+    query that has other terms (it would match, and cost scoring, nearly everything); alone
+    it still matches."""
+    from retriever.catalog import COMMON_TERM_SHARE
+
+    n = 240
+    rare = {"d007", "d042", "d099"}
+    docs = [pb.Document(doc_id=f"d{i:03d}", path=f"notes/n{i:03d}.txt",
+                        content=f"zzcommon entry {i}" + (" zzrare" if f"d{i:03d}" in rare
+                                                         else ""))
+            for i in range(n)]
+    assert COMMON_TERM_SHARE * n < n  # zzcommon is in every chunk: over the share
+    with running_server(make_settings(tmp_path / "data"), embedder) as st, \
+            RetrieverClient(st.address) as c:
+        c.upsert("common", docs)
+
+        def lexical(query: str) -> set[str]:
+            resp = c.stub.Search(pb.SearchRequest(namespace="common", query=query, top_k=100,
+                                                  mode=pb.LEXICAL), timeout=60)
+            return {h.chunk.doc_id for h in resp.hits}
+
+        assert lexical("zzcommon zzrare") == rare
+        assert len(lexical("zzcommon")) == 100  # alone it matches all (top_k caps at 100)
+        # After deletes the statistics follow the remaining chunks: still in all of them.
+        c.delete("common", [f"d{i:03d}" for i in range(0, n, 2)])
+        assert lexical("zzcommon zzrare") == {"d007", "d099"}

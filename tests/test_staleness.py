@@ -196,3 +196,22 @@ def test_the_poller_syncs_a_source_whose_ref_moved(roots: Path, embedder,  # noq
         assert "src/gamma.py" in {d.doc_id for d in c.list_documents("polled").documents}
         last = c.status("polled").last_sync
         assert last.commit == head and last.files_added == 1
+
+
+def test_namespaces_past_the_metrics_cap_share_the_other_series(roots: Path, embedder,  # noqa: ANN001
+                                                                 tmp_path: Path) -> None:
+    first, second = make_repo(roots / "capped-a"), make_repo(roots / "capped-b")
+    settings = make_settings(tmp_path / "data", sync_roots=[roots], metrics_max_namespaces=1)
+    with running_server(settings, embedder) as st, \
+            RetrieverClient(st.address, timeout=120) as c:
+        c.sync_source("capped-a", str(first.root), wait=True, timeout=120)
+        c.sync_source("capped-b", str(second.root), wait=True, timeout=120)
+        second.write("src/beta.py", "def beta(values):\n    return len(values)\n")
+        pending_commit = second.commit("len")
+        lag = c.status("capped-b").source.staleness.ToTimedelta().total_seconds()
+        text = metrics(st)
+        assert metric(text, "retriever_namespace_staleness_seconds", "capped-a") == 0
+        assert metric(text, "retriever_namespace_commits_behind", "other") == 1
+        assert abs(metric(text, "retriever_namespace_staleness_seconds", "other") - lag) < SLACK_S
+        assert metric(text, "retriever_namespace_staleness_seconds", "capped-b") is None
+        assert abs(lag - age(second.times[pending_commit])) < SLACK_S

@@ -193,7 +193,7 @@ class Metrics:
     def watch_sources(self, lags: Callable[[], Iterable[SourceLag]]) -> None:
         """Export each bound namespace's lag behind its git source, computed at scrape time
         from ``lags()`` (the last read of each source)."""
-        self.registry.register(_SourceCollector(lags))
+        self.registry.register(_SourceCollector(lags, self.namespace_label))
 
     @contextmanager
     def stage(self, name: str) -> Iterator[list[float]]:
@@ -209,8 +209,10 @@ class Metrics:
 
 
 class _SourceCollector:
-    def __init__(self, lags: Callable[[], Iterable[SourceLag]]) -> None:
+    def __init__(self, lags: Callable[[], Iterable[SourceLag]],
+                 label: Callable[[str], str]) -> None:
         self._lags = lags
+        self._label = label  # capped namespace label: namespaces past the cap share "other"
 
     def describe(self) -> list[object]:
         return []  # no collect() at registration: the service may not be up yet
@@ -229,10 +231,16 @@ class _SourceCollector:
             "retriever_source_readable",
             "1 when the last read of the namespace's git source succeeded.",
             labels=["namespace"])
+        worst: dict[str, tuple[float, int, int]] = {}  # label -> (staleness, behind, readable)
         for lag in self._lags():
-            stale.add_metric([lag.namespace], lag.staleness_s(now))
-            behind.add_metric([lag.namespace], lag.commits_behind)
-            readable.add_metric([lag.namespace], 0 if lag.error else 1)
+            ns = self._label(lag.namespace)
+            s, b, r = worst.get(ns, (0.0, 0, 1))
+            worst[ns] = (max(s, lag.staleness_s(now)), max(b, lag.commits_behind),
+                         min(r, 0 if lag.error else 1))
+        for ns, (s, b, r) in sorted(worst.items()):  # "other": the worst of its namespaces
+            stale.add_metric([ns], s)
+            behind.add_metric([ns], b)
+            readable.add_metric([ns], r)
         yield stale
         yield behind
         yield readable
