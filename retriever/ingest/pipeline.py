@@ -333,10 +333,11 @@ class Ingestor:
 
     def _count(self, ns: str, results: Sequence[DocResult]) -> None:
         m = self._metrics
+        label = m.namespace_label(ns)  # capped: namespaces past the cap count as "other"
         for r in results:
-            m.documents.labels(ns, r.status.value).inc()
-            m.chunks_embedded.labels(ns).inc(r.chunks_embedded)
-            m.chunks_reused.labels(ns).inc(r.chunks_reused)
+            m.documents.labels(label, r.status.value).inc()
+            m.chunks_embedded.labels(label).inc(r.chunks_embedded)
+            m.chunks_reused.labels(label).inc(r.chunks_reused)
 
     def delete(self, namespace: str, doc_ids: Sequence[str],
                token: CallToken = NEVER) -> DeleteResult:

@@ -215,7 +215,7 @@ class Searcher:
                             lexical_score=c.lexical, fused_score=c.fused,
                             rerank_score=c.rerank, staleness_basis=basis, stale=stale))
         if not hits:
-            self._metrics.zero_results.labels(q.namespace).inc()
+            self._metrics.zero_results.labels(self._metrics.namespace_label(q.namespace)).inc()
         for stage, seconds in timings.items():
             if stage != "embed":
                 self._metrics.stage_duration.labels(stage).observe(seconds)
