@@ -104,17 +104,16 @@ class SourceLag:
 
 @dataclass
 class _Entry:
-    lag: SourceLag
+    lag: SourceLag | None  # None: the namespace has no source (cached too: searches ask)
     computed: float  # time.monotonic()
     refreshing: bool = False
 
 
 class SourceFreshness:
-    """Lags of the bound namespaces, cached ``refresh_s`` seconds. ``on_lag(lag)`` is called
-    with each freshly computed lag (metrics)."""
+    """Lags of the bound namespaces (and that the others have none), cached ``refresh_s``
+    seconds, so a search never queries the catalog or git for them."""
 
     def __init__(self, catalog: Catalog, mirrors: Path, refresh_s: float,
-                 on_lag: Callable[[SourceLag], None] | None = None,
                  fetch_error: Callable[[str], str] | None = None) -> None:
         """``fetch_error(url)``: why the last fetch of a URL source failed ("" if it did
         not): its mirror is then as old as its last good fetch, and the lag says so."""
@@ -122,7 +121,6 @@ class SourceFreshness:
         self._fetch_error = fetch_error or (lambda location: "")
         self._mirrors = mirrors
         self._refresh_s = refresh_s
-        self._on_lag = on_lag or (lambda lag: None)
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._ns_locks: dict[str, threading.Lock] = {}
@@ -145,7 +143,7 @@ class SourceFreshness:
     def cached(self) -> list[SourceLag]:
         """Every namespace's last computed lag (for the metrics scrape)."""
         with self._lock:
-            return [e.lag for e in self._entries.values()]
+            return [e.lag for e in self._entries.values() if e.lag is not None]
 
     def forget(self, namespace: str) -> None:
         """Drop what is cached (the namespace was synced, rebound or deleted)."""
@@ -165,13 +163,10 @@ class SourceFreshness:
         with ns_lock:  # one reader of a source at a time; the others wait for its answer
             try:
                 source = self._catalog.get_source(namespace)
-                if source is None:
-                    self.forget(namespace)
-                    return None
                 with self._lock:
                     entry = self._entries.get(namespace)
                 previous = entry.lag if entry is not None else None
-                lag = self._compute(source, previous)
+                lag = self._compute(source, previous) if source is not None else None
             except BaseException:
                 with self._lock:
                     entry = self._entries.get(namespace)
@@ -180,7 +175,6 @@ class SourceFreshness:
                 raise
             with self._lock:
                 self._entries[namespace] = _Entry(lag, time.monotonic())
-        self._on_lag(lag)
         return lag
 
     def _compute(self, source: SourceRecord, previous: SourceLag | None) -> SourceLag:
