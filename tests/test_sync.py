@@ -285,6 +285,20 @@ def test_without_roots_or_prefixes_every_sync_is_denied(tmp_path: Path) -> None:
         check_location("rel/path", make_settings(tmp_path, sync_roots=[tmp_path]))
 
 
+def test_a_url_with_credentials_is_refused_and_never_stored(tmp_path: Path) -> None:
+    """Credentials in a source URL would sit in the catalog and in every status: they are
+    refused with what to do instead (git's own credential configuration)."""
+    prefixes = make_settings(tmp_path, sync_url_prefixes=["https://", "ssh://"])
+    for bad in ("https://x-access-token:s3cret@github.com/org/repo.git",
+                "https://s3cret@github.com/org/repo.git",
+                "ssh://git:s3cret@example.com/repo.git"):
+        with pytest.raises(InvalidArgument) as e:
+            check_location(bad, prefixes)
+        assert "s3cret" not in e.value.message and "credential" in e.value.message
+    # A user name alone is no secret over SSH.
+    assert check_location("ssh://git@example.com/org/repo.git", prefixes)
+
+
 # -- long syncs: deadline, background, one at a time ---------------------------------------
 
 

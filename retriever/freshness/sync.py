@@ -653,6 +653,16 @@ def check_location(location: str, settings: Settings) -> str:
             "RETRIEVER_SYNC_URL_PREFIXES='[\"https://github.com/my-org/\"]'", field="repo")
     if is_url(location):
         shown = redact(location)
+        if "://" in location:
+            parts = urlsplit(location)
+            if parts.password is not None or (parts.username is not None
+                                              and parts.scheme in ("http", "https")):
+                # It would be stored in the catalog and shown in every status.
+                raise InvalidArgument(
+                    f"repo {shown} carries credentials: give the URL without them and "
+                    "configure them for git in the server's environment (a credential "
+                    "helper, e.g. GIT_CONFIG_GLOBAL with credential.helper store, or an "
+                    "SSH key); credentials are never stored in the catalog", field="repo")
         if not any(location.startswith(p) for p in prefixes):
             raise PermissionDenied(
                 f"repo {shown} starts with none of RETRIEVER_SYNC_URL_PREFIXES "
