@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install proto run test test-unit lint bench loadtest clean
+.PHONY: install proto run test test-unit lint bench loadtest clean milvus-server
 
 install: $(STAMP) $(STUBS)
 
@@ -31,7 +31,7 @@ proto $(STUBS): $(PROTO) $(STAMP)
 run: install
 	$(BIN)/retriever serve
 
-test: install lint
+test: install lint milvus-server
 	$(BIN)/pytest
 
 test-unit: install
@@ -48,5 +48,13 @@ bench: install
 loadtest: install
 	$(BIN)/python load-tests/loadgen.py --spawn $(LOADTEST_ARGS)
 
+# A real Milvus standalone server for tests/test_milvus_server.py, in its own venv:
+# milvus==2.3.5 pins its own dependencies.
+MILVUS_VENV ?= .venv-milvus-server
+milvus-server: $(MILVUS_VENV)/bin/milvus-server
+$(MILVUS_VENV)/bin/milvus-server:
+	$(PY) -m venv $(MILVUS_VENV)
+	$(MILVUS_VENV)/bin/pip install --disable-pip-version-check -q milvus==2.3.5
+
 clean:
-	rm -rf $(VENV) retriever/v1 .pytest_cache
+	rm -rf $(VENV) $(MILVUS_VENV) retriever/v1 .pytest_cache

@@ -22,10 +22,13 @@ from indexers.base import (
     VectorIndex,
     Verifiable,
 )
+from indexers.payload import Filter, Payload
 
 # name -> "module:class"; each class takes (root: Path, **options).
 BACKENDS: dict[str, str] = {
     "faiss": "indexers.faiss_index:FaissBackend",
+    "milvus": "indexers.milvus_index:MilvusBackend",
+    "chroma": "indexers.chroma_index:ChromaBackend",
 }
 
 __all__ = [
@@ -35,17 +38,21 @@ __all__ = [
     "CollectionSpec",
     "DimensionMismatch",
     "EngineUnavailable",
+    "Filter",
+    "Payload",
     "QuarantinedFile",
     "SearchHits",
     "SelfRepairing",
     "VectorIndex",
     "Verifiable",
+    "backend_class",
     "create_backend",
 ]
 
 
-def create_backend(name: str, root: Path, **options: Any) -> Backend:
-    """The backend registered as ``name``, storing under ``root``."""
+def backend_class(name: str) -> type:
+    """The class registered as ``name`` (its module imported; the engine's own package is
+    imported only when a backend is created)."""
     try:
         target = BACKENDS[name]
     except KeyError:
@@ -53,6 +60,11 @@ def create_backend(name: str, root: Path, **options: Any) -> Backend:
             f"unknown index backend {name!r}; available: {', '.join(sorted(BACKENDS))}"
         ) from None
     module_name, class_name = target.split(":")
-    module = importlib.import_module(module_name)
-    backend: Backend = getattr(module, class_name)(Path(root) / name, **options)
+    cls: type = getattr(importlib.import_module(module_name), class_name)
+    return cls
+
+
+def create_backend(name: str, root: Path, **options: Any) -> Backend:
+    """The backend registered as ``name``, storing under ``root``."""
+    backend: Backend = backend_class(name)(Path(root) / name, **options)
     return backend

@@ -14,6 +14,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from indexers.payload import Filter, Payload
+
 Metric = Literal["cosine", "ip", "l2"]
 
 
@@ -94,10 +96,14 @@ class VectorIndex(Protocol):
     spec: CollectionSpec
     backend: str
 
-    def upsert(self, ids: Sequence[int], vectors: np.ndarray) -> None:
+    def upsert(self, ids: Sequence[int], vectors: np.ndarray,
+               payloads: Sequence[Payload] | None = None) -> None:
         """Insert or replace vectors under ``ids`` (unique int64). ``vectors`` is float32
         of shape (len(ids), dimension); for cosine they must be L2-normalised by the caller.
-        Raises DimensionMismatch for a wrong width and ValueError for duplicate ids."""
+        ``payloads`` (one per id) are stored with the vectors for ``search(where=...)``; a
+        vector stored without one matches only an empty filter. Raises DimensionMismatch
+        for a wrong width and ValueError for duplicate ids or a payload count that is not
+        len(ids)."""
         ...
 
     def delete(self, ids: Iterable[int]) -> int:
@@ -105,12 +111,16 @@ class VectorIndex(Protocol):
         ...
 
     def search(
-        self, vectors: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
+        self, vectors: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
+        where: Filter | None = None,
     ) -> list[SearchHits]:
         """The k nearest stored vectors to each row of ``vectors`` (float32, shape (q, dim)).
-        When ``allowed_ids`` (int64 array) is given, only those ids are candidates. Returns
-        one SearchHits per query row with at most k entries (fewer when the collection or
-        the allowed set is smaller)."""
+        When ``allowed_ids`` (int64 array) is given, only those ids are candidates; when
+        ``where`` is given (and not empty), only vectors whose stored payload it matches
+        (``Filter.matches``), evaluated inside the engine. Returns one SearchHits per
+        query row with at most k entries (fewer when the collection or the candidates are
+        fewer). An approximate index still returns k hits when k candidates pass the filter
+        (it searches wider or falls back to an exact scan of the filtered set)."""
         ...
 
     def ids(self) -> np.ndarray:

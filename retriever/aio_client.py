@@ -1,8 +1,10 @@
-"""The async twin of :mod:`retriever.client`, over ``grpc.aio``.
+"""The async twin of :mod:`retriever.client`, over ``grpc.aio``: the same methods with the
+same parameters, awaitable (``document_ids`` is an async iterator).
 
     async with AsyncRetrieverClient("127.0.0.1:50051") as client:
         await client.upsert("docs", [Document(doc_id="a.md", content="# Hello")])
-        for hit in (await client.search("docs", "hello", top_k=5)).hits:
+        resp = await client.search("docs", "hello", top_k=5, mode="lexical")
+        for hit in resp.hits:
             print(hit.chunk.path, hit.chunk.start_line, hit.score)
 
 Every call has a deadline: ``timeout`` of the call, else the client's (``None`` on the
@@ -14,7 +16,7 @@ client means no deadline). Unary calls are retried by :class:`retriever._retry.R
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -22,14 +24,22 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from retriever._requests import DEFAULT as _DEFAULT
+from retriever._requests import Feedback, SearchModeLike, Staleness, _Default, search_request
+from retriever._requests import evaluate_request as _evaluate_request
+from retriever._requests import record_feedback_request as _record_feedback_request
+from retriever._requests import register_golden_set_request as _register_golden_set_request
+from retriever._requests import sync_source_request as _sync_source_request
 from retriever._retry import NO_RETRY, AsyncRetryInterceptor, OnRetry, RetryPolicy
-from retriever.client import _batched  # grpc.aio streams a plain iterator too
+from retriever.client import _batched, _request_id  # grpc.aio streams a plain iterator too
 from retriever.v1 import retriever_pb2 as pb
 from retriever.v1 import retriever_pb2_grpc as pb_grpc
 
-__all__ = ["NO_RETRY", "AsyncRetrieverClient", "Document", "RetryPolicy", "pb"]
+__all__ = ["NO_RETRY", "AsyncRetrieverClient", "Document", "GoldenQuery", "RetryPolicy", "pb",
+           "search_request"]
 
 Document = pb.Document
+GoldenQuery = pb.GoldenQuery
 _SERVICE_PREFIX = "/retriever.v1."
 
 
@@ -40,8 +50,10 @@ class AsyncRetrieverClient:
                  max_message_bytes: int = 64 * 1024 * 1024) -> None:
         """``timeout``: default deadline of a unary call, seconds. ``upsert_timeout``: of an
         upsert stream (a bulk index can take long). ``token``: sent as ``authorization:
-        Bearer <token>`` on retriever.v1 calls (health stays open). ``on_retry`` is told of
-        every retry (method, code, failed attempt, delay)."""
+        Bearer <token>`` on retriever.v1 calls (health stays open). ``retry``: retry unary
+        calls on UNAVAILABLE and on RESOURCE_EXHAUSTED that carries RetryInfo, never past
+        their deadline (retriever/_retry.py); on by default here, upsert streams never.
+        ``on_retry`` is told of every retry (method, code, failed attempt, delay)."""
         self.address = address
         self.timeout = timeout
         self.upsert_timeout = upsert_timeout
@@ -130,6 +142,20 @@ class AsyncRetrieverClient:
             namespace=namespace, page_size=page_size, page_token=page_token,
             path_prefix=path_prefix), timeout=self._t(timeout))
 
+    async def document_ids(self, namespace: str, path_prefix: str = "",
+                           timeout: float | None = None) -> AsyncIterator[str]:
+        """Every doc id of the namespace (under ``path_prefix``), page by page
+        (ListDocuments; ``timeout`` is each page's deadline): ``async for``."""
+        token = ""
+        while True:
+            page = await self.list_documents(namespace, page_size=1000, page_token=token,
+                                             path_prefix=path_prefix, timeout=timeout)
+            for d in page.documents:
+                yield d.doc_id
+            token = page.next_page_token
+            if not token:
+                return
+
     async def get_chunk(self, namespace: str, chunk_id: str,
                         timeout: float | None = None) -> pb.GetChunkResponse:
         return await self.stub.GetChunk(
@@ -138,17 +164,73 @@ class AsyncRetrieverClient:
     # -- search ----------------------------------------------------------------------------
     async def search(self, namespace: str, query: str, top_k: int = 10,
                      filter: pb.SearchFilter | None = None,  # noqa: A002
-                     request_id: str | None = None, timeout: float | None = None
-                     ) -> pb.SearchResponse:
-        md = (("x-request-id", request_id),) if request_id else None
-        return await self.stub.Search(
-            pb.SearchRequest(namespace=namespace, query=query, top_k=top_k, filter=filter),
-            timeout=self._t(timeout), metadata=md)
+                     request_id: str | None = None, timeout: float | None = None, *,
+                     mode: SearchModeLike = None, rerank: bool = False,
+                     dense_weight: float | None = None, rerank_candidates: int = 0,
+                     collapse: bool = False, min_score: float | None = None,
+                     max_hits_per_path: int = 0, max_staleness: Staleness | None = None,
+                     flag_stale: bool = False) -> pb.SearchResponse:
+        """See :meth:`retriever.client.RetrieverClient.search`: the same options, each
+        left unset at its default; ValueError for an unknown mode string, before any
+        call."""
+        req = search_request(namespace, query, top_k, filter, mode=mode, rerank=rerank,
+                             dense_weight=dense_weight, rerank_candidates=rerank_candidates,
+                             collapse=collapse, min_score=min_score,
+                             max_hits_per_path=max_hits_per_path,
+                             max_staleness=max_staleness, flag_stale=flag_stale)
+        return await self.stub.Search(req, timeout=self._t(timeout),
+                                      metadata=_request_id(request_id))
 
     async def batch_search(self, requests: Iterable[pb.SearchRequest],
-                           timeout: float | None = None) -> pb.BatchSearchResponse:
+                           timeout: float | None = None, *, request_id: str | None = None
+                           ) -> pb.BatchSearchResponse:
+        """Several searches in one call (build each with :func:`search_request`); answers
+        in request order. ``request_id``: one id for the whole batch."""
         return await self.stub.BatchSearch(pb.BatchSearchRequest(requests=list(requests)),
-                                           timeout=self._t(timeout))
+                                           timeout=self._t(timeout),
+                                           metadata=_request_id(request_id))
+
+    # -- sources ---------------------------------------------------------------------------
+    async def sync_source(self, namespace: str, repo: str = "", ref: str = "",
+                          include: Iterable[str] = (), exclude: Iterable[str] = (),
+                          max_file_bytes: int = 0, *, wait: bool = False,
+                          timeout: float | None | _Default = _DEFAULT
+                          ) -> pb.SyncSourceResponse:
+        """See :meth:`retriever.client.RetrieverClient.sync_source`. ``timeout``: the
+        call's deadline in seconds (None: none); by default none with ``wait`` (a sync may
+        be long; cancelling the call stops it between batches), else the client's."""
+        if isinstance(timeout, _Default):
+            timeout = None if wait else self.timeout
+        return await self.stub.SyncSource(_sync_source_request(
+            namespace, repo, ref, include, exclude, max_file_bytes, wait), timeout=timeout)
+
+    # -- feedback and evaluation -----------------------------------------------------------
+    async def record_feedback(self, namespace: str, request_id: str, feedback: Feedback,
+                              timeout: float | None = None) -> pb.RecordFeedbackResponse:
+        """See :meth:`retriever.client.RetrieverClient.record_feedback`: ``feedback`` maps
+        chunk id -> relevant for hits of the search ``request_id``."""
+        return await self.stub.RecordFeedback(
+            _record_feedback_request(namespace, request_id, feedback), timeout=self._t(timeout))
+
+    async def register_golden_set(self, namespace: str, name: str,
+                                  queries: Iterable[pb.GoldenQuery] = (), *,
+                                  from_source_history: pb.GoldenSetFromHistory | None = None,
+                                  timeout: float | None = None
+                                  ) -> pb.RegisterGoldenSetResponse:
+        """See :meth:`retriever.client.RetrieverClient.register_golden_set`: ``queries``
+        or ``from_source_history``, not both."""
+        return await self.stub.RegisterGoldenSet(
+            _register_golden_set_request(namespace, name, queries, from_source_history),
+            timeout=self._t(timeout))
+
+    async def evaluate(self, namespace: str, golden_set: str, k: Iterable[int] = (), *,
+                       mode: SearchModeLike = None, version: int = 0, rerank: bool = False,
+                       timeout: float | None = None) -> pb.EvaluateResponse:
+        """See :meth:`retriever.client.RetrieverClient.evaluate`: precision, recall, nDCG
+        at each of ``k`` and MRR of a registered golden set, stored as a run."""
+        return await self.stub.Evaluate(
+            _evaluate_request(namespace, golden_set, k, mode, version, rerank),
+            timeout=self._t(timeout))
 
     # -- namespaces and status -------------------------------------------------------------
     async def create_namespace(self, name: str, backend: str = "",

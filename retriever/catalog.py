@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from indexers.payload import Payload
 from retriever.domain import (
     ChunkRecord,
     DocumentRecord,
@@ -270,6 +271,7 @@ class DocHead:
     version: int
     chunk_count: int
     chunker: str = ""  # the chunking signature it was cut with (Ingestor.chunking_signature)
+    metadata: str = "{}"  # JSON, keys sorted (as stored)
 
 
 _bad_time_logged = False
@@ -465,6 +467,14 @@ class Catalog:
             _create_terms(db, ns.name)
             return True
 
+    def set_index(self, name: str, backend: str, generation: int) -> None:
+        """Point the namespace at another index generation (and backend): the atomic swap
+        of a re-index."""
+        with self._writer() as db:
+            if db.execute("UPDATE namespaces SET backend = ?, index_generation = ? WHERE"
+                          " name = ?", (backend, generation, name)).rowcount != 1:
+                raise NotFound(f"namespace {name!r} does not exist", field="name")
+
     def get_namespace(self, name: str, *, with_counts: bool = True) -> NamespaceRecord | None:
         with self._reader() as db:
             row = db.execute("SELECT * FROM namespaces WHERE name = ?", (name,)).fetchone()
@@ -508,10 +518,11 @@ class Catalog:
         """The current version's head of those documents that exist."""
         with self._reader() as db:
             rows = _in(db, "SELECT doc_id, content_hash, path, language, version, chunk_count,"
-                       " chunker FROM documents WHERE namespace = ? AND doc_id IN ({marks})",
-                       doc_ids, namespace)
+                       " chunker, metadata FROM documents WHERE namespace = ?"
+                       " AND doc_id IN ({marks})", doc_ids, namespace)
         return {r["doc_id"]: DocHead(r["content_hash"], r["path"], r["language"], r["version"],
-                                     r["chunk_count"], r["chunker"]) for r in rows}
+                                     r["chunk_count"], r["chunker"], r["metadata"])
+                for r in rows}
 
     def active_chunks(self, namespace: str, doc_ids: Sequence[str]) -> dict[str, StoredChunk]:
         """chunk_id -> row of the current versions of these documents."""
@@ -543,13 +554,58 @@ class Catalog:
                            (cur.lastrowid, c.terms))
         return ids
 
+    def stage_copies(self, namespace: str, vector_ids: Sequence[int]
+                     ) -> tuple[list[int], np.ndarray, list[str]]:
+        """Stage a pending copy of each of these active rows (text, vector, terms) under a
+        new vector id; returns (new ids in order, their vectors, their chunk kinds). A
+        chunk whose payload changes (its document's metadata) moves to a new vector id so
+        that an engine's payload never changes under an id: the start-up reconcile, which
+        compares id sets, then repairs payloads as it repairs vectors.
+        ``commit_documents(rekeys=...)`` gives a copy its chunk id and makes it visible;
+        uncommitted, it is discarded like any staged row."""
+        table = _terms_table(namespace)
+        new_ids: list[int] = []
+        blobs: list[bytes] = []
+        kinds: list[str] = []
+        with self._writer() as db:
+            for old in vector_ids:
+                row = db.execute(
+                    "INSERT INTO chunks (namespace, chunk_id, doc_id, state, ordinal, text,"
+                    " content_hash, start_line, end_line, start_byte, end_byte, token_count,"
+                    " chunker, vector, symbol, kind, fallback, header)"
+                    " SELECT namespace, 'copy:' || vector_id || ':' || hex(randomblob(8)),"
+                    " doc_id, 0, ordinal, text, content_hash, start_line, end_line,"
+                    " start_byte, end_byte, token_count, chunker, vector, symbol, kind,"
+                    " fallback, header FROM chunks WHERE namespace = ? AND vector_id = ?"
+                    " AND state = 1 RETURNING vector_id, vector, kind", (namespace, int(old)),
+                ).fetchone()
+                if row is None:
+                    raise NotFound(f"chunk row {old} of namespace {namespace!r} is gone")
+                new_ids.append(int(row[0]))
+                blobs.append(row[1])
+                kinds.append(row[2])
+                db.execute(f"INSERT INTO {table} (rowid, terms) SELECT ?, terms FROM {table}"
+                           " WHERE rowid = ?", (row[0], int(old)))
+        vecs = np.frombuffer(b"".join(blobs), dtype=np.float32)
+        return new_ids, vecs.reshape(len(new_ids), -1) if new_ids else vecs.reshape(0, 0), kinds
+
     def commit_documents(
         self, namespace: str, writes: Sequence[DocumentWrite], refreshes: Sequence[DocumentRefresh],
+        rekeys: Sequence[tuple[int, int]] = (),
     ) -> int:
         """Make new document versions visible at once; returns the namespace's new
-        index_version. ``refreshes`` update revision/time/metadata of unchanged documents."""
+        index_version. ``refreshes`` update revision/time/metadata of unchanged documents;
+        ``rekeys`` (old vector id, staged copy from ``stage_copies``) replace each old row
+        by its copy, which takes its chunk id (``writes`` refer to the copies)."""
         now = time.time()
         with self._writer() as db:
+            for old, new in rekeys:
+                cid = db.execute("DELETE FROM chunks WHERE vector_id = ? AND state = 1"
+                                 " RETURNING chunk_id", (int(old),)).fetchone()
+                if cid is None:
+                    raise NotFound(f"chunk row {old} of namespace {namespace!r} is gone")
+                db.execute("UPDATE chunks SET chunk_id = ?, state = 1 WHERE vector_id = ?"
+                           " AND state = 0", (cid[0], int(new)))
             for w in writes:
                 _in(db, "DELETE FROM chunks WHERE vector_id IN ({marks})", w.drop)
                 for k in w.keep:
@@ -997,6 +1053,18 @@ class Catalog:
         vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
         return (np.asarray([r[0] for r in rows], dtype=np.int64),
                 vecs.reshape(len(rows), dimension))
+
+    def payloads(self, namespace: str, vector_ids: Sequence[int]) -> dict[int, Payload]:
+        """What an engine stores beside each of these active rows' vectors."""
+        with self._reader() as db:
+            rows = _in(db, "SELECT c.vector_id, c.doc_id, d.path, d.language, c.kind,"
+                       " d.metadata FROM chunks c JOIN documents d ON d.namespace = c.namespace"
+                       " AND d.doc_id = c.doc_id WHERE c.namespace = ? AND c.state = 1"
+                       " AND c.vector_id IN ({marks})", [int(v) for v in vector_ids],
+                       namespace)
+        return {int(r[0]): Payload(r[1], r[2], r[3], r[4],
+                                   tuple(sorted(json.loads(r[5]).items())))
+                for r in rows}
 
     def discard(self, vector_ids: Sequence[int]) -> None:
         """Delete rows that were staged but will not be committed."""

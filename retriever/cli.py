@@ -341,6 +341,25 @@ def status(namespace: NamespaceOpt, address: AddressOpt = None) -> None:
 
 
 @app.command()
+def reindex(namespace: NamespaceOpt,
+            backend: Annotated[str, typer.Option(
+                help="backend of the new generation (faiss, milvus, chroma); default: the "
+                     "namespace's own")] = "",
+            address: AddressOpt = None) -> None:
+    """Rebuild a namespace's index from the catalog into a new generation (on another
+    backend if given) while the old one keeps serving; then swap and drop the old one."""
+    from retriever.v1 import retriever_pb2 as pb
+
+    with _client(address) as client:
+        try:
+            resp = client.stub.ReindexNamespace(
+                pb.ReindexNamespaceRequest(name=namespace, backend=backend), timeout=None)
+        except grpc.RpcError as exc:
+            raise _fail(exc) from None
+    out.print_json(json.dumps(MessageToDict(resp, always_print_fields_with_no_presence=True)))
+
+
+@app.command()
 def namespaces(address: AddressOpt = None) -> None:
     """List namespaces with their counts."""
     with _client(address) as client:

@@ -37,6 +37,16 @@ class Settings(BaseSettings):
     auth_token: SecretStr | None = None
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
 
+    # -- tracing (retriever.tracing; docs/agents.md "Tracing") ----------------------------
+    # OTLP/gRPC collector, e.g. "http://otel-collector:4317"; empty = no tracing (the
+    # caller's trace id from a traceparent header still goes into Lineage.trace_id).
+    otlp_endpoint: str = Field("", pattern=r"^((https?://)?[A-Za-z0-9.\-\[\]:]+/?)?$")
+    # Plaintext to the collector; None: from the scheme (https:// TLS, otherwise plaintext).
+    otlp_insecure: bool | None = None
+    # Share of root traces kept; a caller's sampling decision (traceparent) is followed.
+    trace_sample_ratio: float = Field(1.0, ge=0, le=1)
+    otel_service_name: str = Field("retriever", min_length=1)
+
     # -- SLOs ------------------------------------------------------------------------------
     # Declared objectives, exported as retriever_slo_objective{slo="..."} so the alerting
     # rules and the dashboard in k8s/ read them instead of repeating them (docs/slo.md).
@@ -167,6 +177,12 @@ class Settings(BaseSettings):
     # (and its OpenMP workers), and the threads that run upserts and syncs. 0 = as is.
     model_thread_nice: int = Field(5, ge=0, le=19)
     write_thread_nice: int = Field(10, ge=0, le=19)
+    # How long a thread that holds the GIL may keep it while another waits (Python's
+    # sys.setswitchinterval; its default is 5 ms). A search releases the GIL around every
+    # SQLite read, FAISS search and forward pass and must win it back each time: behind a
+    # thread chunking an upsert, each of those waits up to one interval (measured: 10 such
+    # waits took 83 ms at 5 ms, 23 ms at 1 ms). 0 = Python's default.
+    gil_switch_interval_ms: float = Field(1.0, ge=0, le=100)
 
     # -- chunking (in tokens of the embedder's own tokenizer) ------------------------------
     chunk_tokens: int = Field(256, ge=16, description="clamped to the model's max length")
@@ -189,9 +205,61 @@ class Settings(BaseSettings):
     # FAISS OpenMP threads per search. 1 keeps FAISS's spinning OpenMP workers off the cores
     # the embedder needs (see indexers/faiss_index.py); 0 leaves FAISS's default.
     faiss_omp_threads: int = Field(1, ge=0)
+    # FAISS index kind: "auto" is exact (flat) below faiss_auto_threshold live vectors and
+    # HNSW above, built in the background while exact search serves (bench/results/
+    # faiss-scale.md); or always "flat", "hnsw" or "ivf".
+    faiss_index_kind: Literal["auto", "flat", "hnsw", "ivf"] = "auto"
+    faiss_auto_threshold: int = Field(50_000, ge=1)
+    faiss_hnsw_m: int = Field(32, ge=2)
+    faiss_ef_construction: int = Field(40, ge=1)
+    faiss_ef_search: int = Field(128, ge=1)
+    faiss_ivf_nprobe: int = Field(16, ge=1)
+    # A filter that passes at most this many vectors is scored exactly (no graph holes).
+    faiss_exact_max: int = Field(20_000, ge=0)
+    # Tombstones (replaced or deleted vectors) over this share trigger a background rebuild.
+    faiss_compact_ratio: float = Field(0.2, gt=0, le=1)
+    # OpenMP threads of background index builds, merges and compactions.
+    faiss_build_threads: int = Field(1, ge=1)
     # Seconds between background snapshots of in-process indexes (their state is always
     # recoverable from the catalog; snapshots make restarts fast).
     index_flush_interval_s: float = Field(30.0, gt=0)
+    # Milvus (index_backend "milvus", docs/backends.md): empty uri = milvus-lite, a local
+    # file in the data dir (for trying Milvus locally: ~100 ms per query); else a server,
+    # "http://host:19530", with an optional token ("user:password" or an API key).
+    milvus_uri: str = ""
+    milvus_token: SecretStr | None = None
+    # "auto": HNSW on a server, what milvus-lite offers locally; or a Milvus index type.
+    milvus_index_type: str = "auto"
+    # "session": a search sees this replica's writes at once, other replicas' shortly
+    # after; "strong": everyone's at once (~200 ms per search on a server).
+    milvus_consistency: Literal["session", "strong"] = "session"
+    # Prefix of the collections this service makes (keeps deployments sharing a server
+    # apart).
+    milvus_prefix: str = "retriever"
+    # Chroma (index_backend "chroma"): empty = embedded PersistentClient in the data dir;
+    # else a server, "http://host:8000", with an optional token (sent as a Bearer header).
+    chroma_url: str = ""
+    chroma_token: SecretStr | None = None
+
+    def backend_options(self) -> dict[str, dict[str, object]]:
+        """Per index backend, the keyword arguments of its constructor."""
+        return {
+            "faiss": {"omp_threads": self.faiss_omp_threads, "kind": self.faiss_index_kind,
+                      "auto_threshold": self.faiss_auto_threshold,
+                      "hnsw_m": self.faiss_hnsw_m,
+                      "hnsw_ef_construction": self.faiss_ef_construction,
+                      "hnsw_ef_search": self.faiss_ef_search,
+                      "ivf_nprobe": self.faiss_ivf_nprobe, "exact_max": self.faiss_exact_max,
+                      "compact_ratio": self.faiss_compact_ratio,
+                      "build_threads": self.faiss_build_threads},
+            "milvus": {"uri": self.milvus_uri, "index_type": self.milvus_index_type,
+                       "consistency": self.milvus_consistency, "prefix": self.milvus_prefix,
+                       "token": (self.milvus_token.get_secret_value()
+                                 if self.milvus_token else "")},
+            "chroma": {"url": self.chroma_url,
+                       "token": (self.chroma_token.get_secret_value()
+                                 if self.chroma_token else "")},
+        }
 
     # -- source sync (SyncSource, `retriever sync`) -----------------------------------------
     # What SyncSource may read. A local repository must resolve (symlinks followed) to a

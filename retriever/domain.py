@@ -193,6 +193,8 @@ class Lineage:
     reranker_revision: str = ""
     mode: SearchMode = SearchMode.DENSE
     analyzer: str = ""
+    # The caller's W3C trace id (traceparent), or the server's own when tracing is on.
+    trace_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,10 @@ models must never be mixed in one index. Re-embedding goes into a new generation
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +33,7 @@ from retriever.cancel import NEVER, CallToken
 from retriever.catalog import Catalog
 from retriever.domain import NamespaceRecord
 from retriever.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -64,6 +67,15 @@ class NamespaceHandle:
     @property
     def name(self) -> str:
         return self.record.name
+
+
+@dataclass(frozen=True, slots=True)
+class ReindexResult:
+    backend: str
+    generation: int
+    vectors: int  # in the new generation at the swap
+    caught_up: int  # of them, written or removed after the copy (writes made meanwhile)
+    seconds: float
 
 
 def collection_name(name: str, generation: int) -> str:
@@ -101,12 +113,17 @@ class Namespaces:
                 log.warning("dropping collection %s of no namespace", orphan)
                 backend.drop(orphan)
         rebuild_terms = self._catalog.meta("analyzer") != ANALYZER
+        # Collections written before engines stored payloads get theirs once.
+        add_payloads = self._catalog.meta("index_payloads") != "1"
         for record in records:
             handle = self._open(record)
             self._report_quarantined(handle)
             report[record.name] = self._reconcile(handle, len(pending.get(record.name, ())))
             report[record.name].update(self._reconcile_lexical(handle.name, rebuild_terms))
+            if add_payloads:
+                report[record.name]["payloads_written"] = self._write_payloads(handle)
         self._catalog.set_meta("analyzer", ANALYZER)
+        self._catalog.set_meta("index_payloads", "1")
         return report
 
     def _reconcile_lexical(self, name: str, rebuild: bool) -> dict[str, int]:
@@ -132,6 +149,95 @@ class Namespaces:
         self._metrics.reconcile_repairs.labels("lexical_rows_removed").inc(stray)
         return {"lexical_rows_restored": restored, "lexical_rows_removed": stray}
 
+    def _write_payloads(self, handle: NamespaceHandle) -> int:
+        """Rewrite every vector of the namespace with its payload (from the catalog)."""
+        n = self._copy_all(handle.name, handle.index, handle.record.dimension)
+        if n:
+            handle.index.flush()
+            log.warning("namespace %s: wrote the filter payloads of %d vectors", handle.name, n)
+        return n
+
+    def _copy_all(self, name: str, index: VectorIndex, dimension: int,
+                  token: CallToken = NEVER) -> int:
+        """Write every active row's vector and payload from the catalog into ``index``."""
+        ids = np.sort(self._catalog.active_vector_ids(name))
+        for i in range(0, len(ids), 4096):
+            token.check("the copy")
+            self._restore_into(name, index, dimension, ids[i : i + 4096].tolist())
+        return int(len(ids))
+
+    def _restore(self, handle: NamespaceHandle, vector_ids: list[int]) -> None:
+        """Write these active rows' vectors and payloads from the catalog into the index."""
+        self._restore_into(handle.name, handle.index, handle.record.dimension, vector_ids)
+
+    def _restore_into(self, name: str, index: VectorIndex, dimension: int,
+                      vector_ids: list[int]) -> None:
+        ids, vecs = self._catalog.vectors(name, vector_ids, dimension)
+        payloads = self._catalog.payloads(name, ids.tolist())
+        index.upsert(ids.tolist(), vecs, [payloads[int(v)] for v in ids])
+
+    def reindex(self, name: str, backend: str, token: CallToken = NEVER) -> ReindexResult:
+        """Rebuild the namespace's index from the catalog into a new generation (on
+        ``backend``, or its own when empty) while the current one keeps serving searches
+        and writes; then catch up with the writes made meanwhile and swap atomically, and
+        drop the old generation. A crash before the swap leaves the new collection an
+        orphan, after it the old one: the next start drops either."""
+        t0 = time.perf_counter()
+        handle = self.get(name)
+        handle.require_live()
+        old = handle.record
+        target = backend or old.backend
+        engine = self._backend(target)
+        generation = old.index_generation + 1
+        spec = CollectionSpec(collection_name(name, generation), old.dimension,
+                              old.metric)  # type: ignore[arg-type]
+        engine.drop(spec.name)  # left by a re-index that crashed
+        index = engine.open(spec)
+        swapped = False
+        try:
+            copied = self._copy_all(name, index, old.dimension, token)
+            token.acquire(handle.write_lock, "the re-index's swap")
+            try:
+                handle.require_live()
+                if handle.record.index_generation != old.index_generation:
+                    raise Aborted(f"namespace {name!r} was re-indexed meanwhile; retry")
+                # No writer runs now: catch up with what was committed during the copy.
+                have = index.ids()
+                want = self._catalog.active_vector_ids(name)
+                extra = np.setdiff1d(have, want, assume_unique=True)
+                missing = np.setdiff1d(want, have, assume_unique=True)
+                if len(extra):
+                    index.delete(extra.tolist())
+                for i in range(0, len(missing), 4096):
+                    self._restore_into(name, index, old.dimension,
+                                       missing[i : i + 4096].tolist())
+                index.flush()
+                with handle.visibility.write():
+                    token.check("the re-index's swap")
+                    self._catalog.set_index(name, target, generation)
+                    handle.index = index
+                    handle.record = dataclasses.replace(old, backend=target,
+                                                        index_generation=generation)
+                    swapped = True
+            finally:
+                handle.write_lock.release()
+        finally:
+            if not swapped:
+                try:
+                    engine.drop(spec.name)
+                except Exception:  # an orphan: dropped at next start
+                    log.exception("could not drop the unfinished re-index of %s", name)
+        try:
+            self._backend(old.backend).drop(collection_name(name, old.index_generation))
+        except Exception:  # an orphan now: dropped at next start
+            log.exception("could not drop the old index generation of %s", name)
+        log.info("re-indexed namespace %s into %s generation %d: %d vectors (%d caught up) "
+                 "in %.1f s", name, target, generation, copied + len(missing), len(missing),
+                 time.perf_counter() - t0)
+        return ReindexResult(backend=target, generation=generation,
+                             vectors=int(len(want)), caught_up=int(len(missing) + len(extra)),
+                             seconds=time.perf_counter() - t0)
+
     def _report_quarantined(self, handle: NamespaceHandle) -> None:
         """Log and count the damaged index files the engine moved aside at open; the
         reconcile that follows refills the index from the catalog."""
@@ -152,9 +258,7 @@ class Namespaces:
         if len(extra):
             index.delete(extra.tolist())
         for i in range(0, len(missing), 4096):
-            ids, vecs = self._catalog.vectors(handle.name, missing[i : i + 4096].tolist(),
-                                              handle.record.dimension)
-            index.upsert(ids.tolist(), vecs)
+            self._restore(handle, missing[i : i + 4096].tolist())
         if len(extra) or len(missing):
             try:
                 index.flush()

@@ -33,7 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from indexers import BACKENDS, CollectionSpec, EngineUnavailable, Verifiable, create_backend
+from indexers import (
+    BACKENDS,
+    CollectionSpec,
+    EngineUnavailable,
+    Verifiable,
+    backend_class,
+    create_backend,
+)
 from retriever.catalog import _SCHEMA, SCHEMA_VERSION, Catalog
 from retriever.storage import DataDirLock, catalog_path, index_root, quarantine_dir
 
@@ -67,6 +74,7 @@ class IndexHealth:
     namespace: str | None  # None: no namespace of the catalog owns it (or it is unreadable)
     problems: list[str]
     exists: bool = True  # False: not built yet (the server builds it from the catalog)
+    checked: bool = True  # False: an engine with its own storage, not checked offline
 
 
 @dataclass
@@ -168,6 +176,12 @@ def _check_indexes(data_dir: Path,
     out: list[IndexHealth] = []
     for backend_name in sorted(names):
         owned = {spec.name: (ns, spec) for ns, b, spec in specs or () if b == backend_name}
+        if not hasattr(backend_class(backend_name), "verify"):
+            # An engine with its own storage (Milvus, Chroma) checks itself; opening it
+            # here could create files. The service's start-up reconcile refills it.
+            out.extend(IndexHealth(coll, backend_name, ns, [], exists=True, checked=False)
+                       for coll, (ns, _) in sorted(owned.items()))
+            continue
         try:
             backend = create_backend(backend_name, root)
         except (ValueError, EngineUnavailable) as exc:
@@ -551,6 +565,11 @@ def render_check(report: CheckReport) -> list[str]:
         if not i.exists:
             lines.append(f"index {i.backend}/{i.collection} ({owner}): not built yet (the "
                          "server builds it from the catalog at start)")
+            continue
+        if not i.checked:
+            lines.append(f"index {i.backend}/{i.collection} ({owner}): kept by the engine, "
+                         "not checked offline (the server reconciles it with the catalog "
+                         "at start)")
             continue
         if not i.problems:
             lines.append(f"index {i.backend}/{i.collection} ({owner}): ok"

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import logging
 import sqlite3
+import sys
 import threading
 import uuid
 from collections.abc import Sequence
@@ -56,7 +57,7 @@ from retriever.models.batcher import MicroBatcher
 from retriever.models.embed_cache import EmbeddingCache
 from retriever.models.embedder import Embedder
 from retriever.models.reranker import Reranker
-from retriever.namespaces import Namespaces
+from retriever.namespaces import Namespaces, ReindexResult
 from retriever.search.pipeline import Searcher
 from retriever.slo import golden
 from retriever.slo.feedback import FeedbackLog
@@ -84,7 +85,7 @@ class RetrieverService:
         self._evaluator: threading.Thread | None = None
         self.namespaces = Namespaces(
             self.catalog, self.embedder, settings.data_dir / "indexes", settings.index_backend,
-            self.metrics, backend_options={"faiss": {"omp_threads": settings.faiss_omp_threads}})
+            self.metrics, backend_options=settings.backend_options())
         self._dir_lock = DataDirLock(settings.data_dir)
         # Writes and deletes go through it: on a full disk deletes still run, writes are
         # refused with StorageFull until space is freed.
@@ -121,6 +122,8 @@ class RetrieverService:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self._dir_lock.acquire()
+        if s.gil_switch_interval_ms:  # process-wide: the service owns its process
+            sys.setswitchinterval(s.gil_switch_interval_ms / 1000)
         # The catalog first: a damaged one stops start-up before the model loads.
         self.catalog.open(check=s.catalog_check_on_start)
         self.space.start()
@@ -228,6 +231,14 @@ class RetrieverService:
         validation.namespace_name(name, "name")
         handle = self.space.write(lambda: self.namespaces.create(name, backend))
         return self.get_namespace(handle.name)
+
+    def reindex_namespace(self, name: str, backend: str = "",
+                          token: CallToken = NEVER) -> tuple[NamespaceRecord, ReindexResult]:
+        """Rebuild the namespace's index into a new generation (Namespaces.reindex)."""
+        self._require_ready()
+        validation.namespace_name(name, "name")
+        result = self.space.write(lambda: self.namespaces.reindex(name, backend, token))
+        return self.get_namespace(name), result
 
     def get_namespace(self, name: str) -> NamespaceRecord:
         self._require_ready()

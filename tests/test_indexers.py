@@ -20,6 +20,8 @@ from indexers import (
     Backend,
     CollectionSpec,
     DimensionMismatch,
+    Filter,
+    Payload,
     SearchHits,
     VectorIndex,
     create_backend,
@@ -370,6 +372,124 @@ def test_congruent_with_exact_search(backend: Backend, metric: str) -> None:
     assert recall >= MIN_RECALL
     if backend.name in EXACT:
         assert recall == 1.0
+
+
+# -- payloads and filters pushed down ---------------------------------------------------------
+PATHS = ["src/app.py", "src/app/main.py", "src/apple.py", "docs/guide.md", "docs/日本語.md",
+         "README.md", "src/app.py.bak", "tests/test_app.py"]
+LANGS = ["python", "python", "python", "markdown", "markdown", "markdown", "", "python"]
+
+
+def payload_of(i: int) -> Payload:
+    j = i % len(PATHS)
+    meta: tuple[tuple[str, str], ...] = (("team", "core" if i % 3 == 0 else "web"),)
+    if i % 4 == 0:
+        meta = (("owner", "ana|bo'b\\"), *meta)  # quotes, bars, backslashes survive
+    return Payload(doc_id=f"doc-{i % 40}", path=PATHS[j], language=LANGS[j],
+                   kind=("function", "class", "section", "")[i % 4], metadata=meta)
+
+
+FILTERS = [
+    Filter(doc_ids=("doc-3", "doc-17", "doc-99")),
+    Filter(path_prefix="src/app"),  # a character prefix: src/app.py, src/app/, src/apple.py
+    Filter(path_prefix="src/app/"),
+    Filter(path_prefix="docs/日"),
+    Filter(path_prefix="%"),  # wildcard characters of LIKE/glob are plain characters
+    Filter(path_prefix="src/app.py"),
+    Filter(languages=("markdown",)),
+    Filter(languages=("",)),
+    Filter(kinds=("function", "class")),
+    Filter(metadata=(("team", "core"),)),
+    Filter(metadata=(("owner", "ana|bo'b\\"), ("team", "core"))),
+    Filter(metadata=(("missing", ""),)),
+    Filter(doc_ids=("doc-1", "doc-2", "doc-5", "doc-9"), path_prefix="src/",
+           languages=("python",), kinds=("class", "section")),
+    Filter(doc_ids=tuple(f"doc-{i}" for i in range(0, 40, 2)), metadata=(("team", "web"),)),
+]
+
+
+@pytest.mark.parametrize("flt", FILTERS, ids=lambda f: repr(f)[7:60])
+def test_filters_pushed_down_match_the_reference_semantics(index: VectorIndex,
+                                                           flt: Filter) -> None:
+    n = 400
+    vectors = unit_vectors(n, seed=7)
+    ids = np.arange(5000, 5000 + n, dtype=np.int64)
+    payloads = [payload_of(i) for i in range(n)]
+    for lo in range(0, n, 100):
+        index.upsert(ids[lo : lo + 100], vectors[lo : lo + 100], payloads[lo : lo + 100])
+    passing = {int(ids[i]) for i in range(n) if flt.matches(payloads[i])}
+    queries = unit_vectors(5, seed=8)
+    k = 10
+    for q, hits in zip(queries, index.search(queries, k, where=flt), strict=True):
+        check_hits(hits, k, passing)
+        assert len(hits.ids) == min(k, len(passing)), "fewer hits than pass the filter"
+        if passing:  # the best passing vector is found
+            mask = np.array([int(i) in passing for i in ids])
+            best = ids[mask][int(np.argmax(vectors[mask] @ q))]
+            assert int(best) in as_set(hits.ids)
+
+
+def test_a_filter_everything_fails_gives_no_hits(index: VectorIndex) -> None:
+    index.upsert([1, 2], unit_vectors(2), [payload_of(0), payload_of(1)])
+    for flt in (Filter(doc_ids=("nobody",)), Filter(path_prefix="zzz"),
+                Filter(metadata=(("team", "nobody"),))):
+        hits = index.search(unit_vectors(2, seed=3), 5, where=flt)
+        assert [len(h.ids) for h in hits] == [0, 0]
+    # An empty filter restricts nothing.
+    assert len(index.search(unit_vectors(1), 5, where=Filter())[0].ids) == 2
+
+
+def test_replacing_a_vector_replaces_its_payload(index: VectorIndex) -> None:
+    v = unit_vectors(3)
+    index.upsert([1, 2, 3], v, [Payload("a", "old/x.py", "python"),
+                                Payload("b", "old/y.py", "python"),
+                                Payload("c", "keep.py", "python")])
+    index.upsert([2], v[1:2], [Payload("b", "new/y.py", "rust")])
+    index.delete([1])
+    assert as_set(index.search(v, 5, where=Filter(path_prefix="old/"))[0].ids) == set()
+    assert as_set(index.search(v, 5, where=Filter(path_prefix="new/"))[0].ids) == {2}
+    assert as_set(index.search(v, 5, where=Filter(languages=("python",)))[0].ids) == {3}
+    # Re-added after a delete, with a new payload.
+    index.upsert([1], v[:1], [Payload("a2", "old/x.py", "go")])
+    assert as_set(index.search(v, 5, where=Filter(doc_ids=("a2",)))[0].ids) == {1}
+
+
+def test_payloads_and_filters_survive_a_reopen(backend_factory: BackendFactory) -> None:
+    first = backend_factory()
+    index = first.open(CollectionSpec("kept", DIM, "cosine"))
+    v = unit_vectors(60, seed=2)
+    index.upsert(range(60), v, [payload_of(i) for i in range(60)])
+    index.delete(range(0, 60, 5))
+    index.flush()
+    first.close()
+    again = backend_factory().open(CollectionSpec("kept", DIM, "cosine"))
+    flt = Filter(kinds=("class",), metadata=(("team", "web"),))
+    passing = {i for i in range(60) if i % 5 and flt.matches(payload_of(i))}
+    hits = again.search(v[:1], 60, where=flt)[0]
+    assert as_set(hits.ids) == passing
+
+
+def test_payload_count_must_match(index: VectorIndex) -> None:
+    with pytest.raises(ValueError):
+        index.upsert([1, 2], unit_vectors(2), [payload_of(0)])
+    assert index.count() == 0
+
+
+def test_filtered_search_at_a_size_past_exact_search(backend: Backend) -> None:
+    """Big enough that an engine may build an approximate index: a selective filter must
+    still return every passing vector's best matches (no holes from a post-filter)."""
+    n, dim = 6000, 32
+    index = backend.open(CollectionSpec("wide", dim, "cosine"))
+    data = unit_vectors(n, dim, seed=11)
+    payloads = [Payload(f"d{i}", f"p/{i % 500:03d}/f.py", "python") for i in range(n)]
+    for lo in range(0, n, 1000):
+        index.upsert(range(lo, lo + 1000), data[lo : lo + 1000], payloads[lo : lo + 1000])
+    flt = Filter(path_prefix="p/007/")  # 12 of 6000
+    passing = {i for i in range(n) if payloads[i].path.startswith("p/007/")}
+    assert len(passing) == 12
+    for hits in index.search(unit_vectors(3, dim, seed=12), 10, where=flt):
+        check_hits(hits, 10, passing)
+        assert len(hits.ids) == 10
 
 
 # -- faiss specifics ---------------------------------------------------------------------------

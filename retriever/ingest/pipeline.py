@@ -12,6 +12,7 @@ the old version or the new one; start-up reconcile clears the leftovers.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from indexers import Payload
 from retriever import analyzer, validation
 from retriever.cancel import NEVER, CallToken
 from retriever.catalog import (
@@ -62,6 +64,16 @@ HEADER_FORMAT = "h2"
 
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _meta_json(d: Document) -> str:
+    """A document's metadata as the catalog stores it."""
+    return json.dumps(dict(d.metadata), sort_keys=True)
+
+
+def _payload(d: Document, path: str, language: str, kind: str) -> Payload:
+    return Payload(doc_id=d.doc_id, path=path, language=language, kind=kind,
+                   metadata=tuple(sorted(dict(d.metadata).items())))
 
 
 def chunk_headers(path: str, language: str, items: Sequence[tuple[str, str]],
@@ -180,6 +192,7 @@ class Ingestor:
         planned: list[_Planned] = []
         refreshes: list[DocumentRefresh] = []
         results: dict[str, DocResult] = {}
+        new_metadata: set[str] = set()  # documents whose metadata changed
         with self._metrics.stage("chunk"):
             for d in docs:
                 path = d.effective_path
@@ -187,6 +200,8 @@ class Ingestor:
                 content_hash = sha256(d.content)
                 head = heads.get(d.doc_id)
                 signature = self.chunking_signature(language)
+                if head is not None and head.metadata != _meta_json(d):
+                    new_metadata.add(d.doc_id)
                 if head is not None and (head.content_hash, head.path, head.language,
                                          head.chunker) == (content_hash, path, language,
                                                            signature):
@@ -196,7 +211,9 @@ class Ingestor:
                 planned.append(self._plan(ns, d, path, language, content_hash,
                                           head.version if head else 0, signature))
 
-        existing = self._catalog.active_chunks(ns, [p.doc.doc_id for p in planned])
+        existing = self._catalog.active_chunks(
+            ns, [p.doc.doc_id for p in planned]
+            + [r.doc_id for r in refreshes if r.doc_id in new_metadata])
         # (planned index, chunk index) of chunks this namespace has no vector for. Chunk ids
         # are unique across the message (doc_id and occurrence are in them).
         to_embed = [(pi, ci) for pi, p in enumerate(planned)
@@ -225,40 +242,64 @@ class Ingestor:
             )
             for row, (pi, ci) in enumerate(to_embed)
         ]
+        # What the engine stores beside each vector (indexers.Payload) never changes under
+        # a vector id: the kept chunks of a document whose metadata changed are moved to
+        # staged copies with the new payload, and the old rows dropped at the commit.
+        new_ids = {p.doc.doc_id: set(p.chunk_ids) for p in planned}
+        new_ids.update({r.doc_id: {c.chunk_id for c in existing.values()
+                                   if c.doc_id == r.doc_id} for r in refreshes})
+        drops: dict[str, list[int]] = {}
+        rekey_old: list[int] = []
+        for old in existing.values():
+            if old.chunk_id not in new_ids[old.doc_id]:
+                drops.setdefault(old.doc_id, []).append(old.vector_id)
+            elif old.doc_id in new_metadata:
+                rekey_old.append(old.vector_id)
+        dropped_all = [vid for vids in drops.values() for vid in vids]
+        by_doc = {d.doc_id: d for d in docs}
         token.check("the commit")
         staged = self._catalog.stage_chunks(ns, new_rows) if new_rows else []
+        copies: list[int] = []
         try:
+            # (path, language) of each document as it will be committed
+            where = {p.doc.doc_id: (p.path, p.language) for p in planned}
+            where.update({r.doc_id: (heads[r.doc_id].path, heads[r.doc_id].language)
+                          for r in refreshes})
+            payloads = [_payload(by_doc[r.doc_id], *where[r.doc_id], r.kind) for r in new_rows]
+            if rekey_old:
+                copies, copy_vectors, kinds = self._catalog.stage_copies(ns, rekey_old)
+                owner = {c.vector_id: c.doc_id for c in existing.values()}
+                payloads += [_payload(by_doc[owner[old]], *where[owner[old]], kind)
+                             for old, kind in zip(rekey_old, kinds, strict=True)]
+                vectors = (np.concatenate([vectors, copy_vectors]) if len(vectors)
+                           else copy_vectors)
             _crash_if_armed(self._faults, "upsert.after_stage")
             with self._metrics.stage("index_write"):
-                if staged:
-                    handle.index.upsert(staged, vectors)
+                if staged or copies:
+                    handle.index.upsert(staged + copies, vectors, payloads)
             _crash_if_armed(self._faults, "upsert.after_index_write")
             staged_by_cid = {r.chunk_id: vid for r, vid in zip(new_rows, staged, strict=True)}
-            new_ids = {p.doc.doc_id: set(p.chunk_ids) for p in planned}
-            drops: dict[str, list[int]] = {}
-            for old in existing.values():
-                if old.chunk_id not in new_ids[old.doc_id]:
-                    drops.setdefault(old.doc_id, []).append(old.vector_id)
-            dropped_all = [vid for vids in drops.values() for vid in vids]
-            writes = [self._write(p, existing, staged_by_cid, drops.get(p.doc.doc_id, []))
-                      for p in planned]
+            moved = dict(zip(rekey_old, copies, strict=True))
+            writes = [self._write(p, existing, staged_by_cid, drops.get(p.doc.doc_id, []),
+                                  moved) for p in planned]
             with self._metrics.stage("commit"), handle.visibility.write():
                 # The last moment to give up: past it, the documents are acknowledged.
                 token.check("the commit")
                 _crash_if_armed(self._faults, "upsert.before_commit")
-                version = self._catalog.commit_documents(ns, writes, refreshes)
+                version = self._catalog.commit_documents(ns, writes, refreshes,
+                                                         rekeys=list(moved.items()))
             _crash_if_armed(self._faults, "upsert.after_commit")
         except BaseException:
             # Nothing was committed: take the staged rows back out of index and catalog.
-            if staged:
+            if staged or copies:
                 try:
-                    handle.index.delete(staged)
-                    self._catalog.discard(staged)
+                    handle.index.delete(staged + copies)
+                    self._catalog.discard(staged + copies)
                 except Exception:  # reconcile at next start clears them
                     log.exception("could not discard staged chunks of namespace %s", ns)
             raise
-        if dropped_all:
-            handle.index.delete(dropped_all)
+        if dropped_all or rekey_old:
+            handle.index.delete(dropped_all + rekey_old)
 
         embedded_by_doc: dict[str, int] = {}
         for pi, _ in to_embed:
@@ -284,12 +325,13 @@ class Ingestor:
 
     @staticmethod
     def _write(p: _Planned, existing: dict[str, StoredChunk], staged_by_cid: dict[str, int],
-               drop: list[int]) -> DocumentWrite:
+               drop: list[int], moved: dict[int, int]) -> DocumentWrite:
         keep, activate = [], []
         for ci, (cid, span) in enumerate(zip(p.chunk_ids, p.spans, strict=True)):
             old = existing.get(cid)
             if old is not None:
-                keep.append(ChunkPlacement(old.vector_id, ci, span.start_line, span.end_line,
+                keep.append(ChunkPlacement(moved.get(old.vector_id, old.vector_id), ci,
+                                           span.start_line, span.end_line,
                                            span.start_byte, span.end_byte))
             else:
                 activate.append(staged_by_cid[cid])

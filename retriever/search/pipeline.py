@@ -14,6 +14,10 @@ Candidate generation and the catalog look-up of the candidates run under the nam
 shared visibility lock, and ids the catalog does not show (staged or superseded chunks) are
 skipped, so a search sees each document entirely before or entirely after a concurrent
 upsert, on both sides. Each stage records its time and each hit carries each stage's score.
+
+With tracing on, each query is a span ``retriever.search`` and each stage one below it
+(``retriever.search.embed`` — the wait for the batch's query vectors —, ``.ann``,
+``.lexical``, ``.fuse``, ``.fetch``, ``.rerank``); Lineage carries the trace id.
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from retriever import analyzer, validation
+from indexers import Filter
+from retriever import analyzer, tracing, validation
 from retriever.catalog import Catalog
 from retriever.config import Settings
 from retriever.domain import (
     ChunkRecord,
     Hit,
     Lineage,
+    SearchFilter,
     SearchMode,
     SearchQuery,
     SearchResult,
@@ -52,6 +58,13 @@ RerankPairs = Callable[[Sequence[tuple[str, str]], Sequence[int]], "Future[np.nd
 
 _MODES = {"dense": SearchMode.DENSE, "lexical": SearchMode.LEXICAL,
           "hybrid": SearchMode.HYBRID}
+
+
+def engine_filter(f: SearchFilter) -> Filter:
+    """A request's filter in the engines' terms (the same semantics: indexers.payload)."""
+    return Filter(doc_ids=tuple(f.doc_ids), path_prefix=f.path_prefix,
+                  languages=tuple(f.languages), kinds=tuple(f.kinds),
+                  metadata=tuple(f.metadata))
 
 
 @dataclass(slots=True)
@@ -129,12 +142,21 @@ class Searcher:
         vectors: dict[int, np.ndarray] = {}
         embed_s = None
         if dense_rows:
-            with self._metrics.stage("embed") as embed_t:
+            with self._metrics.stage("embed", span="retriever.search.embed",
+                                     attributes={"retriever.queries": len(dense_rows)}
+                                     ) as embed_t:
                 out = self._embed_queries([queries[i].query for i in dense_rows]).result()
             embed_s = embed_t[0]
             vectors = {i: out[r] for r, i in enumerate(dense_rows)}
-        return [self._one(q, m, h, vectors.get(i), request_id, embed_s, t0)
-                for i, (q, m, h) in enumerate(zip(queries, modes, handles, strict=True))]
+        results = []
+        for i, (q, m, h) in enumerate(zip(queries, modes, handles, strict=True)):
+            with tracing.span("retriever.search", {
+                    "retriever.namespace": q.namespace, "retriever.mode": m.name.lower(),
+                    "retriever.top_k": q.top_k, "retriever.rerank": q.rerank}) as span:
+                result = self._one(q, m, h, vectors.get(i), request_id, embed_s, t0)
+                span.set_attribute("retriever.hits", len(result.hits))
+            results.append(result)
+        return results
 
     def _wanted(self, q: SearchQuery, mode: SearchMode) -> int:
         """Candidates each side provides."""
@@ -173,28 +195,38 @@ class Searcher:
         with handle.visibility.read():
             handle.require_live()
             if vec is not None:
-                dense, heads = self._dense(q, handle, vec, wanted, timings)
+                with tracing.span("retriever.search.ann", {"retriever.wanted": wanted}) as sp:
+                    dense, heads = self._dense(q, handle, vec, wanted, timings)
+                    sp.set_attribute("retriever.candidates", len(dense))
             if mode is not SearchMode.DENSE:
-                l0 = time.perf_counter()
-                lexical = dict(self._catalog.lexical_search(
-                    q.namespace, analyzer.query_terms(q.query), q.filter, wanted))
-                timings["lexical"] = time.perf_counter() - l0
+                with tracing.span("retriever.search.lexical",
+                                  {"retriever.wanted": wanted}) as sp:
+                    l0 = time.perf_counter()
+                    lexical = dict(self._catalog.lexical_search(
+                        q.namespace, analyzer.query_terms(q.query), q.filter, wanted))
+                    timings["lexical"] = time.perf_counter() - l0
+                    sp.set_attribute("retriever.candidates", len(lexical))
                 missing = [v for v in lexical if v not in heads]
                 if missing:
                     heads.update(self._heads(q, missing, timings))
-            candidates = self._fuse(q, mode, dense, lexical, heads, timings)
+            with tracing.span("retriever.search.fuse") as sp:
+                candidates = self._fuse(q, mode, dense, lexical, heads, timings)
+                sp.set_attribute("retriever.candidates", len(candidates))
             needed = candidates[:rerank_n] if q.rerank else self._shape(q, candidates)
-            f0 = time.perf_counter()
-            # Whole chunks only for what can be returned.
-            chunks, index_version = self._catalog.chunks_by_vector_ids(
-                q.namespace, [c.vector_id for c in needed])
-            timings["fetch"] = timings.get("fetch", 0.0) + time.perf_counter() - f0
+            with tracing.span("retriever.search.fetch", {"retriever.chunks": len(needed)}):
+                f0 = time.perf_counter()
+                # Whole chunks only for what can be returned.
+                chunks, index_version = self._catalog.chunks_by_vector_ids(
+                    q.namespace, [c.vector_id for c in needed])
+                timings["fetch"] = timings.get("fetch", 0.0) + time.perf_counter() - f0
         for c in needed:
             c.chunk = chunks[c.vector_id]  # visible under the lock, so still there
         candidates = needed
         reranker = ""
         if q.rerank and candidates:
-            candidates = self._rerank(q, candidates[:rerank_n], timings)
+            with tracing.span("retriever.search.rerank",
+                              {"retriever.candidates": len(candidates[:rerank_n])}):
+                candidates = self._rerank(q, candidates[:rerank_n], timings)
             assert self._reranker is not None
             reranker = self._reranker.name
         final = self._shape(q, candidates) if q.rerank else candidates
@@ -226,6 +258,7 @@ class Searcher:
             index_generation=r.index_generation, index_version=index_version, device=e.device,
             reranker_revision=self._reranker.revision if reranker and self._reranker else "",
             mode=mode, analyzer=analyzer.ANALYZER if mode is not SearchMode.DENSE else "",
+            trace_id=tracing.current_trace_id(),
         )
         return SearchResult(hits=tuple(hits), lineage=lineage, timings=StageTimings(
             embed=embed_s if vec is not None else None, ann=timings.get("ann"),
@@ -246,15 +279,13 @@ class Searcher:
         """ANN candidates that the catalog shows (at most ``wanted``) and their (doc_id,
         path). Call under the visibility lock."""
         ann_s = 0.0
-        allowed = None
-        if not q.filter.empty:
-            f0 = time.perf_counter()
-            allowed = self._catalog.filter_vector_ids(q.namespace, q.filter)
-            timings["fetch"] = timings.get("fetch", 0.0) + time.perf_counter() - f0
+        # The filter runs inside the engine, over the payload stored with each vector (it
+        # never changes under a vector id: see Catalog.stage_copies).
+        where = None if q.filter.empty else engine_filter(q.filter)
         k = wanted
         while True:
             a0 = time.perf_counter()
-            found = handle.index.search(vec[None, :], k, allowed)[0]
+            found = handle.index.search(vec[None, :], k, where=where)[0]
             a1 = time.perf_counter()
             chunks = self._heads(q, found.ids.tolist(), timings)
             ann_s += a1 - a0

@@ -3,7 +3,7 @@
 The gRPC port is bound first with health NOT_SERVING (RPCs answer UNAVAILABLE while the
 model and indexes load); health flips to SERVING once the core has started. On SIGTERM or
 SIGINT, health flips back, in-flight RPCs get ``shutdown_grace_s`` to finish, the indexes
-are flushed and the process exits 0.
+are flushed, queued trace spans are exported, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from retriever import tracing
 from retriever.config import Settings
 from retriever.errors import RetrieverError
 from retriever.models.embedder import Embedder
@@ -46,14 +47,29 @@ class RunningServer:
     service: RetrieverService
 
 
-async def create_server(service: RetrieverService, settings: Settings) -> RunningServer:
-    """Build and bind (not start) the server; returns it with the bound port."""
+def _trace_interceptor(traces: tracing.Tracing) -> grpc.aio.ServerInterceptor:
+    """A server span per RPC (health checks aside), a child of the caller's span when the
+    call carries a W3C traceparent."""
+    try:
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+    except ImportError as exc:
+        raise StartupError(tracing.INSTALL_HINT) from exc
+    return aio_server_interceptor(tracer_provider=traces.provider,
+                                  filter_=filters.negate(filters.health_check()))
+
+
+async def create_server(service: RetrieverService, settings: Settings,
+                        traces: tracing.Tracing | None = None) -> RunningServer:
+    """Build and bind (not start) the server; returns it with the bound port. ``traces``:
+    the tracing to record each RPC's span with (None: no RPC spans)."""
     opts = [
         ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
         ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
     interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(service.metrics)]
+    if traces is not None:  # outermost, so the other interceptors run inside the RPC's span
+        interceptors.insert(0, _trace_interceptor(traces))
     if settings.auth_token is not None:
         interceptors.append(AuthInterceptor(settings.auth_token.get_secret_value(),
                                             (SERVICE_NAME,)))
@@ -82,9 +98,23 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None,
                 on_ready: Callable[[dict], None] | None = None,
                 embedder: Embedder | None = None) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None)."""
+    try:
+        traces = tracing.setup(settings)
+    except ImportError as exc:
+        raise StartupError(str(exc)) from exc
+    try:
+        await _serve(settings, traces, stop, on_ready, embedder)
+    finally:
+        if traces is not None:  # after the drain: the last RPCs' spans go out too
+            await asyncio.get_running_loop().run_in_executor(None, traces.shutdown)
+
+
+async def _serve(settings: Settings, traces: tracing.Tracing | None,
+                 stop: asyncio.Event | None, on_ready: Callable[[dict], None] | None,
+                 embedder: Embedder | None) -> None:
     service = RetrieverService(settings, embedder=embedder)
     service.metrics.set_objectives(settings)
-    running = await create_server(service, settings)
+    running = await create_server(service, settings, traces)
     loop = asyncio.get_running_loop()
     if stop is None:
         stop = asyncio.Event()

@@ -31,6 +31,7 @@ from retriever.domain import (
 from retriever.errors import InvalidArgument
 from retriever.freshness.staleness import SourceLag
 from retriever.freshness.sync import SyncRequest, SyncState, SyncStatus
+from retriever.namespaces import ReindexResult
 from retriever.v1 import retriever_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def lineage_to_pb(lin: Lineage) -> pb.Lineage:
         embedder_revision=lin.embedder_revision, namespace=lin.namespace,
         index_version=lin.index_version, device=lin.device,
         reranker_revision=lin.reranker_revision, mode=_MODE_PB[lin.mode],
-        analyzer=lin.analyzer,
+        analyzer=lin.analyzer, trace_id=lin.trace_id,
     )
 
 
@@ -217,6 +218,11 @@ def evaluation_to_pb(e: EvaluationRecord | None) -> pb.Evaluation | None:
         version=e.version, start_time=_ts(e.started_at), duration=_dur(e.seconds),
         mode=_MODE_PB[e.mode], rerank=e.rerank, query_count=e.query_count, trigger=e.trigger,
         metrics=[pb.EvalMetric(name=m.name, k=m.k, value=m.value) for m in e.metrics])
+
+
+def reindex_to_pb(n: NamespaceRecord, r: ReindexResult) -> pb.ReindexNamespaceResponse:
+    return pb.ReindexNamespaceResponse(namespace=namespace_to_pb(n), vectors=r.vectors,
+                                       caught_up=r.caught_up, elapsed=_dur(r.seconds))
 
 
 def namespace_to_pb(n: NamespaceRecord) -> pb.Namespace:

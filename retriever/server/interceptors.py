@@ -1,4 +1,4 @@
-"""Cross-cutting concerns of every RPC: request ids, metrics, authentication."""
+"""Cross-cutting concerns of every RPC: request ids, trace ids, metrics, authentication."""
 
 from __future__ import annotations
 
@@ -10,16 +10,42 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
+from retriever import tracing
 from retriever.server.status import REQUEST_ID, REQUEST_ID_HEADER, RPC_CODE, abort
 from retriever.slo.metrics import Metrics
 
+# Codes that mark a server span as an error (OpenTelemetry's gRPC conventions); the others
+# are the caller's doing and leave the span's status unset.
+_SERVER_ERRORS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL",
+                            "UNAVAILABLE", "DATA_LOSS"})
 
-def _request_id(context: grpc.aio.ServicerContext) -> str:
+
+def _request_ids(context: grpc.aio.ServicerContext) -> tuple[str, str]:
+    """The request id (the caller's x-request-id, else a new one) and the caller's trace id
+    (from its traceparent; "" when none or malformed, which is ignored)."""
+    rid = trace_id = ""
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and value and len(value) <= 128:
-            return str(value)
-    return uuid.uuid4().hex
+            rid = str(value)
+        elif key == tracing.TRACEPARENT_HEADER:
+            trace_id = tracing.parse_traceparent(value)
+    return rid or uuid.uuid4().hex, trace_id
+
+
+def _end_span(rid: str, code: str) -> None:
+    """The final status and the request id on the RPC's server span (when traced): the
+    OpenTelemetry interceptor does not see aborts made with ``abort_with_status``."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    span.set_attribute("retriever.request_id", rid)
+    value = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN).value[0]
+    span.set_attribute("rpc.grpc.status_code", value)
+    if code in _SERVER_ERRORS:
+        span.set_status(Status(StatusCode.ERROR, code))
 
 
 Behavior = Callable[..., Awaitable[Any]]
@@ -57,7 +83,8 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
 
 
 class ObservabilityInterceptor(_WrappingInterceptor):
-    """Request ids (x-request-id in, trailer out), per-RPC latency, in-flight and codes."""
+    """Request ids (x-request-id in, trailer out), the caller's trace id (traceparent in),
+    per-RPC latency, in-flight and codes."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -66,8 +93,9 @@ class ObservabilityInterceptor(_WrappingInterceptor):
         m = self._metrics
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            rid = _request_id(context)
+            rid, trace_id = _request_ids(context)
             REQUEST_ID.set(rid)
+            tracing.CALLER_TRACE_ID.set(trace_id)
             RPC_CODE.set("OK")
             context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
             m.inflight.labels(rpc).inc()
@@ -89,6 +117,7 @@ class ObservabilityInterceptor(_WrappingInterceptor):
                 m.inflight.labels(rpc).dec()
                 m.request_duration.labels(rpc).observe(time.perf_counter() - t0)
                 m.requests.labels(rpc, RPC_CODE.get()).inc()
+                _end_span(rid, RPC_CODE.get())
 
         return wrapped
 

@@ -7,6 +7,8 @@ bounded by in-flight limits beyond which calls fail fast with RESOURCE_EXHAUSTED
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import threading
 import time
@@ -181,14 +183,17 @@ class RetrieverServicer:
     async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any,
                    pool: ThreadPoolExecutor | None = None, token: CallToken | None = None) -> T:
         """Run blocking core work off the loop and map its errors to status codes. When the
-        caller cancels, ``token`` tells the core, which then commits nothing."""
+        caller cancels, ``token`` tells the core, which then commits nothing. The work runs
+        in a copy of the RPC's context, so its spans are children of the RPC's span and it
+        sees the caller's trace id (retriever.tracing)."""
         try:
             for a in args:
                 if isinstance(a, Undecodable):
                     raise errors.InvalidArgument(_undecodable_message(a))
             loop = asyncio.get_running_loop()
+            work = functools.partial(contextvars.copy_context().run, fn, *args)
             try:
-                return await loop.run_in_executor(pool or self._read_pool, fn, *args)
+                return await loop.run_in_executor(pool or self._read_pool, work)
             except asyncio.CancelledError:
                 if token is not None:
                     token.cancel()
@@ -236,6 +241,13 @@ class RetrieverServicer:
             context, lambda r: self._svc.delete_namespace(r.name, token), request,
             pool=self._write_pool, token=token)
         return pb.DeleteNamespaceResponse(documents_deleted=docs, chunks_deleted=chunks)
+
+    async def ReindexNamespace(self, request: pb.ReindexNamespaceRequest, context: Any):  # noqa: N802
+        token = self._token(context)
+        record, result = await self._run(
+            context, lambda r: self._svc.reindex_namespace(r.name, r.backend, token), request,
+            pool=self._write_pool, token=token)
+        return convert.reindex_to_pb(record, result)
 
     # -- documents -------------------------------------------------------------------------
     async def UpsertDocuments(  # noqa: N802

@@ -4,6 +4,10 @@ judgements callers send for them (RecordFeedback).
 Online precision@k over a window = judgements "relevant" of chunks returned at rank <= k /
 judgements of chunks returned at rank <= k, summed over the window's judgements (each
 request's chunk counts once: judging it again replaces the verdict). No grpc here.
+
+Each response is kept with the trace id it belongs to (Lineage.trace_id), and a judgement
+names that trace on the RecordFeedback span (``retriever.feedback.trace_id``), so feedback
+can be joined to the traces of the searches it judges.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from retriever import validation
+from opentelemetry import trace
+
+from retriever import tracing, validation
 from retriever.errors import InvalidArgument, NotFound
 
 __all__ = ["MAX_JUDGEMENTS_PER_CALL", "MAX_REQUEST_ID_BYTES", "FeedbackLog", "WindowStats"]
@@ -44,18 +50,24 @@ class FeedbackLog:
         self._ks = tuple(ks)
         self._clock = clock
         self._lock = threading.Lock()
-        # request id -> the searches it made: (namespace, chunk ids in rank order)
-        self._responses: OrderedDict[str, tuple[tuple[str, tuple[str, ...]], ...]] = (
-            OrderedDict())
+        # request id -> (its trace id, the searches it made: (namespace, chunk ids in rank
+        # order))
+        self._responses: OrderedDict[
+            str, tuple[str, tuple[tuple[str, tuple[str, ...]], ...]]] = OrderedDict()
         # (request id, chunk id) -> (time, namespace, rank, relevant), oldest first
         self._judged: OrderedDict[tuple[str, str], tuple[float, str, int, bool]] = OrderedDict()
 
-    def record(self, request_id: str, results: Sequence[tuple[str, Sequence[str]]]) -> None:
+    def record(self, request_id: str, results: Sequence[tuple[str, Sequence[str]]],
+               trace_id: str | None = None) -> None:
         """Remember what ``request_id`` returned: per search, its namespace and chunk ids in
-        rank order. A request id seen again replaces the earlier entry."""
+        rank order, and the trace it belongs to (None: the current one,
+        ``tracing.current_trace_id()``). A request id seen again replaces the earlier
+        entry."""
         if not request_id:
             return
-        entry = tuple((ns, tuple(ids)) for ns, ids in results)
+        if trace_id is None:
+            trace_id = tracing.current_trace_id()
+        entry = (trace_id, tuple((ns, tuple(ids)) for ns, ids in results))
         with self._lock:
             self._responses.pop(request_id, None)
             self._responses[request_id] = entry
@@ -95,9 +107,10 @@ class FeedbackLog:
                     f"no recent search has request id {request_id!r}: it is unknown, or older "
                     f"than the last {self._size} responses the server keeps "
                     "(feedback_log_size)", field="request_id")
-            searched = [(ns, ids) for ns, ids in entry if not namespace or ns == namespace]
+            trace_id, searches = entry
+            searched = [(ns, ids) for ns, ids in searches if not namespace or ns == namespace]
             if not searched:
-                names = sorted({ns for ns, _ in entry})
+                names = sorted({ns for ns, _ in searches})
                 raise InvalidArgument(f"request {request_id!r} searched {names}, not "
                                       f"namespace {namespace!r}", field="namespace")
             ranks: dict[str, tuple[str, int]] = {}
@@ -116,7 +129,16 @@ class FeedbackLog:
                 self._judged.pop(key, None)
                 self._judged[key] = (now, ns, rank, relevant)
             self._prune(now)
+        if trace_id:
+            trace.get_current_span().set_attribute("retriever.feedback.trace_id", trace_id)
         return len(verdicts), sum(verdicts.values()), searched[0][0]
+
+    def trace_id(self, request_id: str) -> str | None:
+        """The trace id recorded with ``request_id`` ("" when it had none); None when the
+        log does not hold the request."""
+        with self._lock:
+            entry = self._responses.get(request_id)
+        return None if entry is None else entry[0]
 
     def _prune(self, now: float) -> None:
         cap = self._size * _JUDGEMENTS_PER_RESPONSE

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -17,7 +17,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from retriever import tracing
+
 if TYPE_CHECKING:
+    from opentelemetry.util.types import AttributeValue
+
     from retriever.config import Settings
     from retriever.domain import EvaluationRecord
     from retriever.freshness.staleness import SourceLag
@@ -196,16 +200,20 @@ class Metrics:
         self.registry.register(_SourceCollector(lags, self.namespace_label))
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[list[float]]:
-        """Times the block into the stage histogram; the yielded list receives the seconds."""
+    def stage(self, name: str, span: str | None = None,
+              attributes: Mapping[str, AttributeValue] | None = None) -> Iterator[list[float]]:
+        """Times the block into the stage histogram; the yielded list receives the seconds.
+        With tracing on, the block is also a span: ``span``, by default
+        ``retriever.upsert.<name>`` (the upsert pipeline's stages call this without one)."""
         out: list[float] = []
-        t0 = time.perf_counter()
-        try:
-            yield out
-        finally:
-            dt = time.perf_counter() - t0
-            out.append(dt)
-            self.stage_duration.labels(name).observe(dt)
+        with tracing.span(span or f"retriever.upsert.{name}", attributes):
+            t0 = time.perf_counter()
+            try:
+                yield out
+            finally:
+                dt = time.perf_counter() - t0
+                out.append(dt)
+                self.stage_duration.labels(name).observe(dt)
 
 
 class _SourceCollector:

@@ -1,0 +1,282 @@
+"""The service behaves the same on every index backend: the same filters (pushed down into
+the engine) give the same hits, and a document's payload follows its metadata.
+
+One real server per backend (FAISS, milvus-lite, embedded Chroma), real model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import make_settings, running_server
+from test_durability import ServerProcess, _free_port
+
+from indexers import BACKENDS
+from retriever.client import RetrieverClient
+from retriever.models.embedder import Embedder
+from retriever.v1 import retriever_pb2 as pb
+
+pytestmark = pytest.mark.integration
+
+DOCS = [
+    ("a", "src/app.py", "def parse_config(path):\n    return open(path).read()\n",
+     {"team": "core", "tier": "1"}),
+    ("b", "src/app/main.py", "def main():\n    print(parse_config('app.toml'))\n",
+     {"team": "web"}),
+    ("c", "src/apple.py", "class Apple:\n    colour = 'red'\n", {"team": "core"}),
+    ("d", "docs/guide.md", "# Guide\n\nHow to parse the config file.\n", {"team": "docs"}),
+    ("e", "docs/日本語.md", "# 設定\n\n設定ファイルを読む。\n", {"team": "docs", "tier": "2"}),
+    ("f", "README.md", "# Project\n\nParses configuration files quickly.\n", {}),
+]
+
+
+def _docs() -> list[pb.Document]:
+    return [pb.Document(doc_id=d, path=p, content=c, metadata=m) for d, p, c, m in DOCS]
+
+
+@pytest.fixture(scope="module", params=sorted(BACKENDS))
+def backend_client(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                   embedder: Embedder) -> Iterator[tuple[str, RetrieverClient]]:
+    data = tmp_path_factory.mktemp(f"svc-{request.param}")
+    settings = make_settings(data, index_backend=request.param)
+    with running_server(settings, embedder) as st, RetrieverClient(st.address) as client:
+        client.upsert("ns", _docs())
+        yield request.param, client
+
+
+FILTERS: list[tuple[pb.SearchFilter, set[str]]] = [
+    (pb.SearchFilter(), {"a", "b", "c", "d", "e", "f"}),
+    (pb.SearchFilter(doc_ids=["a", "d", "zz"]), {"a", "d"}),
+    (pb.SearchFilter(path_prefix="src/app"), {"a", "b", "c"}),
+    (pb.SearchFilter(path_prefix="src/app/"), {"b"}),
+    (pb.SearchFilter(path_prefix="docs/日"), {"e"}),
+    (pb.SearchFilter(path_prefix="%"), set()),
+    (pb.SearchFilter(languages=["markdown"]), {"d", "e", "f"}),
+    (pb.SearchFilter(metadata={"team": "core"}), {"a", "c"}),
+    (pb.SearchFilter(metadata={"team": "docs", "tier": "2"}), {"e"}),
+    (pb.SearchFilter(metadata={"tier": ""}), set()),
+    (pb.SearchFilter(path_prefix="src/", metadata={"team": "core"}, doc_ids=["c", "b"]),
+     {"c"}),
+]
+
+
+@pytest.mark.parametrize("flt,want", FILTERS, ids=[str(i) for i in range(len(FILTERS))])
+def test_the_same_filter_gives_the_same_hits_on_every_backend(
+        backend_client: tuple[str, RetrieverClient], flt: pb.SearchFilter,
+        want: set[str]) -> None:
+    name, client = backend_client
+    resp = client.search("ns", "parse the config file", top_k=50, filter=flt)
+    assert {h.chunk.doc_id for h in resp.hits} == want, name
+    assert resp.lineage.backend == name
+
+
+def test_a_metadata_change_moves_the_payload_and_keeps_chunk_identity(
+        backend_client: tuple[str, RetrieverClient]) -> None:
+    name, client = backend_client
+    doc = pb.Document(doc_id="m", path="lib/m.py", content="def moved():\n    return 1\n",
+                      metadata={"stage": "old"})
+    client.upsert("meta", [doc])
+    before = client.get_document("meta", "m")
+    doc.metadata["stage"] = "new"
+    resp = client.upsert("meta", [doc])
+    assert resp.results[0].status == pb.DocumentResult.UNCHANGED
+    after = client.get_document("meta", "m")
+    assert list(after.chunk_ids) == list(before.chunk_ids)  # identity is the content's
+
+    def hits(stage: str) -> set[str]:
+        r = client.search("meta", "moved", top_k=5,
+                          filter=pb.SearchFilter(metadata={"stage": stage}))
+        return {h.chunk.chunk_id for h in r.hits}
+
+    assert hits("new") == set(after.chunk_ids), name
+    assert hits("old") == set()
+    # Content and metadata change together: kept chunks follow the new metadata too.
+    doc.content += "\n\ndef added():\n    return 2\n"
+    doc.metadata["stage"] = "newer"
+    client.upsert("meta", [doc])
+    latest = client.get_document("meta", "m")
+    assert hits("newer") == set(latest.chunk_ids)
+    assert hits("new") == set()
+    status = client.status("meta")
+    assert status.chunk_count == status.vector_count == len(latest.chunk_ids)
+
+
+def test_payloads_follow_metadata_through_a_sigkill(tmp_path: Path) -> None:
+    """A metadata change lives only in the engine's memory (FAISS snapshots later) when the
+    server is killed: the restart's reconcile gives the moved vectors their new payload."""
+    data = tmp_path / "data"
+    doc = pb.Document(doc_id="k", path="k.py", content="def killed():\n    return 1\n",
+                      metadata={"v": "1"})
+    first = ServerProcess(data)
+    try:
+        with RetrieverClient(first.address) as c:
+            c.upsert("ns", [doc])
+    finally:
+        assert first.terminate() == 0  # a clean stop: the snapshot holds v=1
+    second = ServerProcess(data)
+    try:
+        with RetrieverClient(second.address) as c:
+            doc.metadata["v"] = "2"
+            c.upsert("ns", [doc])
+    finally:
+        second.kill()
+    third = ServerProcess(data)
+    try:
+        with RetrieverClient(third.address) as c:
+            def n(v: str) -> int:
+                return len(c.search("ns", "killed", top_k=5,
+                                    filter=pb.SearchFilter(metadata={"v": v})).hits)
+            assert n("2") >= 1
+            assert n("1") == 0
+    finally:
+        third.terminate()
+
+
+def test_reindex_into_another_backend_while_serving(tmp_path: Path,
+                                                     embedder: Embedder) -> None:
+    """FAISS -> Chroma -> Milvus -> FAISS under searches and upserts: no search fails or
+    comes back empty, the writes made during each copy are in the new generation, and the
+    old generation is dropped."""
+    import threading
+
+    settings = make_settings(tmp_path / "data")
+    with running_server(settings, embedder) as st, RetrieverClient(st.address) as client:
+        docs = [pb.Document(doc_id=f"d{i}", path=f"src/m{i}.py",
+                            content=f"def handler_{i}(request):\n    return 'answer {i}'\n")
+                for i in range(40)]
+        client.upsert("re", docs)
+        stop = threading.Event()
+        failures: list[str] = []
+        searches = [0]
+        written: list[str] = []
+
+        def search() -> None:
+            while not stop.is_set():
+                try:
+                    r = client.search("re", "handler returns an answer", top_k=5)
+                    if not r.hits:
+                        failures.append("no hits")
+                    searches[0] += 1
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    failures.append(repr(exc))
+
+        def write() -> None:
+            i = 0
+            while not stop.is_set():
+                doc_id = f"w{i}"
+                try:
+                    client.upsert("re", [pb.Document(
+                        doc_id=doc_id, path=f"new/{doc_id}.py",
+                        content=f"def written_{i}():\n    return {i}\n")])
+                    written.append(doc_id)
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(repr(exc))
+                i += 1
+
+        threads = [threading.Thread(target=search), threading.Thread(target=write)]
+        for t in threads:
+            t.start()
+        try:
+            generations = []
+            for target in ("chroma", "milvus", "faiss"):
+                resp = client.stub.ReindexNamespace(
+                    pb.ReindexNamespaceRequest(name="re", backend=target), timeout=120)
+                generations.append(resp.namespace.index_generation)
+                assert resp.namespace.backend == target
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        assert failures == []
+        assert searches[0] > 0 and written
+        assert generations == [2, 3, 4]
+        status = client.status("re")
+        assert status.backend == "faiss" and status.index_generation == 4
+        assert status.vector_count == status.chunk_count
+        # Everything acknowledged, during the copies too, is found through the new index.
+        for doc_id in [*written[-3:], "d0", "d39"]:
+            hits = client.search("re", "return", top_k=3,
+                                 filter=pb.SearchFilter(doc_ids=[doc_id])).hits
+            assert [h.chunk.doc_id for h in hits][:1] == [doc_id]
+        # The old generations are gone from every engine's storage.
+        leftovers = [p.name for p in (tmp_path / "data" / "indexes").rglob("*re.g[123]*")]
+        assert leftovers == []
+        with pytest.raises(Exception) as e:  # noqa: PT011
+            client.stub.ReindexNamespace(pb.ReindexNamespaceRequest(name="re",
+                                                                    backend="nope"))
+        assert "unknown index backend" in str(e.value)
+
+
+def _chroma_on(data: Path, port: int) -> subprocess.Popen[bytes]:
+    """`chroma run` on ``port``, once it answers its heartbeat."""
+    import httpx
+
+    cli = Path(sys.executable).parent / "chroma"
+    proc = subprocess.Popen([str(cli), "run", "--path", str(data), "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                            env={**os.environ, "ANONYMIZED_TELEMETRY": "False"})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "chroma run exited"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/v2/heartbeat",
+                         timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("chroma run did not answer in 60 s")
+
+
+def test_an_engine_server_that_dies_gives_unavailable_then_recovers(
+        tmp_path: Path, embedder: Embedder) -> None:
+    """The Chroma server is killed mid-traffic: searches and upserts answer UNAVAILABLE
+    (with a retry delay), nothing acknowledged is lost, nothing refused is half-written,
+    and the service serves again once the engine is back."""
+    import grpc
+    from grpc_status import rpc_status
+
+    from retriever._retry import retry_info_delay
+
+    port = _free_port()
+    engine_data = tmp_path / "chroma"
+    engine = _chroma_on(engine_data, port)
+    settings = make_settings(tmp_path / "data", index_backend="chroma",
+                             chroma_url=f"http://127.0.0.1:{port}")
+    try:
+        with running_server(settings, embedder) as st, RetrieverClient(st.address) as client:
+            client.upsert("eng", [pb.Document(doc_id=f"a{i}", path=f"a{i}.py",
+                                              content=f"def alpha_{i}():\n    return {i}\n")
+                                  for i in range(5)])
+            engine.kill()
+            engine.wait(10)
+            for call in (lambda: client.search("eng", "alpha", top_k=3),
+                         lambda: client.upsert("eng", [pb.Document(
+                             doc_id="lost", path="lost.py", content="def lost(): pass\n")])):
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+                assert "index engine" in e.value.details()
+                delay = retry_info_delay(rpc_status.from_call(e.value))
+                assert delay is not None and delay > 0
+            engine = _chroma_on(engine_data, port)
+            hits = client.search("eng", "alpha", top_k=10).hits
+            assert {h.chunk.doc_id for h in hits} == {f"a{i}" for i in range(5)}
+            with pytest.raises(grpc.RpcError) as e:  # refused, so never half-written
+                client.get_document("eng", "lost")
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            client.upsert("eng", [pb.Document(doc_id="b", path="b.py",
+                                              content="def beta():\n    return 2\n")])
+            status = client.status("eng")
+            assert status.document_count == 6
+            assert status.vector_count == status.chunk_count
+    finally:
+        engine.kill()
+        engine.wait(10)
