@@ -39,13 +39,16 @@ def _address(address: str | None) -> str:
     return f"{s.grpc_host}:{s.grpc_port}"
 
 
-def _client(address: str | None) -> RetrieverClient:
-    """A client for ``address``, with the token of RETRIEVER_AUTH_TOKEN when set."""
-    from retriever.client import RetrieverClient  # grpc stubs load only when needed
+def _client(address: str | None, *, retry: bool = False) -> RetrieverClient:
+    """A client for ``address``, with the token of RETRIEVER_AUTH_TOKEN when set;
+    ``retry``: retry UNAVAILABLE and RESOURCE_EXHAUSTED with RetryInfo (long-lived users
+    such as the MCP server; a one-shot command shows the error instead)."""
+    from retriever.client import NO_RETRY, RetrieverClient, RetryPolicy
 
     token = Settings().auth_token
     return RetrieverClient(_address(address),
-                           token=token.get_secret_value() if token is not None else None)
+                           token=token.get_secret_value() if token is not None else None,
+                           retry=RetryPolicy() if retry else NO_RETRY)
 
 
 def _fail(exc: grpc.RpcError) -> typer.Exit:
@@ -392,7 +395,7 @@ def mcp_server(
     --address (with RETRIEVER_AUTH_TOKEN when set). Needs the mcp extra."""
     from retriever.integrations.mcp_server import serve as serve_mcp
 
-    with _client(address) as client:
+    with _client(address, retry=True) as client:
         serve_mcp(client, transport=transport, host=host, port=port, log_level=log_level)
 
 

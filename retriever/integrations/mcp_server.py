@@ -381,11 +381,7 @@ def create_server(client: RetrieverClient, *, log_level: str = "WARNING") -> MCP
         if not judged:
             raise ToolError("INVALID_ARGUMENT: give at least one chunk id in relevant or "
                             "not_relevant")
-        req = pb.RecordFeedbackRequest(namespace=namespace, request_id=request_id,
-                                       feedback=judged)
-        # The typed client has no method for RecordFeedback yet: its stub carries the same
-        # channel, token and retries.
-        await _rpc(lambda: client.stub.RecordFeedback(req, timeout=client.timeout))
+        await _rpc(lambda: client.record_feedback(namespace, request_id, judged))
         return FeedbackResult(recorded=len(judged))
 
     return server
