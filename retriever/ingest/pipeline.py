@@ -35,7 +35,7 @@ from retriever.catalog import (
 from retriever.config import Settings
 from retriever.domain import DeleteResult, DocResult, DocStatus, Document, UpsertResult
 from retriever.ingest.chunking import ChunkerSet, ChunkSpan, TokenCounter, detect_language
-from retriever.models.embedder import Embedder, compatibility_key
+from retriever.models.embedder import Embedder
 from retriever.namespaces import NamespaceHandle, Namespaces
 from retriever.slo.metrics import Metrics
 
@@ -349,7 +349,7 @@ class Ingestor:
         its float precision: vectors of one class, see `compatibility_key`). A document
         whose signature changed is re-chunked on its next upsert, never left UNCHANGED."""
         c = self._chunkers.chunker_for(language)
-        weights = compatibility_key(self._embedder.revision)
+        weights = self._embedder.compatibility_class
         return f"{c.name} {self._chunkers.config} {HEADER_FORMAT} {weights}"
 
     def _plan(self, ns: str, d: Document, path: str, language: str, content_hash: str,

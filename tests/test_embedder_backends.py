@@ -1,0 +1,281 @@
+"""The embedder's OpenVINO backend (fp32, int8), its model cache, revision naming, vector
+compatibility classes, refused combinations and `auto`'s choice by gate verdicts.
+
+Real model, real OpenVINO and NNCF. One data dir for the module: the fp32 conversion and the
+int8 build (calibrated on a small sample) happen once, the later loads reuse them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import make_settings
+from test_embedder import real_chunks
+
+from retriever.client import RetrieverClient, pb
+from retriever.config import Settings
+from retriever.models import calibration
+from retriever.models.calibration import Verdict, cpu_key, has_native_bf16
+from retriever.models.embedder import (
+    Embedder,
+    auto_candidates,
+    check_backend,
+    check_precision,
+    compatibility_key,
+    compatible,
+    revision_name,
+)
+from retriever.server.app import ServerThread
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+CAL_SAMPLES = 16
+TEXTS = real_chunks()[::2]  # every length up to a full chunk
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("backends")
+
+
+def ov_settings(data_dir: Path, precision: str, **kw: object) -> Settings:
+    return make_settings(data_dir, embedder_backend="openvino", embedder_precision=precision,
+                         embedder_calibration_samples=CAL_SAMPLES, **kw)
+
+
+@pytest.fixture(scope="module")
+def ov_fp32(data_dir: Path) -> Embedder:
+    e = Embedder(ov_settings(data_dir, "fp32"))
+    e.load()
+    return e
+
+
+@pytest.fixture(scope="module")
+def ov_int8(data_dir: Path) -> Embedder:
+    asked: list[int] = []
+
+    def catalog_chunks(n: int) -> list[str]:
+        asked.append(n)
+        return real_chunks()
+
+    e = Embedder(ov_settings(data_dir, "int8"))
+    e.load(calibration_texts=catalog_chunks)
+    assert asked == [4 * CAL_SAMPLES]
+    return e
+
+
+@pytest.fixture(scope="module")
+def reference(embedder: Embedder) -> np.ndarray:
+    """torch fp32 vectors of TEXTS."""
+    return embedder.embed(TEXTS)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1)
+
+
+# -- fast rules ----------------------------------------------------------------------------
+def test_revisions_name_backend_and_precision() -> None:
+    w = "80bc779a287d"
+    assert revision_name(w, "fp32") == w
+    assert revision_name(w, "bf16") == f"{w}+bf16"
+    assert revision_name(w, "fp32", "openvino") == f"{w}+ov-fp32"
+    assert revision_name(w, "bf16", "openvino") == f"{w}+ov-bf16"
+    assert revision_name(w, "int8", "openvino") == f"{w}+ov-int8"
+
+
+def test_float_precisions_are_one_class_and_int8_its_own_unless_equivalent() -> None:
+    w = "80bc779a287d"
+    floats = [w, f"{w}+fp16", f"{w}+bf16", f"{w}+ov-fp32", f"{w}+ov-bf16"]
+    assert {compatibility_key(r) for r in floats} == {w}
+    assert compatibility_key(f"{w}+ov-int8") == f"{w}+int8"
+    for r in floats:
+        assert compatible(r, f"{w}+ov-fp32") and compatible(f"{w}+ov-bf16", r)
+        assert not compatible(r, f"{w}+ov-int8") and not compatible(f"{w}+ov-int8", r)
+        # A gate verdict that says int8 and float vectors are interchangeable joins them.
+        assert compatible(r, f"{w}+ov-int8", int8_equivalent=True)
+        assert compatible(f"{w}+ov-int8", r, int8_equivalent=True)
+    assert compatible(f"{w}+ov-int8", f"{w}+ov-int8")
+    # Never across weights, whatever the verdicts.
+    assert not compatible("feedfacecafe", f"{w}+ov-int8", int8_equivalent=True)
+    assert not compatible("feedfacecafe+ov-fp32", w)
+
+
+def test_impossible_combinations_are_refused_with_what_to_set() -> None:
+    with pytest.raises(ValueError, match="int8 needs embedder_backend=openvino"):
+        check_backend("torch", "cpu", "int8")
+    with pytest.raises(ValueError, match="int8 needs embedder_backend=openvino"):
+        check_precision("cpu", "int8", "torch")
+    with pytest.raises(ValueError, match="openvino runs on the CPU"):
+        check_backend("openvino", "cuda", "fp32")
+    with pytest.raises(ValueError, match="int8 runs on the CPU only"):
+        check_backend("auto", "cuda", "int8")
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        check_precision("cpu", "fp16", "openvino")
+    with pytest.raises(ValueError, match="one of auto, fp32, fp16, bf16, int8"):
+        check_precision("cpu", "int4", "openvino")
+    check_backend("openvino", "cpu", "int8")
+    check_precision("cpu", "int8", "openvino")
+    if not has_native_bf16():
+        with pytest.raises(ValueError, match="emulated"):
+            check_precision("cpu", "bf16", "openvino")
+    # Refused at load, before the weights are read.
+    e = Embedder(Settings(embedder_backend="torch", embedder_precision="int8"))
+    with pytest.raises(ValueError, match="int8 needs embedder_backend=openvino"):
+        e.load()
+    assert not e.loaded
+
+
+def test_auto_candidates_follow_the_cpu_flags() -> None:
+    avx2 = auto_candidates(flags=("avx2",))
+    assert avx2 == [("torch", "fp32"), ("openvino", "fp32")]  # no bf16, no int8 without VNNI
+    full = auto_candidates(flags=("avx2", "avx512_vnni", "avx512_bf16"))
+    assert full == [("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"),
+                    ("openvino", "bf16"), ("openvino", "int8")]
+    assert auto_candidates("int8", flags=("amx_int8",)) == [("openvino", "int8")]
+    assert auto_candidates(openvino=False, flags=("avx512_bf16",)) == [
+        ("torch", "fp32"), ("torch", "bf16")]
+
+
+def test_verdict_file_round_trip_merges_and_survives_damage(tmp_path: Path) -> None:
+    path = tmp_path / "verdicts.json"
+    a = Verdict("w", "openvino", "int8", "avx2", passed=False, speedup=1.0)
+    b = Verdict("w", "openvino", "fp32", "avx2", passed=True, speedup=1.1)
+    calibration.write_verdicts(path, [a, b])
+    calibration.write_verdicts(path, [Verdict("w", "openvino", "int8", "avx2", True, 1.2)])
+    got = {v.key: v for v in calibration.read_verdicts(path)}
+    assert len(got) == 2 and got[a.key].passed and got[b.key] == b
+    path.write_text("{not json")
+    assert calibration.read_verdicts(path) == []
+
+
+# -- the real model ------------------------------------------------------------------------
+@pytest.mark.integration
+def test_openvino_fp32_equals_torch(ov_fp32: Embedder, embedder: Embedder,
+                                    reference: np.ndarray) -> None:
+    assert (ov_fp32.backend, ov_fp32.precision) == ("openvino", "fp32")
+    assert ov_fp32.revision == f"{embedder.weights_revision}+ov-fp32"
+    assert ov_fp32.dimension == embedder.dimension
+    # Token-budgeted batches of mixed lengths: padding handled as torch does.
+    got = ov_fp32.embed(TEXTS, batch_size=16, batch_tokens=2048)
+    cos = cosines(got, reference)
+    assert cos.min() > 0.999
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert ov_fp32.embed([]).shape == (0, ov_fp32.dimension)
+
+
+@pytest.mark.integration
+def test_openvino_int8_is_close_and_its_cache_is_reused(ov_int8: Embedder, embedder: Embedder,
+                                                        reference: np.ndarray,
+                                                        data_dir: Path) -> None:
+    assert ov_int8.revision == f"{embedder.weights_revision}+ov-int8"
+    prov = ov_int8._ov.provenance
+    assert prov.calibration.startswith("catalog") and prov.calibration_texts == CAL_SAMPLES
+    cos = cosines(ov_int8.embed(TEXTS), reference)
+    assert cos.mean() > 0.98, cos.mean()
+    entry = ov_int8._ov.directory
+    assert entry.parent == data_dir / "models" and "int8" in entry.name
+    mtime = (entry / "model.bin").stat().st_mtime_ns
+
+    again = Embedder(ov_settings(data_dir, "int8"))
+    t0 = time.perf_counter()
+    again.load(calibration_texts=lambda n: pytest.fail("a reused model is not recalibrated"))
+    assert again._ov.reused and time.perf_counter() - t0 < prov.built_s + 5
+    assert (entry / "model.bin").stat().st_mtime_ns == mtime
+    assert again._ov.provenance == prov
+    assert np.allclose(again.embed(TEXTS[:8]), ov_int8.embed(TEXTS[:8]), atol=1e-5)
+
+
+@pytest.mark.integration
+def test_a_damaged_cache_entry_is_rebuilt(ov_fp32: Embedder, reference: np.ndarray,
+                                          data_dir: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    entry = ov_fp32._ov.directory
+    with (entry / "model.bin").open("r+b") as fh:  # flip bytes inside the weights
+        fh.seek(4096)
+        fh.write(b"\xff" * 64)
+    e = Embedder(ov_settings(data_dir, "fp32"))
+    e.load()
+    assert not e._ov.reused and "rebuilding it" in caplog.text
+    assert cosines(e.embed(TEXTS[:12]), reference[:12]).min() > 0.999
+    # The rebuilt entry is whole again: the next load reuses it.
+    again = Embedder(ov_settings(data_dir, "fp32"))
+    again.load()
+    assert again._ov.reused
+
+
+@pytest.mark.integration
+def test_auto_picks_the_fastest_backend_that_passed(ov_fp32: Embedder, data_dir: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    w, cpu = ov_fp32.weights_revision, cpu_key()
+    verdicts = data_dir / "verdicts.json"
+    calibration.write_verdicts(verdicts, [
+        Verdict(w, "torch", "fp32", cpu, passed=True, speedup=1.0),
+        Verdict(w, "openvino", "fp32", cpu, passed=True, speedup=1.3),
+        # Faster, but failed the gate: never picked.
+        Verdict(w, "openvino", "int8", cpu, passed=False, speedup=3.0),
+        # Another CPU kind's verdict is not this one's.
+        Verdict(w, "openvino", "bf16", "some other cpu", passed=True, speedup=9.0),
+    ])
+    settings = make_settings(data_dir, embedder_backend="auto", embedder_verdicts_file=verdicts)
+    caplog.set_level(logging.INFO, "retriever.models.embedder")
+    e = Embedder(settings)
+    e.load()
+    assert (e.backend, e.precision, e.revision) == ("openvino", "fp32", f"{w}+ov-fp32")
+    assert e._ov.reused and e.verdict is not None and e.verdict.speedup == 1.3
+    assert not e.int8_equivalent
+    if has_native_bf16():  # openvino bf16 (and torch bf16) have no verdict on this CPU
+        assert "bench/bench_backends.py" in caplog.text
+
+    # No verdict that passed: torch fp32, and the log says how to make verdicts.
+    caplog.clear()
+    none = Embedder(make_settings(data_dir, embedder_backend="auto",
+                                  embedder_verdicts_file=data_dir / "missing.json"))
+    none.load()
+    assert (none.backend, none.precision, none.revision) == ("torch", "fp32", w)
+    assert "bench/bench_backends.py" in caplog.text
+
+
+@pytest.mark.integration
+def test_int8_vectors_are_a_class_of_their_own_unless_a_verdict_joins_them(
+        ov_int8: Embedder, embedder: Embedder, data_dir: Path, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data")
+    docs = [pb.Document(doc_id=f"d{i}", path=f"src/m{i}.py", content=t)
+            for i, t in enumerate(real_chunks()[:12:3])]
+    st = ServerThread(settings, embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            c.upsert("code", docs)
+    finally:
+        st.stop()
+    assert not ov_int8.serves(embedder.revision)
+    st = ServerThread(settings, ov_int8).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.search("code", "token budget", top_k=1)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert f"{embedder.weights_revision}+ov-int8" in e.value.details()
+            c.upsert("int8", docs)  # its own namespaces it serves
+            assert c.search("int8", "token budget", top_k=1).hits
+    finally:
+        st.stop()
+    # A verdict here that int8 passed the gate mixed with float vectors joins the classes.
+    verdicts = data_dir / "interchangeable.json"
+    calibration.write_verdicts(verdicts, [Verdict(
+        ov_int8.weights_revision, "openvino", "int8", cpu_key(), passed=True, speedup=2.0,
+        interchangeable=True)])
+    joined = Embedder(ov_settings(data_dir, "int8", embedder_verdicts_file=verdicts))
+    joined.load()
+    assert joined._ov.reused and joined.int8_equivalent
+    assert ov_int8.compatibility_class == f"{embedder.weights_revision}+int8"
+    assert joined.compatibility_class == embedder.compatibility_class == embedder.revision
+    assert joined.serves(embedder.revision) and joined.serves(f"{embedder.revision}+ov-bf16")
+    assert not joined.serves("feedfacecafe")
+
