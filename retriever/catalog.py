@@ -303,7 +303,9 @@ class Catalog:
         self._path = Path(path)
         self._local = threading.local()
         self._write_lock = threading.Lock()
-        self._conns: list[sqlite3.Connection] = []
+        # Every connection with the thread that opened it (thread-local; closed when that
+        # thread is gone, at the next connection opened, so short-lived threads leak none).
+        self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._conns_lock = threading.Lock()
         self._closed = False
 
@@ -405,7 +407,15 @@ class Catalog:
                 raise
             self._local.conn = conn
             with self._conns_lock:
-                self._conns.append(conn)
+                live = []
+                for thread, other in self._conns:
+                    if thread.is_alive():
+                        live.append((thread, other))
+                    else:
+                        with suppress(sqlite3.Error):
+                            other.close()
+                live.append((threading.current_thread(), conn))
+                self._conns = live
         return conn
 
     @contextmanager
@@ -428,7 +438,7 @@ class Catalog:
                     except sqlite3.Error:
                         self._local.conn = None
                         with self._conns_lock:
-                            self._conns.remove(db)
+                            self._conns = [(t, c) for t, c in self._conns if c is not db]
                         with suppress(sqlite3.Error):
                             db.close()
                 raise
@@ -446,7 +456,7 @@ class Catalog:
     def close(self) -> None:
         self._closed = True
         with self._conns_lock:
-            for conn in self._conns:
+            for _, conn in self._conns:
                 with suppress(sqlite3.ProgrammingError):
                     conn.close()
             self._conns.clear()
