@@ -70,3 +70,32 @@ def test_loadgen_writes_a_sane_report(server, tmp_path: Path) -> None:  # noqa: 
     printed = [line for line in proc.stdout.splitlines() if line[:4].strip() in
                ("PASS", "FAIL", "n/a")]
     assert len(printed) == len(report["goals"])
+
+
+def _loadgen():  # noqa: ANN202 - the script is not a package
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("loadgen", REPO / "load-tests" / "loadgen.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["loadgen"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _open_step(offered: float, ok: int, refused: int = 0, other: int = 0) -> dict:
+    codes = {"OK": ok, "RESOURCE_EXHAUSTED": refused, "DEADLINE_EXCEEDED": other}
+    return {"kind": "open", "level": offered, "offered_rps": offered, "seconds": 10.0,
+            "goodput_rps": ok / 10.0, "codes": {c: n for c, n in codes.items() if n}}
+
+
+def test_saturation_is_the_last_step_served_without_shedding() -> None:
+    lg = _loadgen()
+    steps = [_open_step(10, 100), _open_step(20, 199, refused=1),
+             # goodput 96 % of offered, but 4 % refused: the server is shedding, so full
+             _open_step(30, 288, refused=12), _open_step(40, 300, refused=100)]
+    sat = lg.saturation(steps)
+    assert sat["rps"] == 20
+    assert sat["first_unserved_rps"] == 30
+    assert "refused" in sat["method"]
+    # any other error disqualifies a step whatever its goodput
+    assert lg.saturation([_open_step(10, 100), _open_step(20, 200, other=1)])["rps"] == 10
