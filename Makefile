@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install proto run test test-unit lint bench loadtest clean milvus-server
+.PHONY: install install-gpu proto run test test-unit lint bench loadtest clean milvus-server
 
 install: $(STAMP) $(STUBS)
 
@@ -55,6 +55,15 @@ milvus-server: $(MILVUS_VENV)/bin/milvus-server
 $(MILVUS_VENV)/bin/milvus-server:
 	$(PY) -m venv $(MILVUS_VENV)
 	$(MILVUS_VENV)/bin/pip install --disable-pip-version-check -q milvus==2.3.5
+
+# A CUDA machine: faiss-gpu in place of faiss-cpu (both install the module `faiss`, so one
+# must go). Re-run after anything reinstalls the core dependencies. The embedder needs a CUDA
+# build of torch as well (README: GPU).
+install-gpu: install
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev,gpu]'
+	$(BIN)/pip uninstall --disable-pip-version-check -y -q faiss-cpu
+	$(BIN)/pip install --disable-pip-version-check -q --force-reinstall --no-deps \
+		'faiss-gpu-cu12==1.14.1.post1'
 
 clean:
 	rm -rf $(VENV) $(MILVUS_VENV) retriever/v1 .pytest_cache

@@ -73,6 +73,7 @@ except ImportError as exc:  # pragma: no cover - faiss-cpu is a core dependency
     ) from exc
 faiss: Any = _faiss  # its stubs lag its API (knn_*, SearchParametersHNSW, ...)
 
+from indexers._faiss_gpu import GpuScorer  # noqa: E402
 from indexers._faiss_snapshot import (  # noqa: E402 - after the install hint
     MAGIC,
     METRICS,
@@ -128,11 +129,18 @@ class FaissOptions:
     compact_ratio: float = 0.2  # tombstones over this share of slots trigger a compaction...
     compact_min: int = 1_000  # ...once there are at least this many
     build_threads: int = 1  # OpenMP threads for background builds and merges
-    gpu: bool | None = None  # flat scoring on a GPU; None: when faiss sees one (unmeasured)
+    # Exact scoring on a GPU (faiss-gpu, see _faiss_gpu): True requires one, None uses one
+    # when faiss sees it, False never does.
+    gpu: bool | None = None
+    gpu_device: int = 0
+    gpu_engine: str = "auto"  # auto | torch | faiss (see _faiss_gpu: which runs where)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"faiss index kind must be one of {KINDS}, got {self.kind!r}")
+        if self.gpu_engine not in ("auto", "torch", "faiss"):
+            raise ValueError(f"faiss gpu_engine must be auto, torch or faiss, "
+                             f"got {self.gpu_engine!r}")
         if self.auto_kind not in ("hnsw", "ivf"):
             raise ValueError(f"faiss auto_kind must be hnsw or ivf, got {self.auto_kind!r}")
         for name in ("auto_threshold", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
@@ -251,7 +259,7 @@ class FaissIndex:
         self._force_compact = False
         self._rebuild_retry_at = 0.0
         self._generation = 0  # rebuilds swapped in since open
-        self._gpu_res = _gpu_resources(self._opts.gpu)
+        self._gpu = _gpu_scorer(self._opts, spec.dimension, self._ip)
         self._tables = PayloadTable()
         self._slots: dict[int, int] = {}
         self._view: _View | None = None
@@ -459,7 +467,7 @@ class FaissIndex:
         kk = min(k, passing)
         _omp(self._omp_threads)
         if v.gen.main is None or passing <= self._opts.exact_max:
-            scores, slots = self._exact(store, queries, kk, n, bits, combined, passing)
+            scores, slots = self._exact(v, store, queries, kk, n, bits, combined, passing)
         else:
             scores, slots = self._approximate(v, queries, kk, bits, combined, passing)
         out = []
@@ -544,6 +552,7 @@ class FaissIndex:
             self._view = None
             self._slots = {}
             self._masks = {}
+            self._gpu = None  # its device copies go with it
         self._stop.set()
         self._merge_wake.set()
         for thread in (self._merger, self._rebuilder):
@@ -568,7 +577,8 @@ class FaissIndex:
         return {"kind": v.gen.main_kind or "flat", "slots": v.n, "live": v.n_live,
                 "tombstones": v.n - v.n_live,
                 "unmerged": v.n - int(main.ntotal) if main is not None else 0,
-                "rebuilding": rebuilding, "generation": self._generation}
+                "rebuilding": rebuilding, "generation": self._generation,
+                **(self._gpu.stats() if self._gpu is not None else {})}
 
     def ids_without_payload(self) -> np.ndarray:
         """Live ids stored without a payload (e.g. loaded from an old-format snapshot): the
@@ -615,21 +625,15 @@ class FaissIndex:
         if k == 0:
             return (np.full((nq, 0), -np.inf, dtype=np.float32),
                     np.full((nq, 0), -1, dtype=np.int64))
-        if sel is None and self._gpu_res is not None:  # unmeasured: no GPU where written
-            dist, idx = faiss.knn_gpu(self._gpu_res, queries, rows, k,
-                                      metric=_METRICS[self.spec.metric])
-            dist = np.ascontiguousarray(dist, dtype=np.float32)
-            idx = np.ascontiguousarray(idx, dtype=np.int64)
+        dist = np.empty((nq, k), dtype=np.float32)
+        idx = np.empty((nq, k), dtype=np.int64)
+        sp = faiss.swig_ptr
+        if self._ip:
+            faiss.knn_inner_product(sp(queries), sp(rows), self.spec.dimension, nq, ny,
+                                    k, sp(dist), sp(idx), sel)
         else:
-            dist = np.empty((nq, k), dtype=np.float32)
-            idx = np.empty((nq, k), dtype=np.int64)
-            sp = faiss.swig_ptr
-            if self._ip:
-                faiss.knn_inner_product(sp(queries), sp(rows), self.spec.dimension, nq, ny,
-                                        k, sp(dist), sp(idx), sel)
-            else:
-                faiss.knn_L2sqr(sp(queries), sp(rows), self.spec.dimension, nq, ny, k,
-                                sp(dist), sp(idx), None, sel)
+            faiss.knn_L2sqr(sp(queries), sp(rows), self.spec.dimension, nq, ny, k,
+                            sp(dist), sp(idx), None, sel)
         if not self._ip:
             np.negative(dist, out=dist)
         dist[idx < 0] = -np.inf
@@ -653,13 +657,17 @@ class FaissIndex:
             parts.append((scores, np.where(idx >= 0, idx + slot0, -1)))
         return _best(parts, k, len(queries))
 
-    def _exact(self, store: Store, queries: np.ndarray, k: int, n: int,
+    def _exact(self, v: _View, store: Store, queries: np.ndarray, k: int, n: int,
                bits: np.ndarray | None, combined: np.ndarray | None,
                passing: int) -> tuple[np.ndarray, np.ndarray]:
         if combined is not None and passing * 32 <= n:  # few pass: gather and score them
             slots = np.flatnonzero(combined)
             scores, idx = self._knn(queries, store.take(slots), k, None)
             return scores, np.where(idx >= 0, slots[np.maximum(idx, 0)], -1)
+        if self._gpu is not None and store is v.gen.store:
+            got = self._gpu.search(store, queries, k, n, v.live, v.n_live, bits, passing)
+            if got is not None:
+                return got
         return self._scan(store, queries, k, 0, n, bits)
 
     def _approximate(self, v: _View, queries: np.ndarray, k: int, bits: np.ndarray | None,
@@ -692,7 +700,7 @@ class FaissIndex:
         best_scores, best_slots = _best(parts, k, len(queries))
         short = np.flatnonzero((best_slots >= 0).sum(axis=1) < k)
         if len(short):  # holes (a filter HNSW could not satisfy): exact for those rows
-            again = self._exact(gen.store, np.ascontiguousarray(queries[short]), k, n, bits,
+            again = self._exact(v, gen.store, np.ascontiguousarray(queries[short]), k, n, bits,
                                 combined, passing)
             best_scores[short], best_slots[short] = again
         return best_scores, best_slots
@@ -957,18 +965,57 @@ def _best(parts: list[tuple[np.ndarray, np.ndarray]], k: int,
             np.take_along_axis(slots, order, axis=1))
 
 
-def _gpu_resources(wanted: bool | None) -> Any:
-    """GPU resources for flat scoring when asked for (or, with None, when faiss sees a GPU);
-    None otherwise. Unmeasured: written and tested without a GPU."""
-    if wanted is False or not hasattr(faiss, "knn_gpu"):
-        return None
+_GPU_LOCK = threading.Lock()
+_GPU_RES: dict[int, Any] = {}  # device -> the process's StandardGpuResources for it
+
+
+def _torch_cuda_devices() -> tuple[Any, int]:
+    """torch and how many CUDA devices it sees (0 for a CPU build, or no torch)."""
     try:
-        if faiss.get_num_gpus() <= 0:
-            return None
-        return faiss.StandardGpuResources()
-    except Exception:  # pragma: no cover - a faiss-gpu build without a usable device
-        log.warning("faiss sees a GPU but cannot use it; scoring on the CPU")
+        import torch
+    except ImportError:  # pragma: no cover - torch is a core dependency of the service
+        return None, 0
+    try:
+        return torch, torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # pragma: no cover - a CUDA build on a machine whose driver fails
+        return torch, 0
+
+
+def _faiss_gpus() -> int:
+    if not hasattr(faiss, "StandardGpuResources"):
+        return 0
+    try:
+        return int(faiss.get_num_gpus())
+    except Exception:  # pragma: no cover - a faiss-gpu build whose CUDA cannot start
+        return 0
+
+
+def _gpu_scorer(opts: FaissOptions, dim: int, ip: bool) -> GpuScorer | None:
+    """The GPU scorer the options ask for: ``gpu=True`` requires one (EngineUnavailable
+    otherwise), None takes one when a GPU is seen, False never. Engine ``auto``: torch when it
+    sees CUDA (PyPI's faiss-gpu has no Hopper kernels: see _faiss_gpu), else faiss-gpu."""
+    if opts.gpu is False:
         return None
+    dev = opts.gpu_device
+    engines = ("torch", "faiss") if opts.gpu_engine == "auto" else (opts.gpu_engine,)
+    for engine in engines:
+        if engine == "torch":
+            torch, count = _torch_cuda_devices()
+            if count > dev:
+                return GpuScorer(faiss, None, _GPU_LOCK, dim, ip, device=dev, engine="torch",
+                                 torch=torch)
+        elif _faiss_gpus() > dev:
+            with _GPU_LOCK:
+                res = _GPU_RES.get(dev)
+                if res is None:
+                    res = _GPU_RES[dev] = faiss.StandardGpuResources()
+            return GpuScorer(faiss, res, _GPU_LOCK, dim, ip, device=dev, engine="faiss")
+    if opts.gpu:
+        raise EngineUnavailable(
+            f"faiss gpu=true but no GPU {dev} is usable through "
+            + " or ".join(engines) + ": torch needs a CUDA build, faiss needs "
+            "faiss-gpu (make install-gpu); or set faiss_gpu=false")
+    return None
 
 
 def _omp(threads: int) -> None:

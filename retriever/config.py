@@ -233,6 +233,14 @@ class Settings(BaseSettings):
     faiss_compact_ratio: float = Field(0.2, gt=0, le=1)
     # OpenMP threads of background index builds, merges and compactions.
     faiss_build_threads: int = Field(1, ge=1)
+    # Exact FAISS scoring on a GPU (needs retriever[gpu], faiss-gpu-cu12): null uses one when
+    # faiss sees it, true requires one (start-up fails without), false never uses one.
+    # The rows are mirrored in device memory (4 bytes x dimension per vector).
+    faiss_gpu: bool | None = None
+    faiss_gpu_device: int = Field(0, ge=0)
+    # Who scores on the GPU: torch (a CUDA build), faiss (faiss-gpu), or auto: torch when it
+    # sees CUDA, else faiss-gpu (PyPI's faiss-gpu has no kernels for Hopper GPUs).
+    faiss_gpu_engine: Literal["auto", "torch", "faiss"] = "auto"
     # Seconds between background snapshots of in-process indexes (their state is always
     # recoverable from the catalog; snapshots make restarts fast).
     index_flush_interval_s: float = Field(30.0, gt=0)
@@ -264,7 +272,9 @@ class Settings(BaseSettings):
                       "hnsw_ef_search": self.faiss_ef_search,
                       "ivf_nprobe": self.faiss_ivf_nprobe, "exact_max": self.faiss_exact_max,
                       "compact_ratio": self.faiss_compact_ratio,
-                      "build_threads": self.faiss_build_threads},
+                      "build_threads": self.faiss_build_threads,
+                      "gpu": self.faiss_gpu, "gpu_device": self.faiss_gpu_device,
+                      "gpu_engine": self.faiss_gpu_engine},
             "milvus": {"uri": self.milvus_uri, "index_type": self.milvus_index_type,
                        "consistency": self.milvus_consistency, "prefix": self.milvus_prefix,
                        "token": (self.milvus_token.get_secret_value()
