@@ -267,19 +267,24 @@ def server_delta(before: dict, after: dict) -> dict[str, Any]:
     if not after:
         return {}
     codes: dict[str, dict[str, int]] = {}
-    waits: dict[str, dict[str, float]] = {}
+    sums: dict[str, dict[str, dict[str, float]]] = {"model_wait": {}, "stages": {}}
     for (name, labels), value in after.items():
         d = value - before.get((name, labels), 0.0)
         lab = dict(labels)
         if name == "retriever_requests_total" and d:
             codes.setdefault(lab["rpc"], {})[lab["code"]] = int(d)
-        elif name.startswith("retriever_model_wait_seconds_") and name[-4:] in ("_sum", "ount"):
-            key = "sum" if name.endswith("_sum") else "count"
-            waits.setdefault(lab.get("class", "?"), {})[key] = d
-    model_wait = {c: {"count": int(w.get("count", 0)),
-                      "mean_s": w.get("sum", 0.0) / w["count"] if w.get("count") else 0.0}
-                  for c, w in waits.items()}
-    return {"requests": codes, "model_wait": model_wait}
+            continue
+        for prefix, kind, label in (("retriever_model_wait_seconds_", "model_wait", "class"),
+                                    ("retriever_stage_duration_seconds_", "stages", "stage")):
+            if name.startswith(prefix) and name[-4:] in ("_sum", "ount"):
+                key = "sum" if name.endswith("_sum") else "count"
+                sums[kind].setdefault(lab.get(label, "?"), {})[key] = d
+    out: dict[str, Any] = {"requests": codes}
+    for kind, by in sums.items():
+        out[kind] = {c: {"count": int(w.get("count", 0)),
+                         "mean_s": w.get("sum", 0.0) / w["count"] if w.get("count") else 0.0}
+                     for c, w in by.items() if w.get("count")}
+    return out
 
 
 # -- the workload --------------------------------------------------------------------------
@@ -915,6 +920,12 @@ def render(r: dict[str, Any], name: str) -> str:
                       "(`retriever_model_wait_seconds`, mean): "
                       + ", ".join(f"{c} {v['mean_s'] * 1e3:.1f} ms over {v['count']}"
                                   for c, v in sorted(mw.items())) + "."]
+        st = t.get("server", {}).get("stages")
+        if st:
+            lines += ["", "Server-side upsert stages (`retriever_stage_duration_seconds`, mean "
+                      "per call): " + ", ".join(f"{c} {v['mean_s'] * 1e3:.1f} ms over "
+                                                f"{v['count']}" for c, v in sorted(st.items()))
+                      + "; the rest of an upsert's latency is waiting for its namespace."]
     m, soak = r.get("soak_memory"), r.get("soak")
     if soak:
         lines += ["", f"## Soak ({soak['seconds']:.0f} s at {soak['level']:.1f} req/s offered)",

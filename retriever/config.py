@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     # and how long a stream may sit idle between messages before it is closed.
     max_upsert_streams_per_peer: int = Field(6, ge=1)
     upsert_stream_idle_timeout_s: float = Field(30.0, gt=0)
+    # Chunk and embed an upsert before taking its namespace's write lock (held then only to
+    # check the plan and commit), so upserts of one namespace overlap at the model thread
+    # instead of queueing behind each other whole. False: the whole upsert under the lock.
+    upsert_prefetch: bool = True
 
     # -- freshness -------------------------------------------------------------------------
     # How long a namespace's lag behind its git source is reused by searches before it is

@@ -319,6 +319,52 @@ def test_document_jobs_take_turns(make, embed: FakeEmbed) -> None:  # noqa: ANN0
     assert order == ["small", "bulk"]
 
 
+def test_the_job_with_the_least_work_left_goes_first(make, embed: FakeEmbed) -> None:  # noqa: ANN001
+    b = make(doc_batch=1)
+    gate, first = hold_worker(b, embed)
+    order: list[str] = []
+    for name, n in (("bulk", 20), ("medium", 5), ("small", 2)):
+        b.submit_documents([f"{n}:{i}" for i in range(n)]).add_done_callback(
+            lambda f, name=name: order.append(name))
+    gate.set()
+    first.result(TIMEOUT)
+    deadline = threading.Event()
+    while len(order) < 3 and not deadline.wait(0.01):
+        pass
+    assert order == ["small", "medium", "bulk"]
+
+
+def test_a_stream_of_small_jobs_cannot_starve_a_bulk_one() -> None:
+    """Shortest-remaining-first alone would never serve the bulk job while small ones keep
+    coming; the starvation bound gives it a slice at least every doc_starve_s."""
+    import time
+
+    b = MicroBatcher(SlowEmbed(0.005), 64, 0.0, doc_batch=1, doc_starve_s=0.05)
+    b.start()
+    stop = threading.Event()
+
+    def writer(c: int) -> None:
+        while not stop.is_set():
+            b.submit_documents([f"{c}:0"]).result(TIMEOUT)
+
+    threads = [threading.Thread(target=writer, args=(c,), daemon=True) for c in (1, 2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.05)  # the stream of small jobs is running
+        t0 = time.monotonic()
+        out = b.submit_documents([f"3:{i}" for i in range(20)]).result(TIMEOUT)
+        elapsed = time.monotonic() - t0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(TIMEOUT)
+        b.stop()
+    np.testing.assert_array_equal(out, rows([f"3:{i}" for i in range(20)]))
+    # 20 slices, each at most doc_starve_s (50 ms) + a few 5 ms slices apart
+    assert elapsed < 20 * (0.05 + 0.03), elapsed
+
+
 def test_slices_respect_the_token_budget(make, embed: FakeEmbed) -> None:  # noqa: ANN001
     b = make(doc_batch=8, doc_slice_tokens=10)
     texts = [f"1:{i}" for i in range(6)]

@@ -120,8 +120,41 @@ def test_a_cancelled_upsert_never_commits(client: RetrieverClient) -> None:
     assert not any(_exists(client, "cancel", d.doc_id) for d in docs)
 
 
-def test_a_delete_namespace_that_timed_out_behind_an_upsert_is_not_applied_later(
+def test_a_small_upsert_overtakes_a_bulk_one_in_the_same_namespace(
         client: RetrieverClient, server: ServerThread) -> None:
+    """Upserts chunk and embed before taking the namespace's write lock, so a small one is
+    not queued behind the whole embedding of a bulk one (their slices take turns)."""
+    client.upsert("shared", [_small(0, "seed")])
+    finished: dict[str, float] = {}
+
+    def bulk() -> None:
+        with RetrieverClient(server.address, timeout=120) as c:
+            c.upsert("shared", [_big(i, "bulk") for i in range(6)], batch_size=6)
+        finished["bulk"] = time.monotonic()
+
+    t = threading.Thread(target=bulk)
+    t.start()
+    time.sleep(0.5)  # the bulk upsert is embedding (seconds of it on a CPU)
+    t0 = time.monotonic()
+    client.upsert("shared", [_small(1, "late")])
+    finished["small"] = time.monotonic()
+    t.join(120)
+    assert finished["small"] < finished["bulk"], (
+        f"the small upsert ({finished['small'] - t0:.2f} s) waited for the bulk one")
+    assert _exists(client, "shared", "late-1.md") and _exists(client, "shared", "bulk-5.txt")
+
+
+def test_a_delete_namespace_that_timed_out_behind_an_upsert_is_not_applied_later(
+        tmp_path: Path, embedder: Embedder) -> None:
+    # Without prefetching, an upsert holds the namespace's write lock while it embeds: a
+    # long wait for the lock, the case where a timed-out delete could be applied late.
+    settings = make_settings(tmp_path / "data", upsert_prefetch=False)
+    with running_server(settings, embedder) as server, \
+            RetrieverClient(server.address, timeout=60) as client:
+        _delete_behind_upsert(client, server)
+
+
+def _delete_behind_upsert(client: RetrieverClient, server: ServerThread) -> None:
     client.upsert("doomed", [_small(0, "x")])
     done = threading.Event()
     failed: list[BaseException] = []
@@ -238,3 +271,43 @@ def test_beyond_saturation_searches_are_shed_at_once_and_admission_resumes(
             assert c.search("shed", "a small note", top_k=1).hits  # admission resumed
     finally:
         st.stop()
+
+
+def test_concurrent_upserts_of_one_document_leave_one_consistent_version(
+        tmp_path: Path, embedder: Embedder) -> None:
+    """Each upsert plans and embeds before the lock from what it saw; the ones that find
+    the document changed under the lock plan again: the last commit wins whole, versions
+    count every change, and no vector or chunk of a losing plan is left behind."""
+    contents = {i: "\n\n".join(f"Paragraph {j} of draft {i}: " + " ".join(
+        f"d{i}p{j}w{w}" for w in range(60)) for j in range(4)) for i in range(6)}
+    errors: list[BaseException] = []
+
+    def write(i: int) -> None:
+        try:
+            with RetrieverClient(server.address, timeout=120) as c:
+                c.upsert("race", [pb.Document(doc_id="same.md", content=contents[i])])
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    with running_server(make_settings(tmp_path / "data"), embedder) as server, \
+            RetrieverClient(server.address, timeout=60) as client:
+        threads = [threading.Thread(target=write, args=(i,)) for i in contents]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        _check_one_version(client, contents)
+
+
+def _check_one_version(client: RetrieverClient, contents: dict[int, str]) -> None:
+    doc = client.get_document("race", "same.md")
+    assert doc.document.content in contents.values()
+    assert doc.version == len(contents)  # every upsert changed the content once
+    status = client.status("race")
+    assert status.document_count == 1
+    assert status.chunk_count == status.vector_count == len(doc.chunk_ids)
+    winner = next(i for i, c in contents.items() if c == doc.document.content)
+    hits = client.search("race", f"d{winner}p2w7 d{winner}p2w8", top_k=10).hits
+    assert hits and all(f"draft {winner}" in h.chunk.text or f"d{winner}p" in h.chunk.text
+                        for h in hits)

@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from retriever.cancel import NEVER, CallToken
 from retriever.catalog import (
     Catalog,
     ChunkPlacement,
+    DocHead,
     DocumentRefresh,
     DocumentWrite,
     NewChunk,
@@ -34,6 +35,7 @@ from retriever.catalog import (
 )
 from retriever.config import Settings
 from retriever.domain import DeleteResult, DocResult, DocStatus, Document, UpsertResult
+from retriever.errors import NotFound
 from retriever.ingest.chunking import ChunkerSet, ChunkSpan, TokenCounter, detect_language
 from retriever.models.embedder import Embedder
 from retriever.namespaces import NamespaceHandle, Namespaces
@@ -130,6 +132,10 @@ def make_chunk_id(chunker: str, namespace: str, doc_id: str, path: str, text: st
     return h.hexdigest()[:32]
 
 
+def _plan_key(p: _Planned) -> tuple[str, str, str, str, str]:
+    return (p.doc.doc_id, p.content_hash, p.path, p.language, p.signature)
+
+
 @dataclass(slots=True)
 class _Planned:
     doc: Document
@@ -144,6 +150,14 @@ class _Planned:
     headers: list[str]
     token_counts: list[int]
     old_version: int  # 0 when new
+
+
+@dataclass(slots=True)
+class _Prefetched:
+    """What an upsert chunked and embedded before taking its namespace's write lock."""
+
+    plans: dict[tuple[str, str, str, str, str], _Planned]
+    vectors: dict[str, np.ndarray]  # embedded text -> its vector
 
 
 class Ingestor:
@@ -171,6 +185,7 @@ class Ingestor:
         batches: a namespace deleted meanwhile stays deleted): then NotFound."""
         validation.namespace_name(namespace)
         validation.documents(docs, self._settings)
+        pre = self._prefetch(namespace, docs, token, create)
         while True:
             token.check("the upsert started")
             handle = (self._namespaces.get_or_create(namespace) if create
@@ -179,37 +194,88 @@ class Ingestor:
             token.acquire(handle.write_lock, "the upsert started")
             try:
                 if not handle.deleted:  # else deleted meanwhile: upsert re-creates it
-                    return self._upsert_locked(handle, docs, token)
+                    return self._upsert_locked(handle, docs, token, pre)
                 if not create:
                     handle.require_live()
             finally:
                 handle.write_lock.release()
 
-    def _upsert_locked(self, handle: NamespaceHandle, docs: Sequence[Document],
-                       token: CallToken) -> UpsertResult:
-        ns = handle.name
+    def _prefetch(self, ns: str, docs: Sequence[Document], token: CallToken,
+                  create: bool) -> _Prefetched | None:
+        """Chunk and embed, before taking the namespace's write lock, what the namespace has
+        no vector for as it stands now. Upserts of one namespace then overlap (their slices
+        take turns at the model thread) instead of each waiting for the whole of the ones
+        ahead of it, and the lock is held only to check the plan and commit. What changed
+        meanwhile (another upsert of the same document) is planned again under the lock;
+        vectors computed here for texts no longer needed are dropped."""
+        try:
+            self._namespaces.require_compatible(self._namespaces.get(ns))
+        except NotFound:
+            if not create:
+                return None  # the locked path says NotFound
+            # new: created under the lock, as before; its documents are all new
+        if not self._settings.upsert_prefetch:
+            return None
         heads = self._catalog.document_heads(ns, [d.doc_id for d in docs])
+        with self._metrics.stage("chunk"):
+            planned, _, _ = self._plan_docs(ns, docs, heads, None)
+        existing = self._catalog.active_chunks(ns, [p.doc.doc_id for p in planned])
+        todo: dict[str, int] = {}
+        for p in planned:
+            for cid, text, n in zip(p.chunk_ids, p.embed_texts, p.token_counts, strict=True):
+                if cid not in existing:
+                    todo.setdefault(text, n)
+        texts = list(todo)
+        vectors: dict[str, np.ndarray] = {}
+        if texts:
+            with self._metrics.stage("embed"):
+                rows = self._embed_documents(texts, [todo[t] for t in texts], token)
+            vectors = dict(zip(texts, rows, strict=True))
+        return _Prefetched({_plan_key(p): p for p in planned}, vectors)
+
+    def _plan_docs(self, ns: str, docs: Sequence[Document], heads: dict[str, DocHead],
+                   pre: _Prefetched | None,
+                   ) -> tuple[list[_Planned], list[DocumentRefresh], set[str]]:
+        """Documents to (re)chunk, documents unchanged but for their revision or metadata,
+        and those whose metadata changed. Plans made by ``pre`` for the same content, path,
+        language and chunking are reused."""
         planned: list[_Planned] = []
         refreshes: list[DocumentRefresh] = []
+        new_metadata: set[str] = set()
+        for d in docs:
+            path = d.effective_path
+            language = d.language or detect_language(path, d.content)
+            content_hash = sha256(d.content)
+            head = heads.get(d.doc_id)
+            signature = self.chunking_signature(language)
+            if head is not None and head.metadata != _meta_json(d):
+                new_metadata.add(d.doc_id)
+            if head is not None and (head.content_hash, head.path, head.language,
+                                     head.chunker) == (content_hash, path, language,
+                                                       signature):
+                refreshes.append(DocumentRefresh(d.doc_id, d.revision, d.source_updated_at,
+                                                 dict(d.metadata)))
+                continue
+            old_version = head.version if head else 0
+            plan = (pre.plans.get((d.doc_id, content_hash, path, language, signature))
+                    if pre is not None else None)
+            if plan is None or plan.doc is not d:
+                plan = self._plan(ns, d, path, language, content_hash, old_version, signature)
+            elif plan.old_version != old_version:  # another upsert of it committed meanwhile
+                plan = replace(plan, old_version=old_version)
+            planned.append(plan)
+        return planned, refreshes, new_metadata
+
+    def _upsert_locked(self, handle: NamespaceHandle, docs: Sequence[Document],
+                       token: CallToken, pre: _Prefetched | None = None) -> UpsertResult:
+        ns = handle.name
+        heads = self._catalog.document_heads(ns, [d.doc_id for d in docs])
         results: dict[str, DocResult] = {}
-        new_metadata: set[str] = set()  # documents whose metadata changed
-        with self._metrics.stage("chunk"):
-            for d in docs:
-                path = d.effective_path
-                language = d.language or detect_language(path, d.content)
-                content_hash = sha256(d.content)
-                head = heads.get(d.doc_id)
-                signature = self.chunking_signature(language)
-                if head is not None and head.metadata != _meta_json(d):
-                    new_metadata.add(d.doc_id)
-                if head is not None and (head.content_hash, head.path, head.language,
-                                         head.chunker) == (content_hash, path, language,
-                                                           signature):
-                    refreshes.append(DocumentRefresh(d.doc_id, d.revision, d.source_updated_at,
-                                                     dict(d.metadata)))
-                    continue
-                planned.append(self._plan(ns, d, path, language, content_hash,
-                                          head.version if head else 0, signature))
+        if pre is None:
+            with self._metrics.stage("chunk"):
+                planned, refreshes, new_metadata = self._plan_docs(ns, docs, heads, None)
+        else:
+            planned, refreshes, new_metadata = self._plan_docs(ns, docs, heads, pre)
 
         existing = self._catalog.active_chunks(
             ns, [p.doc.doc_id for p in planned]
@@ -218,10 +284,21 @@ class Ingestor:
         # are unique across the message (doc_id and occurrence are in them).
         to_embed = [(pi, ci) for pi, p in enumerate(planned)
                     for ci, cid in enumerate(p.chunk_ids) if cid not in existing]
-        with self._metrics.stage("embed"):
-            vectors = self._embed_documents(
-                [planned[pi].embed_texts[ci] for pi, ci in to_embed],
-                [planned[pi].token_counts[ci] for pi, ci in to_embed], token)
+        texts = [planned[pi].embed_texts[ci] for pi, ci in to_embed]
+        ready = pre.vectors if pre is not None else {}
+        missing = [row for row, text in enumerate(texts) if text not in ready]
+        vectors = np.empty((len(texts), self._embedder.dimension), dtype=np.float32)
+        for row, text in enumerate(texts):
+            if text in ready:
+                vectors[row] = ready[text]
+        if missing or not texts:
+            with self._metrics.stage("embed"):
+                fresh = self._embed_documents(
+                    [texts[row] for row in missing],
+                    [planned[to_embed[row][0]].token_counts[to_embed[row][1]]
+                     for row in missing], token)
+            if missing:
+                vectors[missing] = fresh
 
         new_rows = [
             NewChunk(

@@ -58,6 +58,8 @@ class _DocJob:
     fn: Callable[[list], np.ndarray]
     kind: str  # "document" | "rerank"
     done: int = 0
+    left: int = 0  # tokens not embedded yet
+    served: float = 0.0  # when it last had a slice (or was submitted)
     out: list[tuple[list[int], np.ndarray]] = field(default_factory=list)
 
 
@@ -68,7 +70,7 @@ class MicroBatcher:
                  doc_batch: int = 16, doc_slice_tokens: int = 0,
                  doc_max_wait_s: float = 0.05,
                  on_wait: Callable[[str, float], None] | None = None,
-                 nice: int = 0) -> None:
+                 nice: int = 0, doc_starve_s: float = 1.0) -> None:
         """``doc_slice_tokens``: token budget of one document slice (0: no budget, only
         ``doc_batch``). ``on_wait(kind, seconds)`` receives how long each query batch and
         each document slice waited for the model. ``nice``: how far the model thread (and
@@ -80,6 +82,7 @@ class MicroBatcher:
         self.doc_batch = doc_batch  # may be changed before start()
         self.doc_slice_tokens = doc_slice_tokens
         self._doc_max_wait = doc_max_wait_s
+        self._doc_starve = doc_starve_s
         self._on_wait = on_wait or (lambda kind, s: None)
         # When the model last worked on documents (or the first job began to wait).
         self._docs_served = time.monotonic()
@@ -137,7 +140,8 @@ class MicroBatcher:
                 return fut
             if not self._docs:
                 self._docs_served = time.monotonic()  # the wait starts now
-            self._docs.append(_DocJob(texts, fut, order, sizes, self._embed, "document"))
+            self._docs.append(_DocJob(texts, fut, order, sizes, self._embed, "document",
+                                      left=sum(sizes), served=time.monotonic()))
             self._cond.notify_all()
         return fut
 
@@ -195,9 +199,7 @@ class MicroBatcher:
         if self._docs and ((not self._queries and not self._reranks)
                            or (not self._last_was_doc and self._docs_overdue())):
             self._last_was_doc = True
-            job = self._docs[0]
-            self._docs.rotate(-1)  # jobs take turns, one slice each
-            return job
+            return self._pick_doc_locked()
         if self._reranks and not self._queries:
             self._last_was_doc = False
             job = self._reranks[0]
@@ -217,6 +219,17 @@ class MicroBatcher:
             batch.append(self._queries.popleft())
         self._on_depth(sum(len(q.texts) for q in self._queries))
         return batch
+
+    def _pick_doc_locked(self) -> _DocJob:
+        """The document job with the least work left (a small upsert is not queued behind a
+        bulk one: shortest remaining first keeps the mean wait lowest), unless a job has had
+        no slice for ``doc_starve_s``: then the longest-waiting one, so a bulk job moves on
+        at least a slice that often under any stream of small ones."""
+        now = time.monotonic()
+        starved = [j for j in self._docs if now - j.served >= self._doc_starve]
+        if starved:
+            return min(starved, key=lambda j: j.served)
+        return min(self._docs, key=lambda j: (j.left, j.served))
 
     def _docs_overdue(self) -> bool:
         return time.monotonic() - self._docs_served >= self._doc_max_wait
@@ -273,6 +286,8 @@ class MicroBatcher:
         if vectors is not None:
             job.out.append((idx, vectors))
         job.done += len(idx)
+        job.left -= sum(job.lengths[i] for i in idx)
+        job.served = time.monotonic()
         if job.done < len(job.texts):
             return
         with self._cond:
