@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     # and precision whose quality-gate verdict for this model and CPU passed (verdicts come
     # from bench/bench_backends.py --verdicts; none is measured at start), else torch.
     embedder_backend: Literal["auto", "torch", "openvino"] = "torch"
-    # auto: fp16 on CUDA, fp32 on CPU (openvino: bf16 where the CPU has native bf16, else
+    # auto: fp32 on CUDA and CPU (openvino: bf16 where the CPU has native bf16, else
     # fp32). bf16: on CUDA, or on a CPU with native bf16. int8: openvino only, static
     # quantization (NNCF) calibrated on the catalog's chunks (on an empty catalog, the
     # service's own sources); a vector class of its own unless a verdict says otherwise.
@@ -150,6 +150,12 @@ class Settings(BaseSettings):
     # Padded tokens per forward pass (a batch is cut to its longest member): a batch of short
     # chunks holds more of them. 0 = auto: embed_batch_size full-length chunks' worth.
     embed_batch_tokens: int = Field(0, ge=0)
+    # Pad each forward pass to a shape from a small set (width to a multiple of 32 tokens,
+    # rows to a power of two) and run every such shape once at start. On CUDA in fp16/bf16 a
+    # shape's first pass costs ~45 ms against ~3 ms after (an H200: bench/results/
+    # gpu-fp16-warmup-h200.md), and unbucketed batches meet new shapes all the time.
+    # null = on for CUDA fp16/bf16, off elsewhere.
+    embed_bucket_shapes: bool | None = None
     # Concurrent queries are embedded together: queries that arrive while the model is busy
     # form the next batch (up to query_batch_size texts). A positive wait holds a batch open
     # that long for more queries: bigger batches (worth it on a GPU) for added latency.

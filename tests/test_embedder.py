@@ -13,6 +13,8 @@ from retriever.config import Settings
 from retriever.models.embedder import (
     Embedder,
     _batches,
+    _bucket_rows,
+    _bucket_width,
     check_precision,
     compatibility_key,
     cpu_has_bf16,
@@ -54,6 +56,22 @@ def test_token_budgeted_batches_embed_like_one_text_at_a_time(embedder: Embedder
     cos = np.sum(batched[:24] * single, axis=1)
     assert cos.min() > 0.9999
     assert np.allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+
+
+def test_bucketed_shapes_embed_like_exact_ones(embedder: Embedder, tmp_path: Path) -> None:
+    """Padding a batch to a warmed shape (rows repeated, width padded with masked tokens)
+    changes no vector; the warm-up runs every shape a batch can take."""
+    assert [_bucket_rows(n) for n in (1, 2, 3, 5, 33, 64)] == [1, 2, 4, 8, 64, 64]
+    assert [_bucket_width(w, 256) for w in (1, 32, 33, 250, 256)] == [32, 32, 64, 256, 256]
+    assert _bucket_width(300, 256) == 300 and _bucket_width(120, 100) == 120
+    bucketed = Embedder(make_settings(tmp_path, embed_bucket_shapes=True, embed_batch_size=4,
+                                      query_batch_size=4))
+    bucketed.load()
+    assert bucketed._buckets and not embedder._buckets  # off on CPU by default
+    texts = real_chunks()[:30]
+    a, b = embedder.embed(texts, batch_size=3), bucketed.embed(texts, batch_size=3)
+    assert np.sum(a * b, axis=1).min() > 0.9999
+    bucketed._warm_shapes()  # on CUDA it runs at load; here it must at least run
 
 
 def test_revision_names_the_precision_and_compatibility_ignores_it() -> None:

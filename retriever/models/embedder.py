@@ -77,6 +77,7 @@ class Embedder:
         self.verdict: Verdict | None = None  # the gate verdict of what runs, when there is one
         self._autocast: Any = None  # torch dtype to autocast to on CPU, or None
         self._ov: Any = None  # _openvino.OpenVINOModel when the backend is openvino
+        self._buckets = False  # pad batches to a small set of shapes (embed_bucket_shapes)
 
     @property
     def loaded(self) -> bool:
@@ -149,6 +150,11 @@ class Embedder:
                 self._autocast = torch.bfloat16
         self.backend = backend
         self.precision = precision
+        bucket = s.embed_bucket_shapes
+        self._buckets = (bool(bucket) if bucket is not None else
+                         backend == "torch" and device == "cuda" and precision != "fp32")
+        if self._buckets and backend == "torch" and self.device.startswith("cuda"):
+            self._warm_shapes()
         self.revision = revision_name(self.weights_revision, precision, backend)
         log.info(
             "embedder %s@%s loaded on %s (%s %s), %d-d, max %d tokens",
@@ -352,16 +358,67 @@ class Embedder:
                     else contextlib.nullcontext())
         for idx, width in _batches(order, lengths, cap, budget):
             rows = torch.tensor(idx)
-            batch = {
-                k: (v[rows, :width] if v.dim() == 2 else v[rows]).to(model.device)
-                if isinstance(v, torch.Tensor) else v
-                for k, v in features.items()
-            }
+            n = len(idx)
+            if self._buckets:  # a shape from the warmed set: pad rows (repeats) and width
+                rows = torch.cat([rows, rows[:1].repeat(_bucket_rows(n) - n)])
+                width = _bucket_width(width, self.max_tokens)
+            batch = {k: _cut(v, rows, width).to(model.device) if isinstance(v, torch.Tensor)
+                     else v for k, v in features.items()}
             with torch.inference_mode(), autocast:
-                emb = model(batch)["sentence_embedding"]
+                emb = model(batch)["sentence_embedding"][:n]
             emb = functional.normalize(emb.float(), p=2, dim=1)
             out[idx] = emb.cpu().numpy()
         return out
+
+    def _warm_shapes(self) -> None:
+        """One forward pass of every bucketed shape a batch can take (see
+        ``embed_bucket_shapes``), so that no request pays a shape's first pass."""
+        import torch
+
+        model = self._model
+        assert model is not None
+        t0 = time.perf_counter()
+        cap = _bucket_rows(max(self.default_batch_size, self._settings.query_batch_size, 1))
+        shapes = 0
+        for width in sorted({_bucket_width(w, self.max_tokens)
+                             for w in range(1, self.max_tokens + 1)}):
+            most = _bucket_rows(max(1, min(cap, self.default_batch_tokens // width)))
+            r = 1
+            while r <= max(most, 1):
+                ids = torch.full((r, width), 1000, dtype=torch.long, device=model.device)
+                batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                         "token_type_ids": torch.zeros_like(ids)}
+                with torch.inference_mode():
+                    model(batch)
+                shapes += 1
+                r *= 2
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        log.info("embedder: %d batch shapes warmed in %.1fs", shapes, time.perf_counter() - t0)
+
+
+def _bucket_rows(n: int) -> int:
+    """The power of two at or above ``n``."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _bucket_width(width: int, max_tokens: int) -> int:
+    """``width`` rounded up to a multiple of 32, at most ``max_tokens`` (and never below
+    ``width``)."""
+    return max(width, min(-(-width // 32) * 32, max_tokens))
+
+
+def _cut(v: Any, rows: Any, width: int) -> Any:
+    """Rows ``rows`` of a feature tensor, its second axis cut or zero-padded to ``width``
+    (pads are masked out: attention mask 0, pad token 0)."""
+    if v.dim() != 2:
+        return v[rows]
+    part = v[rows, :width]
+    if part.shape[1] < width:
+        import torch
+
+        part = torch.nn.functional.pad(part, (0, width - part.shape[1]))
+    return part
 
 
 def _batches(order: Sequence[int], lengths: Sequence[int], cap: int,
@@ -406,12 +463,15 @@ def check_backend(backend: str, device: str, precision: str) -> None:
 
 
 def default_precision(backend: str, device: str, precision: str) -> str:
-    """``auto`` resolved: fp16 on CUDA; on a CPU fp32 for torch, and for openvino bf16 where
-    the CPU has native bf16 (OpenVINO's own default there), else fp32."""
+    """``auto`` resolved: fp32 for torch (on CUDA too: for a model this small the card is not
+    what bounds an embedding, and fp16 gained nothing end to end on an H200 while its first
+    pass over each new shape cost ~45 ms: bench/results/gpu-fp16-warmup-h200.md), and for
+    openvino bf16 where the CPU has native bf16 (OpenVINO's own default there), else fp32.
+    Set fp16/bf16 for larger models on a GPU; their shapes are then bucketed and warmed."""
     if precision != "auto":
         return precision
     if device == "cuda":
-        return "fp16"
+        return "fp32"
     return "bf16" if backend == "openvino" and has_native_bf16() else "fp32"
 
 
