@@ -922,10 +922,12 @@ def render(r: dict[str, Any], name: str) -> str:
                                   for c, v in sorted(mw.items())) + "."]
         st = t.get("server", {}).get("stages")
         if st:
-            lines += ["", "Server-side upsert stages (`retriever_stage_duration_seconds`, mean "
-                      "per call): " + ", ".join(f"{c} {v['mean_s'] * 1e3:.1f} ms over "
-                                                f"{v['count']}" for c, v in sorted(st.items()))
-                      + "; the rest of an upsert's latency is waiting for its namespace."]
+            lines += ["", "Server-side stages (`retriever_stage_duration_seconds`, mean per "
+                      "call; upsert: chunk, embed, index_write, commit; search: embed, ann, "
+                      "lexical, fuse, fetch): "
+                      + ", ".join(f"{c} {v['mean_s'] * 1e3:.1f} ms over {v['count']}"
+                                  for c, v in sorted(st.items()))
+                      + ". An upsert's embed includes its waits for the model thread."]
     m, soak = r.get("soak_memory"), r.get("soak")
     if soak:
         lines += ["", f"## Soak ({soak['seconds']:.0f} s at {soak['level']:.1f} req/s offered)",
