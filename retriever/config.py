@@ -153,8 +153,9 @@ class Settings(BaseSettings):
     # Pad each forward pass to a shape from a small set (width to a multiple of 32 tokens,
     # rows to a power of two) and run every such shape once at start. On CUDA in fp16/bf16 a
     # shape's first pass costs ~45 ms against ~3 ms after (an H200: bench/results/
-    # gpu-fp16-warmup-h200.md), and unbucketed batches meet new shapes all the time.
-    # null = on for CUDA fp16/bf16, off elsewhere.
+    # gpu-fp16-warmup-h200.md), and unbucketed batches meet new shapes all the time; the
+    # OpenVINO CPU plugin keeps compiled state per shape (its RSS grew ~2.7 MiB per new shape
+    # here). null = on for CUDA fp16/bf16 and for openvino, off for torch on a CPU.
     embed_bucket_shapes: bool | None = None
     # Concurrent queries are embedded together: queries that arrive while the model is busy
     # form the next batch (up to query_batch_size texts). A positive wait holds a batch open

@@ -162,7 +162,9 @@ def test_openvino_fp32_equals_torch(ov_fp32: Embedder, embedder: Embedder,
     assert (ov_fp32.backend, ov_fp32.precision) == ("openvino", "fp32")
     assert ov_fp32.revision == f"{embedder.weights_revision}+ov-fp32"
     assert ov_fp32.dimension == embedder.dimension
-    # Token-budgeted batches of mixed lengths: padding handled as torch does.
+    # Token-budgeted batches of mixed lengths: padding handled as torch does, and each batch
+    # padded to a bucketed shape (OpenVINO keeps compiled state per input shape).
+    assert ov_fp32._buckets
     got = ov_fp32.embed(TEXTS, batch_size=16, batch_tokens=2048)
     cos = cosines(got, reference)
     assert cos.min() > 0.999

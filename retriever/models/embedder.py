@@ -151,8 +151,8 @@ class Embedder:
         self.backend = backend
         self.precision = precision
         bucket = s.embed_bucket_shapes
-        self._buckets = (bool(bucket) if bucket is not None else
-                         backend == "torch" and device == "cuda" and precision != "fp32")
+        self._buckets = (bool(bucket) if bucket is not None else backend == "openvino"
+                         or (backend == "torch" and device == "cuda" and precision != "fp32"))
         if self._buckets and backend == "torch" and self.device.startswith("cuda"):
             self._warm_shapes()
         self.revision = revision_name(self.weights_revision, precision, backend)
@@ -347,7 +347,12 @@ class Embedder:
             lengths = arrays["attention_mask"].sum(axis=1).tolist()
             order = sorted(range(len(texts)), key=lambda i: -lengths[i])
             for idx, width in _batches(order, lengths, cap, budget):
-                emb = self._ov({k: v[idx, :width] for k, v in arrays.items()})
+                n = len(idx)
+                pick = idx
+                if self._buckets:  # bounded shapes: OpenVINO keeps compiled state per shape
+                    pick = idx + [idx[0]] * (_bucket_rows(n) - n)
+                    width = _bucket_width(width, self.max_tokens)
+                emb = self._ov({k: _cut_np(v, pick, width) for k, v in arrays.items()})[:n]
                 out[idx] = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
             return out
         with self._model_lock:
@@ -418,6 +423,14 @@ def _cut(v: Any, rows: Any, width: int) -> Any:
         import torch
 
         part = torch.nn.functional.pad(part, (0, width - part.shape[1]))
+    return part
+
+
+def _cut_np(v: np.ndarray, rows: list[int], width: int) -> np.ndarray:
+    """``_cut`` for numpy feature arrays."""
+    part = v[rows, :width]
+    if part.shape[1] < width:
+        part = np.pad(part, ((0, 0), (0, width - part.shape[1])))
     return part
 
 
