@@ -52,24 +52,13 @@ from bench_faiss import (  # noqa: E402
     recall,
     timed,
 )
-from benchlib import cpu, cpu_line, log  # noqa: E402
+from benchlib import cpu, cpu_line, gpu_line, log  # noqa: E402
 
 from indexers import CollectionSpec  # noqa: E402
 from indexers.faiss_index import FaissBackend, FaissIndex  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 K = 10
-
-
-def gpu_line() -> str:
-    try:
-        import subprocess
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                              "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=30).stdout.strip()
-        return out or "no nvidia-smi output"
-    except Exception as exc:  # noqa: BLE001 - reported as is
-        return f"nvidia-smi failed: {exc}"
 
 
 def fill(index: FaissIndex, data: np.ndarray, with_payloads: bool) -> float:

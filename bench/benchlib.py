@@ -35,3 +35,14 @@ def cpu() -> dict:
 
 def cpu_line(c: dict) -> str:
     return f"{c['model']}, {c['cores']} cores ({' '.join(c['flags'])})"
+
+
+def gpu_line() -> str:
+    """The GPU's name, memory and driver as nvidia-smi reports them (or why not)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=30).stdout.strip()
+        return out or "no nvidia-smi output"
+    except Exception as exc:  # noqa: BLE001 - reported as is
+        return f"nvidia-smi failed: {exc}"

@@ -24,6 +24,7 @@ thread-safe); a search holds it for the GPU's time (``bench/results/gpu-faiss-h2
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import weakref
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from indexers._faiss_store import Store, nbytes
+from indexers._faiss_store import Store, unpack
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +153,17 @@ class GpuScorer:
             index.add(np.ascontiguousarray(rows[lo : lo + UPLOAD_ROWS]))
         self.uploaded_rows += len(rows)
 
-    def _build(self, store: Store, n: int, live: np.ndarray) -> _Mirror:
-        keep = np.flatnonzero(np.unpackbits(live[: nbytes(n)], count=n, bitorder="little"))
-        index = self._new_index()
+    def _build(self, store: Store, n: int, live: np.ndarray,
+                hold: Callable[[], Any] = contextlib.nullcontext) -> _Mirror:
+        """A mirror of the live rows below ``n``; ``hold()`` is entered around each GPU step
+        (the GPU lock for a background rebuild, nothing for a caller that holds it)."""
+        keep = np.flatnonzero(unpack(live, n))
+        with hold():
+            index = self._new_index()
         for lo in range(0, len(keep), UPLOAD_ROWS):
-            self._upload(index, store.take(keep[lo : lo + UPLOAD_ROWS]))
+            rows = store.take(keep[lo : lo + UPLOAD_ROWS])
+            with hold():
+                self._upload(index, rows)
         return _Mirror(index, keep.astype(np.int64), n)
 
     def drop(self, store: Store) -> None:
@@ -190,10 +197,7 @@ class GpuScorer:
                 if not getattr(mirror.index, "masks", False):
                     self.declined += 1
                     return None
-                mask = slots_map < n  # the rows that pass, for the device to skip the rest
-                if bits is not None:
-                    safe = np.where(mask, slots_map, 0)
-                    mask &= ((bits[safe >> 3] >> (safe & 7).astype(np.uint8)) & 1).astype(bool)
+                mask = _passing(slots_map, n, bits)  # for the device to skip the rest
                 dist, rows = mirror.index.search(queries, min(k, mirror.m), mask)
                 self.masked += 1
             else:
@@ -201,10 +205,7 @@ class GpuScorer:
             self.searches += 1
         found = rows >= 0
         slots = np.where(found, slots_map[np.maximum(rows, 0)], -1)
-        ok = found & (slots < n)
-        if bits is not None:
-            safe = np.where(ok, slots, 0)
-            ok &= ((bits[safe >> 3] >> (safe & 7).astype(np.uint8)) & 1).astype(bool)
+        ok = found & _passing(slots, n, bits)
         scores = dist if self._ip else -dist
         order = np.argsort(~ok, axis=1, kind="stable")[:, :k]  # passing first, in rank order
         take_ok = np.take_along_axis(ok, order, axis=1)
@@ -224,7 +225,7 @@ class GpuScorer:
 
         def run() -> None:
             try:
-                mirror = self._build_unlocked(store, n, live)
+                mirror = self._build(store, n, live, hold=lambda: self._lock)
                 with self._lock:
                     self._mirrors[store] = mirror
             except Exception:  # a failed upload: the next search tries again
@@ -235,21 +236,19 @@ class GpuScorer:
 
         threading.Thread(target=run, name="faiss-gpu-rebuild", daemon=True).start()
 
-    def _build_unlocked(self, store: Store, n: int, live: np.ndarray) -> _Mirror:
-        """Build a mirror taking the GPU lock per upload step, so searches of other
-        collections go on between steps."""
-        keep = np.flatnonzero(np.unpackbits(live[: nbytes(n)], count=n, bitorder="little"))
-        with self._lock:
-            index = self._new_index()
-        for lo in range(0, len(keep), UPLOAD_ROWS):
-            rows = store.take(keep[lo : lo + UPLOAD_ROWS])
-            with self._lock:
-                self._upload(index, rows)
-        return _Mirror(index, keep.astype(np.int64), n)
-
     def stats(self) -> dict[str, Any]:
         with self._lock:
             rows = sum(m.m for m in self._mirrors.values())
         return {"gpu_engine": self.engine, "gpu_searches": self.searches,
                 "gpu_masked": self.masked, "gpu_declined": self.declined,
                 "gpu_rows": rows, "gpu_uploaded_rows": self.uploaded_rows}
+
+
+def _passing(slots: np.ndarray, n: int, bits: np.ndarray | None) -> np.ndarray:
+    """Whether each slot (any shape; -1 allowed) is below ``n`` and has its bit set in
+    ``bits`` (every slot below ``n`` passes when ``bits`` is None)."""
+    ok = (slots >= 0) & (slots < n)
+    if bits is not None:
+        safe = np.where(ok, slots, 0)
+        ok &= ((bits[safe >> 3] >> (safe & 7).astype(np.uint8)) & 1).astype(bool)
+    return ok

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 
 import numpy as np
@@ -247,35 +247,44 @@ class SlowEmbed(FakeEmbed):
         return super().__call__(texts)
 
 
+def timed_job_beside(b: MicroBatcher, submit: Callable[[int], Future],
+                     texts: list[str]) -> tuple[np.ndarray, float]:
+    """A document job of ``texts`` and its duration while two threads keep calling
+    ``submit(1)`` / ``submit(2)`` and waiting for each; stops the batcher after."""
+    import time
+
+    stop = threading.Event()
+
+    def loop(c: int) -> None:
+        while not stop.is_set():
+            submit(c).result(TIMEOUT)
+
+    threads = [threading.Thread(target=loop, args=(c,), daemon=True) for c in (1, 2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.05)  # the stream is running
+        t0 = time.monotonic()
+        out = b.submit_documents(texts).result(TIMEOUT)
+        return out, time.monotonic() - t0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(TIMEOUT)
+        b.stop()
+
+
 def test_a_stream_of_queries_cannot_starve_a_document_job() -> None:
     """Two clients search in a tight loop; a document job still finishes, each of its slices
     waiting no longer than the bound plus one query batch."""
-    import time
 
     embed = SlowEmbed(0.005)
     waits: list[tuple[str, float]] = []
     b = MicroBatcher(embed, 64, 0.0, doc_batch=1, doc_max_wait_s=0.02,
                      on_wait=lambda kind, s: waits.append((kind, s)))
     b.start()
-    stop = threading.Event()
-
-    def searcher() -> None:
-        while not stop.is_set():
-            b.submit(["1:0"]).result(TIMEOUT)
-
-    threads = [threading.Thread(target=searcher, daemon=True) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(0.05)  # the query stream is running
-        t0 = time.monotonic()
-        out = b.submit_documents([f"2:{i}" for i in range(10)]).result(TIMEOUT)
-        elapsed = time.monotonic() - t0
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(TIMEOUT)
-        b.stop()
+    out, elapsed = timed_job_beside(b, lambda c: b.submit(["1:0"]),
+                                    [f"2:{i}" for i in range(10)])
     np.testing.assert_array_equal(out, rows([f"2:{i}" for i in range(10)]))
     doc_waits = [s for kind, s in waits if kind == "document"]
     assert len(doc_waits) >= 10
@@ -337,29 +346,11 @@ def test_the_job_with_the_least_work_left_goes_first(make, embed: FakeEmbed) -> 
 def test_a_stream_of_small_jobs_cannot_starve_a_bulk_one() -> None:
     """Shortest-remaining-first alone would never serve the bulk job while small ones keep
     coming; the starvation bound gives it a slice at least every doc_starve_s."""
-    import time
 
     b = MicroBatcher(SlowEmbed(0.005), 64, 0.0, doc_batch=1, doc_starve_s=0.05)
     b.start()
-    stop = threading.Event()
-
-    def writer(c: int) -> None:
-        while not stop.is_set():
-            b.submit_documents([f"{c}:0"]).result(TIMEOUT)
-
-    threads = [threading.Thread(target=writer, args=(c,), daemon=True) for c in (1, 2)]
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(0.05)  # the stream of small jobs is running
-        t0 = time.monotonic()
-        out = b.submit_documents([f"3:{i}" for i in range(20)]).result(TIMEOUT)
-        elapsed = time.monotonic() - t0
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(TIMEOUT)
-        b.stop()
+    out, elapsed = timed_job_beside(b, lambda c: b.submit_documents([f"{c}:0"]),
+                                    [f"3:{i}" for i in range(20)])
     np.testing.assert_array_equal(out, rows([f"3:{i}" for i in range(20)]))
     # 20 slices, each at most doc_starve_s (50 ms) + a few 5 ms slices apart
     assert elapsed < 20 * (0.05 + 0.03), elapsed

@@ -71,7 +71,8 @@ def test_bucketed_shapes_embed_like_exact_ones(embedder: Embedder, tmp_path: Pat
     texts = real_chunks()[:30]
     a, b = embedder.embed(texts, batch_size=3), bucketed.embed(texts, batch_size=3)
     assert np.sum(a * b, axis=1).min() > 0.9999
-    bucketed._warm_shapes()  # on CUDA it runs at load; here it must at least run
+    # on CUDA it runs at load: 8 widths (32..256) x rows 1, 2, 4 (batches of 4 here)
+    assert bucketed._warm_shapes() == 8 * 3
 
 
 def test_revision_names_the_precision_and_compatibility_ignores_it() -> None:

@@ -208,14 +208,14 @@ class Ingestor:
         ahead of it, and the lock is held only to check the plan and commit. What changed
         meanwhile (another upsert of the same document) is planned again under the lock;
         vectors computed here for texts no longer needed are dropped."""
+        if not self._settings.upsert_prefetch:
+            return None
         try:
             self._namespaces.require_compatible(self._namespaces.get(ns))
         except NotFound:
             if not create:
                 return None  # the locked path says NotFound
             # new: created under the lock, as before; its documents are all new
-        if not self._settings.upsert_prefetch:
-            return None
         heads = self._catalog.document_heads(ns, [d.doc_id for d in docs])
         with self._metrics.stage("chunk"):
             planned, _, _ = self._plan_docs(ns, docs, heads, None)
@@ -291,14 +291,12 @@ class Ingestor:
         for row, text in enumerate(texts):
             if text in ready:
                 vectors[row] = ready[text]
-        if missing or not texts:
+        if missing:
             with self._metrics.stage("embed"):
-                fresh = self._embed_documents(
+                vectors[missing] = self._embed_documents(
                     [texts[row] for row in missing],
                     [planned[to_embed[row][0]].token_counts[to_embed[row][1]]
                      for row in missing], token)
-            if missing:
-                vectors[missing] = fresh
 
         new_rows = [
             NewChunk(

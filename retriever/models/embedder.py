@@ -347,12 +347,8 @@ class Embedder:
             lengths = arrays["attention_mask"].sum(axis=1).tolist()
             order = sorted(range(len(texts)), key=lambda i: -lengths[i])
             for idx, width in _batches(order, lengths, cap, budget):
-                n = len(idx)
-                pick = idx
-                if self._buckets:  # bounded shapes: OpenVINO keeps compiled state per shape
-                    pick = idx + [idx[0]] * (_bucket_rows(n) - n)
-                    width = _bucket_width(width, self.max_tokens)
-                emb = self._ov({k: _cut_np(v, pick, width) for k, v in arrays.items()})[:n]
+                pick, width = self._shape(idx, width)
+                emb = self._ov({k: _cut(v, pick, width) for k, v in arrays.items()})[:len(idx)]
                 out[idx] = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
             return out
         with self._model_lock:
@@ -362,22 +358,29 @@ class Embedder:
         autocast = (torch.autocast("cpu", dtype=self._autocast) if self._autocast is not None
                     else contextlib.nullcontext())
         for idx, width in _batches(order, lengths, cap, budget):
-            rows = torch.tensor(idx)
-            n = len(idx)
-            if self._buckets:  # a shape from the warmed set: pad rows (repeats) and width
-                rows = torch.cat([rows, rows[:1].repeat(_bucket_rows(n) - n)])
-                width = _bucket_width(width, self.max_tokens)
+            pick, width = self._shape(idx, width)
+            rows = torch.tensor(pick)
             batch = {k: _cut(v, rows, width).to(model.device) if isinstance(v, torch.Tensor)
                      else v for k, v in features.items()}
             with torch.inference_mode(), autocast:
-                emb = model(batch)["sentence_embedding"][:n]
+                emb = model(batch)["sentence_embedding"][:len(idx)]
             emb = functional.normalize(emb.float(), p=2, dim=1)
             out[idx] = emb.cpu().numpy()
         return out
 
-    def _warm_shapes(self) -> None:
+    def _shape(self, idx: list[int], width: int) -> tuple[list[int], int]:
+        """The rows and width a batch runs with: as they are, or with bucketing on
+        (``embed_bucket_shapes``) rows repeated up to a power of two and the width rounded up
+        to a multiple of 32 (the extra rows are dropped after, the pads are masked)."""
+        if not self._buckets:
+            return idx, width
+        return (idx + [idx[0]] * (_bucket_rows(len(idx)) - len(idx)),
+                _bucket_width(width, self.max_tokens))
+
+    def _warm_shapes(self) -> int:
         """One forward pass of every bucketed shape a batch can take (see
-        ``embed_bucket_shapes``), so that no request pays a shape's first pass."""
+        ``embed_bucket_shapes``), so that no request pays a shape's first pass. Returns how
+        many shapes ran."""
         import torch
 
         model = self._model
@@ -388,18 +391,17 @@ class Embedder:
         for width in sorted({_bucket_width(w, self.max_tokens)
                              for w in range(1, self.max_tokens + 1)}):
             most = _bucket_rows(max(1, min(cap, self.default_batch_tokens // width)))
-            r = 1
-            while r <= max(most, 1):
+            for r in (1 << i for i in range(most.bit_length())):
                 ids = torch.full((r, width), 1000, dtype=torch.long, device=model.device)
                 batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                          "token_type_ids": torch.zeros_like(ids)}
                 with torch.inference_mode():
                     model(batch)
                 shapes += 1
-                r *= 2
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         log.info("embedder: %d batch shapes warmed in %.1fs", shapes, time.perf_counter() - t0)
+        return shapes
 
 
 def _bucket_rows(n: int) -> int:
@@ -414,24 +416,19 @@ def _bucket_width(width: int, max_tokens: int) -> int:
 
 
 def _cut(v: Any, rows: Any, width: int) -> Any:
-    """Rows ``rows`` of a feature tensor, its second axis cut or zero-padded to ``width``
-    (pads are masked out: attention mask 0, pad token 0)."""
-    if v.dim() != 2:
+    """Rows ``rows`` of a feature array (torch or numpy), its second axis cut or zero-padded
+    to ``width`` (pads are masked out: attention mask 0, pad token 0)."""
+    if v.ndim != 2:
         return v[rows]
     part = v[rows, :width]
-    if part.shape[1] < width:
-        import torch
+    pad = width - part.shape[1]
+    if pad <= 0:
+        return part
+    if isinstance(part, np.ndarray):
+        return np.pad(part, ((0, 0), (0, pad)))
+    import torch
 
-        part = torch.nn.functional.pad(part, (0, width - part.shape[1]))
-    return part
-
-
-def _cut_np(v: np.ndarray, rows: list[int], width: int) -> np.ndarray:
-    """``_cut`` for numpy feature arrays."""
-    part = v[rows, :width]
-    if part.shape[1] < width:
-        part = np.pad(part, ((0, 0), (0, width - part.shape[1])))
-    return part
+    return torch.nn.functional.pad(part, (0, pad))
 
 
 def _batches(order: Sequence[int], lengths: Sequence[int], cap: int,
@@ -450,6 +447,8 @@ def _batches(order: Sequence[int], lengths: Sequence[int], cap: int,
 
 
 BACKENDS = ("torch", "openvino")
+_INT8_NEEDS_OPENVINO = ("embedder_precision=int8 needs embedder_backend=openvino (static int8 "
+                        "by NNCF); torch runs fp32, bf16 and, on CUDA, fp16")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -464,8 +463,7 @@ def check_backend(backend: str, device: str, precision: str) -> None:
         raise ValueError("embedder_backend=openvino runs on the CPU: set embedder_device=cpu "
                          "(or auto), or use embedder_backend=torch on CUDA")
     if backend == "torch" and precision == "int8":
-        raise ValueError("embedder_precision=int8 needs embedder_backend=openvino (static "
-                         "int8 by NNCF); torch runs fp32, bf16 and, on CUDA, fp16")
+        raise ValueError(_INT8_NEEDS_OPENVINO)
     if backend == "auto" and precision == "int8" and device != "cpu":
         raise ValueError("embedder_precision=int8 runs on the CPU only (embedder_backend="
                          "openvino): set embedder_device=cpu")
@@ -495,8 +493,7 @@ def check_precision(device: str, precision: str, backend: str = "torch") -> None
         raise ValueError(f"embedder_precision must be one of auto, {', '.join(PRECISIONS)}; "
                          f"got {precision!r}")
     if precision == "int8" and backend != "openvino":
-        raise ValueError("embedder_precision=int8 needs embedder_backend=openvino (static "
-                         "int8 by NNCF); torch runs fp32, bf16 and, on CUDA, fp16")
+        raise ValueError(_INT8_NEEDS_OPENVINO)
     if device == "cpu" and precision == "fp16":
         raise ValueError("embedder_precision=fp16 needs CUDA; on a CPU use fp32, or bf16 "
                          "where the CPU has native bf16 (avx512_bf16 or AMX)"
