@@ -1026,6 +1026,14 @@ class Catalog:
                 db.execute(f"DELETE FROM {table} WHERE rowid = ?", (vid,))
                 db.execute(f"INSERT INTO {table} (rowid, terms) VALUES (?,?)", (vid, terms))
 
+    def terms(self, namespace: str, vector_ids: Sequence[int]) -> dict[int, str]:
+        """The lexical terms of these chunk rows (staged or active) that have them."""
+        table = _terms_table(namespace)
+        with self._reader() as db:
+            rows = _in(db, f"SELECT rowid, terms FROM {table} WHERE rowid IN ({{marks}})",
+                       [int(v) for v in vector_ids])
+        return {int(r[0]): str(r[1]) for r in rows}
+
     def stray_terms(self, namespace: str) -> int:
         """Delete lexical rows of the namespace whose chunk row is gone; returns how many."""
         table = _terms_table(namespace)

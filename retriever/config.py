@@ -179,6 +179,12 @@ class Settings(BaseSettings):
     hybrid_dense_weight: float = Field(0.6, ge=0.0, le=1.0)
     hybrid_normalization: Literal["zscore", "minmax"] = "zscore"
     hybrid_candidates: int = Field(100, ge=1, le=10_000)
+    # Where LEXICAL and HYBRID searches find their BM25 candidates: "tantivy" (a
+    # per-namespace engine with block-max WAND, in data_dir/lexical: milliseconds at 1M
+    # chunks) or "fts5" (the catalog's own FTS5 table, which scores every match: 0.4 s per
+    # query at 1M chunks; bench/results/lexical-scale.md). The catalog keeps every chunk's
+    # terms either way, and the tantivy index is rebuilt from it when it disagrees.
+    lexical_engine: Literal["tantivy", "fts5"] = "tantivy"
 
     # -- re-ranking ------------------------------------------------------------------------
     # A local cross-encoder directory (e.g. a saved cross-encoder/ms-marco-MiniLM-L-6-v2);

@@ -8,7 +8,9 @@ models must never be mixed in one index. Re-embedding goes into a new generation
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ from retriever.errors import (
     NotFound,
     translate,
 )
+from retriever.lexical import LexicalIndex
 from retriever.models.embedder import Embedder
 from retriever.slo.metrics import Metrics
 
@@ -51,6 +54,9 @@ log = logging.getLogger(__name__)
 class NamespaceHandle:
     record: NamespaceRecord  # as created; counts are not kept current here
     index: VectorIndex
+    # The lexical engine's index (retriever/lexical.py); None: lexical searches read the
+    # catalog's FTS5 table (lexical_engine = fts5).
+    lexical: LexicalIndex | None = None
     # One writer at a time per namespace (the diff of old and new chunks needs it).
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     # Searches hold it shared from ANN to catalog look-up; a commit holds it exclusively,
@@ -82,12 +88,22 @@ def collection_name(name: str, generation: int) -> str:
     return f"{name}.g{generation}"
 
 
+def lexical_dir(name: str) -> str:
+    """The directory of a namespace's lexical index (namespace names may hold characters
+    a file name should not: named by a hash, like the catalog's FTS table)."""
+    return "ns_" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
+
+
 class Namespaces:
     def __init__(self, catalog: Catalog, embedder: Embedder, index_root: Path,
                  default_backend: str, metrics: Metrics,
-                 backend_options: dict[str, dict[str, Any]] | None = None) -> None:
-        """``backend_options``: per backend name, keyword arguments for its constructor."""
+                 backend_options: dict[str, dict[str, Any]] | None = None,
+                 lexical_root: Path | None = None) -> None:
+        """``backend_options``: per backend name, keyword arguments for its constructor;
+        ``lexical_root``: where each namespace's tantivy index lives (None: lexical search
+        reads the catalog's FTS5 tables)."""
         self._backend_options = backend_options or {}
+        self._lexical_root = Path(lexical_root) if lexical_root is not None else None
         self._catalog = catalog
         self._embedder = embedder
         self._index_root = Path(index_root)
@@ -113,13 +129,17 @@ class Namespaces:
                 log.warning("dropping collection %s of no namespace", orphan)
                 backend.drop(orphan)
         rebuild_terms = self._catalog.meta("analyzer") != ANALYZER
+        self._drop_orphan_lexical(records)
         # Collections written before engines stored payloads get theirs once.
         add_payloads = self._catalog.meta("index_payloads") != "1"
         for record in records:
             handle = self._open(record)
             self._report_quarantined(handle)
             report[record.name] = self._reconcile(handle, len(pending.get(record.name, ())))
-            report[record.name].update(self._reconcile_lexical(handle.name, rebuild_terms))
+            lexical = self._reconcile_lexical(handle.name, rebuild_terms)
+            report[record.name].update(lexical)
+            report[record.name].update(self._reconcile_engine(
+                handle, rebuild_terms or lexical["lexical_rows_restored"] > 0))
             if add_payloads:
                 report[record.name]["payloads_written"] = self._write_payloads(handle)
         self._catalog.set_meta("analyzer", ANALYZER)
@@ -148,6 +168,63 @@ class Namespaces:
         self._metrics.reconcile_repairs.labels("lexical_rows_restored").inc(restored)
         self._metrics.reconcile_repairs.labels("lexical_rows_removed").inc(stray)
         return {"lexical_rows_restored": restored, "lexical_rows_removed": stray}
+
+    def _drop_orphan_lexical(self, records: list[NamespaceRecord]) -> None:
+        """Lexical indexes of no namespace: left by a crash between a DeleteNamespace's
+        commit and the removal of its files (moved-aside damaged copies are kept)."""
+        root = self._lexical_root
+        if root is None or not root.is_dir():
+            return
+        known = {lexical_dir(r.name) for r in records}
+        for path in root.iterdir():
+            if path.is_dir() and ".damaged-" not in path.name and path.name not in known:
+                log.warning("dropping lexical index %s of no namespace", path.name)
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _reconcile_engine(self, handle: NamespaceHandle, rebuild: bool) -> dict[str, int]:
+        """Make the lexical engine hold exactly the catalog's active chunks: what a crash
+        between its write and the catalog's commit (or before a removal) left, and all of
+        it when its files were damaged or the terms were rebuilt. A matching fingerprint
+        (entries, sum of ids) skips the comparison."""
+        lex = handle.lexical
+        if lex is None:
+            return {}
+        if lex.damaged is not None:
+            d = lex.damaged
+            log.warning("namespace %s: moved damaged lexical index %s aside to %s (%s); "
+                        "rebuilding it from the catalog", handle.name, d.path,
+                        d.moved_to.name, d.reason)
+            self._metrics.derived_files_rebuilt.labels("lexical_index").inc()
+        want = np.sort(self._catalog.active_vector_ids(handle.name))
+        if rebuild:
+            lex.clear()
+            have = np.empty(0, dtype=np.int64)
+        else:
+            n, total = lex.fingerprint()
+            if n == len(want) and total == int(want.sum()):
+                return {"lexical_entries_removed": 0, "lexical_entries_added": 0}
+            have = np.asarray(lex.ids(), dtype=np.int64)
+        extra = np.setdiff1d(have, want)
+        missing = np.setdiff1d(want, have)
+        lex.delete(extra.tolist())
+        for i in range(0, len(missing), 4096):
+            self._restore_lexical(handle, missing[i : i + 4096].tolist())
+        if len(extra) or len(missing):
+            log.warning("reconciled the lexical index of namespace %s: removed %d stray "
+                        "entries, added %d", handle.name, len(extra), len(missing))
+        self._metrics.reconcile_repairs.labels("lexical_entries_removed").inc(len(extra))
+        self._metrics.reconcile_repairs.labels("lexical_entries_added").inc(len(missing))
+        return {"lexical_entries_removed": int(len(extra)),
+                "lexical_entries_added": int(len(missing))}
+
+    def _restore_lexical(self, handle: NamespaceHandle, vector_ids: list[int]) -> None:
+        """Add these active chunks to the lexical index, with their terms and payloads from
+        the catalog."""
+        assert handle.lexical is not None
+        terms = self._catalog.terms(handle.name, vector_ids)
+        payloads = self._catalog.payloads(handle.name, vector_ids)
+        ids = [v for v in vector_ids if v in payloads]
+        handle.lexical.add(ids, [terms.get(v, "") for v in ids], [payloads[v] for v in ids])
 
     def _write_payloads(self, handle: NamespaceHandle) -> int:
         """Rewrite every vector of the namespace with its payload (from the catalog)."""
@@ -304,6 +381,12 @@ class Namespaces:
                     else:  # the previous snapshot stays; start-up reconcile restores the rest
                         log.warning("last snapshot of index backend %s failed: %s (%s)", name,
                                     known.message, exc)
+            for h in self._handles.values():
+                if h.lexical is not None:
+                    try:
+                        h.lexical.close()
+                    except Exception:  # its last commit stands; reconcile checks it
+                        log.exception("closing the lexical index of %s failed", h.name)
             self._backends.clear()
             self._handles.clear()
 
@@ -353,6 +436,8 @@ class Namespaces:
                 # A collection of this name can only be left over by a crash during an
                 # earlier DeleteNamespace: a new namespace starts empty.
                 self._backend(backend).drop(collection_name(name, record.index_generation))
+                if self._lexical_root is not None:
+                    shutil.rmtree(self._lexical_root / lexical_dir(name), ignore_errors=True)
                 return self._open_locked(record)
             except BaseException:
                 self._catalog.delete_namespace(name)  # no catalog row without its index
@@ -374,6 +459,8 @@ class Namespaces:
                 self._handles.pop(name, None)
                 self._backend(handle.record.backend).drop(
                     collection_name(name, handle.record.index_generation))
+                if handle.lexical is not None:
+                    handle.lexical.drop()
         finally:
             handle.write_lock.release()
         return docs, chunks
@@ -390,7 +477,10 @@ class Namespaces:
                 record.metric))  # type: ignore[arg-type]
         except DimensionMismatch as exc:
             raise ModelMismatch(f"namespace {record.name!r}: {exc}", field="namespace") from exc
-        handle = NamespaceHandle(record=record, index=index)
+        lexical = None
+        if self._lexical_root is not None:
+            lexical = LexicalIndex(self._lexical_root / lexical_dir(record.name))
+        handle = NamespaceHandle(record=record, index=index, lexical=lexical)
         self._handles[record.name] = handle
         return handle
 

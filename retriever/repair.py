@@ -252,6 +252,9 @@ def _repair_locked(data_dir: Path) -> RepairReport:
     indexes = index_root(data_dir)
     if indexes.exists():  # rebuilt from the new catalog at next start
         os.replace(indexes, quarantine / indexes.name)
+    lexical = data_dir / "lexical"
+    if lexical.exists():  # likewise
+        os.replace(lexical, quarantine / lexical.name)
     if salvage.lost_documents:
         (quarantine / LOST_LIST).write_text("".join(
             f"{ns}\t{doc_id}\n" for ns, doc_id in salvage.lost_documents), encoding="utf-8")

@@ -85,7 +85,9 @@ class RetrieverService:
         self._evaluator: threading.Thread | None = None
         self.namespaces = Namespaces(
             self.catalog, self.embedder, settings.data_dir / "indexes", settings.index_backend,
-            self.metrics, backend_options=settings.backend_options())
+            self.metrics, backend_options=settings.backend_options(),
+            lexical_root=(settings.data_dir / "lexical"
+                          if settings.lexical_engine == "tantivy" else None))
         self._dir_lock = DataDirLock(settings.data_dir)
         # Writes and deletes go through it: on a full disk deletes still run, writes are
         # refused with StorageFull until space is freed.

@@ -168,7 +168,8 @@ def test_restart_keeps_everything(settings, embedder) -> None:  # noqa: ANN001
     try:
         assert second.info["reconciled"][NS] == {
             "pending_rows_dropped": 0, "stray_vectors_removed": 0, "vectors_restored": 0,
-            "lexical_rows_restored": 0, "lexical_rows_removed": 0}
+            "lexical_rows_restored": 0, "lexical_rows_removed": 0,
+            "lexical_entries_removed": 0, "lexical_entries_added": 0}
         with RetrieverClient(second.address) as c:
             after = {q: [(h.chunk.chunk_id, round(h.score, 5)) for h in
                          c.search(NS, q, top_k=5).hits] for q in QUERIES}

@@ -48,8 +48,8 @@ EmbedDocuments = Callable[[Sequence[str], Sequence[int], CallToken], np.ndarray]
 
 # Points of the write path where a test may make the process die (Settings.fault_points):
 # durability is proven by crashing at each, not argued.
-FAULT_POINTS = ("upsert.after_stage", "upsert.after_index_write", "upsert.before_commit",
-                "upsert.after_commit")
+FAULT_POINTS = ("upsert.after_stage", "upsert.after_index_write",
+                "upsert.after_lexical_write", "upsert.before_commit", "upsert.after_commit")
 
 
 def _crash_if_armed(armed: frozenset[str], point: str) -> None:
@@ -353,6 +353,16 @@ class Ingestor:
                 if staged or copies:
                     handle.index.upsert(staged + copies, vectors, payloads)
             _crash_if_armed(self._faults, "upsert.after_index_write")
+            if handle.lexical is not None and (staged or copies):
+                # Searchable before the flip, like the vectors: a search never sees a
+                # document's new vectors without its new terms.
+                terms = [r.terms for r in new_rows]
+                if copies:
+                    copied = self._catalog.terms(ns, copies)
+                    terms += [copied.get(v, "") for v in copies]
+                with self._metrics.stage("lexical_write"):
+                    handle.lexical.add(staged + copies, terms, payloads)
+            _crash_if_armed(self._faults, "upsert.after_lexical_write")
             staged_by_cid = {r.chunk_id: vid for r, vid in zip(new_rows, staged, strict=True)}
             moved = dict(zip(rekey_old, copies, strict=True))
             writes = [self._write(p, existing, staged_by_cid, drops.get(p.doc.doc_id, []),
@@ -369,12 +379,15 @@ class Ingestor:
             if staged or copies:
                 try:
                     handle.index.delete(staged + copies)
+                    if handle.lexical is not None:
+                        handle.lexical.delete(staged + copies)
                     self._catalog.discard(staged + copies)
                 except Exception:  # reconcile at next start clears them
                     log.exception("could not discard staged chunks of namespace %s", ns)
             raise
         if dropped_all or rekey_old:
             handle.index.delete(dropped_all + rekey_old)
+            _drop_lexical(handle, dropped_all + rekey_old)
 
         embedded_by_doc: dict[str, int] = {}
         for pi, _ in to_embed:
@@ -469,6 +482,7 @@ class Ingestor:
                 deleted, vector_ids, version = self._catalog.delete_documents(namespace, doc_ids)
             if vector_ids:
                 handle.index.delete(vector_ids)
+                _drop_lexical(handle, vector_ids)
         finally:
             handle.write_lock.release()
         gone = set(deleted)
@@ -476,3 +490,17 @@ class Ingestor:
         return DeleteResult(documents_deleted=len(deleted), chunks_deleted=len(vector_ids),
                             not_found=tuple(d for d in unique_ids if d not in gone),
                             index_version=version)
+
+
+def _drop_lexical(handle: NamespaceHandle, vector_ids: list[int]) -> None:
+    """Remove superseded or deleted chunks from the lexical index, after the commit that
+    made them invisible. A failure (e.g. a full disk) loses nothing: searches skip ids the
+    catalog does not show, and the next start's reconcile removes them."""
+    if handle.lexical is None:
+        return
+    try:
+        handle.lexical.delete(vector_ids)
+    except Exception as exc:
+        log.warning("namespace %s: could not remove %d chunks from the lexical index (%s); "
+                    "searches skip them, the next start removes them", handle.name,
+                    len(vector_ids), exc)

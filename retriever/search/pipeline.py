@@ -2,8 +2,8 @@
 
 - **dense**: the query's embedding (micro-batched with concurrent queries) against the
   namespace's vector index;
-- **lexical**: BM25 over the code-aware analyzer's terms (retriever/analyzer.py), read from
-  the catalog's FTS5 index;
+- **lexical**: BM25 over the code-aware analyzer's terms (retriever/analyzer.py), from the
+  namespace's tantivy index (retriever/lexical.py) or the catalog's FTS5 table;
 - **fuse** (HYBRID): per-query normalized scores of both sides, convex combination
   (search/fusion.py);
 - **rerank** (when asked): the cross-encoder re-scores the best candidates, on the model
@@ -22,6 +22,7 @@ With tracing on, each query is a span ``retriever.search`` and each stage one be
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -46,6 +47,7 @@ from retriever.domain import (
 )
 from retriever.errors import FailedPrecondition, InvalidArgument
 from retriever.freshness.staleness import SourceLag, chunk_staleness
+from retriever.lexical import LexicalIndex, is_engine_error
 from retriever.models.embedder import Embedder
 from retriever.models.reranker import Reranker
 from retriever.namespaces import NamespaceHandle, Namespaces
@@ -55,6 +57,8 @@ from retriever.slo.metrics import Metrics
 EmbedQueries = Callable[[Sequence[str]], "Future[np.ndarray]"]
 # Scores (query, passage) pairs with their token counts on the model thread.
 RerankPairs = Callable[[Sequence[tuple[str, str]], Sequence[int]], "Future[np.ndarray]"]
+
+log = logging.getLogger(__name__)
 
 _MODES = {"dense": SearchMode.DENSE, "lexical": SearchMode.LEXICAL,
           "hybrid": SearchMode.HYBRID}
@@ -201,14 +205,8 @@ class Searcher:
             if mode is not SearchMode.DENSE:
                 with tracing.span("retriever.search.lexical",
                                   {"retriever.wanted": wanted}) as sp:
-                    l0 = time.perf_counter()
-                    lexical = dict(self._catalog.lexical_search(
-                        q.namespace, analyzer.query_terms(q.query), q.filter, wanted))
-                    timings["lexical"] = time.perf_counter() - l0
+                    lexical = self._lexical(q, handle, wanted, heads, timings)
                     sp.set_attribute("retriever.candidates", len(lexical))
-                missing = [v for v in lexical if v not in heads]
-                if missing:
-                    heads.update(self._heads(q, missing, timings))
             with tracing.span("retriever.search.fuse") as sp:
                 candidates = self._fuse(q, mode, dense, lexical, heads, timings)
                 sp.set_attribute("retriever.candidates", len(candidates))
@@ -299,6 +297,63 @@ class Searcher:
                 dense[vid] = float(score)
         timings["ann"] = ann_s
         return dense, chunks
+
+    def _lexical(self, q: SearchQuery, handle: NamespaceHandle, wanted: int,
+                 heads: dict[int, tuple[str, str]], timings: dict[str, float]
+                 ) -> dict[int, float]:
+        """BM25 candidates that the catalog shows (at most ``wanted``); their (doc_id, path)
+        are added to ``heads``. Call under the visibility lock."""
+        terms = analyzer.query_terms(q.query)
+        found: list[tuple[int, float]] | None = None
+        lex_s = 0.0
+        lex = handle.lexical
+        if lex is not None and not lex.failed:
+            found, lex_s = self._from_engine(q, lex, terms, wanted, heads, timings)
+        if found is None:  # the catalog's FTS5 table: visible rows only
+            l0 = time.perf_counter()
+            found = self._catalog.lexical_search(q.namespace, terms, q.filter, wanted)
+            lex_s += time.perf_counter() - l0
+        timings["lexical"] = lex_s
+        missing = [v for v, _ in found if v not in heads]
+        if missing:
+            heads.update(self._heads(q, missing, timings))
+        out: dict[int, float] = {}
+        for vid, score in found:
+            if vid in heads and len(out) < wanted:
+                out[vid] = score
+        return out
+
+    def _from_engine(self, q: SearchQuery, lex: LexicalIndex, terms: Sequence[str],
+                     wanted: int, heads: dict[int, tuple[str, str]],
+                     timings: dict[str, float]
+                     ) -> tuple[list[tuple[int, float]] | None, float]:
+        """The lexical index's best matches, enough of them visible in the catalog (their
+        heads are added to ``heads``), and the seconds the engine took; None when the
+        engine failed (it is marked for rebuild and the caller reads the catalog)."""
+        flt = engine_filter(q.filter)
+        k = wanted + 16
+        spent = 0.0
+        while True:
+            l0 = time.perf_counter()
+            try:
+                found = lex.search(terms, flt, k)
+            except BaseException as exc:
+                if not is_engine_error(exc):
+                    raise
+                log.error("namespace %s: the lexical index failed a search (%s: %s); "
+                          "searching the catalog's FTS5 table until it is rebuilt at the "
+                          "next start", q.namespace, type(exc).__name__, exc)
+                lex.mark_failed(f"{type(exc).__name__}: {exc}")
+                return None, spent + time.perf_counter() - l0
+            spent += time.perf_counter() - l0
+            unknown = [v for v, _ in found if v not in heads]
+            if unknown:
+                heads.update(self._heads(q, unknown, timings))
+            # Staged or superseded entries can crowd out real hits: ask for more.
+            if (len(found) < k or k >= 1 << 20
+                    or sum(1 for v, _ in found if v in heads) >= wanted):
+                return found, spent
+            k *= 4
 
     def _fuse(self, q: SearchQuery, mode: SearchMode, dense: dict[int, float],
               lexical: dict[int, float], heads: dict[int, tuple[str, str]],

@@ -1,0 +1,331 @@
+"""A namespace's lexical search engine: tantivy, BM25 with block-max WAND.
+
+SQLite FTS5 (the catalog's own lexical table) scores every chunk that matches any query
+term: 3.6 -> 31 -> 444 ms per query from 10k to 100k to 1M chunks (bench/results/
+lexical-scale.md). tantivy skips the blocks of postings that cannot reach the top k, so the
+same queries stay within milliseconds at 1M. The catalog stays the source of truth: its
+FTS5 table keeps every chunk's terms inside the commit's transaction, and this index is
+derived from it (rebuilt from it when it is missing, damaged or disagrees).
+
+How a search never sees half a document (the same order as the vectors): a write adds the
+staged chunks here and commits **before** the catalog flips them visible, and removes the
+superseded chunks **after**; a search keeps only the ids the catalog shows under the
+namespace's visibility lock (staged and superseded ids are skipped, asking for more when
+they crowd out the top). Vector ids are never reused (AUTOINCREMENT), so a left-over entry
+can only ever be skipped.
+
+Documents: the analyzer's terms (``whitespace`` tokenizer: the terms are already the
+analyzer's), the vector id (a fast field) and the filter payload (doc id, path, language,
+kind, metadata as ``key NUL value``), so filters run inside the engine with the semantics
+of ``indexers.payload.Filter``: a path prefix is a regular expression over the raw path.
+
+Writers are opened on the first write and closed after ``idle_close_s`` without one (each
+holds six threads), so thousands of idle namespaces cost nothing.
+
+Damage: tantivy reads its segment files without checking their checksums (a flipped byte in
+a postings file silently changes scores), so each committed segment file's CRC-32 is kept in
+``retriever-checksums.json`` beside them and checked when the index is opened. An index that
+cannot be opened, fails that check, or failed a search (``failed``; marked on disk so the
+next start sees it) is moved aside and rebuilt from the catalog; meanwhile searches read the
+catalog's FTS5 table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import tantivy
+from tantivy import Occur, Query
+
+from indexers import Filter, Payload
+
+log = logging.getLogger(__name__)
+
+ENGINE = "tantivy"
+_HEAP = 32_000_000  # writer arena; the floor tantivy accepts is 15 MB
+_META = frozenset("\\.+*?()|[]{}^$#&-~")  # regex-syntax meta characters
+_CHECKSUMS = "retriever-checksums.json"
+_FAILED = "retriever-failed"  # marker: a search failed on this index; rebuild it at start
+_SEGMENT_EXTS = (".idx", ".term", ".pos", ".store", ".fast", ".fieldnorm")
+
+
+def _schema() -> tantivy.Schema:
+    sb = tantivy.SchemaBuilder()
+    sb.add_text_field("terms", stored=False, tokenizer_name="whitespace", index_option="freq")
+    sb.add_unsigned_field("vid", stored=True, indexed=True, fast=True)
+    for name in ("doc", "path", "lang", "kind", "meta"):
+        sb.add_text_field(name, stored=False, tokenizer_name="raw", index_option="basic")
+    return sb.build()
+
+
+SCHEMA = _schema()
+
+
+def prefix_regex(prefix: str) -> str:
+    """A regular expression (tantivy's syntax) matching every string starting with
+    ``prefix`` character for character."""
+    return "(?s)" + "".join("\\" + c if c in _META else c for c in prefix) + ".*"
+
+
+@dataclass(frozen=True, slots=True)
+class Damaged:
+    """An index directory that could not be opened, moved aside."""
+
+    path: Path
+    moved_to: Path
+    reason: str
+
+
+class LexicalIndex:
+    """One namespace's tantivy index in ``path`` (created when missing)."""
+
+    def __init__(self, path: Path, *, idle_close_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self.damaged: Damaged | None = None
+        self._idle_close_s = idle_close_s
+        self._lock = threading.Lock()  # the writer: one at a time
+        self._writer: tantivy.IndexWriter | None = None
+        self._last_write = 0.0
+        self._closer: threading.Timer | None = None
+        self._closed = False
+        self.failed = False  # a search failed: searches read the catalog's FTS5 table
+        self._index = self._open()
+
+    def _open(self) -> tantivy.Index:
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            if (self.path / _FAILED).exists():
+                raise ValueError("a search failed on it before")
+            self._verify()
+            index = tantivy.Index(SCHEMA, path=str(self.path), reuse=True)
+            index.reload()
+            index.searcher().num_docs  # noqa: B018 - reads the segment list
+            return index
+        except Exception as exc:  # damaged files, or a schema from another release
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+            moved = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+            self.path.rename(moved)
+            self.damaged = Damaged(self.path, moved, f"{type(exc).__name__}: {exc}")
+            self.path.mkdir(parents=True)
+            return tantivy.Index(SCHEMA, path=str(self.path), reuse=False)
+
+    # -- checksums -------------------------------------------------------------------------
+    def _committed_files(self) -> list[str]:
+        """The segment files the last commit references (merges in progress write others:
+        those are not final yet)."""
+        try:
+            meta = json.loads((self.path / "meta.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        names = []
+        for seg in meta.get("segments", []):
+            sid = str(seg["segment_id"]).replace("-", "")
+            names += [sid + ext for ext in _SEGMENT_EXTS]
+            deletes = seg.get("deletes")
+            if deletes:
+                names.append(f"{sid}.{deletes['opstamp']}.del")
+        return [n for n in names if (self.path / n).exists()]
+
+    def _verify(self) -> None:
+        """Raise ValueError when a committed segment file differs from its recorded CRC."""
+        try:
+            recorded = json.loads((self.path / _CHECKSUMS).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        for name in self._committed_files():
+            want = recorded.get(name)
+            if want is not None and _crc(self.path / name) != want:
+                raise ValueError(f"{name} does not match its checksum")
+
+    def _record_checksums_locked(self) -> None:
+        """Record the CRC of each committed segment file not recorded yet (segment files
+        never change once written), forgetting those no longer committed."""
+        path = self.path / _CHECKSUMS
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            recorded = {}
+        files = self._committed_files()
+        out = {n: recorded[n] if n in recorded else _crc(self.path / n) for n in files}
+        if out == recorded:
+            return
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def mark_failed(self, reason: str) -> None:
+        """A search failed on this index: searches read the catalog from now on, and the
+        next start rebuilds it (the marker survives a crash)."""
+        self.failed = True
+        try:
+            (self.path / _FAILED).write_text(reason + "\n", encoding="utf-8")
+        except OSError:
+            log.exception("could not mark the lexical index %s for rebuild", self.path)
+
+    # -- writes ----------------------------------------------------------------------------
+    def _writer_locked(self) -> tantivy.IndexWriter:
+        if self._closed:
+            raise RuntimeError(f"lexical index {self.path} is closed")
+        if self._writer is None:
+            self._writer = self._index.writer(heap_size=_HEAP, num_threads=1)
+        self._last_write = time.monotonic()
+        if self._closer is None and self._idle_close_s > 0:
+            self._closer = threading.Timer(self._idle_close_s, self._close_if_idle)
+            self._closer.daemon = True
+            self._closer.start()
+        return self._writer
+
+    def _close_if_idle(self) -> None:
+        with self._lock:
+            self._closer = None
+            if self._writer is None:
+                return
+            idle = time.monotonic() - self._last_write
+            if idle < self._idle_close_s:  # written meanwhile: look again later
+                self._closer = threading.Timer(self._idle_close_s - idle, self._close_if_idle)
+                self._closer.daemon = True
+                self._closer.start()
+                return
+            self._release_writer_locked()
+
+    def _release_writer_locked(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.wait_merging_threads()  # finishes the merges it started, then ends
+
+    def add(self, ids: Sequence[int], terms: Sequence[str], payloads: Sequence[Payload]
+            ) -> None:
+        """Add these chunks and commit; searches see them when this returns."""
+        if not ids:
+            return
+        with self._lock:
+            w = self._writer_locked()
+            for vid, text, p in zip(ids, terms, payloads, strict=True):
+                doc = tantivy.Document(terms=text, doc=p.doc_id, path=p.path,
+                                       lang=p.language, kind=p.kind)
+                doc.add_unsigned("vid", int(vid))
+                for key, value in p.metadata:
+                    doc.add_text("meta", f"{key}\x00{value}")
+                w.add_document(doc)
+            self._commit_locked(w)
+
+    def delete(self, ids: Iterable[int]) -> None:
+        """Remove these chunks (absent ones are ignored) and commit."""
+        values = [int(v) for v in ids]
+        if not values:
+            return
+        with self._lock:
+            w = self._writer_locked()
+            for i in range(0, len(values), 8192):
+                w.delete_documents_by_query(
+                    Query.term_set_query(SCHEMA, "vid", values[i : i + 8192]))
+            self._commit_locked(w)
+
+    def clear(self) -> None:
+        with self._lock:
+            w = self._writer_locked()
+            w.delete_all_documents()
+            self._commit_locked(w)
+
+    def _commit_locked(self, w: tantivy.IndexWriter) -> None:
+        try:
+            w.commit()
+        except BaseException:
+            try:
+                w.rollback()
+            finally:
+                self._writer = None  # a writer that failed a commit is not reused
+            raise
+        self._index.reload()
+        self._record_checksums_locked()
+
+    # -- reads -----------------------------------------------------------------------------
+    def search(self, terms: Sequence[str], flt: Filter, limit: int
+               ) -> list[tuple[int, float]]:
+        """The ``limit`` best chunks by BM25 (k1 1.2, b 0.75) matching any of ``terms``
+        and passing ``flt``: (vector_id, score), best first. Staged and superseded chunks
+        are among them: the caller keeps those the catalog shows."""
+        unique = list(dict.fromkeys(terms))
+        if not unique or limit <= 0:
+            return []
+        query = Query.boolean_query(
+            [(Occur.Should, Query.term_query(SCHEMA, "terms", t)) for t in unique])
+        if not flt.empty:
+            query = Query.boolean_query([(Occur.Must, query),
+                                         (Occur.Must, Query.const_score_query(
+                                             _filter_query(flt), 0.0))])
+        searcher = self._index.searcher()
+        found = searcher.search(query, limit).hits
+        return [(int(searcher.doc(addr)["vid"][0]), float(score)) for score, addr in found]
+
+    def fingerprint(self) -> tuple[int, int]:
+        """(entries, sum of their vector ids): compared with the catalog's at start."""
+        searcher = self._index.searcher()
+        n = int(searcher.num_docs)
+        if n == 0:
+            return 0, 0
+        agg = searcher.aggregate(Query.all_query(), {"s": {"sum": {"field": "vid"}}})
+        return n, int(agg["s"]["value"])
+
+    def ids(self) -> list[int]:
+        """Every vector id held, ascending (from the fast field: no stored document is
+        read)."""
+        searcher = self._index.searcher()
+        n = int(searcher.num_docs)
+        if n == 0:
+            return []
+        hits = searcher.search(Query.all_query(), n, order_by_field="vid").hits
+        return sorted(int(value) for value, _ in hits)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._closer is not None:
+                self._closer.cancel()
+                self._closer = None
+            self._release_writer_locked()
+
+    def drop(self) -> None:
+        """Close and delete the index's files."""
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _filter_query(flt: Filter) -> tantivy.Query:
+    parts: list[tuple[Occur, tantivy.Query]] = []
+    if flt.doc_ids:
+        parts.append((Occur.Must, Query.term_set_query(SCHEMA, "doc", list(flt.doc_ids))))
+    if flt.path_prefix:
+        parts.append((Occur.Must, Query.regex_query(SCHEMA, "path",
+                                                    prefix_regex(flt.path_prefix))))
+    if flt.languages:
+        parts.append((Occur.Must, Query.term_set_query(SCHEMA, "lang", list(flt.languages))))
+    if flt.kinds:
+        parts.append((Occur.Must, Query.term_set_query(SCHEMA, "kind", list(flt.kinds))))
+    for key, value in flt.metadata:
+        parts.append((Occur.Must, Query.term_query(SCHEMA, "meta", f"{key}\x00{value}")))
+    return Query.boolean_query(parts)
+
+
+def is_engine_error(exc: BaseException) -> bool:
+    """An error raised by the engine (a Rust panic reaches Python as a BaseException)."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
+def _crc(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            crc = zlib.crc32(block, crc)
+    return crc

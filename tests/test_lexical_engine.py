@@ -1,0 +1,266 @@
+"""The tantivy lexical index (retriever/lexical.py): filter semantics against the reference,
+BM25 ranking, idle writers, and through the real service: entries the catalog does not show
+are skipped, damage is rebuilt from the catalog, a failing index falls back to FTS5."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_settings
+from test_storage_faults import metric
+
+from indexers import Filter, Payload
+from retriever.client import RetrieverClient
+from retriever.domain import Document, SearchMode, SearchQuery
+from retriever.lexical import LexicalIndex, prefix_regex
+from retriever.namespaces import lexical_dir
+from retriever.server.app import ServerThread
+from retriever.service import RetrieverService
+from retriever.v1 import retriever_pb2 as pb
+
+# Paths with every character tantivy's regular expressions treat specially, non-ASCII,
+# a newline, and prefixes of one another.
+PATHS = ["src/a.py", "src/a.pyx", "src/ab/c.py", "a.b/c(1).py", "[x]/y^$.rs", "é/ü+x.go",
+         "a\nb/x.md", "docs/$HOME|{x}~#&-.txt", "src", "s", "", "src/a\\b.py", "x*?.c"]
+
+
+def _payloads(rng: random.Random, n: int) -> list[Payload]:
+    out = []
+    for i in range(n):
+        meta = tuple(sorted({k: rng.choice(["1", "2", "ä b"]) for k in
+                             rng.sample(["team", "tier", "k=v"], rng.randint(0, 2))}.items()))
+        out.append(Payload(doc_id=f"d{i % 17}", path=rng.choice(PATHS),
+                           language=rng.choice(["python", "go", ""]),
+                           kind=rng.choice(["function", "class", ""]), metadata=meta))
+    return out
+
+
+def _filters(rng: random.Random, payloads: list[Payload]) -> list[Filter]:
+    out = [Filter()]
+    for _ in range(300):
+        p = rng.choice(payloads)
+        f = Filter(
+            doc_ids=tuple(rng.sample([p.doc_id, "d1", "d99"], rng.randint(0, 2))),
+            path_prefix=(p.path[: rng.randint(0, len(p.path))] if rng.random() < 0.6
+                         else rng.choice(PATHS)),
+            languages=tuple(rng.sample([p.language, "rust"], rng.randint(0, 2))),
+            kinds=tuple(rng.sample([p.kind, "section"], rng.randint(0, 1))),
+            metadata=tuple(rng.sample(list(p.metadata) + [("team", "9")],
+                                      rng.randint(0, min(2, len(p.metadata) + 1)))))
+        out.append(f)
+    return out
+
+
+def test_filters_select_exactly_what_the_reference_semantics_select(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    payloads = _payloads(rng, 400)
+    lex = LexicalIndex(tmp_path / "lx")
+    try:
+        ids = list(range(1000, 1400))
+        lex.add(ids, [f"shared w{i % 9}" for i in range(400)], payloads)
+        tried = 0
+        for f in _filters(rng, payloads):
+            want = {vid for vid, p in zip(ids, payloads, strict=True) if f.matches(p)}
+            got = lex.search(["shared"], f, 1000)
+            assert {vid for vid, _ in got} == want, f
+            tried += bool(want)
+        assert tried > 50  # many filters select something: the check is not vacuous
+    finally:
+        lex.close()
+
+
+def test_prefix_regex_escapes_what_the_engine_would_read_as_syntax() -> None:
+    assert prefix_regex("a.b(") == "(?s)a\\.b\\(.*"
+    assert prefix_regex("é/x") == "(?s)é/x.*"
+
+
+def test_bm25_ranks_rare_terms_first_and_keeps_every_query_term(tmp_path: Path) -> None:
+    """Unlike the FTS5 path, no query term is dropped (the engine skips what cannot reach
+    the top k): a term in every chunk still matches, below the rare one."""
+    lex = LexicalIndex(tmp_path / "lx")
+    try:
+        rare = {7, 42, 99}
+        lex.add(list(range(240)), [f"zzcommon entry {i}" + (" zzrare" if i in rare else "")
+                                   for i in range(240)],
+                [Payload(f"d{i}", f"n/{i}") for i in range(240)])
+        got = lex.search(["zzcommon", "zzrare"], Filter(), 100)
+        assert {v for v, _ in got[:3]} == rare
+        assert len(got) == 100 and got[3][1] < got[2][1]
+        assert [s for _, s in got] == sorted((s for _, s in got), reverse=True)
+        # Deletes leave the statistics of what remains; deleted ids never come back.
+        lex.delete([7] + list(range(100, 240)))
+        got = lex.search(["zzcommon", "zzrare"], Filter(), 300)
+        assert {v for v, _ in got[:2]} == {42, 99} and 7 not in {v for v, _ in got}
+        assert len(got) == 99
+        assert lex.fingerprint() == (99, sum(i for i in range(100) if i != 7))
+        assert lex.ids() == [i for i in range(100) if i != 7]
+    finally:
+        lex.close()
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_an_idle_writer_is_closed_and_a_later_write_reopens_it(tmp_path: Path) -> None:
+    before = _threads()
+    lex = LexicalIndex(tmp_path / "lx", idle_close_s=0.3)
+    try:
+        lex.add([1], ["alpha"], [Payload("d", "p")])
+        assert _threads() > before  # the writer's threads
+        deadline = time.monotonic() + 10
+        while _threads() > before + 1 and time.monotonic() < deadline:  # (+1: its timer)
+            time.sleep(0.05)
+        assert _threads() <= before + 1
+        lex.add([2], ["alpha beta"], [Payload("d", "p")])
+        assert {v for v, _ in lex.search(["alpha"], Filter(), 10)} == {1, 2}
+    finally:
+        lex.close()
+    reopened = LexicalIndex(tmp_path / "lx")  # committed: persisted
+    try:
+        assert reopened.damaged is None and reopened.fingerprint() == (2, 3)
+    finally:
+        reopened.close()
+
+
+def _flip_bytes(path: Path) -> None:
+    """Overwrite bytes in the middle of the file in place (no truncation: a mapped file
+    stays valid to read)."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(size // 4)
+        block = f.read(max(1, size // 4))
+        f.seek(size // 4)
+        f.write(bytes(b ^ 0x5A for b in block))
+
+
+CORPUS = {f"n{i:02d}.md": f"note {i}: the {word} protocol handles {word}_frames and retries"
+          for i, word in enumerate(["gossip", "raft", "paxos", "quic", "tcp", "udp", "sctp",
+                                    "mqtt", "amqp", "grpc", "http", "smtp"])}
+
+
+def _lexical_ids(c: RetrieverClient, ns: str, query: str) -> list[str]:
+    resp = c.stub.Search(pb.SearchRequest(namespace=ns, query=query, top_k=5,
+                                          mode=pb.LEXICAL), timeout=60)
+    return [h.chunk.doc_id for h in resp.hits]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, embedder) -> Path:  # noqa: ANN001
+    data = tmp_path_factory.mktemp("lexical") / "data"
+    st = ServerThread(make_settings(data), embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            c.upsert("lex", [pb.Document(doc_id=k, content=v) for k, v in CORPUS.items()])
+            assert _lexical_ids(c, "lex", "paxos_frames")[0] == "n02.md"
+    finally:
+        st.stop()
+    return data
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("damage", ["segment-bytes", "meta-garbage", "removed"])
+def test_a_damaged_or_missing_lexical_index_is_rebuilt_from_the_catalog(
+        built: Path, tmp_path: Path, embedder, damage: str) -> None:  # noqa: ANN001
+    data = tmp_path / "data"
+    shutil.copytree(built, data)
+    lx = data / "lexical" / lexical_dir("lex")
+    if damage == "segment-bytes":
+        _flip_bytes(next(lx.glob("*.idx")))
+    elif damage == "meta-garbage":
+        (lx / "meta.json").write_text("{garbage")
+    else:
+        shutil.rmtree(lx)
+    st = ServerThread(make_settings(data), embedder).start()
+    try:
+        assert st.info["reconciled"]["lex"]["lexical_entries_added"] == len(CORPUS)
+        rebuilt = metric(st.info["metrics_port"], "retriever_derived_files_rebuilt_total",
+                         kind="lexical_index")
+        assert rebuilt == (0 if damage == "removed" else 1)
+        with RetrieverClient(st.address) as c:
+            assert _lexical_ids(c, "lex", "paxos_frames")[0] == "n02.md"
+            assert _lexical_ids(c, "lex", "quic protocol")[0] == "n03.md"
+    finally:
+        st.stop()
+    assert len(list(lx.parent.glob(lx.name + ".damaged-*"))) == (damage != "removed")
+    again = ServerThread(make_settings(data), embedder).start()  # the rebuilt index loads
+    try:
+        assert again.info["reconciled"]["lex"]["lexical_entries_added"] == 0
+    finally:
+        again.stop()
+
+
+@pytest.mark.integration
+def test_a_search_the_index_fails_falls_back_to_fts5_and_the_next_start_rebuilds(
+        built: Path, tmp_path: Path, embedder) -> None:  # noqa: ANN001
+    data = tmp_path / "data"
+    shutil.copytree(built, data)
+    lx = data / "lexical" / lexical_dir("lex")
+    st = ServerThread(make_settings(data), embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            # The stored ids, read for every hit (before any search: the engine caches the
+            # blocks it decompressed).
+            for store in lx.glob("*.store"):
+                _flip_bytes(store)
+            # Answered all the same (from the catalog's FTS5 table), and marked for rebuild.
+            assert _lexical_ids(c, "lex", "raft_frames")[0] == "n01.md"
+            assert (lx / "retriever-failed").exists()
+            assert _lexical_ids(c, "lex", "mqtt protocol")[0] == "n07.md"
+    finally:
+        st.stop()
+    again = ServerThread(make_settings(data), embedder).start()
+    try:
+        assert again.info["reconciled"]["lex"]["lexical_entries_added"] == len(CORPUS)
+        with RetrieverClient(again.address) as c:
+            assert _lexical_ids(c, "lex", "raft_frames")[0] == "n01.md"
+    finally:
+        again.stop()
+
+
+@pytest.mark.integration
+def test_entries_the_catalog_does_not_show_are_skipped_however_many(
+        tmp_path: Path, embedder) -> None:  # noqa: ANN001
+    """Entries left in the index for chunks that were never committed (a crash between the
+    lexical write and the commit) or were superseded can outscore every visible chunk: the
+    search asks for more until it has enough visible ones."""
+    svc = RetrieverService(make_settings(tmp_path / "data"), embedder=embedder)
+    svc.start()
+    try:
+        svc.upsert("ns", [Document(doc_id=k, content=v) for k, v in CORPUS.items()])
+        handle = svc.namespaces.get("ns")
+        assert handle.lexical is not None
+        ghosts = list(range(10**9, 10**9 + 3000))
+        handle.lexical.add(ghosts, ["grpc_frames grpc grpc_frames grpc"] * len(ghosts),
+                           [Payload("n09.md", "n09.md")] * len(ghosts))
+        result = svc.search(SearchQuery(namespace="ns", query="grpc_frames", top_k=3,
+                                        mode=SearchMode.LEXICAL), "r1")
+        assert [h.chunk.doc_id for h in result.hits][:1] == ["n09.md"]
+        assert len(result.hits) == 3  # every chunk has "frames": all three are real
+        assert all(h.chunk.vector_id < 10**9 and h.chunk.chunk_id for h in result.hits)
+    finally:
+        svc.close()
+
+
+@pytest.mark.integration
+def test_deleting_a_namespace_removes_its_lexical_index_and_a_new_one_starts_empty(
+        tmp_path: Path, embedder) -> None:  # noqa: ANN001
+    data = tmp_path / "data"
+    st = ServerThread(make_settings(data), embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            c.upsert("gone", [pb.Document(doc_id="a.md", content="zebra crossing rules")])
+            lx = data / "lexical" / lexical_dir("gone")
+            assert lx.is_dir()
+            c.stub.DeleteNamespace(pb.DeleteNamespaceRequest(name="gone"), timeout=60)
+            assert not lx.exists()
+            c.upsert("gone", [pb.Document(doc_id="b.md", content="giraffe feeding times")])
+            assert _lexical_ids(c, "gone", "zebra") == []
+            assert _lexical_ids(c, "gone", "giraffe") == ["b.md"]
+    finally:
+        st.stop()
