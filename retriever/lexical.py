@@ -106,7 +106,7 @@ class LexicalIndex:
         try:
             if (self.path / _FAILED).exists():
                 raise ValueError("a search failed on it before")
-            self._verify()
+            _verify_files(self.path)
             index = tantivy.Index(SCHEMA, path=str(self.path), reuse=True)
             index.reload()
             index.searcher().num_docs  # noqa: B018 - reads the segment list
@@ -120,33 +120,6 @@ class LexicalIndex:
             return tantivy.Index(SCHEMA, path=str(self.path), reuse=False)
 
     # -- checksums -------------------------------------------------------------------------
-    def _committed_files(self) -> list[str]:
-        """The segment files the last commit references (merges in progress write others:
-        those are not final yet)."""
-        try:
-            meta = json.loads((self.path / "meta.json").read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return []
-        names = []
-        for seg in meta.get("segments", []):
-            sid = str(seg["segment_id"]).replace("-", "")
-            names += [sid + ext for ext in _SEGMENT_EXTS]
-            deletes = seg.get("deletes")
-            if deletes:
-                names.append(f"{sid}.{deletes['opstamp']}.del")
-        return [n for n in names if (self.path / n).exists()]
-
-    def _verify(self) -> None:
-        """Raise ValueError when a committed segment file differs from its recorded CRC."""
-        try:
-            recorded = json.loads((self.path / _CHECKSUMS).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return
-        for name in self._committed_files():
-            want = recorded.get(name)
-            if want is not None and _crc(self.path / name) != want:
-                raise ValueError(f"{name} does not match its checksum")
-
     def _record_checksums_locked(self) -> None:
         """Record the CRC of each committed segment file not recorded yet (segment files
         never change once written), forgetting those no longer committed."""
@@ -155,7 +128,7 @@ class LexicalIndex:
             recorded = json.loads(path.read_text(encoding="utf-8"))
         except (FileNotFoundError, ValueError):
             recorded = {}
-        files = self._committed_files()
+        files = _committed_files(self.path)
         out = {n: recorded[n] if n in recorded else _crc(self.path / n) for n in files}
         if out == recorded:
             return
@@ -316,6 +289,51 @@ def _filter_query(flt: Filter) -> tantivy.Query:
     for key, value in flt.metadata:
         parts.append((Occur.Must, Query.term_query(SCHEMA, "meta", f"{key}\x00{value}")))
     return Query.boolean_query(parts)
+
+
+def _committed_files(path: Path) -> list[str]:
+    """The segment files the last commit of the index in ``path`` references (merges in
+    progress write others: those are not final yet)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    names = []
+    for seg in meta.get("segments", []):
+        sid = str(seg["segment_id"]).replace("-", "")
+        names += [sid + ext for ext in _SEGMENT_EXTS]
+        deletes = seg.get("deletes")
+        if deletes:
+            names.append(f"{sid}.{deletes['opstamp']}.del")
+    return [n for n in names if (path / n).exists()]
+
+
+def _verify_files(path: Path) -> None:
+    """Raise ValueError when a committed segment file differs from its recorded CRC."""
+    try:
+        recorded = json.loads((path / _CHECKSUMS).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    for name in _committed_files(path):
+        want = recorded.get(name)
+        if want is not None and _crc(path / name) != want:
+            raise ValueError(f"{name} does not match its checksum")
+
+
+def verify(path: Path) -> list[str]:
+    """What is wrong with the index in ``path``, found without changing it (`retriever
+    check`); empty when nothing is."""
+    problems = []
+    failed = path / _FAILED
+    if failed.exists():
+        reason = failed.read_text(encoding="utf-8", errors="replace").strip()
+        problems.append(f"a search failed on it ({reason}): rebuilt at the next start")
+    try:
+        _verify_files(path)
+        tantivy.Index.open(str(path)).searcher().num_docs  # noqa: B018 - reads the segments
+    except Exception as exc:
+        problems.append(f"{type(exc).__name__}: {exc}")
+    return problems
 
 
 def is_engine_error(exc: BaseException) -> bool:

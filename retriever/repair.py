@@ -167,7 +167,34 @@ def _namespace_specs(path: Path) -> list[tuple[str, str, CollectionSpec]] | None
             for name, backend, dim, metric, gen in rows if metric in _METRICS]
 
 
+def _check_lexical(data_dir: Path,
+                   specs: list[tuple[str, str, CollectionSpec]] | None) -> list[IndexHealth]:
+    """Each namespace's tantivy index (and any of no namespace), checked offline."""
+    from retriever import lexical
+    from retriever.namespaces import lexical_dir
+
+    root = data_dir / "lexical"
+    owned = {lexical_dir(ns): ns for ns, _, _ in specs or ()}
+    found = ({p.name for p in root.iterdir() if p.is_dir() and ".damaged-" not in p.name}
+             if root.is_dir() else set())
+    out = []
+    for name in sorted(found | set(owned)):
+        path = root / name
+        out.append(IndexHealth(name, "lexical", owned.get(name),
+                               lexical.verify(path) if path.is_dir() else [],
+                               exists=path.is_dir()))
+    return out
+
+
 def _check_indexes(data_dir: Path,
+                   specs: list[tuple[str, str, CollectionSpec]] | None) -> list[IndexHealth]:
+    out = _check_vectors(data_dir, specs)
+    if (data_dir / "lexical").is_dir():
+        out += _check_lexical(data_dir, specs)
+    return out
+
+
+def _check_vectors(data_dir: Path,
                    specs: list[tuple[str, str, CollectionSpec]] | None) -> list[IndexHealth]:
     root = index_root(data_dir)
     names = {backend for _, backend, _ in specs or ()}

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 from conftest import make_settings
 from test_storage_faults import metric
+from typer.testing import CliRunner
 
 from indexers import Filter, Payload
+from retriever.cli import app
 from retriever.client import RetrieverClient
 from retriever.domain import Document, SearchMode, SearchQuery
 from retriever.lexical import LexicalIndex, prefix_regex
@@ -176,6 +178,14 @@ def test_a_damaged_or_missing_lexical_index_is_rebuilt_from_the_catalog(
         (lx / "meta.json").write_text("{garbage")
     else:
         shutil.rmtree(lx)
+    checked = CliRunner().invoke(app, ["check", "--data-dir", str(data)])
+    line = next(ln for ln in checked.stdout.splitlines() if ln.startswith("index lexical/"))
+    assert "namespace lex" in line, checked.stdout
+    if damage == "removed":
+        assert checked.exit_code == 0 and "not built yet" in line, checked.stdout
+    else:
+        assert checked.exit_code == 1 and "DAMAGED" in line, checked.stdout
+        assert "starting the server repairs them" in checked.stdout
     st = ServerThread(make_settings(data), embedder).start()
     try:
         assert st.info["reconciled"]["lex"]["lexical_entries_added"] == len(CORPUS)
@@ -193,6 +203,8 @@ def test_a_damaged_or_missing_lexical_index_is_rebuilt_from_the_catalog(
         assert again.info["reconciled"]["lex"]["lexical_entries_added"] == 0
     finally:
         again.stop()
+    healthy = CliRunner().invoke(app, ["check", "--data-dir", str(data)])
+    assert healthy.exit_code == 0 and "healthy" in healthy.stdout, healthy.stdout
 
 
 @pytest.mark.integration
