@@ -134,6 +134,10 @@ class FaissOptions:
     gpu: bool | None = None
     gpu_device: int = 0
     gpu_engine: str = "auto"  # auto | torch | faiss (see _faiss_gpu: which runs where)
+    # "auto" keeps exact search up to this many live vectors while a GPU scores it: on an
+    # H200 exact k=10 took 0.69 ms at 1M and 1.78 ms at 4M with recall 1.0, where CPU HNSW
+    # answers in 0.4-4 ms with recall < 1 (bench/results/gpu-faiss-h200.md).
+    gpu_exact_max: int = 4_000_000
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -147,7 +151,7 @@ class FaissOptions:
                      "ivf_nprobe", "build_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"faiss {name} must be positive, got {getattr(self, name)}")
-        for name in ("ivf_nlist", "exact_max", "compact_min"):
+        for name in ("ivf_nlist", "exact_max", "compact_min", "gpu_exact_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"faiss {name} must not be negative, got {getattr(self, name)}")
         if not 0.0 < self.compact_ratio <= 1.0:
@@ -720,6 +724,8 @@ class FaissIndex:
             trainable = n_live >= 39 * self._ivf_nlist(n_live)
             return "ivf" if trainable or current == "ivf" else None
         big = self._opts.auto_kind
+        if self._gpu is not None and n_live <= self._opts.gpu_exact_max:
+            return None  # the GPU's exact search beats an approximate index on the CPU
         if n_live >= self._opts.auto_threshold:
             if big == "ivf" and n_live < 39 * self._ivf_nlist(n_live):
                 return current

@@ -190,3 +190,26 @@ def test_on_a_gpu_the_default_uses_it(tmp_path: Path) -> None:
     hits = index.search(unit_vectors(1, seed=3), 5)
     assert len(hits[0].ids) == 5
     assert index.stats()["gpu_searches"] == 1 and index.stats()["gpu_engine"] == "torch"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_auto_stays_exact_on_a_gpu_up_to_gpu_exact_max(tmp_path: Path, engine: str) -> None:
+    """Past auto_threshold a CPU collection builds HNSW; one scored on a GPU stays exact
+    (recall 1.0, faster there) until gpu_exact_max live vectors, then builds it too."""
+    spec = CollectionSpec("c", DIM, "cosine")  # type: ignore[arg-type]
+    opts = {"kind": "auto", "gpu": False, "exact_max": 0, "auto_threshold": 1000,
+            "gpu_exact_max": 3000}
+    on_gpu = FaissBackend(tmp_path / "gpu", **opts).open(spec)  # type: ignore[arg-type]
+    on_cpu = FaissBackend(tmp_path / "cpu", **opts).open(spec)  # type: ignore[arg-type]
+    on_gpu._gpu = _scorer(True, engine)
+    data = unit_vectors(4000, seed=5)
+    queries = unit_vectors(8, seed=6)
+    _write((on_gpu, on_cpu), np.arange(2500), data[:2500])
+    assert on_gpu.wait_idle(60) and on_cpu.wait_idle(60)
+    assert on_cpu.stats()["kind"] == "hnsw"
+    assert on_gpu.stats()["kind"] == "flat"
+    got = on_gpu.search(queries, 10)
+    want = np.argsort(-(queries @ data[:2500].T), axis=1)[:, :10]
+    assert [g.ids.tolist() for g in got] == want.tolist()
+    _write((on_gpu,), np.arange(2500, 4000), data[2500:])
+    assert on_gpu.wait_idle(60) and on_gpu.stats()["kind"] == "hnsw"
