@@ -57,6 +57,14 @@ _META = frozenset("\\.+*?()|[]{}^$#&-~")  # regex-syntax meta characters
 _CHECKSUMS = "retriever-checksums.json"
 _FAILED = "retriever-failed"  # marker: a search failed on this index; rebuild it at start
 _SEGMENT_EXTS = (".idx", ".term", ".pos", ".store", ".fast", ".fieldnorm")
+# UTF-8 bytes of a path prefix matched by the engine's regular expression (which refuses
+# more than 1,000 automaton states: ~980 bytes); a longer prefix is checked on the hits.
+PREFIX_REGEX_BYTES = 512
+
+
+class QueryError(ValueError):
+    """The engine refused to build a query from these terms and filter (not a fault of
+    the index: searches go on)."""
 
 
 def _schema() -> tantivy.Schema:
@@ -64,11 +72,22 @@ def _schema() -> tantivy.Schema:
     sb.add_text_field("terms", stored=False, tokenizer_name="whitespace", index_option="freq")
     sb.add_unsigned_field("vid", stored=True, indexed=True, fast=True)
     for name in ("doc", "path", "lang", "kind", "meta"):
-        sb.add_text_field(name, stored=False, tokenizer_name="raw", index_option="basic")
+        # The path is stored too: a prefix too long for one regular expression is matched
+        # in part by the engine and checked whole on the hits.
+        sb.add_text_field(name, stored=name == "path", tokenizer_name="raw",
+                          index_option="basic")
     return sb.build()
 
 
 SCHEMA = _schema()
+
+
+def _regex_part(prefix: str) -> str:
+    """The longest start of ``prefix`` within PREFIX_REGEX_BYTES bytes of UTF-8."""
+    raw = prefix.encode("utf-8")
+    if len(raw) <= PREFIX_REGEX_BYTES:
+        return prefix
+    return raw[:PREFIX_REGEX_BYTES].decode("utf-8", errors="ignore")
 
 
 def prefix_regex(prefix: str) -> str:
@@ -231,15 +250,29 @@ class LexicalIndex:
         unique = list(dict.fromkeys(terms))
         if not unique or limit <= 0:
             return []
-        query = Query.boolean_query(
-            [(Occur.Should, Query.term_query(SCHEMA, "terms", t)) for t in unique])
-        if not flt.empty:
-            query = Query.boolean_query([(Occur.Must, query),
-                                         (Occur.Must, Query.const_score_query(
-                                             _filter_query(flt), 0.0))])
+        try:
+            query = Query.boolean_query(
+                [(Occur.Should, Query.term_query(SCHEMA, "terms", t)) for t in unique])
+            if not flt.empty:
+                query = Query.boolean_query([(Occur.Must, query),
+                                             (Occur.Must, Query.const_score_query(
+                                                 _filter_query(flt), 0.0))])
+        except ValueError as exc:
+            raise QueryError(str(exc)) from exc
         searcher = self._index.searcher()
-        found = searcher.search(query, limit).hits
-        return [(int(searcher.doc(addr)["vid"][0]), float(score)) for score, addr in found]
+        whole = flt.path_prefix if _regex_part(flt.path_prefix) != flt.path_prefix else ""
+        k = limit
+        while True:
+            found = searcher.search(query, k).hits
+            out = []
+            for score, addr in found:
+                doc = searcher.doc(addr)
+                if whole and not doc["path"][0].startswith(whole):
+                    continue  # matched the regex's part of the prefix only
+                out.append((int(doc["vid"][0]), float(score)))
+            if not whole or len(out) >= limit or len(found) < k:
+                return out[:limit]
+            k *= 4
 
     def fingerprint(self) -> tuple[int, int]:
         """(entries, sum of their vector ids): compared with the catalog's at start."""
@@ -280,8 +313,8 @@ def _filter_query(flt: Filter) -> tantivy.Query:
     if flt.doc_ids:
         parts.append((Occur.Must, Query.term_set_query(SCHEMA, "doc", list(flt.doc_ids))))
     if flt.path_prefix:
-        parts.append((Occur.Must, Query.regex_query(SCHEMA, "path",
-                                                    prefix_regex(flt.path_prefix))))
+        parts.append((Occur.Must, Query.regex_query(
+            SCHEMA, "path", prefix_regex(_regex_part(flt.path_prefix)))))
     if flt.languages:
         parts.append((Occur.Must, Query.term_set_query(SCHEMA, "lang", list(flt.languages))))
     if flt.kinds:

@@ -28,7 +28,10 @@ from retriever.v1 import retriever_pb2 as pb
 # Paths with every character tantivy's regular expressions treat specially, non-ASCII,
 # a newline, and prefixes of one another.
 PATHS = ["src/a.py", "src/a.pyx", "src/ab/c.py", "a.b/c(1).py", "[x]/y^$.rs", "é/ü+x.go",
-         "a\nb/x.md", "docs/$HOME|{x}~#&-.txt", "src", "s", "", "src/a\\b.py", "x*?.c"]
+         "a\nb/x.md", "docs/$HOME|{x}~#&-.txt", "src", "s", "", "src/a\\b.py", "x*?.c",
+         # Longer than one regular expression may be (~980 bytes): the engine matches the
+         # first PREFIX_REGEX_BYTES and the rest is checked on the hits.
+         "深/" * 400 + "x.py", "深/" * 400 + "y.py", "a" * 1500 + ".py", "a" * 1500 + ".rs"]
 
 
 def _payloads(rng: random.Random, n: int) -> list[Payload]:

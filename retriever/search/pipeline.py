@@ -47,7 +47,7 @@ from retriever.domain import (
 )
 from retriever.errors import FailedPrecondition, InvalidArgument
 from retriever.freshness.staleness import SourceLag, chunk_staleness
-from retriever.lexical import LexicalIndex, is_engine_error
+from retriever.lexical import LexicalIndex, QueryError, is_engine_error
 from retriever.models.embedder import Embedder
 from retriever.models.reranker import Reranker
 from retriever.namespaces import NamespaceHandle, Namespaces
@@ -337,6 +337,10 @@ class Searcher:
             l0 = time.perf_counter()
             try:
                 found = lex.search(terms, flt, k)
+            except QueryError as exc:  # this query only: the catalog answers it
+                log.warning("namespace %s: the lexical index cannot run this query (%s); "
+                            "the catalog's FTS5 table answers it", q.namespace, exc)
+                return None, spent + time.perf_counter() - l0
             except BaseException as exc:
                 if not is_engine_error(exc):
                     raise
