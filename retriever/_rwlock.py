@@ -13,6 +13,9 @@ class RWLock:
         self._readers = 0
         self._writer = False
         self._waiting_writers = 0
+        # Write sections entered so far: a reader that read something before taking the
+        # lock knows it is still current when this has not moved.
+        self.generation = 0
 
     @contextmanager
     def read(self) -> Iterator[None]:
@@ -36,6 +39,7 @@ class RWLock:
                 self._cond.wait()
             self._waiting_writers -= 1
             self._writer = True
+            self.generation += 1
         try:
             yield
         finally:

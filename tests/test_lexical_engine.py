@@ -279,3 +279,43 @@ def test_deleting_a_namespace_removes_its_lexical_index_and_a_new_one_starts_emp
             assert _lexical_ids(c, "gone", "giraffe") == ["b.md"]
     finally:
         st.stop()
+
+
+@pytest.mark.integration
+def test_a_lexical_answer_read_before_the_lock_is_used_only_if_no_commit_came_between(
+        tmp_path: Path, embedder) -> None:  # noqa: ANN001
+    """A hybrid search asks the lexical index while its query is embedded, before it takes
+    the visibility lock; under the lock it uses that answer only if the lock's generation
+    has not moved (no commit since), and asks again otherwise."""
+    from retriever.search.pipeline import _Early
+
+    svc = RetrieverService(make_settings(tmp_path / "data"), embedder=embedder)
+    svc.start()
+    try:
+        svc.upsert("ns", [Document(doc_id=k, content=v) for k, v in CORPUS.items()])
+        handle, searcher = svc.namespaces.get("ns"), svc.searcher
+        assert searcher is not None
+        q = SearchQuery(namespace="ns", query="zeppelin_frames protocol", top_k=3,
+                        mode=SearchMode.HYBRID)
+        vec = searcher._embed_queries([q.query]).result()[0]
+
+        def top(early: _Early | None) -> object:
+            return searcher._one(q, SearchMode.HYBRID, handle, vec, "r", None,
+                                 time.perf_counter(), early).hits[0]
+
+        before = searcher._early_lexical(q, handle)  # read before z.md exists
+        assert before is not None
+        svc.upsert("ns", [Document(doc_id="z.md", content="zeppelin_frames: the zeppelin "
+                                   "protocol handles zeppelin_frames")])
+        assert before.generation != handle.visibility.generation
+        hit = top(before)  # stale: asked again, so z.md is found lexically too
+        assert hit.chunk.doc_id == "z.md" and hit.lexical_score is not None
+        current = searcher._early_lexical(q, handle)
+        assert current is not None and current.generation == handle.visibility.generation
+        assert top(current).lexical_score == hit.lexical_score
+        # An answer of the current generation is used as it is (here: one with no match,
+        # so the lexical side contributes nothing).
+        empty = _Early(handle.visibility.generation, current.k, [], 0.0)
+        assert top(empty).lexical_score is None
+    finally:
+        svc.close()

@@ -71,6 +71,16 @@ def engine_filter(f: SearchFilter) -> Filter:
                   metadata=tuple(f.metadata))
 
 
+@dataclass(frozen=True, slots=True)
+class _Early:
+    """A lexical answer read before the visibility lock (see Searcher._early_lexical)."""
+
+    generation: int  # the namespace's visibility generation when it was read
+    k: int  # entries asked for
+    found: list[tuple[int, float]]
+    seconds: float
+
+
 @dataclass(slots=True)
 class _Candidate:
     vector_id: int
@@ -145,11 +155,19 @@ class Searcher:
         dense_rows = [i for i, m in enumerate(modes) if m is not SearchMode.LEXICAL]
         vectors: dict[int, np.ndarray] = {}
         embed_s = None
+        early: dict[int, _Early] = {}
         if dense_rows:
+            pending = self._embed_queries([queries[i].query for i in dense_rows])
+            # While the model embeds the queries, hybrid ones ask the lexical index.
+            for i in dense_rows:
+                if modes[i] is SearchMode.HYBRID:
+                    got = self._early_lexical(queries[i], handles[i])
+                    if got is not None:
+                        early[i] = got
             with self._metrics.stage("embed", span="retriever.search.embed",
                                      attributes={"retriever.queries": len(dense_rows)}
                                      ) as embed_t:
-                out = self._embed_queries([queries[i].query for i in dense_rows]).result()
+                out = pending.result()
             embed_s = embed_t[0]
             vectors = {i: out[r] for r, i in enumerate(dense_rows)}
         results = []
@@ -157,7 +175,8 @@ class Searcher:
             with tracing.span("retriever.search", {
                     "retriever.namespace": q.namespace, "retriever.mode": m.name.lower(),
                     "retriever.top_k": q.top_k, "retriever.rerank": q.rerank}) as span:
-                result = self._one(q, m, h, vectors.get(i), request_id, embed_s, t0)
+                result = self._one(q, m, h, vectors.get(i), request_id, embed_s, t0,
+                                   early.get(i))
                 span.set_attribute("retriever.hits", len(result.hits))
             results.append(result)
         return results
@@ -184,9 +203,30 @@ class Searcher:
         return out
 
     # -- one query -------------------------------------------------------------------------
+    def _early_lexical(self, q: SearchQuery, handle: NamespaceHandle) -> _Early | None:
+        """The lexical index's first answer for a hybrid query, read before the visibility
+        lock (while the query is embedded): used under the lock if no commit came between
+        (the lock's generation), since the index receives a write's entries before its
+        commit and removes them after. None when there is no usable index or it failed
+        (the search under the lock then asks, or falls back, as usual)."""
+        lex = handle.lexical
+        if lex is None or lex.failed:
+            return None
+        generation = handle.visibility.generation
+        terms = analyzer.query_terms(q.query)
+        k = self._wanted(q, SearchMode.HYBRID) + 16
+        l0 = time.perf_counter()
+        try:
+            found = lex.search(terms, engine_filter(q.filter), k)
+        except BaseException as exc:
+            if not is_engine_error(exc):
+                raise
+            return None  # asked again under the lock, where a failure is handled
+        return _Early(generation, k, found, time.perf_counter() - l0)
+
     def _one(self, q: SearchQuery, mode: SearchMode, handle: NamespaceHandle,
              vec: np.ndarray | None, request_id: str, embed_s: float | None,
-             t0: float) -> SearchResult:
+             t0: float, early: _Early | None = None) -> SearchResult:
         s = self._settings
         wanted = self._wanted(q, mode)
         rerank_n = 0
@@ -205,7 +245,7 @@ class Searcher:
             if mode is not SearchMode.DENSE:
                 with tracing.span("retriever.search.lexical",
                                   {"retriever.wanted": wanted}) as sp:
-                    lexical = self._lexical(q, handle, wanted, heads, timings)
+                    lexical = self._lexical(q, handle, wanted, heads, timings, early)
                     sp.set_attribute("retriever.candidates", len(lexical))
             with tracing.span("retriever.search.fuse") as sp:
                 candidates = self._fuse(q, mode, dense, lexical, heads, timings)
@@ -299,8 +339,8 @@ class Searcher:
         return dense, chunks
 
     def _lexical(self, q: SearchQuery, handle: NamespaceHandle, wanted: int,
-                 heads: dict[int, tuple[str, str]], timings: dict[str, float]
-                 ) -> dict[int, float]:
+                 heads: dict[int, tuple[str, str]], timings: dict[str, float],
+                 early: _Early | None = None) -> dict[int, float]:
         """BM25 candidates that the catalog shows (at most ``wanted``); their (doc_id, path)
         are added to ``heads``. Call under the visibility lock."""
         terms = analyzer.query_terms(q.query)
@@ -308,7 +348,9 @@ class Searcher:
         lex_s = 0.0
         lex = handle.lexical
         if lex is not None and not lex.failed:
-            found, lex_s = self._from_engine(q, lex, terms, wanted, heads, timings)
+            if early is not None and early.generation != handle.visibility.generation:
+                early = None  # a commit came between: ask again
+            found, lex_s = self._from_engine(q, lex, terms, wanted, heads, timings, early)
         if found is None:  # the catalog's FTS5 table: visible rows only
             l0 = time.perf_counter()
             found = self._catalog.lexical_search(q.namespace, terms, q.filter, wanted)
@@ -325,7 +367,7 @@ class Searcher:
 
     def _from_engine(self, q: SearchQuery, lex: LexicalIndex, terms: Sequence[str],
                      wanted: int, heads: dict[int, tuple[str, str]],
-                     timings: dict[str, float]
+                     timings: dict[str, float], early: _Early | None = None
                      ) -> tuple[list[tuple[int, float]] | None, float]:
         """The lexical index's best matches, enough of them visible in the catalog (their
         heads are added to ``heads``), and the seconds the engine took; None when the
@@ -336,7 +378,10 @@ class Searcher:
         while True:
             l0 = time.perf_counter()
             try:
-                found = lex.search(terms, flt, k)
+                if early is not None and early.k == k:  # read while the query was embedded
+                    found, spent, early = early.found, spent + early.seconds, None
+                else:
+                    found = lex.search(terms, flt, k)
             except QueryError as exc:  # this query only: the catalog answers it
                 log.warning("namespace %s: the lexical index cannot run this query (%s); "
                             "the catalog's FTS5 table answers it", q.namespace, exc)
