@@ -303,8 +303,14 @@ class LexicalIndex:
             self._release_writer_locked()
 
     def drop(self) -> None:
-        """Close and delete the index's files."""
-        self.close()
+        """Close without waiting for merges (their work is thrown away) and delete the
+        index's files: called under the namespace registry's lock."""
+        with self._lock:
+            self._closed = True
+            if self._closer is not None:
+                self._closer.cancel()
+                self._closer = None
+            self._writer = None  # dropped: stops its threads, releases its lock file
         shutil.rmtree(self.path, ignore_errors=True)
 
 
