@@ -1026,6 +1026,22 @@ class Catalog:
                 db.execute(f"DELETE FROM {table} WHERE rowid = ?", (vid,))
                 db.execute(f"INSERT INTO {table} (rowid, terms) VALUES (?,?)", (vid, terms))
 
+    def terms_agree(self, namespace: str) -> bool:
+        """Whether the namespace's lexical table holds a row for exactly its active chunks,
+        by (count, sum of ids) on both sides: 70 ms at 300k chunks, where finding the rows
+        that differ scans every chunk (3.5 s). False when it cannot tell."""
+        table = _terms_table(namespace)
+        with self._reader() as db:
+            try:
+                chunks = db.execute("SELECT count(*), sum(vector_id) FROM chunks"
+                                    " WHERE namespace = ? AND state = 1",
+                                    (namespace,)).fetchone()
+                terms = db.execute(f"SELECT count(*), sum(id) FROM {table}_docsize"
+                                   ).fetchone()
+            except sqlite3.OperationalError:
+                return False
+        return tuple(chunks) == tuple(terms)
+
     def terms(self, namespace: str, vector_ids: Sequence[int]) -> dict[int, str]:
         """The lexical terms of these chunk rows (staged or active) that have them."""
         table = _terms_table(namespace)

@@ -212,6 +212,29 @@ def test_restart_rebuilds_a_lexical_index_that_disagrees_with_the_catalog(
         st.stop()
 
 
+def test_a_lost_term_row_is_restored_even_when_a_stray_one_keeps_the_count(
+        tmp_path: Path, embedder: Embedder) -> None:
+    """The start-up check compares (count, sum of ids) of chunks and term rows before it
+    looks for the rows that differ: one lost and one stray row keep the count, not the
+    sum."""
+    data = tmp_path / "data"
+    with running_server(make_settings(data), embedder) as st, RetrieverClient(st.address) as c:
+        c.upsert("lex", [pb.Document(doc_id=k, content=v) for k, v in CORPUS.items()])
+    db = sqlite3.connect(data / "catalog.sqlite3")
+    terms = _terms_table("lex")
+    assert db.execute(f"DELETE FROM {terms} WHERE rowid IN (SELECT rowid FROM {terms}"
+                      " LIMIT 1)").rowcount == 1
+    db.execute(f"INSERT INTO {terms} (rowid, terms) VALUES (999999, 'bread')")
+    db.commit()
+    db.close()
+    with running_server(make_settings(data), embedder) as st:
+        report = st.info["reconciled"]["lex"]
+        assert report["lexical_rows_restored"] == 1 and report["lexical_rows_removed"] == 1
+    with running_server(make_settings(data), embedder) as st:  # and now they agree
+        report = st.info["reconciled"]["lex"]
+        assert report["lexical_rows_restored"] == 0 and report["lexical_rows_removed"] == 0
+
+
 def test_a_catalog_with_one_shared_lexical_table_moves_to_one_per_namespace(
         tmp_path: Path, embedder: Embedder) -> None:
     """Releases before schema 4 kept all namespaces' terms in one table (mixed BM25
