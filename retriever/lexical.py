@@ -172,10 +172,13 @@ class LexicalIndex:
             self._writer = self._index.writer(heap_size=_HEAP, num_threads=1)
         self._last_write = time.monotonic()
         if self._closer is None and self._idle_close_s > 0:
-            self._closer = threading.Timer(self._idle_close_s, self._close_if_idle)
-            self._closer.daemon = True
-            self._closer.start()
+            self._arm_closer(self._idle_close_s)
         return self._writer
+
+    def _arm_closer(self, delay: float) -> None:
+        self._closer = threading.Timer(delay, self._close_if_idle)
+        self._closer.daemon = True
+        self._closer.start()
 
     def _close_if_idle(self) -> None:
         with self._lock:
@@ -184,16 +187,15 @@ class LexicalIndex:
                 return
             idle = time.monotonic() - self._last_write
             if idle < self._idle_close_s:  # written meanwhile: look again later
-                self._closer = threading.Timer(self._idle_close_s - idle, self._close_if_idle)
-                self._closer.daemon = True
-                self._closer.start()
+                self._arm_closer(self._idle_close_s - idle)
                 return
-            self._release_writer_locked()
+            self._release_writer_locked(wait_merges=True)
 
-    def _release_writer_locked(self) -> None:
+    def _release_writer_locked(self, *, wait_merges: bool) -> None:
         writer, self._writer = self._writer, None
-        if writer is not None:
+        if writer is not None and wait_merges:
             writer.wait_merging_threads()  # finishes the merges it started, then ends
+        # (Otherwise dropped here: that stops its threads and releases its lock file.)
 
     def add(self, ids: Sequence[int], terms: Sequence[str], payloads: Sequence[Payload]
             ) -> None:
@@ -294,23 +296,20 @@ class LexicalIndex:
         return sorted(int(value) for value, _ in hits)
 
     # -- lifecycle -------------------------------------------------------------------------
-    def close(self) -> None:
+    def close(self, *, wait_merges: bool = True) -> None:
+        """No more writes; the writer ends (after its merges unless ``wait_merges`` is
+        false)."""
         with self._lock:
             self._closed = True
             if self._closer is not None:
                 self._closer.cancel()
                 self._closer = None
-            self._release_writer_locked()
+            self._release_writer_locked(wait_merges=wait_merges)
 
     def drop(self) -> None:
         """Close without waiting for merges (their work is thrown away) and delete the
         index's files: called under the namespace registry's lock."""
-        with self._lock:
-            self._closed = True
-            if self._closer is not None:
-                self._closer.cancel()
-                self._closer = None
-            self._writer = None  # dropped: stops its threads, releases its lock file
+        self.close(wait_merges=False)
         shutil.rmtree(self.path, ignore_errors=True)
 
 

@@ -135,11 +135,13 @@ class Namespaces:
         for record in records:
             handle = self._open(record)
             self._report_quarantined(handle)
-            report[record.name] = self._reconcile(handle, len(pending.get(record.name, ())))
+            active = np.sort(self._catalog.active_vector_ids(record.name))
+            report[record.name] = self._reconcile(handle, len(pending.get(record.name, ())),
+                                                  active)
             lexical = self._reconcile_lexical(handle.name, rebuild_terms)
             report[record.name].update(lexical)
             report[record.name].update(self._reconcile_engine(
-                handle, rebuild_terms or lexical["lexical_rows_restored"] > 0))
+                handle, rebuild_terms or lexical["lexical_rows_restored"] > 0, active))
             if add_payloads:
                 report[record.name]["payloads_written"] = self._write_payloads(handle)
         self._catalog.set_meta("analyzer", ANALYZER)
@@ -185,11 +187,13 @@ class Namespaces:
                 log.warning("dropping lexical index %s of no namespace", path.name)
                 shutil.rmtree(path, ignore_errors=True)
 
-    def _reconcile_engine(self, handle: NamespaceHandle, rebuild: bool) -> dict[str, int]:
+    def _reconcile_engine(self, handle: NamespaceHandle, rebuild: bool, want: np.ndarray
+                          ) -> dict[str, int]:
         """Make the lexical engine hold exactly the catalog's active chunks: what a crash
         between its write and the catalog's commit (or before a removal) left, and all of
-        it when its files were damaged or the terms were rebuilt. A matching fingerprint
-        (entries, sum of ids) skips the comparison."""
+        it when its files were damaged or the terms were rebuilt. ``want``: the catalog's
+        active ids, sorted. A matching fingerprint (entries, sum of ids) skips the
+        comparison."""
         lex = handle.lexical
         if lex is None:
             return {}
@@ -199,7 +203,6 @@ class Namespaces:
                         "rebuilding it from the catalog", handle.name, d.path,
                         d.moved_to.name, d.reason)
             self._metrics.derived_files_rebuilt.labels("lexical_index").inc()
-        want = np.sort(self._catalog.active_vector_ids(handle.name))
         if rebuild:
             lex.clear()
             have = np.empty(0, dtype=np.int64)
@@ -330,10 +333,11 @@ class Namespaces:
                         q.reason)
             self._metrics.derived_files_rebuilt.labels(q.kind).inc()
 
-    def _reconcile(self, handle: NamespaceHandle, pending: int) -> dict[str, int]:
+    def _reconcile(self, handle: NamespaceHandle, pending: int, in_catalog: np.ndarray
+                   ) -> dict[str, int]:
+        """``in_catalog``: the catalog's active ids of the namespace."""
         index = handle.index
         in_index = index.ids()
-        in_catalog = self._catalog.active_vector_ids(handle.name)
         extra = np.setdiff1d(in_index, in_catalog, assume_unique=True)
         missing = np.setdiff1d(in_catalog, in_index, assume_unique=True)
         if len(extra):

@@ -315,7 +315,7 @@ def test_a_lexical_answer_read_before_the_lock_is_used_only_if_no_commit_came_be
         assert top(current).lexical_score == hit.lexical_score
         # An answer of the current generation is used as it is (here: one with no match,
         # so the lexical side contributes nothing).
-        empty = _Early(handle.visibility.generation, current.k, [], 0.0)
+        empty = _Early(handle.visibility.generation, current.terms, current.k, [], 0.0)
         assert top(empty).lexical_score is None
     finally:
         svc.close()

@@ -76,6 +76,7 @@ class _Early:
     """A lexical answer read before the visibility lock (see Searcher._early_lexical)."""
 
     generation: int  # the namespace's visibility generation when it was read
+    terms: list[str]  # the query's analyzer terms
     k: int  # entries asked for
     found: list[tuple[int, float]]
     seconds: float
@@ -222,7 +223,7 @@ class Searcher:
             if not is_engine_error(exc):
                 raise
             return None  # asked again under the lock, where a failure is handled
-        return _Early(generation, k, found, time.perf_counter() - l0)
+        return _Early(generation, terms, k, found, time.perf_counter() - l0)
 
     def _one(self, q: SearchQuery, mode: SearchMode, handle: NamespaceHandle,
              vec: np.ndarray | None, request_id: str, embed_s: float | None,
@@ -343,7 +344,7 @@ class Searcher:
                  early: _Early | None = None) -> dict[int, float]:
         """BM25 candidates that the catalog shows (at most ``wanted``); their (doc_id, path)
         are added to ``heads``. Call under the visibility lock."""
-        terms = analyzer.query_terms(q.query)
+        terms = early.terms if early is not None else analyzer.query_terms(q.query)
         found: list[tuple[int, float]] | None = None
         lex_s = 0.0
         lex = handle.lexical
@@ -355,10 +356,12 @@ class Searcher:
             l0 = time.perf_counter()
             found = self._catalog.lexical_search(q.namespace, terms, q.filter, wanted)
             lex_s += time.perf_counter() - l0
+            # (The engine path looked its ids up already: what is missing there is what
+            # the catalog does not show.)
+            missing = [v for v, _ in found if v not in heads]
+            if missing:
+                heads.update(self._heads(q, missing, timings))
         timings["lexical"] = lex_s
-        missing = [v for v, _ in found if v not in heads]
-        if missing:
-            heads.update(self._heads(q, missing, timings))
         out: dict[int, float] = {}
         for vid, score in found:
             if vid in heads and len(out) < wanted:
