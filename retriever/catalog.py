@@ -299,8 +299,11 @@ def _epoch(value: datetime | None) -> float | None:
 
 
 class Catalog:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, mmap_bytes: int = 0) -> None:
+        """``mmap_bytes``: how much of the file SQLite reads through a memory map (0: none;
+        see Settings.catalog_mmap_bytes)."""
         self._path = Path(path)
+        self._mmap_bytes = mmap_bytes
         self._local = threading.local()
         self._write_lock = threading.Lock()
         # Every connection with the thread that opened it (thread-local; closed when that
@@ -402,6 +405,8 @@ class Catalog:
                 # page through the WAL: a delete then needs as much free disk as it frees,
                 # and fails on a full disk. FAST zeroes only what costs no extra I/O.
                 conn.execute("PRAGMA secure_delete=FAST")
+                if self._mmap_bytes:
+                    conn.execute(f"PRAGMA mmap_size={int(self._mmap_bytes)}")
             except BaseException:
                 conn.close()  # e.g. "file is not a database": no half-set-up connection
                 raise

@@ -73,7 +73,8 @@ class RetrieverService:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.embedder = embedder or Embedder(settings)
-        self.catalog = Catalog(settings.data_dir / "catalog.sqlite3")
+        self.catalog = Catalog(settings.data_dir / "catalog.sqlite3",
+                               mmap_bytes=settings.catalog_mmap_bytes)
         self.freshness = SourceFreshness(
             self.catalog, settings.data_dir / "sources", settings.staleness_refresh_s,
             fetch_error=lambda url: self.syncer.fetch_error(url) if self.syncer else "")
@@ -94,7 +95,7 @@ class RetrieverService:
         self.space = SpaceGuard(settings.data_dir, settings.storage_reserve_bytes,
                                 self.catalog.release_space, self.metrics)
         self._batcher = MicroBatcher(
-            # A batch of queries is one forward pass (document slices are already cut).
+            # A slice or a batch of queries is one forward pass (slices are already cut).
             lambda texts: self.embedder.embed(texts, batch_size=max(1, len(texts))),
             settings.query_batch_size,
             settings.query_batch_wait_ms / 1000.0,
@@ -103,6 +104,8 @@ class RetrieverService:
             doc_max_wait_s=settings.embed_doc_max_wait_ms / 1000.0,
             on_wait=lambda kind, s: self.metrics.model_wait.labels(kind).observe(s),
             nice=settings.model_thread_nice,
+            embed_queries=lambda texts: self.embedder.embed(
+                texts, batch_size=max(1, len(texts)), threads=settings.query_threads),
         )
         self.reranker = Reranker(settings)
         self._embed_cache: EmbeddingCache | None = None

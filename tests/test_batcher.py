@@ -376,3 +376,20 @@ def test_a_cancelled_document_job_stops_using_the_model(make, embed: FakeEmbed) 
     np.testing.assert_array_equal(b.submit(["3:3"]).result(TIMEOUT), rows(["3:3"]))
     assert sum(embed.batches) < 5  # the 50 texts never ran
     assert not b.cancel_documents(job)
+
+
+def test_queries_run_on_their_own_function_and_documents_on_theirs(
+        make: Callable[..., MicroBatcher], embed: FakeEmbed) -> None:
+    """embed_queries (e.g. a pass on fewer threads) answers query batches only."""
+    query_batches: list[list[str]] = []
+
+    def embed_queries(texts: Sequence[str]) -> np.ndarray:
+        query_batches.append(list(texts))
+        return rows(texts)
+
+    b = make(max_wait_s=0.0, embed_queries=embed_queries)
+    docs = b.submit_documents(["1:1", "1:2", "1:3"], [3, 3, 3])
+    assert np.array_equal(docs.result(TIMEOUT), rows(["1:1", "1:2", "1:3"]))
+    assert np.array_equal(b.submit(["2:1"]).result(TIMEOUT), rows(["2:1"]))
+    assert query_batches == [["2:1"]]
+    assert sum(embed.batches) == 3  # the document texts, in slices

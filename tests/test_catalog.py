@@ -525,3 +525,32 @@ def test_connections_of_finished_threads_are_closed(cat: Catalog, tmp_path: Path
         t.join()
     # The last thread's connection stays until another opens; none of the 19 before it.
     assert catalog_fds() <= before + 3
+
+
+def test_a_memory_mapped_catalog_reads_what_other_connections_commit(tmp_path: Path) -> None:
+    """catalog_mmap_bytes: reads go through the map; a reader still sees each commit of
+    another thread's connection, before and after it is checkpointed into the mapped file,
+    never a stale page."""
+    mapped = 1 << 16
+    c = Catalog(tmp_path / "catalog.sqlite3", mmap_bytes=mapped)
+    c.open()
+    try:
+        assert c.create_namespace(ns_record("ns"))
+        assert c._conn().execute("PRAGMA mmap_size").fetchone()[0] == mapped
+        seen: list[int] = []
+        for round_ in range(30):
+            writer = threading.Thread(
+                target=add_doc, args=(c, f"d{round_}.py", 20), daemon=True)
+            writer.start()
+            writer.join(10)
+            seen.append(len(c.active_vector_ids("ns")))
+            if round_ % 3 == 2:  # into the database file, pages the map already holds
+                c._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        assert seen == [20 * (r + 1) for r in range(30)]
+        assert (tmp_path / "catalog.sqlite3").stat().st_size > mapped  # grew past the map
+        found, _ = c.chunks_by_vector_ids("ns", c.active_vector_ids("ns").tolist())
+        assert len(found) == 600
+        assert sorted({r.doc_id for r in found.values()}) == sorted(
+            f"d{r}.py" for r in range(30))
+    finally:
+        c.close()

@@ -58,6 +58,26 @@ def test_token_budgeted_batches_embed_like_one_text_at_a_time(embedder: Embedder
     assert np.allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
 
 
+def test_a_pass_on_one_thread_embeds_alike_and_restores_the_thread_count(
+        embedder: Embedder) -> None:
+    """query_threads: a query batch may run on fewer intra-op threads than documents; the
+    vectors agree and the count documents run with is put back."""
+    import torch
+
+    texts = real_chunks()[:8]
+    before = torch.get_num_threads()
+    other = 1 if before > 1 else 2
+    seen: list[int] = []
+    hook = embedder._model.register_forward_hook(  # type: ignore[union-attr]
+        lambda *_: seen.append(torch.get_num_threads()))
+    try:
+        fewer = embedder.embed(texts, batch_size=8, threads=other)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {other} and torch.get_num_threads() == before
+    assert np.sum(fewer * embedder.embed(texts, batch_size=8), axis=1).min() > 0.9999
+
+
 def test_bucketed_shapes_embed_like_exact_ones(embedder: Embedder, tmp_path: Path) -> None:
     """Padding a batch to a warmed shape (rows repeated, width padded with masked tokens)
     changes no vector; the warm-up runs every shape a batch can take."""

@@ -70,12 +70,16 @@ class MicroBatcher:
                  doc_batch: int = 16, doc_slice_tokens: int = 0,
                  doc_max_wait_s: float = 0.05,
                  on_wait: Callable[[str, float], None] | None = None,
-                 nice: int = 0, doc_starve_s: float = 1.0) -> None:
-        """``doc_slice_tokens``: token budget of one document slice (0: no budget, only
-        ``doc_batch``). ``on_wait(kind, seconds)`` receives how long each query batch and
-        each document slice waited for the model. ``nice``: how far the model thread (and
-        the OpenMP workers its first forward pass starts) lowers its CPU priority."""
+                 nice: int = 0, doc_starve_s: float = 1.0,
+                 embed_queries: EmbedFn | None = None) -> None:
+        """``embed``: vectors of a document slice (and of a query batch unless
+        ``embed_queries`` is given). ``doc_slice_tokens``: token budget of one document
+        slice (0: no budget, only ``doc_batch``). ``on_wait(kind, seconds)`` receives how
+        long each query batch and each document slice waited for the model. ``nice``: how
+        far the model thread (and the OpenMP workers its first forward pass starts) lowers
+        its CPU priority."""
         self._embed = embed
+        self._embed_queries = embed_queries or embed
         self._nice = nice
         self._max_batch = max_batch
         self._max_wait = max_wait_s
@@ -238,7 +242,7 @@ class MicroBatcher:
         texts = [t for q in batch for t in q.texts]
         self._on_wait("query", time.monotonic() - batch[0].arrived)
         try:
-            vectors = self._embed(texts)
+            vectors = self._embed_queries(texts)
         except BaseException as exc:  # every waiting caller hears of it
             for q in batch:
                 q.future.set_exception(exc)

@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -324,13 +324,14 @@ class Embedder:
 
     # -- vectors ---------------------------------------------------------------------------
     def embed(self, texts: Sequence[str], batch_size: int | None = None,
-              batch_tokens: int | None = None) -> np.ndarray:
+              batch_tokens: int | None = None, threads: int = 0) -> np.ndarray:
         """float32 (len(texts), dimension), L2-normalised. Inputs longer than the model's
         max length are truncated by the model; chunkers keep chunks within it.
 
         Texts are tokenised once, then run longest first in batches of at most
         ``batch_size`` texts and ``batch_tokens`` padded tokens (defaults: the settings),
-        each batch cut to its own longest member."""
+        each batch cut to its own longest member. ``threads``: torch intra-op threads for
+        these passes (0: as configured; the OpenVINO backend keeps its own)."""
         import torch
         from torch.nn import functional
 
@@ -357,15 +358,16 @@ class Embedder:
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         autocast = (torch.autocast("cpu", dtype=self._autocast) if self._autocast is not None
                     else contextlib.nullcontext())
-        for idx, width in _batches(order, lengths, cap, budget):
-            pick, width = self._shape(idx, width)
-            rows = torch.tensor(pick)
-            batch = {k: _cut(v, rows, width).to(model.device) if isinstance(v, torch.Tensor)
-                     else v for k, v in features.items()}
-            with torch.inference_mode(), autocast:
-                emb = model(batch)["sentence_embedding"][:len(idx)]
-            emb = functional.normalize(emb.float(), p=2, dim=1)
-            out[idx] = emb.cpu().numpy()
+        with _intra_op_threads(threads):
+            for idx, width in _batches(order, lengths, cap, budget):
+                pick, width = self._shape(idx, width)
+                rows = torch.tensor(pick)
+                batch = {k: _cut(v, rows, width).to(model.device)
+                         if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+                with torch.inference_mode(), autocast:
+                    emb = model(batch)["sentence_embedding"][:len(idx)]
+                emb = functional.normalize(emb.float(), p=2, dim=1)
+                out[idx] = emb.cpu().numpy()
         return out
 
     def _shape(self, idx: list[int], width: int) -> tuple[list[int], int]:
@@ -402,6 +404,22 @@ class Embedder:
             torch.cuda.synchronize()
         log.info("embedder: %d batch shapes warmed in %.1fs", shapes, time.perf_counter() - t0)
         return shapes
+
+
+@contextlib.contextmanager
+def _intra_op_threads(threads: int) -> Iterator[None]:
+    """Torch's intra-op threads set to ``threads`` for the block (0: as they are)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if not threads or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _bucket_rows(n: int) -> int:
