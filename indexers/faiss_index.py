@@ -39,6 +39,7 @@ from the catalog, so a snapshot per write is not needed for durability.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -123,6 +124,11 @@ class FaissOptions:
     # recall@10 0.996 for 0.36 ms, against 0.975 for 0.19 ms at 64 (bench/results/
     # faiss-scale.md); at 1M on that hard synthetic mixture 256 is needed for 0.9.
     hnsw_ef_search: int = 128
+    # After each HNSW build, efSearch is calibrated on the collection's own vectors: the
+    # smallest of hnsw_ef_search, x2, x4, ... (at most hnsw_max_ef_search) whose recall@10
+    # against exact search reaches this target (0: no calibration, hnsw_ef_search as is).
+    hnsw_target_recall: float = 0.95
+    hnsw_max_ef_search: int = 1024
     ivf_nlist: int = 0  # 0: 4*sqrt(n) at build time, 16..65536
     ivf_nprobe: int = 16  # raised per search for selective filters
     exact_max: int = 20_000  # at most this many candidates (after filter): exact search
@@ -148,12 +154,15 @@ class FaissOptions:
         if self.auto_kind not in ("hnsw", "ivf"):
             raise ValueError(f"faiss auto_kind must be hnsw or ivf, got {self.auto_kind!r}")
         for name in ("auto_threshold", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
-                     "ivf_nprobe", "build_threads"):
+                     "hnsw_max_ef_search", "ivf_nprobe", "build_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"faiss {name} must be positive, got {getattr(self, name)}")
         for name in ("ivf_nlist", "exact_max", "compact_min", "gpu_exact_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"faiss {name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.hnsw_target_recall <= 1.0:
+            raise ValueError("faiss hnsw_target_recall must be in [0, 1], got "
+                             f"{self.hnsw_target_recall}")
         if not 0.0 < self.compact_ratio <= 1.0:
             raise ValueError(f"faiss compact_ratio must be in (0, 1], got {self.compact_ratio}")
 
@@ -187,19 +196,25 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _check_digest(path: Path, meta: dict | None) -> None:
-    """_Damaged unless the file matches one of the checksums in ``meta`` (snapshots
-    written before checksums existed carry none)."""
+def _check_digest(path: Path, meta: dict | None) -> str:
+    """The checksum in ``meta`` the file matches ("" when ``meta`` lists none: snapshots
+    written before checksums existed); _Damaged when it matches none."""
     digests = meta.get("sha256", []) if meta is not None else []
-    if digests and file_sha256(str(path)) not in digests:
+    if not digests:
+        return ""
+    digest = file_sha256(str(path))
+    if digest not in digests:
         raise _Damaged("faiss_snapshot", path, "its SHA-256 does not match meta.json "
                        "(bytes changed or the file was cut short)")
+    return str(digest)
 
 
-def _load_snapshot(path: Path, meta: dict | None, dimension: int, metric: str) -> Any:
-    _check_digest(path, meta)
+def _load_snapshot(path: Path, meta: dict | None, dimension: int,
+                   metric: str) -> tuple[Any, str]:
+    """The snapshot's contents and its checksum (see _check_digest)."""
+    digest = _check_digest(path, meta)
     try:
-        return read_snapshot(str(path), dimension, metric)
+        return read_snapshot(str(path), dimension, metric), digest
     except (SnapshotError, OSError, ValueError, MemoryError) as exc:
         raise _Damaged("faiss_snapshot", path, str(exc)) from None
 
@@ -216,13 +231,20 @@ class _Gen:
     """One generation of a collection: its rows and, for hnsw/ivf, the main index over the
     first ``main.ntotal`` of them. Replaced whole by a rebuild."""
 
-    __slots__ = ("store", "main", "main_kind", "built_n", "rw", "merge_mutex")
+    __slots__ = ("store", "main", "main_kind", "built_n", "rw", "merge_mutex", "ef", "recall",
+                 "calibrated_n")
 
-    def __init__(self, store: Store, main: Any, main_kind: str | None, built_n: int) -> None:
+    def __init__(self, store: Store, main: Any, main_kind: str | None, built_n: int,
+                 ef: int = 0, recall: float | None = None, calibrated_n: int = 0) -> None:
         self.store = store
         self.main = main
         self.main_kind = main_kind
         self.built_n = built_n
+        # HNSW: the calibrated efSearch (0: not calibrated, the options' own), the recall@10
+        # measured with it, and the graph's size then (recalibrated once it doubles).
+        self.ef = ef
+        self.recall = recall
+        self.calibrated_n = calibrated_n
         self.rw = RWLock()  # main index: searches shared, merge steps exclusive
         self.merge_mutex = threading.Lock()  # held by a merge step, or a snapshot of main
 
@@ -255,6 +277,8 @@ class FaissIndex:
         # Checksums meta.json lists: the last snapshot's and the one before, so a crash
         # between writing meta.json and renaming the new snapshot into place finds either.
         self._digests: list[str] = []
+        # Each listed snapshot's HNSW calibration: efSearch, recall, graph size (meta.json).
+        self._efs: dict[str, list[float]] = {}
         self.quarantined: tuple[QuarantinedFile, ...] = ()  # see SelfRepairing
         self._stop = threading.Event()
         self._merge_wake = threading.Event()
@@ -306,15 +330,18 @@ class FaissIndex:
                         f"{self.spec.metric}"
                     )
                 self._digests = list(meta.get("sha256", []))
+                self._efs = _efs_of(meta)
         data = None
+        digest = ""
         if self._index_path.exists():
             try:
-                data = _load_snapshot(self._index_path, meta, self.spec.dimension,
-                                      self.spec.metric)
+                data, digest = _load_snapshot(self._index_path, meta, self.spec.dimension,
+                                              self.spec.metric)
             except _Damaged as d:
                 moved.append(self._quarantine(d))
         if data is None:
             self._digests = []
+            self._efs = {}
         if meta is None or data is None:
             self._write_meta(self._digests)
         self.quarantined = tuple(moved)
@@ -327,8 +354,10 @@ class FaissIndex:
         live_slots = np.flatnonzero(unpack(data.live, store.n))
         self._slots = dict(zip(store.ids[live_slots].tolist(), live_slots.tolist(),
                                strict=True))
-        self._view = _View(_Gen(store, data.main, data.main_kind, data.built_n), store.n,
-                           data.live, data.n_live)
+        ef, recall, calibrated_n = self._efs.get(digest, [0.0, -1.0, 0.0])
+        gen = _Gen(store, data.main, data.main_kind, data.built_n, int(ef),
+                   recall if recall >= 0 else None, int(calibrated_n))
+        self._view = _View(gen, store.n, data.live, data.n_live)
         self._dirty = data.legacy  # rewrite an old-format snapshot in the new format
 
     def _quarantine(self, damage: _Damaged) -> QuarantinedFile:
@@ -342,12 +371,13 @@ class FaissIndex:
         os.replace(damage.path, target)
         return QuarantinedFile(damage.kind, damage.path, target, damage.reason)
 
-    def _write_meta(self, digests: list[str]) -> None:
+    def _write_meta(self, digests: list[str],
+                    efs: dict[str, list[float]] | None = None) -> None:
         tmp = self._meta_path.with_suffix(".tmp")
         try:
             with open(tmp, "w", encoding="utf-8") as fh:
                 json.dump({"dimension": self.spec.dimension, "metric": self.spec.metric,
-                           "sha256": digests}, fh)
+                           "sha256": digests, "hnsw_ef": efs or {}}, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self._meta_path)
@@ -529,10 +559,15 @@ class FaissIndex:
             # meta.json lists the new checksum before the rename and keeps the current
             # one, so the snapshot on disk matches it at every instant.
             digests = [digest, *self._digests[:1]]
-            self._write_meta(digests)
+            efs = {d: self._efs[d] for d in digests[1:] if d in self._efs}
+            if gen.ef:
+                efs[digest] = [gen.ef, gen.recall if gen.recall is not None else -1.0,
+                               gen.calibrated_n]
+            self._write_meta(digests, efs)
             os.replace(tmp, self._index_path)
             _fsync_dir(self._dir)
             self._digests = digests
+            self._efs = efs
         except BaseException:
             held.close()
             self._dirty = True
@@ -578,7 +613,12 @@ class FaissIndex:
             v = self._live_view()
             rebuilding = self._rebuilder is not None and self._rebuilder.is_alive()
         main = v.gen.main
-        return {"kind": v.gen.main_kind or "flat", "slots": v.n, "live": v.n_live,
+        hnsw = {}
+        if v.gen.main_kind == "hnsw":
+            hnsw = {"hnsw_ef_search": v.gen.ef or self._opts.hnsw_ef_search,
+                    "hnsw_calibrated_recall": v.gen.recall,
+                    "hnsw_calibrated_vectors": v.gen.calibrated_n}
+        return {"kind": v.gen.main_kind or "flat", "slots": v.n, "live": v.n_live, **hnsw,
                 "tombstones": v.n - v.n_live,
                 "unmerged": v.n - int(main.ntotal) if main is not None else 0,
                 "rebuilding": rebuilding, "generation": self._generation,
@@ -601,8 +641,8 @@ class FaissIndex:
             self._maintain_locked()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until no rebuild runs or is due and the main index holds every slot; False
-        on timeout."""
+        """Wait until no rebuild runs or is due, the main index holds every slot and no
+        efSearch calibration is due; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
@@ -610,7 +650,8 @@ class FaissIndex:
                 thread = self._rebuilder
                 busy = ((thread is not None and thread.is_alive())
                         or self._rebuild_reason(v) is not None
-                        or (v.gen.main is not None and v.gen.main.ntotal < v.n))
+                        or (v.gen.main is not None and v.gen.main.ntotal < v.n)
+                        or self._calibration_due(v.gen))
                 if busy:
                     self._maintain_locked()
             if not busy:
@@ -685,7 +726,7 @@ class FaissIndex:
             share = passing / max(n, 1)
             if gen.main_kind == "hnsw":
                 params = faiss.SearchParametersHNSW()
-                params.efSearch = int(max(self._opts.hnsw_ef_search, k,
+                params.efSearch = int(max(gen.ef or self._opts.hnsw_ef_search, k,
                                           min(EF_CAP, math.ceil(2 * k / share))))
             else:
                 params = faiss.SearchParametersIVF()
@@ -753,12 +794,13 @@ class FaissIndex:
         return None
 
     def _maintain_locked(self) -> None:
-        """Wake the merger, start a rebuild when one is due. Call under ``_lock``."""
+        """Wake the merger (it also calibrates efSearch when due), start a rebuild when one
+        is due. Call under ``_lock``."""
         if self._closed or self._view is None:
             return
         v = self._view
         main = v.gen.main
-        if main is not None and main.ntotal < v.n:
+        if main is not None and (main.ntotal < v.n or self._calibration_due(v.gen)):
             if self._merger is None:
                 self._merger = threading.Thread(target=self._merge_loop, daemon=True,
                                                 name=f"faiss-merge-{self.spec.name}")
@@ -780,6 +822,7 @@ class FaissIndex:
             self._merge_wake.clear()
             try:
                 step = self._merge_all(step)
+                self._calibrate_if_due()
             except Exception:  # the tail is still searched exactly: log, retry later
                 log.exception("faiss collection %s: merging into the main index failed; "
                               "retrying", self.spec.name)
@@ -860,6 +903,61 @@ class FaissIndex:
             index.add(np.ascontiguousarray(store.rows(lo, min(n, lo + BUILD_CHUNK))))
         return index
 
+    def _calibrate(self, main: Any, kind: str | None, store: Store, n: int,
+                   hold: Any = contextlib.nullcontext) -> tuple[int, float | None]:
+        """The efSearch this HNSW graph over rows [0, n) needs for the target recall@10,
+        and the recall it measured: (0, None) when not calibrated (another kind, target 0,
+        too few rows to matter)."""
+        target = self._opts.hnsw_target_recall
+        if kind != "hnsw" or main is None or not target or n < 1_000:
+            return 0, None
+        t0 = time.perf_counter()
+        _omp(self._opts.build_threads)
+        ef, recall = calibrate_ef(main, store, n, self._ip, target,
+                                  self._opts.hnsw_ef_search, self._opts.hnsw_max_ef_search,
+                                  self._check_stop, hold=hold)
+        log.info("faiss collection %s: efSearch %d for recall@10 %.3f (target %.2f) on %d "
+                 "vectors, calibrated in %.1f s", self.spec.name, ef, recall, target, n,
+                 time.perf_counter() - t0)
+        if recall < target:
+            log.warning("faiss collection %s: recall@10 %.3f at the largest efSearch (%d) is "
+                        "under the target %.2f: raise faiss_ef_construction or "
+                        "faiss_hnsw_max_ef_search, or use exact search", self.spec.name,
+                        recall, ef, target)
+        return ef, recall
+
+    def _calibration_due(self, gen: _Gen) -> bool:
+        """An HNSW graph never calibrated, or twice as large as when it was (merges grow
+        it: a graph built at the auto threshold may reach 20 times that)."""
+        return (gen.main_kind == "hnsw" and gen.main is not None
+                and self._opts.hnsw_target_recall > 0
+                and int(gen.main.ntotal) >= max(1_000, 2 * gen.calibrated_n))
+
+    def _calibrate_if_due(self) -> None:
+        """Calibrate the current graph if due (in the merger's thread, between merges: a
+        graph loaded without a calibration, or grown twice as large by merges)."""
+        v = self._view
+        rebuilder = self._rebuilder
+        if v is None or not self._calibration_due(v.gen) or (
+                rebuilder is not None and rebuilder.is_alive()):
+            return  # (a rebuild calibrates its own graph)
+        gen = v.gen
+        try:
+            with gen.rw.read():
+                n = int(gen.main.ntotal)
+            ef, recall = self._calibrate(gen.main, gen.main_kind, gen.store, n, gen.rw.read)
+        except _Stopped:
+            return
+        except Exception:
+            log.exception("faiss collection %s: efSearch calibration failed; searching at "
+                          "efSearch %d", self.spec.name, gen.ef or self._opts.hnsw_ef_search)
+            with self._lock:
+                gen.calibrated_n = max(gen.calibrated_n, n)  # not again until it doubles
+            return
+        with self._lock:
+            gen.ef, gen.recall, gen.calibrated_n = ef, recall, n
+            self._dirty = True  # the next snapshot records it
+
     def _rebuild_once(self) -> bool:
         """Build the next generation from a view and swap it in. False when it could not
         (the collection closed or changed generation meanwhile)."""
@@ -873,7 +971,9 @@ class FaissIndex:
             # Same rows, new main index: built beside the old one, swapped in; the rows
             # written meanwhile are its tail, which the merger adds.
             main = self._build_main(target, gen0.store, v0.n)
-            gen1 = _Gen(gen0.store, main, target if main is not None else None, v0.n)
+            ef, recall = self._calibrate(main, target, gen0.store, v0.n)
+            gen1 = _Gen(gen0.store, main, target if main is not None else None, v0.n, ef,
+                        recall, v0.n if ef else 0)
             with self._lock:
                 v = self._view
                 if self._closed or v is None or v.gen is not gen0:
@@ -894,6 +994,7 @@ class FaissIndex:
             new.append(old.ids[part], old.take(part), old.codes[:, part])
         main = self._build_main(target, new, new.n)
         built_n = new.n
+        ef, recall = self._calibrate(main, target, new, built_n)
         # Rows written meanwhile, copied without the lock (rows below a view's n never
         # change) until few are left for the swap.
         sources = [keep]
@@ -930,7 +1031,8 @@ class FaissIndex:
                     del slots[i]
             for s in (len(assumed) + np.flatnonzero(live_now[len(assumed):])).tolist():
                 slots[int(new.ids[s])] = s
-            gen1 = _Gen(new, main, target if main is not None else None, built_n)
+            gen1 = _Gen(new, main, target if main is not None else None, built_n, ef, recall,
+                        built_n if ef else 0)
             self._view = _View(gen1, new.n, pack(live_now), int(np.count_nonzero(live_now)))
             self._slots = slots
             self._masks.clear()
@@ -938,6 +1040,67 @@ class FaissIndex:
             self._dirty = True
             self._maintain_locked()
         return True
+
+
+def calibrate_ef(main: Any, store: Store, n: int, ip: bool, target: float, floor: int,
+                 cap: int, check_stop: Any = lambda: None, k: int = 10,
+                 queries: int = 200, hold: Any = contextlib.nullcontext
+                 ) -> tuple[int, float]:
+    """The smallest efSearch of floor, 2*floor, ... (at most ``cap``) at which ``main`` (an
+    HNSW graph over rows [0, n) of ``store``) finds ``target`` of the exact top-``k``, and
+    the recall it found (at ``cap`` when none reaches the target). Queries: ``queries``
+    rows of the collection itself, each without itself in either answer (so a vector
+    that is its own nearest neighbour does not flatter the graph). ``hold()`` is held
+    around each search of ``main`` (its read lock when others may write it meanwhile)."""
+    rng = np.random.default_rng(n)
+    picks = np.sort(rng.choice(n, min(n, queries), replace=False))
+    q = np.ascontiguousarray(store.take(picks))
+    exact_s = np.full((len(q), k + 1), -np.inf, dtype=np.float32)
+    exact_i = np.full((len(q), k + 1), -1, dtype=np.int64)
+    for lo, rows in store.pieces(0, n):
+        check_stop()
+        rows = np.ascontiguousarray(rows)
+        kk = min(k + 1, len(rows))
+        dist = np.empty((len(q), kk), dtype=np.float32)
+        idx = np.empty((len(q), kk), dtype=np.int64)
+        sp = faiss.swig_ptr
+        if ip:
+            faiss.knn_inner_product(sp(q), sp(rows), q.shape[1], len(q), len(rows), kk,
+                                    sp(dist), sp(idx), None)
+        else:
+            faiss.knn_L2sqr(sp(q), sp(rows), q.shape[1], len(q), len(rows), kk, sp(dist),
+                            sp(idx), None, None)
+            np.negative(dist, out=dist)
+        both_s = np.concatenate([exact_s, dist], axis=1)
+        both_i = np.concatenate([exact_i, np.where(idx >= 0, idx + lo, -1)], axis=1)
+        order = np.argsort(-both_s, axis=1, kind="stable")[:, : k + 1]
+        exact_s = np.take_along_axis(both_s, order, axis=1)
+        exact_i = np.take_along_axis(both_i, order, axis=1)
+    want = [set(row[(row >= 0) & (row != p)].tolist()[:k]) for row, p in
+            zip(exact_i, picks, strict=True)]
+    ef, recall = floor, 0.0
+    while True:
+        check_stop()
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = int(max(ef, k + 1))
+        with hold():
+            _, got = main.search(q, k + 1, params=params)
+        hits = sum(len(w & set(row[(row >= 0) & (row < n) & (row != p)].tolist()[:k]))
+                   for w, row, p in zip(want, got, picks, strict=True))
+        recall = hits / max(1, sum(len(w) for w in want))
+        if recall >= target or ef >= cap:
+            return int(ef), float(recall)
+        ef = min(cap, ef * 2)
+
+
+def _efs_of(meta: dict) -> dict[str, list[float]]:
+    """meta.json's calibrations by snapshot checksum (none in files written before)."""
+    raw = meta.get("hnsw_ef", {})
+    if not isinstance(raw, dict):
+        return {}
+    return {d: [float(x) for x in v] for d, v in raw.items()
+            if isinstance(d, str) and isinstance(v, list) and len(v) == 3
+            and all(isinstance(x, int | float) for x in v)}
 
 
 def _copy_rows(old: Store, new: Store, lo: int, hi: int) -> None:

@@ -248,6 +248,11 @@ class Settings(BaseSettings):
     faiss_hnsw_m: int = Field(32, ge=2)
     faiss_ef_construction: int = Field(40, ge=1)
     faiss_ef_search: int = Field(128, ge=1)
+    # After each HNSW build efSearch is calibrated on the collection's own vectors: the
+    # smallest of faiss_ef_search x1, x2, x4, ... up to faiss_hnsw_max_ef_search whose
+    # recall@10 against exact search reaches this target (0: faiss_ef_search as is).
+    faiss_hnsw_target_recall: float = Field(0.95, ge=0, le=1)
+    faiss_hnsw_max_ef_search: int = Field(1024, ge=1)
     faiss_ivf_nprobe: int = Field(16, ge=1)
     # A filter that passes at most this many vectors is scored exactly (no graph holes).
     faiss_exact_max: int = Field(20_000, ge=0)
@@ -295,6 +300,8 @@ class Settings(BaseSettings):
                       "hnsw_m": self.faiss_hnsw_m,
                       "hnsw_ef_construction": self.faiss_ef_construction,
                       "hnsw_ef_search": self.faiss_ef_search,
+                      "hnsw_target_recall": self.faiss_hnsw_target_recall,
+                      "hnsw_max_ef_search": self.faiss_hnsw_max_ef_search,
                       "ivf_nprobe": self.faiss_ivf_nprobe, "exact_max": self.faiss_exact_max,
                       "compact_ratio": self.faiss_compact_ratio,
                       "build_threads": self.faiss_build_threads,

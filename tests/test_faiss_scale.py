@@ -66,6 +66,10 @@ def test_options_are_validated() -> None:
         FaissOptions(hnsw_m=0)
     with pytest.raises(ValueError):
         FaissOptions(compact_ratio=0.0)
+    with pytest.raises(ValueError):
+        FaissOptions(hnsw_target_recall=1.5)
+    with pytest.raises(ValueError):
+        FaissOptions(hnsw_max_ef_search=0)
     with pytest.raises(TypeError):
         FaissBackend(Path("unused"), no_such_option=1)
 
@@ -167,8 +171,11 @@ def test_compaction_keeps_the_results(tmp_path: Path,
     index.compact()
     assert index.wait_idle(60)
     stats = {k: v for k, v in index.stats().items() if not k.startswith("gpu_")}
+    calibrated = stats.pop("hnsw_calibrated_recall")
     assert stats == {"kind": "hnsw", "slots": 4000, "live": 4000, "tombstones": 0,
-                     "unmerged": 0, "rebuilding": False, "generation": generation + 1}
+                     "unmerged": 0, "rebuilding": False, "generation": generation + 1,
+                     "hnsw_ef_search": 128, "hnsw_calibrated_vectors": 4000}
+    assert calibrated >= 0.95  # the rebuilt graph was calibrated too
     after = index.search(queries, K)
     overlap = np.mean([len(set(a.ids.tolist()) & set(b.ids.tolist())) / K
                        for a, b in zip(after, before, strict=True)])
@@ -418,3 +425,80 @@ def test_hnsw_flush_pauses_only_merges(tmp_path: Path,
     gap, _, searches = max_gap_during(index, queries, index.flush,
                                       where=Filter(languages=("go",)))
     assert searches > 0 and gap < 0.5
+
+
+# -- efSearch calibrated to a recall target ---------------------------------------------------
+def test_ef_search_is_calibrated_to_the_recall_target_and_kept_with_the_snapshot(
+        tmp_path: Path) -> None:
+    """A sparse graph (M 8, efConstruction 16) on hard data (uniform on the 32-d sphere)
+    misses neighbours at efSearch 16: efSearch is raised until recall@10 on the
+    collection's own vectors reaches the target (after the build, and again as merges
+    double the graph), searches use it, a snapshot keeps it, and a graph loaded without
+    one (an older meta.json) is calibrated in the background."""
+    data, ids = unit_vectors(20_000, seed=21), np.arange(20_000, dtype=np.int64)
+    queries = unit_vectors(50, seed=22)
+    want = exact(data, ids, queries, K)
+    sparse = {"kind": "hnsw", "hnsw_m": 8, "hnsw_ef_construction": 16, "hnsw_ef_search": 16,
+              "exact_max": 0, "hnsw_max_ef_search": 2048}
+
+    _, plain = open_index(tmp_path / "plain", hnsw_target_recall=0.0, **sparse)
+    fill(plain, data, ids, batch=5000, payloads=False)
+    assert plain.wait_idle(120)
+    assert plain.stats()["hnsw_ef_search"] == 16 and plain.stats()["hnsw_calibrated_recall"] is None
+    plain_recall = recall(plain, queries, want)
+
+    backend, tuned = open_index(tmp_path / "tuned", hnsw_target_recall=0.95, **sparse)
+    fill(tuned, data, ids, batch=5000, payloads=False)
+    assert tuned.wait_idle(120)
+    stats = tuned.stats()
+    assert stats["hnsw_ef_search"] > 16 and stats["hnsw_calibrated_recall"] >= 0.95
+    tuned_recall = recall(tuned, queries, want)
+    assert plain_recall < 0.9 <= tuned_recall  # fresh queries, not the calibration's own
+    before = [h.ids.tolist() for h in tuned.search(queries, K)]
+    backend.close()
+
+    backend, again = open_index(tmp_path / "tuned", hnsw_target_recall=0.95, **sparse)
+    assert again.stats()["hnsw_ef_search"] == stats["hnsw_ef_search"]  # from meta.json
+    assert again.stats()["hnsw_calibrated_recall"] == pytest.approx(
+        stats["hnsw_calibrated_recall"])
+    assert [h.ids.tolist() for h in again.search(queries, K)] == before
+    backend.close()
+
+    meta_path = tmp_path / "tuned" / "c" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["hnsw_ef"]
+    del meta["hnsw_ef"]  # as written before calibration existed
+    meta_path.write_text(json.dumps(meta))
+    _, old = open_index(tmp_path / "tuned", hnsw_target_recall=0.95, **sparse)
+    assert old.wait_idle(60)
+    assert old.stats()["hnsw_ef_search"] == stats["hnsw_ef_search"]
+    assert recall(old, queries, want) == pytest.approx(tuned_recall)
+
+
+def test_calibration_stops_at_the_largest_ef_search_allowed(tmp_path: Path) -> None:
+    data, ids = unit_vectors(20_000, seed=23), np.arange(20_000, dtype=np.int64)
+    _, index = open_index(tmp_path, kind="hnsw", hnsw_m=4, hnsw_ef_construction=8,
+                          hnsw_ef_search=8, hnsw_max_ef_search=24, hnsw_target_recall=1.0,
+                          exact_max=0)
+    fill(index, data, ids, batch=5000, payloads=False)
+    assert index.wait_idle(120)
+    stats = index.stats()
+    assert stats["hnsw_ef_search"] == 24 and stats["hnsw_calibrated_recall"] < 1.0
+
+
+def test_a_graph_grown_twice_as_large_by_merges_is_calibrated_again(tmp_path: Path) -> None:
+    data, ids = unit_vectors(6000, seed=24), np.arange(6000, dtype=np.int64)
+    _, index = open_index(tmp_path, kind="hnsw", hnsw_m=8, hnsw_ef_construction=16,
+                          hnsw_ef_search=16, exact_max=0)
+    fill(index, data[:2000], ids[:2000], batch=2000, payloads=False)
+    assert index.wait_idle(60)
+    first = index.stats()
+    assert first["hnsw_calibrated_vectors"] == 2000 and first["generation"] == 1
+    fill(index, data[2000:], ids[2000:], batch=250, payloads=False)  # merged, not rebuilt
+    assert index.wait_idle(60)
+    grown = index.stats()
+    assert grown["generation"] == 1 and grown["unmerged"] == 0
+    assert grown["hnsw_calibrated_vectors"] >= 4000
+    assert grown["hnsw_calibrated_recall"] >= 0.95
+    queries = unit_vectors(40, seed=25)
+    assert recall(index, queries, exact(data, ids, queries, K)) >= 0.9
