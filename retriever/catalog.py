@@ -102,6 +102,11 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks (namespace, doc_id, state);
 CREATE INDEX IF NOT EXISTS chunks_by_state ON chunks (state);
+-- What a search reads of each of its ~200 candidates (Catalog.chunk_heads), without
+-- touching their wide rows (text, vector) or their documents' (content): small enough to
+-- stay in the page cache at 1M chunks.
+CREATE INDEX IF NOT EXISTS chunks_heads ON chunks (vector_id, namespace, state, doc_id);
+CREATE INDEX IF NOT EXISTS documents_paths ON documents (namespace, doc_id, path);
 CREATE TABLE IF NOT EXISTS catalog_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- The git source a namespace is bound to (retriever/freshness/sync.py). include/exclude:
 -- JSON lists of globs. last_commit: the commit the namespace's documents equal ('' before
@@ -807,11 +812,13 @@ class Catalog:
         """(doc_id, path) of the visible chunks among these ids: what ranking and shaping
         need of a candidate, without reading its text."""
         with self._reader() as db:
-            rows = _in(db, "SELECT c.vector_id, c.doc_id, d.path FROM chunks c JOIN documents d"
+            # Two narrow covering indexes, named: the planner would rather look up the
+            # rows (wide: text, vector; the document's content), one page each, which cost
+            # ~2.5 ms for 200 candidates at 100k chunks.
+            rows = _in(db, "SELECT c.vector_id, c.doc_id, d.path FROM chunks c INDEXED BY"
+                       " chunks_heads JOIN documents d INDEXED BY documents_paths"
                        " ON d.namespace = c.namespace AND d.doc_id = c.doc_id"
-                       # (The unary + keeps the planner on rowid look-ups: with only these
-                       # columns it would rather scan a covering index of the namespace.)
-                       " WHERE +c.namespace = ? AND +c.state = 1 AND c.vector_id IN ({marks})",
+                       " WHERE c.namespace = ? AND c.state = 1 AND c.vector_id IN ({marks})",
                        [int(v) for v in vector_ids], namespace)
         return {int(r[0]): (r[1], r[2]) for r in rows}
 

@@ -554,3 +554,21 @@ def test_a_memory_mapped_catalog_reads_what_other_connections_commit(tmp_path: P
             f"d{r}.py" for r in range(30))
     finally:
         c.close()
+
+
+def test_candidate_heads_are_read_from_the_narrow_covering_indexes(cat: Catalog) -> None:
+    """A search reads (doc_id, path) of ~200 candidates: from two small indexes, never the
+    wide chunk and document rows (a page each)."""
+    ids = add_doc(cat, "a.py", 3, path="src/a.py")
+    staged = cat.stage_chunks("ns", [new_chunk("b.py", 0)])
+    db = cat._conn()
+    statements: list[str] = []
+    db.set_trace_callback(statements.append)
+    try:
+        assert cat.chunk_heads("ns", [*ids, *staged, 999]) == {
+            v: ("a.py", "src/a.py") for v in ids}  # the staged chunk is not visible yet
+    finally:
+        db.set_trace_callback(None)
+    (select,) = [q for q in statements if q.lstrip().upper().startswith("SELECT")]
+    plan = " ".join(str(tuple(r)) for r in db.execute(f"EXPLAIN QUERY PLAN {select}"))
+    assert "COVERING INDEX chunks_heads" in plan and "COVERING INDEX documents_paths" in plan
