@@ -813,10 +813,11 @@ class Catalog:
         need of a candidate, without reading its text."""
         with self._reader() as db:
             # Two narrow covering indexes, named: the planner would rather look up the
-            # rows (wide: text, vector; the document's content), one page each, which cost
-            # ~2.5 ms for 200 candidates at 100k chunks.
+            # rows (wide: text, vector; the document's content), a page each. CROSS JOIN
+            # fixes the order: given the indexes, the planner would scan the namespace's
+            # documents and probe chunks for each (270 ms against 0.2 ms at 10k chunks).
             rows = _in(db, "SELECT c.vector_id, c.doc_id, d.path FROM chunks c INDEXED BY"
-                       " chunks_heads JOIN documents d INDEXED BY documents_paths"
+                       " chunks_heads CROSS JOIN documents d INDEXED BY documents_paths"
                        " ON d.namespace = c.namespace AND d.doc_id = c.doc_id"
                        " WHERE c.namespace = ? AND c.state = 1 AND c.vector_id IN ({marks})",
                        [int(v) for v in vector_ids], namespace)

@@ -570,5 +570,8 @@ def test_candidate_heads_are_read_from_the_narrow_covering_indexes(cat: Catalog)
     finally:
         db.set_trace_callback(None)
     (select,) = [q for q in statements if q.lstrip().upper().startswith("SELECT")]
-    plan = " ".join(str(tuple(r)) for r in db.execute(f"EXPLAIN QUERY PLAN {select}"))
-    assert "COVERING INDEX chunks_heads" in plan and "COVERING INDEX documents_paths" in plan
+    plan = [r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {select}")]
+    # Candidates first, by id, then each one's document: never a scan of the namespace.
+    assert plan == [
+        "SEARCH c USING COVERING INDEX chunks_heads (vector_id=? AND namespace=? AND state=?)",
+        "SEARCH d USING COVERING INDEX documents_paths (namespace=? AND doc_id=?)"]
