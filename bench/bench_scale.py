@@ -269,8 +269,9 @@ def main() -> None:
         f"(batch 32): {raw_qps:,.0f} queries/s. Produced by `python bench/bench_scale.py`.",
         "",
         "Search p50 / p99 in ms; c=1 once right after the upserts (background index builds "
-        "and merges still running) and once after the restart. RSS: the whole (anonymous "
-        "memory, i.e. less the memory-mapped catalog pages, which are the OS's file cache).",
+        "and merges still running) and once after the restart. RSS: the whole (its "
+        "anonymous part: less the file pages the process maps, its libraries and, where "
+        "catalog_mmap_bytes is set, the catalog).",
         "",
         "| chunks | upsert chunks/s (step) | c=1 | c=1 after restart | c=8 | c=32 | QPS c=32 "
         "(× raw encode) | start s (reconcile) | RSS MB | disk B/chunk: catalog / vectors / "

@@ -232,10 +232,11 @@ class _Gen:
     first ``main.ntotal`` of them. Replaced whole by a rebuild."""
 
     __slots__ = ("store", "main", "main_kind", "built_n", "rw", "merge_mutex", "ef", "recall",
-                 "calibrated_n")
+                 "calibrated_n", "calibrated_for")
 
     def __init__(self, store: Store, main: Any, main_kind: str | None, built_n: int,
-                 ef: int = 0, recall: float | None = None, calibrated_n: int = 0) -> None:
+                 ef: int = 0, recall: float | None = None, calibrated_n: int = 0,
+                 calibrated_for: tuple[float, int, int] | None = None) -> None:
         self.store = store
         self.main = main
         self.main_kind = main_kind
@@ -245,6 +246,9 @@ class _Gen:
         self.ef = ef
         self.recall = recall
         self.calibrated_n = calibrated_n
+        # (target recall, efSearch floor, cap) it was calibrated for: other settings at a
+        # later start calibrate again.
+        self.calibrated_for = calibrated_for
         self.rw = RWLock()  # main index: searches shared, merge steps exclusive
         self.merge_mutex = threading.Lock()  # held by a merge step, or a snapshot of main
 
@@ -277,8 +281,8 @@ class FaissIndex:
         # Checksums meta.json lists: the last snapshot's and the one before, so a crash
         # between writing meta.json and renaming the new snapshot into place finds either.
         self._digests: list[str] = []
-        # Each listed snapshot's HNSW calibration: efSearch, recall, graph size (meta.json).
-        self._efs: dict[str, list[float]] = {}
+        # Each listed snapshot's HNSW calibration (meta.json; see _Gen).
+        self._efs: dict[str, dict[str, float]] = {}
         self.quarantined: tuple[QuarantinedFile, ...] = ()  # see SelfRepairing
         self._stop = threading.Event()
         self._merge_wake = threading.Event()
@@ -354,9 +358,11 @@ class FaissIndex:
         live_slots = np.flatnonzero(unpack(data.live, store.n))
         self._slots = dict(zip(store.ids[live_slots].tolist(), live_slots.tolist(),
                                strict=True))
-        ef, recall, calibrated_n = self._efs.get(digest, [0.0, -1.0, 0.0])
-        gen = _Gen(store, data.main, data.main_kind, data.built_n, int(ef),
-                   recall if recall >= 0 else None, int(calibrated_n))
+        c = self._efs.get(digest)
+        gen = _Gen(store, data.main, data.main_kind, data.built_n)
+        if c is not None:
+            gen.ef, gen.recall, gen.calibrated_n = int(c["ef"]), c["recall"], int(c["vectors"])
+            gen.calibrated_for = (c["target"], int(c["floor"]), int(c["cap"]))
         self._view = _View(gen, store.n, data.live, data.n_live)
         self._dirty = data.legacy  # rewrite an old-format snapshot in the new format
 
@@ -372,7 +378,7 @@ class FaissIndex:
         return QuarantinedFile(damage.kind, damage.path, target, damage.reason)
 
     def _write_meta(self, digests: list[str],
-                    efs: dict[str, list[float]] | None = None) -> None:
+                    efs: dict[str, dict[str, float]] | None = None) -> None:
         tmp = self._meta_path.with_suffix(".tmp")
         try:
             with open(tmp, "w", encoding="utf-8") as fh:
@@ -560,9 +566,11 @@ class FaissIndex:
             # one, so the snapshot on disk matches it at every instant.
             digests = [digest, *self._digests[:1]]
             efs = {d: self._efs[d] for d in digests[1:] if d in self._efs}
-            if gen.ef:
-                efs[digest] = [gen.ef, gen.recall if gen.recall is not None else -1.0,
-                               gen.calibrated_n]
+            if gen.ef and gen.recall is not None and gen.calibrated_for is not None:
+                target, floor, cap = gen.calibrated_for
+                efs[digest] = {"ef": gen.ef, "recall": gen.recall,
+                               "vectors": gen.calibrated_n, "target": target,
+                               "floor": floor, "cap": cap}
             self._write_meta(digests, efs)
             os.replace(tmp, self._index_path)
             _fsync_dir(self._dir)
@@ -615,7 +623,7 @@ class FaissIndex:
         main = v.gen.main
         hnsw = {}
         if v.gen.main_kind == "hnsw":
-            hnsw = {"hnsw_ef_search": v.gen.ef or self._opts.hnsw_ef_search,
+            hnsw = {"hnsw_ef_search": self._ef_search(v.gen),
                     "hnsw_calibrated_recall": v.gen.recall,
                     "hnsw_calibrated_vectors": v.gen.calibrated_n}
         return {"kind": v.gen.main_kind or "flat", "slots": v.n, "live": v.n_live, **hnsw,
@@ -726,7 +734,7 @@ class FaissIndex:
             share = passing / max(n, 1)
             if gen.main_kind == "hnsw":
                 params = faiss.SearchParametersHNSW()
-                params.efSearch = int(max(gen.ef or self._opts.hnsw_ef_search, k,
+                params.efSearch = int(max(self._ef_search(gen), k,
                                           min(EF_CAP, math.ceil(2 * k / share))))
             else:
                 params = faiss.SearchParametersIVF()
@@ -926,12 +934,28 @@ class FaissIndex:
                         recall, ef, target)
         return ef, recall
 
+    def _calibrated_for(self) -> tuple[float, int, int]:
+        o = self._opts
+        return (o.hnsw_target_recall, o.hnsw_ef_search, o.hnsw_max_ef_search)
+
+    def _ef_search(self, gen: _Gen) -> int:
+        """The graph's calibrated efSearch while it holds for these settings, else the
+        configured one."""
+        if gen.ef and gen.calibrated_for == self._calibrated_for():
+            return gen.ef
+        return self._opts.hnsw_ef_search
+
     def _calibration_due(self, gen: _Gen) -> bool:
-        """An HNSW graph never calibrated, or twice as large as when it was (merges grow
-        it: a graph built at the auto threshold may reach 20 times that)."""
-        return (gen.main_kind == "hnsw" and gen.main is not None
-                and self._opts.hnsw_target_recall > 0
-                and int(gen.main.ntotal) >= max(1_000, 2 * gen.calibrated_n))
+        """An HNSW graph never calibrated (or for other settings), or twice as large as
+        when it was (merges grow it: a graph built at the auto threshold may reach 20 times
+        that)."""
+        if not (gen.main_kind == "hnsw" and gen.main is not None
+                and self._opts.hnsw_target_recall > 0):
+            return False
+        n = int(gen.main.ntotal)
+        if gen.calibrated_for != self._calibrated_for():
+            return n >= 1_000
+        return n >= max(1_000, 2 * gen.calibrated_n)
 
     def _calibrate_if_due(self) -> None:
         """Calibrate the current graph if due (in the merger's thread, between merges: a
@@ -950,12 +974,14 @@ class FaissIndex:
             return
         except Exception:
             log.exception("faiss collection %s: efSearch calibration failed; searching at "
-                          "efSearch %d", self.spec.name, gen.ef or self._opts.hnsw_ef_search)
-            with self._lock:
-                gen.calibrated_n = max(gen.calibrated_n, n)  # not again until it doubles
+                          "efSearch %d", self.spec.name, self._ef_search(gen))
+            with self._lock:  # not again until it doubles
+                gen.calibrated_n = max(gen.calibrated_n, n)
+                gen.calibrated_for = self._calibrated_for()
             return
         with self._lock:
             gen.ef, gen.recall, gen.calibrated_n = ef, recall, n
+            gen.calibrated_for = self._calibrated_for()
             self._dirty = True  # the next snapshot records it
 
     def _rebuild_once(self) -> bool:
@@ -973,7 +999,7 @@ class FaissIndex:
             main = self._build_main(target, gen0.store, v0.n)
             ef, recall = self._calibrate(main, target, gen0.store, v0.n)
             gen1 = _Gen(gen0.store, main, target if main is not None else None, v0.n, ef,
-                        recall, v0.n if ef else 0)
+                        recall, v0.n if ef else 0, self._calibrated_for() if ef else None)
             with self._lock:
                 v = self._view
                 if self._closed or v is None or v.gen is not gen0:
@@ -1032,7 +1058,7 @@ class FaissIndex:
             for s in (len(assumed) + np.flatnonzero(live_now[len(assumed):])).tolist():
                 slots[int(new.ids[s])] = s
             gen1 = _Gen(new, main, target if main is not None else None, built_n, ef, recall,
-                        built_n if ef else 0)
+                        built_n if ef else 0, self._calibrated_for() if ef else None)
             self._view = _View(gen1, new.n, pack(live_now), int(np.count_nonzero(live_now)))
             self._slots = slots
             self._masks.clear()
@@ -1093,14 +1119,18 @@ def calibrate_ef(main: Any, store: Store, n: int, ip: bool, target: float, floor
         ef = min(cap, ef * 2)
 
 
-def _efs_of(meta: dict) -> dict[str, list[float]]:
-    """meta.json's calibrations by snapshot checksum (none in files written before)."""
+_CALIBRATION_KEYS = ("ef", "recall", "vectors", "target", "floor", "cap")
+
+
+def _efs_of(meta: dict) -> dict[str, dict[str, float]]:
+    """meta.json's calibrations by snapshot checksum (none in files written before; an
+    entry not of this shape is ignored: the graph is calibrated again)."""
     raw = meta.get("hnsw_ef", {})
     if not isinstance(raw, dict):
         return {}
-    return {d: [float(x) for x in v] for d, v in raw.items()
-            if isinstance(d, str) and isinstance(v, list) and len(v) == 3
-            and all(isinstance(x, int | float) for x in v)}
+    return {d: {k: float(v[k]) for k in _CALIBRATION_KEYS} for d, v in raw.items()
+            if isinstance(d, str) and isinstance(v, dict)
+            and all(isinstance(v.get(k), int | float) for k in _CALIBRATION_KEYS)}
 
 
 def _copy_rows(old: Store, new: Store, lo: int, hi: int) -> None:

@@ -502,3 +502,27 @@ def test_a_graph_grown_twice_as_large_by_merges_is_calibrated_again(tmp_path: Pa
     assert grown["hnsw_calibrated_recall"] >= 0.95
     queries = unit_vectors(40, seed=25)
     assert recall(index, queries, exact(data, ids, queries, K)) >= 0.9
+
+
+def test_other_calibration_settings_at_a_later_start_calibrate_again(tmp_path: Path) -> None:
+    """A stored calibration holds for the settings it was made with: a new target (or
+    floor, or cap) calibrates again at open; target 0 searches at the configured efSearch."""
+    data, ids = unit_vectors(20_000, seed=26), np.arange(20_000, dtype=np.int64)
+    sparse = {"kind": "hnsw", "hnsw_m": 8, "hnsw_ef_construction": 16, "hnsw_ef_search": 16,
+              "exact_max": 0, "hnsw_max_ef_search": 4096}
+    backend, index = open_index(tmp_path, hnsw_target_recall=0.8, **sparse)
+    fill(index, data, ids, batch=5000, payloads=False)
+    assert index.wait_idle(120)
+    loose = index.stats()
+    backend.close()
+
+    backend, strict = open_index(tmp_path, hnsw_target_recall=0.99, **sparse)
+    assert strict.wait_idle(120)
+    tight = strict.stats()
+    assert tight["hnsw_ef_search"] > loose["hnsw_ef_search"]
+    assert tight["hnsw_calibrated_recall"] >= 0.99 > loose["hnsw_calibrated_recall"] >= 0.8
+    backend.close()
+
+    _, off = open_index(tmp_path, hnsw_target_recall=0.0, **sparse)
+    assert off.wait_idle(60)
+    assert off.stats()["hnsw_ef_search"] == 16
