@@ -15,7 +15,7 @@ For each size, in one process, on the index classes alone (no service, no embedd
   as an id list (``IDSelectorBatch``; resolving the ids in SQLite, as the service did, is
   not counted), snapshot serialised under the mutex searches need.
 * **flat**: this backend, ``kind="flat"`` (exact, tombstones, bitmap selectors).
-* **hnsw**: this backend, ``kind="hnsw"`` (M 32, efConstruction 40), built in the
+* **hnsw**: this backend, ``kind="hnsw"`` (M 32, efConstruction 80), built in the
   background when the flat snapshot is reopened with that kind (2 OpenMP threads for the
   build only, 1 per search). The table's row is at the efSearch the build calibrated (the
   default: the smallest of 128, 256, ... 1024 reaching recall@10 0.95 on the collection's

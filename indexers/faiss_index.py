@@ -119,7 +119,9 @@ class FaissOptions:
     auto_threshold: int = 50_000  # live vectors from which "auto" leaves exact search
     auto_kind: str = "hnsw"  # what "auto" builds past the threshold: hnsw | ivf
     hnsw_m: int = 32  # graph degree (memory: ~8*M bytes per vector more than the vectors)
-    hnsw_ef_construction: int = 40
+    # 80: at 1M (hard mixture, bench/results/faiss-scale.md) recall@10 0.979 at efSearch
+    # 128 for a 184 s build, against 0.940 at efSearch 1024 for 148 s at 40.
+    hnsw_ef_construction: int = 80
     # Raised per search to at least k, and for selective filters. 128: at 100k (384-d)
     # recall@10 0.996 for 0.36 ms, against 0.975 for 0.19 ms at 64 (bench/results/
     # faiss-scale.md); at 1M on that hard synthetic mixture 256 is needed for 0.9.

@@ -246,7 +246,7 @@ class Settings(BaseSettings):
     faiss_index_kind: Literal["auto", "flat", "hnsw", "ivf"] = "auto"
     faiss_auto_threshold: int = Field(50_000, ge=1)
     faiss_hnsw_m: int = Field(32, ge=2)
-    faiss_ef_construction: int = Field(40, ge=1)
+    faiss_ef_construction: int = Field(80, ge=1)
     faiss_ef_search: int = Field(128, ge=1)
     # After each HNSW build efSearch is calibrated on the collection's own vectors: the
     # smallest of faiss_ef_search x1, x2, x4, ... up to faiss_hnsw_max_ef_search whose
