@@ -48,7 +48,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -107,6 +107,7 @@ MERGE_STEP_S = 0.01  # target length of one merge step under the main index's wr
 BUILD_CHUNK = 8192  # rows per add while building in the background (stop checked between)
 ALLOWED_BY_DICT = 4096  # allowed_ids up to this many are looked up one by one
 EF_CAP = 4096
+CALIBRATE_MIN = 1_000  # graphs smaller than this keep the configured efSearch
 MASK_CACHE = 16  # filters whose slot bitmaps are kept for the current view
 REBUILD_RETRY_S = 60.0
 
@@ -919,13 +920,14 @@ class FaissIndex:
         and the recall it measured: (0, None) when not calibrated (another kind, target 0,
         too few rows to matter)."""
         target = self._opts.hnsw_target_recall
-        if kind != "hnsw" or main is None or not target or n < 1_000:
+        if kind != "hnsw" or main is None or not target or n < CALIBRATE_MIN:
             return 0, None
         t0 = time.perf_counter()
         _omp(self._opts.build_threads)
-        ef, recall = calibrate_ef(main, store, n, self._ip, target,
-                                  self._opts.hnsw_ef_search, self._opts.hnsw_max_ef_search,
-                                  self._check_stop, hold=hold)
+        ef, recall = calibrate_ef(
+            main, store, n, lambda q, kk: self._scan(store, q, kk, 0, n, None), target,
+            self._opts.hnsw_ef_search, self._opts.hnsw_max_ef_search, self._check_stop,
+            hold=hold)
         log.info("faiss collection %s: efSearch %d for recall@10 %.3f (target %.2f) on %d "
                  "vectors, calibrated in %.1f s", self.spec.name, ef, recall, target, n,
                  time.perf_counter() - t0)
@@ -956,8 +958,8 @@ class FaissIndex:
             return False
         n = int(gen.main.ntotal)
         if gen.calibrated_for != self._calibrated_for():
-            return n >= 1_000
-        return n >= max(1_000, 2 * gen.calibrated_n)
+            return n >= CALIBRATE_MIN
+        return n >= max(CALIBRATE_MIN, 2 * gen.calibrated_n)
 
     def _calibrate_if_due(self) -> None:
         """Calibrate the current graph if due (in the merger's thread, between merges: a
@@ -1070,40 +1072,23 @@ class FaissIndex:
         return True
 
 
-def calibrate_ef(main: Any, store: Store, n: int, ip: bool, target: float, floor: int,
-                 cap: int, check_stop: Any = lambda: None, k: int = 10,
-                 queries: int = 200, hold: Any = contextlib.nullcontext
+def calibrate_ef(main: Any, store: Store, n: int,
+                 exact: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+                 target: float, floor: int, cap: int, check_stop: Any = lambda: None,
+                 k: int = 10, queries: int = 200, hold: Any = contextlib.nullcontext
                  ) -> tuple[int, float]:
     """The smallest efSearch of floor, 2*floor, ... (at most ``cap``) at which ``main`` (an
     HNSW graph over rows [0, n) of ``store``) finds ``target`` of the exact top-``k``, and
     the recall it found (at ``cap`` when none reaches the target). Queries: ``queries``
     rows of the collection itself, each without itself in either answer (so a vector
-    that is its own nearest neighbour does not flatter the graph). ``hold()`` is held
-    around each search of ``main`` (its read lock when others may write it meanwhile)."""
+    that is its own nearest neighbour does not flatter the graph). ``exact(q, k)``: the
+    exact (scores, rows) over rows [0, n). ``hold()`` is held around each search of
+    ``main`` (its read lock when others may write it meanwhile)."""
     rng = np.random.default_rng(n)
     picks = np.sort(rng.choice(n, min(n, queries), replace=False))
     q = np.ascontiguousarray(store.take(picks))
-    exact_s = np.full((len(q), k + 1), -np.inf, dtype=np.float32)
-    exact_i = np.full((len(q), k + 1), -1, dtype=np.int64)
-    for lo, rows in store.pieces(0, n):
-        check_stop()
-        rows = np.ascontiguousarray(rows)
-        kk = min(k + 1, len(rows))
-        dist = np.empty((len(q), kk), dtype=np.float32)
-        idx = np.empty((len(q), kk), dtype=np.int64)
-        sp = faiss.swig_ptr
-        if ip:
-            faiss.knn_inner_product(sp(q), sp(rows), q.shape[1], len(q), len(rows), kk,
-                                    sp(dist), sp(idx), None)
-        else:
-            faiss.knn_L2sqr(sp(q), sp(rows), q.shape[1], len(q), len(rows), kk, sp(dist),
-                            sp(idx), None, None)
-            np.negative(dist, out=dist)
-        both_s = np.concatenate([exact_s, dist], axis=1)
-        both_i = np.concatenate([exact_i, np.where(idx >= 0, idx + lo, -1)], axis=1)
-        order = np.argsort(-both_s, axis=1, kind="stable")[:, : k + 1]
-        exact_s = np.take_along_axis(both_s, order, axis=1)
-        exact_i = np.take_along_axis(both_i, order, axis=1)
+    check_stop()
+    _, exact_i = exact(q, k + 1)
     want = [set(row[(row >= 0) & (row != p)].tolist()[:k]) for row, p in
             zip(exact_i, picks, strict=True)]
     ef, recall = floor, 0.0
