@@ -295,6 +295,8 @@ class Rec:
     end: float
     code: str
     docs: int = 0
+    # A Search's server-side stage times (StageTimings, seconds), to see where a tail goes.
+    stages: dict[str, float] | None = None
 
     @property
     def latency(self) -> float:
@@ -335,10 +337,13 @@ class Workload:
         loop = asyncio.get_running_loop()
         docs = 0
         slots: list[int] = []
+        stages: dict[str, float] | None = None
         try:
             if cls == "search":
-                self._remember(await self.client.search(self.ns, self.rng.choice(self.queries),
-                                                        top_k=TOP_K))
+                resp = await self.client.search(self.ns, self.rng.choice(self.queries),
+                                                top_k=TOP_K)
+                self._remember(resp)
+                stages = _stages(resp.timings)
             elif cls == "batch_search":
                 resp = await self.client.batch_search(
                     [pb.SearchRequest(namespace=self.ns, query=q, top_k=TOP_K)
@@ -368,7 +373,7 @@ class Workload:
             self.messages.setdefault((cls, code), str(exc)[:300])
         finally:
             self.free_slots.extend(slots)
-        return Rec(cls, start, loop.time(), code, docs)
+        return Rec(cls, start, loop.time(), code, docs, stages)
 
     def _doc(self, slot: int) -> pb.Document:
         self.revision += 1
@@ -379,6 +384,35 @@ class Workload:
         return pb.Document(doc_id=doc_id, path=f"{doc_id}/{Path(path).name}",
                            revision=f"r{self.revision}",
                            content=f"{text}\n\n(load generator revision {self.revision})\n")
+
+
+STAGES = ("embed", "ann", "lexical", "fuse", "fetch", "total")
+
+
+def _stages(t: pb.StageTimings) -> dict[str, float]:
+    return {s: getattr(t, s).ToTimedelta().total_seconds() for s in STAGES if t.HasField(s)}
+
+
+def search_tail(recs: list[Rec], share: float = 0.01) -> dict[str, Any] | None:
+    """Where the slowest ``share`` of OK searches spent their time, next to all of them:
+    the mean of each server stage, and of what is outside the server's own total (the wait
+    for a gRPC worker and the event loop, the transport, and the client)."""
+    done = [r for r in recs if r.cls == "search" and r.code == "OK" and r.stages]
+    if len(done) < 20:
+        return None
+    done.sort(key=lambda r: r.latency)
+    tail = done[-max(1, round(len(done) * share)):]
+
+    def means(rs: list[Rec]) -> dict[str, float]:
+        out = {s: float(np.mean([r.stages.get(s, 0.0) for r in rs if r.stages]))
+               for s in STAGES}
+        out["outside"] = float(np.mean([r.latency - (r.stages or {}).get("total", 0.0)
+                                        for r in rs]))
+        out["latency"] = float(np.mean([r.latency for r in rs]))
+        return out
+
+    return {"share": share, "all": {"count": len(done), **means(done)},
+            "tail": {"count": len(tail), **means(tail)}}
 
 
 def _snippets(docs: list[pb.Document], rng: random.Random, n: int = 400,
@@ -492,6 +526,7 @@ def summarize(recs: list[Rec], seconds: float) -> dict[str, Any]:
         "shed_latency_s": pct([r.latency for r in shed]),
         "search_p99_halves_s": [pct([r.latency for r in h]).get("p99") for h in halves],
         "classes": classes,
+        "search_tail": search_tail(recs),
     }
 
 
@@ -928,6 +963,18 @@ def render(r: dict[str, Any], name: str) -> str:
                       + ", ".join(f"{c} {v['mean_s'] * 1e3:.1f} ms over {v['count']}"
                                   for c, v in sorted(st.items()))
                       + ". An upsert's embed includes its waits for the model thread."]
+        tail = t.get("search_tail")
+        if tail:
+            cols = (*STAGES, "outside", "latency")
+            lines += ["", f"Where Search time goes (mean ms; slowest {tail['share']:.0%} of OK "
+                      "searches vs all; `StageTimings` of each response, 'outside' = latency "
+                      "minus the server's total: waits for a gRPC worker and the event loop, "
+                      "transport, client):", "",
+                      "| searches | " + " | ".join(cols) + " |",
+                      "|---" * (len(cols) + 1) + "|",
+                      *[f"| {k} ({tail[k]['count']}) | "
+                        + " | ".join(f"{tail[k][c] * 1e3:.1f}" for c in cols) + " |"
+                        for k in ("all", "tail")]]
     m, soak = r.get("soak_memory"), r.get("soak")
     if soak:
         lines += ["", f"## Soak ({soak['seconds']:.0f} s at {soak['level']:.1f} req/s offered)",

@@ -99,3 +99,26 @@ def test_saturation_is_the_last_step_served_without_shedding() -> None:
     assert "refused" in sat["method"]
     # any other error disqualifies a step whatever its goodput
     assert lg.saturation([_open_step(10, 100), _open_step(20, 200, other=1)])["rps"] == 10
+
+
+def test_search_tail_says_where_the_slowest_searches_spent_their_time() -> None:
+    lg = _loadgen()
+    from google.protobuf.duration_pb2 import Duration
+
+    t = lg.pb.StageTimings(embed=Duration(nanos=20_000_000), total=Duration(nanos=30_000_000))
+    assert lg._stages(t) == {"embed": 0.02, "total": 0.03}  # unset stages stay out
+
+    # 99 searches of 40 ms (30 in the server), and one of 500 ms that waited 400 ms for the
+    # model: the tail's row shows the embed stage, the mean row barely moves.
+    recs = [lg.Rec("search", 0.0, 0.04, "OK", 0, {"embed": 0.02, "total": 0.03})
+            for _ in range(99)]
+    recs.append(lg.Rec("search", 0.0, 0.5, "OK", 0, {"embed": 0.42, "total": 0.45}))
+    recs.append(lg.Rec("upsert", 0.0, 9.0, "OK", 3))  # other classes do not count
+    recs.append(lg.Rec("search", 0.0, 9.0, "DEADLINE_EXCEEDED"))  # nor failures
+    tail = lg.search_tail(recs)
+    assert tail["all"]["count"] == 100 and tail["tail"]["count"] == 1
+    assert tail["tail"]["embed"] == pytest.approx(0.42)
+    assert tail["tail"]["outside"] == pytest.approx(0.05)
+    assert tail["all"]["latency"] == pytest.approx((99 * 0.04 + 0.5) / 100)
+    assert tail["all"]["ann"] == 0.0
+    assert lg.search_tail(recs[:10]) is None  # too few to say
