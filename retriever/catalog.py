@@ -11,6 +11,7 @@ writes the document rows. Start-up reconcile drops whatever is still pending.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -19,7 +20,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -299,16 +300,39 @@ def _ts(value: float | None) -> datetime | None:
         return None
 
 
+def sqlite_memory_used() -> Callable[[], int] | None:
+    """``sqlite3_memory_used`` of the SQLite library the ``sqlite3`` module runs on: the
+    heap it holds (page caches of every connection, schemas, statements), when that library
+    is a shared object loaded in this process (Linux); None where it cannot be found, such
+    as a Python with SQLite linked in statically."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    libs = {ln.split()[-1] for ln in maps.splitlines()
+            if ln.split() and "/libsqlite3" in ln.split()[-1]}
+    if len(libs) != 1:
+        return None
+    try:
+        fn = ctypes.CDLL(libs.pop()).sqlite3_memory_used
+    except (OSError, AttributeError):
+        return None
+    fn.restype, fn.argtypes = ctypes.c_int64, []
+    return lambda: int(fn())
+
+
 def _epoch(value: datetime | None) -> float | None:
     return None if value is None else value.timestamp()
 
 
 class Catalog:
-    def __init__(self, path: Path, mmap_bytes: int = 0) -> None:
+    def __init__(self, path: Path, mmap_bytes: int = 0, cache_bytes: int = 0) -> None:
         """``mmap_bytes``: how much of the file SQLite reads through a memory map (0: none;
-        see Settings.catalog_mmap_bytes)."""
+        see Settings.catalog_mmap_bytes). ``cache_bytes``: SQLite's soft heap limit, set at
+        `open` (process-wide; 0 leaves it as it is; see Settings.catalog_cache_bytes)."""
         self._path = Path(path)
         self._mmap_bytes = mmap_bytes
+        self._cache_bytes = cache_bytes
         self._local = threading.local()
         self._write_lock = threading.Lock()
         # Every connection with the thread that opened it (thread-local; closed when that
@@ -328,6 +352,8 @@ class Catalog:
         try:
             with self._write_lock:
                 db = self._conn()
+                if self._cache_bytes:
+                    db.execute(f"PRAGMA soft_heap_limit={int(self._cache_bytes)}").fetchall()
                 if check:
                     found_problems = [r[0] for r in db.execute("PRAGMA quick_check(3)")]
                     if found_problems != ["ok"]:

@@ -350,6 +350,13 @@ class Settings(BaseSettings):
     # though they are the OS's one file cache and are not charged twice to a cgroup.
     # Writes go through the WAL either way. 0 = off.
     catalog_mmap_bytes: int = Field(0, ge=0)
+    # Heap SQLite may keep for page caches, all the catalog's connections together (SQLite's
+    # process-wide soft heap limit). Each server thread that touches the catalog has its own
+    # connection with its own cache of up to ~2 MB, filled as it reads: 30 connections held
+    # 60 MB here, and the server's RSS crept up as each thread's cache filled. Beyond the
+    # limit SQLite reuses cached pages instead of allocating (pages are re-read from the
+    # OS's file cache). `retriever_catalog_memory_bytes` shows what it holds. 0 = unbounded.
+    catalog_cache_bytes: int = Field(32 * 1024 * 1024, ge=0)
 
     # -- testing ---------------------------------------------------------------------------
     # Points of the upsert path where the process kills itself (SIGKILL), for durability

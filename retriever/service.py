@@ -22,7 +22,7 @@ import numpy as np
 from retriever import validation
 from retriever._priority import lower_priority
 from retriever.cancel import NEVER, CallToken
-from retriever.catalog import Catalog
+from retriever.catalog import Catalog, sqlite_memory_used
 from retriever.config import Settings
 from retriever.domain import (
     ChunkRecord,
@@ -74,7 +74,8 @@ class RetrieverService:
         self.metrics = metrics or Metrics()
         self.embedder = embedder or Embedder(settings)
         self.catalog = Catalog(settings.data_dir / "catalog.sqlite3",
-                               mmap_bytes=settings.catalog_mmap_bytes)
+                               mmap_bytes=settings.catalog_mmap_bytes,
+                               cache_bytes=settings.catalog_cache_bytes)
         self.freshness = SourceFreshness(
             self.catalog, settings.data_dir / "sources", settings.staleness_refresh_s,
             fetch_error=lambda url: self.syncer.fetch_error(url) if self.syncer else "")
@@ -83,6 +84,9 @@ class RetrieverService:
         # Recent search responses, for RecordFeedback (online precision@k).
         self.feedback = FeedbackLog(settings.feedback_log_size, settings.feedback_window_s)
         self.metrics.watch_feedback(self.feedback.window)
+        used = sqlite_memory_used()
+        if used is not None:
+            self.metrics.watch_catalog_memory(used)
         self._evaluator: threading.Thread | None = None
         self.namespaces = Namespaces(
             self.catalog, self.embedder, settings.data_dir / "indexes", settings.index_backend,

@@ -59,6 +59,10 @@ def test_concurrent_queries_share_micro_batches(tmp_path: Path, embedder) -> Non
             "retriever_query_batch_size_sum"]
         assert queries == 12
         assert batches < 12  # some queries were embedded together
+        # SQLite's heap (the catalog connections' page caches), bounded by catalog_cache_bytes
+        held = [float(line.split(" ")[1]) for line in text.splitlines()
+                if line.startswith("retriever_catalog_memory_bytes ")]
+        assert len(held) == 1 and 0 < held[0] < 64 << 20
     finally:
         st.stop()
 

@@ -17,6 +17,7 @@ from retriever.catalog import (
     DocumentRefresh,
     DocumentWrite,
     NewChunk,
+    sqlite_memory_used,
 )
 from retriever.domain import NamespaceRecord, SearchFilter
 from retriever.errors import FailedPrecondition, NotReady
@@ -575,3 +576,59 @@ def test_candidate_heads_are_read_from_the_narrow_covering_indexes(cat: Catalog)
     assert plan == [
         "SEARCH c USING COVERING INDEX chunks_heads (vector_id=? AND namespace=? AND state=?)",
         "SEARCH d USING COVERING INDEX documents_paths (namespace=? AND doc_id=?)"]
+
+
+def test_page_caches_of_all_connections_stay_within_catalog_cache_bytes(tmp_path: Path) -> None:
+    """Every thread has its own connection and page cache: without a bound, 16 threads that
+    read the whole catalog hold ~2 MB each; with cache_bytes (SQLite's soft heap limit,
+    set at open) they hold about that much together, and read the same rows."""
+    used = sqlite_memory_used()
+    if used is None:
+        pytest.skip("SQLite is not a shared library of this process")
+
+    def held_by_readers(name: str, cache_bytes: int) -> int:
+        c = Catalog(tmp_path / name / "catalog.sqlite3", cache_bytes=cache_bytes)
+        c.open()
+        try:
+            if cache_bytes:
+                assert c._conn().execute("PRAGMA soft_heap_limit").fetchone()[0] == cache_bytes
+            else:
+                c._conn().execute("PRAGMA soft_heap_limit=0").fetchall()  # unbounded
+            assert c.create_namespace(ns_record("ns"))
+            ids: list[int] = []
+            # ~4 MB of chunks, short enough to sit in their rows' pages (SQLite reads
+            # overflow pages of long values around its page cache)
+            for d in range(60):
+                doc = f"d{d}.py"
+                got = c.stage_chunks("ns", [new_chunk(doc, i, text=f"{doc} {i} " + "x" * 900)
+                                            for i in range(70)])
+                c.commit_documents("ns", [doc_write(doc, got)], [])
+                ids += got
+            base = used()
+            rows: list[int] = []
+
+            def read(seed: int) -> None:
+                found, _ = c.chunks_by_vector_ids(
+                    "ns", np.random.default_rng(seed).permutation(ids).tolist())
+                rows.append(len(found))
+
+            threads = [threading.Thread(target=read, args=(s,)) for s in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert rows == [len(ids)] * 16
+            return used() - base
+        finally:
+            c.close()
+
+    with sqlite3.connect(":memory:") as probe:
+        before = probe.execute("PRAGMA soft_heap_limit").fetchone()[0]
+    try:
+        unbounded = held_by_readers("unbounded", 0)
+        bounded = held_by_readers("bounded", 4 << 20)
+    finally:
+        with sqlite3.connect(":memory:") as probe:
+            probe.execute(f"PRAGMA soft_heap_limit={before}").fetchall()
+    assert unbounded > 16 << 20, unbounded
+    assert bounded < 10 << 20, bounded

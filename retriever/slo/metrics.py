@@ -194,6 +194,13 @@ class Metrics:
             "staleness_seconds": settings.slo_staleness_seconds,
         })
 
+    def watch_catalog_memory(self, used: Callable[[], int]) -> None:
+        """Export the heap SQLite holds, read at scrape time from ``used()``."""
+        Gauge("retriever_catalog_memory_bytes",
+              "Heap held by SQLite in this process: the page caches of every catalog "
+              "connection (bounded by catalog_cache_bytes), schemas and statements.",
+              registry=self.registry).set_function(used)
+
     def watch_sources(self, lags: Callable[[], Iterable[SourceLag]]) -> None:
         """Export each bound namespace's lag behind its git source, computed at scrape time
         from ``lags()`` (the last read of each source)."""
