@@ -149,9 +149,9 @@ def quality(embedder: Embedder, repos: dict[str, str], commits: int, cache: Path
         sets[name] = build_git_history_set(path, commits=commits, name=name)
     out: dict[str, dict] = {}
     for chunking in ("windows", "structured"):
-        data = Path(tempfile.mkdtemp(prefix=f"bench-chunking-{chunking}-"))
-        settings = Settings(data_dir=data, grpc_port=0, metrics_port=0, chunking=chunking,
-                            embed_cache_dir=cache / "embeddings")
+        tmp = tempfile.TemporaryDirectory(prefix=f"bench-chunking-{chunking}-")
+        settings = Settings(data_dir=Path(tmp.name), grpc_port=0, metrics_port=0,
+                            chunking=chunking, embed_cache_dir=cache / "embeddings")
         st = ServerThread(settings, embedder).start()
         try:
             with RetrieverClient(st.address, timeout=600) as client:
@@ -170,6 +170,7 @@ def quality(embedder: Embedder, repos: dict[str, str], commits: int, cache: Path
                         for r in results}}
         finally:
             st.stop()
+            tmp.cleanup()
     return out
 
 
