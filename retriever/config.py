@@ -212,6 +212,11 @@ class Settings(BaseSettings):
     # (and its OpenMP workers), and the threads that run upserts and syncs. 0 = as is.
     model_thread_nice: int = Field(5, ge=0, le=19)
     write_thread_nice: int = Field(10, ge=0, le=19)
+    # glibc malloc arenas of the `retriever serve` process (mallopt M_ARENA_MAX, set before
+    # its threads start). glibc's default, 8 per core, let RSS settle ~100 MiB higher and
+    # creep up over a soak (+8.6 % against +3.2 % in 7 minutes with 2; load-tests/). 0 =
+    # glibc's default (or the MALLOC_ARENA_MAX environment variable).
+    malloc_arena_max: int = Field(2, ge=0)
     # How long a thread that holds the GIL may keep it while another waits (Python's
     # sys.setswitchinterval; its default is 5 ms). A search releases the GIL around every
     # SQLite read, FAISS search and forward pass and must win it back each time: behind a

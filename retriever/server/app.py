@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from retriever import tracing
+from retriever._malloc import limit_arenas
 from retriever.config import Settings
 from retriever.errors import RetrieverError
 from retriever.models.embedder import Embedder
@@ -180,6 +181,7 @@ def run(settings: Settings) -> int:
     def ready(info: dict) -> None:
         print(json.dumps(info), flush=True)
 
+    limit_arenas(settings.malloc_arena_max)  # the process is the server's: before any thread
     try:
         with contextlib.suppress(KeyboardInterrupt):  # normally the signal handler's job
             asyncio.run(serve(settings, on_ready=ready))
