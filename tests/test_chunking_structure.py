@@ -248,3 +248,15 @@ def test_units_that_fit_are_never_split(case: tuple[str, list[Unit]]) -> None:
             last = u.start + len(text.rstrip()) - 1
             inside = [s for s in spans if s.start_char <= first and last < s.end_char]
             assert inside, (u, text, spans)
+
+
+def test_text_after_the_last_unit_does_not_split_a_unit_that_fits() -> None:
+    """Found by the property test above: a top-level unit that fits, followed by lines no
+    unit claims, was packed with them into one oversized segment and cut mid-line at its
+    child's end. The trailing lines are now a piece of their own."""
+    content = ("\n\n   \n;\n;\n;\nw w w w w w w w w w xy zzz zzz zzz\nw w w w w w w w w")
+    child = Unit(26, 27, "function", "", [], "", False)
+    units = [Unit(0, 46, "function", "", [child], "", False)]
+    spans = chunker(lambda _: units, budget=25, overlap=1).chunk(content, language="lang")
+    assert [content[s.start_char:s.end_char] for s in spans] == [
+        ";\n;\n;\nw w w w w w w w w w xy zzz zzz zzz\n", "w w w w w w w w w"]

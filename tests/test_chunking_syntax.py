@@ -752,8 +752,10 @@ TOP: dict[str, list[tuple[str, str]]] = {
                    ("namespace", "namespace Util"), ("function", "function main")],
     "tsx": [("imports", ""), ("type", "type Props"), ("function", "function Greeting"),
             ("function", "const List"), ("class", "class App")],
-    "go": [("imports", ""), ("struct", "type Client"), ("interface", "type Doer"),
-           ("method", "func (c *Client) Do"), ("function", "func New")],
+    "go": [("imports", ""), ("variable", "const greeting"),
+           ("variable", "var defaultRetries, defaultTimeout"), ("struct", "type Client"),
+           ("interface", "type Doer"), ("method", "func (c *Client) Do"),
+           ("function", "func New")],
     "rust": [("imports", ""), ("variable", "const GREETING"), ("struct", "struct Point"),
              ("trait", "trait Area"), ("impl", "impl Display for Point"), ("impl", "impl Point"),
              ("enum", "enum Shape"), ("function", "fn main"), ("module", "mod tests")],
@@ -1123,7 +1125,7 @@ def test_snippet_mixes_outline_or_fall_back(language: str, content: str) -> None
 # -- end to end: packed by StructuredChunker --------------------------------------------------
 def chunker(budget: int) -> StructuredChunker:
     windows = WindowChunker(ws_count, ws_offsets, budget, overlap=4)
-    return StructuredChunker("syntax/v1", OUTLINERS, windows, ws_count)
+    return StructuredChunker("syntax/v2", OUTLINERS, windows, ws_count)
 
 
 def words(text: str) -> int:
@@ -1182,3 +1184,21 @@ def test_split_class_pieces_name_their_method() -> None:
     # The imports block is under TINY_SHARE of this budget: it joins its neighbour.
     imports = next(s for s in spans if "from __future__" in s.text)
     assert spans.index(imports) <= 1
+
+
+def test_go_const_and_var_groups_are_named_by_what_they_declare() -> None:
+    """Package-level ``const``/``var`` (one or a group) is a "variable" unit labelled by its
+    names, as Rust's ``const`` is; its specs are the split points; a function's own ``var``
+    stays a statement of the function."""
+    content = ("package p\n\nconst (\n\t// DefaultVersion is the image tag.\n"
+               '\tDefaultVersion = "v3.10.0"\n\tDefaultImage = "quay.io/p"\n'
+               '\tDefaultPort = 9090\n)\n\nvar a, b = 1, 2\n\n'
+               "func f() int {\n\tvar local = 3\n\treturn local\n}\n")
+    units = OUTLINERS["go"](content)
+    check_outline(content, units)
+    top = [(u.kind, u.name) for u in units]
+    assert top == [("imports", ""), ("variable", "const DefaultVersion, DefaultImage, …"),
+                   ("variable", "var a, b"), ("function", "func f")]
+    assert [content[c.start:c.end].split(" ")[0] for c in units[1].children] == [
+        "DefaultVersion", "DefaultImage", "DefaultPort"]
+    assert [(c.kind, c.name) for c in units[3].children] == [("statements", "")] * 2

@@ -169,11 +169,15 @@ class StructuredChunker:
         for i, u in enumerate(clean):
             s = starts[i] if i == 0 else ends[i - 1]  # the gap goes to the unit that follows
             segs.append(_Seg(s, ends[i], u, u.kind))
-        if content[ends[-1]:hi].strip():
-            if parent is not None:
-                segs.append(_Seg(ends[-1], hi, None, head_kind))
-            else:
-                segs[-1].end = hi
+        # Lines after the last unit: a piece of their own (inside a parent, its tail; at top
+        # level, text no unit claims), so that a last unit that fits is not split because
+        # of them. The rest of the last unit's own line stays with it.
+        tail = ends[-1]
+        if tail > lo and content[tail - 1] != "\n":
+            tail = min(lines.end_of(tail - 1), hi)
+            segs[-1].end = tail
+        if content[tail:hi].strip():
+            segs.append(_Seg(tail, hi, None, head_kind))
         else:
             segs[-1].end = hi
         return [g for g in segs if g.end > g.start]

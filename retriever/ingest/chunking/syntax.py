@@ -564,6 +564,31 @@ def _go_type(o: _Code, node: Node) -> _Def | None:
     return _Def(kind, node, spec.child_by_field_name("name"), body)
 
 
+def _go_values(o: _Code, node: Node) -> _Def | None:
+    """``const``/``var`` declarations, one or a ``( … )`` group: a "variable" unit labelled by
+    the names it declares (``const DefaultVersion, DefaultImage, …``), as Rust's ``const``
+    and ``static`` items are; a group too big for one chunk splits at its specs. Package
+    level only: a function's local ``var x`` stays one of its statements."""
+    if node.parent is None or node.parent.type != "source_file":
+        return None
+    names: list[str] = []
+    pending = list(node.named_children)
+    while pending and len(names) <= MAX_GO_NAMES:
+        child = pending.pop(0)
+        if child.type == "var_spec_list":
+            pending[:0] = child.named_children
+        elif child.type in ("const_spec", "var_spec"):
+            names += [o.doc.name(n) for n in child.children_by_field_name("name")]
+    if not names:
+        return None
+    keyword = "const" if node.type == "const_declaration" else "var"
+    shown = ", ".join(names[:MAX_GO_NAMES]) + (", …" if len(names) > MAX_GO_NAMES else "")
+    return _Def("variable", node, None, node, label=_collapse(f"{keyword} {shown}", MAX_NAME))
+
+
+# Names a Go const/var group's label shows.
+MAX_GO_NAMES = 2
+
 _C_NAMES = frozenset({"identifier", "field_identifier", "qualified_identifier",
                       "destructor_name", "operator_name", "template_function", "type_identifier",
                       "operator_cast"})
@@ -703,7 +728,8 @@ _SPECS: dict[str, _Spec] = {
                           "communication_case", "default_case"}),
         imports=frozenset({"package_clause", "import_declaration"}),
         transparent=frozenset({"statement_list"}),
-        hooks={"type_declaration": _go_type},
+        hooks={"type_declaration": _go_type, "const_declaration": _go_values,
+               "var_declaration": _go_values},
     ),
     "rust": _Spec(
         defs={"function_item": "function", "function_signature_item": "function",
