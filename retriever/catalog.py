@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -300,17 +301,18 @@ def _ts(value: float | None) -> datetime | None:
         return None
 
 
+@functools.cache
 def sqlite_memory_used() -> Callable[[], int] | None:
     """``sqlite3_memory_used`` of the SQLite library the ``sqlite3`` module runs on: the
     heap it holds (page caches of every connection, schemas, statements), when that library
     is a shared object loaded in this process (Linux); None where it cannot be found, such
-    as a Python with SQLite linked in statically."""
+    as a Python with SQLite linked in statically. Looked up once per process."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
-    libs = {ln.split()[-1] for ln in maps.splitlines()
-            if ln.split() and "/libsqlite3" in ln.split()[-1]}
+    # A mapping line ends with the mapped file's path ("/usr/lib/.../libsqlite3.so.0").
+    libs = {ln[ln.index("/"):] for ln in maps.splitlines() if "/libsqlite3" in ln}
     if len(libs) != 1:
         return None
     try:

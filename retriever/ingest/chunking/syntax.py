@@ -564,6 +564,10 @@ def _go_type(o: _Code, node: Node) -> _Def | None:
     return _Def(kind, node, spec.child_by_field_name("name"), body)
 
 
+# Names a Go const/var group's label shows.
+MAX_GO_NAMES = 2
+
+
 def _go_values(o: _Code, node: Node) -> _Def | None:
     """``const``/``var`` declarations, one or a ``( … )`` group: a "variable" unit labelled by
     the names it declares (``const DefaultVersion, DefaultImage, …``), as Rust's ``const``
@@ -585,9 +589,6 @@ def _go_values(o: _Code, node: Node) -> _Def | None:
     shown = ", ".join(names[:MAX_GO_NAMES]) + (", …" if len(names) > MAX_GO_NAMES else "")
     return _Def("variable", node, None, node, label=_collapse(f"{keyword} {shown}", MAX_NAME))
 
-
-# Names a Go const/var group's label shows.
-MAX_GO_NAMES = 2
 
 _C_NAMES = frozenset({"identifier", "field_identifier", "qualified_identifier",
                       "destructor_name", "operator_name", "template_function", "type_identifier",
