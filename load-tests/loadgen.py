@@ -1189,7 +1189,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="class weights (search, batch_search, upsert, get_chunk)")
     p.add_argument("--upsert-pool", type=int, default=256,
                    help="distinct documents the upserts rewrite")
-    p.add_argument("--idle-requests", type=int, default=100,
+    p.add_argument("--idle-requests", type=int, default=300,
                    help="sequential Searches of the idle baseline")
     p.add_argument("--closed", type=floats, default=floats("1,2,4,8,16,32"),
                    help="closed-loop concurrency levels ('' to skip)")

@@ -162,6 +162,8 @@ class RetrieverService:
         self._batcher.doc_batch = self.embedder.default_batch_size
         self._batcher.doc_slice_tokens = self.embedder.default_slice_tokens
         self._batcher.start()
+        if s.embed_layer_checkpoints:
+            self.embedder.add_checkpoint(self._batcher.checkpoint)
         self.ingestor = Ingestor(s, self.catalog, self.namespaces, self.embedder,
                                  self._embed_documents, self.chunkers, self.metrics)
         self.searcher = Searcher(
@@ -200,6 +202,7 @@ class RetrieverService:
         if self._evaluator is not None:
             self._evaluator.join(timeout=30)  # stops at its next query batch
         self._batcher.stop()
+        self.embedder.remove_checkpoint(self._batcher.checkpoint)
         self.namespaces.close()  # closing an index writes its last snapshot
         self.catalog.close()
         if self._embed_cache is not None:

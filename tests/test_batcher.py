@@ -393,3 +393,65 @@ def test_queries_run_on_their_own_function_and_documents_on_theirs(
     assert np.array_equal(b.submit(["2:1"]).result(TIMEOUT), rows(["2:1"]))
     assert query_batches == [["2:1"]]
     assert sum(embed.batches) == 3  # the document texts, in slices
+
+
+class LayeredEmbed(FakeEmbed):
+    """A model of ``layers`` layers that calls the batcher's checkpoint before each one, as
+    the real embedder's layer hooks do; a document pass can be held before its second
+    layer on ``hold`` (texts starting with "2:" are documents here)."""
+
+    def __init__(self, layers: int = 3) -> None:
+        super().__init__()
+        self.layers = layers
+        self.batcher: MicroBatcher | None = None
+        self.hold = threading.Event()
+        self.held = threading.Event()
+        self.calls: list[str] = []  # "start <first text>" / "end <first text>" per pass
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        assert self.batcher is not None
+        self.calls.append(f"start {texts[0]}")
+        for layer in range(self.layers):
+            if layer == 1 and texts[0].startswith("2:") and not self.hold.is_set():
+                self.held.set()
+                assert self.hold.wait(TIMEOUT)
+            self.batcher.checkpoint()
+        self.calls.append(f"end {texts[0]}")
+        return super().__call__(texts)
+
+
+def test_a_query_runs_between_the_layers_of_a_document_slice() -> None:
+    """A query that arrives while a document slice is in its forward pass is answered at
+    the slice's next layer, before the slice ends; the slice's own result is unchanged,
+    and a query pass's checkpoints run nothing (no nesting)."""
+    model = LayeredEmbed()
+    b = MicroBatcher(model, 64, 0.0, doc_batch=1)
+    model.batcher = b
+    b.start()
+    try:
+        docs = b.submit_documents(["2:0"], [3])
+        assert model.held.wait(TIMEOUT)  # the slice is between its first and second layer
+        q1, q2 = b.submit(["1:0"]), b.submit(["1:1"])
+        model.hold.set()
+        assert np.array_equal(docs.result(TIMEOUT), rows(["2:0"]))
+        assert np.array_equal(q1.result(TIMEOUT), rows(["1:0"]))
+        assert np.array_equal(q2.result(TIMEOUT), rows(["1:1"]))
+    finally:
+        b.stop()
+    # Both queries were waiting at the checkpoint: one batch, nested in the slice.
+    assert model.calls == ["start 2:0", "start 1:0", "end 1:0", "end 2:0"]
+    assert b.checkpoint_batches == 1
+
+
+def test_checkpoints_outside_a_document_slice_do_nothing(make, embed: FakeEmbed) -> None:  # noqa: ANN001
+    """Called from another thread, or with no document pass running, a checkpoint runs no
+    query (they wait for the model thread as usual)."""
+    b = make(max_wait_s=0.0)
+    gate, held = hold_worker(b, embed)  # the model thread is in a query pass
+    waiting = b.submit(["1:0"])
+    b.checkpoint()  # this thread is not the model thread
+    assert not waiting.done()
+    gate.set()
+    assert np.array_equal(waiting.result(TIMEOUT), rows(["1:0"]))
+    held.result(TIMEOUT)
+    assert b.checkpoint_batches == 0

@@ -78,6 +78,39 @@ def test_a_pass_on_one_thread_embeds_alike_and_restores_the_thread_count(
     assert np.sum(fewer * embedder.embed(texts, batch_size=8), axis=1).min() > 0.9999
 
 
+def test_queries_run_between_a_document_slices_layers_with_unchanged_vectors(
+        embedder: Embedder) -> None:
+    """The real model's layer checkpoints: queries sent while full-length chunks are being
+    embedded one per slice are answered inside those slices (between two layers), and
+    neither the queries' vectors nor the chunks' differ from embedding each alone."""
+    import time
+
+    from retriever.models.batcher import MicroBatcher
+
+    docs = [t for t in real_chunks() if len(t) >= 1000][:8]
+    queries = [f"where is {w} handled" for w in ("retry", "deadline", "snapshot", "lexical",
+                                                  "catalog", "namespace", "chunk", "search")]
+    b = MicroBatcher(lambda t: embedder.embed(t, batch_size=max(1, len(t))), 64, 0.0,
+                     doc_batch=1, doc_slice_tokens=embedder.max_tokens)
+    assert embedder.add_checkpoint(b.checkpoint)  # the torch model's layers were found
+    b.start()
+    try:
+        job = b.submit_documents(docs, [embedder.max_tokens] * len(docs))
+        futures = []
+        for q in queries:  # spread over the job's ~8 slices
+            futures.append(b.submit([q]))
+            time.sleep(0.02)
+        got = [f.result(60)[0] for f in futures]
+        vectors = job.result(60)
+    finally:
+        b.stop()
+        embedder.remove_checkpoint(b.checkpoint)
+    assert b.checkpoint_batches >= 1
+    alone = embedder.embed(queries, batch_size=1)
+    assert np.sum(np.stack(got) * alone, axis=1).min() > 0.9999
+    assert np.sum(vectors * embedder.embed(docs, batch_size=1), axis=1).min() > 0.9999
+
+
 def test_bucketed_shapes_embed_like_exact_ones(embedder: Embedder, tmp_path: Path) -> None:
     """Padding a batch to a warmed shape (rows repeated, width padded with masked tokens)
     changes no vector; the warm-up runs every shape a batch can take."""

@@ -78,6 +78,9 @@ class Embedder:
         self._autocast: Any = None  # torch dtype to autocast to on CPU, or None
         self._ov: Any = None  # _openvino.OpenVINOModel when the backend is openvino
         self._buckets = False  # pad batches to a small set of shapes (embed_bucket_shapes)
+        # Called before each transformer layer of a torch forward pass (add_checkpoint).
+        self._checkpoints: tuple[Callable[[], None], ...] = ()
+        self._layer_hooks: list[Any] = []
 
     @property
     def loaded(self) -> bool:
@@ -155,12 +158,32 @@ class Embedder:
                          or (backend == "torch" and device == "cuda" and precision != "fp32"))
         if self._buckets and backend == "torch" and self.device.startswith("cuda"):
             self._warm_shapes()
+        for hook in self._layer_hooks:
+            hook.remove()
+        self._layer_hooks = ([layer.register_forward_pre_hook(self._between_layers)
+                              for layer in _layers(model)] if backend == "torch" else [])
         self.revision = revision_name(self.weights_revision, precision, backend)
         log.info(
             "embedder %s@%s loaded on %s (%s %s), %d-d, max %d tokens",
             self.name, self.revision, self.device, backend, precision, self.dimension,
             self.max_tokens,
         )
+
+    def add_checkpoint(self, callback: Callable[[], None]) -> bool:
+        """Have ``callback`` called before each transformer layer of every torch forward
+        pass, on the thread running it: a model thread lets waiting queries through there
+        (see models/batcher.py; each callback acts only on its own thread). False where the
+        loaded model has no such points (OpenVINO runs its compiled graph whole; a model
+        whose layers were not found)."""
+        self._checkpoints = (*self._checkpoints, callback)
+        return bool(self._layer_hooks)
+
+    def remove_checkpoint(self, callback: Callable[[], None]) -> None:
+        self._checkpoints = tuple(c for c in self._checkpoints if c != callback)
+
+    def _between_layers(self, module: Any, args: Any) -> None:
+        for callback in self._checkpoints:
+            callback()
 
     @property
     def compatibility_class(self) -> str:
@@ -404,6 +427,21 @@ class Embedder:
             torch.cuda.synchronize()
         log.info("embedder: %d batch shapes warmed in %.1fs", shapes, time.perf_counter() - t0)
         return shapes
+
+
+def _layers(model: Any) -> list[Any]:
+    """The transformer's layers (BERT's ``encoder.layer``, others' ``layers``): the
+    longest ``ModuleList`` in the first module of a sentence-transformers model."""
+    from torch import nn
+
+    first = model[0] if len(model) else model
+    root = getattr(first, "auto_model", first)
+    best: Any = None
+    for _, module in root.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and (
+                best is None or len(module) > len(best)):
+            best = module
+    return list(best) if best is not None else []
 
 
 @contextlib.contextmanager
