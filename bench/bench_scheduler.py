@@ -1,15 +1,17 @@
 """The model thread's scheduling under mixed load: searches beside upserts, with and without
 layer checkpoints, in one process on the real model.
 
-    python bench/bench_scheduler.py [--seconds 40] [--query-rate 25] [--upsert-rate 2.3]
+    python bench/bench_scheduler.py [--seconds 40] [--query-rate 25] [--upsert-rate 3]
 
 The service's ``MicroBatcher`` and ``Embedder`` (packaged all-MiniLM-L6-v2, torch, the
 service's slice size: one full chunk per document slice on CPU) are driven by the same
 seeded Poisson schedule twice: single-text queries (SciFact queries) at ``--query-rate``
 and document jobs of 1-10 texts (SciFact abstracts cut to 800 characters, like the load
-test's upserts) at ``--upsert-rate``. **off**: a query that arrives during a document slice
-waits for the whole slice (one forward pass); **on** (``embed_layer_checkpoints``, the
-default): it runs at the slice's next layer boundary. Reports query latency (submit to
+test's upserts) at ``--upsert-rate``, under each of ``CONFIGS``: *before* (a query that
+arrives during a document slice waits for the whole slice, one forward pass; document jobs
+shortest-remaining-first), *checkpoints* (``embed_layer_checkpoints``: the query runs at
+the slice's next layer boundary) and *checkpoints + ratio* (document jobs by response
+ratio: the service's defaults). Reports query latency (submit to
 vectors) and document-job latency, p50/p90/p99/max, and how many query batches ran inside a
 slice. No gRPC, no catalog: this isolates the scheduler; ``load-tests/`` measures the whole
 service. Writes bench/results/scheduler.{json,md}.
@@ -58,12 +60,19 @@ def pct(xs: list[float]) -> dict[str, float]:
             "p99": float(np.percentile(a, 99)), "max": float(a.max())}
 
 
-def run(emb: Embedder, checkpoints: bool, events: list[tuple[float, str]],
-        queries: list[str], docs: list[str], seed: int) -> dict[str, object]:
+# (name, layer checkpoints, order of document jobs): what the service ran before, each
+# change alone, and what it runs now.
+CONFIGS = (("before", False, "least_left"), ("checkpoints", True, "least_left"),
+           ("checkpoints + ratio", True, "response_ratio"))
+
+
+def run(emb: Embedder, name: str, checkpoints: bool, order: str,
+        events: list[tuple[float, str]], queries: list[str], docs: list[str],
+        seed: int) -> dict[str, object]:
     s = Settings()
     b = MicroBatcher(lambda t: emb.embed(t, batch_size=max(1, len(t))), s.query_batch_size,
                      s.query_batch_wait_ms / 1000, doc_max_wait_s=s.embed_doc_max_wait_ms / 1000,
-                     nice=s.model_thread_nice)
+                     nice=s.model_thread_nice, doc_order=order)
     b.doc_batch, b.doc_slice_tokens = emb.default_batch_size, emb.default_slice_tokens
     if checkpoints:
         emb.add_checkpoint(b.checkpoint)
@@ -95,7 +104,8 @@ def run(emb: Embedder, checkpoints: bool, events: list[tuple[float, str]],
     finally:
         b.stop()
         emb.remove_checkpoint(b.checkpoint)
-    return {"checkpoints": checkpoints, "queries_ms": pct(qlat), "documents_ms": pct(dlat),
+    return {"config": name, "checkpoints": checkpoints, "doc_order": order,
+            "queries_ms": pct(qlat), "documents_ms": pct(dlat),
             "checkpoint_batches": b.checkpoint_batches, "wall_s": wall}
 
 
@@ -103,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     p.add_argument("--seconds", type=float, default=40.0)
     p.add_argument("--query-rate", type=float, default=25.0)
-    p.add_argument("--upsert-rate", type=float, default=2.3)
-    p.add_argument("--rounds", type=int, default=2, help="off/on pairs, alternated")
+    p.add_argument("--upsert-rate", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the configurations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scheduler")
     args = p.parse_args(argv)
@@ -115,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     events = schedule(args.seconds, args.query_rate, args.upsert_rate, args.seed)
     runs = []
     for r in range(args.rounds):
-        for on in (False, True):
-            res = run(emb, on, events, queries, docs, args.seed + r)
+        for name, on, order in CONFIGS:
+            res = run(emb, name, on, order, events, queries, docs, args.seed + r)
             q, d = res["queries_ms"], res["documents_ms"]
-            log(f"round {r + 1} checkpoints {'on ' if on else 'off'}: queries p50 "
+            log(f"round {r + 1} {name}: queries p50 "
                 f"{q['p50']:.1f} p90 {q['p90']:.1f} p99 {q['p99']:.1f} ms | document jobs p50 "
                 f"{d['p50']:.0f} p99 {d['p99']:.0f} max {d['max']:.0f} ms | "
                 f"{res['checkpoint_batches']} query batches inside slices")
@@ -137,35 +147,42 @@ def main(argv: list[str] | None = None) -> int:
 def render(r: dict) -> str:
     cpu = r["cpu"]
     lines = [
-        "# Model-thread scheduling: searches beside upserts, layer checkpoints off/on",
+        "# Model-thread scheduling: searches beside upserts",
         "",
         f"Generated by `bench/bench_scheduler.py` on {r['generated']}: {cpu['model']} "
         f"({', '.join(cpu['flags'])}), {cpu['cores']} cores, no GPU. Embedder "
         f"{r['embedder']}, document slice {r['slice_tokens']} tokens (one chunk). Load: "
         f"{r['query_rate']} single-text queries/s and {r['upsert_rate']} document jobs/s of "
         f"1-10 SciFact abstracts (<= 800 characters), Poisson, {r['seconds']:.0f} s, the same "
-        "schedule for every run; rounds alternate off/on in one process. Latency: from the "
-        "scheduled arrival to the vectors.",
+        "schedule for every run; each round runs every configuration in one process. "
+        "Latency: from the scheduled arrival to the vectors. *before*: a query waits for the "
+        "document slice in flight, document jobs shortest-remaining-first; *checkpoints*: "
+        "queries run between a slice's layers; *+ ratio*: document jobs by response ratio "
+        "(waited + work left over work left; the service's default now).",
         "",
-        "| round | checkpoints | queries p50 | p90 | p99 | max | document jobs p50 | p90 | p99 "
-        "| max | query batches inside a slice |",
+        "| round | configuration | queries p50 | p90 | p99 | max | document jobs p50 | p90 "
+        "| p99 | max | query batches inside a slice |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, run_ in enumerate(r["runs"]):
         q, d = run_["queries_ms"], run_["documents_ms"]
         lines.append(
-            f"| {i // 2 + 1} | {'on' if run_['checkpoints'] else 'off'} | {q['p50']:.1f} ms | "
+            f"| {i // len(CONFIGS) + 1} | {run_['config']} | {q['p50']:.1f} ms | "
             f"{q['p90']:.1f} | {q['p99']:.1f} | {q['max']:.1f} | {d['p50']:.0f} ms | "
             f"{d['p90']:.0f} | {d['p99']:.0f} | {d['max']:.0f} | {run_['checkpoint_batches']} |")
-    off = [x for x in r["runs"] if not x["checkpoints"]]
-    on = [x for x in r["runs"] if x["checkpoints"]]
-    if off and on:
-        def ratio(side: str, key: str) -> float:
-            return float(np.mean([x[side][key] for x in on])
-                         / np.mean([x[side][key] for x in off]))
-        lines += ["", f"Mean over rounds, on / off: query p99 {ratio('queries_ms', 'p99'):.2f}x, "
-                  f"query p90 {ratio('queries_ms', 'p90'):.2f}x, document-job p99 "
-                  f"{ratio('documents_ms', 'p99'):.2f}x."]
+    base = [x for x in r["runs"] if x["config"] == CONFIGS[0][0]]
+    for name, _, _ in CONFIGS[1:]:
+        rs = [x for x in r["runs"] if x["config"] == name]
+        if not base or not rs:
+            continue
+
+        def ratio(side: str, key: str, rs: list[dict] = rs) -> float:
+            return float(np.median([x[side][key] for x in rs])
+                         / np.median([x[side][key] for x in base]))
+        lines += ["", f"*{name}* against *before* (median over rounds): query p99 "
+                  f"{ratio('queries_ms', 'p99'):.2f}x, p90 {ratio('queries_ms', 'p90'):.2f}x; "
+                  f"document-job p50 {ratio('documents_ms', 'p50'):.2f}x, p99 "
+                  f"{ratio('documents_ms', 'p99'):.2f}x, max {ratio('documents_ms', 'max'):.2f}x."]
     return "\n".join(lines) + "\n"
 
 

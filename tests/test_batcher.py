@@ -455,3 +455,32 @@ def test_checkpoints_outside_a_document_slice_do_nothing(make, embed: FakeEmbed)
     assert np.array_equal(waiting.result(TIMEOUT), rows(["1:0"]))
     held.result(TIMEOUT)
     assert b.checkpoint_batches == 0
+
+
+@pytest.mark.parametrize(("order", "first"), [("response_ratio", "medium"),
+                                              ("least_left", "small")])
+def test_a_job_that_waited_goes_before_a_smaller_one_that_just_arrived(
+        make, embed: FakeEmbed, order: str, first: str) -> None:  # noqa: ANN001
+    """By response ratio ((waited + work left) / work left) a mid-sized job that has waited
+    is not overtaken by every small one arriving after it; shortest-remaining-first (the
+    order before) lets the newcomer go first."""
+    import time
+
+    b = make(doc_batch=1, doc_order=order)
+    gate, held = hold_worker(b, embed)
+    done: list[str] = []
+    b.submit_documents([f"5:{i}" for i in range(5)]).add_done_callback(
+        lambda f: done.append("medium"))
+    time.sleep(0.3)
+    b.submit_documents(["1:0"]).add_done_callback(lambda f: done.append("small"))
+    gate.set()
+    held.result(TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while len(done) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert done[0] == first, done
+
+
+def test_an_unknown_document_order_is_refused(embed: FakeEmbed) -> None:
+    with pytest.raises(ValueError, match="response_ratio or least_left"):
+        MicroBatcher(embed, 8, 0.0, doc_order="fifo")

@@ -17,8 +17,9 @@ Fair both ways, with a bounded wait for each class:
   ``doc_max_wait_s`` since the model last worked on documents, its next slice runs before
   the next query batch. Under a saturating search load documents still get at least
   slice / (slice + doc_max_wait) of the model;
-- document jobs take turns slice by slice (round robin), so a small upsert is not queued
-  behind a bulk one;
+- document jobs take turns slice by slice, highest response ratio first (waited + work
+  left, over work left): a small upsert is not queued behind a bulk one, and a job's turn
+  comes sooner the longer it has waited;
 - a job whose caller went away is dropped before its next slice (``cancel_documents``).
 
 Layer checkpoints: a one-chunk slice is a whole forward pass (~38 ms for 256 tokens on two
@@ -68,6 +69,7 @@ class _DocJob:
     done: int = 0
     left: int = 0  # tokens not embedded yet
     served: float = 0.0  # when it last had a slice (or was submitted)
+    submitted: float = 0.0
     out: list[tuple[list[int], np.ndarray]] = field(default_factory=list)
 
 
@@ -79,13 +81,18 @@ class MicroBatcher:
                  doc_max_wait_s: float = 0.05,
                  on_wait: Callable[[str, float], None] | None = None,
                  nice: int = 0, doc_starve_s: float = 1.0,
-                 embed_queries: EmbedFn | None = None) -> None:
+                 embed_queries: EmbedFn | None = None,
+                 doc_order: str = "response_ratio") -> None:
         """``embed``: vectors of a document slice (and of a query batch unless
         ``embed_queries`` is given). ``doc_slice_tokens``: token budget of one document
         slice (0: no budget, only ``doc_batch``). ``on_wait(kind, seconds)`` receives how
         long each query batch and each document slice waited for the model. ``nice``: how
         far the model thread (and the OpenMP workers its first forward pass starts) lowers
-        its CPU priority."""
+        its CPU priority. ``doc_order``: "response_ratio" (see ``_pick_doc_locked``) or
+        "least_left" (shortest remaining first, the order before it; kept for comparison)."""
+        if doc_order not in ("response_ratio", "least_left"):
+            raise ValueError(f"doc_order {doc_order!r}: response_ratio or least_left")
+        self._doc_order = doc_order
         self._embed = embed
         self._embed_queries = embed_queries or embed
         self._nice = nice
@@ -112,6 +119,8 @@ class MicroBatcher:
         self._in_doc_pass = False
         self._model_ident = 0
         self.checkpoint_batches = 0  # query batches run inside a document slice
+        # Model time per document token, measured on the slices run (for job priorities).
+        self._seconds_per_token = 1e-4
 
     def start(self) -> None:
         with self._cond:
@@ -159,7 +168,8 @@ class MicroBatcher:
             if not self._docs:
                 self._docs_served = time.monotonic()  # the wait starts now
             self._docs.append(_DocJob(texts, fut, order, sizes, self._embed, "document",
-                                      left=sum(sizes), served=time.monotonic()))
+                                      left=sum(sizes), served=time.monotonic(),
+                                      submitted=time.monotonic()))
             self._cond.notify_all()
         return fut
 
@@ -262,15 +272,26 @@ class MicroBatcher:
         return batch
 
     def _pick_doc_locked(self) -> _DocJob:
-        """The document job with the least work left (a small upsert is not queued behind a
-        bulk one: shortest remaining first keeps the mean wait lowest), unless a job has had
-        no slice for ``doc_starve_s``: then the longest-waiting one, so a bulk job moves on
-        at least a slice that often under any stream of small ones."""
+        """The document job with the highest response ratio, (waited + work left) / work
+        left, the work in seconds at the model's measured rate: among jobs that arrived
+        together the one with the least work left goes first (a small upsert is not queued
+        behind a bulk one), and a job's priority grows with its wait, so a mid-sized upsert
+        is not overtaken by every small one that arrives after it (shortest-first alone left
+        a 10-document upsert waiting seconds under a stream of small ones). Unless a job has
+        had no slice for ``doc_starve_s``: then the longest-waiting one, so a bulk job moves
+        on at least a slice that often under any stream of small ones."""
         now = time.monotonic()
         starved = [j for j in self._docs if now - j.served >= self._doc_starve]
         if starved:
             return min(starved, key=lambda j: j.served)
-        return min(self._docs, key=lambda j: (j.left, j.served))
+
+        if self._doc_order == "least_left":
+            return min(self._docs, key=lambda j: (j.left, j.served))
+
+        def ratio(j: _DocJob) -> tuple[float, float]:
+            work = max(j.left, 1) * self._seconds_per_token
+            return ((now - j.submitted + work) / work, -j.submitted)
+        return max(self._docs, key=ratio)
 
     def _docs_overdue(self) -> bool:
         return time.monotonic() - self._docs_served >= self._doc_max_wait
@@ -311,6 +332,7 @@ class MicroBatcher:
             self._on_wait("document", waited)
         idx = self._slice(job)
         self._in_doc_pass = job.kind == "document"
+        began = time.monotonic()
         try:
             vectors = job.fn([job.texts[i] for i in idx]) if idx else None
         except BaseException as exc:
@@ -325,6 +347,10 @@ class MicroBatcher:
             return
         self._in_doc_pass = False
         if job.kind == "document":
+            tokens = sum(job.lengths[i] for i in idx)
+            if tokens > 0:
+                rate = (time.monotonic() - began) / tokens
+                self._seconds_per_token += 0.2 * (rate - self._seconds_per_token)
             with self._cond:
                 self._docs_served = time.monotonic()
         if vectors is not None:
