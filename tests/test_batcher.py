@@ -484,3 +484,54 @@ def test_a_job_that_waited_goes_before_a_smaller_one_that_just_arrived(
 def test_an_unknown_document_order_is_refused(embed: FakeEmbed) -> None:
     with pytest.raises(ValueError, match="response_ratio or least_left"):
         MicroBatcher(embed, 8, 0.0, doc_order="fifo")
+
+
+def test_queries_inside_a_slice_stop_at_the_documents_share() -> None:
+    """Under a saturating search stream a document slice runs queries at its layers only
+    until they have taken doc_max_wait (here 25 ms of 10 ms batches: at most 3 per slice),
+    so the document job still finishes at its floor."""
+    import time
+
+    events: list[str] = []
+    b: MicroBatcher
+
+    def model(texts: Sequence[str]) -> np.ndarray:
+        if texts[0].startswith("2:"):
+            events.append("doc start")
+            for _ in range(6):
+                b.checkpoint()
+                time.sleep(0.002)
+            events.append("doc end")
+        else:
+            time.sleep(0.01)
+            events.append("query")
+        return rows(texts)
+
+    b = MicroBatcher(model, 64, 0.0, doc_batch=1, doc_max_wait_s=0.025)
+    b.start()
+    stop = threading.Event()
+
+    def client(c: int) -> None:
+        while not stop.is_set():
+            b.submit([f"1:{c}"]).result(TIMEOUT)
+
+    clients = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(4)]
+    for t in clients:
+        t.start()
+    try:
+        time.sleep(0.05)
+        out = b.submit_documents([f"2:{i}" for i in range(10)]).result(TIMEOUT)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(TIMEOUT)
+        b.stop()
+    np.testing.assert_array_equal(out, rows([f"2:{i}" for i in range(10)]))
+    inside: list[int] = []
+    for i, e in enumerate(events):
+        if e == "doc start":
+            end = events.index("doc end", i)
+            inside.append(events[i:end].count("query"))
+    assert len(inside) == 10
+    assert max(inside) <= 3, inside  # 3 batches of 10 ms pass the 25 ms share
+    assert sum(inside) >= 10  # and the stream did run inside the slices

@@ -28,7 +28,9 @@ tail. Where the model can say when it is between transformer layers (torch), it 
 ``checkpoint()`` there; during a document slice, queries waiting at that moment run then and
 there, nested on the model thread, and the slice resumes. A query then waits for at most
 one layer of a slice (~1/6 of it for a 6-layer model). Each checkpoint runs at most one query
-batch, so a slice is delayed by at most one batch per layer.
+batch, and once a slice's nested batches have taken ``doc_max_wait_s`` (at least one runs)
+the rest wait for the slice's end; that query time counts as the documents' wait, so the
+documents' floor under a saturating search load stays what it was without checkpoints.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class MicroBatcher:
         self._in_doc_pass = False
         self._model_ident = 0
         self.checkpoint_batches = 0  # query batches run inside a document slice
+        self._nested_s = 0.0  # time those took in the slice now running
         # Model time per document token, measured on the slices run (for job priorities).
         self._seconds_per_token = 1e-4
 
@@ -211,15 +214,19 @@ class MicroBatcher:
             return
         if not self._queries:  # an unlocked peek: a query missed now is taken next layer
             return
+        if 0 < self._doc_max_wait <= self._nested_s:
+            return  # this slice has given queries their share: the rest wait for its end
         with self._cond:
             if not self._queries:
                 return
             batch = self._take_queries_locked()
         self._in_doc_pass = False  # the nested pass has checkpoints too: no nesting
+        began = time.monotonic()
         try:
             self.checkpoint_batches += 1
             self._run_queries(batch)
         finally:
+            self._nested_s += time.monotonic() - began
             self._in_doc_pass = True
 
     # -- the model thread ------------------------------------------------------------------
@@ -332,6 +339,7 @@ class MicroBatcher:
             self._on_wait("document", waited)
         idx = self._slice(job)
         self._in_doc_pass = job.kind == "document"
+        self._nested_s = 0.0
         began = time.monotonic()
         try:
             vectors = job.fn([job.texts[i] for i in idx]) if idx else None
@@ -348,11 +356,13 @@ class MicroBatcher:
         self._in_doc_pass = False
         if job.kind == "document":
             tokens = sum(job.lengths[i] for i in idx)
-            if tokens > 0:
-                rate = (time.monotonic() - began) / tokens
-                self._seconds_per_token += 0.2 * (rate - self._seconds_per_token)
+            if tokens > 0:  # the slice's own time, without the queries run inside it
+                rate = (time.monotonic() - began - self._nested_s) / tokens
+                self._seconds_per_token += 0.2 * (max(rate, 0.0) - self._seconds_per_token)
             with self._cond:
-                self._docs_served = time.monotonic()
+                # Query time inside the slice counts as the documents' wait: a slice whose
+                # queries took doc_max_wait has its successor due after one more batch.
+                self._docs_served = time.monotonic() - self._nested_s
         if vectors is not None:
             job.out.append((idx, vectors))
         job.done += len(idx)
