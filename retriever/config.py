@@ -167,6 +167,11 @@ class Settings(BaseSettings):
     # documents waited this long, their next slice runs before the next query batch. Under
     # a saturating search load upserts still progress; searches wait at most one slice.
     embed_doc_max_wait_ms: float = Field(50.0, ge=0)
+    # Which upsert's document slice goes next: "response_ratio" ((waited + work left) / work
+    # left: a job's turn comes sooner the longer it waited; bounds the slowest upserts) or
+    # "least_left" (shortest remaining first: the lowest mean latency, but a mid-sized
+    # upsert is overtaken by every smaller one). Both keep the 1 s guard for bulk jobs.
+    embed_doc_order: Literal["response_ratio", "least_left"] = "response_ratio"
     # Queries that arrive during a document slice run between two of its transformer layers
     # (torch backend) instead of after the whole slice: a search waits for about one layer
     # (~6 ms for a 256-token chunk on 2 cores here) instead of a whole pass (~38 ms).

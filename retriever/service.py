@@ -108,6 +108,7 @@ class RetrieverService:
             doc_max_wait_s=settings.embed_doc_max_wait_ms / 1000.0,
             on_wait=lambda kind, s: self.metrics.model_wait.labels(kind).observe(s),
             nice=settings.model_thread_nice,
+            doc_order=settings.embed_doc_order,
             embed_queries=lambda texts: self.embedder.embed(
                 texts, batch_size=max(1, len(texts)), threads=settings.query_threads),
         )
