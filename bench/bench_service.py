@@ -398,6 +398,7 @@ def environment(embedder: Embedder, settings: Settings) -> dict:
                      "embed_batch_size": embedder.default_batch_size,
                      "query_batch_size": settings.query_batch_size,
                      "query_batch_wait_ms": settings.query_batch_wait_ms,
+                     "embed_layer_checkpoints": settings.embed_layer_checkpoints,
                      "index_backend": settings.index_backend},
     }
 
@@ -467,8 +468,10 @@ def render(r: dict) -> str:
         f"{dur['upsert']['chunks'] / dur['upsert']['wall_s']:.1f} chunks/s), sequential "
         f"searches ({dur['requests']}) took p50 {dur['p50_ms']:.1f} ms, p90 "
         f"{dur['p90_ms']:.1f} ms, p99 {dur['p99_ms']:.1f} ms, max {dur['max_ms']:.1f} ms: a "
-        "query waits for at most the one document slice "
-        f"({env['settings']['embed_batch_size']} chunks) being embedded when it arrives.",
+        "query that arrives while a document slice is embedded runs at the slice's next "
+        "layer boundary (`embed_layer_checkpoints`"
+        f"{'' if env['settings'].get('embed_layer_checkpoints', True) else ': off here'}; "
+        "otherwise it waits for the slice).",
     ]
     burst = next((s for s in search if s["concurrency"] == BURST_WORKERS), None)
     if burst is not None and "batched_qps" in rq:
