@@ -160,12 +160,14 @@ class Settings(BaseSettings):
     # Concurrent queries are embedded together: queries that arrive while the model is busy
     # form the next batch (up to query_batch_size texts). A positive wait holds a batch open
     # that long for more queries: bigger batches (worth it on a GPU) for added latency.
-    # Token budget of one document slice (the unit a search may wait behind); 0 = auto: one
+    # Token budget of one document slice (the unit a search waits behind when layer
+    # checkpoints are off or the backend has none, e.g. OpenVINO); 0 = auto: one
     # full chunk on CPU, 64 chunks on CUDA. Throughput per chunk on CPU hardly depends on it.
     embed_slice_tokens: int = Field(0, ge=0)
     # Bound on how long document embedding waits while searches keep the model busy: once
     # documents waited this long, their next slice runs before the next query batch. Under
-    # a saturating search load upserts still progress; searches wait at most one slice.
+    # a saturating search load upserts still progress. It is also the query time a slice
+    # may run inside itself at layer checkpoints (embed_layer_checkpoints).
     embed_doc_max_wait_ms: float = Field(50.0, ge=0)
     # Which upsert's document slice goes next: "response_ratio" ((waited + work left) / work
     # left: a job's turn comes sooner the longer it waited; bounds the slowest upserts) or
