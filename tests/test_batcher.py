@@ -332,8 +332,10 @@ def test_the_job_with_the_least_work_left_goes_first(make, embed: FakeEmbed) -> 
     b = make(doc_batch=1)
     gate, first = hold_worker(b, embed)
     order: list[str] = []
+    # Chunk-sized token counts: jobs a few microseconds apart count as arriving together
+    # (the response ratio weighs each job's wait against its work at ~1e-4 s per token).
     for name, n in (("bulk", 20), ("medium", 5), ("small", 2)):
-        b.submit_documents([f"{n}:{i}" for i in range(n)]).add_done_callback(
+        b.submit_documents([f"{n}:{i}" for i in range(n)], [200] * n).add_done_callback(
             lambda f, name=name: order.append(name))
     gate.set()
     first.result(TIMEOUT)
