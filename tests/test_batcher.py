@@ -332,8 +332,8 @@ def test_the_job_with_the_least_work_left_goes_first(make, embed: FakeEmbed) -> 
     b = make(doc_batch=1)
     gate, first = hold_worker(b, embed)
     order: list[str] = []
-    # Chunk-sized token counts: jobs a few microseconds apart count as arriving together
-    # (the response ratio weighs each job's wait against its work at ~1e-4 s per token).
+    # Submitted microseconds apart, the jobs count as arriving together: their order is by
+    # work alone (once a job has waited 50 ms, its wait counts too; see the next test).
     for name, n in (("bulk", 20), ("medium", 5), ("small", 2)):
         b.submit_documents([f"{n}:{i}" for i in range(n)], [200] * n).add_done_callback(
             lambda f, name=name: order.append(name))

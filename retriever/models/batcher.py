@@ -61,6 +61,11 @@ class _Query:
     arrived: float
 
 
+# Document jobs submitted within this long of each other count as arriving together when
+# picked by response ratio (a wait this short says nothing about which waited longer).
+_ARRIVED_TOGETHER_S = 0.05
+
+
 @dataclass(eq=False)
 class _DocJob:
     """A long job run in slices: a document job (texts -> vectors) or a re-ranking job
@@ -299,9 +304,12 @@ class MicroBatcher:
         if self._doc_order == "least_left":
             return min(self._docs, key=lambda j: (j.left, j.served))
 
-        def ratio(j: _DocJob) -> tuple[float, float]:
+        def ratio(j: _DocJob) -> tuple[float, int, float]:
             work = max(j.left, 1) * self._seconds_per_token
-            return ((now - j.submitted + work) / work, -j.submitted)
+            # Waits shorter than _ARRIVED_TOGETHER_S count as none: jobs submitted that
+            # close together go by work alone, not by microseconds of submission order.
+            waited = max(0.0, now - j.submitted - _ARRIVED_TOGETHER_S)
+            return ((waited + work) / work, -j.left, -j.submitted)
         return max(self._docs, key=ratio)
 
     def _docs_overdue(self) -> bool:
