@@ -363,7 +363,8 @@ class Workload:
                 docs = len(slots)
                 if not docs:
                     raise LookupError("every upsert document is in flight")
-                await self.client.upsert(self.ns, [self._doc(s) for s in slots])
+                up = await self.client.upsert(self.ns, [self._doc(s) for s in slots])
+                stages = _upsert_stages(up)
             code = "OK"
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
@@ -387,25 +388,36 @@ class Workload:
 
 
 STAGES = ("embed", "ann", "lexical", "fuse", "fetch", "total")
+# UpsertTimings, and the response's elapsed as the upsert's server total.
+UPSERT_STAGES = ("queued", "chunk", "embed", "embed_model", "lock_wait", "index_write",
+                 "lexical_write", "commit")
 
 
 def _stages(t: pb.StageTimings) -> dict[str, float]:
     return {s: getattr(t, s).ToTimedelta().total_seconds() for s in STAGES if t.HasField(s)}
 
 
-def search_tail(recs: list[Rec], share: float = 0.01) -> dict[str, Any] | None:
-    """Where the slowest ``share`` of OK searches spent their time, next to all of them:
-    the mean of each server stage, and of what is outside the server's own total (the wait
-    for a gRPC worker and the event loop, the transport, and the client)."""
-    done = [r for r in recs if r.cls == "search" and r.code == "OK" and r.stages]
-    if len(done) < 20:
+def _upsert_stages(resp: pb.UpsertDocumentsResponse) -> dict[str, float]:
+    t = resp.timings
+    out = {s: getattr(t, s).ToTimedelta().total_seconds() for s in UPSERT_STAGES}
+    out["total"] = resp.elapsed.ToTimedelta().total_seconds()
+    return out
+
+
+def class_tail(recs: list[Rec], cls: str, stages: tuple[str, ...], share: float,
+               least: int = 20) -> dict[str, Any] | None:
+    """Where the slowest ``share`` of OK requests of ``cls`` spent their time, next to all
+    of them: the mean of each server stage, and of what is outside the server's own total
+    (the wait for a gRPC worker and the event loop, the transport, and the client)."""
+    done = [r for r in recs if r.cls == cls and r.code == "OK" and r.stages]
+    if len(done) < least:
         return None
     done.sort(key=lambda r: r.latency)
     tail = done[-max(1, round(len(done) * share)):]
 
     def means(rs: list[Rec]) -> dict[str, float]:
         out = {s: float(np.mean([r.stages.get(s, 0.0) for r in rs if r.stages]))
-               for s in STAGES}
+               for s in stages}
         out["outside"] = float(np.mean([r.latency - (r.stages or {}).get("total", 0.0)
                                         for r in rs]))
         out["latency"] = float(np.mean([r.latency for r in rs]))
@@ -413,6 +425,16 @@ def search_tail(recs: list[Rec], share: float = 0.01) -> dict[str, Any] | None:
 
     return {"share": share, "all": {"count": len(done), **means(done)},
             "tail": {"count": len(tail), **means(tail)}}
+
+
+def search_tail(recs: list[Rec], share: float = 0.01) -> dict[str, Any] | None:
+    """class_tail of the searches (StageTimings)."""
+    return class_tail(recs, "search", STAGES, share)
+
+
+def upsert_tail(recs: list[Rec], share: float = 0.1) -> dict[str, Any] | None:
+    """class_tail of the upserts (UpsertTimings; fewer requests, so the slowest 10 %)."""
+    return class_tail(recs, "upsert", (*UPSERT_STAGES, "total"), share, least=10)
 
 
 def _snippets(docs: list[pb.Document], rng: random.Random, n: int = 400,
@@ -527,6 +549,7 @@ def summarize(recs: list[Rec], seconds: float) -> dict[str, Any]:
         "search_p99_halves_s": [pct([r.latency for r in h]).get("p99") for h in halves],
         "classes": classes,
         "search_tail": search_tail(recs),
+        "upsert_tail": upsert_tail(recs),
     }
 
 
@@ -958,8 +981,8 @@ def render(r: dict[str, Any], name: str) -> str:
         st = t.get("server", {}).get("stages")
         if st:
             lines += ["", "Server-side stages (`retriever_stage_duration_seconds`, mean per "
-                      "call; upsert: chunk, embed, index_write, commit; search: embed, ann, "
-                      "lexical, fuse, fetch): "
+                      "call; upsert: queued, chunk, embed, lock_wait, index_write, lexical_write, "
+                      "commit; search: embed, ann, lexical, fuse, fetch): "
                       + ", ".join(f"{c} {v['mean_s'] * 1e3:.1f} ms over {v['count']}"
                                   for c, v in sorted(st.items()))
                       + ". An upsert's embed includes its waits for the model thread."]
@@ -974,6 +997,18 @@ def render(r: dict[str, Any], name: str) -> str:
                       "|---" * (len(cols) + 1) + "|",
                       *[f"| {k} ({tail[k]['count']}) | "
                         + " | ".join(f"{tail[k][c] * 1e3:.1f}" for c in cols) + " |"
+                        for k in ("all", "tail")]]
+        tail = t.get("upsert_tail")
+        if tail:
+            cols = (*UPSERT_STAGES, "total", "outside", "latency")
+            lines += ["", f"Where upsert time goes (mean ms; slowest {tail['share']:.0%} of OK "
+                      "upserts vs all; `UpsertTimings` of each response: embed includes "
+                      "embed_model, the model's own time on the upsert's chunks; 'total' = "
+                      "the server's elapsed, 'outside' = latency minus it):", "",
+                      "| upserts | " + " | ".join(cols) + " |",
+                      "|---" * (len(cols) + 1) + "|",
+                      *[f"| {k} ({tail[k]['count']}) | "
+                        + " | ".join(f"{tail[k][c] * 1e3:.0f}" for c in cols) + " |"
                         for k in ("all", "tail")]]
     m, soak = r.get("soak_memory"), r.get("soak")
     if soak:

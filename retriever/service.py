@@ -61,7 +61,7 @@ from retriever.namespaces import Namespaces, ReindexResult
 from retriever.search.pipeline import Searcher
 from retriever.slo import golden
 from retriever.slo.feedback import FeedbackLog
-from retriever.slo.metrics import Metrics
+from retriever.slo.metrics import Metrics, stage_adder
 from retriever.storage import DataDirLock, SpaceGuard
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,8 @@ class RetrieverService:
         out = np.empty((len(texts), self.embedder.dimension), dtype=np.float32)
         if todo:
             fut = self._batcher.submit_documents([texts[i] for i in todo],
-                                                 [lengths[i] for i in todo])
+                                                 [lengths[i] for i in todo],
+                                                 stage_adder("embed_model"))
             fresh = token.wait(fut, "the commit",
                                on_cancel=lambda: self._batcher.cancel_documents(fut))
             out[todo] = fresh

@@ -122,3 +122,26 @@ def test_search_tail_says_where_the_slowest_searches_spent_their_time() -> None:
     assert tail["all"]["latency"] == pytest.approx((99 * 0.04 + 0.5) / 100)
     assert tail["all"]["ann"] == 0.0
     assert lg.search_tail(recs[:10]) is None  # too few to say
+
+
+def test_upsert_tail_shows_the_stages_of_the_slowest_upserts() -> None:
+    lg = _loadgen()
+    from google.protobuf.duration_pb2 import Duration
+
+    resp = lg.pb.UpsertDocumentsResponse(elapsed=Duration(nanos=300_000_000))
+    resp.timings.embed.FromNanoseconds(200_000_000)
+    resp.timings.lock_wait.FromNanoseconds(50_000_000)
+    stages = lg._upsert_stages(resp)
+    assert stages["embed"] == 0.2 and stages["lock_wait"] == 0.05 and stages["total"] == 0.3
+    assert stages["commit"] == 0.0  # unset: none
+
+    # 18 upserts of 0.3 s; two of 3 s that waited 2.5 s for the namespace lock.
+    recs = [lg.Rec("upsert", 0.0, 0.35, "OK", 2, dict(stages)) for _ in range(18)]
+    recs += [lg.Rec("upsert", 0.0, 3.0, "OK", 2, {**stages, "lock_wait": 2.5, "total": 2.9})
+             for _ in range(2)]
+    tail = lg.upsert_tail(recs)
+    assert tail["all"]["count"] == 20 and tail["tail"]["count"] == 2
+    assert tail["tail"]["lock_wait"] == pytest.approx(2.5)
+    assert tail["tail"]["outside"] == pytest.approx(0.1)
+    assert tail["all"]["lock_wait"] == pytest.approx((18 * 0.05 + 2 * 2.5) / 20)
+    assert lg.upsert_tail(recs[:9]) is None

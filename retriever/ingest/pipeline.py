@@ -191,7 +191,8 @@ class Ingestor:
             handle = (self._namespaces.get_or_create(namespace) if create
                       else self._namespaces.get(namespace))
             self._namespaces.require_compatible(handle)
-            token.acquire(handle.write_lock, "the upsert started")
+            with self._metrics.stage("lock_wait"):
+                token.acquire(handle.write_lock, "the upsert started")
             try:
                 if not handle.deleted:  # else deleted meanwhile: upsert re-creates it
                     return self._upsert_locked(handle, docs, token, pre)
@@ -474,7 +475,8 @@ class Ingestor:
         validation.namespace_name(namespace)
         validation.doc_ids(doc_ids, self._settings)
         handle = self._namespaces.get(namespace)
-        token.acquire(handle.write_lock, "the delete started")
+        with self._metrics.stage("lock_wait"):
+            token.acquire(handle.write_lock, "the delete started")
         try:
             handle.require_live()
             with handle.visibility.write():

@@ -39,6 +39,7 @@ no longer leave the model idle between their passes for documents to fill.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -52,6 +53,8 @@ from retriever._priority import lower_priority
 from retriever.errors import NotReady
 
 EmbedFn = Callable[[Sequence[str]], np.ndarray]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -81,6 +84,9 @@ class _DocJob:
     left: int = 0  # tokens not embedded yet
     served: float = 0.0  # when it last had a slice (or was submitted)
     submitted: float = 0.0
+    # Called on the model thread with each slice's own model time (queries run inside it
+    # excluded).
+    on_slice: Callable[[float], None] | None = None
     out: list[tuple[list[int], np.ndarray]] = field(default_factory=list)
 
 
@@ -161,11 +167,13 @@ class MicroBatcher:
         self._on_depth(depth)
         return fut
 
-    def submit_documents(self, texts: Sequence[str],
-                         lengths: Sequence[int] | None = None) -> Future[np.ndarray]:
+    def submit_documents(self, texts: Sequence[str], lengths: Sequence[int] | None = None,
+                         on_slice: Callable[[float], None] | None = None
+                         ) -> Future[np.ndarray]:
         """Document embeddings of ``texts`` (rows in order), computed in slices that yield
         to queries. ``lengths``: tokens per text, for token-budgeted slices (estimated from
-        characters when absent)."""
+        characters when absent). ``on_slice(seconds)``: each slice's model time, on the
+        model thread."""
         fut: Future[np.ndarray] = Future()
         texts = list(texts)
         sizes = list(lengths) if lengths is not None else [len(t) // 4 + 1 for t in texts]
@@ -180,7 +188,7 @@ class MicroBatcher:
                 self._docs_served = time.monotonic()  # the wait starts now
             self._docs.append(_DocJob(texts, fut, order, sizes, self._embed, "document",
                                       left=sum(sizes), served=time.monotonic(),
-                                      submitted=time.monotonic()))
+                                      submitted=time.monotonic(), on_slice=on_slice))
             self._cond.notify_all()
         return fut
 
@@ -367,10 +375,15 @@ class MicroBatcher:
             return
         self._in_doc_pass = False
         if job.kind == "document":
+            own = max(time.monotonic() - began - self._nested_s, 0.0)  # without the queries
             tokens = sum(job.lengths[i] for i in idx)
-            if tokens > 0:  # the slice's own time, without the queries run inside it
-                rate = (time.monotonic() - began - self._nested_s) / tokens
-                self._seconds_per_token += 0.2 * (max(rate, 0.0) - self._seconds_per_token)
+            if tokens > 0:
+                self._seconds_per_token += 0.2 * (own / tokens - self._seconds_per_token)
+            if job.on_slice is not None:
+                try:
+                    job.on_slice(own)
+                except Exception:  # noqa: BLE001 - a report must not stop the model thread
+                    log.exception("on_slice of a document job failed")
             with self._cond:
                 # Query time inside the slice counts as the documents' wait: a slice whose
                 # queries took doc_max_wait has its successor due after one more batch.

@@ -25,6 +25,7 @@ from retriever.cancel import CallToken
 from retriever.server import convert
 from retriever.server.status import REQUEST_ID, abort, abort_error
 from retriever.service import RetrieverService
+from retriever.slo.metrics import collect_stages
 from retriever.v1 import retriever_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -254,6 +255,7 @@ class RetrieverServicer:
         self, request_iterator: AsyncIterator[pb.UpsertDocumentsRequest], context: Any
     ) -> pb.UpsertDocumentsResponse:
         t0 = time.perf_counter()
+        stages = collect_stages()  # the work below runs in copies of this task's context
         results = []
         namespace = None
         peer = _peer_host(context.peer())
@@ -285,8 +287,9 @@ class RetrieverServicer:
                         "pauses, or close the stream and open one per batch", retry=False)
                 i += 1
 
-                def one(r: Any, i: int = i) -> Any:
+                def one(r: Any, i: int = i, submitted: float = time.perf_counter()) -> Any:
                     nonlocal namespace
+                    self._svc.metrics.observe_stage("queued", time.perf_counter() - submitted)
                     if isinstance(r, Undecodable):
                         raise errors.InvalidArgument(
                             f"message {i} of the stream: {_undecodable_message(r)}")
@@ -306,7 +309,8 @@ class RetrieverServicer:
             self._peer_streams.release(peer)
             self._upserts.release()
         # An empty stream (e.g. a directory with nothing to index) changes nothing.
-        return convert.upsert_to_pb(namespace or "", results, time.perf_counter() - t0)
+        return convert.upsert_to_pb(namespace or "", results, time.perf_counter() - t0,
+                                    stages)
 
     async def DeleteDocuments(self, request: pb.DeleteDocumentsRequest, context: Any):  # noqa: N802
         token = self._token(context)
@@ -329,13 +333,14 @@ class RetrieverServicer:
             next_page_token=page.next_page_token, total_size=page.total_size)
 
     async def GetChunk(self, request: pb.GetChunkRequest, context: Any):  # noqa: N802
-        chunk = await self._run(
-            context, lambda r: self._svc.get_chunk(r.namespace, r.chunk_id), request)
-        staleness, _basis = self._svc.chunk_staleness(chunk)
-        resp = pb.GetChunkResponse(chunk=convert.chunk_to_pb(chunk))
-        if staleness is not None:
-            resp.staleness.FromNanoseconds(int(staleness * 1e9))
-        return resp
+        def get(r: pb.GetChunkRequest) -> pb.GetChunkResponse:
+            chunk = self._svc.get_chunk(r.namespace, r.chunk_id)
+            staleness, _basis = self._svc.chunk_staleness(chunk)
+            resp = pb.GetChunkResponse(chunk=convert.chunk_to_pb(chunk))
+            if staleness is not None:
+                resp.staleness.FromNanoseconds(int(staleness * 1e9))
+            return resp
+        return await self._run(context, get, request)
 
     # -- search ----------------------------------------------------------------------------
     async def _limited(self, context: grpc.aio.ServicerContext, n: int) -> int:
@@ -351,11 +356,13 @@ class RetrieverServicer:
         rid = REQUEST_ID.get()
         admitted = await self._limited(context, 1)
         try:
-            result = await self._run(
-                context, lambda r: self._svc.search(convert.search_from_pb(r), rid), request)
+            # The response is built in the worker too: the event loop, which admits and
+            # refuses every call, stays free for that (a refusal waits for nothing else).
+            return await self._run(
+                context, lambda r: convert.search_result_to_pb(
+                    self._svc.search(convert.search_from_pb(r), rid)), request)
         finally:
             self._searches.release(admitted)
-        return convert.search_result_to_pb(result)
 
     async def BatchSearch(self, request: pb.BatchSearchRequest, context: Any):  # noqa: N802
         rid = REQUEST_ID.get()
@@ -368,15 +375,17 @@ class RetrieverServicer:
                         f"requests has {n} searches; at most {limit} ({name}): split the "
                         "batch", "requests")
         admitted = await self._limited(context, n)
+
+        def batch(r: pb.BatchSearchRequest) -> pb.BatchSearchResponse:
+            results = self._svc.batch_search(
+                [convert.search_from_pb(q, f"requests[{i}].") for i, q in
+                 enumerate(r.requests)], rid)
+            return pb.BatchSearchResponse(
+                responses=[convert.search_result_to_pb(x) for x in results])
         try:
-            results = await self._run(
-                context, lambda r: self._svc.batch_search(
-                    [convert.search_from_pb(q, f"requests[{i}].") for i, q in
-                     enumerate(r.requests)], rid), request)
+            return await self._run(context, batch, request)
         finally:
             self._searches.release(admitted)
-        return pb.BatchSearchResponse(
-            responses=[convert.search_result_to_pb(r) for r in results])
 
     # -- status ----------------------------------------------------------------------------
     async def GetIndexStatus(self, request: pb.GetIndexStatusRequest, context: Any):  # noqa: N802

@@ -6,6 +6,7 @@ query or a doc id. Quality metrics cap namespace (NamespaceLabels, "other").
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -26,6 +27,40 @@ if TYPE_CHECKING:
     from retriever.domain import EvaluationRecord
     from retriever.freshness.staleness import SourceLag
     from retriever.slo.feedback import WindowStats
+
+# The stage times of the call being handled (an upsert stream: its messages' stages added
+# up), when the call collects them (``collect_stages``); the worker threads that run its work
+# see it through the copied context (retriever.server.servicer).
+_CALL_STAGES: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "call_stages", default=None)
+
+
+def collect_stages() -> dict[str, float]:
+    """Start collecting the stage times (seconds, per stage name, summed) of the current
+    call, in the dict returned."""
+    stages: dict[str, float] = {}
+    _CALL_STAGES.set(stages)
+    return stages
+
+
+def add_stage(name: str, seconds: float) -> None:
+    """Add to the current call's stage times, if it collects them."""
+    stages = _CALL_STAGES.get()
+    if stages is not None:
+        stages[name] = stages.get(name, 0.0) + seconds
+
+
+def stage_adder(name: str) -> Callable[[float], None] | None:
+    """A function that adds to stage ``name`` of the current call from any thread (the model
+    thread reports a job's slices), or None when the call collects no stage times."""
+    stages = _CALL_STAGES.get()
+    if stages is None:
+        return None
+
+    def add(seconds: float) -> None:
+        stages[name] = stages.get(name, 0.0) + seconds
+    return add
+
 
 # Latency buckets for an embedding service: sub-ms catalog look-ups to multi-second bulk
 # upserts.
@@ -52,7 +87,9 @@ class Metrics:
             "retriever_inflight_requests", "RPCs being handled now.", ["rpc"], registry=r)
         self.stage_duration = Histogram(
             "retriever_stage_duration_seconds",
-            "Wall time of one pipeline stage (chunk, embed, ann, fetch, index_write, commit).",
+            "Wall time of one pipeline stage (upsert: queued, chunk, embed, lock_wait, "
+            "index_write, lexical_write, commit; search: embed, ann, lexical, fuse, rerank, "
+            "fetch).",
             ["stage"], buckets=_LATENCY, registry=r)
         self.result_staleness = Histogram(
             "retriever_result_staleness_seconds",
@@ -206,6 +243,11 @@ class Metrics:
         from ``lags()`` (the last read of each source)."""
         self.registry.register(_SourceCollector(lags, self.namespace_label))
 
+    def observe_stage(self, name: str, seconds: float) -> None:
+        """Record a stage timed elsewhere (e.g. a wait measured across threads)."""
+        self.stage_duration.labels(name).observe(seconds)
+        add_stage(name, seconds)
+
     @contextmanager
     def stage(self, name: str, span: str | None = None,
               attributes: Mapping[str, AttributeValue] | None = None) -> Iterator[list[float]]:
@@ -221,6 +263,7 @@ class Metrics:
                 dt = time.perf_counter() - t0
                 out.append(dt)
                 self.stage_duration.labels(name).observe(dt)
+                add_stage(name, dt)
 
 
 class _SourceCollector:
