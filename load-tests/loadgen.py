@@ -279,12 +279,29 @@ def server_delta(before: dict, after: dict) -> dict[str, Any]:
             if name.startswith(prefix) and name[-4:] in ("_sum", "ount"):
                 key = "sum" if name.endswith("_sum") else "count"
                 sums[kind].setdefault(lab.get(label, "?"), {})[key] = d
-    out: dict[str, Any] = {"requests": codes}
+    out: dict[str, Any] = {"requests": codes, "loop_lag": loop_lag(before, after)}
     for kind, by in sums.items():
         out[kind] = {c: {"count": int(w.get("count", 0)),
                          "mean_s": w.get("sum", 0.0) / w["count"] if w.get("count") else 0.0}
                      for c, w in by.items() if w.get("count")}
     return out
+
+
+def loop_lag(before: dict, after: dict, q: float = 0.99) -> dict[str, float] | None:
+    """The server's event-loop lag between two scrapes (``retriever_event_loop_lag_seconds``,
+    sampled every 100 ms): count, mean, and the bucket bound its ``q`` quantile falls under
+    (None when the bound is past the last bucket)."""
+    name = "retriever_event_loop_lag_seconds"
+    buckets = sorted(
+        (float(dict(lab)["le"]), v - before.get((n, lab), 0.0))
+        for (n, lab), v in after.items() if n == f"{name}_bucket")
+    total = after.get((f"{name}_count", ()), 0.0) - before.get((f"{name}_count", ()), 0.0)
+    if not buckets or total <= 0:
+        return None
+    total_s = after.get((f"{name}_sum", ()), 0.0) - before.get((f"{name}_sum", ()), 0.0)
+    bound = next(le for le, cum in buckets if cum >= q * total)
+    return {"count": int(total), "mean_s": total_s / total,
+            "p99_le_s": None if math.isinf(bound) else bound}
 
 
 # -- the workload --------------------------------------------------------------------------
@@ -533,7 +550,8 @@ def summarize(recs: list[Rec], seconds: float) -> dict[str, Any]:
         if not mine:
             continue
         classes[c] = {"requests": len(mine), "codes": dict(Counter(r.code for r in mine)),
-                      "latency_s": pct([r.latency for r in mine if r.code == "OK"])}
+                      "latency_s": pct([r.latency for r in mine if r.code == "OK"]),
+                      "refused_latency_s": pct([r.latency for r in mine if r.code == RE])}
         if c == "upsert":
             classes[c]["docs_max"] = max(r.docs for r in mine)
     # Does latency keep growing within the step? Search p99 of each half of the window.
@@ -956,9 +974,17 @@ def render(r: dict[str, Any], name: str) -> str:
             continue
         lines += ["", f"## {title}", "",
                   f"| {level} | goodput req/s | refused req/s | p50 | p90 | p99 | Search p99 "
-                  "| upsert max | refusal p99 | codes | CPU: server / generator / other |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|",
+                  "| upsert max | refusal p99 | loop lag mean / p99 <= | codes "
+                  "| CPU: server / generator / other |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|",
                   *[_step_row(s) for s in steps]]
+        last = steps[-1]
+        refused = {c: v["refused_latency_s"] for c, v in last["classes"].items()
+                   if v.get("refused_latency_s", {}).get("n")}
+        if refused:
+            lines += ["", "Refusals at the last step, by class: " + ", ".join(
+                f"{c} {v['n']} (p50 {_ms(v['p50'])}, p99 {_ms(v['p99'])}, max "
+                f"{_ms(v['max'])})" for c, v in refused.items()) + "."]
     t = r.get("target")
     if t:
         idle = r["idle"]
@@ -1099,7 +1125,15 @@ def _step_row(s: dict[str, Any]) -> str:
     return (f"| {level} | {s['goodput_rps']:.1f} | {s['shed_rps']:.1f} | {_ms(lat.get('p50'))} "
             f"| {_ms(lat.get('p90'))} | {_ms(lat.get('p99'))} | {_ms(search.get('p99'))} | "
             f"{_ms(up.get('max'))} | {_ms(s['shed_latency_s'].get('p99'))} | "
+            f"{_lag(s.get('server', {}).get('loop_lag'))} | "
             f"{_codes({k: v for k, v in s['codes'].items() if k != 'OK'})} | {_cpu(s)} |")
+
+
+def _lag(lag: dict[str, Any] | None) -> str:
+    if not lag:
+        return "-"
+    p99 = lag["p99_le_s"]
+    return f"{lag['mean_s'] * 1e3:.1f} / {'> 2500' if p99 is None else f'{p99 * 1e3:g}'} ms"
 
 
 def _cpu(s: dict[str, Any]) -> str:

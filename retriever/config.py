@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     # instead of queueing it into timeouts. Above a re-ranking search's normal latency.
     search_shed_after_s: float = Field(2.0, gt=0)
     max_inflight_upserts: int = Field(8, ge=1)
+    # Threads that run admitted searches and other reads (a search holds one while it
+    # waits for the model).
+    rpc_read_threads: int = Field(16, ge=1, le=1024)
     # Open upsert streams one client host may hold (so one peer cannot take every slot),
     # and how long a stream may sit idle between messages before it is closed.
     max_upsert_streams_per_peer: int = Field(6, ge=1)
@@ -172,8 +175,10 @@ class Settings(BaseSettings):
     # Which upsert's document slice goes next: "response_ratio" ((waited + work left) / work
     # left: a job's turn comes sooner the longer it waited; bounds the slowest upserts) or
     # "least_left" (shortest remaining first: the lowest mean latency, but a mid-sized
-    # upsert is overtaken by every smaller one). Both keep the 1 s guard for bulk jobs.
-    embed_doc_order: Literal["response_ratio", "least_left"] = "response_ratio"
+    # upsert is overtaken by every smaller one) or "fifo" (oldest first: the lowest maximum
+    # when every upsert is small, but a small upsert waits behind a whole bulk one). All keep
+    # the 1 s guard for bulk jobs.
+    embed_doc_order: Literal["response_ratio", "least_left", "fifo"] = "response_ratio"
     # Queries that arrive during a document slice run between two of its transformer layers
     # (torch backend) instead of after the whole slice: a search waits for about one layer
     # (~6 ms for a 256-token chunk on 2 cores here) instead of a whole pass (~38 ms).

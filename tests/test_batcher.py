@@ -484,8 +484,8 @@ def test_a_job_that_waited_goes_before_a_smaller_one_that_just_arrived(
 
 
 def test_an_unknown_document_order_is_refused(embed: FakeEmbed) -> None:
-    with pytest.raises(ValueError, match="response_ratio or least_left"):
-        MicroBatcher(embed, 8, 0.0, doc_order="fifo")
+    with pytest.raises(ValueError, match="response_ratio, least_left or fifo"):
+        MicroBatcher(embed, 8, 0.0, doc_order="lifo")
 
 
 def test_queries_inside_a_slice_stop_at_the_documents_share() -> None:

@@ -136,6 +136,7 @@ async def _serve(settings: Settings, traces: tracing.Tracing | None,
     await running.server.start()
     log.info("gRPC bound on %s:%d; loading models and indexes", settings.grpc_host,
              running.port)
+    lag = asyncio.ensure_future(watch_loop_lag(service.metrics.loop_lag.observe))
     try:
         start: asyncio.Future[None] = loop.run_in_executor(None, service.start)
         stopped: asyncio.Future[None] = asyncio.ensure_future(_wait(stop))
@@ -163,12 +164,28 @@ async def _serve(settings: Settings, traces: tracing.Tracing | None,
         if not start.done():
             await start
     finally:
+        lag.cancel()
         await loop.run_in_executor(None, running.servicer.close)
         await loop.run_in_executor(None, service.close)
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
     log.info("stopped")
+
+
+LOOP_LAG_PERIOD_S = 0.1
+
+
+async def watch_loop_lag(observe: Callable[[float], None],
+                         period_s: float = LOOP_LAG_PERIOD_S) -> None:
+    """Observe, every ``period_s``, how late the event loop ran a callback due then: how long
+    any call waits before the loop admits or refuses it (the loop needs the GIL, and a
+    thread that keeps it, or a burst of calls, makes everyone wait)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + period_s
+        await asyncio.sleep(period_s)
+        observe(max(0.0, loop.time() - due))
 
 
 async def _wait(event: asyncio.Event) -> None:

@@ -160,7 +160,8 @@ class RetrieverServicer:
     def __init__(self, service: RetrieverService) -> None:
         self._svc = service
         s = service.settings
-        self._read_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc-read")
+        self._read_pool = ThreadPoolExecutor(max_workers=s.rpc_read_threads,
+                                             thread_name_prefix="rpc-read")
         # Upserts are the batch class: their threads give way to the request path.
         self._write_pool = ThreadPoolExecutor(max_workers=s.max_inflight_upserts,
                                               thread_name_prefix="rpc-write",

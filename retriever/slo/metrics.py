@@ -85,6 +85,12 @@ class Metrics:
             registry=r)
         self.inflight = Gauge(
             "retriever_inflight_requests", "RPCs being handled now.", ["rpc"], registry=r)
+        self.loop_lag = Histogram(
+            "retriever_event_loop_lag_seconds",
+            "How late the server's event loop ran a timer callback (sampled every 100 ms): "
+            "the wait any call has before it is admitted or refused.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                     2.5), registry=r)
         self.stage_duration = Histogram(
             "retriever_stage_duration_seconds",
             "Wall time of one pipeline stage (upsert: queued, chunk, embed, lock_wait, "

@@ -1,0 +1,64 @@
+"""retriever_event_loop_lag_seconds: how late the server's event loop runs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+
+import pytest
+from test_loadgen import _loadgen
+
+from retriever.server.app import watch_loop_lag
+
+
+def test_a_blocked_loop_shows_as_lag() -> None:
+    seen: list[float] = []
+
+    async def main() -> None:
+        watcher = asyncio.ensure_future(watch_loop_lag(seen.append, period_s=0.05))
+        await asyncio.sleep(0.12)  # a few on-time samples
+        time.sleep(0.3)  # the loop is blocked (as by a thread that keeps the GIL)
+        await asyncio.sleep(0.12)
+        watcher.cancel()
+
+    asyncio.run(main())
+    assert len(seen) >= 3
+    assert max(seen) >= 0.2, seen
+    assert min(seen) < 0.05, seen
+
+
+def test_the_server_exports_its_loop_lag(server) -> None:  # noqa: ANN001
+    url = f"http://127.0.0.1:{server.info['metrics_port']}/metrics"
+    deadline = time.monotonic() + 30
+    count = 0.0
+    while time.monotonic() < deadline:
+        for line in urllib.request.urlopen(url).read().decode().splitlines():
+            if line.startswith("retriever_event_loop_lag_seconds_count"):
+                count = float(line.rpartition(" ")[2])
+        if count >= 2:
+            break
+        time.sleep(0.1)
+    assert count >= 2
+
+
+def test_the_load_report_reads_the_lag_quantile_from_the_buckets() -> None:
+    lg = _loadgen()
+    name = "retriever_event_loop_lag_seconds"
+
+    def scrape(counts: dict[str, float], total_s: float) -> dict:
+        out = {(f"{name}_bucket", (("le", le),)): c for le, c in counts.items()}
+        out[(f"{name}_count", ())] = counts["+Inf"]
+        out[(f"{name}_sum", ())] = total_s
+        return out
+
+    before = scrape({"0.001": 10, "0.01": 10, "0.1": 10, "+Inf": 10}, 0.005)
+    # 100 more samples: 90 under 1 ms, 9 under 10 ms, 1 under 100 ms.
+    after = scrape({"0.001": 100, "0.01": 109, "0.1": 110, "+Inf": 110}, 0.305)
+    lag = lg.loop_lag(before, after)
+    assert lag["count"] == 100
+    assert lag["mean_s"] == pytest.approx(0.003)
+    assert lag["p99_le_s"] == 0.01
+    assert lg.loop_lag(before, before) is None
+    late = scrape({"0.001": 10, "0.01": 10, "0.1": 10, "+Inf": 110}, 300.0)
+    assert lg.loop_lag(before, late)["p99_le_s"] is None  # past the last bucket
