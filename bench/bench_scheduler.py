@@ -63,8 +63,7 @@ def pct(xs: list[float]) -> dict[str, float]:
 # (name, layer checkpoints, order of document jobs): what the service ran before, each
 # change alone, and what it runs now.
 CONFIGS = (("before", False, "least_left"), ("checkpoints", True, "least_left"),
-           ("checkpoints + ratio", True, "response_ratio"),
-           ("checkpoints + fifo", True, "fifo"))
+           ("checkpoints + ratio", True, "response_ratio"))
 
 
 def run(emb: Embedder, name: str, checkpoints: bool, order: str,

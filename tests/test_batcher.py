@@ -484,7 +484,7 @@ def test_a_job_that_waited_goes_before_a_smaller_one_that_just_arrived(
 
 
 def test_an_unknown_document_order_is_refused(embed: FakeEmbed) -> None:
-    with pytest.raises(ValueError, match="response_ratio, least_left or fifo"):
+    with pytest.raises(ValueError, match="response_ratio or least_left"):
         MicroBatcher(embed, 8, 0.0, doc_order="lifo")
 
 

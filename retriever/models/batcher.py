@@ -107,8 +107,8 @@ class MicroBatcher:
         far the model thread (and the OpenMP workers its first forward pass starts) lowers
         its CPU priority. ``doc_order``: "response_ratio" (see ``_pick_doc_locked``) or
         "least_left" (shortest remaining first, the order before it; kept for comparison)."""
-        if doc_order not in ("response_ratio", "least_left", "fifo"):
-            raise ValueError(f"doc_order {doc_order!r}: response_ratio, least_left or fifo")
+        if doc_order not in ("response_ratio", "least_left"):
+            raise ValueError(f"doc_order {doc_order!r}: response_ratio or least_left")
         self._doc_order = doc_order
         self._embed = embed
         self._embed_queries = embed_queries or embed
@@ -311,8 +311,6 @@ class MicroBatcher:
 
         if self._doc_order == "least_left":
             return min(self._docs, key=lambda j: (j.left, j.served))
-        if self._doc_order == "fifo":
-            return min(self._docs, key=lambda j: j.submitted)
 
         def ratio(j: _DocJob) -> tuple[float, int, float]:
             work = max(j.left, 1) * self._seconds_per_token
