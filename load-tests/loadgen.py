@@ -1012,30 +1012,17 @@ def render(r: dict[str, Any], name: str) -> str:
                       + ", ".join(f"{c} {v['mean_s'] * 1e3:.1f} ms over {v['count']}"
                                   for c, v in sorted(st.items()))
                       + ". An upsert's embed includes its waits for the model thread."]
-        tail = t.get("search_tail")
-        if tail:
-            cols = (*STAGES, "outside", "latency")
-            lines += ["", f"Where Search time goes (mean ms; slowest {tail['share']:.0%} of OK "
-                      "searches vs all; `StageTimings` of each response, 'outside' = latency "
-                      "minus the server's total: waits for a gRPC worker and the event loop, "
-                      "transport, client):", "",
-                      "| searches | " + " | ".join(cols) + " |",
-                      "|---" * (len(cols) + 1) + "|",
-                      *[f"| {k} ({tail[k]['count']}) | "
-                        + " | ".join(f"{tail[k][c] * 1e3:.1f}" for c in cols) + " |"
-                        for k in ("all", "tail")]]
-        tail = t.get("upsert_tail")
-        if tail:
-            cols = (*UPSERT_STAGES, "total", "outside", "latency")
-            lines += ["", f"Where upsert time goes (mean ms; slowest {tail['share']:.0%} of OK "
-                      "upserts vs all; `UpsertTimings` of each response: embed includes "
-                      "embed_model, the model's own time on the upsert's chunks; 'total' = "
-                      "the server's elapsed, 'outside' = latency minus it):", "",
-                      "| upserts | " + " | ".join(cols) + " |",
-                      "|---" * (len(cols) + 1) + "|",
-                      *[f"| {k} ({tail[k]['count']}) | "
-                        + " | ".join(f"{tail[k][c] * 1e3:.0f}" for c in cols) + " |"
-                        for k in ("all", "tail")]]
+        lines += _tail_table(
+            t.get("search_tail"), "searches", (*STAGES, "outside", "latency"), 1,
+            "Where Search time goes (mean ms; slowest {share} of OK searches vs all; "
+            "`StageTimings` of each response, 'outside' = latency minus the server's total: "
+            "waits for a gRPC worker and the event loop, transport, client):")
+        lines += _tail_table(
+            t.get("upsert_tail"), "upserts", (*UPSERT_STAGES, "total", "outside", "latency"),
+            0, "Where upsert time goes (mean ms; slowest {share} of OK upserts vs all; "
+            "`UpsertTimings` of each response: embed includes embed_model, the model's own "
+            "time on the upsert's chunks; 'total' = the server's elapsed, 'outside' = latency "
+            "minus it):")
     m, soak = r.get("soak_memory"), r.get("soak")
     if soak:
         lines += ["", f"## Soak ({soak['seconds']:.0f} s at {soak['level']:.1f} req/s offered)",
@@ -1127,6 +1114,19 @@ def _step_row(s: dict[str, Any]) -> str:
             f"{_ms(up.get('max'))} | {_ms(s['shed_latency_s'].get('p99'))} | "
             f"{_lag(s.get('server', {}).get('loop_lag'))} | "
             f"{_codes({k: v for k, v in s['codes'].items() if k != 'OK'})} | {_cpu(s)} |")
+
+
+def _tail_table(tail: dict[str, Any] | None, what: str, cols: tuple[str, ...], digits: int,
+                intro: str) -> list[str]:
+    """A class_tail as Markdown: its mean stage times for all requests and for the tail."""
+    if not tail:
+        return []
+    return ["", intro.format(share=f"{tail['share']:.0%}"), "",
+            f"| {what} | " + " | ".join(cols) + " |",
+            "|---" * (len(cols) + 1) + "|",
+            *[f"| {k} ({tail[k]['count']}) | "
+              + " | ".join(f"{tail[k][c] * 1e3:.{digits}f}" for c in cols) + " |"
+              for k in ("all", "tail")]]
 
 
 def _lag(lag: dict[str, Any] | None) -> str:

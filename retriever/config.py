@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     # instead of queueing it into timeouts. Above a re-ranking search's normal latency.
     search_shed_after_s: float = Field(2.0, gt=0)
     max_inflight_upserts: int = Field(8, ge=1)
+    # New upsert streams are refused (RESOURCE_EXHAUSTED, RetryInfo) while an upsert has
+    # waited longer than this for the model's first pass over its documents: beyond
+    # saturation upserts are shed at once instead of queueing into their deadlines. Streams
+    # already open go on (a bulk index is not cut midway); 0 = never.
+    upsert_shed_after_s: float = Field(2.0, ge=0)
     # Threads that run admitted searches and other reads (a search holds one while it
     # waits for the model).
     rpc_read_threads: int = Field(16, ge=1, le=1024)

@@ -210,6 +210,10 @@ class RetrieverService:
             self._embed_cache.close()
         self._dir_lock.release()
 
+    def document_backlog_age(self) -> float:
+        """How long the oldest upsert not yet begun has waited for the model (seconds)."""
+        return self._batcher.document_backlog_age()
+
     def _embed_documents(self, texts: Sequence[str], lengths: Sequence[int],
                          token: CallToken) -> np.ndarray:
         cached = self._embed_cache.get(texts) if self._embed_cache is not None else {}

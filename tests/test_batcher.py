@@ -537,3 +537,23 @@ def test_queries_inside_a_slice_stop_at_the_documents_share() -> None:
     assert len(inside) == 10
     assert max(inside) <= 3, inside  # 3 batches of 10 ms pass the 25 ms share
     assert sum(inside) >= 10  # and the stream did run inside the slices
+
+
+def test_the_document_backlog_age_is_the_oldest_wait_for_a_first_slice(
+        make, embed: FakeEmbed) -> None:  # noqa: ANN001
+    import time
+
+    b = make(doc_batch=1)
+    assert b.document_backlog_age() == 0.0
+    embed.gate = threading.Event()
+    served = b.submit_documents(["gate", "1:0"])  # its first slice holds the model
+    assert embed.entered.wait(TIMEOUT)
+    time.sleep(0.1)
+    assert b.document_backlog_age() == 0.0  # being served: not a backlog
+    waiting = b.submit_documents(["2:0", "2:1"])
+    time.sleep(0.2)
+    assert b.document_backlog_age() >= 0.2
+    embed.gate.set()
+    served.result(TIMEOUT)
+    waiting.result(TIMEOUT)
+    assert b.document_backlog_age() == 0.0

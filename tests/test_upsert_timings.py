@@ -76,3 +76,62 @@ def test_the_wait_for_the_namespace_lock_is_its_own_stage(tmp_path: Path, embedd
         assert sample("sum", "lock_wait") >= 0.3  # exported too
     finally:
         svc.close()
+
+
+def test_upserts_are_shed_while_one_waits_too_long_for_the_model(tmp_path: Path,
+                                                                  embedder) -> None:  # noqa: ANN001
+    """A new upsert stream is refused (RESOURCE_EXHAUSTED, RetryInfo) while an upsert has
+    waited longer than upsert_shed_after_s for its first pass; those admitted finish."""
+    import grpc
+    from grpc_status import rpc_status
+
+    from retriever.server.app import ServerThread
+
+    settings = make_settings(tmp_path, upsert_shed_after_s=0.1, embed_doc_order="least_left")
+    st = ServerThread(settings, embedder).start()
+    text = "The starter ferments overnight; fold the dough and proof it cold. " * 12
+
+    def docs(tag: str, n: int) -> list[pb.Document]:
+        return [pb.Document(doc_id=f"{tag}{i}", content=f"{tag} {i}. {text}") for i in range(n)]
+
+    done: dict[str, object] = {}
+
+    def upsert(tag: str, n: int) -> None:
+        with RetrieverClient(st.address) as c:
+            try:
+                done[tag] = c.upsert("shed", docs(tag, n), batch_size=n).documents_created
+            except grpc.RpcError as exc:
+                done[tag] = exc
+
+    try:
+        with RetrieverClient(st.address) as c:
+            c.upsert("shed", docs("warm", 1))
+            bulk = threading.Thread(target=upsert, args=("a", 40))
+            bulk.start()
+            time.sleep(0.3)
+            # Shortest first: this larger job waits for the first one (about 1 s, when the
+            # starvation guard gives it a slice), past the 0.1 s shedding bound.
+            later = threading.Thread(target=upsert, args=("b", 60))
+            later.start()
+            refused = None
+            deadline = time.monotonic() + 30
+            i = 0
+            while refused is None and time.monotonic() < deadline and later.is_alive():
+                try:
+                    c.upsert("shed", docs(f"c{i}-", 1))
+                except grpc.RpcError as exc:
+                    refused = exc
+                i += 1
+                time.sleep(0.03)
+            bulk.join(120)
+            later.join(120)
+            assert refused is not None, "no upsert was shed"
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "upsert_shed_after_s" in refused.details()
+            status = rpc_status.from_call(refused)
+            assert status is not None and any(
+                d.type_url.endswith("google.rpc.RetryInfo") for d in status.details)
+            assert done == {"a": 40, "b": 60}  # the streams already admitted finished
+            c.upsert("shed", docs("after", 1))  # the backlog gone, upserts are admitted
+    finally:
+        st.stop()

@@ -84,6 +84,7 @@ class _DocJob:
     left: int = 0  # tokens not embedded yet
     served: float = 0.0  # when it last had a slice (or was submitted)
     submitted: float = 0.0
+    started: bool = False  # picked for a slice at least once
     # Called on the model thread with each slice's own model time (queries run inside it
     # excluded).
     on_slice: Callable[[float], None] | None = None
@@ -208,6 +209,16 @@ class MicroBatcher:
             self._cond.notify_all()
         return fut
 
+    def document_backlog_age(self) -> float:
+        """Seconds the oldest document job still waiting for its first slice has waited (0
+        when none waits). A bulk job being served does not count, nor does a new job while
+        the model still turns to new jobs soon; when it stays high, the model is behind on
+        documents: more upserts would only wait longer."""
+        now = time.monotonic()
+        with self._cond:
+            waiting = [j.submitted for j in self._docs if not j.started]
+        return now - min(waiting) if waiting else 0.0
+
     def cancel_documents(self, future: Future[np.ndarray]) -> bool:
         """Drop the queued job of ``future`` (its caller went away); True if it was queued.
         A slice already running finishes; nothing more of the job runs."""
@@ -270,7 +281,9 @@ class MicroBatcher:
         if self._docs and ((not self._queries and not self._reranks)
                            or (not self._last_was_doc and self._docs_overdue())):
             self._last_was_doc = True
-            return self._pick_doc_locked()
+            job = self._pick_doc_locked()
+            job.started = True
+            return job
         if self._reranks and not self._queries:
             self._last_was_doc = False
             job = self._reranks[0]

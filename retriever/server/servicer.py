@@ -260,6 +260,13 @@ class RetrieverServicer:
         results = []
         namespace = None
         peer = _peer_host(context.peer())
+        shed = self._svc.settings.upsert_shed_after_s
+        waited = self._svc.document_backlog_age()
+        if shed and waited > shed:
+            await abort_error(context, errors.Overloaded(
+                f"the model is behind on documents: an upsert has waited {waited:.1f} s for "
+                f"its first pass (shedding beyond {shed:g} s, upsert_shed_after_s); retry "
+                "with backoff"))
         try:
             self._upserts.acquire()
         except errors.Overloaded as exc:
