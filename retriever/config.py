@@ -107,9 +107,10 @@ class Settings(BaseSettings):
     search_shed_after_s: float = Field(2.0, gt=0)
     max_inflight_upserts: int = Field(8, ge=1)
     # New upsert streams are refused (RESOURCE_EXHAUSTED, RetryInfo) while an upsert has
-    # waited longer than this for the model's first pass over its documents: beyond
-    # saturation upserts are shed at once instead of queueing into their deadlines. Streams
-    # already open go on (a bulk index is not cut midway); 0 = never.
+    # waited longer than this for the model's first pass over its documents: when upserts
+    # queue up unbegun, more are refused at once rather than queued behind them. Streams
+    # already open go on (a bulk index is not cut midway); 0 = never. (Upserts that begin
+    # and then share a saturated model are not caught: load-tests/results/2core-avx512.md.)
     upsert_shed_after_s: float = Field(2.0, ge=0)
     # Threads that run admitted searches and other reads (a search holds one while it
     # waits for the model).
