@@ -406,8 +406,7 @@ class Workload:
 
 STAGES = ("embed", "ann", "lexical", "fuse", "fetch", "total")
 # UpsertTimings, and the response's elapsed as the upsert's server total.
-UPSERT_STAGES = ("queued", "chunk", "embed", "embed_model", "lock_wait", "index_write",
-                 "lexical_write", "commit")
+UPSERT_STAGES = tuple(f.name for f in pb.UpsertTimings.DESCRIPTOR.fields)
 
 
 def _stages(t: pb.StageTimings) -> dict[str, float]:

@@ -236,17 +236,13 @@ def namespace_to_pb(n: NamespaceRecord) -> pb.Namespace:
     )
 
 
-_UPSERT_STAGES = ("queued", "chunk", "embed", "embed_model", "lock_wait", "index_write",
-                  "lexical_write", "commit")
-
-
 def upsert_to_pb(namespace: str, results: list[UpsertResult], elapsed_s: float,
                  stages: Mapping[str, float] | None = None) -> pb.UpsertDocumentsResponse:
     """The stream's response; ``stages``: its seconds per stage (UpsertTimings)."""
     resp = pb.UpsertDocumentsResponse(namespace=namespace, elapsed=_dur(elapsed_s))
-    for name in _UPSERT_STAGES:
-        if stages and name in stages:
-            getattr(resp.timings, name).CopyFrom(_dur(stages[name]))
+    for field in pb.UpsertTimings.DESCRIPTOR.fields:
+        if stages and field.name in stages:
+            getattr(resp.timings, field.name).CopyFrom(_dur(stages[field.name]))
     for r in results:
         resp.chunks_deleted += r.chunks_deleted
         resp.index_version = max(resp.index_version, r.index_version)

@@ -43,13 +43,6 @@ def collect_stages() -> dict[str, float]:
     return stages
 
 
-def add_stage(name: str, seconds: float) -> None:
-    """Add to the current call's stage times, if it collects them."""
-    stages = _CALL_STAGES.get()
-    if stages is not None:
-        stages[name] = stages.get(name, 0.0) + seconds
-
-
 def stage_adder(name: str) -> Callable[[float], None] | None:
     """A function that adds to stage ``name`` of the current call from any thread (the model
     thread reports a job's slices), or None when the call collects no stage times."""
@@ -60,6 +53,13 @@ def stage_adder(name: str) -> Callable[[float], None] | None:
     def add(seconds: float) -> None:
         stages[name] = stages.get(name, 0.0) + seconds
     return add
+
+
+def add_stage(name: str, seconds: float) -> None:
+    """Add to the current call's stage times, if it collects them."""
+    add = stage_adder(name)
+    if add is not None:
+        add(seconds)
 
 
 # Latency buckets for an embedding service: sub-ms catalog look-ups to multi-second bulk
@@ -268,8 +268,7 @@ class Metrics:
             finally:
                 dt = time.perf_counter() - t0
                 out.append(dt)
-                self.stage_duration.labels(name).observe(dt)
-                add_stage(name, dt)
+                self.observe_stage(name, dt)
 
 
 class _SourceCollector:
