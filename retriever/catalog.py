@@ -580,6 +580,15 @@ class Catalog:
         return {r["chunk_id"]: StoredChunk(r["vector_id"], r["chunk_id"], r["doc_id"])
                 for r in rows}
 
+    def embedded_vectors(self, namespace: str, doc_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Embedded text (header and chunk text) -> vector, over the current versions of
+        these documents: what a move can reuse instead of embedding again."""
+        with self._reader() as db:
+            rows = _in(db, "SELECT header, text, vector FROM chunks WHERE namespace = ?"
+                       " AND state = 1 AND doc_id IN ({marks})", doc_ids, namespace)
+        return {r["header"] + r["text"]: np.frombuffer(r["vector"], dtype=np.float32)
+                for r in rows}
+
     def stage_chunks(self, namespace: str, chunks: Sequence[NewChunk]) -> list[int]:
         """Insert chunk rows as pending; returns their vector ids in order."""
         ids: list[int] = []
@@ -639,14 +648,21 @@ class Catalog:
 
     def commit_documents(
         self, namespace: str, writes: Sequence[DocumentWrite], refreshes: Sequence[DocumentRefresh],
-        rekeys: Sequence[tuple[int, int]] = (),
+        rekeys: Sequence[tuple[int, int]] = (), removes: Sequence[str] = (),
     ) -> int:
         """Make new document versions visible at once; returns the namespace's new
         index_version. ``refreshes`` update revision/time/metadata of unchanged documents;
         ``rekeys`` (old vector id, staged copy from ``stage_copies``) replace each old row
-        by its copy, which takes its chunk id (``writes`` refer to the copies)."""
+        by its copy, which takes its chunk id (``writes`` refer to the copies);
+        ``removes``: documents that moved to one of ``writes`` or ``refreshes``, deleted
+        with their chunks in the same transaction."""
         now = time.time()
         with self._writer() as db:
+            if removes:
+                _in(db, "DELETE FROM documents WHERE namespace = ? AND doc_id IN ({marks})",
+                    removes, namespace)
+                _in(db, "DELETE FROM chunks WHERE namespace = ? AND doc_id IN ({marks})",
+                    removes, namespace)
             for old, new in rekeys:
                 cid = db.execute("DELETE FROM chunks WHERE vector_id = ? AND state = 1"
                                  " RETURNING chunk_id", (int(old),)).fetchone()

@@ -19,6 +19,10 @@ class Document:
     source_updated_at: datetime | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     language: str = ""
+    # A move: the document (of this namespace) this one replaces, in the same commit. Its
+    # version history continues here (when ``doc_id`` is new), its chunks go, and vectors
+    # of embedded texts that stay the same are reused, not embedded again.
+    moved_from: str = ""
 
     @property
     def effective_path(self) -> str:
@@ -108,6 +112,7 @@ class DocResult:
     chunks_embedded: int
     chunks_reused: int
     content_hash: str
+    moved_from: str = ""  # the document this one replaced (removed in the same commit)
 
 
 @dataclass(frozen=True, slots=True)

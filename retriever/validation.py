@@ -54,13 +54,22 @@ def documents(docs: Sequence[Document], settings: Settings, field: str = "docume
             f"{field} has {len(docs)} documents; at most {settings.max_batch_documents} "
             "(max_batch_documents) per message: split the batch", field=field)
     seen: set[str] = set()
+    moved: set[str] = set()
     for i, d in enumerate(docs):
         f = f"{field}[{i}]"
+        if d.moved_from:
+            if d.moved_from in moved:
+                raise InvalidArgument(f"{f}.moved_from {d.moved_from!r} appears twice in one "
+                                      "message: a document moves to one place",
+                                      field=f"{f}.moved_from")
+            moved.add(d.moved_from)
         doc_id(d.doc_id, f"{f}.doc_id")
         if d.doc_id in seen:
             raise InvalidArgument(f"{f}.doc_id {d.doc_id!r} appears twice in one message",
                                   field=f"{f}.doc_id")
         seen.add(d.doc_id)
+        if d.moved_from:
+            doc_id(d.moved_from, f"{f}.moved_from")
         size = _utf8_len(d.content, f"{f}.content")
         if size > settings.max_document_bytes:
             raise InvalidArgument(
@@ -91,6 +100,12 @@ def documents(docs: Sequence[Document], settings: Settings, field: str = "docume
         if len(d.language) > 32:
             raise InvalidArgument(f"{f}.language must be at most 32 characters",
                                   field=f"{f}.language")
+    for i, d in enumerate(docs):
+        if d.moved_from and d.moved_from in seen:
+            f = f"{field}[{i}].moved_from"
+            raise InvalidArgument(
+                f"{f} {d.moved_from!r} is itself a document of this message: a move removes "
+                "the document it comes from; upsert that id in another message", field=f)
 
 
 def doc_ids(ids: Sequence[str], settings: Settings, field: str = "doc_ids") -> None:

@@ -183,15 +183,19 @@ def test_sync_follows_the_repository_commit_by_commit(client: RetrieverClient,
     _assert_index(client, "life", repo, c3, files)
     assert _lexical(client, "life", "zanzibar marmalade") == set()
 
-    # A file moves to another directory: the old document goes, the new path comes.
+    # A file moves to another directory: the document moves with it (its versions go on
+    # under the new path; the old path's document is gone in the same commit).
+    helpers_version = client.get_document("life", "src/helpers.py").version
     (repo.root / "lib").mkdir()
     repo.git("mv", "src/helpers.py", "lib/helpers.py")
     c4 = repo.commit("move helpers")
     moved = _sync(client, "life")
     assert (moved.files_renamed, moved.files_added, moved.files_deleted) == (1, 0, 0)
-    assert (moved.documents_upserted, moved.documents_deleted) == (1, 1)
+    assert (moved.documents_upserted, moved.documents_deleted) == (1, 0)
+    assert moved.chunks_embedded == 1  # its one chunk's header names the new path
     files = (files - {"src/helpers.py"}) | {"lib/helpers.py"}
     _assert_index(client, "life", repo, c4, files)
+    assert client.get_document("life", "lib/helpers.py").version == helpers_version + 1
 
     # A binary file and a submodule are skipped by rule (.gitmodules itself is text).
     child = _Repo(roots / "child")
@@ -215,10 +219,11 @@ def test_sync_follows_the_repository_commit_by_commit(client: RetrieverClient,
     rewritten = _sync(client, "life")
     assert (rewritten.previous_commit, rewritten.commit) == (c5, c6)
     assert rewritten.full_reconcile
-    # Back: old/legacy.py, src/helpers.py; new: src/new_module.py. Gone: lib/helpers.py,
-    # .gitmodules. Changed: notes/todo.txt. The rest is unchanged and re-embeds nothing.
-    assert (rewritten.files_added, rewritten.files_modified, rewritten.files_deleted) == (
-        3, 1, 2)
+    # Back: old/legacy.py; new: src/new_module.py; lib/helpers.py's text is back at
+    # src/helpers.py: moved. Gone: .gitmodules. Changed: notes/todo.txt. The rest is
+    # unchanged and re-embeds nothing.
+    assert (rewritten.files_added, rewritten.files_modified, rewritten.files_deleted,
+            rewritten.files_renamed) == (2, 1, 1, 1)
     assert rewritten.documents_unchanged == 2  # src/geometry.py, docs/guide.md
     files = {"src/geometry.py", "src/helpers.py", "docs/guide.md", "notes/todo.txt",
              "old/legacy.py", "src/new_module.py"}

@@ -6,11 +6,13 @@ the ref, and then:
 
 - when the namespace's last synced commit still exists and is an ancestor of the new head
   (and the globs and size limit are those it was synced with), applies the diff: added and
-  modified files upserted, deleted files removed, a rename as an upsert of the new path and
-  a delete of the old one;
+  modified files upserted, deleted files removed, a rename as a move: the new path's document
+  replaces the old one in one commit (a search sees one or the other, never both or
+  neither), continuing its versions, with the vectors of unchanged embedded texts reused;
 - otherwise (a first sync, a rewritten history, changed globs, an interrupted sync to
   another commit) reconciles the whole tree by content hash: files whose text or revision
-  differ from their document are upserted, documents not in the tree are deleted.
+  differ from their document are upserted, documents not in the tree are deleted (a new
+  path with the text of a document no longer in the tree is that document, moved).
 
 Every write goes through the service's own upsert and delete (atomic per call; a document
 whose content, path, language and chunking are unchanged comes back UNCHANGED and costs
@@ -538,16 +540,18 @@ class Syncer:
         renamed_new = {r.new_path for r in changes.renamed}
         paths = [*changes.added, *changes.modified, *sorted(renamed_new)]
         entries = [changes.entries[p] for p in paths if _usable(p, skipped)]
-        unreadable = self._upsert_files(run, repo, head, entries, skipped, None, renamed_new)
+        # new path -> old path; an old path that is written again itself (renamed away and
+        # a new file put in its place) is no move
+        moves = {r.new_path: r.old_path for r in changes.renamed
+                 if r.old_path not in paths and _usable(r.old_path, None)}
+        unreadable = self._upsert_files(run, repo, head, entries, skipped, None, renamed_new,
+                                        moves)
         written = {e.path for e in entries} - set(unreadable)
-        # Upserts first, deletes after: a search during the sync may briefly see a renamed
-        # file under both paths, never under neither.
+        # A rename whose new path was not written (skipped by rule, not text) is a delete.
         removals = [*changes.deleted, *unreadable,
-                    *(r.old_path for r in changes.renamed if r.new_path not in written)]
+                    *(r.old_path for r in changes.renamed if r.new_path not in written
+                      and r.old_path not in paths)]
         self._delete_docs(run, [p for p in removals if _usable(p, None)], count=True)
-        self._delete_docs(run, [r.old_path for r in changes.renamed
-                                if r.new_path in written and _usable(r.old_path, None)],
-                          count=False)
         self._add_skipped(run, skipped)
 
     def _reconcile(self, run: _Run, repo: GitRepo, head: str) -> None:
@@ -562,18 +566,29 @@ class Syncer:
                 break
             after = page[-1].doc_id
         entries = [e for p, e in sorted(snap.entries.items()) if _usable(p, skipped)]
-        unreadable = set(self._upsert_files(run, repo, head, entries, skipped, known, set()))
+        paths = {e.path for e in entries}
+        # Documents no longer in the tree, by content: a new path with one's text is it, moved.
+        gone: dict[str, list[str]] = {}
+        for doc_id, (content_hash, _) in sorted(known.items()):
+            if doc_id not in paths:
+                gone.setdefault(content_hash, []).append(doc_id)
+        unreadable = set(self._upsert_files(run, repo, head, entries, skipped, known, set(),
+                                            by_content=gone))
         present = {e.path for e in entries if e.path not in unreadable}
+        # (those that moved are gone already: a delete finds nothing, counts nothing)
         self._delete_docs(run, [d for d in sorted(known) if d not in present], count=True)
         self._add_skipped(run, skipped)
 
     def _upsert_files(self, run: _Run, repo: GitRepo, head: str, entries: Sequence[Entry],
                       skipped: dict[str, str], known: dict[str, tuple[str, str]] | None,
-                      renamed_new: set[str]) -> list[str]:
+                      renamed_new: set[str], moves: dict[str, str] | None = None, *,
+                      by_content: dict[str, list[str]] | None = None) -> list[str]:
         """Upsert the text files among ``entries`` in batches, each document at the commit
         that last changed it; with ``known`` ((content hash, revision) per doc id) files
-        whose document already matches are counted unchanged without a call. Returns the
-        paths that are no text (binary, not UTF-8): their reasons go into ``skipped``."""
+        whose document already matches are counted unchanged without a call. A file moves
+        the document ``moves`` names for its path, or, for a path with no document, one of
+        ``by_content``'s for its text's hash (taken from the list). Returns the paths that
+        are no text (binary, not UTF-8): their reasons go into ``skipped``."""
         if not entries:
             return []
         revisions = last_changes(repo, head, [e.path for e in entries])
@@ -586,12 +601,18 @@ class Syncer:
                 unreadable.append(e.path)
                 continue
             rev = revisions.get(e.path, fallback)
-            if known is not None and known.get(e.path) == (sha256(text), rev.commit):
+            text_hash = sha256(text) if known is not None else ""
+            if known is not None and known.get(e.path) == (text_hash, rev.commit):
                 with run.lock:
                     run.counts.documents_unchanged += 1
                 continue
+            moved_from = (moves or {}).get(e.path, "")
+            if (by_content is not None and known is not None and e.path not in known
+                    and (candidates := by_content.get(text_hash))):
+                moved_from = candidates.pop(0)
             batch.append(Document(doc_id=e.path, content=text, path=e.path,
-                                  revision=rev.commit, source_updated_at=rev.time))
+                                  revision=rev.commit, source_updated_at=rev.time,
+                                  moved_from=moved_from))
             if len(batch) >= self._batch:
                 self._upsert_batch(run, batch, renamed_new)
                 batch = []
@@ -611,7 +632,7 @@ class Syncer:
                     c.documents_unchanged += 1
                     continue
                 c.documents_upserted += 1
-                if r.doc_id in renamed_new:
+                if r.moved_from or r.doc_id in renamed_new:
                     c.files_renamed += 1
                 elif r.status is DocStatus.CREATED:
                     c.files_added += 1

@@ -217,14 +217,15 @@ class Ingestor:
             if not create:
                 return None  # the locked path says NotFound
             # new: created under the lock, as before; its documents are all new
-        heads = self._catalog.document_heads(ns, [d.doc_id for d in docs])
+        heads = self._catalog.document_heads(ns, _head_ids(docs))
         with self._metrics.stage("chunk"):
             planned, _, _ = self._plan_docs(ns, docs, heads, None)
         existing = self._catalog.active_chunks(ns, [p.doc.doc_id for p in planned])
+        movable = self._catalog.embedded_vectors(ns, _moves(docs, heads))
         todo: dict[str, int] = {}
         for p in planned:
             for cid, text, n in zip(p.chunk_ids, p.embed_texts, p.token_counts, strict=True):
-                if cid not in existing:
+                if cid not in existing and text not in movable:
                     todo.setdefault(text, n)
         texts = list(todo)
         vectors: dict[str, np.ndarray] = {}
@@ -248,6 +249,7 @@ class Ingestor:
             language = d.language or detect_language(path, d.content)
             content_hash = sha256(d.content)
             head = heads.get(d.doc_id)
+            moved = heads.get(d.moved_from) if d.moved_from else None
             signature = self.chunking_signature(language)
             if head is not None and head.metadata != _meta_json(d):
                 new_metadata.add(d.doc_id)
@@ -257,7 +259,8 @@ class Ingestor:
                 refreshes.append(DocumentRefresh(d.doc_id, d.revision, d.source_updated_at,
                                                  dict(d.metadata)))
                 continue
-            old_version = head.version if head else 0
+            # A move into a new id continues the moved document's versions.
+            old_version = head.version if head else moved.version if moved else 0
             plan = (pre.plans.get((d.doc_id, content_hash, path, language, signature))
                     if pre is not None else None)
             if plan is None or plan.doc is not d:
@@ -270,7 +273,8 @@ class Ingestor:
     def _upsert_locked(self, handle: NamespaceHandle, docs: Sequence[Document],
                        token: CallToken, pre: _Prefetched | None = None) -> UpsertResult:
         ns = handle.name
-        heads = self._catalog.document_heads(ns, [d.doc_id for d in docs])
+        heads = self._catalog.document_heads(ns, _head_ids(docs))
+        removes = _moves(docs, heads)
         results: dict[str, DocResult] = {}
         if pre is None:
             with self._metrics.stage("chunk"):
@@ -280,17 +284,24 @@ class Ingestor:
 
         existing = self._catalog.active_chunks(
             ns, [p.doc.doc_id for p in planned]
-            + [r.doc_id for r in refreshes if r.doc_id in new_metadata])
+            + [r.doc_id for r in refreshes if r.doc_id in new_metadata] + removes)
         # (planned index, chunk index) of chunks this namespace has no vector for. Chunk ids
         # are unique across the message (doc_id and occurrence are in them).
         to_embed = [(pi, ci) for pi, p in enumerate(planned)
                     for ci, cid in enumerate(p.chunk_ids) if cid not in existing]
         texts = [planned[pi].embed_texts[ci] for pi, ci in to_embed]
         ready = pre.vectors if pre is not None else {}
-        missing = [row for row, text in enumerate(texts) if text not in ready]
+        # What a moved document had embedded already (the same header and text)
+        movable = self._catalog.embedded_vectors(ns, removes) if removes else {}
+        missing = [row for row, text in enumerate(texts)
+                   if text not in ready and text not in movable]
         vectors = np.empty((len(texts), self._embedder.dimension), dtype=np.float32)
+        carried: set[int] = set()  # rows whose vector a moved document had
         for row, text in enumerate(texts):
-            if text in ready:
+            if text in movable:
+                vectors[row] = movable[text]
+                carried.add(row)
+            elif text in ready:
                 vectors[row] = ready[text]
         if missing:
             with self._metrics.stage("embed"):
@@ -321,7 +332,8 @@ class Ingestor:
         # What the engine stores beside each vector (indexers.Payload) never changes under
         # a vector id: the kept chunks of a document whose metadata changed are moved to
         # staged copies with the new payload, and the old rows dropped at the commit.
-        new_ids = {p.doc.doc_id: set(p.chunk_ids) for p in planned}
+        new_ids: dict[str, set[str]] = {d: set() for d in removes}  # all their chunks go
+        new_ids.update({p.doc.doc_id: set(p.chunk_ids) for p in planned})
         new_ids.update({r.doc_id: {c.chunk_id for c in existing.values()
                                    if c.doc_id == r.doc_id} for r in refreshes})
         drops: dict[str, list[int]] = {}
@@ -332,6 +344,9 @@ class Ingestor:
             elif old.doc_id in new_metadata:
                 rekey_old.append(old.vector_id)
         dropped_all = [vid for vids in drops.values() for vid in vids]
+        # A removed document's chunks are deleted with it by the commit, in no write's drops
+        for d in removes:
+            drops.pop(d, None)
         by_doc = {d.doc_id: d for d in docs}
         token.check("the commit")
         staged = self._catalog.stage_chunks(ns, new_rows) if new_rows else []
@@ -373,7 +388,8 @@ class Ingestor:
                 token.check("the commit")
                 _crash_if_armed(self._faults, "upsert.before_commit")
                 version = self._catalog.commit_documents(ns, writes, refreshes,
-                                                         rekeys=list(moved.items()))
+                                                         rekeys=list(moved.items()),
+                                                         removes=removes)
             _crash_if_armed(self._faults, "upsert.after_commit")
         except BaseException:
             # Nothing was committed: take the staged rows back out of index and catalog.
@@ -391,22 +407,26 @@ class Ingestor:
             _drop_lexical(handle, dropped_all + rekey_old)
 
         embedded_by_doc: dict[str, int] = {}
-        for pi, _ in to_embed:
-            doc_id = planned[pi].doc.doc_id
-            embedded_by_doc[doc_id] = embedded_by_doc.get(doc_id, 0) + 1
+        for row, (pi, _) in enumerate(to_embed):
+            if row not in carried:
+                doc_id = planned[pi].doc.doc_id
+                embedded_by_doc[doc_id] = embedded_by_doc.get(doc_id, 0) + 1
+        gone = set(removes)
+        moved_from = {d.doc_id: d.moved_from for d in docs if d.moved_from in gone}
         for p in planned:
             n_emb = embedded_by_doc.get(p.doc.doc_id, 0)
             results[p.doc.doc_id] = DocResult(
                 doc_id=p.doc.doc_id,
                 status=DocStatus.UPDATED if p.old_version else DocStatus.CREATED,
                 version=p.old_version + 1, chunk_count=len(p.spans), chunks_embedded=n_emb,
-                chunks_reused=len(p.spans) - n_emb, content_hash=p.content_hash)
+                chunks_reused=len(p.spans) - n_emb, content_hash=p.content_hash,
+                moved_from=moved_from.get(p.doc.doc_id, ""))
         for r in refreshes:
             h = heads[r.doc_id]
             results[r.doc_id] = DocResult(
                 doc_id=r.doc_id, status=DocStatus.UNCHANGED, version=h.version,
                 chunk_count=h.chunk_count, chunks_embedded=0, chunks_reused=0,
-                content_hash=h.content_hash)
+                content_hash=h.content_hash, moved_from=moved_from.get(r.doc_id, ""))
         ordered = tuple(results[d.doc_id] for d in docs)
         self._count(ns, ordered)
         return UpsertResult(results=ordered, chunks_deleted=len(dropped_all),
@@ -492,6 +512,16 @@ class Ingestor:
         return DeleteResult(documents_deleted=len(deleted), chunks_deleted=len(vector_ids),
                             not_found=tuple(d for d in unique_ids if d not in gone),
                             index_version=version)
+
+
+def _head_ids(docs: Sequence[Document]) -> list[str]:
+    """The documents whose heads an upsert reads: its own and those they move from."""
+    return [d.doc_id for d in docs] + [d.moved_from for d in docs if d.moved_from]
+
+
+def _moves(docs: Sequence[Document], heads: dict[str, DocHead]) -> list[str]:
+    """The documents these move from that exist: removed by the upsert's commit."""
+    return [d.moved_from for d in docs if d.moved_from and d.moved_from in heads]
 
 
 def _drop_lexical(handle: NamespaceHandle, vector_ids: list[int]) -> None:

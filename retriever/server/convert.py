@@ -96,7 +96,7 @@ def document_from_pb(msg: pb.Document, field: str = "") -> Document:
     return Document(
         doc_id=msg.doc_id, content=msg.content, path=msg.path, revision=msg.revision,
         source_updated_at=_from_ts(msg, field), metadata=dict(msg.metadata),
-        language=msg.language,
+        language=msg.language, moved_from=msg.moved_from,
     )
 
 
@@ -260,7 +260,8 @@ def upsert_to_pb(namespace: str, results: list[UpsertResult], elapsed_s: float,
             resp.results.append(pb.DocumentResult(
                 doc_id=d.doc_id, status=_STATUS[d.status], version=d.version,
                 chunk_count=d.chunk_count, chunks_embedded=d.chunks_embedded,
-                chunks_reused=d.chunks_reused, content_hash=d.content_hash))
+                chunks_reused=d.chunks_reused, content_hash=d.content_hash,
+                moved_from=d.moved_from))
     return resp
 
 
