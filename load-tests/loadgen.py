@@ -16,7 +16,8 @@ Phases (see load-tests/README.md for what each figure means):
    loop goodput, up to twice it), latency counted from each request's scheduled arrival;
    the saturation point is the highest offered rate served in full (goodput >= 95 % of it,
    at most 1 % of it refused with RESOURCE_EXHAUSTED, no other error): a server that sheds
-   load is telling us it is full, so a step it sheds in is not one it serves;
+   load is telling us it is full, so a step it sheds in is not one it serves; ``--refine``
+   more steps bisect the gap between the last rate served and the next one;
 5. target: open loop at ``--target-fraction`` (80 %) of saturation, checked against the goals;
 6. soak (``--soak SECONDS``): the target load for that long, the server's RSS and open file
    descriptors sampled every ``--sample-interval`` seconds.
@@ -708,6 +709,21 @@ async def idle_phase(run: Run) -> dict[str, Any]:
     return out
 
 
+# Saturation refinement stops once the served and unserved rates are this close.
+REFINE_UNTIL = 1.1
+
+
+def refinement(steps: list[dict[str, Any]]) -> float | None:
+    """The offered rate of the next step that narrows saturation: halfway between the last
+    rate served in full and the next one tried; None when there is no such pair or they
+    are within REFINE_UNTIL of each other."""
+    sat = saturation(steps)
+    low, high = sat.get("served_level"), sat.get("first_unserved_level")
+    if low is None or high is None or high <= REFINE_UNTIL * low:
+        return None
+    return round((low + high) / 2, 2)
+
+
 def saturation(steps: list[dict[str, Any]]) -> dict[str, Any]:
     """The highest offered rate served in full (open loop); else the best closed goodput."""
     opened = sorted((s for s in steps if s["kind"] == "open"), key=lambda s: s["level"])
@@ -728,7 +744,9 @@ def saturation(steps: list[dict[str, Any]]) -> dict[str, Any]:
         rps = max(s["goodput_rps"] for s in opened)
         method = "no offered rate was served in full: best open-loop goodput"
     return {"rps": rps, "method": method, "best_closed_goodput_rps": best_closed,
-            "first_unserved_rps": above[0]["offered_rps"] if above else None}
+            "first_unserved_rps": above[0]["offered_rps"] if above else None,
+            "served_level": served[-1]["level"] if served else None,
+            "first_unserved_level": above[0]["level"] if above else None}
 
 
 def _bad_codes(codes: dict[str, int]) -> dict[str, int]:
@@ -881,6 +899,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             for rate in rates:
                 s = await run.step("open", rate, args.step_seconds, args.warmup_seconds, rng)
                 say(f"open {rate:>7.1f}/s: {_line(s)}")
+            # The sweep's grid brackets saturation: narrow it between the last rate served
+            # in full and the next one, so the target is a share of saturation, not of a
+            # grid point below it.
+            for _ in range(args.refine):
+                if (rate := refinement(run.steps)) is None:
+                    break
+                s = await run.step("open", rate, args.step_seconds, args.warmup_seconds, rng)
+                say(f"open {rate:>7.1f}/s (refining saturation): {_line(s)}")
             report["steps"] = run.steps
             report["saturation"] = sat = saturation(run.steps)
             target = args.target_rate or args.target_fraction * sat["rps"]
@@ -1266,6 +1292,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "goodput; '' to skip")
     p.add_argument("--rate-fractions", type=floats,
                    default=floats("0.2,0.3,0.4,0.5,0.6,0.75,0.9,1.0,1.2,1.5,2.0"))
+    p.add_argument("--refine", type=int, default=2,
+                   help="open-loop steps that bisect the rates between the last one served in "
+                   "full and the next (while they are more than 10%% apart)")
     p.add_argument("--step-seconds", type=float, default=10.0, help="measured time per step")
     p.add_argument("--warmup-seconds", type=float, default=2.0,
                    help="unmeasured lead-in of each step")

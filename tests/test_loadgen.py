@@ -101,6 +101,21 @@ def test_saturation_is_the_last_step_served_without_shedding() -> None:
     assert lg.saturation([_open_step(10, 100), _open_step(20, 200, other=1)])["rps"] == 10
 
 
+def test_saturation_is_narrowed_between_the_grid_steps() -> None:
+    lg = _loadgen()
+    steps = [_open_step(10, 100), _open_step(20, 200), _open_step(30, 250, refused=40)]
+    assert lg.refinement(steps) == 25  # halfway between served 20 and unserved 30
+    steps.append(_open_step(25, 250))  # served: the gap is now 25..30
+    assert lg.saturation(steps)["rps"] == 25
+    assert lg.refinement(steps) == 27.5
+    steps.append(_open_step(27.5, 260, refused=10))  # not served: 25..27.5, within 10 %
+    assert lg.refinement(steps) is None
+    assert lg.saturation(steps)["first_unserved_rps"] == 27.5
+    # nothing to narrow: every step served, or none
+    assert lg.refinement([_open_step(10, 100), _open_step(20, 200)]) is None
+    assert lg.refinement([_open_step(10, 50, refused=50)]) is None
+
+
 def test_search_tail_says_where_the_slowest_searches_spent_their_time() -> None:
     lg = _loadgen()
     from google.protobuf.duration_pb2 import Duration
