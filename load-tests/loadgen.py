@@ -280,7 +280,9 @@ def server_delta(before: dict, after: dict) -> dict[str, Any]:
             if name.startswith(prefix) and name[-4:] in ("_sum", "ount"):
                 key = "sum" if name.endswith("_sum") else "count"
                 sums[kind].setdefault(lab.get(label, "?"), {})[key] = d
-    out: dict[str, Any] = {"requests": codes, "loop_lag": loop_lag(before, after)}
+    out: dict[str, Any] = {"requests": codes, "loop_lag": loop_lag(before, after),
+                           "refusal": histogram_delta(before, after,
+                                                      "retriever_refusal_duration_seconds")}
     for kind, by in sums.items():
         out[kind] = {c: {"count": int(w.get("count", 0)),
                          "mean_s": w.get("sum", 0.0) / w["count"] if w.get("count") else 0.0}
@@ -290,18 +292,31 @@ def server_delta(before: dict, after: dict) -> dict[str, Any]:
 
 def loop_lag(before: dict, after: dict, q: float = 0.99) -> dict[str, float] | None:
     """The server's event-loop lag between two scrapes (``retriever_event_loop_lag_seconds``,
-    sampled every 100 ms): count, mean, and the bucket bound its ``q`` quantile falls under
-    (None when the bound is past the last bucket)."""
-    name = "retriever_event_loop_lag_seconds"
-    buckets = sorted(
-        (float(dict(lab)["le"]), v - before.get((n, lab), 0.0))
-        for (n, lab), v in after.items() if n == f"{name}_bucket")
-    total = after.get((f"{name}_count", ()), 0.0) - before.get((f"{name}_count", ()), 0.0)
-    if not buckets or total <= 0:
+    sampled every 100 ms): see histogram_delta."""
+    return histogram_delta(before, after, "retriever_event_loop_lag_seconds", q)
+
+
+def histogram_delta(before: dict, after: dict, name: str, q: float = 0.99
+                    ) -> dict[str, float] | None:
+    """Histogram ``name`` between two scrapes, its series (labels) summed: count, mean, and
+    the bucket bound its ``q`` quantile falls under (None when past the last bucket); None
+    when nothing was observed."""
+    def total(suffix: str) -> float:
+        return sum(v - before.get((n, lab), 0.0) for (n, lab), v in after.items()
+                   if n == f"{name}_{suffix}")
+
+    by_bound: dict[float, float] = {}
+    for (n, lab), v in after.items():
+        if n == f"{name}_bucket":
+            le = float(dict(lab)["le"])
+            by_bound[le] = by_bound.get(le, 0.0) + v - before.get((n, lab), 0.0)
+    buckets = sorted(by_bound.items())
+    count = total("count")
+    if not buckets or count <= 0:
         return None
-    total_s = after.get((f"{name}_sum", ()), 0.0) - before.get((f"{name}_sum", ()), 0.0)
-    bound = next(le for le, cum in buckets if cum >= q * total)
-    return {"count": int(total), "mean_s": total_s / total,
+    total_s = total("sum")
+    bound = next(le for le, cum in buckets if cum >= q * count)
+    return {"count": int(count), "mean_s": total_s / count,
             "p99_le_s": None if math.isinf(bound) else bound}
 
 
@@ -999,7 +1014,7 @@ def render(r: dict[str, Any], name: str) -> str:
             continue
         lines += ["", f"## {title}", "",
                   f"| {level} | goodput req/s | refused req/s | p50 | p90 | p99 | Search p99 "
-                  "| upsert max | refusal p99 | loop lag mean / p99 <= | codes "
+                  "| upsert max | refusal p99 (server p99 <=) | loop lag mean / p99 <= | codes "
                   "| CPU: server / generator / other |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|",
                   *[_step_row(s) for s in steps]]
@@ -1136,7 +1151,8 @@ def _step_row(s: dict[str, Any]) -> str:
     up = s["classes"].get("upsert", {}).get("latency_s", {})
     return (f"| {level} | {s['goodput_rps']:.1f} | {s['shed_rps']:.1f} | {_ms(lat.get('p50'))} "
             f"| {_ms(lat.get('p90'))} | {_ms(lat.get('p99'))} | {_ms(search.get('p99'))} | "
-            f"{_ms(up.get('max'))} | {_ms(s['shed_latency_s'].get('p99'))} | "
+            f"{_ms(up.get('max'))} | {_ms(s['shed_latency_s'].get('p99'))}"
+            f"{_server_p99(s.get('server', {}).get('refusal'))} | "
             f"{_lag(s.get('server', {}).get('loop_lag'))} | "
             f"{_codes({k: v for k, v in s['codes'].items() if k != 'OK'})} | {_cpu(s)} |")
 
@@ -1152,6 +1168,13 @@ def _tail_table(tail: dict[str, Any] | None, what: str, cols: tuple[str, ...], d
             *[f"| {k} ({tail[k]['count']}) | "
               + " | ".join(f"{tail[k][c] * 1e3:.{digits}f}" for c in cols) + " |"
               for k in ("all", "tail")]]
+
+
+def _server_p99(h: dict[str, Any] | None) -> str:
+    if not h:
+        return ""
+    p99 = h["p99_le_s"]
+    return f" ({'> 5000' if p99 is None else f'{p99 * 1e3:g}'} ms)"
 
 
 def _lag(lag: dict[str, Any] | None) -> str:

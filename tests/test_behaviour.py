@@ -82,6 +82,12 @@ def test_searches_beyond_the_limit_are_resource_exhausted(tmp_path: Path, embedd
             assert len(served) >= limit and refused
             assert {r.code() for r in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
             assert f"limit {limit}" in refused[0].details()
+            # Each refusal's server-side time is in the refusal histogram, by rpc.
+            sample = {line.split(" ")[0]: float(line.split(" ")[1])
+                      for line in _metrics(st).splitlines() if line.startswith(
+                          'retriever_refusal_duration_seconds_count{rpc="Search"}')}
+            assert sample == {'retriever_refusal_duration_seconds_count{rpc="Search"}':
+                              float(len(refused))}
             # Once the burst is over the server answers again.
             assert c.search("b", "bread", top_k=1).hits
     finally:

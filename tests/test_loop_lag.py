@@ -62,3 +62,27 @@ def test_the_load_report_reads_the_lag_quantile_from_the_buckets() -> None:
     assert lg.loop_lag(before, before) is None
     late = scrape({"0.001": 10, "0.01": 10, "0.1": 10, "+Inf": 110}, 300.0)
     assert lg.loop_lag(before, late)["p99_le_s"] is None  # past the last bucket
+
+
+def test_a_labelled_histogram_is_summed_over_its_series() -> None:
+    """retriever_refusal_duration_seconds has one series per rpc: the report's server-side
+    refusal p99 is over all of them."""
+    lg = _loadgen()
+    name = "retriever_refusal_duration_seconds"
+
+    def scrape(per_rpc: dict[str, dict[str, float]]) -> dict:
+        out: dict = {}
+        for rpc, counts in per_rpc.items():
+            out.update({(f"{name}_bucket", (("le", le), ("rpc", rpc))): c
+                        for le, c in counts.items()})
+            out[(f"{name}_count", (("rpc", rpc),))] = counts["+Inf"]
+            out[(f"{name}_sum", (("rpc", rpc),))] = counts["+Inf"] * 0.002
+        return out
+
+    before = scrape({"Search": {"0.001": 0, "0.01": 0, "0.1": 0, "+Inf": 0}})
+    after = scrape({"Search": {"0.001": 60, "0.01": 99, "0.1": 99, "+Inf": 99},
+                    "UpsertDocuments": {"0.001": 0, "0.01": 0, "0.1": 1, "+Inf": 1}})
+    h = lg.histogram_delta(before, after, name)
+    assert h["count"] == 100 and h["mean_s"] == pytest.approx(0.002)
+    assert h["p99_le_s"] == 0.01  # 99 of 100 under 10 ms, across both rpcs
+    assert lg.histogram_delta(after, after, name) is None

@@ -115,7 +115,10 @@ class ObservabilityInterceptor(_WrappingInterceptor):
                 raise
             finally:
                 m.inflight.labels(rpc).dec()
-                m.request_duration.labels(rpc).observe(time.perf_counter() - t0)
+                elapsed = time.perf_counter() - t0
+                m.request_duration.labels(rpc).observe(elapsed)
+                if RPC_CODE.get() == "RESOURCE_EXHAUSTED":
+                    m.refusal_duration.labels(rpc).observe(elapsed)
                 m.requests.labels(rpc, RPC_CODE.get()).inc()
                 _end_span(rid, RPC_CODE.get())
 

@@ -83,6 +83,13 @@ class Metrics:
         self.request_duration = Histogram(
             "retriever_request_duration_seconds", "RPC wall time.", ["rpc"], buckets=_LATENCY,
             registry=r)
+        self.refusal_duration = Histogram(
+            "retriever_refusal_duration_seconds",
+            "Wall time of RPCs answered RESOURCE_EXHAUSTED (shed or over a limit), from the "
+            "handler's start: how fast load is shed in the server (a client also sees the "
+            "transport and the event loop's lag, retriever_event_loop_lag_seconds).",
+            ["rpc"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                              1.0, 2.5, 5.0), registry=r)
         self.inflight = Gauge(
             "retriever_inflight_requests", "RPCs being handled now.", ["rpc"], registry=r)
         self.loop_lag = Histogram(
