@@ -1009,7 +1009,8 @@ def render(r: dict[str, Any], name: str) -> str:
     for kind, title, level in (("closed", "Closed loop (concurrency sweep)", "concurrency"),
                                ("open", "Open loop (Poisson arrivals, offered load sweep)",
                                 "offered req/s")):
-        steps = [s for s in r["steps"] if s["kind"] == kind]
+        # by load: the steps that refine saturation ran last
+        steps = sorted((s for s in r["steps"] if s["kind"] == kind), key=lambda s: s["level"])
         if not steps:
             continue
         lines += ["", f"## {title}", "",
