@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import sys
@@ -82,7 +83,8 @@ def index(
     batch_size: Annotated[int, typer.Option(help="documents per stream message")] = 32,
     max_bytes: Annotated[int, typer.Option(help="skip larger files")] = 1024 * 1024,
     prune: Annotated[bool, typer.Option(
-        help="also delete documents of the namespace that are no longer in the directory")
+        help="also delete documents of the namespace that are no longer in the directory; "
+        "a new file with the exact text of one of them is that document, moved")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
@@ -92,8 +94,10 @@ def index(
     from retriever.validation import MAX_SOURCE_TIME, MIN_SOURCE_TIME
 
     root = path.resolve()
-    total = len(list_files(root)[0])
+    listed = list_files(root)[0]
+    total = len(listed)
     report = WalkReport()
+    moved = 0
     totals = pb.UpsertDocumentsResponse(namespace=namespace)
     sent: set[str] = set()
     t0 = time.perf_counter()
@@ -125,11 +129,15 @@ def index(
             # Created up front so that even an empty directory leaves a namespace that
             # status and search can answer for.
             _ensure_namespace(client, namespace)
+            known, gone = _gone_by_content(client, namespace, set(listed)) if prune else ({}, {})
             batch: list[pb.Document] = []
             for f in read_sources(root, max_bytes, report):
                 sent.add(f.rel_path)
                 doc = pb.Document(doc_id=f.rel_path, path=f.rel_path, content=f.content,
                                   revision=f.revision)
+                if f.rel_path not in known and (ids := gone.get(_sha256(f.content))):
+                    doc.moved_from = ids.pop(0)  # a move: its history follows the file
+                    moved += 1
                 if MIN_SOURCE_TIME <= f.modified_at < MAX_SOURCE_TIME:  # else: unknown
                     doc.source_updated_at.FromDatetime(f.modified_at)
                 batch.append(doc)
@@ -150,7 +158,8 @@ def index(
         "chunks_embedded": int(totals.chunks_embedded),
         "chunks_reused": int(totals.chunks_reused), "chunks_deleted": int(totals.chunks_deleted),
         "skipped": {k: len(v) for k, v in report.skipped.items()},
-        "pruned": pruned, "bytes": report.bytes, "seconds": round(seconds, 3),
+        "pruned": pruned, "moved": moved, "bytes": report.bytes,
+        "seconds": round(seconds, 3),
     }
     if as_json:
         out.print_json(json.dumps(summary))
@@ -162,7 +171,8 @@ def index(
         f"{summary['chunks_embedded']} embedded, {summary['chunks_reused']} reused, "
         f"{summary['chunks_deleted']} removed in {seconds:.1f}s")
     if prune:
-        out.print(f"pruned {pruned} documents no longer in {path}")
+        out.print(f"pruned {pruned} documents no longer in {path}"
+                  + (f"; {moved} moved to a new path" if moved else ""))
     for reason, paths in report.skipped.items():
         out.print(f"skipped {len(paths)} ({reason}): {', '.join(paths[:5])}"
                   + (" ..." if len(paths) > 5 else ""))
@@ -186,6 +196,28 @@ def _ensure_namespace(client: RetrieverClient, namespace: str) -> None:
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
             raise
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _gone_by_content(client: RetrieverClient, namespace: str, present: set[str]
+                     ) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """The namespace's documents (id -> content hash), and those whose ids are not in
+    ``present`` by content hash: candidates for a file that moved."""
+    known: dict[str, str] = {}
+    token = ""
+    while True:
+        page = client.list_documents(namespace, page_size=1000, page_token=token)
+        known.update((d.doc_id, d.content_hash) for d in page.documents)
+        if not (token := page.next_page_token):
+            break
+    gone: dict[str, list[str]] = {}
+    for doc_id, content_hash in sorted(known.items()):
+        if doc_id not in present:
+            gone.setdefault(content_hash, []).append(doc_id)
+    return known, gone
 
 
 def _prune(client: RetrieverClient, namespace: str, keep: set[str]) -> int:

@@ -101,6 +101,32 @@ def test_index_prune_removes_documents_gone_from_the_directory(server, tmp_path:
         assert [d.doc_id for d in c.list_documents("prune").documents] == ["keep.md"]
 
 
+def test_index_prune_moves_a_renamed_file(server, tmp_path: Path) -> None:  # noqa: ANN001
+    """With --prune, a new path holding the exact text of a document gone from the
+    directory is that document, moved: its versions go on, the old id is gone at once."""
+    from retriever.client import RetrieverClient
+
+    root = tmp_path / "tree"
+    (root / "docs").mkdir(parents=True)
+    (root / "docs" / "guide.md").write_text("# Guide\nKnead the dough until smooth.\n")
+    (root / "other.md").write_text("# Other\nUnrelated.\n")
+    args = ["index", str(root), "-n", "moves", "-a", server.address, "--json", "--prune"]
+    assert json.loads(runner.invoke(app, args).stdout)["created"] == 2
+    (root / "manual").mkdir()
+    (root / "docs" / "guide.md").rename(root / "manual" / "guide.md")
+    summary = json.loads(runner.invoke(app, args).stdout)
+    assert (summary["moved"], summary["pruned"], summary["created"],
+            summary["updated"], summary["unchanged"]) == (1, 0, 0, 1, 1)
+    with RetrieverClient(server.address) as c:
+        assert [d.doc_id for d in c.list_documents("moves").documents] == [
+            "manual/guide.md", "other.md"]
+        assert c.get_document("moves", "manual/guide.md").version == 2
+    # Without --prune nothing is removed, so nothing moves.
+    (root / "manual" / "guide.md").rename(root / "guide.md")
+    plain = json.loads(runner.invoke(app, args[:-1]).stdout)
+    assert (plain["moved"], plain["created"]) == (0, 1)
+
+
 def test_index_of_an_empty_directory_creates_the_namespace(server, tmp_path: Path) -> None:  # noqa: ANN001
     (tmp_path / "empty").mkdir()
     args = ["index", str(tmp_path / "empty"), "-n", "e", "-a", server.address, "--json"]
