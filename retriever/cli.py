@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import sys
@@ -89,6 +88,7 @@ def index(
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Index a directory: every text file git would track (respecting .gitignore)."""
+    from retriever.domain import moved_candidates, sha256
     from retriever.ingest.walk import WalkReport, list_files, read_sources
     from retriever.v1 import retriever_pb2 as pb
     from retriever.validation import MAX_SOURCE_TIME, MIN_SOURCE_TIME
@@ -129,13 +129,14 @@ def index(
             # Created up front so that even an empty directory leaves a namespace that
             # status and search can answer for.
             _ensure_namespace(client, namespace)
-            known, gone = _gone_by_content(client, namespace, set(listed)) if prune else ({}, {})
+            known = _content_hashes(client, namespace) if prune else {}
+            gone = moved_candidates(known, set(listed))
             batch: list[pb.Document] = []
             for f in read_sources(root, max_bytes, report):
                 sent.add(f.rel_path)
                 doc = pb.Document(doc_id=f.rel_path, path=f.rel_path, content=f.content,
                                   revision=f.revision)
-                if f.rel_path not in known and (ids := gone.get(_sha256(f.content))):
+                if f.rel_path not in known and (ids := gone.get(sha256(f.content))):
                     doc.moved_from = ids.pop(0)  # a move: its history follows the file
                     moved += 1
                 if MIN_SOURCE_TIME <= f.modified_at < MAX_SOURCE_TIME:  # else: unknown
@@ -198,26 +199,15 @@ def _ensure_namespace(client: RetrieverClient, namespace: str) -> None:
             raise
 
 
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _gone_by_content(client: RetrieverClient, namespace: str, present: set[str]
-                     ) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """The namespace's documents (id -> content hash), and those whose ids are not in
-    ``present`` by content hash: candidates for a file that moved."""
+def _content_hashes(client: RetrieverClient, namespace: str) -> dict[str, str]:
+    """The namespace's documents: id -> content hash."""
     known: dict[str, str] = {}
     token = ""
     while True:
         page = client.list_documents(namespace, page_size=1000, page_token=token)
         known.update((d.doc_id, d.content_hash) for d in page.documents)
         if not (token := page.next_page_token):
-            break
-    gone: dict[str, list[str]] = {}
-    for doc_id, content_hash in sorted(known.items()):
-        if doc_id not in present:
-            gone.setdefault(content_hash, []).append(doc_id)
-    return known, gone
+            return known
 
 
 def _prune(client: RetrieverClient, namespace: str, keep: set[str]) -> int:

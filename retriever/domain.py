@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import enum
+import hashlib
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def sha256(text: str) -> str:
+    """A document's (or a chunk's) content hash: sha256 of its UTF-8 text, in hex."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def moved_candidates(hashes: Mapping[str, str], present: Container[str]
+                     ) -> dict[str, list[str]]:
+    """Documents (id -> content hash) whose ids are not ``present``, by content hash (ids
+    sorted): a new path with one of those texts is that document, moved."""
+    gone: dict[str, list[str]] = {}
+    for doc_id, content_hash in sorted(hashes.items()):
+        if doc_id not in present:
+            gone.setdefault(content_hash, []).append(doc_id)
+    return gone
 
 
 @dataclass(frozen=True, slots=True)

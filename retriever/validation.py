@@ -57,12 +57,6 @@ def documents(docs: Sequence[Document], settings: Settings, field: str = "docume
     moved: set[str] = set()
     for i, d in enumerate(docs):
         f = f"{field}[{i}]"
-        if d.moved_from:
-            if d.moved_from in moved:
-                raise InvalidArgument(f"{f}.moved_from {d.moved_from!r} appears twice in one "
-                                      "message: a document moves to one place",
-                                      field=f"{f}.moved_from")
-            moved.add(d.moved_from)
         doc_id(d.doc_id, f"{f}.doc_id")
         if d.doc_id in seen:
             raise InvalidArgument(f"{f}.doc_id {d.doc_id!r} appears twice in one message",
@@ -70,6 +64,11 @@ def documents(docs: Sequence[Document], settings: Settings, field: str = "docume
         seen.add(d.doc_id)
         if d.moved_from:
             doc_id(d.moved_from, f"{f}.moved_from")
+            if d.moved_from in moved:
+                raise InvalidArgument(f"{f}.moved_from {d.moved_from!r} appears twice in one "
+                                      "message: a document moves to one place",
+                                      field=f"{f}.moved_from")
+            moved.add(d.moved_from)
         size = _utf8_len(d.content, f"{f}.content")
         if size > settings.max_document_bytes:
             raise InvalidArgument(

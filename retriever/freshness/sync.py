@@ -47,7 +47,14 @@ from retriever._priority import lower_priority
 from retriever.cancel import NEVER, CallToken
 from retriever.catalog import Catalog, SourceRecord, SyncRecord
 from retriever.config import Settings
-from retriever.domain import DeleteResult, DocStatus, Document, UpsertResult
+from retriever.domain import (
+    DeleteResult,
+    DocStatus,
+    Document,
+    UpsertResult,
+    moved_candidates,
+    sha256,
+)
 from retriever.errors import (
     Aborted,
     Cancelled,
@@ -76,7 +83,6 @@ from retriever.freshness.git import (
     resolve,
     snapshot,
 )
-from retriever.ingest.pipeline import sha256
 
 __all__ = ["SYNC_HISTORY", "SyncRequest", "SyncState", "SyncStatus", "Syncer",
            "check_location"]
@@ -566,12 +572,9 @@ class Syncer:
                 break
             after = page[-1].doc_id
         entries = [e for p, e in sorted(snap.entries.items()) if _usable(p, skipped)]
-        paths = {e.path for e in entries}
         # Documents no longer in the tree, by content: a new path with one's text is it, moved.
-        gone: dict[str, list[str]] = {}
-        for doc_id, (content_hash, _) in sorted(known.items()):
-            if doc_id not in paths:
-                gone.setdefault(content_hash, []).append(doc_id)
+        gone = moved_candidates({d: h for d, (h, _) in known.items()},
+                                {e.path for e in entries})
         unreadable = set(self._upsert_files(run, repo, head, entries, skipped, known, set(),
                                             by_content=gone))
         present = {e.path for e in entries if e.path not in unreadable}

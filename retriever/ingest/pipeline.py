@@ -34,7 +34,14 @@ from retriever.catalog import (
     StoredChunk,
 )
 from retriever.config import Settings
-from retriever.domain import DeleteResult, DocResult, DocStatus, Document, UpsertResult
+from retriever.domain import (
+    DeleteResult,
+    DocResult,
+    DocStatus,
+    Document,
+    UpsertResult,
+    sha256,
+)
 from retriever.errors import NotFound
 from retriever.ingest.chunking import ChunkerSet, ChunkSpan, TokenCounter, detect_language
 from retriever.models.embedder import Embedder
@@ -62,10 +69,6 @@ HEADER_TOKENS = 48
 PATH_TOKENS = 24
 # Changes whenever the header's format does: part of every document's chunking signature.
 HEADER_FORMAT = "h2"
-
-
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _meta_json(d: Document) -> str:
@@ -221,7 +224,8 @@ class Ingestor:
         with self._metrics.stage("chunk"):
             planned, _, _ = self._plan_docs(ns, docs, heads, None)
         existing = self._catalog.active_chunks(ns, [p.doc.doc_id for p in planned])
-        movable = self._catalog.embedded_vectors(ns, _moves(docs, heads))
+        moves = _moves(docs, heads)
+        movable = self._catalog.embedded_vectors(ns, moves) if moves else {}
         todo: dict[str, int] = {}
         for p in planned:
             for cid, text, n in zip(p.chunk_ids, p.embed_texts, p.token_counts, strict=True):
