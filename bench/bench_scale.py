@@ -25,6 +25,13 @@ Corpus: documents of 10 paragraphs of SciFact sentences (prose: sentence-bounded
 of up to the token budget); queries: SciFact's test queries.
 
     python bench/bench_scale.py [--sizes 10000,100000,1000000] [--out bench/results/scale]
+        [--model tiny|packaged] [--server-env NAME=VALUE ...]
+
+``--model packaged`` runs the packaged all-MiniLM-L6-v2 instead (with ``--server-env``, e.g.
+``RETRIEVER_EMBEDDER_BACKEND=openvino RETRIEVER_EMBEDDER_PRECISION=int8``): the same
+figures with the real model's query encoding in every search, at the sizes its indexing
+speed allows (100k chunks: ~13 minutes of OpenVINO int8 on 2 cores); the raw batched
+query encoding is then the real model's, torch fp32.
 """
 
 from __future__ import annotations
@@ -96,13 +103,17 @@ def _free_port() -> int:
 class Server:
     """`retriever serve` on the data dir; ``seconds`` = start to the serving line."""
 
-    def __init__(self, data: Path, model: Path) -> None:
+    def __init__(self, data: Path, model: Path | None,
+                 extra_env: dict[str, str] | None = None) -> None:
+        """``model``: a model directory, or None for the packaged model."""
         self.port = _free_port()
         env = dict(os.environ, RETRIEVER_DATA_DIR=str(data), RETRIEVER_GRPC_PORT=str(self.port),
-                   RETRIEVER_METRICS_PORT="0", RETRIEVER_EMBEDDER_MODEL=str(model),
-                   # The tiny model's pass (~0.3 ms) is shorter than an OpenMP team's
-                   # fork and join: one thread, as for any model that small (query_threads).
-                   RETRIEVER_QUERY_THREADS="1", HF_HUB_OFFLINE="1")
+                   RETRIEVER_METRICS_PORT="0", HF_HUB_OFFLINE="1")
+        if model is not None:
+            # The tiny model's pass (~0.3 ms) is shorter than an OpenMP team's fork and
+            # join: one thread, as for any model that small (query_threads).
+            env.update(RETRIEVER_EMBEDDER_MODEL=str(model), RETRIEVER_QUERY_THREADS="1")
+        env.update(extra_env or {})
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "retriever.cli", "serve", "--log-level", "WARNING"],
@@ -194,18 +205,28 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale")
     ap.add_argument("--work", type=Path, default=None, help="data dir parent (default: tmp)")
+    ap.add_argument("--model", choices=("tiny", "packaged"), default="tiny")
+    ap.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="environment of the server (repeatable)")
     args = ap.parse_args()
+    extra = dict(kv.split("=", 1) for kv in args.server_env)
     sizes = [int(s) for s in args.sizes.split(",")]
     rng = random.Random(11)
     pool = sentences()
     qs = queries(300)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-scale-"))
-    model = build_tiny_model(ROOT / "bench" / ".cache" / "tiny-embedder")
+    if args.model == "tiny":
+        model: Path | None = build_tiny_model(ROOT / "bench" / ".cache" / "tiny-embedder")
+        raw_dir, model_name = model, "tiny"
+    else:
+        from retriever.models.embedder import default_model_path
+
+        model, raw_dir, model_name = None, Path(default_model_path()), "all-MiniLM-L6-v2"
     data = work / "data"
-    raw_qps = raw_query_qps(model, qs)
-    log(f"tiny model at {model}; raw batched query encode {raw_qps:.0f} q/s")
+    raw_qps = raw_query_qps(raw_dir, qs)
+    log(f"model {model_name}; raw batched query encode {raw_qps:.0f} q/s")
     rows = []
-    server = Server(data, model)
+    server = Server(data, model, extra)
     chunks = docs = 0
     try:
         for size in sizes:
@@ -227,7 +248,7 @@ def main() -> None:
             log(json.dumps(lat))
             rss, anon = server.rss_mb(), server.rss_mb("RssAnon")
             stop_s = server.stop()
-            server = Server(data, model)
+            server = Server(data, model, extra)
             with RetrieverClient(server.address) as c:
                 st = c.status(NS)
             # Right after the upserts the server still builds (HNSW, lexical merges):
@@ -253,20 +274,30 @@ def main() -> None:
         server.stop()
     c = cpu()
     result = {"cpu": c, "commit": git(ROOT, "rev-parse", "--short", "HEAD"),
+              "model": model_name, "server_env": extra,
               "raw_query_encode_qps": round(raw_qps, 1), "rows": rows,
               "run": datetime.now(UTC).isoformat(timespec="seconds")}
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    if model is not None:
+        title = "# The service at scale (tiny embedder)"
+        what = ("with the bench's own 1-layer, 32-wide embedder projected to 384-d (MiniLM's "
+                "tokenizer: chunks as with the real model; vectors without meaning)")
+    else:
+        env = " ".join(f"{k}={v}" for k, v in extra.items()) or "default settings"
+        title = "# The service at scale (all-MiniLM-L6-v2)"
+        what = (f"with the packaged all-MiniLM-L6-v2 ({env}): every search embeds its "
+                "query with the real model")
     lines = [
-        "# The service at scale (tiny embedder)",
+        title,
         "",
         f"Run {result['run']} at commit {result['commit']}, CPU {cpu_line(c)}. One "
-        "`retriever serve` process on embedded defaults (FAISS, SQLite, tantivy) with the "
-        "bench's own 1-layer, 32-wide embedder projected to 384-d (MiniLM's tokenizer: chunks "
-        "as with the real model; vectors without meaning), one namespace grown by gRPC "
+        f"`retriever serve` process on embedded defaults (FAISS, SQLite, tantivy) {what}, "
+        "one namespace grown by gRPC "
         "UpsertDocuments (32 documents per message, prose documents of 10 paragraphs of "
         "SciFact sentences). Search: default mode (hybrid), top_k 10, SciFact test queries, "
         "client threads on the same 2 cores. Raw batched query encoding of the same model "
-        f"(batch 32): {raw_qps:,.0f} queries/s. Produced by `python bench/bench_scale.py`.",
+        f"(torch fp32, batch 32): {raw_qps:,.0f} queries/s. Produced by `python "
+        f"bench/bench_scale.py{' --model packaged' if model is None else ''}`.",
         "",
         "Search p50 / p99 in ms; c=1 once right after the upserts (background index builds "
         "and merges still running) and once after the restart. RSS: the whole (its "

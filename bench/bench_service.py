@@ -391,7 +391,8 @@ def environment(embedder: Embedder, settings: Settings) -> dict:
         "sentence_transformers": sentence_transformers.__version__,
         "transformers": transformers.__version__, "grpcio": grpc.__version__,
         "embedder": {"name": embedder.name, "revision": embedder.revision,
-                     "device": embedder.device, "precision": embedder.precision,
+                     "device": embedder.device, "backend": embedder.backend,
+                     "precision": embedder.precision,
                      "dimension": embedder.dimension, "max_tokens": embedder.max_tokens},
         "settings": {"chunk_tokens": settings.chunk_tokens,
                      "overlap_tokens": settings.overlap_tokens,
@@ -404,6 +405,11 @@ def environment(embedder: Embedder, settings: Settings) -> dict:
 
 
 # -- report --------------------------------------------------------------------------------
+def backend_of(emb: dict) -> str:
+    """The embedder backend of a result (older results name it only in the revision)."""
+    return emb.get("backend") or ("openvino" if "+ov-" in emb["revision"] else "torch")
+
+
 def render(r: dict) -> str:
     env, corpus, idx, raw = r["environment"], r["corpus"], r["index"], r["raw_encode"]
     re_idx, search, rq = r["reindex"], r["search"], r["raw_query_encode"]
@@ -421,7 +427,8 @@ def render(r: dict) -> str:
         f"{env['cpu']}, {env['cores']} cores ({' '.join(env.get('cpu_flags', []))}; "
         f"{env['torch_threads']} torch threads), "
         f"torch {env['torch']}, faiss {env['faiss']}, {emb['name']} on {emb['device']} "
-        f"({emb['precision']}). Service code: commit {env['git_commit'][:10] or '?'}"
+        f"({backend_of(emb)} {emb['precision']}, revision {emb['revision']}); "
+        f"raw baselines: torch fp32. Service code: commit {env['git_commit'][:10] or '?'}"
         + (f" with uncommitted changes to {', '.join(env['uncommitted_service_files'])}"
            if env["uncommitted_service_files"] else "") + ".",
         "",
@@ -468,10 +475,13 @@ def render(r: dict) -> str:
         f"{dur['upsert']['chunks'] / dur['upsert']['wall_s']:.1f} chunks/s), sequential "
         f"searches ({dur['requests']}) took p50 {dur['p50_ms']:.1f} ms, p90 "
         f"{dur['p90_ms']:.1f} ms, p99 {dur['p99_ms']:.1f} ms, max {dur['max_ms']:.1f} ms: a "
-        "query that arrives while a document slice is embedded runs at the slice's next "
-        "layer boundary (`embed_layer_checkpoints`"
-        f"{'' if env['settings'].get('embed_layer_checkpoints', True) else ': off here'}; "
-        "otherwise it waits for the slice).",
+        + ("query that arrives while a document slice is embedded waits for that slice "
+           "(OpenVINO runs its compiled graph whole: no layer checkpoints)."
+           if backend_of(emb) == "openvino" else
+           "query that arrives while a document slice is embedded runs at the slice's next "
+           "layer boundary (`embed_layer_checkpoints`"
+           f"{'' if env['settings'].get('embed_layer_checkpoints', True) else ': off here'}; "
+           "otherwise it waits for the slice)."),
     ]
     burst = next((s for s in search if s["concurrency"] == BURST_WORKERS), None)
     if burst is not None and "batched_qps" in rq:
