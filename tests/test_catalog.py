@@ -572,10 +572,40 @@ def test_candidate_heads_are_read_from_the_narrow_covering_indexes(cat: Catalog)
         db.set_trace_callback(None)
     (select,) = [q for q in statements if q.lstrip().upper().startswith("SELECT")]
     plan = [r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {select}")]
-    # Candidates first, by id, then each one's document: never a scan of the namespace.
-    assert plan == [
+    # Candidates first, by id (the id list, one bound JSON array, read by json_each), then
+    # each one's document: never a scan of the namespace.
+    assert [p for p in plan if p.startswith("SEARCH")] == [
         "SEARCH c USING COVERING INDEX chunks_heads (vector_id=? AND namespace=? AND state=?)",
         "SEARCH d USING COVERING INDEX documents_paths (namespace=? AND doc_id=?)"]
+    assert [p for p in plan if p.startswith("SCAN")] == ["SCAN json_each VIRTUAL TABLE INDEX 1:"]
+    # One statement, one row: no BEGIN/COMMIT around it, no row per candidate.
+    assert len(statements) == 1
+
+
+def test_a_search_fetches_its_hits_by_id_in_one_statement_and_row(cat: Catalog) -> None:
+    """The final hits are read by vector id (never by walking the namespace's documents),
+    with the index version, in one statement that returns one row, timestamps exact."""
+    ids = add_doc(cat, "a.py", 3, path="src/a.py")
+    add_doc(cat, "b.py", 2, path="src/b.py")
+    staged = cat.stage_chunks("ns", [new_chunk("c.py", 0)])
+    db = cat._conn()
+    statements: list[str] = []
+    db.set_trace_callback(statements.append)
+    try:
+        got, version = cat.chunks_by_vector_ids("ns", [ids[2], ids[0], *staged, 999])
+    finally:
+        db.set_trace_callback(None)
+    assert sorted(got) == sorted([ids[0], ids[2]])  # the staged chunk is not visible yet
+    assert version == cat._version(db, "ns")
+    for vid, chunk in got.items():
+        assert chunk == cat.get_chunk("ns", chunk.chunk_id)  # same record as a plain read
+        assert chunk.vector_id == vid and chunk.path == "src/a.py"
+    (select,) = statements
+    plan = [r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {select}")]
+    assert "SEARCH c USING INTEGER PRIMARY KEY (rowid=?)" in plan
+    assert not [p for p in plan if p.startswith("SCAN") and "json_each" not in p
+                and p != "SCAN CONSTANT ROW"], plan
+    assert not [p for p in plan if p.startswith("SEARCH d") and "doc_id=?" not in p], plan
 
 
 def test_page_caches_of_all_connections_stay_within_catalog_cache_bytes(tmp_path: Path) -> None:
