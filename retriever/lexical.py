@@ -265,13 +265,17 @@ class LexicalIndex:
         whole = flt.path_prefix if _regex_part(flt.path_prefix) != flt.path_prefix else ""
         k = limit
         while True:
-            found = searcher.search(query, k).hits
+            found = searcher.search(query, k, count=False).hits
+            # The ids from the fast field, for all hits in one call: reading each stored
+            # document (doc()) gives up the GIL once per hit and must win it back, a switch
+            # interval each behind busy threads (100 hits: 43 ms against 2.6 ms with two
+            # busy threads beside; 0.22 and 0.18 ms alone).
+            vids = searcher.fast_field_values("vid", [addr for _, addr in found])
             out = []
-            for score, addr in found:
-                doc = searcher.doc(addr)
-                if whole and not doc["path"][0].startswith(whole):
+            for (score, addr), vid in zip(found, vids, strict=True):
+                if whole and not searcher.doc(addr)["path"][0].startswith(whole):
                     continue  # matched the regex's part of the prefix only
-                out.append((int(doc["vid"][0]), float(score)))
+                out.append((int(vid), float(score)))
             if not whole or len(out) >= limit or len(found) < k:
                 return out[:limit]
             k *= 4

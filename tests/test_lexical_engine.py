@@ -219,10 +219,11 @@ def test_a_search_the_index_fails_falls_back_to_fts5_and_the_next_start_rebuilds
     st = ServerThread(make_settings(data), embedder).start()
     try:
         with RetrieverClient(st.address) as c:
-            # The stored ids, read for every hit (before any search: the engine caches the
-            # blocks it decompressed).
-            for store in lx.glob("*.store"):
-                _flip_bytes(store)
+            # The postings, read by every search (before any search: the engine caches what
+            # it decoded). A search reads its hits' ids from the fast field, not the stored
+            # documents.
+            for postings in lx.glob("*.idx"):
+                _flip_bytes(postings)
             # Answered all the same (from the catalog's FTS5 table), and marked for rebuild.
             assert _lexical_ids(c, "lex", "raft_frames")[0] == "n01.md"
             assert (lx / "retriever-failed").exists()
