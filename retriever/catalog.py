@@ -1320,7 +1320,7 @@ def _in(db: sqlite3.Connection, sql: str, values: Iterable[object], *args: objec
     return rows
 
 
-def _id_list(ids: Iterable[object]) -> str:
+def _id_list(ids: Iterable[int]) -> str:
     """Integer ids as one JSON array, bound as one parameter (``IN (SELECT value FROM
     json_each(?))``): no bound-parameter limit, and one statement text whatever the count,
     so its prepared form is reused from the connection's cache."""

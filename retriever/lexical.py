@@ -275,6 +275,8 @@ class LexicalIndex:
             for (score, addr), vid in zip(found, vids, strict=True):
                 if whole and not searcher.doc(addr)["path"][0].startswith(whole):
                     continue  # matched the regex's part of the prefix only
+                if vid is None:  # no column in that segment (not written by this schema)
+                    vid = searcher.doc(addr)["vid"][0]
                 out.append((int(vid), float(score)))
             if not whole or len(out) >= limit or len(found) < k:
                 return out[:limit]
