@@ -105,13 +105,6 @@ def code_set(spec: str, commits: int) -> QuerySet:
 
 
 # -- environment ---------------------------------------------------------------------------
-def load_average() -> list[float]:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return []
-
-
 def environment(device: str) -> dict:
     import sentence_transformers
     import torch
@@ -329,7 +322,7 @@ def main() -> int:
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                  capture_output=True, text=True).stdout.strip(),
         "environment": environment(device), "gate": GATE,
-        "loadavg_start": load_average(),
+        "loadavg_start": bench_service.loadavg(),
         "sets": {n: {"queries": len(q.queries), **{k: v for k, v in q.metadata.items()
                                                    if isinstance(v, str | int)}}
                  for n, q in sets.items()},
@@ -363,7 +356,7 @@ def main() -> int:
             passed = passed and q["nDCG@10_vs_fp32"] >= GATE and q["R@10_vs_fp32"] >= GATE
         r["gate_passed"] = passed
     result.update(raw=raw, service=runs, run_s=time.perf_counter() - t_run,
-                  loadavg_end=load_average())
+                  loadavg_end=bench_service.loadavg())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     md = render(result)

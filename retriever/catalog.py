@@ -767,18 +767,10 @@ class Catalog:
         return [_document(r, with_content=False) for r in rows], int(total)
 
     # -- chunks ----------------------------------------------------------------------------
-    _CHUNK_COLS = (
-        "c.vector_id, c.chunk_id, c.namespace, c.doc_id, c.ordinal, c.text, c.content_hash,"
-        " c.start_line, c.end_line, c.start_byte, c.end_byte, c.token_count, c.chunker,"
-        " c.symbol, c.kind, c.fallback, d.language, d.path, d.revision, d.version,"
-        " d.content_hash AS document_hash,"
-        " d.indexed_at, d.source_updated_at, d.metadata"
-    )
-
     def get_chunk(self, namespace: str, chunk_id: str) -> ChunkRecord | None:
         with self._reader() as db:
             row = db.execute(
-                f"SELECT {self._CHUNK_COLS} FROM chunks c JOIN documents d"
+                f"SELECT {_CHUNK_COLS} FROM chunks c JOIN documents d"
                 " ON d.namespace = c.namespace AND d.doc_id = c.doc_id"
                 " WHERE c.namespace = ? AND c.chunk_id = ? AND c.state = 1",
                 (namespace, chunk_id),
@@ -805,8 +797,8 @@ class Catalog:
         out = {}
         for r in _json_rows(got):
             row = dict(zip(_CHUNK_NAMES, r, strict=True))
-            row["indexed_at"] = _real(row["indexed_at"])
-            row["source_updated_at"] = _real(row["source_updated_at"])
+            for name in _CHUNK_REALS:
+                row[name] = _real(row[name])
             out[int(row["vector_id"])] = _chunk(row)
         return out, version
 
@@ -1374,20 +1366,25 @@ def _document(row: sqlite3.Row, *, with_content: bool,
     )
 
 
-# Catalog._CHUNK_COLS as one JSON array per chunk (see _in_json), its REALs quoted, and the
-# names of its members in order.
-_CHUNK_NAMES = (
-    "vector_id", "chunk_id", "namespace", "doc_id", "ordinal", "text", "content_hash",
-    "start_line", "end_line", "start_byte", "end_byte", "token_count", "chunker", "symbol",
-    "kind", "fallback", "language", "path", "revision", "version", "document_hash",
-    "indexed_at", "source_updated_at", "metadata",
+# What a ChunkRecord is read from: (SQL expression, name), in one order for both readers.
+_CHUNK_FIELDS = (
+    ("c.vector_id", "vector_id"), ("c.chunk_id", "chunk_id"), ("c.namespace", "namespace"),
+    ("c.doc_id", "doc_id"), ("c.ordinal", "ordinal"), ("c.text", "text"),
+    ("c.content_hash", "content_hash"), ("c.start_line", "start_line"),
+    ("c.end_line", "end_line"), ("c.start_byte", "start_byte"), ("c.end_byte", "end_byte"),
+    ("c.token_count", "token_count"), ("c.chunker", "chunker"), ("c.symbol", "symbol"),
+    ("c.kind", "kind"), ("c.fallback", "fallback"), ("d.language", "language"),
+    ("d.path", "path"), ("d.revision", "revision"), ("d.version", "version"),
+    ("d.content_hash", "document_hash"), ("d.indexed_at", "indexed_at"),
+    ("d.source_updated_at", "source_updated_at"), ("d.metadata", "metadata"),
 )
-_CHUNK_JSON = (
-    "json_array(c.vector_id, c.chunk_id, c.namespace, c.doc_id, c.ordinal, c.text,"
-    " c.content_hash, c.start_line, c.end_line, c.start_byte, c.end_byte, c.token_count,"
-    " c.chunker, c.symbol, c.kind, c.fallback, d.language, d.path, d.revision, d.version,"
-    " d.content_hash, quote(d.indexed_at), quote(d.source_updated_at), d.metadata)"
-)
+_CHUNK_REALS = ("indexed_at", "source_updated_at")  # REAL columns among them
+_CHUNK_NAMES = tuple(name for _, name in _CHUNK_FIELDS)
+# As columns of a row (get_chunk: sqlite3.Row by name) ...
+_CHUNK_COLS = ", ".join(f"{expr} AS {name}" for expr, name in _CHUNK_FIELDS)
+# ... and as one JSON array per chunk (see _json_rows), its REALs quoted.
+_CHUNK_JSON = "json_array({})".format(", ".join(
+    f"quote({expr})" if name in _CHUNK_REALS else expr for expr, name in _CHUNK_FIELDS))
 
 
 def _chunk(row: Mapping[str, Any]) -> ChunkRecord:

@@ -585,7 +585,9 @@ def test_candidate_heads_are_read_from_the_narrow_covering_indexes(cat: Catalog)
 def test_a_search_fetches_its_hits_by_id_in_one_statement_and_row(cat: Catalog) -> None:
     """The final hits are read by vector id (never by walking the namespace's documents),
     with the index version, in one statement that returns one row, timestamps exact."""
-    ids = add_doc(cat, "a.py", 3, path="src/a.py")
+    # A source time whose microseconds a 15-digit rendering of its epoch would lose.
+    updated = datetime(2026, 11, 27, 8, 1, 2, 345679, tzinfo=UTC)
+    ids = add_doc(cat, "a.py", 3, path="src/a.py", source_updated_at=updated)
     add_doc(cat, "b.py", 2, path="src/b.py")
     staged = cat.stage_chunks("ns", [new_chunk("c.py", 0)])
     db = cat._conn()
@@ -596,10 +598,11 @@ def test_a_search_fetches_its_hits_by_id_in_one_statement_and_row(cat: Catalog) 
     finally:
         db.set_trace_callback(None)
     assert sorted(got) == sorted([ids[0], ids[2]])  # the staged chunk is not visible yet
-    assert version == cat._version(db, "ns")
+    assert version > 0 and version == cat._version(db, "ns")
     for vid, chunk in got.items():
         assert chunk == cat.get_chunk("ns", chunk.chunk_id)  # same record as a plain read
         assert chunk.vector_id == vid and chunk.path == "src/a.py"
+        assert chunk.source_updated_at == updated
     (select,) = statements
     plan = [r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {select}")]
     assert "SEARCH c USING INTEGER PRIMARY KEY (rowid=?)" in plan
