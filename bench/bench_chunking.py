@@ -36,6 +36,8 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -148,6 +150,7 @@ def quality(embedder: Embedder, repos: dict[str, str], commits: int, cache: Path
         log(f"building the history set of {name}")
         sets[name] = build_git_history_set(path, commits=commits, name=name)
     out: dict[str, dict] = {}
+    per_query: dict[tuple[str, str], dict[str, dict[str, dict[str, float]]]] = {}
     for chunking in ("windows", "structured"):
         tmp = tempfile.TemporaryDirectory(prefix=f"bench-chunking-{chunking}-")
         settings = Settings(data_dir=Path(tmp.name), grpc_port=0, metrics_port=0,
@@ -168,10 +171,32 @@ def quality(embedder: Embedder, repos: dict[str, str], commits: int, cache: Path
                     entry[chunking] = {"chunks": counts["chunks_total"], **{
                         r.mode: {k: r.metrics[k] for k in ("R@10", "MRR", "nDCG@10", "R@100")}
                         for r in results}}
+                    per_query[(name, chunking)] = {r.mode: r.per_query for r in results}
         finally:
             st.stop()
             tmp.cleanup()
+    for name, entry in out.items():
+        entry["paired"] = {mode: {metric: paired_difference(
+            per_query[(name, "windows")][mode], per_query[(name, "structured")][mode], metric)
+            for metric in ("R@10", "MRR")} for mode in MODES}
     return out
+
+
+def paired_difference(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]],
+                      metric: str, resamples: int = 10_000) -> dict[str, float]:
+    """Mean of ``b - a`` over the queries both answered, with a 95 % paired bootstrap
+    interval (queries resampled with replacement, fixed seed) and the share of resamples in
+    which ``b`` is ahead: how far a difference between two chunkers is more than the draw
+    of 200 queries."""
+    ids = sorted(set(a) & set(b))
+    d = np.array([b[q][metric] - a[q][metric] for q in ids])
+    if not len(d):
+        return {"diff": 0.0, "lo": 0.0, "hi": 0.0, "p_ahead": 0.0, "queries": 0}
+    rng = np.random.default_rng(20261127)
+    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi),
+            "p_ahead": float((means > 0).mean()), "queries": len(d)}
 
 
 def render(r: dict) -> str:
@@ -191,10 +216,18 @@ def render(r: dict) -> str:
             "file-level metrics through the real gRPC Search with collapse.",
             "",
             "| repo | mode | chunks windows → structured | R@10 windows | R@10 structured | "
-            "MRR windows | MRR structured |",
-            "|---|---|---|---|---|---|---|",
+            "MRR windows | MRR structured | Δ R@10 [95 %] | Δ MRR [95 %] |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        wins = total = 0
+        wins = total = sure_wins = sure_losses = 0
+
+        def delta(p: dict | None) -> str:
+            nonlocal sure_wins, sure_losses
+            if p is None:
+                return "-"
+            sure_wins += p["lo"] > 0
+            sure_losses += p["hi"] < 0
+            return f"{p['diff']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}]"
 
         def pair(a: float, b: float) -> str:  # the better one in bold
             return (f"{a:.3f} | **{b:.3f}**" if b > a else
@@ -207,11 +240,19 @@ def render(r: dict) -> str:
                 mrr_w, mrr_s = pair(w["MRR"], s["MRR"]).split(" | ")
                 wins += (s["R@10"] > w["R@10"]) + (s["MRR"] > w["MRR"])
                 total += 2
+                paired = e.get("paired", {}).get(mode, {})
                 lines.append(
                     f"| {name} | {mode} | {e['windows']['chunks']} → {e['structured']['chunks']}"
-                    f" | {r10_w} | {r10_s} | {mrr_w} | {mrr_s} |")
+                    f" | {r10_w} | {r10_s} | {mrr_w} | {mrr_s} | {delta(paired.get('R@10'))} |"
+                    f" {delta(paired.get('MRR'))} |")
         lines += ["", f"Structured chunking wins {wins} of {total} comparisons (R@10 and MRR, "
                   "each repository and mode; ties count as losses)."]
+        if any("paired" in e for e in r["quality"].values()):
+            lines += ["", "Δ = structured − windows, mean over the queries, with a 95 % paired "
+                      "bootstrap interval (queries resampled, 10,000 times): "
+                      f"{sure_wins} of {total} differences are ahead for structured beyond the "
+                      f"interval, {sure_losses} behind beyond it; the rest are within what "
+                      "another draw of the same number of queries could give."]
         lines += ["", "Sets:", ""]
         for name, e in r["quality"].items():
             lines.append(f"- **{name}**: {e['queries']} queries, {e['corpus_documents']} files;"

@@ -1,6 +1,6 @@
 """Chunking: documents into token-budgeted, span-exact chunks.
 
-``syntax/v2`` cuts code and config files by their syntax tree (tree-sitter), ``sections/v2``
+``syntax/v3`` cuts code and config files by their syntax tree (tree-sitter), ``sections/v3``
 cuts Markdown, reStructuredText and prose by headings, paragraphs and sentences (both pack
 an outline with ``structure.StructuredChunker``), and ``windows/v1`` (overlapping line
 windows) cuts everything else and whatever the others cannot trust.
@@ -54,8 +54,8 @@ def build_chunkers(count_tokens: TokenCounter, token_offsets: TokenOffsets, budg
         return ChunkerSet(windows, config=config)
     # Imported here: the grammars load only when structured chunking is on.
     from retriever.ingest.chunking import docs, syntax
-    code = StructuredChunker("syntax/v2", syntax.OUTLINERS, windows, count_tokens)
-    prose = StructuredChunker("sections/v2", docs.OUTLINERS, windows, count_tokens,
+    code = StructuredChunker("syntax/v3", syntax.OUTLINERS, windows, count_tokens)
+    prose = StructuredChunker("sections/v3", docs.OUTLINERS, windows, count_tokens,
                               prose=frozenset(docs.OUTLINERS))
     by_language: dict[str, Chunker] = dict.fromkeys(syntax.OUTLINERS, code)
     by_language.update(dict.fromkeys(docs.OUTLINERS, prose))
