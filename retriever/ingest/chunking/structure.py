@@ -211,48 +211,26 @@ class StructuredChunker:
     def _pack_seq(self, content: str, lines: _Lines, segs: list[_Seg], path: list[str],
                   context: str, depth: int = 0, parent_kind: str = "") -> list[_Piece]:
         """Pieces for a sequence of siblings under symbol ``path``."""
-        budget = self.budget
-        small = budget * SMALL_SHARE
+        small = self.budget * SMALL_SHARE
         segs = self._absorb_tiny(segs)
-        groups: list[list[_Seg]] = []
         out: list[_Piece | list[_Seg]] = []
-        cur: list[_Seg] = []
-        cur_tokens = 0
-
-        def flush() -> None:
-            nonlocal cur, cur_tokens
-            if cur:
-                out.append(cur)
-                groups.append(cur)
-            cur, cur_tokens = [], 0
-
         run: list[_Seg] = []  # mergeable neighbours, packed together at the next break
-
-        def pack_run() -> None:
-            nonlocal run
-            for group in self._balanced(run):
-                out.append(group)
-                groups.append(group)
-            run = []
-
         for g in segs:
             standalone = self._standalone(g)
             if self._oversized(g):
-                pack_run()
+                out.extend(self._balanced(run))
+                run = []
                 out.extend(self._split(content, lines, g, path, context, depth, parent_kind))
             elif standalone or g.tokens >= small:
-                if standalone and self._head_run(run, sum(x.tokens for x in run), g):
-                    cur = run
-                    run = []
+                if standalone and self._head_run(run, g):
+                    out.append([*run, g])
                 else:
-                    pack_run()
-                cur.append(g)
-                cur_tokens += g.tokens
-                flush()
+                    out.extend(self._balanced(run))
+                    out.append([g])
+                run = []
             else:
                 run.append(g)
-        pack_run()
-        flush()
+        out.extend(self._balanced(run))
         merged = self._merge_tiny(out)
         return [item if isinstance(item, _Piece)
                 else self._group_piece(item, path, context, parent_kind) for item in merged]
@@ -291,14 +269,14 @@ class StructuredChunker:
                 lo = mid + 1
         return pack(lo)
 
-    def _head_run(self, cur: list[_Seg], cur_tokens: int, g: _Seg) -> bool:
-        """Whether standalone ``g`` (imports, a module docstring) joins the run ``cur``
-        before it: when that run is only units of the same sort too small to stand alone (a
+    def _head_run(self, run: list[_Seg], g: _Seg) -> bool:
+        """Whether standalone ``g`` (imports, a module docstring) joins the ``run`` before
+        it: when that run is only units of the same sort too small to stand alone (a
         one-line module docstring before the imports), and the two fit. The module's head
         is then one chunk, not a tiny docstring chunk and an imports chunk."""
-        return (bool(cur) and all(x.unit is not None and x.unit.standalone for x in cur)
-                and cur_tokens + g.tokens <= self.budget
-                and g.end - cur[0].start <= self.max_chars)
+        return (bool(run) and all(x.unit is not None and x.unit.standalone for x in run)
+                and sum(x.tokens for x in run) + g.tokens <= self.budget
+                and g.end - run[0].start <= self.max_chars)
 
     def _absorb_tiny(self, segs: list[_Seg]) -> list[_Seg]:
         """An anonymous tiny segment (a definition's signature line, a closing line) next
