@@ -14,6 +14,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from retriever.client import RetrieverClient  # noqa: E402
 from retriever.config import Settings  # noqa: E402
 from retriever.models.embedder import Embedder  # noqa: E402
 from retriever.server.app import ServerThread  # noqa: E402
@@ -61,5 +62,29 @@ def server(settings: Settings, embedder: Embedder) -> Iterator[object]:
 def client(server: object) -> Iterator[object]:
     from retriever.client import RetrieverClient
 
-    with RetrieverClient(server.address) as c:  # type: ignore[attr-defined]
+    with RetrieverClient(server.address) as c:
         yield c
+
+
+def assert_engine_down_refuses(client: RetrieverClient, namespace: str) -> None:
+    """With the namespace's index engine gone, Search and UpsertDocuments answer
+    UNAVAILABLE naming the index engine, with a retry delay, and the refused upsert leaves
+    nothing behind (its document "lost" is not in the catalog)."""
+    import grpc
+    from grpc_status import rpc_status
+
+    from retriever._retry import retry_info_delay
+    from retriever.v1 import retriever_pb2 as pb
+
+    for call in (lambda: client.search(namespace, "alpha", top_k=3),
+                 lambda: client.upsert(namespace, [pb.Document(
+                     doc_id="lost", path="lost.py", content="def lost(): pass\n")])):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+        assert "index engine" in e.value.details()
+        delay = retry_info_delay(rpc_status.from_call(e.value))
+        assert delay is not None and delay > 0
+    with pytest.raises(grpc.RpcError) as e:  # refused, so never half-written
+        client.get_document(namespace, "lost")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND

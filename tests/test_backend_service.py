@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_settings, running_server
+from conftest import assert_engine_down_refuses, make_settings, running_server
 from test_durability import ServerProcess, _free_port
 
 from indexers import BACKENDS
@@ -241,9 +241,6 @@ def test_an_engine_server_that_dies_gives_unavailable_then_recovers(
     (with a retry delay), nothing acknowledged is lost, nothing refused is half-written,
     and the service serves again once the engine is back."""
     import grpc
-    from grpc_status import rpc_status
-
-    from retriever._retry import retry_info_delay
 
     port = _free_port()
     engine_data = tmp_path / "chroma"
@@ -257,15 +254,7 @@ def test_an_engine_server_that_dies_gives_unavailable_then_recovers(
                                   for i in range(5)])
             engine.kill()
             engine.wait(10)
-            for call in (lambda: client.search("eng", "alpha", top_k=3),
-                         lambda: client.upsert("eng", [pb.Document(
-                             doc_id="lost", path="lost.py", content="def lost(): pass\n")])):
-                with pytest.raises(grpc.RpcError) as e:
-                    call()
-                assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
-                assert "index engine" in e.value.details()
-                delay = retry_info_delay(rpc_status.from_call(e.value))
-                assert delay is not None and delay > 0
+            assert_engine_down_refuses(client, "eng")
             engine = _chroma_on(engine_data, port)
             hits = client.search("eng", "alpha", top_k=10).hits
             assert {h.chunk.doc_id for h in hits} == {f"a{i}" for i in range(5)}

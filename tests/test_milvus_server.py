@@ -302,11 +302,8 @@ def test_a_milvus_server_that_dies_gives_unavailable(tmp_path: Path, embedder: E
     SIGKILL kept answering "node not match" for its dead process's sessions and did not
     serve within 5 minutes here, and after a SIGTERM it had not exited within 2 minutes —
     the engine's own recovery, which this test cannot wait for."""
-    import grpc
-    from conftest import make_settings, running_server
-    from grpc_status import rpc_status
+    from conftest import assert_engine_down_refuses, make_settings, running_server
 
-    from retriever._retry import retry_info_delay
     from retriever.client import RetrieverClient
     from retriever.v1 import retriever_pb2 as pb
 
@@ -331,18 +328,7 @@ def test_a_milvus_server_that_dies_gives_unavailable(tmp_path: Path, embedder: E
             while _group_alive(proc.pid) and time.monotonic() < deadline:
                 with suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=0.2)
-            for call in (lambda: client.search("eng", "alpha", top_k=3),
-                         lambda: client.upsert("eng", [pb.Document(
-                             doc_id="lost", path="lost.py", content="def lost(): pass\n")])):
-                with pytest.raises(grpc.RpcError) as e:
-                    call()
-                assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
-                assert "index engine" in e.value.details()
-                delay = retry_info_delay(rpc_status.from_call(e.value))
-                assert delay is not None and delay > 0
-            with pytest.raises(grpc.RpcError) as e:  # refused, so never half-written
-                client.get_document("eng", "lost")
-            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            assert_engine_down_refuses(client, "eng")
             assert client.get_document("eng", "a0").document.doc_id == "a0"  # acknowledged: kept
     finally:
         _stop(proc)
