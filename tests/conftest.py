@@ -60,9 +60,7 @@ def server(settings: Settings, embedder: Embedder) -> Iterator[object]:
 
 @pytest.fixture
 def client(server: object) -> Iterator[object]:
-    from retriever.client import RetrieverClient
-
-    with RetrieverClient(server.address) as c:
+    with RetrieverClient(server.address) as c:  # type: ignore[attr-defined]
         yield c
 
 

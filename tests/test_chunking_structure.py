@@ -117,41 +117,36 @@ def test_small_neighbours_merge_and_fitting_file_is_one_chunk() -> None:
     assert spans[0].symbol == "def small, class Big"
 
 
+IMPORTS = "".join(f"import module_{i}\n" for i in range(8))
+
+
+def head_outline(c: str) -> list[Unit]:
+    """A module of a docstring, an imports block and one statement (``X = 1``)."""
+    d = c.index('"""', 3) + 3
+    i, j = c.index("import"), c.index("\nX") + 1
+    return [Unit(0, d, "docstring", standalone=True),
+            Unit(i, j - 1, "imports", standalone=True), Unit(j, len(c), "statements")]
+
+
 def test_imports_and_docstring_that_are_not_tiny_stand_alone() -> None:
-    imports = "".join(f"import module_{i}\n" for i in range(8))
     doc = " ".join(["A module docstring that says what the module is for."] * 2)
-    code = f'"""{doc}"""\n{imports}\nX = 1\n'
-
-    def outline(c: str) -> list[Unit]:
-        d = c.index('"""', 3) + 3
-        i, j = c.index("import"), c.index("\nX") + 1
-        return [Unit(0, d, "docstring", standalone=True),
-                Unit(i, j - 1, "imports", standalone=True), Unit(j, len(c), "statements")]
-
-    spans = chunker(outline, budget=40).chunk(code, language="lang")  # tiny: < 14 tokens
+    code = f'"""{doc}"""\n{IMPORTS}\nX = 1\n'
+    spans = chunker(head_outline, budget=40).chunk(code, language="lang")  # tiny: < 14 tokens
     assert [s.kind for s in spans] == ["docstring", "imports", "statements"]
-    assert spans[1].text == imports
+    assert spans[1].text == IMPORTS
 
 
 def test_a_tiny_module_docstring_and_the_imports_are_one_chunk() -> None:
     """A docstring too small to stand alone goes with the imports after it (the module's
     head, one chunk of its own), not into a scrap of one line before them."""
-    imports = "".join(f"import module_{i}\n" for i in range(8))
-    code = f'"""Tiny doc."""\n{imports}\nX = 1\n'
-
-    def outline(c: str) -> list[Unit]:
-        d = c.index('"""', 3) + 3
-        i, j = c.index("import"), c.index("\nX") + 1
-        return [Unit(0, d, "docstring", standalone=True),
-                Unit(i, j - 1, "imports", standalone=True), Unit(j, len(c), "statements")]
-
-    spans = chunker(outline, budget=40).chunk(code, language="lang")
+    code = f'"""Tiny doc."""\n{IMPORTS}\nX = 1\n'
+    spans = chunker(head_outline, budget=40).chunk(code, language="lang")
     assert_exact(code, spans)
-    assert [s.text for s in spans] == [f'"""Tiny doc."""\n{imports}', "X = 1\n"]
+    assert [s.text for s in spans] == [f'"""Tiny doc."""\n{IMPORTS}', "X = 1\n"]
     assert spans[0].kind == "imports"
     # Together over the budget: each stays whole on its own.
-    spans = chunker(outline, budget=17).chunk(code, language="lang")
-    assert [s.text for s in spans][:2] == ['"""Tiny doc."""\n', imports]
+    spans = chunker(head_outline, budget=17).chunk(code, language="lang")
+    assert [s.text for s in spans][:2] == ['"""Tiny doc."""\n', IMPORTS]
 
 
 def test_neighbours_merge_into_even_chunks() -> None:

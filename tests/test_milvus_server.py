@@ -63,11 +63,16 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+_TERM_THEN_KILL = ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0))
+
+
+def _stop(proc: subprocess.Popen[bytes],
+          steps: tuple[tuple[signal.Signals, float], ...] = _TERM_THEN_KILL) -> None:
     """SIGTERM to the server's process group (the wrapper and the milvus binary it runs:
     the wrapper dies at once, the binary shuts down in its own time), SIGKILL to what is
-    left of the group after a grace period."""
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
+    left of the group after a grace period; ``steps``: other signals and graces (a crash:
+    SIGKILL alone)."""
+    for sig, grace in steps:
         with suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         deadline = time.monotonic() + grace
@@ -323,12 +328,7 @@ def test_a_milvus_server_that_dies_gives_unavailable(tmp_path: Path, embedder: E
                                               content=f"def alpha_{i}():\n    return {i}\n")
                                   for i in range(5)])
             assert len(client.search("eng", "alpha", top_k=10).hits) == 5
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            deadline = time.monotonic() + 30
-            while _group_alive(proc.pid) and time.monotonic() < deadline:
-                with suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=0.2)
+            _stop(proc, ((signal.SIGKILL, 30.0),))  # a crash
             assert_engine_down_refuses(client, "eng")
             assert client.get_document("eng", "a0").document.doc_id == "a0"  # acknowledged: kept
     finally:
