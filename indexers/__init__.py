@@ -13,6 +13,7 @@ from typing import Any
 from indexers.base import (
     Backend,
     CollectionClosed,
+    CollectionLost,
     CollectionSpec,
     DimensionMismatch,
     EngineUnavailable,
@@ -35,6 +36,7 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "CollectionClosed",
+    "CollectionLost",
     "CollectionSpec",
     "DimensionMismatch",
     "EngineUnavailable",

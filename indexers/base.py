@@ -36,6 +36,16 @@ class CollectionClosed(EngineError):
     service is shutting down)."""
 
 
+class CollectionLost(EngineError):
+    """The engine no longer has a collection the service did not drop: someone dropped it
+    behind the service's back, or the engine came back without its data (a server restarted
+    on an empty volume). The catalog can rebuild it; ``collection``: its name."""
+
+    def __init__(self, collection: str, message: str) -> None:
+        super().__init__(message)
+        self.collection = collection
+
+
 @dataclass(frozen=True, slots=True)
 class CollectionSpec:
     """What a collection is: its name, vector width and similarity metric."""

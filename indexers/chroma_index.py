@@ -47,6 +47,7 @@ import numpy as np
 
 from indexers.base import (
     CollectionClosed,
+    CollectionLost,
     CollectionSpec,
     DimensionMismatch,
     EngineError,
@@ -204,8 +205,8 @@ class ChromaIndex:
         except chromadb.errors.NotFoundError as exc:
             if self._closed:
                 raise CollectionClosed(f"collection {self.spec.name!r} is closed") from exc
-            raise CollectionClosed(f"collection {self.spec.name!r} no longer exists in "
-                                   f"Chroma ({exc})") from exc
+            raise CollectionLost(self.spec.name, f"collection {self.spec.name!r} no longer "
+                                 f"exists in Chroma ({exc})") from exc
         except (httpx.TransportError, ConnectionError) as exc:
             raise EngineUnavailable(f"Chroma at {self._owner.url} did not answer: "
                                     f"{exc}") from exc

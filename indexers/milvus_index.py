@@ -61,6 +61,7 @@ import numpy as np
 
 from indexers.base import (
     CollectionClosed,
+    CollectionLost,
     CollectionSpec,
     DimensionMismatch,
     EngineError,
@@ -76,8 +77,10 @@ try:
     from pymilvus import DataType, MilvusClient
     from pymilvus.client.types import Status
     from pymilvus.exceptions import (
+        CollectionNotExistException,
         ConnectionConfigException,
         ConnectionNotExistException,
+        ErrorCode,
         MilvusException,
         MilvusUnavailableException,
     )
@@ -106,6 +109,9 @@ _UNREACHABLE_CODES = frozenset({
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
     grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
 })
+
+_COLLECTION_NOT_FOUND = ErrorCode.COLLECTION_NOT_FOUND  # 100, merr's code on 2.3+ servers
+_COLLECTION_NOT_LOADED = 101  # merr.ErrCollectionNotLoaded
 
 T = TypeVar("T")
 
@@ -193,9 +199,31 @@ def _unreachable(exc: BaseException) -> bool:
     return False
 
 
+_NO_COLLECTION = re.compile(r"collection\b.*\b(does not exist|not exist|not found)|"
+                            r"can'?t find collection", re.IGNORECASE)
+
+
+def _collection_missing(exc: BaseException) -> bool:
+    """Milvus says the collection does not exist (code 100 from 2.3 servers and
+    milvus-lite; the message for older ones)."""
+    if isinstance(exc, CollectionNotExistException):
+        return True
+    if isinstance(exc, MilvusException):
+        return exc.code == _COLLECTION_NOT_FOUND or bool(_NO_COLLECTION.search(str(exc.message)))
+    return False
+
+
+def _not_loaded(exc: BaseException) -> bool:
+    """Milvus has the collection but not in memory (code 101): a server restarted, before
+    it loaded the collection again, or one that never does."""
+    return isinstance(exc, MilvusException) and (
+        exc.code == _COLLECTION_NOT_LOADED or "not loaded" in str(exc.message).lower())
+
+
 @contextmanager
-def _engine_errors(where: str) -> Iterator[None]:
-    """Milvus's exceptions as the engine errors of base.py."""
+def _engine_errors(where: str, collection: str = "") -> Iterator[None]:
+    """Milvus's exceptions as the engine errors of base.py. ``collection``: the service's
+    name of the collection an index works on, whose disappearance is CollectionLost."""
     try:
         yield
     except (EngineError, ValueError):
@@ -204,6 +232,12 @@ def _engine_errors(where: str) -> Iterator[None]:
         if _unreachable(exc):
             raise EngineUnavailable(f"Milvus at {where} cannot be reached or refused the "
                                     f"connection: {exc}") from exc
+        if _not_loaded(exc):
+            raise EngineUnavailable(f"Milvus at {where} has not loaded the collection "
+                                    f"(yet): {exc}") from exc
+        if collection and _collection_missing(exc):
+            raise CollectionLost(collection, f"collection {collection!r} no longer exists "
+                                 f"in Milvus at {where} ({exc})") from exc
         raise EngineError(f"Milvus at {where}: {exc}") from exc
 
 
@@ -280,8 +314,18 @@ class MilvusIndex:
         return self._owner._connect()
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        with _engine_errors(self._owner.where):
-            return fn(*args, timeout=self._owner.timeout, **kwargs)
+        with _engine_errors(self._owner.where, self.spec.name):
+            try:
+                return fn(*args, timeout=self._owner.timeout, **kwargs)
+            except MilvusException as exc:
+                if not _not_loaded(exc):
+                    raise
+                # A restarted server has the collection but not in memory: load it (what
+                # open did), then try once more.
+                log.warning("milvus collection %s (%s) was not loaded: loading it",
+                            self.collection, self.spec.name)
+                self._client().load_collection(self.collection, timeout=self._owner.timeout)
+                return fn(*args, timeout=self._owner.timeout, **kwargs)
 
     def _wrote(self) -> None:
         with self._state:
@@ -445,7 +489,7 @@ class MilvusIndex:
                         filter=expr, output_fields=fields, consistency_level=level)
         try:
             while True:
-                with _engine_errors(self._owner.where):
+                with _engine_errors(self._owner.where, self.spec.name):
                     page = it.next()
                 if not page:
                     return

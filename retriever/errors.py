@@ -84,7 +84,12 @@ def translate(exc: BaseException) -> RetrieverError | None:
     import errno
     import sqlite3
 
-    from indexers.base import CollectionClosed, DimensionMismatch, EngineUnavailable
+    from indexers.base import (
+        CollectionClosed,
+        CollectionLost,
+        DimensionMismatch,
+        EngineUnavailable,
+    )
 
     if isinstance(exc, RetrieverError):
         return exc
@@ -120,6 +125,11 @@ def translate(exc: BaseException) -> RetrieverError | None:
             return Unavailable("the data directory's disk reported an I/O error; retry, and "
                                "check the disk if it persists")
         return None
+    if isinstance(exc, CollectionLost):
+        return Unavailable(f"the index engine no longer has collection {exc.collection!r} "
+                           "(dropped outside the service, or the engine came back without "
+                           "its data); the service is rebuilding it from the catalog: retry "
+                           "shortly")
     if isinstance(exc, CollectionClosed):
         return NotReady("the namespace's index is closed: the server is shutting down or the "
                         "namespace was just deleted; retry")

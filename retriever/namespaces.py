@@ -22,6 +22,7 @@ import numpy as np
 
 from indexers import (
     Backend,
+    CollectionLost,
     CollectionSpec,
     DimensionMismatch,
     EngineUnavailable,
@@ -112,6 +113,10 @@ class Namespaces:
         self._backends: dict[str, Backend] = {}
         self._handles: dict[str, NamespaceHandle] = {}
         self._lock = threading.Lock()
+        # Namespaces whose lost collection is being rebuilt, and the token that stops the
+        # rebuilds when the service closes.
+        self._rebuilding: set[str] = set()
+        self._closing = CallToken()
 
     # -- lifecycle -------------------------------------------------------------------------
     def open_all(self) -> dict[str, dict[str, int]]:
@@ -322,6 +327,64 @@ class Namespaces:
                              vectors=int(len(want)), caught_up=int(len(missing) + len(extra)),
                              seconds=time.perf_counter() - t0)
 
+    def recover_lost(self, lost: CollectionLost) -> None:
+        """Rebuild from the catalog the collection the engine no longer has, and every
+        other collection of a namespace on the same backend that is gone from it too (an
+        engine server back on an empty volume lost them all). Each goes into a new
+        generation, as a re-index does; requests answer UNAVAILABLE meanwhile and the swap
+        makes the namespace whole again. Returns at once: the work runs on a thread of its
+        own, one rebuild at a time per collection."""
+        with self._lock:
+            if lost.collection in self._rebuilding:
+                return
+            self._rebuilding.add(lost.collection)
+        threading.Thread(target=self._recover, args=(lost.collection,), daemon=True,
+                         name="rebuild-lost").start()
+
+    def _recover(self, collection: str) -> None:
+        try:
+            with self._lock:
+                current = {collection_name(h.name, h.record.index_generation): h
+                           for h in self._handles.values() if not h.deleted}
+            handle = current.get(collection)
+            if handle is None:  # rebuilt, re-indexed or deleted meanwhile
+                return
+            backend = handle.record.backend
+            try:
+                present: set[str] | None = set(self._backend(backend).collections())
+            except Exception as exc:  # the others are found by the requests that touch them
+                log.warning("listing the collections of backend %s failed: %s", backend, exc)
+                present = None
+            with self._lock:
+                todo = [(c, h) for c, h in current.items() if h is handle or (
+                    present is not None and h.record.backend == backend
+                    and c not in present and c not in self._rebuilding)]
+                self._rebuilding.update(c for c, _ in todo)
+            for c, h in todo:
+                try:
+                    self._rebuild_lost(h, c)
+                finally:
+                    if c != collection:
+                        with self._lock:
+                            self._rebuilding.discard(c)
+        finally:
+            with self._lock:
+                self._rebuilding.discard(collection)
+
+    def _rebuild_lost(self, handle: NamespaceHandle, collection: str) -> None:
+        log.warning("namespace %s: the %s engine no longer has its collection %s; rebuilding "
+                    "it from the catalog", handle.name, handle.record.backend, collection)
+        try:
+            result = self.reindex(handle.name, "", self._closing)
+        except Exception as exc:  # the engine down again, say: the next request retries
+            log.warning("namespace %s: rebuilding its lost collection failed: %s",
+                        handle.name, exc)
+            return
+        self._metrics.lost_collections_rebuilt.labels(result.backend).inc()
+        log.warning("namespace %s: rebuilt its lost collection from the catalog into "
+                    "generation %d: %d vectors in %.1f s", handle.name, result.generation,
+                    result.vectors, result.seconds)
+
     def _report_quarantined(self, handle: NamespaceHandle) -> None:
         """Log and count the damaged index files the engine moved aside at open; the
         reconcile that follows refills the index from the catalog."""
@@ -378,6 +441,7 @@ class Namespaces:
 
     def close(self) -> None:
         """Close every backend (each writes its last snapshots), even when one fails."""
+        self._closing.cancel()  # a rebuild of a lost collection stops at its next batch
         with self._lock:
             for name, backend in self._backends.items():
                 try:

@@ -86,3 +86,65 @@ def assert_engine_down_refuses(client: RetrieverClient, namespace: str) -> None:
     with pytest.raises(grpc.RpcError) as e:  # refused, so never half-written
         client.get_document(namespace, "lost")
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def engine_docs(prefix: str, n: int = 5) -> list[object]:
+    """``n`` small Python documents, ``{prefix}0``.. (the engine tests' corpus)."""
+    from retriever.v1 import retriever_pb2 as pb
+
+    return [pb.Document(doc_id=f"{prefix}{i}", path=f"{prefix}{i}.py",
+                        content=f"def {prefix}_{i}():\n    return {i}\n") for i in range(n)]
+
+
+def assert_rebuilt_from_catalog(st: ServerThread, client: RetrieverClient,
+                                namespaces: dict[str, set[str]], backend: str,
+                                within_s: float = 120.0) -> None:
+    """The engine lost the namespaces' collections (``namespaces``: name -> its doc ids):
+    the first request answers UNAVAILABLE (the index engine, retry shortly) or already
+    finds them rebuilt; within ``within_s`` every namespace answers again with all its
+    documents from a new index generation — including those no request touched before,
+    found missing from the engine's collections —, a new upsert is searchable, vectors
+    equal chunks, and retriever_lost_collections_rebuilt_total counts them."""
+    import time
+    import urllib.request
+
+    import grpc
+
+    from retriever.v1 import retriever_pb2 as pb
+
+    first, *others = namespaces
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            response = client.search(first, "return", top_k=20)
+            break
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+            assert "index engine" in e.details(), e.details()
+            assert time.monotonic() < deadline, f"not rebuilt in {within_s} s: {e.details()}"
+            time.sleep(0.2)
+    assert {h.chunk.doc_id for h in response.hits} == namespaces[first]
+    assert response.lineage.index_generation == 2
+    for name in others:  # rebuilt by the same pass: no request had touched them
+        while True:
+            try:
+                response = client.search(name, "return", top_k=20)
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+                assert time.monotonic() < deadline, f"{name} not rebuilt in {within_s} s"
+                time.sleep(0.2)
+        assert {h.chunk.doc_id for h in response.hits} == namespaces[name]
+        assert response.lineage.index_generation == 2
+    client.upsert(first, [pb.Document(doc_id="after", path="after.py",
+                                      content="def after_the_loss():\n    return 'back'\n")])
+    hits = client.search(first, "after the loss", top_k=1).hits
+    assert [h.chunk.doc_id for h in hits] == ["after"]
+    status = client.status(first)
+    assert status.document_count == len(namespaces[first]) + 1
+    assert status.vector_count == status.chunk_count
+    url = f"http://127.0.0.1:{st.info['metrics_port']}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    line = f'retriever_lost_collections_rebuilt_total{{backend="{backend}"}}'
+    counts = [float(x.split(" ")[1]) for x in text.splitlines() if x.startswith(line)]
+    assert counts == [float(len(namespaces))]

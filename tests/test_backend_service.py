@@ -13,7 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import assert_engine_down_refuses, make_settings, running_server
+from conftest import (
+    assert_engine_down_refuses,
+    assert_rebuilt_from_catalog,
+    engine_docs,
+    make_settings,
+    running_server,
+)
 from test_durability import ServerProcess, _free_port
 
 from indexers import BACKENDS
@@ -266,6 +272,30 @@ def test_an_engine_server_that_dies_gives_unavailable_then_recovers(
             status = client.status("eng")
             assert status.document_count == 6
             assert status.vector_count == status.chunk_count
+    finally:
+        engine.kill()
+        engine.wait(10)
+
+
+def test_an_engine_server_back_without_its_data_is_rebuilt_from_the_catalog(
+        tmp_path: Path, embedder: Embedder) -> None:
+    """The Chroma server dies and a new one comes up on the same port with an empty volume:
+    every namespace's collection is rebuilt from the catalog (vectors and payloads, never
+    re-embedded) while the service runs, each into a new generation, and serves again."""
+    port = _free_port()
+    engine = _chroma_on(tmp_path / "chroma", port)
+    settings = make_settings(tmp_path / "data", index_backend="chroma",
+                             chroma_url=f"http://127.0.0.1:{port}")
+    try:
+        with running_server(settings, embedder) as st, RetrieverClient(st.address) as client:
+            client.upsert("eng", engine_docs("alpha"))
+            client.upsert("ops", engine_docs("beta", 3))
+            engine.kill()
+            engine.wait(10)
+            engine = _chroma_on(tmp_path / "chroma-empty", port)
+            assert_rebuilt_from_catalog(
+                st, client, {"eng": {f"alpha{i}" for i in range(5)},
+                             "ops": {f"beta{i}" for i in range(3)}}, "chroma")
     finally:
         engine.kill()
         engine.wait(10)

@@ -18,6 +18,7 @@ import pytest
 from indexers import (
     BACKENDS,
     Backend,
+    CollectionLost,
     CollectionSpec,
     DimensionMismatch,
     Filter,
@@ -503,3 +504,50 @@ def test_faiss_rejects_collection_names_that_are_not_plain_file_names(tmp_path: 
         backend.drop(name)
     assert not (tmp_path / "faiss").exists() or not any((tmp_path / "faiss").iterdir())
     backend.close()
+
+
+def _drop_behind_its_back(backend: Backend, index: VectorIndex) -> None:
+    """Drop the collection through the engine's own client, as an operator (or an engine
+    server restarted on an empty volume) would, unknown to the backend object."""
+    from indexers.chroma_index import ChromaBackend, chroma_name
+    from indexers.milvus_index import MilvusBackend, MilvusIndex
+
+    if isinstance(backend, MilvusBackend):
+        assert isinstance(index, MilvusIndex)
+        backend._connect().drop_collection(index.collection)
+    elif isinstance(backend, ChromaBackend):
+        with backend._engine() as client:
+            client.delete_collection(chroma_name(index.spec.name))
+    else:
+        raise AssertionError(f"no way to drop a {type(backend).__name__} collection")
+
+
+# FAISS keeps its collections in the process: nothing drops one behind its back.
+@pytest.mark.parametrize("name", sorted(set(BACKENDS) - {"faiss"}))
+def test_a_collection_dropped_behind_its_back_is_lost(tmp_path: Path, name: str) -> None:
+    """Every operation on a collection the engine no longer has raises CollectionLost
+    naming it (the service rebuilds it from the catalog), never a bare engine error; a
+    collection of that name opened anew starts empty and works."""
+    backend = create_backend(name, tmp_path / "indexes")
+    try:
+        _lost_then_reopened(backend)
+    finally:
+        backend.close()
+
+
+def _lost_then_reopened(backend: Backend) -> None:
+    spec = CollectionSpec("lost.g1", DIM, "cosine")
+    index = backend.open(spec)
+    v = unit_vectors(20, seed=21)
+    index.upsert(range(20), v)
+    _drop_behind_its_back(backend, index)
+    for op in (lambda: index.search(v[:1], 3), lambda: index.upsert([99], v[:1]),
+               lambda: index.count(), lambda: index.ids(), lambda: index.delete([1])):
+        with pytest.raises(CollectionLost) as e:
+            op()
+        assert e.value.collection == "lost.g1" and "lost.g1" in str(e.value)
+    backend.drop("lost.g1")  # of a collection already gone: nothing to do
+    again = backend.open(spec)
+    assert again.count() == 0
+    again.upsert([5], v[5:6])
+    assert again.search(v[5:6], 1)[0].ids.tolist() == [5]

@@ -130,6 +130,24 @@ def _start_server(base: Path, port: int, etcd_client: int,
             env={**os.environ, "ETCD_CONFIG_PATH": str(etcd_config)})
 
 
+def _restart_on_its_data(base: Path) -> subprocess.Popen[bytes]:
+    """The standalone of ``base`` started again on its data, at the same addresses: the
+    milvus binary the wrapper unpacked, run as the wrapper runs it, on the configuration it
+    wrote. Not the wrapper again: it probes each port with a bind without SO_REUSEADDR,
+    which fails for the 60 s the dead server's connections stay in TIME_WAIT, and then
+    silently moves the proxy to the next free port (a restart "on the same port" then
+    answers nowhere, or with stale sessions "node not match")."""
+    data = base / "data"
+    env = {**os.environ, "DEPLOY_MODE": "STANDALONE", "METRICS_PORT": str(_free_port()),
+           "MILVUS_RUN_DIR": str(data / "run"), "ETCD_CONFIG_PATH": str(base / "etcd.yaml"),
+           "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [
+               str(data / "bin"), os.environ.get("LD_LIBRARY_PATH", "")]))}
+    with open(base / "server.log", "ab") as out:
+        return subprocess.Popen([str(data / "bin" / "milvus"), "run", "standalone"], cwd=data,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=env)
+
+
 @pytest.fixture(scope="module")
 def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The URI of a server for this module: its own, or the one RETRIEVER_TEST_MILVUS_URI
@@ -297,18 +315,24 @@ def test_reopen_drop_and_collections(backend_factory: BackendFactory) -> None:
 
 
 # -- the service on a Milvus server that dies ----------------------------------------------------
-def test_a_milvus_server_that_dies_gives_unavailable(tmp_path: Path, embedder: Embedder) -> None:
+def test_a_milvus_server_that_dies_gives_unavailable_then_serves_again(
+        tmp_path: Path, embedder: Embedder) -> None:
     """The Milvus server is killed mid-traffic (SIGKILL to its process group): searches
     and upserts answer UNAVAILABLE with a retry delay, and nothing refused is half-written
-    (the catalog, which answers without the engine, has no trace of it).
-
-    Recovery once the engine is back is tested against a Chroma server
-    (tests/test_backend_service.py): a milvus 2.3.5 standalone restarted on its data after a
-    SIGKILL kept answering "node not match" for its dead process's sessions and did not
-    serve within 5 minutes here, and sent SIGTERM on a quiet machine its process group had
-    not exited after 5 minutes — the engine's own recovery, which this test cannot wait
-    for."""
-    from conftest import assert_engine_down_refuses, make_settings, running_server
+    (the catalog, which answers without the engine, has no trace of it). Restarted on its
+    data at the same address, it serves every acknowledged document again from the same
+    generation and takes writes. Then its collections vanish behind the service's back (as
+    they would from a server back on an empty volume): the service rebuilds each from the
+    catalog while running and serves again."""
+    import grpc
+    from conftest import (
+        assert_engine_down_refuses,
+        assert_rebuilt_from_catalog,
+        engine_docs,
+        make_settings,
+        running_server,
+    )
+    from pymilvus import MilvusClient
 
     from retriever.client import RetrieverClient
     from retriever.v1 import retriever_pb2 as pb
@@ -319,17 +343,44 @@ def test_a_milvus_server_that_dies_gives_unavailable(tmp_path: Path, embedder: E
     base.mkdir()
     ports = (_free_port(), _free_port(), _free_port())
     uri = f"http://127.0.0.1:{ports[0]}"
+    alpha = {f"alpha{i}" for i in range(5)}
     proc = _start_server(base, *ports)
     try:
         _wait_ready(uri, proc, base)
         settings = make_settings(tmp_path / "data", index_backend="milvus", milvus_uri=uri)
         with running_server(settings, embedder) as st, RetrieverClient(st.address) as client:
-            client.upsert("eng", [pb.Document(doc_id=f"a{i}", path=f"a{i}.py",
-                                              content=f"def alpha_{i}():\n    return {i}\n")
-                                  for i in range(5)])
+            client.upsert("eng", engine_docs("alpha"))
+            client.upsert("ops", engine_docs("beta", 3))
             assert len(client.search("eng", "alpha", top_k=10).hits) == 5
             _stop(proc, ((signal.SIGKILL, 30.0),))  # a crash
             assert_engine_down_refuses(client, "eng")
-            assert client.get_document("eng", "a0").document.doc_id == "a0"  # acknowledged: kept
+            assert client.get_document("eng", "alpha0").document.doc_id == "alpha0"  # kept
+
+            proc = _restart_on_its_data(base)
+            _wait_ready(uri, proc, base)
+            deadline = time.monotonic() + 60
+            while True:  # the service's connection finds the server again
+                try:
+                    response = client.search("eng", "return", top_k=20)
+                    break
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+                    assert time.monotonic() < deadline, e.details()
+                    time.sleep(0.5)
+            assert {h.chunk.doc_id for h in response.hits} == alpha
+            assert response.lineage.index_generation == 1  # its own data, not a rebuild
+            client.upsert("eng", [pb.Document(doc_id="gamma", path="gamma.py",
+                                              content="def gamma():\n    return 3\n")])
+
+            raw = MilvusClient(uri=uri)
+            try:
+                for name in raw.list_collections():
+                    raw.drop_collection(name)
+            finally:
+                raw.close()
+            assert_rebuilt_from_catalog(
+                st, client, {"eng": alpha | {"gamma"}, "ops": {f"beta{i}" for i in range(3)}},
+                "milvus")
     finally:
         _stop(proc)
+        shutil.rmtree(base / "data", ignore_errors=True)  # ~560 MB of unpacked binaries

@@ -145,6 +145,11 @@ class Metrics:
             "retriever_derived_files_rebuilt",
             "Damaged index files moved aside at start and rebuilt from the catalog, by kind "
             "of file (faiss_snapshot, faiss_meta).", ["kind"], registry=r)
+        self.lost_collections_rebuilt = Counter(
+            "retriever_lost_collections_rebuilt",
+            "Collections an index engine no longer had (dropped outside the service, or a "
+            "server back without its data), rebuilt from the catalog while serving, by "
+            "backend.", ["backend"], registry=r)
         self.storage_full = Gauge(
             "retriever_storage_full",
             "1 while the data directory's disk is full: writes are refused (deletes still "
