@@ -324,7 +324,14 @@ class MilvusIndex:
                 # open did), then try once more.
                 log.warning("milvus collection %s (%s) was not loaded: loading it",
                             self.collection, self.spec.name)
-                self._client().load_collection(self.collection, timeout=self._owner.timeout)
+                try:
+                    self._client().load_collection(self.collection,
+                                                   timeout=self._owner.timeout)
+                except MilvusException as failed:  # e.g. "index not found" while a restarted
+                    # server is still reading its metadata: a retry later succeeds
+                    raise EngineUnavailable(
+                        f"Milvus at {self._owner.where} has not loaded collection "
+                        f"{self.spec.name!r} and could not load it yet: {failed}") from failed
                 return fn(*args, timeout=self._owner.timeout, **kwargs)
 
     def _wrote(self) -> None:

@@ -66,6 +66,9 @@ class NamespaceHandle:
     # Set (under both locks) when the namespace is deleted; holders of a stale handle then
     # answer NotFound instead of touching a dropped index.
     deleted: bool = False
+    # Held by the one re-index (ReindexNamespace, or the rebuild of a lost collection) that
+    # may run at a time: two would build the same next generation.
+    reindexing: threading.Lock = field(default_factory=threading.Lock)
 
     def require_live(self) -> None:
         if self.deleted:
@@ -271,9 +274,20 @@ class Namespaces:
         and writes; then catch up with the writes made meanwhile and swap atomically, and
         drop the old generation. A crash before the swap leaves the new collection an
         orphan, after it the old one: the next start drops either."""
-        t0 = time.perf_counter()
         handle = self.get(name)
         handle.require_live()
+        if not handle.reindexing.acquire(blocking=False):
+            raise Aborted(f"namespace {name!r} is being re-indexed already (a ReindexNamespace "
+                          "or the rebuild of a lost collection); retry once it has finished")
+        try:
+            return self._reindex(handle, backend, token)
+        finally:
+            handle.reindexing.release()
+
+    def _reindex(self, handle: NamespaceHandle, backend: str, token: CallToken
+                 ) -> ReindexResult:
+        t0 = time.perf_counter()
+        name = handle.name
         old = handle.record
         target = backend or old.backend
         engine = self._backend(target)

@@ -18,6 +18,7 @@ from retriever.client import RetrieverClient  # noqa: E402
 from retriever.config import Settings  # noqa: E402
 from retriever.models.embedder import Embedder  # noqa: E402
 from retriever.server.app import ServerThread  # noqa: E402
+from retriever.v1 import retriever_pb2 as pb  # noqa: E402
 
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
@@ -64,6 +65,10 @@ def client(server: object) -> Iterator[object]:
         yield c
 
 
+# The document an upsert sends while the engine is down (assert_engine_down_refuses).
+LOST_DOC = pb.Document(doc_id="lost", path="lost.py", content="def lost(): pass\n")
+
+
 def assert_engine_down_refuses(client: RetrieverClient, namespace: str) -> None:
     """With the namespace's index engine gone, Search and UpsertDocuments answer
     UNAVAILABLE naming the index engine, with a retry delay, and the refused upsert leaves
@@ -72,11 +77,8 @@ def assert_engine_down_refuses(client: RetrieverClient, namespace: str) -> None:
     from grpc_status import rpc_status
 
     from retriever._retry import retry_info_delay
-    from retriever.v1 import retriever_pb2 as pb
-
     for call in (lambda: client.search(namespace, "alpha", top_k=3),
-                 lambda: client.upsert(namespace, [pb.Document(
-                     doc_id="lost", path="lost.py", content="def lost(): pass\n")])):
+                 lambda: client.upsert(namespace, [LOST_DOC])):
         with pytest.raises(grpc.RpcError) as e:
             call()
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
@@ -88,10 +90,8 @@ def assert_engine_down_refuses(client: RetrieverClient, namespace: str) -> None:
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def engine_docs(prefix: str, n: int = 5) -> list[object]:
+def engine_docs(prefix: str, n: int = 5) -> list[pb.Document]:
     """``n`` small Python documents, ``{prefix}0``.. (the engine tests' corpus)."""
-    from retriever.v1 import retriever_pb2 as pb
-
     return [pb.Document(doc_id=f"{prefix}{i}", path=f"{prefix}{i}.py",
                         content=f"def {prefix}_{i}():\n    return {i}\n") for i in range(n)]
 
@@ -109,8 +109,6 @@ def assert_rebuilt_from_catalog(st: ServerThread, client: RetrieverClient,
     import urllib.request
 
     import grpc
-
-    from retriever.v1 import retriever_pb2 as pb
 
     first, *others = namespaces
     deadline = time.monotonic() + within_s

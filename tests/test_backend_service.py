@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    LOST_DOC,
     assert_engine_down_refuses,
     assert_rebuilt_from_catalog,
     engine_docs,
@@ -244,8 +245,10 @@ def _chroma_on(data: Path, port: int) -> subprocess.Popen[bytes]:
 def test_an_engine_server_that_dies_gives_unavailable_then_recovers(
         tmp_path: Path, embedder: Embedder) -> None:
     """The Chroma server is killed mid-traffic: searches and upserts answer UNAVAILABLE
-    (with a retry delay), nothing acknowledged is lost, nothing refused is half-written,
-    and the service serves again once the engine is back."""
+    (with a retry delay), nothing acknowledged is lost, nothing refused is half-written, a
+    delete still applies (the catalog decides; the engine's copy is skipped), and once the
+    engine is back the service serves again and the refused upsert, retried as its status
+    said, succeeds."""
     import grpc
 
     port = _free_port()
@@ -255,23 +258,23 @@ def test_an_engine_server_that_dies_gives_unavailable_then_recovers(
                              chroma_url=f"http://127.0.0.1:{port}")
     try:
         with running_server(settings, embedder) as st, RetrieverClient(st.address) as client:
-            client.upsert("eng", [pb.Document(doc_id=f"a{i}", path=f"a{i}.py",
-                                              content=f"def alpha_{i}():\n    return {i}\n")
-                                  for i in range(5)])
+            client.upsert("eng", engine_docs("alpha"))
             engine.kill()
             engine.wait(10)
             assert_engine_down_refuses(client, "eng")
+            assert client.delete("eng", ["alpha4"]).documents_deleted == 1
             engine = _chroma_on(engine_data, port)
             hits = client.search("eng", "alpha", top_k=10).hits
-            assert {h.chunk.doc_id for h in hits} == {f"a{i}" for i in range(5)}
+            assert {h.chunk.doc_id for h in hits} == {f"alpha{i}" for i in range(4)}
             with pytest.raises(grpc.RpcError) as e:  # refused, so never half-written
                 client.get_document("eng", "lost")
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
-            client.upsert("eng", [pb.Document(doc_id="b", path="b.py",
-                                              content="def beta():\n    return 2\n")])
+            client.upsert("eng", [LOST_DOC])  # the retry of the refused upsert
+            hits = client.search("eng", "lost", top_k=1).hits
+            assert [h.chunk.doc_id for h in hits] == ["lost"]
             status = client.status("eng")
-            assert status.document_count == 6
-            assert status.vector_count == status.chunk_count
+            assert status.document_count == 5
+            assert status.chunk_count == 5
     finally:
         engine.kill()
         engine.wait(10)
@@ -299,3 +302,72 @@ def test_an_engine_server_back_without_its_data_is_rebuilt_from_the_catalog(
     finally:
         engine.kill()
         engine.wait(10)
+
+
+def test_a_sync_that_finds_its_collection_lost_starts_the_rebuild(
+        tmp_path: Path, embedder: Embedder) -> None:
+    """A namespace bound to a git repository whose collection vanished from the Chroma
+    server: the next sync fails UNAVAILABLE and starts the rebuild (no search or upsert
+    call is needed for that), and a sync after it applies the new commit on the rebuilt
+    generation."""
+    import chromadb
+    import grpc
+    from gitrepo import TimedRepo
+
+    repo = TimedRepo(tmp_path / "src")
+    repo.write("a.py", "def alpha():\n    return 1\n")
+    repo.commit("one")
+    port = _free_port()
+    engine = _chroma_on(tmp_path / "chroma", port)
+    settings = make_settings(tmp_path / "data", index_backend="chroma",
+                             chroma_url=f"http://127.0.0.1:{port}", sync_roots=[tmp_path])
+    try:
+        with running_server(settings, embedder) as st, RetrieverClient(st.address) as client:
+            client.sync_source("git", str(repo.root), wait=True, timeout=120)
+            raw = chromadb.HttpClient(host="127.0.0.1", port=port,
+                                      settings=chromadb.Settings(anonymized_telemetry=False))
+            for collection in raw.list_collections():
+                raw.delete_collection(collection.name)
+            repo.write("b.py", "def beta():\n    return 2\n")
+            repo.commit("two")
+            with pytest.raises(grpc.RpcError) as e:
+                client.sync_source("git", wait=True, timeout=120)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+            assert "rebuilding it from the catalog" in e.value.details()
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    client.sync_source("git", wait=True, timeout=120)
+                    break
+                except grpc.RpcError as again:
+                    assert again.code() == grpc.StatusCode.UNAVAILABLE, again.details()
+                    assert time.monotonic() < deadline, again.details()
+                    time.sleep(0.2)
+            response = client.search("git", "def", top_k=5)
+            assert {h.chunk.doc_id for h in response.hits} == {"a.py", "b.py"}
+            assert response.lineage.index_generation == 2
+    finally:
+        engine.kill()
+        engine.wait(10)
+
+
+def test_one_reindex_of_a_namespace_at_a_time(tmp_path: Path, embedder: Embedder) -> None:
+    """Two re-indexes of one namespace would build the same next generation (one could
+    drop the other's collection): while one runs — here its lock, taken by hand — another
+    ReindexNamespace, or the rebuild of a lost collection, is ABORTED with a message to
+    retry, and the namespace keeps its generation."""
+    from retriever.errors import Aborted
+    from retriever.service import RetrieverService
+
+    svc = RetrieverService(make_settings(tmp_path / "data"), embedder=embedder)
+    svc.start()
+    try:
+        svc.create_namespace("ns")
+        with svc.namespaces.get("ns").reindexing:
+            with pytest.raises(Aborted, match="being re-indexed already"):
+                svc.reindex_namespace("ns")
+            assert svc.get_namespace("ns").index_generation == 1
+        record, result = svc.reindex_namespace("ns")
+        assert result.generation == record.index_generation == 2
+    finally:
+        svc.close()

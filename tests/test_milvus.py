@@ -309,3 +309,15 @@ def test_content_survives_another_process(tmp_path: Path) -> None:
         assert hits[0].ids.tolist() == [5, 7]
     finally:
         backend.close()
+
+
+def test_a_released_collection_is_loaded_again(backend: mi.MilvusBackend) -> None:
+    """A collection the engine holds but has not loaded ('collection not loaded', as after
+    a server restart) is loaded and the call tried once more."""
+    index = backend.open(CollectionSpec("released.g1", DIM, "cosine"))
+    v = unit_vectors(20, seed=31)
+    index.upsert(range(20), v)
+    index.flush()
+    backend._connect().release_collection(index.collection)
+    assert index.search(v[3:4], 1)[0].ids.tolist() == [3]
+    assert index.count() == 20

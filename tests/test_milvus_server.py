@@ -314,6 +314,24 @@ def test_reopen_drop_and_collections(backend_factory: BackendFactory) -> None:
     assert second.open(CollectionSpec("ns-1.x.g2", 8, "ip")).count() == 0
 
 
+def test_a_collection_that_cannot_be_loaded_is_unavailable(backend: MilvusBackend) -> None:
+    """Released (as on a restarted server), the collection is loaded again on first use;
+    when the server cannot load it — a restarted 2.3 server answers "index not found" until
+    it has read its metadata; here the index is gone — the call is EngineUnavailable
+    (retry later), never a bare engine error (INTERNAL)."""
+    index = backend.open(CollectionSpec("released.g1", 16, "cosine"))
+    v = unit_vectors(20, seed=31)
+    index.upsert(range(20), v)
+    index.flush()
+    client = backend._connect()
+    client.release_collection(index.collection)
+    assert index.search(v[3:4], 1)[0].ids.tolist() == [3]
+    client.release_collection(index.collection)
+    client.drop_index(index.collection, "vector")
+    with pytest.raises(EngineUnavailable, match="could not load it yet"):
+        index.search(v[3:4], 1)
+
+
 # -- the service on a Milvus server that dies ----------------------------------------------------
 def test_a_milvus_server_that_dies_gives_unavailable_then_serves_again(
         tmp_path: Path, embedder: Embedder) -> None:

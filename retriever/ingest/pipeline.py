@@ -42,7 +42,7 @@ from retriever.domain import (
     UpsertResult,
     sha256,
 )
-from retriever.errors import NotFound
+from retriever.errors import NotFound, translate
 from retriever.ingest.chunking import ChunkerSet, ChunkSpan, TokenCounter, detect_language
 from retriever.models.embedder import Embedder
 from retriever.namespaces import NamespaceHandle, Namespaces
@@ -398,16 +398,10 @@ class Ingestor:
         except BaseException:
             # Nothing was committed: take the staged rows back out of index and catalog.
             if staged or copies:
-                try:
-                    handle.index.delete(staged + copies)
-                    if handle.lexical is not None:
-                        handle.lexical.delete(staged + copies)
-                    self._catalog.discard(staged + copies)
-                except Exception:  # reconcile at next start clears them
-                    log.exception("could not discard staged chunks of namespace %s", ns)
+                _discard_staged(handle, self._catalog, staged + copies)
             raise
         if dropped_all or rekey_old:
-            handle.index.delete(dropped_all + rekey_old)
+            _drop_vectors(handle, dropped_all + rekey_old)
             _drop_lexical(handle, dropped_all + rekey_old)
 
         embedded_by_doc: dict[str, int] = {}
@@ -507,7 +501,7 @@ class Ingestor:
                 token.check("the delete")
                 deleted, vector_ids, version = self._catalog.delete_documents(namespace, doc_ids)
             if vector_ids:
-                handle.index.delete(vector_ids)
+                _drop_vectors(handle, vector_ids)
                 _drop_lexical(handle, vector_ids)
         finally:
             handle.write_lock.release()
@@ -526,6 +520,41 @@ def _head_ids(docs: Sequence[Document]) -> list[str]:
 def _moves(docs: Sequence[Document], heads: dict[str, DocHead]) -> list[str]:
     """The documents these move from that exist: removed by the upsert's commit."""
     return [d.moved_from for d in docs if d.moved_from and d.moved_from in heads]
+
+
+def _discard_staged(handle: NamespaceHandle, catalog: Catalog, vector_ids: list[int]) -> None:
+    """Take the rows of an upsert that will not commit out of the index, the lexical index
+    and the catalog, each whatever the others do: an engine that is down (the likely reason
+    the upsert failed) must not leave the catalog's rows pending, or the caller's retry of
+    the same chunks collides with them. What an engine keeps is skipped by searches (the
+    catalog does not show it) and removed at the next start, or overwritten when the ids
+    are staged again."""
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("index", lambda: handle.index.delete(vector_ids))]
+    if handle.lexical is not None:
+        lexical = handle.lexical
+        steps.append(("lexical index", lambda: lexical.delete(vector_ids)))
+    steps.append(("catalog", lambda: catalog.discard(vector_ids)))
+    for where, undo in steps:
+        try:
+            undo()
+        except Exception as exc:
+            log.warning("namespace %s: could not take %d staged chunks out of the %s (%s); "
+                        "searches skip them, the next start removes them", handle.name,
+                        len(vector_ids), where, exc, exc_info=translate(exc) is None)
+
+
+def _drop_vectors(handle: NamespaceHandle, vector_ids: list[int]) -> None:
+    """Remove superseded or deleted chunks' vectors from the index, after the commit that
+    made them invisible: a failure (an engine down) is logged, not raised, since the
+    commit stands and the caller must hear so; searches skip ids the catalog does not
+    show, and the next start's reconcile (or a rebuild) removes them."""
+    try:
+        handle.index.delete(vector_ids)
+    except Exception as exc:
+        log.warning("namespace %s: could not remove %d superseded vectors from the index "
+                    "(%s); searches skip them, the next start removes them", handle.name,
+                    len(vector_ids), exc, exc_info=translate(exc) is None)
 
 
 def _drop_lexical(handle: NamespaceHandle, vector_ids: list[int]) -> None:

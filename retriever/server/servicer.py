@@ -242,7 +242,7 @@ class RetrieverServicer:
             await abort_error(context, exc)
         except Exception as exc:
             if isinstance(exc, CollectionLost):  # the engine lost it: rebuild it
-                self._svc.namespaces.recover_lost(exc)
+                self._svc.namespaces.recover_lost(exc)  # returns at once
             domain = errors.translate(exc)
             if domain is not None:
                 log.warning("%s: %s (%s)", getattr(fn, "__name__", fn), domain.message, exc)
