@@ -8,9 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TypeVar  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -19,6 +20,8 @@ from retriever.config import Settings  # noqa: E402
 from retriever.models.embedder import Embedder  # noqa: E402
 from retriever.server.app import ServerThread  # noqa: E402
 from retriever.v1 import retriever_pb2 as pb  # noqa: E402
+
+T = TypeVar("T")
 
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
@@ -96,6 +99,23 @@ def engine_docs(prefix: str, n: int = 5) -> list[pb.Document]:
                         content=f"def {prefix}_{i}():\n    return {i}\n") for i in range(n)]
 
 
+def when_served(call: Callable[[], T], within_s: float) -> T:
+    """``call()``'s answer once it stops answering UNAVAILABLE (an engine coming back, a
+    collection being rebuilt), retried for up to ``within_s`` seconds."""
+    import time
+
+    import grpc
+
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+            assert time.monotonic() < deadline, f"not served in {within_s:.0f} s: {e.details()}"
+            time.sleep(0.2)
+
+
 def assert_rebuilt_from_catalog(st: ServerThread, client: RetrieverClient,
                                 namespaces: dict[str, set[str]], backend: str,
                                 within_s: float = 120.0) -> None:
@@ -108,31 +128,14 @@ def assert_rebuilt_from_catalog(st: ServerThread, client: RetrieverClient,
     import time
     import urllib.request
 
-    import grpc
-
-    first, *others = namespaces
+    first = next(iter(namespaces))
     deadline = time.monotonic() + within_s
-    while True:
-        try:
-            response = client.search(first, "return", top_k=20)
-            break
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
-            assert "index engine" in e.details(), e.details()
-            assert time.monotonic() < deadline, f"not rebuilt in {within_s} s: {e.details()}"
-            time.sleep(0.2)
-    assert {h.chunk.doc_id for h in response.hits} == namespaces[first]
-    assert response.lineage.index_generation == 2
-    for name in others:  # rebuilt by the same pass: no request had touched them
-        while True:
-            try:
-                response = client.search(name, "return", top_k=20)
-                break
-            except grpc.RpcError as e:
-                assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
-                assert time.monotonic() < deadline, f"{name} not rebuilt in {within_s} s"
-                time.sleep(0.2)
-        assert {h.chunk.doc_id for h in response.hits} == namespaces[name]
+    # The first namespace's request starts the rebuild; the others were rebuilt by the
+    # same pass, though no request had touched them.
+    for name, doc_ids in namespaces.items():
+        response = when_served(lambda name=name: client.search(name, "return", top_k=20),
+                               deadline - time.monotonic())
+        assert {h.chunk.doc_id for h in response.hits} == doc_ids
         assert response.lineage.index_generation == 2
     client.upsert(first, [pb.Document(doc_id="after", path="after.py",
                                       content="def after_the_loss():\n    return 'back'\n")])

@@ -20,6 +20,7 @@ from conftest import (
     engine_docs,
     make_settings,
     running_server,
+    when_served,
 )
 from test_durability import ServerProcess, _free_port
 
@@ -334,15 +335,7 @@ def test_a_sync_that_finds_its_collection_lost_starts_the_rebuild(
                 client.sync_source("git", wait=True, timeout=120)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
             assert "rebuilding it from the catalog" in e.value.details()
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    client.sync_source("git", wait=True, timeout=120)
-                    break
-                except grpc.RpcError as again:
-                    assert again.code() == grpc.StatusCode.UNAVAILABLE, again.details()
-                    assert time.monotonic() < deadline, again.details()
-                    time.sleep(0.2)
+            when_served(lambda: client.sync_source("git", wait=True, timeout=120), 60)
             response = client.search("git", "def", top_k=5)
             assert {h.chunk.doc_id for h in response.hits} == {"a.py", "b.py"}
             assert response.lineage.index_generation == 2
