@@ -116,7 +116,7 @@ class Namespaces:
         self._backends: dict[str, Backend] = {}
         self._handles: dict[str, NamespaceHandle] = {}
         self._lock = threading.Lock()
-        # Namespaces whose lost collection is being rebuilt, and the token that stops the
+        # The lost collections being rebuilt (by name), and the token that stops the
         # rebuilds when the service closes.
         self._rebuilding: set[str] = set()
         self._closing = CallToken()
@@ -386,6 +386,9 @@ class Namespaces:
                 self._rebuilding.discard(collection)
 
     def _rebuild_lost(self, handle: NamespaceHandle, collection: str) -> None:
+        if handle.deleted or collection != collection_name(handle.name,
+                                                          handle.record.index_generation):
+            return  # deleted, or re-indexed since the engine's collections were listed
         log.warning("namespace %s: the %s engine no longer has its collection %s; rebuilding "
                     "it from the catalog", handle.name, handle.record.backend, collection)
         try:

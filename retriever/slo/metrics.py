@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from indexers import BACKENDS
 from retriever import tracing
 
 if TYPE_CHECKING:
@@ -150,6 +151,8 @@ class Metrics:
             "Collections an index engine no longer had (dropped outside the service, or a "
             "server back without its data), rebuilt from the catalog while serving, by "
             "backend.", ["backend"], registry=r)
+        for backend in BACKENDS:  # at 0 from the start, so that the first rebuild is an
+            self.lost_collections_rebuilt.labels(backend)  # increase() can see
         self.storage_full = Gauge(
             "retriever_storage_full",
             "1 while the data directory's disk is full: writes are refused (deletes still "
