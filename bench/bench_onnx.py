@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 from bench_backends import chunk_doc, loadavg  # noqa: E402
-from benchlib import cpu, cpu_line, log  # noqa: E402
+from benchlib import cpu, cpu_line, git, log  # noqa: E402
 
 from retriever.config import Settings  # noqa: E402
 from retriever.ingest.chunking import build_chunkers  # noqa: E402
@@ -111,8 +110,7 @@ def main() -> int:
     machine = cpu()
     result: dict[str, Any] = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                 capture_output=True, text=True).stdout.strip(),
+        "commit": git(ROOT, "rev-parse", "--short", "HEAD"),
         "cpu": machine, "threads": torch.get_num_threads(), "loadavg_start": loadavg(),
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__,
                      "openvino": openvino.get_version()},
