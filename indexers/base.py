@@ -7,7 +7,7 @@ truth and can rebuild any collection from the vectors it stores.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -44,6 +44,21 @@ class CollectionLost(EngineError):
     def __init__(self, collection: str, message: str) -> None:
         super().__init__(message)
         self.collection = collection
+
+
+class LossReporter:
+    """How a backend whose engine can lose collections behind its back raises
+    CollectionLost: through ``lost``, which first tells ``on_lost`` (set by the service,
+    which rebuilds the collection), whichever caller the exception then reaches. The
+    listener is called from inside the engine call: it must return at once."""
+
+    def __init__(self) -> None:
+        self.on_lost: Callable[[str], None] | None = None
+
+    def lost(self, collection: str, message: str) -> CollectionLost:
+        if self.on_lost is not None:
+            self.on_lost(collection)
+        return CollectionLost(collection, message)
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,11 +47,11 @@ import numpy as np
 
 from indexers.base import (
     CollectionClosed,
-    CollectionLost,
     CollectionSpec,
     DimensionMismatch,
     EngineError,
     EngineUnavailable,
+    LossReporter,
     SearchHits,
 )
 from indexers.payload import Filter, Payload
@@ -205,8 +205,8 @@ class ChromaIndex:
         except chromadb.errors.NotFoundError as exc:
             if self._closed:
                 raise CollectionClosed(f"collection {self.spec.name!r} is closed") from exc
-            raise CollectionLost(self.spec.name, f"collection {self.spec.name!r} no longer "
-                                 f"exists in Chroma ({exc})") from exc
+            raise self._owner.losses.lost(self.spec.name, f"collection {self.spec.name!r} "
+                                          f"no longer exists in Chroma ({exc})") from exc
         except (httpx.TransportError, ConnectionError) as exc:
             raise EngineUnavailable(f"Chroma at {self._owner.url} did not answer: "
                                     f"{exc}") from exc
@@ -461,6 +461,7 @@ class ChromaBackend:
         self._max_batch = 0
         self._open: dict[str, ChromaIndex] = {}
         self._lock = threading.RLock()
+        self.losses = LossReporter()
 
     # -- connection ------------------------------------------------------------------------
     def _settings(self) -> ChromaSettings:

@@ -61,11 +61,11 @@ import numpy as np
 
 from indexers.base import (
     CollectionClosed,
-    CollectionLost,
     CollectionSpec,
     DimensionMismatch,
     EngineError,
     EngineUnavailable,
+    LossReporter,
     SearchHits,
 )
 from indexers.payload import Filter, Payload
@@ -221,9 +221,11 @@ def _not_loaded(exc: BaseException) -> bool:
 
 
 @contextmanager
-def _engine_errors(where: str, collection: str = "") -> Iterator[None]:
+def _engine_errors(where: str, collection: str = "",
+                   losses: LossReporter | None = None) -> Iterator[None]:
     """Milvus's exceptions as the engine errors of base.py. ``collection``: the service's
-    name of the collection an index works on, whose disappearance is CollectionLost."""
+    name of the collection an index works on, whose disappearance is CollectionLost (raised
+    through ``losses``)."""
     try:
         yield
     except (EngineError, ValueError):
@@ -235,9 +237,9 @@ def _engine_errors(where: str, collection: str = "") -> Iterator[None]:
         if _not_loaded(exc):
             raise EngineUnavailable(f"Milvus at {where} has not loaded the collection "
                                     f"(yet): {exc}") from exc
-        if collection and _collection_missing(exc):
-            raise CollectionLost(collection, f"collection {collection!r} no longer exists "
-                                 f"in Milvus at {where} ({exc})") from exc
+        if collection and losses is not None and _collection_missing(exc):
+            raise losses.lost(collection, f"collection {collection!r} no longer exists in "
+                              f"Milvus at {where} ({exc})") from exc
         raise EngineError(f"Milvus at {where}: {exc}") from exc
 
 
@@ -314,7 +316,7 @@ class MilvusIndex:
         return self._owner._connect()
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        with _engine_errors(self._owner.where, self.spec.name):
+        with _engine_errors(self._owner.where, self.spec.name, self._owner.losses):
             try:
                 return fn(*args, timeout=self._owner.timeout, **kwargs)
             except MilvusException as exc:
@@ -496,7 +498,7 @@ class MilvusIndex:
                         filter=expr, output_fields=fields, consistency_level=level)
         try:
             while True:
-                with _engine_errors(self._owner.where, self.spec.name):
+                with _engine_errors(self._owner.where, self.spec.name, self._owner.losses):
                     page = it.next()
                 if not page:
                     return
@@ -678,6 +680,7 @@ class MilvusBackend:
             None if self._uri.startswith(_SCHEMES)
             else Path(self._uri).resolve() if self._uri else (self._root / "milvus.db").resolve())
         self.where = str(self._lite_path) if self._lite_path else self._uri
+        self.losses = LossReporter()
         if not _PREFIX.fullmatch(prefix):
             raise ValueError(f"milvus collection prefix {prefix!r} must be letters, digits or "
                              "_ (not starting with a digit), at most 64")

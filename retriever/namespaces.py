@@ -22,10 +22,10 @@ import numpy as np
 
 from indexers import (
     Backend,
-    CollectionLost,
     CollectionSpec,
     DimensionMismatch,
     EngineUnavailable,
+    LossReporter,
     SelfRepairing,
     VectorIndex,
     create_backend,
@@ -116,9 +116,11 @@ class Namespaces:
         self._backends: dict[str, Backend] = {}
         self._handles: dict[str, NamespaceHandle] = {}
         self._lock = threading.Lock()
-        # The lost collections being rebuilt (by name), and the token that stops the
+        # The lost collections being rebuilt (by name), under a lock of their own (engine
+        # calls report losses, maybe under the registry lock), and the token that stops the
         # rebuilds when the service closes.
         self._rebuilding: set[str] = set()
+        self._rebuild_lock = threading.Lock()
         self._closing = CallToken()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -341,21 +343,24 @@ class Namespaces:
                              vectors=int(len(want)), caught_up=int(len(missing) + len(extra)),
                              seconds=time.perf_counter() - t0)
 
-    def recover_lost(self, lost: CollectionLost) -> None:
-        """Rebuild from the catalog the collection the engine no longer has, and every
-        other collection of a namespace on the same backend that is gone from it too (an
-        engine server back on an empty volume lost them all). Each goes into a new
-        generation, as a re-index does; requests answer UNAVAILABLE meanwhile and the swap
-        makes the namespace whole again. Returns at once: the work runs on a thread of its
-        own, one rebuild at a time per collection."""
-        with self._lock:
-            if lost.collection in self._rebuilding:
+    def recover_lost(self, collection: str) -> None:
+        """The engine no longer has ``collection`` (the backends' LossReporter calls this
+        before raising CollectionLost, whichever path met it): rebuild it from the catalog,
+        and every other collection of a namespace on the same backend that is gone from it
+        too (an engine server back on an empty volume lost them all). Each goes into a new
+        generation, as a re-index does; calls answer UNAVAILABLE meanwhile and the swap
+        makes the namespace whole again. Returns at once (it is called from inside engine
+        calls): the work runs on a thread of its own, one rebuild at a time per
+        collection."""
+        with self._rebuild_lock:
+            if collection in self._rebuilding:
                 return
-            self._rebuilding.add(lost.collection)
-        threading.Thread(target=self._recover, args=(lost.collection,), daemon=True,
+            self._rebuilding.add(collection)
+        threading.Thread(target=self._recover, args=(collection,), daemon=True,
                          name="rebuild-lost").start()
 
     def _recover(self, collection: str) -> None:
+        claimed = {collection}
         try:
             with self._lock:
                 current = {collection_name(h.name, h.record.index_generation): h
@@ -365,25 +370,21 @@ class Namespaces:
                 return
             backend = handle.record.backend
             try:
-                present: set[str] | None = set(self._backend(backend).collections())
-            except Exception as exc:  # the others are found by the requests that touch them
+                present = set(self._backend(backend).collections())
+            except Exception as exc:  # the others are found by the calls that touch them
                 log.warning("listing the collections of backend %s failed: %s", backend, exc)
-                present = None
-            with self._lock:
-                todo = [(c, h) for c, h in current.items() if h is handle or (
-                    present is not None and h.record.backend == backend
-                    and c not in present and c not in self._rebuilding)]
-                self._rebuilding.update(c for c, _ in todo)
-            for c, h in todo:
-                try:
-                    self._rebuild_lost(h, c)
-                finally:
-                    if c != collection:
-                        with self._lock:
-                            self._rebuilding.discard(c)
+                present = set(current) - {collection}
+            with self._rebuild_lock:
+                gone = [(c, h) for c, h in current.items() if c == collection or (
+                    h.record.backend == backend and c not in present
+                    and c not in self._rebuilding)]
+                claimed.update(c for c, _ in gone)
+                self._rebuilding.update(claimed)
+            for c, h in gone:
+                self._rebuild_lost(h, c)
         finally:
-            with self._lock:
-                self._rebuilding.discard(collection)
+            with self._rebuild_lock:
+                self._rebuilding -= claimed
 
     def _rebuild_lost(self, handle: NamespaceHandle, collection: str) -> None:
         if handle.deleted or collection != collection_name(handle.name,
@@ -583,5 +584,8 @@ class Namespaces:
                 raise InvalidArgument(str(exc), field="backend") from None
             except EngineUnavailable as exc:
                 raise FailedPrecondition(str(exc), field="backend") from exc
+            losses = getattr(backend, "losses", None)
+            if isinstance(losses, LossReporter):  # an engine that can lose collections
+                losses.on_lost = self.recover_lost
             self._backends[name] = backend
         return backend

@@ -8,19 +8,17 @@ methods are blocking and thread-safe; the gRPC layer runs them off its event loo
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import logging
 import sqlite3
 import sys
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import numpy as np
 
-from indexers import CollectionLost
 from retriever import validation
 from retriever._priority import lower_priority
 from retriever.cancel import NEVER, CallToken
@@ -348,24 +346,11 @@ class RetrieverService:
                      token: CallToken) -> UpsertResult:
         # The sync created the namespace before its first batch: one deleted while the sync
         # runs stays deleted (its later batches fail NOT_FOUND) instead of coming back.
-        with self.rebuilding_lost():
-            return self.upsert(namespace, docs, token, create=False)
+        return self.upsert(namespace, docs, token, create=False)
 
     def _sync_delete(self, namespace: str, doc_ids: Sequence[str],
                      token: CallToken) -> DeleteResult:
-        with self.rebuilding_lost():
-            return self.delete_documents(namespace, doc_ids, token)
-
-    @contextlib.contextmanager
-    def rebuilding_lost(self) -> Iterator[None]:
-        """Work that finds a namespace's collection gone from its engine starts the
-        collection's rebuild from the catalog (`Namespaces.recover_lost`), then fails as it
-        would (UNAVAILABLE: retry)."""
-        try:
-            yield
-        except CollectionLost as exc:
-            self.namespaces.recover_lost(exc)
-            raise
+        return self.delete_documents(namespace, doc_ids, token)
 
     def _ensure_namespace(self, namespace: str) -> None:
         """Create the namespace with the server's defaults when it does not exist."""

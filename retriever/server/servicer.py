@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from indexers import CollectionLost
 from retriever import errors
 from retriever._priority import lower_priority
 from retriever.cancel import CallToken
@@ -241,8 +240,6 @@ class RetrieverServicer:
         except errors.RetrieverError as exc:
             await abort_error(context, exc)
         except Exception as exc:
-            if isinstance(exc, CollectionLost):  # the engine lost it: rebuild it
-                self._svc.namespaces.recover_lost(exc)  # returns at once
             domain = errors.translate(exc)
             if domain is not None:
                 log.warning("%s: %s (%s)", getattr(fn, "__name__", fn), domain.message, exc)
