@@ -58,8 +58,8 @@ from bench_embedder import code_set  # noqa: E402
 from benchlib import cpu, cpu_line, log  # noqa: E402
 
 from retriever.config import Settings  # noqa: E402
-from retriever.ingest.chunking import build_chunkers, detect_language  # noqa: E402
-from retriever.ingest.pipeline import HEADER_TOKENS, chunk_headers  # noqa: E402
+from retriever.ingest.chunking import detect_language  # noqa: E402
+from retriever.ingest.pipeline import chunk_headers, service_chunkers  # noqa: E402
 from retriever.models import calibration  # noqa: E402
 from retriever.models.calibration import (  # noqa: E402
     Verdict,
@@ -105,11 +105,7 @@ class Chunked:
     chunk), grouped by document."""
 
     def __init__(self, qs: QuerySet, ref: Embedder, settings: Settings) -> None:
-        budget = min(settings.chunk_tokens, ref.max_tokens) - (ref.special_tokens
-                                                               + HEADER_TOKENS)
-        chunkers = build_chunkers(ref.count_tokens, ref.token_offsets, budget,
-                                  settings.overlap_tokens, settings.chunk_max_chars,
-                                  structured=settings.chunking == "structured")
+        chunkers = service_chunkers(settings, ref)
         self.qs = qs
         self.doc_ids: list[str] = []
         self.starts: list[int] = []

@@ -4,7 +4,7 @@
         --repo requests=/path/to/requests --repo click=/path/to/click --repo cobra=/path/to/cobra
 
 1. **Throughput**: every file of each ``--tree`` (language by the service's detection) cut by
-   the service's own chunkers (``build_chunkers`` with the packaged model's tokenizer and the
+   the service's own chunkers (``service_chunkers`` with the packaged model's tokenizer and the
    service's budgets): MB/s of source and chunks/s per language, and how many documents fell
    back to windows and why. The same files are also cut by ``windows/v1`` alone, in the same
    process (the ratio is the cost of structure). The **share of indexing time** is chunking
@@ -43,8 +43,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from retriever.client import RetrieverClient  # noqa: E402
 from retriever.config import Settings  # noqa: E402
-from retriever.ingest.chunking import build_chunkers, detect_language  # noqa: E402
-from retriever.ingest.pipeline import HEADER_TOKENS, chunk_headers  # noqa: E402
+from retriever.ingest.chunking import detect_language  # noqa: E402
+from retriever.ingest.pipeline import (  # noqa: E402
+    chunk_headers,
+    service_chunkers,
+    text_budget,
+)
 from retriever.models.embedder import Embedder  # noqa: E402
 from retriever.server.app import ServerThread  # noqa: E402
 from retriever.slo.evaluation import build_git_history_set  # noqa: E402
@@ -81,13 +85,9 @@ def tree_files(root: Path) -> list[tuple[str, str]]:
 
 
 def throughput(embedder: Embedder, settings: Settings, trees: dict[str, Path]) -> dict:
-    budget = min(settings.chunk_tokens, embedder.max_tokens) - (
-        embedder.special_tokens + HEADER_TOKENS)
-    structured = build_chunkers(embedder.count_tokens, embedder.token_offsets, budget,
-                                settings.overlap_tokens, settings.chunk_max_chars)
-    windows = build_chunkers(embedder.count_tokens, embedder.token_offsets, budget,
-                             settings.overlap_tokens, settings.chunk_max_chars,
-                             structured=False)
+    budget = text_budget(settings, embedder)
+    structured = service_chunkers(settings, embedder, structured=True)
+    windows = service_chunkers(settings, embedder, structured=False)
     per_lang: dict[str, dict] = defaultdict(lambda: defaultdict(float))
     fallbacks: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     sample: list[str] = []

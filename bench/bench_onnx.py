@@ -46,8 +46,7 @@ from bench_backends import chunk_doc, loadavg  # noqa: E402
 from benchlib import cpu, cpu_line, git, log  # noqa: E402
 
 from retriever.config import Settings  # noqa: E402
-from retriever.ingest.chunking import build_chunkers  # noqa: E402
-from retriever.ingest.pipeline import HEADER_TOKENS  # noqa: E402
+from retriever.ingest.pipeline import service_chunkers  # noqa: E402
 from retriever.models.embedder import Embedder, _batches, default_model_path  # noqa: E402
 from retriever.slo.evaluation import CorpusDoc  # noqa: E402
 
@@ -56,10 +55,7 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 def chunk_pool(ref: Embedder, settings: Settings) -> list[str]:
     """Every embedded text of the repository's retriever/ and docs/, in a fixed order."""
-    budget = min(settings.chunk_tokens, ref.max_tokens) - (ref.special_tokens + HEADER_TOKENS)
-    chunkers = build_chunkers(ref.count_tokens, ref.token_offsets, budget,
-                              settings.overlap_tokens, settings.chunk_max_chars,
-                              structured=True)
+    chunkers = service_chunkers(settings, ref, structured=True)
     files = sorted(ROOT.glob("retriever/**/*.py")) + sorted(ROOT.glob("docs/*.md"))
     texts: list[str] = []
     for p in files:

@@ -43,7 +43,13 @@ from retriever.domain import (
     sha256,
 )
 from retriever.errors import NotFound, translate
-from retriever.ingest.chunking import ChunkerSet, ChunkSpan, TokenCounter, detect_language
+from retriever.ingest.chunking import (
+    ChunkerSet,
+    ChunkSpan,
+    TokenCounter,
+    build_chunkers,
+    detect_language,
+)
 from retriever.models.embedder import Embedder
 from retriever.namespaces import NamespaceHandle, Namespaces
 from retriever.slo.metrics import Metrics
@@ -70,6 +76,24 @@ PATH_TOKENS = 24
 # Changes whenever the header's format does: part of every document's chunking signature.
 HEADER_FORMAT = "h2"
 
+
+
+def text_budget(settings: Settings, embedder: Embedder) -> int:
+    """Text tokens a chunk may hold: the model's window (or chunk_tokens, if smaller) less
+    its special tokens and the header's share."""
+    return min(settings.chunk_tokens, embedder.max_tokens) - (embedder.special_tokens
+                                                              + HEADER_TOKENS)
+
+
+def service_chunkers(settings: Settings, embedder: Embedder,
+                     structured: bool | None = None) -> ChunkerSet:
+    """The chunkers a server builds from these settings for this embedder (``structured``:
+    instead of settings.chunking)."""
+    if structured is None:
+        structured = settings.chunking == "structured"
+    return build_chunkers(embedder.count_tokens, embedder.token_offsets,
+                          text_budget(settings, embedder), settings.overlap_tokens,
+                          settings.chunk_max_chars, structured=structured)
 
 def _meta_json(d: Document) -> str:
     """A document's metadata as the catalog stores it."""
