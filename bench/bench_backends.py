@@ -26,7 +26,8 @@ In one process, on the same real chunks (the service's own chunking and headers)
    with one side's queries against the other side's documents (both ways): a backend that
    passes that too is *interchangeable* (its vectors may share a namespace with float ones).
 4. **verdicts**: one per candidate (passed, speed over raw fp32 with the service's batches,
-   interchangeable), merged into bench/results/embedder-verdicts.json and ``--verdicts``.
+   interchangeable), merged into the packaged retriever/models/verdicts.json (what `auto`
+   starts from on every machine) and ``--verdicts``.
 
 Writes JSON and Markdown; every figure names the CPU model and flags. Compare only within
 one run: the machine may be shared (the load average is recorded), ratios in one process
@@ -347,7 +348,7 @@ def main() -> int:
             log("int8 on a CPU without VNNI/AMX: measured, but auto never considers it")
     result.update(raw=speed["raw fp32"], backends=results, loadavg_end=loadavg(),
                   run_s=time.perf_counter() - t_run, verdicts=[v.__dict__ for v in verdicts])
-    verdict_file = ROOT / "bench/results/embedder-verdicts.json"
+    verdict_file = calibration.PACKAGED_VERDICTS
     calibration.write_verdicts(verdict_file, verdicts)
     if args.verdicts:
         calibration.write_verdicts(args.verdicts, verdicts)
@@ -437,7 +438,7 @@ def render(r: dict[str, Any], args: argparse.Namespace) -> str:
         f"calibrated on {args.calibration_samples} texts of the corpus's own chunks (not the "
         "timed ones).",
         "", "Verdicts (what `embedder_backend=auto` reads; merged into "
-        "`bench/results/embedder-verdicts.json`" + (f" and `{args.verdicts}`" if args.verdicts
+        "`retriever/models/verdicts.json`" + (f" and `{args.verdicts}`" if args.verdicts
                                                    else "") + "):", "",
         "| weights | backend | precision | passed | speedup (service × raw fp32) | "
         "interchangeable |", "|---|---|---|---|---|---|"]

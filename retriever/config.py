@@ -139,9 +139,12 @@ class Settings(BaseSettings):
     embedder_device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch: sentence-transformers. openvino (CPU; `retriever[openvino]`): the same model
     # converted by OpenVINO, cached in <data_dir>/models. auto: on a CPU the fastest backend
-    # and precision whose quality-gate verdict for this model and CPU passed (verdicts come
-    # from bench/bench_backends.py --verdicts; none is measured at start), else torch.
-    embedder_backend: Literal["auto", "torch", "openvino"] = "torch"
+    # and precision whose quality-gate verdict for this model and CPU kind passed, else
+    # torch (verdicts come from bench/bench_backends.py; the package ships those measured
+    # for the packaged model, none is measured at start). On an AVX-512 VNNI CPU that is
+    # OpenVINO int8, built and calibrated at the first start (~1 min on 2 cores, then
+    # cached); on CUDA and on CPUs without a verdict, torch.
+    embedder_backend: Literal["auto", "torch", "openvino"] = "auto"
     # auto: fp32 on CUDA and CPU (openvino: bf16 where the CPU has native bf16, else
     # fp32). bf16: on CUDA, or on a CPU with native bf16. int8: openvino only, static
     # quantization (NNCF) calibrated on the catalog's chunks (on an empty catalog, the
@@ -150,7 +153,8 @@ class Settings(BaseSettings):
     # Texts an int8 model is calibrated on when it is built (once per model and CPU kind):
     # more is a slower first start (~0.3 s per text on 2 cores) for steadier scales.
     embedder_calibration_samples: int = Field(128, ge=8, le=10_000)
-    # The gate verdicts embedder_backend=auto reads; unset: <data_dir>/models/verdicts.json.
+    # The gate verdicts embedder_backend=auto reads: this file alone; unset, the packaged
+    # verdicts and <data_dir>/models/verdicts.json (a bench run's on this machine) over them.
     embedder_verdicts_file: Path | None = None
     # Document chunks per forward pass. A query arriving during a bulk upsert waits for the
     # pass in flight, so it is small on CPU, where throughput hardly depends on it (4 chunks:

@@ -7,6 +7,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs on the reference embedder, torch fp32, in this process and in every server
+# it starts as a subprocess (which must make the same vectors as the session's model); the
+# default `auto` and the OpenVINO backends are tested where they are the subject
+# (test_embedder_backends.py), each with the settings it needs.
+os.environ.setdefault("RETRIEVER_EMBEDDER_BACKEND", "torch")
 
 from collections.abc import Callable, Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402

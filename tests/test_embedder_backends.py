@@ -45,6 +45,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def ov_settings(data_dir: Path, precision: str, **kw: object) -> Settings:
+    # No verdicts unless a test gives some: the packaged ones would join int8 to the float
+    # class here (see test_the_packaged_verdicts_...).
+    kw.setdefault("embedder_verdicts_file", data_dir / "no-verdicts.json")
     return make_settings(data_dir, embedder_backend="openvino", embedder_precision=precision,
                          embedder_calibration_samples=CAL_SAMPLES, **kw)
 
@@ -156,6 +159,92 @@ def test_verdict_file_round_trip_merges_and_survives_damage(tmp_path: Path) -> N
 
 
 # -- the real model ------------------------------------------------------------------------
+def test_verdict_sources_are_the_packaged_ones_then_the_data_dirs(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert calibration.verdict_sources(None, data) == (
+        calibration.PACKAGED_VERDICTS, data / "models" / "verdicts.json")
+    mine = tmp_path / "mine.json"
+    assert calibration.verdict_sources(mine, data) == (mine,)  # an explicit file alone
+    cpu = cpu_key()
+    calibration.write_verdicts(tmp_path / "a.json", [
+        Verdict("w", "openvino", "int8", cpu, passed=True, speedup=5.0),
+        Verdict("w", "openvino", "fp32", cpu, passed=True, speedup=2.0)])
+    calibration.write_verdicts(tmp_path / "b.json", [  # measured here later: it failed
+        Verdict("w", "openvino", "int8", cpu, passed=False, speedup=5.5)])
+    merged = calibration.read_all_verdicts([tmp_path / "a.json", tmp_path / "b.json",
+                                            tmp_path / "missing.json"])
+    assert len(merged) == 2
+    int8 = calibration.find_verdict(merged, "w", "openvino", "int8")
+    assert int8 is not None and not int8.passed and int8.speedup == 5.5
+
+
+def test_int8_joins_the_float_class_by_this_cpus_verdict_else_any_kinds() -> None:
+    here, there = cpu_key(), "avx2 avx512f avx512_vnni some-other-kind"
+
+    def v(cpu: str, passed: bool = True, interchangeable: bool = True) -> Verdict:
+        return Verdict("w", "openvino", "int8", cpu, passed=passed, speedup=3.0,
+                       interchangeable=interchangeable)
+
+    # Measured on another kind only: the vectors it makes are what the verdict judged, so
+    # a float embedder here serves a namespace built there (a data dir moved to AVX2).
+    assert calibration.int8_interchangeable([v(there)], "w")
+    assert not calibration.int8_interchangeable([v(there, interchangeable=False)], "w")
+    assert not calibration.int8_interchangeable([v(there, passed=False)], "w")
+    assert not calibration.int8_interchangeable([v(there)], "other weights")
+    assert not calibration.int8_interchangeable([], "w")
+    # This kind's own verdict decides when there is one.
+    assert not calibration.int8_interchangeable([v(there), v(here, passed=False)], "w")
+    assert calibration.int8_interchangeable([v(there, passed=False), v(here)], "w")
+
+
+def test_the_packaged_verdicts_are_the_packaged_models(embedder: Embedder) -> None:
+    """What `auto` starts from on every machine: readable, about the packaged model's
+    weights, each with its gate figures, and an int8 that passed interchangeable."""
+    assert Settings.model_fields["embedder_backend"].default == "auto"
+    packaged = calibration.read_verdicts(calibration.PACKAGED_VERDICTS)
+    assert packaged, calibration.PACKAGED_VERDICTS
+    for v in packaged:
+        assert v.weights_revision == embedder.weights_revision
+        assert v.cpu and v.speedup > 0 and v.detail.get("source") == "bench/bench_backends.py"
+        assert any("nDCG@10" in k for k in v.detail)
+    assert calibration.int8_interchangeable(packaged, embedder.weights_revision)
+    assert embedder.int8_equivalent  # the session's model reads them (no explicit file)
+
+
+@pytest.mark.integration
+def test_auto_by_default_picks_what_the_packaged_verdicts_say(
+        ov_int8: Embedder, data_dir: Path, tmp_path: Path) -> None:
+    """The default settings on this machine: the fastest backend whose packaged verdict for
+    this CPU kind passed (OpenVINO int8 on the AVX-512 VNNI kinds measured), torch fp32 on
+    a kind with none; a verdict measured in the data dir overrides the packaged one."""
+    w = ov_int8.weights_revision
+    packaged = calibration.read_verdicts(calibration.PACKAGED_VERDICTS)
+    candidates = auto_candidates(openvino=True)
+    passed = [v for v in packaged if v.cpu == cpu_key() and v.passed
+              and (v.backend, v.precision) in candidates]
+    want = max(passed, key=lambda v: v.speedup) if passed else None
+    settings = make_settings(data_dir, embedder_backend="auto",
+                             embedder_calibration_samples=CAL_SAMPLES)
+    assert settings.embedder_verdicts_file is None
+    e = Embedder(settings)
+    e.load()
+    if want is None:
+        assert (e.backend, e.precision, e.revision) == ("torch", "fp32", w)
+    else:
+        assert (e.backend, e.precision) == (want.backend, want.precision)
+        assert e.verdict == want
+    # Measured here since: that backend failed the gate on this data's machine. Never picked.
+    if want is not None:
+        calibration.write_verdicts(data_dir / "models" / "verdicts.json", [Verdict(
+            w, want.backend, want.precision, cpu_key(), passed=False, speedup=want.speedup)])
+        try:
+            again = Embedder(settings)
+            again.load()
+            assert (again.backend, again.precision) != (want.backend, want.precision)
+        finally:
+            (data_dir / "models" / "verdicts.json").unlink()
+
+
 @pytest.mark.integration
 def test_openvino_fp32_equals_torch(ov_fp32: Embedder, embedder: Embedder,
                                     reference: np.ndarray) -> None:

@@ -6,8 +6,14 @@ that a benchmark run wrote (``bench/bench_backends.py --verdicts FILE``), one pe
 revision, backend, precision, CPU flags): whether the backend passed the quality gate
 (nDCG@10 and recall@10 on SciFact and on a code history set >= 99 % of torch fp32's, in the
 same run as the speed) and its speed over raw sentence-transformers fp32 in that run. A
-verdict of another model, backend or CPU kind is never used; a missing or damaged verdict
-file reads as no verdicts.
+verdict of another model, backend or CPU kind is never used to pick a backend; a missing
+or damaged verdict file reads as no verdicts.
+
+Where they are read (`verdict_sources`): the package ships the verdicts measured for the
+packaged model on the CPU kinds the project was measured on (``retriever/models/
+verdicts.json``), so `auto` picks a gated backend on those kinds from the first start; a
+data dir's own ``models/verdicts.json`` (a bench run on that machine) adds to them and wins
+on equal keys. An explicit ``embedder_verdicts_file`` is the only source.
 
 **Calibration text** for static int8: chunks as the service embeds them (header + text),
 sampled from the catalog when it has some; else the service's own source files and docs
@@ -119,6 +125,26 @@ def read_verdicts(path: Path) -> list[Verdict]:
     return out
 
 
+# The verdicts measured for the packaged model (bench/bench_backends.py --verdicts THIS).
+PACKAGED_VERDICTS = Path(__file__).resolve().with_name("verdicts.json")
+
+
+def verdict_sources(explicit: Path | None, data_dir: Path) -> tuple[Path, ...]:
+    """The verdict files `auto` reads, later ones winning on equal keys: ``explicit`` alone
+    when set, else the packaged verdicts and then the data dir's own."""
+    if explicit is not None:
+        return (explicit,)
+    return (PACKAGED_VERDICTS, data_dir / "models" / "verdicts.json")
+
+
+def read_all_verdicts(paths: Sequence[Path]) -> list[Verdict]:
+    """The verdicts of ``paths`` merged: one per key, a later file's winning."""
+    merged: dict[tuple[str, str, str, str], Verdict] = {}
+    for path in paths:
+        merged.update({v.key: v for v in read_verdicts(path)})
+    return list(merged.values())
+
+
 def write_verdicts(path: Path, verdicts: Iterable[Verdict]) -> None:
     """Merge ``verdicts`` into ``path`` (one per key, the new one wins), atomically."""
     merged = {v.key: v for v in read_verdicts(path)}
@@ -141,6 +167,22 @@ def find_verdict(verdicts: Iterable[Verdict], weights_revision: str, backend: st
                  precision: str, cpu: str | None = None) -> Verdict | None:
     key = (weights_revision, backend, precision, cpu_key() if cpu is None else cpu)
     return next((v for v in verdicts if v.key == key), None)
+
+
+def int8_interchangeable(verdicts: Iterable[Verdict], weights_revision: str) -> bool:
+    """Whether these weights' OpenVINO int8 vectors may share a namespace with their float
+    vectors: an int8 verdict that passed the gate with interchangeable vectors, on this CPU
+    kind or any other. Any kind, because it is a property of the vectors, not of the machine
+    serving them: a data dir whose namespaces were built in int8 where a verdict said so
+    keeps serving on a CPU that runs float (AVX2 without VNNI, where `auto` picks torch), and
+    every machine with the same verdicts files gives the documents the same vector class, so
+    moving a data dir re-embeds nothing."""
+    here = find_verdict(verdicts, weights_revision, "openvino", "int8")
+    if here is not None:  # this CPU kind's own verdict decides when there is one
+        return here.passed and here.interchangeable
+    return any(v.weights_revision == weights_revision and v.backend == "openvino"
+               and v.precision == "int8" and v.passed and v.interchangeable
+               for v in verdicts)
 
 
 # -- calibration text ----------------------------------------------------------------------

@@ -111,9 +111,8 @@ class Embedder:
         # Identity of the weights, before any precision change: stable across machines.
         self.weights_revision = _state_hash(model)
         log.debug("model read in %.2fs, hashed in %.2fs", t1 - t0, time.perf_counter() - t1)
-        verdicts = calibration.read_verdicts(self.verdicts_file)
-        int8 = calibration.find_verdict(verdicts, self.weights_revision, "openvino", "int8")
-        self.int8_equivalent = bool(int8 and int8.passed and int8.interchangeable)
+        verdicts = calibration.read_all_verdicts(self.verdict_files)
+        self.int8_equivalent = calibration.int8_interchangeable(verdicts, self.weights_revision)
         if backend == "auto":
             backend, precision = self._choose(device, precision, verdicts)
         else:
@@ -199,10 +198,17 @@ class Embedder:
         return compatible(built_revision, self.revision, self.int8_equivalent)
 
     @property
-    def verdicts_file(self) -> Path:
-        """Where `auto` reads gate verdicts: the setting, or <data_dir>/models/verdicts.json."""
+    def verdict_files(self) -> tuple[Path, ...]:
+        """Where `auto` reads gate verdicts (`calibration.verdict_sources`): the setting
+        alone, or the packaged verdicts and <data_dir>/models/verdicts.json."""
         s = self._settings
-        return s.embedder_verdicts_file or s.data_dir / "models" / "verdicts.json"
+        return calibration.verdict_sources(s.embedder_verdicts_file, s.data_dir)
+
+    @property
+    def verdicts_file(self) -> Path:
+        """Where a bench run on this machine writes the verdicts `auto` reads: the setting,
+        or <data_dir>/models/verdicts.json."""
+        return self.verdict_files[-1]
 
     def _choose(self, device: str, precision: str,
                 verdicts: Sequence[Verdict]) -> tuple[str, str]:
@@ -239,7 +245,8 @@ class Embedder:
             return fallback
         speedup, backend, prec = max(passed)
         log.info("embedder_backend=auto: picked %s %s (%.2fx raw torch fp32, gate passed; "
-                 "verdicts in %s)", backend, prec, speedup, self.verdicts_file)
+                 "verdicts in %s)", backend, prec, speedup,
+                 ", ".join(str(p) for p in self.verdict_files))
         return backend, prec
 
     def _load_openvino(self, precision: str, source: CalibrationSource | None) -> Any:
