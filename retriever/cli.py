@@ -5,13 +5,20 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import grpc
+# gRPC's fork handlers are for children that use gRPC; none of this process's do, and with
+# them on, every fork by a library during start-up (building the OpenVINO int8 model forks
+# dozens of times) logs "Other threads are currently calling into gRPC, skipping fork()
+# handlers" dozens of times. Read by gRPC's core when it starts, so set before the import.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import grpc  # noqa: E402
 import typer
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console
