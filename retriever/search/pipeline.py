@@ -22,9 +22,10 @@ With tracing on, each query is a span ``retriever.search`` and each stage one be
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -249,9 +250,10 @@ class Searcher:
                     lexical = self._lexical(q, handle, wanted, heads, timings, early)
                     sp.set_attribute("retriever.candidates", len(lexical))
             with tracing.span("retriever.search.fuse") as sp:
-                candidates = self._fuse(q, mode, dense, lexical, heads, timings)
-                sp.set_attribute("retriever.candidates", len(candidates))
-            needed = candidates[:rerank_n] if q.rerank else self._shape(q, candidates)
+                count, ranked = self._fuse(q, mode, dense, lexical, heads, timings)
+                sp.set_attribute("retriever.candidates", count)
+            needed = (list(itertools.islice(ranked, rerank_n)) if q.rerank
+                      else self._shape(q, ranked))
             with tracing.span("retriever.search.fetch", {"retriever.chunks": len(needed)}):
                 f0 = time.perf_counter()
                 # Whole chunks only for what can be returned.
@@ -306,7 +308,7 @@ class Searcher:
             total=time.perf_counter() - t0))
 
     @staticmethod
-    def _shape(q: SearchQuery, candidates: list[_Candidate]) -> list[_Candidate]:
+    def _shape(q: SearchQuery, candidates: Iterable[_Candidate]) -> list[_Candidate]:
         return fusion.shape(candidates, q.top_k, key_doc=lambda c: c.doc_id,
                             key_path=lambda c: c.path, score=lambda c: c.score,
                             collapse=q.collapse, min_score=q.min_score,
@@ -409,8 +411,10 @@ class Searcher:
 
     def _fuse(self, q: SearchQuery, mode: SearchMode, dense: dict[int, float],
               lexical: dict[int, float], heads: dict[int, tuple[str, str]],
-              timings: dict[str, float]) -> list[_Candidate]:
-        """Candidates best first, each with its stage scores; ``score`` is the last one."""
+              timings: dict[str, float]) -> tuple[int, Iterator[_Candidate]]:
+        """How many candidates there are, and an iterator over them best first, each with
+        its stage scores (``score`` is the last one). Lazy: a search ranks a few hundred
+        candidates to return ~10, and shaping stops reading once it has them."""
         dense = {v: s for v, s in dense.items() if v in heads}
         lexical = {v: s for v, s in lexical.items() if v in heads}
         if mode is SearchMode.DENSE:
@@ -422,14 +426,16 @@ class Searcher:
             w = self._settings.hybrid_dense_weight if q.dense_weight is None else q.dense_weight
             scores = fusion.fuse(dense, lexical, w, self._settings.hybrid_normalization)
             timings["fuse"] = time.perf_counter() - f0
-        out = []
-        for vid in fusion.rank(scores):
-            doc_id, path = heads[vid]
-            out.append(_Candidate(
-                vector_id=vid, doc_id=doc_id, path=path, dense=dense.get(vid),
-                lexical=lexical.get(vid),
-                fused=scores[vid] if mode is SearchMode.HYBRID else None, score=scores[vid]))
-        return out
+        hybrid = mode is SearchMode.HYBRID
+
+        def candidates() -> Iterator[_Candidate]:
+            for vid in fusion.rank(scores):
+                doc_id, path = heads[vid]
+                yield _Candidate(vector_id=vid, doc_id=doc_id, path=path, dense=dense.get(vid),
+                                 lexical=lexical.get(vid),
+                                 fused=scores[vid] if hybrid else None, score=scores[vid])
+
+        return len(scores), candidates()
 
     def _rerank(self, q: SearchQuery, candidates: list[_Candidate],
                 timings: dict[str, float]) -> list[_Candidate]:
