@@ -15,6 +15,10 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,33 @@ def lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, current + nice))
     except OSError as exc:  # e.g. a seccomp profile that refuses it: run as is
         log.warning("could not lower the priority of thread %s: %s", tid, exc)
+
+
+def run_lowered(nice: int, fn: Callable[[], T]) -> T:
+    """``fn()`` on a thread of its own whose priority is lowered by ``nice`` first; its
+    result, or its exception. For loading a library whose worker threads are created by
+    its first use and inherit the nice value of the thread that created them: OpenVINO's
+    (TBB) inference workers, which the model thread's forward passes run on afterwards.
+    Loaded on the starting thread, they kept its priority, so a document slice competed
+    with the request path as an equal while the model thread itself gave way."""
+    if nice <= 0 or sys.platform != "linux":
+        return fn()
+    box: list[T] = []
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        lower_priority(nice)
+        try:
+            box.append(fn())
+        except BaseException as exc:
+            failure.append(exc)
+
+    t = threading.Thread(target=work, name="lowered-load")
+    t.start()
+    t.join()
+    if failure:
+        raise failure[0]
+    return box[0]
 
 
 def thread_nice() -> int:

@@ -245,6 +245,39 @@ def test_auto_by_default_picks_what_the_packaged_verdicts_say(
             (data_dir / "models" / "verdicts.json").unlink()
 
 
+def _cpu_ticks_by_thread() -> dict[int, int]:
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        out[int(task.name)] = int(fields[11]) + int(fields[12])  # utime + stime
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread nice is Linux's")
+def test_openvino_inference_runs_at_the_model_threads_priority(ov_fp32: Embedder) -> None:
+    """Its inference workers were started by the load at the model thread's nice (5 by
+    default), so a forward pass run from the model thread never competes with the request
+    path as an equal: every thread that worked during a batch of passes is niced."""
+    import os
+
+    from retriever._priority import run_lowered, thread_nice
+
+    nice = ov_fp32._settings.model_thread_nice
+    assert nice > 0
+    base = thread_nice()
+    before = _cpu_ticks_by_thread()
+    run_lowered(nice, lambda: [ov_fp32.embed(TEXTS) for _ in range(6)])
+    after = _cpu_ticks_by_thread()
+    busy = {tid for tid, t in after.items() if t - before.get(tid, 0) >= 5}  # >= 50 ms
+    assert busy, "no thread did the inference"
+    niced = {tid: os.getpriority(os.PRIO_PROCESS, tid) for tid in busy}
+    assert all(v >= min(19, base + nice) for v in niced.values()), niced
+
+
 @pytest.mark.integration
 def test_openvino_fp32_equals_torch(ov_fp32: Embedder, embedder: Embedder,
                                     reference: np.ndarray) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import make_settings
 
-from retriever._priority import lower_priority, thread_nice
+from retriever._priority import lower_priority, run_lowered, thread_nice
 from retriever.client import RetrieverClient, pb
 from retriever.server.app import ServerThread
 
@@ -39,6 +39,29 @@ def test_lower_priority_affects_only_the_calling_thread() -> None:
     assert thread_nice() == base  # the caller's own priority is untouched
     lower_priority(0)
     assert thread_nice() == base
+
+
+def test_run_lowered_runs_at_the_lower_priority_and_threads_it_starts_inherit_it() -> None:
+    base = thread_nice()
+    seen: dict[str, int] = {}
+
+    def load() -> str:
+        seen["loader"] = thread_nice()
+        child = threading.Thread(target=lambda: seen.__setitem__("child", thread_nice()))
+        child.start()
+        child.join()
+        return "loaded"
+
+    assert run_lowered(4, load) == "loaded"
+    assert seen == {"loader": min(19, base + 4), "child": min(19, base + 4)}
+    assert thread_nice() == base
+
+    def broken() -> None:
+        raise ValueError("a damaged model")
+
+    with pytest.raises(ValueError, match="a damaged model"):
+        run_lowered(4, broken)
+    assert run_lowered(0, thread_nice) == base  # 0: on the caller's thread, as it is
 
 
 def test_model_and_upsert_threads_give_way_to_the_request_path(tmp_path: Path,

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from retriever._priority import run_lowered
 from retriever.config import DEFAULT_EMBEDDER, Settings
 from retriever.errors import NotReady
 from retriever.models import calibration
@@ -270,12 +271,14 @@ class Embedder:
                     "the service's own sources" + (f" and {len(got)} catalog chunks"
                                                    if got else ""))
 
-        return _openvino.load(
+        # At the model thread's priority: OpenVINO's workers, started by the first
+        # inference here, inherit it (retriever/_priority.py).
+        return run_lowered(s.model_thread_nice, lambda: _openvino.load(
             self._model, cache_root=s.data_dir / "models",
             weights_revision=self.weights_revision, precision=precision, cpu=cpu_key(),
             threads=s.torch_threads or len(os.sched_getaffinity(0)),
             bf16_native=has_native_bf16(), tokenize=self._features,
-            reference=self._embed_torch_fp32, calibration=texts, verify_texts=verify)
+            reference=self._embed_torch_fp32, calibration=texts, verify_texts=verify))
 
     def _features(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """The model's own preprocessing (tokenised, padded, truncated), as int64 arrays."""
