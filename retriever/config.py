@@ -142,7 +142,7 @@ class Settings(BaseSettings):
     # and precision whose quality-gate verdict for this model and CPU kind passed, else
     # torch (verdicts come from bench/bench_backends.py; the package ships those measured
     # for the packaged model, none is measured at start). On an AVX-512 VNNI CPU that is
-    # OpenVINO int8, built and calibrated at the first start (~1 min on 2 cores, then
+    # OpenVINO int8, built and calibrated at the first start (11 s on 2 cores, then
     # cached); on CUDA and on CPUs without a verdict, torch.
     embedder_backend: Literal["auto", "torch", "openvino"] = "auto"
     # auto: fp32 on CUDA and CPU (openvino: bf16 where the CPU has native bf16, else
