@@ -52,7 +52,7 @@ from retriever.errors import (
 from retriever.freshness.staleness import SourceFreshness, chunk_staleness
 from retriever.freshness.sync import Syncer, SyncRequest, SyncState, SyncStatus
 from retriever.ingest.chunking import ChunkerSet
-from retriever.ingest.pipeline import HEADER_TOKENS, Ingestor, service_chunkers, text_budget
+from retriever.ingest.pipeline import Ingestor, service_chunkers
 from retriever.models.batcher import MicroBatcher
 from retriever.models.embed_cache import EmbeddingCache
 from retriever.models.embedder import Embedder
@@ -144,12 +144,6 @@ class RetrieverService:
         if s.embed_cache_dir is not None:
             self._embed_cache = EmbeddingCache(s.embed_cache_dir, self.embedder.revision,
                                                self.embedder.dimension)
-        budget = text_budget(s, self.embedder)
-        if budget <= s.overlap_tokens:
-            raise ValueError(
-                f"chunk budget of {budget} text tokens (chunk_tokens {s.chunk_tokens}, model "
-                f"max {self.embedder.max_tokens}, header {HEADER_TOKENS}) must exceed "
-                f"overlap_tokens {s.overlap_tokens}")
         self.chunkers = service_chunkers(s, self.embedder)
         try:
             self.reconcile_report = self.namespaces.open_all()

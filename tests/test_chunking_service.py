@@ -230,3 +230,13 @@ def test_an_older_catalog_gains_the_new_columns(tmp_path: Path) -> None:
         assert {"symbol", "kind", "fallback", "header"} <= cols
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     cat.close()
+
+
+def test_a_chunk_budget_no_larger_than_the_overlap_is_refused(embedder: Embedder) -> None:
+    from retriever.ingest.pipeline import HEADER_TOKENS, text_budget
+
+    budget = text_budget(Settings(), embedder)
+    assert budget == min(Settings().chunk_tokens, embedder.max_tokens) - (
+        embedder.special_tokens + HEADER_TOKENS)
+    with pytest.raises(ValueError, match=f"must exceed overlap_tokens {budget}"):
+        text_budget(Settings(overlap_tokens=budget), embedder)

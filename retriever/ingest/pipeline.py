@@ -77,12 +77,18 @@ PATH_TOKENS = 24
 HEADER_FORMAT = "h2"
 
 
-
 def text_budget(settings: Settings, embedder: Embedder) -> int:
     """Text tokens a chunk may hold: the model's window (or chunk_tokens, if smaller) less
-    its special tokens and the header's share."""
-    return min(settings.chunk_tokens, embedder.max_tokens) - (embedder.special_tokens
-                                                              + HEADER_TOKENS)
+    its special tokens and the header's share. ValueError when that leaves no more than the
+    overlap (settings no chunker can work with)."""
+    budget = min(settings.chunk_tokens, embedder.max_tokens) - (embedder.special_tokens
+                                                                + HEADER_TOKENS)
+    if budget <= settings.overlap_tokens:
+        raise ValueError(
+            f"chunk budget of {budget} text tokens (chunk_tokens {settings.chunk_tokens}, "
+            f"model max {embedder.max_tokens}, header {HEADER_TOKENS}) must exceed "
+            f"overlap_tokens {settings.overlap_tokens}")
+    return budget
 
 
 def service_chunkers(settings: Settings, embedder: Embedder,
@@ -94,6 +100,7 @@ def service_chunkers(settings: Settings, embedder: Embedder,
     return build_chunkers(embedder.count_tokens, embedder.token_offsets,
                           text_budget(settings, embedder), settings.overlap_tokens,
                           settings.chunk_max_chars, structured=structured)
+
 
 def _meta_json(d: Document) -> str:
     """A document's metadata as the catalog stores it."""
