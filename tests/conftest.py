@@ -104,9 +104,10 @@ def engine_docs(prefix: str, n: int = 5) -> list[pb.Document]:
                         content=f"def {prefix}_{i}():\n    return {i}\n") for i in range(n)]
 
 
-def when_served(call: Callable[[], T], within_s: float) -> T:
+def when_served(call: Callable[[], T], within_s: float, detail: str = "") -> T:
     """``call()``'s answer once it stops answering UNAVAILABLE (an engine coming back, a
-    collection being rebuilt), retried for up to ``within_s`` seconds."""
+    collection being rebuilt), retried for up to ``within_s`` seconds; each UNAVAILABLE
+    meanwhile must say ``detail``."""
     import time
 
     import grpc
@@ -117,6 +118,7 @@ def when_served(call: Callable[[], T], within_s: float) -> T:
             return call()
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+            assert detail in (e.details() or ""), e.details()
             assert time.monotonic() < deadline, f"not served in {within_s:.0f} s: {e.details()}"
             time.sleep(0.2)
 
@@ -139,7 +141,7 @@ def assert_rebuilt_from_catalog(st: ServerThread, client: RetrieverClient,
     # same pass, though no request had touched them.
     for name, doc_ids in namespaces.items():
         response = when_served(lambda name=name: client.search(name, "return", top_k=20),
-                               deadline - time.monotonic())
+                               deadline - time.monotonic(), detail="index engine")
         assert {h.chunk.doc_id for h in response.hits} == doc_ids
         assert response.lineage.index_generation == 2
     client.upsert(first, [pb.Document(doc_id="after", path="after.py",
