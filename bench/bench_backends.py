@@ -234,7 +234,7 @@ def main() -> int:
     }
     log(f"CPU {cpu_line(machine)}; load average {result['loadavg_start']}")
     t_run = time.perf_counter()
-    base = Settings()
+    base = Settings(embedder_backend="torch")  # the fp32 reference, whatever the default
     ref = Embedder(base)
     ref.load()
     sets = {"scifact-test": scifact_subset(args.scifact, args.scifact_docs)}

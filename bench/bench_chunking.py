@@ -294,7 +294,7 @@ def main() -> int:
     if args.render:
         print(render(json.loads(args.render.read_text())))
         return 0
-    embedder = Embedder(Settings())
+    embedder = Embedder(Settings(embedder_backend="torch"))  # the reference model
     embedder.load()
     result: dict[str, object] = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu_info(),

@@ -113,7 +113,7 @@ def main() -> int:
     ap.add_argument("--commits", type=int, default=200)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/golden.json")
     args = ap.parse_args()
-    embedder = Embedder(Settings())
+    embedder = Embedder(Settings(embedder_backend="torch"))  # the reference model
     embedder.load()
     result: dict = {"when": datetime.now(UTC).isoformat(timespec="seconds"),
                     "commit": git(ROOT, "rev-parse", "--short", "HEAD"),

@@ -112,7 +112,7 @@ def main() -> int:
                      "openvino": openvino.get_version()},
     }
     log(f"CPU {cpu_line(machine)}; load average {result['loadavg_start']}")
-    base = Settings()
+    base = Settings(embedder_backend="torch")  # the fp32 reference, whatever the default
     ref = Embedder(base)
     ref.load()
     pool = chunk_pool(ref, base)

@@ -135,7 +135,7 @@ def main() -> int:
     if args.latency_only and args.out == ROOT / "bench/results/quality.json":
         args.out = ROOT / "bench/results/hybrid-latency.json"
 
-    embedder = Embedder(Settings())
+    embedder = Embedder(Settings(embedder_backend="torch"))  # the reference model
     embedder.load()
     data = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     settings = Settings(data_dir=data, grpc_port=0, metrics_port=0,

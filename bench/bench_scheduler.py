@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scheduler")
     args = p.parse_args(argv)
-    emb = Embedder(Settings())
+    emb = Embedder(Settings(embedder_backend="torch"))  # the reference model
     emb.load()
     queries = [json.loads(line)["text"] for line in (SCIFACT / "queries.jsonl").open()]
     docs = [json.loads(line)["text"][:800] for line in (SCIFACT / "corpus.jsonl").open()][:3000]

@@ -160,7 +160,7 @@ def main() -> int:
     ap.add_argument("--repo", action="append", required=True, help="NAME=PATH")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/sync.json")
     args = ap.parse_args()
-    embedder = Embedder(Settings())
+    embedder = Embedder(Settings(embedder_backend="torch"))  # the reference model
     embedder.load()
     result: dict = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu(),
                     "commit": git(ROOT, "rev-parse", "--short", "HEAD"), "repos": {}}
