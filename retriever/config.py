@@ -249,6 +249,14 @@ class Settings(BaseSettings):
     # thread chunking an upsert, each of those waits up to one interval (measured: 10 such
     # waits took 83 ms at 5 ms, 23 ms at 1 ms). 0 = Python's default.
     gil_switch_interval_ms: float = Field(1.0, ge=0, le=100)
+    # Once started, `retriever serve` moves the objects of its start-up (the model, the
+    # libraries, the loaded indexes: ~575k objects here) into Python's permanent GC
+    # generation (gc.freeze): a full collection no longer walks them. Walking them stopped
+    # every thread for ~330 ms at each full collection, several times a minute under mixed
+    # load, and was the tail of every latency there (load-tests/results/ab-gc-freeze.md).
+    # Pauses are exported as retriever_gc_pause_seconds. Servers embedded in another
+    # program (ServerThread) never freeze: the process is not theirs.
+    gc_freeze_at_start: bool = True
 
     # -- chunking (in tokens of the embedder's own tokenizer) ------------------------------
     chunk_tokens: int = Field(256, ge=16, description="clamped to the model's max length")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -24,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from retriever import tracing
+from retriever._gc import PauseWatch, freeze_startup
 from retriever._malloc import limit_arenas
 from retriever.config import Settings
 from retriever.errors import RetrieverError
@@ -97,14 +99,16 @@ async def create_server(service: RetrieverService, settings: Settings,
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None,
                 on_ready: Callable[[dict], None] | None = None,
-                embedder: Embedder | None = None) -> None:
-    """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None)."""
+                embedder: Embedder | None = None, own_process: bool = False) -> None:
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None).
+    ``own_process``: the process is the server's (`retriever serve`), so process-wide
+    settings such as ``gc_freeze_at_start`` apply."""
     try:
         traces = tracing.setup(settings)
     except ImportError as exc:
         raise StartupError(str(exc)) from exc
     try:
-        await _serve(settings, traces, stop, on_ready, embedder)
+        await _serve(settings, traces, stop, on_ready, embedder, own_process)
     finally:
         if traces is not None:  # after the drain: the last RPCs' spans go out too
             await asyncio.get_running_loop().run_in_executor(None, traces.shutdown)
@@ -112,9 +116,18 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None,
 
 async def _serve(settings: Settings, traces: tracing.Tracing | None,
                  stop: asyncio.Event | None, on_ready: Callable[[dict], None] | None,
-                 embedder: Embedder | None) -> None:
+                 embedder: Embedder | None, own_process: bool = False) -> None:
     service = RetrieverService(settings, embedder=embedder)
     service.metrics.set_objectives(settings)
+    pauses = {g: service.metrics.gc_pause.labels(str(g)) for g in range(3)}
+    with PauseWatch(lambda generation, s: pauses[generation].observe(s)):
+        await _serve_watched(settings, traces, stop, on_ready, service, own_process)
+
+
+async def _serve_watched(settings: Settings, traces: tracing.Tracing | None,
+                         stop: asyncio.Event | None,
+                         on_ready: Callable[[dict], None] | None,
+                         service: RetrieverService, own_process: bool) -> None:
     running = await create_server(service, settings, traces)
     loop = asyncio.get_running_loop()
     if stop is None:
@@ -149,6 +162,12 @@ async def _serve(settings: Settings, traces: tracing.Tracing | None,
                 # process ends with the one line run() logs, not grpc's complaints.
                 await running.server.stop(0)
                 raise
+            if own_process and settings.gc_freeze_at_start:  # before callers are let in
+                t0 = loop.time()
+                frozen = freeze_startup()
+                log.info("moved %d start-up objects into the permanent GC generation in "
+                         "%.2fs", frozen, loop.time() - t0)
+            service.metrics.gc_frozen.set(gc.get_freeze_count())
             for name in ("", SERVICE_NAME):
                 await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
             info = {"event": "serving", "grpc_port": running.port, "metrics_port": metrics_port,
@@ -201,7 +220,7 @@ def run(settings: Settings) -> int:
     limit_arenas(settings.malloc_arena_max)  # the process is the server's: before any thread
     try:
         with contextlib.suppress(KeyboardInterrupt):  # normally the signal handler's job
-            asyncio.run(serve(settings, on_ready=ready))
+            asyncio.run(serve(settings, on_ready=ready, own_process=True))
     except (StartupError, RetrieverError) as exc:  # e.g. a catalog from a newer release
         log.error("%s", exc)
         return 1

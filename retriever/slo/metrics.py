@@ -93,6 +93,16 @@ class Metrics:
                               1.0, 2.5, 5.0), registry=r)
         self.inflight = Gauge(
             "retriever_inflight_requests", "RPCs being handled now.", ["rpc"], registry=r)
+        self.gc_pause = Histogram(
+            "retriever_gc_pause_seconds",
+            "Python's garbage collections, by generation: each stops every thread of the "
+            "server for its length (a full collection, generation 2, is the long one).",
+            ["generation"], buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                     0.1, 0.25, 0.5, 1.0), registry=r)
+        self.gc_frozen = Gauge(
+            "retriever_gc_frozen_objects",
+            "Objects in Python's permanent GC generation (gc.freeze at start, "
+            "gc_freeze_at_start): full collections do not walk them.", registry=r)
         self.loop_lag = Histogram(
             "retriever_event_loop_lag_seconds",
             "How late the server's event loop ran a timer callback (sampled every 100 ms): "
