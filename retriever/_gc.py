@@ -4,9 +4,9 @@ objects, frozen.
 A collection of generation 2 (a full one) walks every container object the process
 tracks, holding the GIL: every thread stops for as long as it takes. A started server
 tracks ~575k of them (torch, transformers, OpenVINO, gRPC, the loaded model and indexes)
-and a full collection took ~330 ms here, several times a minute under mixed load: the
-p99 of every request class beyond saturation was that pause (load-tests/). None of
-those objects becomes garbage while the server runs, so `retriever serve` moves them
+and a full collection took ~330 ms here, every few seconds to minutes under load: the
+p99 of refusals beyond saturation, in every request class, was that pause (load-tests/).
+Few of those objects ever become garbage while the server runs, so `retriever serve` moves them
 into the permanent generation once started (``gc.freeze``), and full collections walk
 only what the server made since. Frozen objects are still freed by reference counting
 when dropped (a namespace loaded at start and then deleted is: tests/test_gc.py); only a

@@ -252,8 +252,9 @@ class Settings(BaseSettings):
     # Once started, `retriever serve` moves the objects of its start-up (the model, the
     # libraries, the loaded indexes: ~575k objects here) into Python's permanent GC
     # generation (gc.freeze): a full collection no longer walks them. Walking them stopped
-    # every thread for ~330 ms at each full collection, several times a minute under mixed
-    # load, and was the tail of every latency there (load-tests/results/ab-gc-freeze.md).
+    # every thread for ~330 ms at each full collection (under mixed load one came every few
+    # seconds to minutes), and was the p99 of refusals beyond saturation (313 ms against
+    # 51-60 ms frozen: load-tests/results/ab-gc-freeze.md).
     # Pauses are exported as retriever_gc_pause_seconds. Servers embedded in another
     # program (ServerThread) never freeze: the process is not theirs.
     gc_freeze_at_start: bool = True
