@@ -9,7 +9,7 @@ p99 of refusals beyond saturation, in every request class, was that pause (load-
 Few of those objects ever become garbage while the server runs, so `retriever serve` moves them
 into the permanent generation once started (``gc.freeze``), and full collections walk
 only what the server made since. Frozen objects are still freed by reference counting
-when dropped (a namespace loaded at start and then deleted is: tests/test_gc.py); only a
+when dropped (a namespace deleted or re-indexed after the freeze is: tests/test_gc.py); only a
 reference cycle among them would never be collected.
 """
 

@@ -42,9 +42,10 @@ def test_freeze_startup_moves_live_objects_out_of_full_collections_and_drops_gar
     assert out[3] == "True"  # the cycle that was garbage at start-up was collected
 
 
-# A namespace whose objects were frozen (as one loaded at start is) and is then deleted:
-# reference counting still frees them; only cycles among frozen objects would stay.
-DELETED = """
+# Namespaces whose objects were frozen (as those loaded at start are), then deleted or
+# re-indexed into a new generation: reference counting still frees what they dropped;
+# only cycles among frozen objects would stay.
+DROPPED = """
 import gc, sys, weakref
 from pathlib import Path
 from retriever._gc import freeze_startup
@@ -53,27 +54,31 @@ from retriever.domain import Document
 from retriever.service import RetrieverService
 svc = RetrieverService(Settings(data_dir=Path(sys.argv[1])))
 svc.start()
-svc.create_namespace("a")
-svc.upsert("a", [Document(doc_id=f"d{i}", content=f"def f{i}(x):\\n    return x + {i}\\n" * 20)
-                 for i in range(30)])
+for ns in ("a", "b"):
+    svc.create_namespace(ns)
+    svc.upsert(ns, [Document(doc_id=f"d{i}", content=f"def f{i}(x):\\n    return x + {i}\\n"
+                                                        * 20) for i in range(30)])
 assert freeze_startup() > 100_000
-h = svc.namespaces._handles["a"]
-refs = [weakref.ref(h), weakref.ref(h.index)] + ([weakref.ref(h.lexical)] if h.lexical else [])
-del h
+a, b = svc.namespaces._handles["a"], svc.namespaces._handles["b"]
+refs = [weakref.ref(a), weakref.ref(a.index)] + ([weakref.ref(a.lexical)] if a.lexical else [])
+old_b = weakref.ref(b.index)
+del a, b
 svc.delete_namespace("a")
+svc.reindex_namespace("b")
 gc.collect()
-print(len(refs), sum(r() is None for r in refs))
+print(len(refs), sum(r() is None for r in refs), old_b() is None)
 svc.close()
 """
 
 
 @pytest.mark.integration
-def test_a_deleted_namespace_is_freed_though_its_objects_were_frozen(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-c", DELETED, str(tmp_path / "data")],
+def test_deleted_and_reindexed_namespaces_are_freed_though_frozen(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-c", DROPPED, str(tmp_path / "data")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    watched, freed = (int(x) for x in out.stdout.split()[-2:])
-    assert watched == freed == 3  # handle, vector index, lexical index
+    watched, freed, old_generation_freed = out.stdout.split()[-3:]
+    assert int(watched) == int(freed) == 3  # handle, vector index, lexical index
+    assert old_generation_freed == "True"  # the re-indexed namespace's old vector index
 
 
 def test_pause_watch_observes_each_collection_by_generation() -> None:
