@@ -282,12 +282,23 @@ def server_delta(before: dict, after: dict) -> dict[str, Any]:
                 sums[kind].setdefault(lab.get(label, "?"), {})[key] = d
     out: dict[str, Any] = {"requests": codes, "loop_lag": loop_lag(before, after),
                            "refusal": histogram_delta(before, after,
-                                                      "retriever_refusal_duration_seconds")}
+                                                      "retriever_refusal_duration_seconds"),
+                           "gc_full": full_gcs(before, after)}
     for kind, by in sums.items():
         out[kind] = {c: {"count": int(w.get("count", 0)),
                          "mean_s": w.get("sum", 0.0) / w["count"] if w.get("count") else 0.0}
                      for c, w in by.items() if w.get("count")}
     return out
+
+
+def full_gcs(before: dict, after: dict) -> dict[str, Any] | None:
+    """The server's full garbage collections between two scrapes (each stops every thread
+    of the server): count, mean and the bucket bound of the longest; ``{"count": 0}`` when
+    none; None when the server does not export ``retriever_gc_pause_seconds``."""
+    name = "retriever_gc_pause_seconds"
+    if not any(n == f"{name}_count" for n, _ in after):
+        return None
+    return histogram_delta(before, after, name, 1.0, {"generation": "2"}) or {"count": 0}
 
 
 def loop_lag(before: dict, after: dict, q: float = 0.99) -> dict[str, float] | None:
@@ -296,18 +307,20 @@ def loop_lag(before: dict, after: dict, q: float = 0.99) -> dict[str, float] | N
     return histogram_delta(before, after, "retriever_event_loop_lag_seconds", q)
 
 
-def histogram_delta(before: dict, after: dict, name: str, q: float = 0.99
-                    ) -> dict[str, float] | None:
-    """Histogram ``name`` between two scrapes, its series (labels) summed: count, mean, and
-    the bucket bound its ``q`` quantile falls under (None when past the last bucket); None
-    when nothing was observed."""
+def histogram_delta(before: dict, after: dict, name: str, q: float = 0.99,
+                    where: dict[str, str] | None = None) -> dict[str, float] | None:
+    """Histogram ``name`` between two scrapes, its series (labels) summed (only those with
+    the labels in ``where``, when given): count, mean, and the bucket bound its ``q``
+    quantile falls under (None when past the last bucket); None when nothing was observed."""
+    wanted = set((where or {}).items())
+
     def total(suffix: str) -> float:
         return sum(v - before.get((n, lab), 0.0) for (n, lab), v in after.items()
-                   if n == f"{name}_{suffix}")
+                   if n == f"{name}_{suffix}" and wanted <= set(lab))
 
     by_bound: dict[float, float] = {}
     for (n, lab), v in after.items():
-        if n == f"{name}_bucket":
+        if n == f"{name}_bucket" and wanted <= set(lab):
             le = float(dict(lab)["le"])
             by_bound[le] = by_bound.get(le, 0.0) + v - before.get((n, lab), 0.0)
     buckets = sorted(by_bound.items())
@@ -1015,9 +1028,9 @@ def render(r: dict[str, Any], name: str) -> str:
             continue
         lines += ["", f"## {title}", "",
                   f"| {level} | goodput req/s | refused req/s | p50 | p90 | p99 | Search p99 "
-                  "| upsert max | refusal p99 (server p99 <=) | loop lag mean / p99 <= | codes "
-                  "| CPU: server / generator / other |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|",
+                  "| upsert max | refusal p99 (server p99 <=) | loop lag mean / p99 <= "
+                  "| full GCs / max <= | codes | CPU: server / generator / other |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
                   *[_step_row(s) for s in steps]]
         last = steps[-1]
         refused = {c: v["refused_latency_s"] for c, v in last["classes"].items()
@@ -1032,7 +1045,9 @@ def render(r: dict[str, Any], name: str) -> str:
         lines += ["", f"## Mixed load at {cfg['target_fraction']:.0%} of saturation "
                   f"({t['level']:.1f} req/s offered, {t['seconds']:.0f} s)", "",
                   f"Goodput {t['goodput_rps']:.1f} req/s; generator lag p99 "
-                  f"{_ms(t.get('lag_p99_s'))} (max {_ms(t.get('lag_max_s'))}); CPU (cores) "
+                  f"{_ms(t.get('lag_p99_s'))} (max {_ms(t.get('lag_max_s'))}); server full "
+                  f"garbage collections (count / longest <=): "
+                  f"{_gc(t.get('server', {}).get('gc_full'))}; CPU (cores) "
                   f"server / generator / other: {_cpu(t)}. Latency is "
                   "each request's wait plus its service time, from its scheduled arrival; "
                   "'added' is p50 minus the idle p50 of the class.", "",
@@ -1155,6 +1170,7 @@ def _step_row(s: dict[str, Any]) -> str:
             f"{_ms(up.get('max'))} | {_ms(s['shed_latency_s'].get('p99'))}"
             f"{_server_p99(s.get('server', {}).get('refusal'))} | "
             f"{_lag(s.get('server', {}).get('loop_lag'))} | "
+            f"{_gc(s.get('server', {}).get('gc_full'))} | "
             f"{_codes({k: v for k, v in s['codes'].items() if k != 'OK'})} | {_cpu(s)} |")
 
 
@@ -1183,6 +1199,17 @@ def _lag(lag: dict[str, Any] | None) -> str:
         return "-"
     p99 = lag["p99_le_s"]
     return f"{lag['mean_s'] * 1e3:.1f} / {'> 2500' if p99 is None else f'{p99 * 1e3:g}'} ms"
+
+
+def _gc(full: dict[str, Any] | None) -> str:
+    """The server's full garbage collections in a step: how many, and the bucket bound the
+    longest falls under (`retriever_gc_pause_seconds{generation="2"}`)."""
+    if not full:
+        return "-"
+    if not full["count"]:
+        return "0"
+    top = full["p99_le_s"]
+    return f"{full['count']} / {'> 1000' if top is None else f'{top * 1e3:g}'} ms"
 
 
 def _cpu(s: dict[str, Any]) -> str:

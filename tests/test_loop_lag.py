@@ -86,3 +86,30 @@ def test_a_labelled_histogram_is_summed_over_its_series() -> None:
     assert h["count"] == 100 and h["mean_s"] == pytest.approx(0.002)
     assert h["p99_le_s"] == 0.01  # 99 of 100 under 10 ms, across both rpcs
     assert lg.histogram_delta(after, after, name) is None
+
+
+def test_the_load_report_counts_the_servers_full_garbage_collections() -> None:
+    """retriever_gc_pause_seconds has a series per generation: the report counts the full
+    ones (generation 2) and the bucket of the longest, and tells a server that does not
+    export them from one that had none."""
+    lg = _loadgen()
+    name = "retriever_gc_pause_seconds"
+
+    def scrape(per_gen: dict[str, dict[str, float]]) -> dict:
+        out: dict = {}
+        for gen, counts in per_gen.items():
+            out.update({(f"{name}_bucket", (("generation", gen), ("le", le))): c
+                        for le, c in counts.items()})
+            out[(f"{name}_count", (("generation", gen),))] = counts["+Inf"]
+            out[(f"{name}_sum", (("generation", gen),))] = counts["+Inf"] * 0.01
+        return out
+
+    zero = {"0.01": 0, "0.1": 0, "0.5": 0, "+Inf": 0}
+    before = scrape({"0": zero, "2": zero})
+    after = scrape({"0": {"0.01": 500, "0.1": 500, "0.5": 500, "+Inf": 500},
+                    "2": {"0.01": 0, "0.1": 1, "0.5": 2, "+Inf": 2}})
+    full = lg.full_gcs(before, after)
+    assert full["count"] == 2 and full["p99_le_s"] == 0.5  # the longest, not generation 0's
+    assert lg._gc(full) == "2 / 500 ms"
+    assert lg.full_gcs(before, before) == {"count": 0} and lg._gc({"count": 0}) == "0"
+    assert lg.full_gcs({}, {}) is None and lg._gc(None) == "-"  # an older server
