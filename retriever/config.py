@@ -118,6 +118,13 @@ class Settings(BaseSettings):
     # Open upsert streams one client host may hold (so one peer cannot take every slot),
     # and how long a stream may sit idle between messages before it is closed.
     max_upsert_streams_per_peer: int = Field(6, ge=1)
+    # Who "one client" is for max_upsert_streams_per_peer: empty = the connection's host.
+    # Behind a proxy or an ingress every caller is the proxy's host and would share its
+    # streams; name a metadata header the proxy sets (e.g. x-forwarded-for, whose first
+    # address is taken, or a client-id header set from authentication) to count per its
+    # value instead, and the host where a call has none. Only a header the proxy
+    # overwrites: a caller that sets it itself could pick a new name per stream.
+    upsert_peer_header: str = Field("", pattern=r"^[a-z0-9_.-]*$", max_length=64)
     upsert_stream_idle_timeout_s: float = Field(30.0, gt=0)
     # Chunk and embed an upsert before taking its namespace's write lock (held then only to
     # check the plan and commit), so upserts of one namespace overlap at the model thread

@@ -361,3 +361,47 @@ def _check_one_version(client: RetrieverClient, contents: dict[int, str]) -> Non
     hits = client.search("race", f"d{winner}p2w7 d{winner}p2w8", top_k=10).hits
     assert hits and all(f"draft {winner}" in h.chunk.text or f"d{winner}p" in h.chunk.text
                         for h in hits)
+
+
+def test_behind_a_proxy_the_stream_cap_counts_per_forwarded_caller(
+        tmp_path: Path, embedder: Embedder) -> None:
+    """With upsert_peer_header, callers behind one proxy host each get their own allowance
+    (keyed on the header the proxy sets), and one of them still cannot take every slot."""
+    settings = make_settings(tmp_path / "data", max_upsert_streams_per_peer=2,
+                             upsert_peer_header="x-forwarded-for")
+
+    def open_stream(caller: str | None, k: int, release: threading.Event):  # noqa: ANN202
+        metadata = [("x-forwarded-for", caller)] if caller else None
+        return client.stub.UpsertDocuments.future(_idle_stream(pb.UpsertDocumentsRequest(
+            namespace="fwd", documents=[_small(k, "fwd")]), release), timeout=30,
+            metadata=metadata)
+
+    with running_server(settings, embedder) as st, RetrieverClient(st.address) as client:
+        release = threading.Event()
+        held = [open_stream("10.0.0.1", k, release) for k in range(2)]
+        try:
+            time.sleep(0.5)
+            with pytest.raises(grpc.RpcError) as info:  # the same caller, through a 2nd proxy
+                open_stream("10.0.0.1, 192.168.0.7", 2, threading.Event()).result(30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "x-forwarded-for 10.0.0.1" in info.value.details()
+            # another caller behind the same proxy host, and a call without the header
+            # (counted by its connection's host), are not refused
+            others = [open_stream("10.0.0.2", 3, release), open_stream(None, 4, release)]
+            time.sleep(0.5)
+            assert not any(c.done() for c in others)
+        finally:
+            release.set()
+        for call in held + others:
+            assert call.result(30).documents_created == 1
+
+
+def test_the_peer_header_setting_takes_a_metadata_key() -> None:
+    from pydantic import ValidationError
+
+    from retriever.config import Settings
+
+    for bad in ("X-Forwarded-For", "client id", "a" * 65):  # gRPC keys are lowercase
+        with pytest.raises(ValidationError):
+            Settings(upsert_peer_header=bad)
+    assert Settings(upsert_peer_header="x-client-id").upsert_peer_header == "x-client-id"

@@ -181,6 +181,19 @@ class _DrainingContext:
         await self._context.abort_with_status(status)
 
 
+def _caller(context: Any, header: str) -> str:
+    """Who the caller is for the per-peer stream cap: the value of ``header`` when the
+    setting names one and the call carries it (x-forwarded-for: its first address), else
+    the connection's host."""
+    if header:
+        for key, value in context.invocation_metadata() or ():
+            if key == header and isinstance(value, str):
+                name = (value.split(",", 1)[0] if header == "x-forwarded-for" else value).strip()
+                if name:
+                    return f"{header} {name[:128]}"
+    return _peer_host(context.peer())
+
+
 def _peer_host(peer: str | None) -> str:
     """The client host of a gRPC peer string ("ipv4:1.2.3.4:5678", "ipv6:[::1]:5678",
     "unix:/path"), without the port: one host's connections share its allowance."""
@@ -298,7 +311,7 @@ class RetrieverServicer:
         namespace = None
         messages = aiter(request_iterator)
         context = _DrainingContext(context, messages)
-        peer = _peer_host(context.peer())
+        peer = _caller(context, self._svc.settings.upsert_peer_header)
         shed = self._svc.settings.upsert_shed_after_s
         waited = self._svc.document_backlog_age()
         if shed and waited > shed:
