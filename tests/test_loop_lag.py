@@ -64,6 +64,19 @@ def test_the_load_report_reads_the_lag_quantile_from_the_buckets() -> None:
     assert lg.loop_lag(before, late)["p99_le_s"] is None  # past the last bucket
 
 
+def _labelled_scrape(name: str, label: str, per_series: dict[str, dict[str, float]],
+                     mean_s: float) -> dict:
+    """A scrape (as loadgen.scrape returns it) of histogram ``name`` with one series per
+    value of ``label``: cumulative bucket counts by bound, every observation ``mean_s``."""
+    out: dict = {}
+    for value, counts in per_series.items():
+        out.update({(f"{name}_bucket", tuple(sorted({label: value, "le": le}.items()))): c
+                    for le, c in counts.items()})
+        out[(f"{name}_count", ((label, value),))] = counts["+Inf"]
+        out[(f"{name}_sum", ((label, value),))] = counts["+Inf"] * mean_s
+    return out
+
+
 def test_a_labelled_histogram_is_summed_over_its_series() -> None:
     """retriever_refusal_duration_seconds has one series per rpc: the report's server-side
     refusal p99 is over all of them."""
@@ -71,13 +84,7 @@ def test_a_labelled_histogram_is_summed_over_its_series() -> None:
     name = "retriever_refusal_duration_seconds"
 
     def scrape(per_rpc: dict[str, dict[str, float]]) -> dict:
-        out: dict = {}
-        for rpc, counts in per_rpc.items():
-            out.update({(f"{name}_bucket", (("le", le), ("rpc", rpc))): c
-                        for le, c in counts.items()})
-            out[(f"{name}_count", (("rpc", rpc),))] = counts["+Inf"]
-            out[(f"{name}_sum", (("rpc", rpc),))] = counts["+Inf"] * 0.002
-        return out
+        return _labelled_scrape(name, "rpc", per_rpc, 0.002)
 
     before = scrape({"Search": {"0.001": 0, "0.01": 0, "0.1": 0, "+Inf": 0}})
     after = scrape({"Search": {"0.001": 60, "0.01": 99, "0.1": 99, "+Inf": 99},
@@ -96,13 +103,7 @@ def test_the_load_report_counts_the_servers_full_garbage_collections() -> None:
     name = "retriever_gc_pause_seconds"
 
     def scrape(per_gen: dict[str, dict[str, float]]) -> dict:
-        out: dict = {}
-        for gen, counts in per_gen.items():
-            out.update({(f"{name}_bucket", (("generation", gen), ("le", le))): c
-                        for le, c in counts.items()})
-            out[(f"{name}_count", (("generation", gen),))] = counts["+Inf"]
-            out[(f"{name}_sum", (("generation", gen),))] = counts["+Inf"] * 0.01
-        return out
+        return _labelled_scrape(name, "generation", per_gen, 0.01)
 
     zero = {"0.01": 0, "0.1": 0, "0.5": 0, "+Inf": 0}
     before = scrape({"0": zero, "2": zero})
