@@ -40,11 +40,11 @@ class PauseWatch:
         self._observe = observe
         self._began = 0.0
 
-    def __enter__(self) -> PauseWatch:
+    def install(self) -> PauseWatch:
         gc.callbacks.append(self._callback)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def remove(self) -> None:
         gc.callbacks.remove(self._callback)
 
     def _callback(self, phase: str, info: dict) -> None:

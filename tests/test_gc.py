@@ -83,14 +83,17 @@ def test_deleted_and_reindexed_namespaces_are_freed_though_frozen(tmp_path: Path
 
 def test_pause_watch_observes_each_collection_by_generation() -> None:
     seen: list[tuple[int, float]] = []
-    with PauseWatch(lambda generation, s: seen.append((generation, s))):
+    watch = PauseWatch(lambda generation, s: seen.append((generation, s))).install()
+    try:
         gc.collect(0)
         gc.collect(2)
+    finally:
+        watch.remove()
     assert {g for g, _ in seen} >= {0, 2}
     assert all(s >= 0 for _, s in seen)
     n = len(seen)
     gc.collect(0)
-    assert len(seen) == n  # removed on exit
+    assert len(seen) == n  # removed
 
 
 def _scrape(port: int) -> dict[str, float]:

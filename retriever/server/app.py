@@ -119,15 +119,6 @@ async def _serve(settings: Settings, traces: tracing.Tracing | None,
                  embedder: Embedder | None, own_process: bool = False) -> None:
     service = RetrieverService(settings, embedder=embedder)
     service.metrics.set_objectives(settings)
-    pauses = {g: service.metrics.gc_pause.labels(str(g)) for g in range(3)}
-    with PauseWatch(lambda generation, s: pauses[generation].observe(s)):
-        await _serve_watched(settings, traces, stop, on_ready, service, own_process)
-
-
-async def _serve_watched(settings: Settings, traces: tracing.Tracing | None,
-                         stop: asyncio.Event | None,
-                         on_ready: Callable[[dict], None] | None,
-                         service: RetrieverService, own_process: bool) -> None:
     running = await create_server(service, settings, traces)
     loop = asyncio.get_running_loop()
     if stop is None:
@@ -150,6 +141,8 @@ async def _serve_watched(settings: Settings, traces: tracing.Tracing | None,
     log.info("gRPC bound on %s:%d; loading models and indexes", settings.grpc_host,
              running.port)
     lag = asyncio.ensure_future(watch_loop_lag(service.metrics.loop_lag.observe))
+    pauses = {g: service.metrics.gc_pause.labels(str(g)) for g in range(3)}
+    gc_watch = PauseWatch(lambda generation, s: pauses[generation].observe(s)).install()
     try:
         start: asyncio.Future[None] = loop.run_in_executor(None, service.start)
         stopped: asyncio.Future[None] = asyncio.ensure_future(_wait(stop))
@@ -162,12 +155,13 @@ async def _serve_watched(settings: Settings, traces: tracing.Tracing | None,
                 # process ends with the one line run() logs, not grpc's complaints.
                 await running.server.stop(0)
                 raise
+            frozen = gc.get_freeze_count()
             if own_process and settings.gc_freeze_at_start:  # before callers are let in
                 t0 = loop.time()
                 frozen = freeze_startup()
                 log.info("moved %d start-up objects into the permanent GC generation in "
                          "%.2fs", frozen, loop.time() - t0)
-            service.metrics.gc_frozen.set(gc.get_freeze_count())
+            service.metrics.gc_frozen.set(frozen)
             for name in ("", SERVICE_NAME):
                 await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
             info = {"event": "serving", "grpc_port": running.port, "metrics_port": metrics_port,
@@ -184,6 +178,7 @@ async def _serve_watched(settings: Settings, traces: tracing.Tracing | None,
             await start
     finally:
         lag.cancel()
+        gc_watch.remove()
         await loop.run_in_executor(None, running.servicer.close)
         await loop.run_in_executor(None, service.close)
         if metrics_server is not None:
