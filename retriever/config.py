@@ -170,12 +170,13 @@ class Settings(BaseSettings):
     # Padded tokens per forward pass (a batch is cut to its longest member): a batch of short
     # chunks holds more of them. 0 = auto: embed_batch_size full-length chunks' worth.
     embed_batch_tokens: int = Field(0, ge=0)
-    # Pad each forward pass to a shape from a small set (width to a multiple of 32 tokens,
-    # rows to a power of two) and run every such shape once at start. On CUDA in fp16/bf16 a
-    # shape's first pass costs ~45 ms against ~3 ms after (an H200: bench/results/
-    # gpu-fp16-warmup-h200.md), and unbucketed batches meet new shapes all the time; the
-    # OpenVINO CPU plugin keeps compiled state per shape (its RSS grew ~2.7 MiB per new shape
-    # here). null = on for CUDA fp16/bf16 and for openvino, off for torch on a CPU.
+    # Pad each forward pass to a shape from a small set (width to a multiple of 8 tokens up
+    # to 32 and of 32 beyond, rows to a power of two); on CUDA every such shape also runs
+    # once at start. On CUDA in fp16/bf16 a shape's first pass costs ~45 ms against ~3 ms
+    # after (an H200: bench/results/gpu-fp16-warmup-h200.md), and unbucketed batches meet new
+    # shapes all the time; the OpenVINO CPU plugin keeps compiled state per shape (its RSS
+    # grew ~2.7 MiB per new shape here). null = on for CUDA fp16/bf16 and for openvino, off
+    # for torch on a CPU.
     embed_bucket_shapes: bool | None = None
     # Concurrent queries are embedded together: queries that arrive while the model is busy
     # form the next batch (up to query_batch_size texts). A positive wait holds a batch open

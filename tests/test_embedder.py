@@ -115,7 +115,8 @@ def test_bucketed_shapes_embed_like_exact_ones(embedder: Embedder, tmp_path: Pat
     """Padding a batch to a warmed shape (rows repeated, width padded with masked tokens)
     changes no vector; the warm-up runs every shape a batch can take."""
     assert [_bucket_rows(n) for n in (1, 2, 3, 5, 33, 64)] == [1, 2, 4, 8, 64, 64]
-    assert [_bucket_width(w, 256) for w in (1, 32, 33, 250, 256)] == [32, 32, 64, 256, 256]
+    assert [_bucket_width(w, 256) for w in (1, 9, 17, 25, 32, 33, 250, 256)] == [
+        8, 16, 24, 32, 32, 64, 256, 256]
     assert _bucket_width(300, 256) == 300 and _bucket_width(120, 100) == 120
     bucketed = Embedder(make_settings(tmp_path, embed_bucket_shapes=True, embed_batch_size=4,
                                       query_batch_size=4))
@@ -124,8 +125,8 @@ def test_bucketed_shapes_embed_like_exact_ones(embedder: Embedder, tmp_path: Pat
     texts = real_chunks()[:30]
     a, b = embedder.embed(texts, batch_size=3), bucketed.embed(texts, batch_size=3)
     assert np.sum(a * b, axis=1).min() > 0.9999
-    # on CUDA it runs at load: 8 widths (32..256) x rows 1, 2, 4 (batches of 4 here)
-    assert bucketed._warm_shapes() == 8 * 3
+    # on CUDA it runs at load: 11 widths (8, 16, 24, 32..256) x rows 1, 2, 4 (batches of 4)
+    assert bucketed._warm_shapes() == 11 * 3
 
 
 def test_revision_names_the_precision_and_compatibility_ignores_it() -> None:
