@@ -26,6 +26,12 @@ The mix (``--mix``): Search (top 10), BatchSearch of 4 queries, UpsertDocuments 
 documents (each a fresh revision of one of ``--upsert-pool`` documents, so the corpus does
 not grow), GetChunk of a chunk id seen in earlier results. No retries: every refusal counts.
 
+Callers (``--callers N``): the requests come from N clients, each on a channel of its own and
+named by the ``x-retriever-caller`` header, each request from one picked at random: the
+agents and indexing jobs of a deployment, not one program. A spawned server counts upsert
+streams per that header (``RETRIEVER_UPSERT_PEER_HEADER``), so its per-client cap on open
+upsert streams applies per caller as it would per agent; against ``--address`` set it there.
+
 Writes ``<out-dir>/<name>.md``, ``.png`` and ``.json``. Goals are judged on the measured
 figures and printed as PASS/FAIL; the exit status is 0 whatever they say (1 on a failure to
 run).
@@ -69,6 +75,7 @@ RE = "RESOURCE_EXHAUSTED"
 TOP_K = 10
 BATCH_QUERIES = 4
 UPSERT_PREFIX = "loadgen/"
+CALLER_HEADER = "x-retriever-caller"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 # Goals of the reliability issue, at the target load.
@@ -352,9 +359,10 @@ class Rec:
 class Workload:
     """Issues one request of a class and says how it ended."""
 
-    def __init__(self, client: AsyncRetrieverClient, namespace: str, corpus: Corpus,
+    def __init__(self, clients: list[AsyncRetrieverClient], namespace: str, corpus: Corpus,
                  mix: dict[str, float], rng: random.Random, upsert_pool: int) -> None:
-        self.client = client
+        """``clients``: the callers; each request comes from one picked at random."""
+        self.clients = clients
         self.ns = namespace
         self.queries = corpus.queries
         self.rng = rng
@@ -384,14 +392,15 @@ class Workload:
         docs = 0
         slots: list[int] = []
         stages: dict[str, float] | None = None
+        client = self.rng.choice(self.clients)
         try:
             if cls == "search":
-                resp = await self.client.search(self.ns, self.rng.choice(self.queries),
+                resp = await client.search(self.ns, self.rng.choice(self.queries),
                                                 top_k=TOP_K)
                 self._remember(resp)
                 stages = _stages(resp.timings)
             elif cls == "batch_search":
-                resp = await self.client.batch_search(
+                resp = await client.batch_search(
                     [pb.SearchRequest(namespace=self.ns, query=q, top_k=TOP_K)
                      for q in self.rng.sample(self.queries, min(BATCH_QUERIES,
                                                                 len(self.queries)))])
@@ -400,7 +409,7 @@ class Workload:
             elif cls == "get_chunk":
                 if not self.chunk_ids:
                     raise LookupError("no chunk id seen yet")
-                await self.client.get_chunk(self.ns, self.rng.choice(self.chunk_ids))
+                await client.get_chunk(self.ns, self.rng.choice(self.chunk_ids))
             else:
                 n = self.rng.randint(1, GOAL_UPSERT_MAX_DOCS)
                 self.rng.shuffle(self.free_slots)
@@ -409,7 +418,7 @@ class Workload:
                 docs = len(slots)
                 if not docs:
                     raise LookupError("every upsert document is in flight")
-                up = await self.client.upsert(self.ns, [self._doc(s) for s in slots])
+                up = await client.upsert(self.ns, [self._doc(s) for s in slots])
                 stages = _upsert_stages(up)
             code = "OK"
         except grpc.aio.AioRpcError as exc:
@@ -872,6 +881,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     server: SpawnedServer | None = None
     tmp = None
     env_overrides = dict(kv.split("=", 1) for kv in args.server_env)
+    env_overrides.setdefault("RETRIEVER_UPSERT_PEER_HEADER", CALLER_HEADER)
     if args.spawn:
         tmp = tempfile.TemporaryDirectory(prefix="loadgen-")
         server = SpawnedServer(Path(tmp.name) / "data", env_overrides)
@@ -887,11 +897,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     retries: Counter[str] = Counter()
     report: dict[str, Any] = {"environment": environment(), "config": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    options: dict[str, Any] = {
+        "timeout": args.deadline, "upsert_timeout": args.deadline, "retry": retry,
+        "on_retry": lambda m, c, a, d: retries.update([f"{m.rsplit('/', 1)[-1]} {c.name}"]),
+        "token": os.environ.get("RETRIEVER_AUTH_TOKEN") or None}
     try:
-        async with AsyncRetrieverClient(
-                address, timeout=args.deadline, upsert_timeout=args.deadline, retry=retry,
-                on_retry=lambda m, c, a, d: retries.update([f"{m.rsplit('/', 1)[-1]} {c.name}"]),
-                token=os.environ.get("RETRIEVER_AUTH_TOKEN") or None) as client:
+        async with contextlib.AsyncExitStack() as stack:
+            client = await stack.enter_async_context(AsyncRetrieverClient(address, **options))
+            callers = [await stack.enter_async_context(AsyncRetrieverClient(
+                address, headers=[(CALLER_HEADER, f"loadgen-{i}")], **options))
+                for i in range(args.callers)]
             await client.wait_ready(timeout=300)
             sampler.phase = "index"
             t0 = time.perf_counter()
@@ -906,7 +921,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                                 "bytes": corpus.bytes, "queries": len(corpus.queries),
                                 "chunks": resp.chunks_total, "index_s": index_s,
                                 "skipped": corpus.skipped}
-            wl = Workload(client, args.namespace, corpus, args.mix, rng, args.upsert_pool)
+            wl = Workload(callers, args.namespace, corpus, args.mix, rng, args.upsert_pool)
             run = Run(args, wl, sampler, metrics, say)
             for _ in range(20):  # warm-up; also collects chunk ids for GetChunk
                 await wl.issue("search", 0.0)
@@ -998,7 +1013,10 @@ def render(r: dict[str, Any], name: str) -> str:
         f" {corpus['queries']} queries. Mix: "
         + ", ".join(f"{c} {w:g}" for c, w in cfg["mix"].items())
         + f" (BatchSearch of {BATCH_QUERIES}, upserts of 1-{GOAL_UPSERT_MAX_DOCS} documents "
-        f"of <= 800 characters, top_k {TOP_K}). Deadline {cfg['deadline']:g} s per request, "
+        f"of <= 800 characters, top_k {TOP_K}), from {cfg.get('callers', 1)} callers (a "
+        f"channel each, named by the {CALLER_HEADER} header; a spawned server counts upsert "
+        "streams per caller). Deadline "
+        f"{cfg['deadline']:g} s per request, "
         + ("retries on" if cfg["retry"] else "no retries") + ".",
         "",
         *_foreign_warning(r),
@@ -1332,6 +1350,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mix", type=parse_mix,
                    default=parse_mix("search=70,batch_search=10,upsert=10,get_chunk=10"),
                    help="class weights (search, batch_search, upsert, get_chunk)")
+    p.add_argument("--callers", type=int, default=8,
+                   help="clients the requests come from, each named by the x-retriever-caller "
+                   "header (a spawned server counts upsert streams per caller)")
     p.add_argument("--upsert-pool", type=int, default=256,
                    help="distinct documents the upserts rewrite")
     p.add_argument("--idle-requests", type=int, default=300,

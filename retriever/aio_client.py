@@ -31,7 +31,9 @@ from retriever._requests import record_feedback_request as _record_feedback_requ
 from retriever._requests import register_golden_set_request as _register_golden_set_request
 from retriever._requests import sync_source_request as _sync_source_request
 from retriever._retry import NO_RETRY, AsyncRetryInterceptor, OnRetry, RetryPolicy
-from retriever.client import _batched, _request_id  # grpc.aio streams a plain iterator too
+
+# _batched: grpc.aio streams a plain iterator too
+from retriever.client import _batched, _headers, _request_id
 from retriever.v1 import retriever_pb2 as pb
 from retriever.v1 import retriever_pb2_grpc as pb_grpc
 
@@ -47,10 +49,13 @@ class AsyncRetrieverClient:
     def __init__(self, address: str, *, timeout: float | None = 60.0,
                  upsert_timeout: float | None = 3600.0, token: str | None = None,
                  retry: RetryPolicy = RetryPolicy(), on_retry: OnRetry | None = None,  # noqa: B008
-                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_message_bytes: int = 64 * 1024 * 1024,
+                 headers: Iterable[tuple[str, str]] = ()) -> None:
         """``timeout``: default deadline of a unary call, seconds. ``upsert_timeout``: of an
         upsert stream (a bulk index can take long). ``token``: sent as ``authorization:
-        Bearer <token>`` on retriever.v1 calls (health stays open). ``retry``: retry unary
+        Bearer <token>`` on retriever.v1 calls (health stays open). ``headers``: more
+        (key, value) metadata sent on every retriever.v1 call (see
+        :class:`retriever.client.RetrieverClient`). ``retry``: retry unary
         calls on UNAVAILABLE and on RESOURCE_EXHAUSTED that carries RetryInfo, never past
         their deadline (retriever/_retry.py); on by default here, upsert streams never.
         ``on_retry`` is told of every retry (method, code, failed attempt, delay)."""
@@ -58,8 +63,9 @@ class AsyncRetrieverClient:
         self.timeout = timeout
         self.upsert_timeout = upsert_timeout
         interceptors: list[grpc.aio.ClientInterceptor] = []
-        if token:
-            interceptors += [_BearerUnary(token), _BearerStream(token)]
+        extra = _headers(token, headers)
+        if extra:
+            interceptors += [_HeadersUnary(extra), _HeadersStream(extra)]
         if retry.max_attempts > 1:
             interceptors.append(AsyncRetryInterceptor(retry, on_retry))
         self._channel = grpc.aio.insecure_channel(address, options=[
@@ -271,29 +277,29 @@ class AsyncRetrieverClient:
                                               timeout=self._t(timeout))
 
 
-def _with_token(details: grpc.aio.ClientCallDetails, header: tuple[str, str]
-                ) -> grpc.aio.ClientCallDetails:
+def _with_headers(details: grpc.aio.ClientCallDetails, headers: tuple[tuple[str, str], ...]
+                  ) -> grpc.aio.ClientCallDetails:
     method = details.method.decode() if isinstance(details.method, bytes) else details.method
     if not method.startswith(_SERVICE_PREFIX):  # health and reflection stay open
         return details
-    metadata = grpc.aio.Metadata(*(details.metadata or ()), header)
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), *headers)
     return details._replace(metadata=metadata)
 
 
-class _BearerUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
+class _HeadersUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, headers: tuple[tuple[str, str], ...]) -> None:
+        self._headers = headers
 
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any,
                                     request: Any) -> Any:
-        return await continuation(_with_token(client_call_details, self._header), request)
+        return await continuation(_with_headers(client_call_details, self._headers), request)
 
 
-class _BearerStream(grpc.aio.StreamUnaryClientInterceptor):
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
+class _HeadersStream(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, headers: tuple[tuple[str, str], ...]) -> None:
+        self._headers = headers
 
     async def intercept_stream_unary(self, continuation: Any, client_call_details: Any,
                                      request_iterator: Any) -> Any:
-        return await continuation(_with_token(client_call_details, self._header),
+        return await continuation(_with_headers(client_call_details, self._headers),
                                   request_iterator)

@@ -40,13 +40,17 @@ class RetrieverClient:
     def __init__(self, address: str, *, timeout: float | None = 60.0,
                  upsert_timeout: float | None = 3600.0, token: str | None = None,
                  retry: RetryPolicy = NO_RETRY, on_retry: OnRetry | None = None,
-                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_message_bytes: int = 64 * 1024 * 1024,
+                 headers: Iterable[tuple[str, str]] = ()) -> None:
         """``timeout``: default deadline of a unary call, seconds. ``upsert_timeout``: of an
         upsert stream (a bulk index can take long). ``token``: sent as ``authorization:
         Bearer <token>`` on every retriever.v1 call (for servers started with
-        RETRIEVER_AUTH_TOKEN). ``retry``, e.g. ``RetryPolicy()``: retry unary calls on
-        UNAVAILABLE and on RESOURCE_EXHAUSTED that carries RetryInfo, never past their
-        deadline (retriever/_retry.py); off by default here, upsert streams never.
+        RETRIEVER_AUTH_TOKEN). ``headers``: more (key, value) metadata sent on every
+        retriever.v1 call, e.g. who the caller is for a server whose
+        ``upsert_peer_header`` names that key (keys lower-case). ``retry``, e.g.
+        ``RetryPolicy()``: retry unary calls on UNAVAILABLE and on RESOURCE_EXHAUSTED that
+        carries RetryInfo, never past their deadline (retriever/_retry.py); off by default
+        here, upsert streams never.
         ``on_retry`` is told of every retry (method, code, failed attempt, delay)."""
         self.address = address
         self.timeout = timeout
@@ -56,8 +60,9 @@ class RetrieverClient:
             ("grpc.max_send_message_length", max_message_bytes),
         ])
         api_channel = self._channel
-        if token:
-            api_channel = grpc.intercept_channel(self._channel, _BearerToken(token))
+        extra = _headers(token, headers)
+        if extra:
+            api_channel = grpc.intercept_channel(self._channel, _Headers(extra))
         if retry.max_attempts > 1:
             api_channel = grpc.intercept_channel(api_channel,
                                                  SyncRetryInterceptor(retry, on_retry))
@@ -288,13 +293,25 @@ def _batched(namespace: str, documents: Iterable[pb.Document], size: int
         yield pb.UpsertDocumentsRequest(namespace=namespace, documents=batch)
 
 
-class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor):
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
+def _headers(token: str | None, headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The metadata a client adds to every retriever.v1 call: its bearer token and
+    ``headers``; ValueError for a key gRPC would refuse on every call."""
+    out = [("authorization", f"Bearer {token}")] if token else []
+    for key, value in headers:
+        if not key or key != key.lower() or key.startswith("grpc-") or key.endswith("-bin"):
+            raise ValueError(f"header {key!r}: keys are lower-case, not 'grpc-' reserved and "
+                             "not binary ('-bin')")
+        out.append((key, str(value)))
+    return tuple(out)
+
+
+class _Headers(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor):
+    def __init__(self, headers: tuple[tuple[str, str], ...]) -> None:
+        self._headers = headers
 
     def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
         return _CallDetails(details.method, details.timeout,
-                            [*(details.metadata or ()), self._header], details.credentials,
+                            [*(details.metadata or ()), *self._headers], details.credentials,
                             details.wait_for_ready, details.compression)
 
     def intercept_unary_unary(self, continuation, client_call_details, request):  # noqa: ANN001, ANN201

@@ -33,7 +33,7 @@ def test_loadgen_writes_a_sane_report(server, tmp_path: Path) -> None:  # noqa: 
            "--rates", "4", "--step-seconds", "2", "--warmup-seconds", "0.5",
            "--cooldown", "0.1", "--target-rate", "4", "--target-seconds", "2", "--soak", "2",
            "--soak-window", "2",
-           "--sample-interval", "0.5", "--deadline", "60", "--name", "smoke",
+           "--sample-interval", "0.5", "--deadline", "60", "--callers", "3", "--name", "smoke",
            "--out-dir", str(out), "--quiet"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -45,6 +45,7 @@ def test_loadgen_writes_a_sane_report(server, tmp_path: Path) -> None:  # noqa: 
                     "## Soak", "## Error codes by type"):
         assert heading in md
     assert report["corpus"]["documents"] == len(CORPUS) and report["corpus"]["chunks"] > 0
+    assert "from 3 callers" in md and report["config"]["callers"] == 3
 
     steps = report["steps"]
     assert [(s["kind"], s["level"]) for s in steps] == [("closed", 1), ("closed", 2),

@@ -405,3 +405,41 @@ def test_the_peer_header_setting_takes_a_metadata_key() -> None:
         with pytest.raises(ValidationError):
             Settings(upsert_peer_header=bad)
     assert Settings(upsert_peer_header="x-client-id").upsert_peer_header == "x-client-id"
+
+
+def test_clients_name_their_caller_with_headers_for_the_stream_cap(
+        tmp_path: Path, embedder: Embedder) -> None:
+    """Both clients send their ``headers`` on every call: a server keyed on that header
+    counts each named caller's streams apart (one caller at its cap is refused, naming
+    itself; another caller on the same host is served)."""
+    import asyncio
+
+    from retriever.aio_client import AsyncRetrieverClient
+
+    settings = make_settings(tmp_path / "data", max_upsert_streams_per_peer=1,
+                             upsert_peer_header="x-retriever-caller")
+    with running_server(settings, embedder) as st, \
+            RetrieverClient(st.address, headers=[("x-retriever-caller", "a")]) as a, \
+            RetrieverClient(st.address, headers=[("x-retriever-caller", "a")]) as a2:
+        release = threading.Event()
+        held = a.stub.UpsertDocuments.future(_idle_stream(pb.UpsertDocumentsRequest(
+            namespace="callers", documents=[_small(0, "callers")]), release), timeout=30)
+        try:
+            time.sleep(0.5)
+            with pytest.raises(grpc.RpcError) as info:  # caller a, another channel
+                a2.upsert("callers", [_small(1, "callers")], timeout=30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "x-retriever-caller a" in info.value.details()
+
+            async def as_b() -> pb.UpsertDocumentsResponse:
+                async with AsyncRetrieverClient(
+                        st.address, headers=[("x-retriever-caller", "b")]) as b:
+                    return await b.upsert("callers", [_small(2, "callers")], timeout=30)
+
+            assert asyncio.run(as_b()).documents_created == 1
+        finally:
+            release.set()
+        assert held.result(30).documents_created == 1
+    for bad in ("X-Caller", "grpc-timeout", "trace-bin", ""):
+        with pytest.raises(ValueError, match="header"):
+            RetrieverClient("127.0.0.1:1", headers=[(bad, "x")])
