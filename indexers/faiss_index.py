@@ -1211,9 +1211,16 @@ def _omp(threads: int) -> None:
     every parallel region; at a search every few milliseconds they never sleep, and on a
     small machine they take the cores the embedder needs: a query's forward pass went from
     4.6 ms to 11.2 ms here. One thread per search (concurrency comes from concurrent
-    requests) avoids that; raise it for very large exact indexes on many cores."""
-    if threads > 0:
+    requests) avoids that; raise it for very large exact indexes on many cores.
+
+    Set once per thread and value: the call lets go of the interpreter lock, and winning it
+    back on a loaded server can cost a context switch on every search."""
+    if threads > 0 and getattr(_OMP_SET, "threads", 0) != threads:
         faiss.omp_set_num_threads(threads)
+        _OMP_SET.threads = threads
+
+
+_OMP_SET = threading.local()  # the value _omp last set in this thread
 
 
 def _empty() -> SearchHits:
