@@ -53,9 +53,43 @@ def _client(address: str | None, *, retry: bool = False) -> RetrieverClient:
     from retriever.client import NO_RETRY, RetrieverClient, RetryPolicy
 
     token = Settings().auth_token
-    return RetrieverClient(_address(address),
-                           token=token.get_secret_value() if token is not None else None,
-                           retry=RetryPolicy() if retry else NO_RETRY)
+    client = RetrieverClient(_address(address),
+                             token=token.get_secret_value() if token is not None else None,
+                             retry=RetryPolicy() if retry else NO_RETRY)
+    try:
+        _await_loading(client)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+LOAD_WAIT_S = 600.0  # a first start builds and calibrates the int8 model: minutes
+
+
+def _await_loading(client: RetrieverClient, timeout: float = LOAD_WAIT_S) -> None:
+    """While the server answers but is not serving yet (it binds its port first, then loads
+    its models and indexes), wait for it, saying so once; a server that does not answer
+    returns at once, and the command's own call then fails with its status. A command run
+    right after ``retriever serve`` (a script, a CI job) otherwise failed with UNAVAILABLE."""
+    from grpc_health.v1 import health_pb2
+
+    deadline = time.monotonic() + timeout
+    said = False
+    while True:
+        try:
+            status = client.health(timeout=5)
+        except grpc.RpcError:
+            return
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            return
+        if time.monotonic() > deadline:
+            return  # the call that follows says what the server answers
+        if not said:
+            err.print(f"waiting for the server at {client.address} to load its models and "
+                      "indexes ...")
+            said = True
+        time.sleep(0.25)
 
 
 def _fail(exc: grpc.RpcError) -> typer.Exit:

@@ -186,3 +186,43 @@ def test_index_progress_moves_only_on_acknowledgement(server, tmp_path: Path,  #
             assert events[i + 1][0] == "bar" and events[i + 1][2] == chunks
     assert sum(e[1] for e in events if e[0] == "bar") == 6  # every file, the skipped one too
     assert chunks == summary["chunks"] > 0
+
+
+def test_a_command_waits_for_a_server_still_loading(tmp_path: Path) -> None:
+    """The server binds its port, then loads its model with health NOT_SERVING: a command
+    run then waits, says so once, and succeeds; against no server it fails at once."""
+    import socket
+    import threading
+    import time
+
+    from conftest import make_settings
+
+    from retriever.server.app import ServerThread
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # No embedder given: the server loads its own (torch: no model build) after binding.
+    st = ServerThread(make_settings(tmp_path / "data", grpc_port=port,
+                                    embedder_backend="torch"))
+    starter = threading.Thread(target=st.start, daemon=True)
+    starter.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until the port is bound
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "the server never bound its port"
+            time.sleep(0.02)
+        result = runner.invoke(app, ["namespaces", "-a", f"127.0.0.1:{port}"])
+        assert result.exit_code == 0, result.output
+        assert result.output.count("waiting for the server") == 1
+        assert st.info.get("grpc_port") == port  # it was loading, and is serving now
+    finally:
+        starter.join(120)
+        st.stop()
+    t0 = time.monotonic()
+    gone = runner.invoke(app, ["namespaces", "-a", f"127.0.0.1:{port}"])
+    assert gone.exit_code == 2 and "UNAVAILABLE" in gone.output
+    assert time.monotonic() - t0 < 30
