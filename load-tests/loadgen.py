@@ -396,7 +396,7 @@ class Workload:
         try:
             if cls == "search":
                 resp = await client.search(self.ns, self.rng.choice(self.queries),
-                                                top_k=TOP_K)
+                                           top_k=TOP_K)
                 self._remember(resp)
                 stages = _stages(resp.timings)
             elif cls == "batch_search":
@@ -727,6 +727,13 @@ def parse_mix(text: str) -> dict[str, float]:
     return mix
 
 
+def positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: at least 1")
+    return n
+
+
 def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
@@ -881,8 +888,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     server: SpawnedServer | None = None
     tmp = None
     env_overrides = dict(kv.split("=", 1) for kv in args.server_env)
-    env_overrides.setdefault("RETRIEVER_UPSERT_PEER_HEADER", CALLER_HEADER)
     if args.spawn:
+        env_overrides.setdefault("RETRIEVER_UPSERT_PEER_HEADER", CALLER_HEADER)
         tmp = tempfile.TemporaryDirectory(prefix="loadgen-")
         server = SpawnedServer(Path(tmp.name) / "data", env_overrides)
         say("starting `retriever serve` ...")
@@ -1015,8 +1022,7 @@ def render(r: dict[str, Any], name: str) -> str:
         + f" (BatchSearch of {BATCH_QUERIES}, upserts of 1-{GOAL_UPSERT_MAX_DOCS} documents "
         f"of <= 800 characters, top_k {TOP_K}), from {cfg.get('callers', 1)} callers (a "
         f"channel each, named by the {CALLER_HEADER} header; a spawned server counts upsert "
-        "streams per caller). Deadline "
-        f"{cfg['deadline']:g} s per request, "
+        f"streams per caller). Deadline {cfg['deadline']:g} s per request, "
         + ("retries on" if cfg["retry"] else "no retries") + ".",
         "",
         *_foreign_warning(r),
@@ -1350,7 +1356,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mix", type=parse_mix,
                    default=parse_mix("search=70,batch_search=10,upsert=10,get_chunk=10"),
                    help="class weights (search, batch_search, upsert, get_chunk)")
-    p.add_argument("--callers", type=int, default=8,
+    p.add_argument("--callers", type=positive_int, default=8,
                    help="clients the requests come from, each named by the x-retriever-caller "
                    "header (a spawned server counts upsert streams per caller)")
     p.add_argument("--upsert-pool", type=int, default=256,

@@ -161,3 +161,10 @@ def test_upsert_tail_shows_the_stages_of_the_slowest_upserts() -> None:
     assert tail["tail"]["outside"] == pytest.approx(0.1)
     assert tail["all"]["lock_wait"] == pytest.approx((18 * 0.05 + 2 * 2.5) / 20)
     assert lg.upsert_tail(recs[:9]) is None
+
+
+def test_callers_must_be_at_least_one() -> None:
+    lg = _loadgen()
+    assert lg.parse_args(["--spawn", "--callers", "3"]).callers == 3
+    with pytest.raises(SystemExit):
+        lg.parse_args(["--spawn", "--callers", "0"])
