@@ -141,12 +141,12 @@ def index(
     moved = 0
     totals = pb.UpsertDocumentsResponse(namespace=namespace)
     sent: set[str] = set()
-    t0 = time.perf_counter()
     with _client(address) as client, Progress(
         TextColumn("[bold]indexing[/bold]"), BarColumn(), MofNCompleteColumn(),
         TextColumn("files · {task.fields[chunks]} chunks, {task.fields[embedded]} embedded"),
         TimeElapsedColumn(), console=err, disable=as_json,
     ) as progress:
+        t0 = time.perf_counter()  # after any wait for a loading server
         task = progress.add_task("index", total=total, chunks=0, embedded=0)
         skipped_seen = 0
 
