@@ -13,7 +13,10 @@ One process, one loaded embedder shared by the server and the raw baselines:
 5. with the server stopped, the raw baselines on the same model object:
    ``SentenceTransformer.encode`` of exactly the texts the service embedded (read back
    from its catalog, path header included), ``encode([query])`` one query at a time, and
-   ``encode`` of the queries in batches of 32 (the ceiling concurrency 32 is held to).
+   ``encode`` of the queries in batches of 32 (the ceiling concurrency 32 is held to);
+6. paired rounds (the machine's speed drifts over minutes): concurrency-32 searches against
+   raw batched query encoding, and indexing a share of the corpus against the raw encode of
+   exactly its chunks, each round's two figures seconds apart.
 
 Prints a Markdown table and writes the figures as JSON to ``--out`` and the table next to
 it (same name, ``.md``). See bench/README.md.
@@ -66,6 +69,10 @@ BURST_REQUESTS = 640
 # alternated rounds (a service round, then a raw round with the server stopped), and the
 # ratio reported is the median of each round's.
 PAIRED_ROUNDS = 5
+# The indexing ratio likewise: rounds of the service indexing a share of the corpus (every
+# PAIRED_INDEX_ROUNDS-th document, a different share each round) then the raw encode of
+# exactly the chunks it made, with the server stopped.
+PAIRED_INDEX_ROUNDS = 3
 RAW_QUERY_CALLS = 200
 # A phase is flagged when other processes used more than this share of the cores during
 # it (and at least FOREIGN_MIN_S CPU seconds: /proc/stat counts in 10 ms ticks).
@@ -196,7 +203,7 @@ def latency_stats(seconds: list[float]) -> dict:
             "mean_ms": float(ms.mean()), "max_ms": float(ms.max())}
 
 
-def catalog_chunks(data_dir: Path) -> list[sqlite3.Row]:
+def catalog_chunks(data_dir: Path, namespace: str = NAMESPACE) -> list[sqlite3.Row]:
     """Active chunks of the namespace as committed: what the service embedded."""
     uri = (data_dir / "catalog.sqlite3").resolve().as_uri() + "?mode=ro"
     with sqlite3.connect(uri, uri=True) as db:
@@ -205,7 +212,7 @@ def catalog_chunks(data_dir: Path) -> list[sqlite3.Row]:
             "SELECT c.chunk_id, c.text, c.token_count, c.vector, c.header, d.path FROM chunks c"
             " JOIN documents d ON d.namespace = c.namespace AND d.doc_id = c.doc_id"
             " WHERE c.namespace = ? AND c.state = 1 ORDER BY c.vector_id",
-            (NAMESPACE,)).fetchall()
+            (namespace,)).fetchall()
 
 
 def measure_search(address: str, metrics_port: int, total: int, workers: int) -> dict:
@@ -446,6 +453,25 @@ def backend_of(emb: dict) -> str:
     return emb.get("backend") or ("openvino" if "+ov-" in emb["revision"] else "torch")
 
 
+def paired_index_lines(r: dict) -> list[str]:
+    rounds = r.get("paired_index") or []
+    if not rounds:
+        return []
+    ratios = sorted(p["ratio"] for p in rounds)
+    nth = {2: "2nd", 3: "3rd"}.get(len(rounds), f"{len(rounds)}th")
+    return [
+        f"Paired: in {len(rounds)} alternated rounds, each a share of the corpus (every "
+        f"{nth} document) indexed by the restarted server into a new namespace, "
+        "then, with the server stopped, the raw encode of exactly the chunks it embedded: "
+        f"**median {r['paired_index_ratio']:.2f}×** raw fp32 (rounds "
+        + ", ".join(f"{p['chunks']} chunks {p['service_chunks_per_s']:.1f}/"
+                    f"{p['raw_chunks_per_s']:.1f} = {p['ratio']:.2f}" for p in rounds)
+        + f" chunks/s; range {ratios[0]:.2f}-{ratios[-1]:.2f}; min cosine "
+        f"{min(p['min_cosine'] for p in rounds):.6f}).",
+        "",
+    ]
+
+
 def render(r: dict) -> str:
     env, corpus, idx, raw = r["environment"], r["corpus"], r["index"], r["raw_encode"]
     re_idx, search, rq = r["reindex"], r["search"], r["raw_query_encode"]
@@ -485,8 +511,11 @@ def render(r: dict) -> str:
         f"- | {re_idx['wall_s']:.2f} | {re_idx['docs_per_s']:.0f} | - | - |",
         "",
         f"Service / raw throughput: **{r['service_over_raw']:.2f}** "
-        f"(raw vectors vs the service's: min cosine {raw['min_cosine']:.6f}).",
+        f"(raw vectors vs the service's: min cosine {raw['min_cosine']:.6f})"
+        + ("; the raw encode ran minutes after the service's pass, and this machine's speed "
+           "drifts: the rounds below pair them." if r.get("paired_index") else "."),
         "",
+        *paired_index_lines(r),
         f"Server stages during the first pass: {stages}; the rest of the "
         f"{idx['wall_s']:.1f} s (gRPC, validation, catalog reads) "
         f"{idx['wall_s'] - sum(idx['server_stage_s'].values()):.1f} s.",
@@ -679,6 +708,40 @@ def paired_rounds(settings: Settings, embedder: Embedder, model) -> list[dict]: 
     return rounds
 
 
+def paired_index_rounds(settings: Settings, embedder: Embedder, model,  # noqa: ANN001
+                        docs: list[pb.Document]) -> list[dict]:
+    """PAIRED_INDEX_ROUNDS rounds of: the server restarted on the data dir, one share of the
+    corpus upserted into a new namespace, the server stopped, then ``encode`` of exactly
+    the texts it embedded (header included) with the model alone."""
+    rounds = []
+    for r in range(PAIRED_INDEX_ROUNDS):
+        part, ns = docs[r::PAIRED_INDEX_ROUNDS], f"paired-{r}"
+        server = ServerThread(settings, embedder).start()
+        try:
+            with RetrieverClient(server.address, timeout=None) as client:
+                client.wait_ready()
+                client.create_namespace(ns)
+                t0 = time.perf_counter()
+                resp = client.upsert_stream(batches(part, ns))
+                wall = time.perf_counter() - t0
+        finally:
+            stop_server(server)
+        if not resp.chunks_embedded == resp.chunks_total > 0:
+            raise RuntimeError(f"paired round {r}: embedded {resp.chunks_embedded} of "
+                               f"{resp.chunks_total} chunks")
+        raw = raw_encode(model, catalog_chunks(settings.data_dir, ns), settings, embedder)
+        if raw["chunks"] != resp.chunks_total:
+            raise RuntimeError(f"paired round {r}: {raw['chunks']} chunks in the catalog, "
+                               f"the response said {resp.chunks_total}")
+        service_cps = resp.chunks_total / wall
+        rounds.append({"docs": len(part), "chunks": resp.chunks_total, "service_s": wall,
+                       "raw_s": raw["wall_s"], "service_chunks_per_s": service_cps,
+                       "raw_chunks_per_s": raw["chunks_per_s"],
+                       "ratio": service_cps / raw["chunks_per_s"],
+                       "min_cosine": raw["min_cosine"]})
+    return rounds
+
+
 # -- main ----------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -763,6 +826,9 @@ def main() -> None:
             "rounds ...")
         with foreign("paired_c32"):
             paired = paired_rounds(settings, embedder, model)
+        say(f"indexing and raw encode, {PAIRED_INDEX_ROUNDS} alternated rounds ...")
+        with foreign("paired_index"):
+            paired_index = paired_index_rounds(settings, embedder, model, docs)
         env = environment(embedder, settings)
     env["loadavg_start"], env["loadavg_end"] = load_start, loadavg()
 
@@ -772,6 +838,8 @@ def main() -> None:
         "reindex": reindex, "search": search, "search_during_upsert": during,
         "raw_query_encode": raw_query, "paired_c32": paired,
         "paired_c32_ratio": float(np.median([p["ratio"] for p in paired])),
+        "paired_index": paired_index,
+        "paired_index_ratio": float(np.median([p["ratio"] for p in paired_index])),
         "foreign_cpu": foreign.phases, "top1_hit": top1,
         "run_s": time.perf_counter() - t_run,
     }
