@@ -201,6 +201,13 @@ class Settings(BaseSettings):
     # (torch backend) instead of after the whole slice: a search waits for about one layer
     # (~6 ms for a 256-token chunk on 2 cores here) instead of a whole pass (~38 ms).
     embed_layer_checkpoints: bool = True
+    # Query batches on a thread and a compiled copy of the model of their own (one
+    # inference thread), beside the model thread's document slices instead of between them:
+    # a search no longer waits for the slice in flight, and the OS scheduler shares the
+    # cores (the document side runs at model_thread_nice). OpenVINO only (a compiled model
+    # has its own executor; torch's passes would fight over one intra-op pool). None = on
+    # with OpenVINO. Measured: bench/README.md, "Query lane".
+    embed_query_lane: bool | None = None
     query_batch_size: int = Field(64, ge=1)
     query_batch_wait_ms: float = Field(0.0, ge=0)
     # -- search ----------------------------------------------------------------------------

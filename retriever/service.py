@@ -110,7 +110,8 @@ class RetrieverService:
             nice=settings.model_thread_nice,
             doc_order=settings.embed_doc_order,
             embed_queries=lambda texts: self.embedder.embed(
-                texts, batch_size=max(1, len(texts)), threads=settings.query_threads),
+                texts, batch_size=max(1, len(texts)), threads=settings.query_threads,
+                lane=True),
         )
         self.reranker = Reranker(settings)
         self._embed_cache: EmbeddingCache | None = None
@@ -153,6 +154,7 @@ class RetrieverService:
             raise
         self._batcher.doc_batch = self.embedder.default_batch_size
         self._batcher.doc_slice_tokens = self.embedder.default_slice_tokens
+        self._batcher.query_lane = self.embedder.has_query_lane
         self._batcher.start()
         if s.embed_layer_checkpoints:
             self.embedder.add_checkpoint(self._batcher.checkpoint)

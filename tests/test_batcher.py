@@ -557,3 +557,53 @@ def test_the_document_backlog_age_is_the_oldest_wait_for_a_first_slice(
     served.result(TIMEOUT)
     waiting.result(TIMEOUT)
     assert b.document_backlog_age() == 0.0
+
+
+def test_query_lane_answers_queries_while_a_document_slice_runs(embed: FakeEmbed) -> None:
+    """With a query lane, queries run on their own thread and function, beside a document
+    slice; without one they wait for the slice's end."""
+    for lane in (True, False):
+        docs_fn, queries_fn = FakeEmbed(), FakeEmbed()
+        docs_fn.gate = threading.Event()
+        b = MicroBatcher(docs_fn, 64, 0.0, embed_queries=queries_fn)  # type: ignore[arg-type]
+        b.query_lane = lane
+        b.start()
+        try:
+            docs = b.submit_documents(["gate", "2:0"])
+            assert docs_fn.entered.wait(TIMEOUT)  # the model thread is inside the slice
+            query = b.submit(["1:0", "1:1"])
+            if lane:
+                np.testing.assert_array_equal(query.result(TIMEOUT), rows(["1:0", "1:1"]))
+                assert not docs.done()  # answered while the slice was still held
+                assert "query-lane" in {t.name for t in threading.enumerate()}
+            else:
+                with pytest.raises(TimeoutError):
+                    query.result(0.3)  # behind the held slice
+            docs_fn.gate.set()
+            np.testing.assert_array_equal(docs.result(TIMEOUT), rows(["gate", "2:0"]))
+            np.testing.assert_array_equal(query.result(TIMEOUT), rows(["1:0", "1:1"]))
+            assert queries_fn.batches == [2]  # never on the documents' function
+        finally:
+            docs_fn.gate.set()
+            b.stop()
+        assert "query-lane" not in {t.name for t in threading.enumerate()}
+
+
+def test_query_lane_drains_on_stop_and_refuses_after(embed: FakeEmbed) -> None:
+    queries_fn = FakeEmbed()
+    queries_fn.gate = threading.Event()
+    b = MicroBatcher(embed, 64, 0.0, embed_queries=queries_fn)  # type: ignore[arg-type]
+    b.query_lane = True
+    b.start()
+    held = b.submit(["gate"])
+    assert queries_fn.entered.wait(TIMEOUT)
+    queued = b.submit(["3:0"])  # waits for the lane, which is busy
+    stopper = threading.Thread(target=b.stop)
+    stopper.start()
+    queries_fn.gate.set()
+    stopper.join(TIMEOUT)
+    assert not stopper.is_alive()
+    np.testing.assert_array_equal(held.result(TIMEOUT), rows(["gate"]))
+    np.testing.assert_array_equal(queued.result(TIMEOUT), rows(["3:0"]))
+    with pytest.raises(NotReady):
+        b.submit(["4:0"]).result(TIMEOUT)

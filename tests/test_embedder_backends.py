@@ -295,6 +295,25 @@ def test_openvino_fp32_equals_torch(ov_fp32: Embedder, embedder: Embedder,
 
 
 @pytest.mark.integration
+def test_the_query_lane_is_a_copy_that_agrees(ov_fp32: Embedder, ov_int8: Embedder,
+                                              data_dir: Path) -> None:
+    """OpenVINO gets a one-thread copy for query batches by default; its vectors are the
+    model's. Off by the setting; never for torch."""
+    for e in (ov_fp32, ov_int8):
+        assert e.has_query_lane
+        assert e._ov_lane is not e._ov
+        texts = TEXTS[:12]
+        assert cosines(e.embed(texts, lane=True), e.embed(texts)).min() > 0.9999
+    off = Embedder(ov_settings(data_dir, "fp32", embed_query_lane=False))
+    off.load()
+    assert off.backend == "openvino" and not off.has_query_lane
+    torch_lane = Embedder(make_settings(data_dir, embedder_backend="torch",
+                                        embed_query_lane=True))
+    torch_lane.load()
+    assert not torch_lane.has_query_lane
+
+
+@pytest.mark.integration
 def test_openvino_int8_is_close_and_its_cache_is_reused(ov_int8: Embedder, embedder: Embedder,
                                                         reference: np.ndarray,
                                                         data_dir: Path) -> None:

@@ -147,6 +147,22 @@ def load(torch_model: Any, *, cache_root: Path, weights_revision: str, precision
                   cpu, tokenize, reference, calibration, verify_texts)
 
 
+def lane_copy(model: OpenVINOModel, threads: int, bf16_native: bool) -> OpenVINOModel:
+    """A second compiled copy of ``model`` (from its cache directory) with ``threads``
+    inference threads, an infer request and a lock of its own: it runs beside the first.
+    Its first inference (the smoke check) runs on the calling thread, whose priority the
+    copy's workers inherit."""
+    ov = _openvino()
+    core = ov.Core()
+    precision = model.provenance.precision
+    compiled = core.compile_model(core.read_model(model.directory / "model.xml"), "CPU",
+                                  compile_config(precision, threads, bf16_native))
+    copy = OpenVINOModel(compiled, model.inputs, model.provenance, model.directory,
+                         reused=True)
+    _smoke(copy)
+    return copy
+
+
 def compile_config(precision: str, threads: int, bf16_native: bool) -> dict[str, Any]:
     """Compile properties. The inference precision is always set: OpenVINO's default is
     bf16 on a CPU with native bf16, which would make "fp32" silently bf16. An int8 model

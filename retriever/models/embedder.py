@@ -78,6 +78,7 @@ class Embedder:
         self.verdict: Verdict | None = None  # the gate verdict of what runs, when there is one
         self._autocast: Any = None  # torch dtype to autocast to on CPU, or None
         self._ov: Any = None  # _openvino.OpenVINOModel when the backend is openvino
+        self._ov_lane: Any = None  # its one-thread copy for query batches (embed_query_lane)
         self._buckets = False  # pad batches to a small set of shapes (embed_bucket_shapes)
         # Called before each transformer layer of a torch forward pass (add_checkpoint).
         self._checkpoints: tuple[Callable[[], None], ...] = ()
@@ -153,6 +154,18 @@ class Embedder:
                 self._autocast = torch.bfloat16
         self.backend = backend
         self.precision = precision
+        self._ov_lane = None
+        if self._ov is not None and s.embed_query_lane is not False:
+            from retriever.models import _openvino
+
+            try:
+                self._ov_lane = _openvino.lane_copy(self._ov, 1, has_native_bf16())
+            except Exception:  # the service runs without it: queries go between slices
+                log.exception("could not compile the query lane's copy of the OpenVINO "
+                              "model; query batches run on the model thread")
+        elif s.embed_query_lane and backend != "openvino":
+            log.warning("embed_query_lane is for the openvino backend; the %s backend runs "
+                        "query batches on the model thread", backend)
         bucket = s.embed_bucket_shapes
         self._buckets = (bool(bucket) if bucket is not None else backend == "openvino"
                          or (backend == "torch" and device == "cuda" and precision != "fp32"))
@@ -168,6 +181,12 @@ class Embedder:
             self.name, self.revision, self.device, backend, precision, self.dimension,
             self.max_tokens,
         )
+
+    @property
+    def has_query_lane(self) -> bool:
+        """Whether ``embed(..., lane=True)`` runs on a model copy of its own, beside
+        the passes of ``embed`` (embed_query_lane)."""
+        return self._ov_lane is not None
 
     def add_checkpoint(self, callback: Callable[[], None]) -> bool:
         """Have ``callback`` called before each transformer layer of every torch forward
@@ -357,14 +376,16 @@ class Embedder:
 
     # -- vectors ---------------------------------------------------------------------------
     def embed(self, texts: Sequence[str], batch_size: int | None = None,
-              batch_tokens: int | None = None, threads: int = 0) -> np.ndarray:
+              batch_tokens: int | None = None, threads: int = 0,
+              lane: bool = False) -> np.ndarray:
         """float32 (len(texts), dimension), L2-normalised. Inputs longer than the model's
         max length are truncated by the model; chunkers keep chunks within it.
 
         Texts are tokenised once, then run longest first in batches of at most
         ``batch_size`` texts and ``batch_tokens`` padded tokens (defaults: the settings),
         each batch cut to its own longest member. ``threads``: torch intra-op threads for
-        these passes (0: as configured; the OpenVINO backend keeps its own)."""
+        these passes (0: as configured; the OpenVINO backend keeps its own). ``lane``: on
+        the query lane's model copy where there is one (`has_query_lane`)."""
         import torch
         from torch.nn import functional
 
@@ -377,12 +398,13 @@ class Embedder:
         cap = max(1, batch_size or self.default_batch_size)
         budget = batch_tokens or self.default_batch_tokens
         if self._ov is not None:
+            ov = self._ov_lane if lane and self._ov_lane is not None else self._ov
             arrays = self._features(texts)
             lengths = arrays["attention_mask"].sum(axis=1).tolist()
             order = sorted(range(len(texts)), key=lambda i: -lengths[i])
             for idx, width in _batches(order, lengths, cap, budget):
                 pick, width = self._shape(idx, width)
-                emb = self._ov({k: _cut(v, pick, width) for k, v in arrays.items()})[:len(idx)]
+                emb = ov({k: _cut(v, pick, width) for k, v in arrays.items()})[:len(idx)]
                 out[idx] = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
             return out
         with self._model_lock:
