@@ -206,7 +206,7 @@ class Settings(BaseSettings):
     # a search no longer waits for the slice in flight, and the OS scheduler shares the
     # cores (the document side runs at model_thread_nice). OpenVINO only (a compiled model
     # has its own executor; torch's passes would fight over one intra-op pool). None = on
-    # with OpenVINO. Measured: bench/README.md, "Query lane".
+    # with OpenVINO. Measured: load-tests/results/ab-query-lane.md.
     embed_query_lane: bool | None = None
     query_batch_size: int = Field(64, ge=1)
     query_batch_wait_ms: float = Field(0.0, ge=0)

@@ -1,4 +1,5 @@
-"""One thread runs every forward pass of the model: the one place that decides what runs next.
+"""One thread runs every forward pass of the model (query batches aside where there is a
+query lane, below): the one place that decides what runs next.
 
 Why one thread: when several long-lived threads run the model, each keeps its own OpenMP
 team and a single query's forward pass takes about twice as long (measured: p50 6.6 ms ->
