@@ -204,7 +204,7 @@ class Settings(BaseSettings):
     # Query batches on a thread and a compiled copy of the model of their own (one
     # inference thread), beside the model thread's document slices instead of between them:
     # a search no longer waits for the slice in flight, and the OS scheduler shares the
-    # cores (the document side runs at model_thread_nice). OpenVINO only (a compiled model
+    # cores (both run at model_thread_nice, below the request path). OpenVINO only (a compiled model
     # has its own executor; torch's passes would fight over one intra-op pool). None = on
     # with OpenVINO. Measured: load-tests/results/ab-query-lane.md.
     embed_query_lane: bool | None = None

@@ -39,8 +39,9 @@ no longer leave the model idle between their passes for documents to fill.
 
 Query lane (OpenVINO, ``query_lane``): query batches run on a thread of their own, on a
 one-thread compiled copy of the model, beside the model thread's slices; a query then waits
-for no slice at all, and the two share the cores by OS priority (the model thread runs at
-its lower one). On this 2-core machine a 256-token slice takes ~19 ms on two threads and a
+for no slice at all, and the two share the cores as equals (both at the model thread's
+lower priority, below the threads that admit and refuse requests). On this 2-core machine a
+256-token slice takes ~19 ms on two threads and a
 query ~3.5 ms on one thread or two: queries arriving during back-to-back slices answered
 in p50 11 / p99 20 ms between slices and 3-4 / 5-6 ms on the lane, with slices at the same
 rate. The model thread then runs documents and re-ranking only.
@@ -291,7 +292,11 @@ class MicroBatcher:
 
     def _run_lane(self) -> None:
         """The query lane: query batches only, as they come (micro-batched as on the model
-        thread), until stopped and drained."""
+        thread), until stopped and drained. At the model thread's priority: a pass is batch
+        CPU work, and the threads that admit and refuse requests must win the cores from it
+        (with the lane at the request path's priority, refusals beyond saturation took
+        seconds: load-tests/results/ab-query-lane.md)."""
+        lower_priority(self._nice)
         while True:
             with self._cond:
                 while self._running and not self._queries:

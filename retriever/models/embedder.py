@@ -159,7 +159,11 @@ class Embedder:
             from retriever.models import _openvino
 
             try:
-                self._ov_lane = _openvino.lane_copy(self._ov, 1, has_native_bf16())
+                # Its first pass (the smoke check) starts its workers: at the model
+                # thread's priority, which the lane thread runs at too.
+                ov = self._ov
+                self._ov_lane = run_lowered(s.model_thread_nice, lambda: _openvino.lane_copy(
+                    ov, 1, has_native_bf16()))
             except Exception:  # the service runs without it: queries go between slices
                 log.exception("could not compile the query lane's copy of the OpenVINO "
                               "model; query batches run on the model thread")
