@@ -297,16 +297,16 @@ def test_openvino_fp32_equals_torch(ov_fp32: Embedder, embedder: Embedder,
 @pytest.mark.integration
 def test_the_query_lane_is_a_copy_that_agrees(ov_fp32: Embedder, ov_int8: Embedder,
                                               data_dir: Path) -> None:
-    """OpenVINO gets a one-thread copy for query batches by default; its vectors are the
-    model's. Off by the setting; never for torch."""
-    for e in (ov_fp32, ov_int8):
+    """With embed_query_lane (or None: auto) OpenVINO gets a one-thread copy for query
+    batches; its vectors are the model's. Off by default; never for torch."""
+    assert not ov_fp32.has_query_lane and not ov_int8.has_query_lane  # the default
+    for precision, lane in (("fp32", True), ("int8", None)):
+        e = Embedder(ov_settings(data_dir, precision, embed_query_lane=lane))
+        e.load(calibration_texts=lambda n: real_chunks())
         assert e.has_query_lane
         assert e._ov_lane is not e._ov
         texts = TEXTS[:12]
         assert cosines(e.embed(texts, lane=True), e.embed(texts)).min() > 0.9999
-    off = Embedder(ov_settings(data_dir, "fp32", embed_query_lane=False))
-    off.load()
-    assert off.backend == "openvino" and not off.has_query_lane
     torch_lane = Embedder(make_settings(data_dir, embedder_backend="torch",
                                         embed_query_lane=True))
     torch_lane.load()
