@@ -204,10 +204,10 @@ class Settings(BaseSettings):
     # Query batches on a thread and a compiled copy of the model of their own (one
     # inference thread), beside the model thread's document slices instead of between them:
     # a search no longer waits for the slice in flight, and the OS scheduler shares the
-    # cores (both run at model_thread_nice, below the request path). OpenVINO only (a compiled model
-    # has its own executor; torch's passes would fight over one intra-op pool). None = on
-    # with OpenVINO. Off by default: beyond saturation it slowed refusals (p99 577 ms against
-    # 93 ms, goal 100). Measured: load-tests/results/ab-query-lane.md.
+    # cores (both run at model_thread_nice, below the request path). OpenVINO only (a
+    # compiled model has its own executor; torch's passes would fight over one intra-op
+    # pool). None = on with OpenVINO. Off by default: beyond saturation it slowed refusals
+    # (p99 577 ms against 93 ms, goal 100). Measured: load-tests/results/ab-query-lane.md.
     embed_query_lane: bool | None = False
     query_batch_size: int = Field(64, ge=1)
     query_batch_wait_ms: float = Field(0.0, ge=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -607,3 +609,22 @@ def test_query_lane_drains_on_stop_and_refuses_after(embed: FakeEmbed) -> None:
     np.testing.assert_array_equal(queued.result(TIMEOUT), rows(["3:0"]))
     with pytest.raises(NotReady):
         b.submit(["4:0"]).result(TIMEOUT)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
+def test_query_lane_runs_at_the_model_threads_priority(embed: FakeEmbed) -> None:
+    """The lane's passes are batch CPU work like the model thread's: niced alike, so the
+    threads that admit and refuse requests win the cores from them."""
+    from retriever._priority import thread_nice
+
+    b = MicroBatcher(embed, 64, 0.0, nice=3)  # type: ignore[arg-type]
+    b.query_lane = True
+    b.start()
+    try:
+        b.submit(["1:0"]).result(TIMEOUT)  # each thread has run, so has lowered itself
+        b.submit_documents(["2:0"]).result(TIMEOUT)
+        ids = {t.name: t.native_id for t in threading.enumerate()}
+        for name in ("embedder", "query-lane"):
+            assert os.getpriority(os.PRIO_PROCESS, ids[name]) >= min(19, thread_nice() + 3)
+    finally:
+        b.stop()

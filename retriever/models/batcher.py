@@ -40,11 +40,12 @@ no longer leave the model idle between their passes for documents to fill.
 Query lane (OpenVINO, ``query_lane``): query batches run on a thread of their own, on a
 one-thread compiled copy of the model, beside the model thread's slices; a query then waits
 for no slice at all, and the two share the cores as equals (both at the model thread's
-lower priority, below the threads that admit and refuse requests). On this 2-core machine a
-256-token slice takes ~19 ms on two threads and a
-query ~3.5 ms on one thread or two: queries arriving during back-to-back slices answered
-in p50 11 / p99 20 ms between slices and 3-4 / 5-6 ms on the lane, with slices at the same
-rate. The model thread then runs documents and re-ranking only.
+lower priority, below the threads that admit and refuse requests). The model thread then
+runs documents and re-ranking only. On this 2-core machine a 256-token slice takes ~19 ms on
+two threads and a query ~3.5 ms on one thread or two; in isolation (the query thread then
+at normal priority, the slices niced) queries arriving during back-to-back slices were
+answered in p50 11 / p99 20 ms between slices and 3-4 / 5-6 ms on the lane, with slices at
+the same rate. Off by default: load-tests/results/ab-query-lane.md.
 """
 
 from __future__ import annotations
@@ -308,30 +309,30 @@ class MicroBatcher:
 
     def _next_locked(self) -> list[_Query] | _DocJob | None:
         """The next unit of work; None once stopped and drained. Holds ``_cond``."""
-        lane = self.query_lane  # then queries are the lane's, never this thread's
-
-        def queries() -> bool:
-            return bool(self._queries) and not lane
-
-        while self._running and not queries() and not self._docs and not self._reranks:
+        while (self._running and not self._queries_here() and not self._docs
+               and not self._reranks):
             self._cond.wait()
-        if not queries() and not self._docs and not self._reranks:
+        if not self._queries_here() and not self._docs and not self._reranks:
             return None  # stopped, nothing left: what was queued before stop() is answered
         # Waiting queries go after at most one slice; waiting documents after at most
         # doc_max_wait of query batches.
-        if self._docs and ((not queries() and not self._reranks)
+        if self._docs and ((not self._queries_here() and not self._reranks)
                            or (not self._last_was_doc and self._docs_overdue())):
             self._last_was_doc = True
             job = self._pick_doc_locked()
             job.started = True
             return job
-        if self._reranks and not queries():
+        if self._reranks and not self._queries_here():
             self._last_was_doc = False
             job = self._reranks[0]
             self._reranks.rotate(-1)
             return job
         self._last_was_doc = False
         return self._batch_locked()
+
+    def _queries_here(self) -> bool:
+        """Queries wait for the model thread (with a query lane they are the lane's)."""
+        return bool(self._queries) and not self.query_lane
 
     def _batch_locked(self) -> list[_Query]:
         """The next query batch: the first waiting query opens it, others join it for up
