@@ -687,21 +687,29 @@ def stop_server(server: ServerThread) -> None:
             t.join(timeout=30)
 
 
+@contextlib.contextmanager
+def restarted_server(settings: Settings, embedder: Embedder) -> Iterator[ServerThread]:
+    """The server started on the data dir, ready; stopped (threads joined) on exit, so what
+    follows runs the model alone."""
+    server = ServerThread(settings, embedder).start()
+    try:
+        with RetrieverClient(server.address, timeout=None) as client:
+            client.wait_ready()
+        yield server
+    finally:
+        stop_server(server)
+
+
 def paired_rounds(settings: Settings, embedder: Embedder, model) -> list[dict]:  # noqa: ANN001
     """PAIRED_ROUNDS rounds of: the server restarted on the indexed data dir, BURST_REQUESTS
     searches at concurrency BURST_WORKERS (after as many unmeasured ones: a restarted
     server's caches start cold), the server stopped, then raw batched encode."""
     rounds = []
     for _ in range(PAIRED_ROUNDS):
-        server = ServerThread(settings, embedder).start()
-        try:
-            with RetrieverClient(server.address, timeout=None) as client:
-                client.wait_ready()
+        with restarted_server(settings, embedder) as server:
             for _warm_then_measured in range(2):
                 got = measure_search(server.address, server.info["metrics_port"],
                                      BURST_REQUESTS, BURST_WORKERS)
-        finally:
-            stop_server(server)
         raw_qps = raw_query_batched(model)
         rounds.append({"service_qps": got["qps"], "raw_qps": raw_qps,
                        "ratio": got["qps"] / raw_qps, "p99_ms": got["p99_ms"]})
@@ -716,16 +724,12 @@ def paired_index_rounds(settings: Settings, embedder: Embedder, model,  # noqa: 
     rounds = []
     for r in range(PAIRED_INDEX_ROUNDS):
         part, ns = docs[r::PAIRED_INDEX_ROUNDS], f"paired-{r}"
-        server = ServerThread(settings, embedder).start()
-        try:
-            with RetrieverClient(server.address, timeout=None) as client:
-                client.wait_ready()
-                client.create_namespace(ns)
-                t0 = time.perf_counter()
-                resp = client.upsert_stream(batches(part, ns))
-                wall = time.perf_counter() - t0
-        finally:
-            stop_server(server)
+        with restarted_server(settings, embedder) as server, \
+                RetrieverClient(server.address, timeout=None) as client:
+            client.create_namespace(ns)
+            t0 = time.perf_counter()
+            resp = client.upsert_stream(batches(part, ns))
+            wall = time.perf_counter() - t0
         if not resp.chunks_embedded == resp.chunks_total > 0:
             raise RuntimeError(f"paired round {r}: embedded {resp.chunks_embedded} of "
                                f"{resp.chunks_total} chunks")
