@@ -119,6 +119,11 @@ class LexicalIndex:
         self._closed = False
         self.failed = False  # a search failed: searches read the catalog's FTS5 table
         self._index = self._open()
+        # The searcher of the last reload, shared by searches until the next commit reloads:
+        # a new one per search cost 0.17 ms, most of a small search's engine time. Reloads
+        # happen after each commit (_commit_locked), so a search still sees a write's
+        # entries once add() returns; a merge publishes the same entries in fewer segments.
+        self._searcher = self._index.searcher()
 
     def _open(self) -> tantivy.Index:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -241,6 +246,7 @@ class LexicalIndex:
                 self._writer = None  # a writer that failed a commit is not reused
             raise
         self._index.reload()
+        self._searcher = self._index.searcher()
         self._record_checksums_locked()
 
     # -- reads -----------------------------------------------------------------------------
@@ -261,7 +267,7 @@ class LexicalIndex:
                                                  _filter_query(flt), 0.0))])
         except ValueError as exc:
             raise QueryError(str(exc)) from exc
-        searcher = self._index.searcher()
+        searcher = self._searcher
         whole = flt.path_prefix if _regex_part(flt.path_prefix) != flt.path_prefix else ""
         k = limit
         while True:

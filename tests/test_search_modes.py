@@ -12,7 +12,7 @@ import pytest
 from conftest import make_settings, running_server
 from corpus import CORPUS
 
-from retriever.catalog import _terms_table
+from retriever.catalog import Catalog, _terms_table
 from retriever.client import RetrieverClient
 from retriever.models.embedder import Embedder, default_model_path
 from retriever.server.app import ServerThread
@@ -90,6 +90,42 @@ def test_each_mode_fills_its_own_scores_and_names_itself(client: RetrieverClient
                                                     reverse=True)
     # The default mode is hybrid (the setting's default).
     assert _search(client, "parse_config").lineage.mode == pb.HYBRID
+
+
+def test_a_hybrid_search_reads_both_sides_heads_in_one_catalog_statement(
+        tmp_path: Path, embedder: Embedder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lexical answer read while the query is embedded has its candidates' heads read
+    with the dense side's: one statement (each one gives up the interpreter lock and waits
+    to win it back behind a loaded server's threads), though most lexical candidates are
+    not among the dense ones here (10 dense candidates, 40 documents with the term)."""
+    calls: list[int] = []
+    heads = Catalog.chunk_heads
+
+    def counted(self: Catalog, namespace: str, ids: list[int]) -> dict:
+        calls.append(len(ids))
+        return heads(self, namespace, ids)
+
+    topics = ("tides and the moon", "baking sourdough bread", "compiling a kernel",
+              "migrating birds", "tax forms", "chess openings", "volcanic islands",
+              "jazz harmony")
+    docs = [pb.Document(doc_id=f"d{i}", content=f"Notes {i} on {topics[i % 8]}: the "
+                        f"frobnicator{'' if i % 3 else ' frobnicator'} appears here.")
+            for i in range(40)]
+    with running_server(make_settings(tmp_path / "data", hybrid_candidates=1),
+                        embedder) as st, RetrieverClient(st.address) as c:
+        c.upsert(NS, docs)
+        q = pb.SearchRequest(namespace=NS, query="frobnicator", top_k=1, mode=pb.HYBRID,
+                             dense_weight=0.0)
+        monkeypatch.setattr(Catalog, "chunk_heads", counted)
+        hybrid = c.stub.Search(q, timeout=60)
+        monkeypatch.undo()
+        assert len(calls) == 1 and calls[0] > 10, calls
+        # dense_weight 0: ranked by the lexical side, whose best (a document naming the
+        # term twice; there are several, equal) ranks first.
+        lexical = c.stub.Search(pb.SearchRequest(namespace=NS, query="frobnicator", top_k=1,
+                                                 mode=pb.LEXICAL), timeout=60)
+        assert hybrid.hits[0].lexical_score == pytest.approx(lexical.hits[0].score)
+        assert hybrid.hits[0].chunk.text.count("frobnicator") == 2
 
 
 def test_lexical_matches_identifiers_the_analyzer_splits(client: RetrieverClient) -> None:

@@ -238,16 +238,21 @@ class Searcher:
         dense: dict[int, float] = {}
         lexical: dict[int, float] = {}
         heads: dict[int, tuple[str, str]] = {}
+        looked: set[int] = set()  # ids whose heads were asked for (shown or not)
         with handle.visibility.read():
             handle.require_live()
+            if early is not None and early.generation != handle.visibility.generation:
+                early = None  # a commit came between: the lexical index is asked again
             if vec is not None:
                 with tracing.span("retriever.search.ann", {"retriever.wanted": wanted}) as sp:
-                    dense, heads = self._dense(q, handle, vec, wanted, timings)
+                    # The early lexical answer's heads come in the same catalog statement.
+                    also = [v for v, _ in early.found] if early is not None else []
+                    dense, heads = self._dense(q, handle, vec, wanted, timings, also, looked)
                     sp.set_attribute("retriever.candidates", len(dense))
             if mode is not SearchMode.DENSE:
                 with tracing.span("retriever.search.lexical",
                                   {"retriever.wanted": wanted}) as sp:
-                    lexical = self._lexical(q, handle, wanted, heads, timings, early)
+                    lexical = self._lexical(q, handle, wanted, heads, timings, early, looked)
                     sp.set_attribute("retriever.candidates", len(lexical))
             with tracing.span("retriever.search.fuse") as sp:
                 count, ranked = self._fuse(q, mode, dense, lexical, heads, timings)
@@ -315,10 +320,13 @@ class Searcher:
                             max_per_path=q.max_hits_per_path)
 
     def _dense(self, q: SearchQuery, handle: NamespaceHandle, vec: np.ndarray, wanted: int,
-               timings: dict[str, float]) -> tuple[dict[int, float],
-                                                   dict[int, tuple[str, str]]]:
-        """ANN candidates that the catalog shows (at most ``wanted``) and their (doc_id,
-        path). Call under the visibility lock."""
+               timings: dict[str, float], also: Sequence[int] = (),
+               looked: set[int] | None = None) -> tuple[dict[int, float],
+                                                         dict[int, tuple[str, str]]]:
+        """ANN candidates that the catalog shows (at most ``wanted``) and the (doc_id, path)
+        of those and of the ids ``also`` shown: one catalog statement for a hybrid query's
+        candidates of both sides. The ids asked for are added to ``looked``. Call under the
+        visibility lock."""
         ann_s = 0.0
         # The filter runs inside the engine, over the payload stored with each vector (it
         # never changes under a vector id: see Catalog.stage_copies).
@@ -328,10 +336,14 @@ class Searcher:
             a0 = time.perf_counter()
             found = handle.index.search(vec[None, :], k, where=where)[0]
             a1 = time.perf_counter()
-            chunks = self._heads(q, found.ids.tolist(), timings)
+            ids = found.ids.tolist()
+            asked = [*ids, *also]
+            chunks = self._heads(q, asked, timings)
+            if looked is not None:
+                looked.update(asked)
             ann_s += a1 - a0
             # Skipped ids (staged/superseded) can crowd out real hits: ask for more.
-            if len(chunks) >= wanted or len(found.ids) < k:
+            if sum(1 for v in ids if v in chunks) >= wanted or len(ids) < k:
                 break
             k *= 4
         dense: dict[int, float] = {}
@@ -343,17 +355,18 @@ class Searcher:
 
     def _lexical(self, q: SearchQuery, handle: NamespaceHandle, wanted: int,
                  heads: dict[int, tuple[str, str]], timings: dict[str, float],
-                 early: _Early | None = None) -> dict[int, float]:
+                 early: _Early | None = None, looked: set[int] | None = None
+                 ) -> dict[int, float]:
         """BM25 candidates that the catalog shows (at most ``wanted``); their (doc_id, path)
-        are added to ``heads``. Call under the visibility lock."""
+        are added to ``heads`` (ids in ``looked`` were asked for already: not again). Call
+        under the visibility lock; ``early`` must be of the lock's generation."""
         terms = early.terms if early is not None else analyzer.query_terms(q.query)
         found: list[tuple[int, float]] | None = None
         lex_s = 0.0
         lex = handle.lexical
         if lex is not None and not lex.failed:
-            if early is not None and early.generation != handle.visibility.generation:
-                early = None  # a commit came between: ask again
-            found, lex_s = self._from_engine(q, lex, terms, wanted, heads, timings, early)
+            found, lex_s = self._from_engine(q, lex, terms, wanted, heads, timings, early,
+                                             looked if looked is not None else set())
         if found is None:  # the catalog's FTS5 table: visible rows only
             l0 = time.perf_counter()
             found = self._catalog.lexical_search(q.namespace, terms, q.filter, wanted)
@@ -372,7 +385,8 @@ class Searcher:
 
     def _from_engine(self, q: SearchQuery, lex: LexicalIndex, terms: Sequence[str],
                      wanted: int, heads: dict[int, tuple[str, str]],
-                     timings: dict[str, float], early: _Early | None = None
+                     timings: dict[str, float], early: _Early | None = None,
+                     looked: frozenset[int] | set[int] = frozenset()
                      ) -> tuple[list[tuple[int, float]] | None, float]:
         """The lexical index's best matches, enough of them visible in the catalog (their
         heads are added to ``heads``), and the seconds the engine took; None when the
@@ -400,7 +414,7 @@ class Searcher:
                 lex.mark_failed(f"{type(exc).__name__}: {exc}")
                 return None, spent + time.perf_counter() - l0
             spent += time.perf_counter() - l0
-            unknown = [v for v, _ in found if v not in heads]
+            unknown = [v for v, _ in found if v not in heads and v not in looked]
             if unknown:
                 heads.update(self._heads(q, unknown, timings))
             # Staged or superseded entries can crowd out real hits: ask for more.
