@@ -198,6 +198,49 @@ def test_no_embedded_text_exceeds_the_model_budget(client: RetrieverClient,
             c.start_byte == 0
 
 
+def test_chunks_counted_from_one_tokenisation_are_the_chunks_counted_alone(
+        embedder: Embedder) -> None:
+    """The service's chunkers read token counts from each document's one tokenisation
+    (the packaged tokenizer splits at whitespace); the same chunkers counting every piece
+    alone cut this project's own sources and docs into exactly the same chunks, each within
+    the budget in the embedder's own tokens."""
+    from retriever.ingest.chunking import build_chunkers, detect_language
+    from retriever.ingest.pipeline import service_chunkers, text_budget
+
+    s = Settings()
+    assert embedder.whitespace_split
+    budget = text_budget(s, embedder)
+    fast = service_chunkers(s, embedder)
+    alone = build_chunkers(embedder.count_tokens, embedder.token_offsets, budget,
+                           s.overlap_tokens, s.chunk_max_chars)
+    root = Path(__file__).resolve().parent.parent
+    files = [*sorted(root.glob("retriever/**/*.py")), *sorted(root.glob("docs/*.md")),
+             root / "README.md", root / "Makefile", root / "pyproject.toml"]
+    made = 0
+    for f in files:
+        rel, text = str(f.relative_to(root)), f.read_text(encoding="utf-8")
+        lang = detect_language(rel, text)
+        got = fast.chunker_for(lang).chunk(text, path=rel, language=lang)
+        assert got == alone.chunker_for(lang).chunk(text, path=rel, language=lang), rel
+        assert max(embedder.count_tokens([c.text for c in got]), default=0) <= budget, rel
+        made += len(got)
+    assert made > 500
+
+
+def test_only_a_tokenizer_that_splits_at_whitespace_is_read_so() -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from retriever.models.embedder import _splits_at_whitespace
+
+    byte_level = Tokenizer(models.BPE())
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel()
+    assert not _splits_at_whitespace(byte_level)
+    bert = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    bert.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    assert _splits_at_whitespace(bert)
+    assert not _splits_at_whitespace(None)
+
+
 def test_a_chunking_change_re_chunks_instead_of_unchanged(tmp_path: Path,
                                                           embedder: Embedder) -> None:
     data = tmp_path / "data"

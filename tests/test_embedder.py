@@ -7,9 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_settings
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from retriever.client import RetrieverClient, pb
 from retriever.config import Settings
+from retriever.ingest.chunking.structure import _TokenSpans
 from retriever.models.embedder import (
     Embedder,
     _batches,
@@ -182,3 +185,41 @@ def test_bf16_agrees_with_fp32_and_serves_a_namespace_fp32_built(tmp_path: Path,
             assert c.status("code").document_count == len(docs) + 1
     finally:
         with_bf16.stop()
+
+
+# Pieces text is drawn from: what makes tokenizers differ (punctuation, non-ASCII spaces,
+# control characters BERT drops, combining marks, CJK, emoji, words over 100 characters).
+_PIECES = ("def", "parse_config", "(", ")", "::", "naïve", "Ünïcödé", "e\u0301", "中文字",
+           "🙂", "x" * 120, "\u00a0", "\u2003", "\x0c", "\x0b", "\x00", "\u200b", " ", "  ",
+           "\t", "\n", "\r\n", "'", '"', "ﬁ", "İ", "tokenization", "##", "[UNK]", "1.5e-3")
+
+
+def _wrapper_counts(embedder: Embedder, texts: list[str]) -> list[int]:
+    """Token counts through the transformers wrapper (the reference the fast path keeps)."""
+    ids = embedder._tokenizer()(texts, add_special_tokens=False)["input_ids"]
+    return [len(x) for x in ids]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(_PIECES), max_size=30).map("".join), min_size=1,
+                max_size=6))
+def test_token_counts_and_offsets_match_the_tokenizers_wrapper(embedder: Embedder,
+                                                               texts: list[str]) -> None:
+    assert embedder.count_tokens(texts) == _wrapper_counts(embedder, texts)
+    enc = embedder._tokenizer()(texts, add_special_tokens=False, return_offsets_mapping=True)
+    assert embedder.token_offsets(texts) == [[tuple(o) for o in offs]
+                                             for offs in enc["offset_mapping"]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=60).map("".join),
+       st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 10_000)), min_size=1,
+                max_size=12))
+def test_span_counts_from_one_tokenisation_equal_counting_each_span_alone(
+        embedder: Embedder, text: str, cuts: list[tuple[int, int]]) -> None:
+    """What the structured chunker packs with: exact in the model's tokenizer for any span,
+    from the whole text's token offsets where both ends touch whitespace."""
+    spans = [tuple(sorted((a % (len(text) + 1), b % (len(text) + 1)))) for a, b in cuts]
+    spans += [(0, len(text))]
+    got = _TokenSpans(text, embedder.token_offsets, embedder.count_tokens).counts(spans)
+    assert got == _wrapper_counts(embedder, [text[a:b] for a, b in spans])

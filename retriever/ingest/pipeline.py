@@ -99,7 +99,8 @@ def service_chunkers(settings: Settings, embedder: Embedder,
         structured = settings.chunking == "structured"
     return build_chunkers(embedder.count_tokens, embedder.token_offsets,
                           text_budget(settings, embedder), settings.overlap_tokens,
-                          settings.chunk_max_chars, structured=structured)
+                          settings.chunk_max_chars, structured=structured,
+                          whitespace_split=embedder.whitespace_split)
 
 
 def _meta_json(d: Document) -> str:

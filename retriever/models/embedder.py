@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -63,6 +64,12 @@ class Embedder:
         self._settings = settings
         self._model: Any = None  # SentenceTransformer once loaded
         self._count_tokenizer: Any = None
+        # Its Rust tokenizer, a copy that never truncates or pads (None: not a fast one).
+        self._raw_tokenizer: Any = None
+        # Whether the tokenizer cuts words at whitespace and drops it before anything else
+        # (BERT's does): then the tokens of a text between two places that touch
+        # whitespace are exactly those of that span alone (chunking counts spans so).
+        self.whitespace_split = False
         self._model_lock = threading.Lock()  # guards the model's own tokenizer
         self.name = ""
         self.revision = ""
@@ -126,6 +133,8 @@ class Embedder:
         self._count_tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         # It measures whole documents' lines, never feeds the model: no length warning.
         self._count_tokenizer.model_max_length = 1 << 30
+        self._raw_tokenizer = _raw_tokenizer(self._count_tokenizer)
+        self.whitespace_split = _splits_at_whitespace(self._raw_tokenizer)
         if not s.embedder_model:
             self.name = DEFAULT_EMBEDDER
         elif Path(source).is_dir():
@@ -354,6 +363,9 @@ class Embedder:
         if not texts:
             return []
         tok = self._tokenizer()
+        if self._raw_tokenizer is not None:  # the same ids, without the wrapper's lists
+            return [len(e.ids) for e in self._raw_tokenizer.encode_batch(
+                list(texts), add_special_tokens=False)]
         ids = tok(list(texts), add_special_tokens=False, return_attention_mask=False,
                   return_token_type_ids=False)["input_ids"]
         return [len(x) for x in ids]
@@ -363,6 +375,9 @@ class Embedder:
         if not texts:
             return []
         tok = self._tokenizer()
+        if self._raw_tokenizer is not None:
+            return [e.offsets for e in self._raw_tokenizer.encode_batch(
+                list(texts), add_special_tokens=False)]
         enc = tok(list(texts), add_special_tokens=False, return_offsets_mapping=True,
                   return_attention_mask=False, return_token_type_ids=False)
         return [[(int(a), int(b)) for a, b in offs] for offs in enc["offset_mapping"]]
@@ -463,6 +478,30 @@ class Embedder:
             torch.cuda.synchronize()
         log.info("embedder: %d batch shapes warmed in %.1fs", shapes, time.perf_counter() - t0)
         return shapes
+
+
+def _raw_tokenizer(tok: Any) -> Any:
+    """A copy of a fast tokenizer's Rust tokenizer set never to truncate or pad, for
+    counting (called directly it skips the Python wrapper's per-token lists: 0.36 s of 1.6 s
+    counting 2 MB of source here); None for a slow tokenizer. A copy, because the wrapper
+    sets truncation on its own per call, and a tokenizer changed while another thread
+    encodes with it fails."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_str(backend.to_str())
+    raw.no_truncation()
+    raw.no_padding()
+    return raw
+
+
+def _splits_at_whitespace(raw: Any) -> bool:
+    if raw is None:
+        return False
+    pre = json.loads(raw.to_str()).get("pre_tokenizer") or {}
+    return pre.get("type") in ("BertPreTokenizer", "Whitespace", "WhitespaceSplit")
 
 
 def _layers(model: Any) -> list[Any]:

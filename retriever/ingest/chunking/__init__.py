@@ -46,17 +46,22 @@ class ChunkerSet:
 
 
 def build_chunkers(count_tokens: TokenCounter, token_offsets: TokenOffsets, budget: int,
-                   overlap: int, max_chars: int, structured: bool = True) -> ChunkerSet:
-    """The service's chunkers for a text budget of ``budget`` tokens per chunk."""
+                   overlap: int, max_chars: int, structured: bool = True,
+                   whitespace_split: bool = False) -> ChunkerSet:
+    """The service's chunkers for a text budget of ``budget`` tokens per chunk.
+    ``whitespace_split``: the tokenizer cuts words at whitespace and drops it (BERT's), so a
+    chunk's tokens can be read from its text's tokens (StructuredChunker)."""
     windows = WindowChunker(count_tokens, token_offsets, budget, overlap, max_chars)
     config = f"budget={budget} overlap={overlap} max_chars={max_chars}"
     if not structured:
         return ChunkerSet(windows, config=config)
     # Imported here: the grammars load only when structured chunking is on.
     from retriever.ingest.chunking import docs, syntax
-    code = StructuredChunker("syntax/v3", syntax.OUTLINERS, windows, count_tokens)
+    code = StructuredChunker("syntax/v3", syntax.OUTLINERS, windows, count_tokens,
+                             whitespace_split=whitespace_split)
     prose = StructuredChunker("sections/v3", docs.OUTLINERS, windows, count_tokens,
-                              prose=frozenset(docs.OUTLINERS))
+                              prose=frozenset(docs.OUTLINERS),
+                              whitespace_split=whitespace_split)
     by_language: dict[str, Chunker] = dict.fromkeys(syntax.OUTLINERS, code)
     by_language.update(dict.fromkeys(docs.OUTLINERS, prose))
     # Languages neither knows are cut by windows, the chunks saying why.

@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 
 from retriever.ingest.chunking.base import ChunkSpan, TokenCounter
 from retriever.ingest.chunking.outline import Fallback, Outliner, Unit
-from retriever.ingest.chunking.windows import WindowChunker, _ByteOffsets
+from retriever.ingest.chunking.windows import TokenOffsets, WindowChunker, _ByteOffsets
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,14 @@ class StructuredChunker:
     """A ``Chunker`` for the languages ``outliners`` knows; ``windows`` cuts the rest."""
 
     def __init__(self, name: str, outliners: Mapping[str, Outliner], windows: WindowChunker,
-                 count_tokens: TokenCounter, *, prose: frozenset[str] = frozenset()) -> None:
+                 count_tokens: TokenCounter, *, prose: frozenset[str] = frozenset(),
+                 whitespace_split: bool = False) -> None:
+        """``whitespace_split``: the tokenizer cuts words at whitespace and drops it (BERT's);
+        then each chunk's tokens are read from the text's one tokenisation, as packing's
+        are, where its ends touch whitespace (else, and for other tokenizers, each chunk is
+        tokenised alone at the end)."""
         self.name = name
+        self._whitespace_split = whitespace_split
         self._outliners = dict(outliners)
         self._windows = windows
         self._count = count_tokens
@@ -146,9 +152,10 @@ class StructuredChunker:
         top = self._segments(content, lines, units, 0, len(content), parent=None)
         if not top:
             return self._fallback(content, "empty-outline") if content.strip() else []
-        self._measure(content, top)
+        lines.tokens = _TokenSpans(content, self._windows.token_offsets, self._count)
+        self._measure(lines, top)
         pieces = self._pack_seq(content, lines, top, [], "")
-        return self._finish(content, pieces)
+        return self._finish(content, lines, pieces)
 
     def _segments(self, content: str, lines: _Lines, units: Sequence[Unit], lo: int, hi: int,
                   parent: Unit | None) -> list[_Seg]:
@@ -203,8 +210,10 @@ class StructuredChunker:
             segs[-1].end = hi
         return [g for g in segs if g.end > g.start]
 
-    def _measure(self, content: str, segs: list[_Seg]) -> None:
-        counts = self._count([content[g.start:g.end] for g in segs])
+    @staticmethod
+    def _measure(lines: _Lines, segs: list[_Seg]) -> None:
+        assert lines.tokens is not None
+        counts = lines.tokens.counts([(g.start, g.end) for g in segs])
         for g, c in zip(segs, counts, strict=True):
             g.tokens = c
 
@@ -382,7 +391,7 @@ class StructuredChunker:
             inner_context = u.signature or context
             segs = self._segments(content, lines, u.children, g.start, g.end, parent=u)
             if segs:
-                self._measure(content, segs)
+                self._measure(lines, segs)
                 return self._pack_seq(content, lines, segs, inner_path, inner_context,
                                       depth + 1, parent_kind if u.kind in _PARTS and
                                       parent_kind else u.kind)
@@ -396,7 +405,7 @@ class StructuredChunker:
                                  s.token_count, windowed=True))
         return pieces
 
-    def _finish(self, content: str, pieces: list[_Piece]) -> list[ChunkSpan]:
+    def _finish(self, content: str, lines: _Lines, pieces: list[_Piece]) -> list[ChunkSpan]:
         """Trim blank edges, verify each piece against the budget in real tokens, and turn
         pieces into spans."""
         trimmed: list[_Piece] = []
@@ -405,9 +414,11 @@ class StructuredChunker:
             if e > s:
                 p.start, p.end = s, e
                 trimmed.append(p)
-        counts = self._count([content[p.start:p.end] for p in trimmed])
+        if self._whitespace_split and lines.tokens is not None:
+            counts = lines.tokens.counts([(p.start, p.end) for p in trimmed])
+        else:
+            counts = self._count([content[p.start:p.end] for p in trimmed])
         byte_at = _ByteOffsets(content)
-        lines = _Lines(content)
         spans: list[ChunkSpan] = []
         for p, n in zip(trimmed, counts, strict=True):
             if n > self.budget or p.end - p.start > self.max_chars:
@@ -421,11 +432,50 @@ class StructuredChunker:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+class _TokenSpans:
+    """Token counts of spans of one text from one tokenisation of the whole: the tokens
+    that start inside a span, when both its ends touch ASCII whitespace or the text's ends
+    (a tokenizer that splits words at whitespace, as BERT's does, then makes the same tokens
+    of the span alone: exact); any other span is tokenised alone. The text was tokenised
+    once per level of nesting before (a split definition's parts again, and theirs), and
+    once more to count the chunks made."""
+
+    def __init__(self, content: str, token_offsets: TokenOffsets,
+                 count: TokenCounter) -> None:
+        self._content = content
+        self._count = count
+        self._starts = [a for a, _ in token_offsets([content])[0]] if content else []
+
+    def _clean(self, pos: int) -> bool:
+        c = self._content
+        return pos <= 0 or pos >= len(c) or c[pos - 1] in _WS or c[pos] in _WS
+
+    def counts(self, spans: Sequence[tuple[int, int]]) -> list[int]:
+        out = [0] * len(spans)
+        alone = []
+        for i, (a, b) in enumerate(spans):
+            if self._clean(a) and self._clean(b):
+                out[i] = bisect.bisect_left(self._starts, b) - bisect.bisect_left(
+                    self._starts, a)
+            else:
+                alone.append(i)
+        if alone:
+            counted = self._count([self._content[spans[i][0]:spans[i][1]] for i in alone])
+            for i, n in zip(alone, counted, strict=True):
+                out[i] = n
+        return out
+
+
+_WS = frozenset(" \t\n\r")
+
+
 class _Lines:
-    """Line starts of a text: line start/end of any offset in O(log n)."""
+    """Line starts of a text: line start/end of any offset in O(log n); and, while one
+    text is packed, its token counts (``tokens``)."""
 
     def __init__(self, content: str) -> None:
         self._content = content
+        self.tokens: _TokenSpans | None = None
         self.starts = [0]
         pos = content.find("\n")
         while pos != -1:

@@ -65,7 +65,7 @@ class WindowChunker:
         if max_chars < 2:
             raise ValueError(f"max_chars must be at least 2, got {max_chars}")
         self._count = count_tokens
-        self._offsets = token_offsets
+        self.token_offsets = token_offsets
         self.budget = budget
         self.overlap = overlap
         self.max_chars = max_chars
@@ -155,7 +155,7 @@ class WindowChunker:
                                        self.max_chars)]
         counts = self._count([content[a:b] for _, a, b in segs])
         over = [k for k, c in enumerate(counts) if c > self.budget]
-        offsets = dict(zip(over, self._offsets([content[segs[k][1] : segs[k][2]]
+        offsets = dict(zip(over, self.token_offsets([content[segs[k][1] : segs[k][2]]
                                                 for k in over]), strict=True))
         pieces: dict[int, list[_Unit]] = {}
         for k, ((i, a, b), c) in enumerate(zip(segs, counts, strict=True)):
