@@ -194,6 +194,16 @@ _PIECES = ("def", "parse_config", "(", ")", "::", "naïve", "Ünïcödé", "e\u0
            "\t", "\n", "\r\n", "'", '"', "ﬁ", "İ", "tokenization", "##", "[UNK]", "1.5e-3")
 
 
+# Plain ASCII (counted a word at a time, see _AsciiWords): every printable character.
+_ASCII = st.one_of(
+    st.text(st.sampled_from([chr(c) for c in range(32, 127)] + ["\t", "\n", "\r"]),
+            max_size=200),
+    st.lists(st.sampled_from([p for p in _PIECES if p.isascii() and p.isprintable()
+                              or p in (" ", "  ", "\t", "\n", "\r\n")]),
+             max_size=40).map("".join))
+_TEXT = st.one_of(_ASCII, st.lists(st.sampled_from(_PIECES), max_size=30).map("".join))
+
+
 def _wrapper_counts(embedder: Embedder, texts: list[str]) -> list[int]:
     """Token counts through the transformers wrapper (the reference the fast path keeps)."""
     ids = embedder._tokenizer()(texts, add_special_tokens=False)["input_ids"]
@@ -201,8 +211,7 @@ def _wrapper_counts(embedder: Embedder, texts: list[str]) -> list[int]:
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.lists(st.sampled_from(_PIECES), max_size=30).map("".join), min_size=1,
-                max_size=6))
+@given(st.lists(_TEXT, min_size=1, max_size=6))
 def test_token_counts_and_offsets_match_the_tokenizers_wrapper(embedder: Embedder,
                                                                texts: list[str]) -> None:
     assert embedder.count_tokens(texts) == _wrapper_counts(embedder, texts)
@@ -212,7 +221,7 @@ def test_token_counts_and_offsets_match_the_tokenizers_wrapper(embedder: Embedde
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=60).map("".join),
+@given(_TEXT.filter(bool),
        st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 10_000)), min_size=1,
                 max_size=12))
 def test_span_counts_from_one_tokenisation_equal_counting_each_span_alone(
@@ -221,5 +230,19 @@ def test_span_counts_from_one_tokenisation_equal_counting_each_span_alone(
     from the whole text's token offsets where both ends touch whitespace."""
     spans = [tuple(sorted((a % (len(text) + 1), b % (len(text) + 1)))) for a, b in cuts]
     spans += [(0, len(text))]
-    got = _TokenSpans(text, embedder.token_offsets, embedder.count_tokens).counts(spans)
+    got = _TokenSpans(text, embedder.token_positions, embedder.count_tokens).counts(spans)
     assert got == _wrapper_counts(embedder, [text[a:b] for a, b in spans])
+
+
+def test_word_counts_remember_names_not_blobs_and_stop_at_the_cap(
+        embedder: Embedder, monkeypatch: pytest.MonkeyPatch) -> None:
+    words = embedder._words
+    assert words is not None  # the packaged tokenizer is BERT's
+    blob = "QUJD" * 1250  # 5,000 characters of base64, one word
+    text = f"value = {blob} + other_name\n"
+    assert embedder.count_tokens([text]) == _wrapper_counts(embedder, [text])
+    assert blob not in words._known and "other" in words._known
+    monkeypatch.setattr(type(words), "CAP", len(words._known))
+    new = "brandnewword one_more_unseen_word"
+    assert embedder.count_tokens([new]) == _wrapper_counts(embedder, [new])
+    assert "brandnewword" not in words._known

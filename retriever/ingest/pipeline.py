@@ -100,7 +100,8 @@ def service_chunkers(settings: Settings, embedder: Embedder,
     return build_chunkers(embedder.count_tokens, embedder.token_offsets,
                           text_budget(settings, embedder), settings.overlap_tokens,
                           settings.chunk_max_chars, structured=structured,
-                          whitespace_split=embedder.whitespace_split)
+                          whitespace_split=embedder.whitespace_split,
+                          token_positions=embedder.token_positions)
 
 
 def _meta_json(d: Document) -> str:

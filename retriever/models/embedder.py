@@ -26,14 +26,17 @@ of short chunks holds more of them and none is padded far past its own length.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
+import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +73,7 @@ class Embedder:
         # (BERT's does): then the tokens of a text between two places that touch
         # whitespace are exactly those of that span alone (chunking counts spans so).
         self.whitespace_split = False
+        self._words: _AsciiWords | None = None  # counts plain ASCII text word by word
         self._model_lock = threading.Lock()  # guards the model's own tokenizer
         self.name = ""
         self.revision = ""
@@ -135,6 +139,7 @@ class Embedder:
         self._count_tokenizer.model_max_length = 1 << 30
         self._raw_tokenizer = _raw_tokenizer(self._count_tokenizer)
         self.whitespace_split = _splits_at_whitespace(self._raw_tokenizer)
+        self._words = _AsciiWords.of(self._raw_tokenizer)
         if not s.embedder_model:
             self.name = DEFAULT_EMBEDDER
         elif Path(source).is_dir():
@@ -363,6 +368,8 @@ class Embedder:
         if not texts:
             return []
         tok = self._tokenizer()
+        if self._words is not None:
+            return self._words.count(texts)
         if self._raw_tokenizer is not None:  # the same ids, without the wrapper's lists
             return [len(e.ids) for e in self._raw_tokenizer.encode_batch(
                 list(texts), add_special_tokens=False)]
@@ -381,6 +388,16 @@ class Embedder:
         enc = tok(list(texts), add_special_tokens=False, return_offsets_mapping=True,
                   return_attention_mask=False, return_token_type_ids=False)
         return [[(int(a), int(b)) for a, b in offs] for offs in enc["offset_mapping"]]
+
+    def token_positions(self, text: str) -> tuple[list[int], list[int]]:
+        """(starts, before): where each word of ``text`` starts (ascending), and how many
+        tokens precede each one, with the total last (``before`` is one longer): the tokens
+        of a span whose ends touch whitespace are ``before[j] - before[i]`` for the words
+        from i to j. Words are tokens here unless the text is plain ASCII (`_AsciiWords`)."""
+        if self._words is not None and self._words.plain(text):
+            return self._words.positions(text)
+        starts = [a for a, _ in self.token_offsets([text])[0]] if text else []
+        return starts, list(range(len(starts) + 1))
 
     @property
     def special_tokens(self) -> int:
@@ -495,6 +512,82 @@ def _raw_tokenizer(tok: Any) -> Any:
     raw.no_truncation()
     raw.no_padding()
     return raw
+
+
+class _AsciiWords:
+    """Token counts of plain ASCII text (printable characters, tab, newline, carriage
+    return; no added token such as "[SEP]" in it) for a BERT tokenizer (BERT's normalizer
+    and pre-tokenizer), a word at a time with each word's count remembered: the
+    pre-tokenizer cuts such text at whitespace and at every punctuation character (all
+    printable ASCII that is not a letter or digit), and a word's tokens do not depend on its
+    neighbours, so the sum over words is the text's count. Source code repeats its words:
+    counting 2 MB of Python took 0.12 s against 0.8 s through the tokenizer (tests hold the
+    two equal)."""
+
+    WORD = re.compile(r"[A-Za-z0-9]+|[!-/:-@\[-`{-~]")
+    PLAIN = re.compile(r"[\t\n\r -~]*")
+    CAP = 1 << 17  # words remembered (19 MB at most); beyond, new words are not kept
+    LONGEST = 64  # characters of a word remembered (longer ones: a blob, not a name)
+
+    def __init__(self, raw: Any, added: Sequence[str] = ()) -> None:
+        self._raw = raw
+        self._known: dict[str, int] = {}
+        # Added tokens ("[UNK]", "[SEP]", ...) are matched in the text before it is cut
+        # into words: a text that holds one (in any case) is left to the tokenizer.
+        self._added = re.compile("|".join(re.escape(a) for a in added), re.IGNORECASE) \
+            if added else None
+
+    @classmethod
+    def of(cls, raw: Any) -> _AsciiWords | None:
+        """One for this Rust tokenizer, or None unless it is BERT's kind."""
+        if raw is None:
+            return None
+        conf = json.loads(raw.to_str())
+        norm = (conf.get("normalizer") or {}).get("type")
+        pre = (conf.get("pre_tokenizer") or {}).get("type")
+        if pre != "BertPreTokenizer" or norm not in ("BertNormalizer", None):
+            return None
+        return cls(raw, [t["content"] for t in conf.get("added_tokens") or () if t["content"]])
+
+    def plain(self, text: str) -> bool:
+        return (text.isascii() and self.PLAIN.fullmatch(text) is not None
+                and (self._added is None or self._added.search(text) is None))
+
+    def _lookup(self, words: Sequence[str]) -> Mapping[str, int]:
+        known = self._known
+        new = [w for w in set(words) if w not in known]
+        if not new:
+            return known
+        got = {w: len(e.ids) for w, e in zip(
+            new, self._raw.encode_batch(new, add_special_tokens=False), strict=True)}
+        keep = ({w: n for w, n in got.items() if len(w) <= self.LONGEST}
+                if len(known) + len(got) <= self.CAP else {})
+        known.update(keep)  # only ever added to: other threads read it meanwhile
+        return known if len(keep) == len(got) else collections.ChainMap(got, known)
+
+    def count(self, texts: Sequence[str]) -> list[int]:
+        out = [0] * len(texts)
+        other = []
+        for i, t in enumerate(texts):
+            if self.plain(t):
+                words = self.WORD.findall(t)
+                counts = self._lookup(words)
+                out[i] = sum(counts[w] for w in words)
+            else:
+                other.append(i)
+        if other:
+            for i, e in zip(other, self._raw.encode_batch(
+                    [texts[i] for i in other], add_special_tokens=False), strict=True):
+                out[i] = len(e.ids)
+        return out
+
+    def positions(self, text: str) -> tuple[list[int], list[int]]:
+        starts, words = [], []
+        for m in self.WORD.finditer(text):
+            starts.append(m.start())
+            words.append(m.group())
+        counts = self._lookup(words)
+        return starts, [0, *itertools.accumulate(counts[w] for w in words)]
 
 
 def _splits_at_whitespace(raw: Any) -> bool:

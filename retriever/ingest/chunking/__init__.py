@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from retriever.ingest.chunking.base import Chunker, ChunkSpan, TokenCounter
 from retriever.ingest.chunking.languages import DOC_LANGUAGES, detect_language
-from retriever.ingest.chunking.structure import StructuredChunker
+from retriever.ingest.chunking.structure import StructuredChunker, TokenPositions
 from retriever.ingest.chunking.windows import TokenOffsets, WindowChunker
 
 __all__ = [
@@ -47,7 +47,8 @@ class ChunkerSet:
 
 def build_chunkers(count_tokens: TokenCounter, token_offsets: TokenOffsets, budget: int,
                    overlap: int, max_chars: int, structured: bool = True,
-                   whitespace_split: bool = False) -> ChunkerSet:
+                   whitespace_split: bool = False,
+                   token_positions: TokenPositions | None = None) -> ChunkerSet:
     """The service's chunkers for a text budget of ``budget`` tokens per chunk.
     ``whitespace_split``: the tokenizer cuts words at whitespace and drops it (BERT's), so a
     chunk's tokens can be read from its text's tokens (StructuredChunker)."""
@@ -58,10 +59,12 @@ def build_chunkers(count_tokens: TokenCounter, token_offsets: TokenOffsets, budg
     # Imported here: the grammars load only when structured chunking is on.
     from retriever.ingest.chunking import docs, syntax
     code = StructuredChunker("syntax/v3", syntax.OUTLINERS, windows, count_tokens,
-                             whitespace_split=whitespace_split)
+                             whitespace_split=whitespace_split,
+                             token_positions=token_positions)
     prose = StructuredChunker("sections/v3", docs.OUTLINERS, windows, count_tokens,
                               prose=frozenset(docs.OUTLINERS),
-                              whitespace_split=whitespace_split)
+                              whitespace_split=whitespace_split,
+                             token_positions=token_positions)
     by_language: dict[str, Chunker] = dict.fromkeys(syntax.OUTLINERS, code)
     by_language.update(dict.fromkeys(docs.OUTLINERS, prose))
     # Languages neither knows are cut by windows, the chunks saying why.

@@ -32,7 +32,7 @@ from __future__ import annotations
 import bisect
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from retriever.ingest.chunking.base import ChunkSpan, TokenCounter
@@ -100,13 +100,17 @@ class StructuredChunker:
 
     def __init__(self, name: str, outliners: Mapping[str, Outliner], windows: WindowChunker,
                  count_tokens: TokenCounter, *, prose: frozenset[str] = frozenset(),
-                 whitespace_split: bool = False) -> None:
+                 whitespace_split: bool = False,
+                 token_positions: TokenPositions | None = None) -> None:
         """``whitespace_split``: the tokenizer cuts words at whitespace and drops it (BERT's);
         then each chunk's tokens are read from the text's one tokenisation, as packing's
         are, where its ends touch whitespace (else, and for other tokenizers, each chunk is
-        tokenised alone at the end)."""
+        tokenised alone at the end). ``token_positions``: words and the tokens before each
+        (``Embedder.token_positions``; by default every token a word, from the windows'
+        ``token_offsets``)."""
         self.name = name
         self._whitespace_split = whitespace_split
+        self._positions = token_positions or _positions_from(windows.token_offsets)
         self._outliners = dict(outliners)
         self._windows = windows
         self._count = count_tokens
@@ -152,7 +156,7 @@ class StructuredChunker:
         top = self._segments(content, lines, units, 0, len(content), parent=None)
         if not top:
             return self._fallback(content, "empty-outline") if content.strip() else []
-        lines.tokens = _TokenSpans(content, self._windows.token_offsets, self._count)
+        lines.tokens = _TokenSpans(content, self._positions, self._count)
         self._measure(lines, top)
         pieces = self._pack_seq(content, lines, top, [], "")
         return self._finish(content, lines, pieces)
@@ -440,11 +444,10 @@ class _TokenSpans:
     once per level of nesting before (a split definition's parts again, and theirs), and
     once more to count the chunks made."""
 
-    def __init__(self, content: str, token_offsets: TokenOffsets,
-                 count: TokenCounter) -> None:
+    def __init__(self, content: str, positions: TokenPositions, count: TokenCounter) -> None:
         self._content = content
         self._count = count
-        self._starts = [a for a, _ in token_offsets([content])[0]] if content else []
+        self._starts, self._before = positions(content)
 
     def _clean(self, pos: int) -> bool:
         c = self._content
@@ -455,8 +458,9 @@ class _TokenSpans:
         alone = []
         for i, (a, b) in enumerate(spans):
             if self._clean(a) and self._clean(b):
-                out[i] = bisect.bisect_left(self._starts, b) - bisect.bisect_left(
-                    self._starts, a)
+                before, starts = self._before, self._starts
+                out[i] = (before[bisect.bisect_left(starts, b)]
+                          - before[bisect.bisect_left(starts, a)])
             else:
                 alone.append(i)
         if alone:
@@ -467,6 +471,16 @@ class _TokenSpans:
 
 
 _WS = frozenset(" \t\n\r")
+
+# A text's words (ascending starts) and the tokens before each, the total last.
+TokenPositions = Callable[[str], tuple[list[int], list[int]]]
+
+
+def _positions_from(token_offsets: TokenOffsets) -> TokenPositions:
+    def positions(text: str) -> tuple[list[int], list[int]]:
+        starts = [a for a, _ in token_offsets([text])[0]] if text else []
+        return starts, list(range(len(starts) + 1))
+    return positions
 
 
 class _Lines:
