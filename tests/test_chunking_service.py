@@ -211,7 +211,11 @@ def test_chunks_counted_from_one_tokenisation_are_the_chunks_counted_alone(
     assert embedder.whitespace_split
     budget = text_budget(s, embedder)
     fast = service_chunkers(s, embedder)
-    alone = build_chunkers(embedder.count_tokens, embedder.token_offsets, budget,
+    def wrapper_counts(texts: list[str]) -> list[int]:  # the transformers tokenizer's own
+        return [len(x) for x in embedder._tokenizer()(
+            list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+
+    alone = build_chunkers(wrapper_counts, embedder.token_offsets, budget,
                            s.overlap_tokens, s.chunk_max_chars)
     root = Path(__file__).resolve().parent.parent
     files = [*sorted(root.glob("retriever/**/*.py")), *sorted(root.glob("docs/*.md")),
@@ -222,23 +226,27 @@ def test_chunks_counted_from_one_tokenisation_are_the_chunks_counted_alone(
         lang = detect_language(rel, text)
         got = fast.chunker_for(lang).chunk(text, path=rel, language=lang)
         assert got == alone.chunker_for(lang).chunk(text, path=rel, language=lang), rel
-        assert max(embedder.count_tokens([c.text for c in got]), default=0) <= budget, rel
+        assert max(wrapper_counts([c.text for c in got]), default=0) <= budget, rel
         made += len(got)
     assert made > 500
 
 
 def test_only_a_tokenizer_that_splits_at_whitespace_is_read_so() -> None:
+    import json
+
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from retriever.models.embedder import _splits_at_whitespace
+    from retriever.models.embedder import _AsciiWords, _splits_at_whitespace
 
     byte_level = Tokenizer(models.BPE())
     byte_level.pre_tokenizer = pre_tokenizers.ByteLevel()
-    assert not _splits_at_whitespace(byte_level)
+    conf = json.loads(byte_level.to_str())
+    assert not _splits_at_whitespace(conf) and _AsciiWords.of(byte_level, conf) is None
     bert = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     bert.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    assert _splits_at_whitespace(bert)
-    assert not _splits_at_whitespace(None)
+    conf = json.loads(bert.to_str())
+    assert _splits_at_whitespace(conf) and _AsciiWords.of(bert, conf) is not None
+    assert not _splits_at_whitespace({})
 
 
 def test_a_chunking_change_re_chunks_instead_of_unchanged(tmp_path: Path,

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from retriever.client import RetrieverClient, pb
 from retriever.config import Settings
-from retriever.ingest.chunking.structure import _TokenSpans
+from retriever.ingest.chunking.structure import StructuredChunker, _TokenSpans
+from retriever.ingest.pipeline import service_chunkers
 from retriever.models.embedder import (
     Embedder,
     _batches,
@@ -230,7 +231,9 @@ def test_span_counts_from_one_tokenisation_equal_counting_each_span_alone(
     from the whole text's token offsets where both ends touch whitespace."""
     spans = [tuple(sorted((a % (len(text) + 1), b % (len(text) + 1)))) for a, b in cuts]
     spans += [(0, len(text))]
-    got = _TokenSpans(text, embedder.token_positions, embedder.count_tokens).counts(spans)
+    chunker = service_chunkers(Settings(), embedder).chunker_for("python")
+    assert isinstance(chunker, StructuredChunker)
+    got = _TokenSpans(text, chunker._token_positions(text), embedder.count_tokens).counts(spans)
     assert got == _wrapper_counts(embedder, [text[a:b] for a, b in spans])
 
 

@@ -101,7 +101,7 @@ def service_chunkers(settings: Settings, embedder: Embedder,
                           text_budget(settings, embedder), settings.overlap_tokens,
                           settings.chunk_max_chars, structured=structured,
                           whitespace_split=embedder.whitespace_split,
-                          token_positions=embedder.token_positions)
+                          word_positions=embedder.word_positions)
 
 
 def _meta_json(d: Document) -> str:

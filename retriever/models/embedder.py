@@ -138,8 +138,9 @@ class Embedder:
         # It measures whole documents' lines, never feeds the model: no length warning.
         self._count_tokenizer.model_max_length = 1 << 30
         self._raw_tokenizer = _raw_tokenizer(self._count_tokenizer)
-        self.whitespace_split = _splits_at_whitespace(self._raw_tokenizer)
-        self._words = _AsciiWords.of(self._raw_tokenizer)
+        conf = json.loads(self._raw_tokenizer.to_str()) if self._raw_tokenizer else {}
+        self.whitespace_split = _splits_at_whitespace(conf)
+        self._words = _AsciiWords.of(self._raw_tokenizer, conf)
         if not s.embedder_model:
             self.name = DEFAULT_EMBEDDER
         elif Path(source).is_dir():
@@ -371,8 +372,7 @@ class Embedder:
         if self._words is not None:
             return self._words.count(texts)
         if self._raw_tokenizer is not None:  # the same ids, without the wrapper's lists
-            return [len(e.ids) for e in self._raw_tokenizer.encode_batch(
-                list(texts), add_special_tokens=False)]
+            return _raw_counts(self._raw_tokenizer, texts)
         ids = tok(list(texts), add_special_tokens=False, return_attention_mask=False,
                   return_token_type_ids=False)["input_ids"]
         return [len(x) for x in ids]
@@ -389,15 +389,14 @@ class Embedder:
                   return_attention_mask=False, return_token_type_ids=False)
         return [[(int(a), int(b)) for a, b in offs] for offs in enc["offset_mapping"]]
 
-    def token_positions(self, text: str) -> tuple[list[int], list[int]]:
-        """(starts, before): where each word of ``text`` starts (ascending), and how many
-        tokens precede each one, with the total last (``before`` is one longer): the tokens
-        of a span whose ends touch whitespace are ``before[j] - before[i]`` for the words
-        from i to j. Words are tokens here unless the text is plain ASCII (`_AsciiWords`)."""
+    def word_positions(self, text: str) -> tuple[list[int], list[int]] | None:
+        """(starts, before) of plain ASCII ``text`` for a BERT tokenizer (`_AsciiWords`):
+        where each word starts (ascending) and how many tokens precede each one, the total
+        last (``before`` is one longer); None for other texts and tokenizers (their tokens
+        are in `token_offsets`)."""
         if self._words is not None and self._words.plain(text):
             return self._words.positions(text)
-        starts = [a for a, _ in self.token_offsets([text])[0]] if text else []
-        return starts, list(range(len(starts) + 1))
+        return None
 
     @property
     def special_tokens(self) -> int:
@@ -497,6 +496,11 @@ class Embedder:
         return shapes
 
 
+def _raw_counts(raw: Any, texts: Sequence[str]) -> list[int]:
+    """Token counts of ``texts`` by a Rust tokenizer (`_raw_tokenizer`)."""
+    return [len(e.ids) for e in raw.encode_batch(list(texts), add_special_tokens=False)]
+
+
 def _raw_tokenizer(tok: Any) -> Any:
     """A copy of a fast tokenizer's Rust tokenizer set never to truncate or pad, for
     counting (called directly it skips the Python wrapper's per-token lists: 0.36 s of 1.6 s
@@ -538,11 +542,11 @@ class _AsciiWords:
             if added else None
 
     @classmethod
-    def of(cls, raw: Any) -> _AsciiWords | None:
-        """One for this Rust tokenizer, or None unless it is BERT's kind."""
+    def of(cls, raw: Any, conf: Mapping[str, Any]) -> _AsciiWords | None:
+        """One for this Rust tokenizer (``conf``: its JSON), or None unless it is BERT's
+        kind."""
         if raw is None:
             return None
-        conf = json.loads(raw.to_str())
         norm = (conf.get("normalizer") or {}).get("type")
         pre = (conf.get("pre_tokenizer") or {}).get("type")
         if pre != "BertPreTokenizer" or norm not in ("BertNormalizer", None):
@@ -558,8 +562,7 @@ class _AsciiWords:
         new = [w for w in set(words) if w not in known]
         if not new:
             return known
-        got = {w: len(e.ids) for w, e in zip(
-            new, self._raw.encode_batch(new, add_special_tokens=False), strict=True)}
+        got = dict(zip(new, _raw_counts(self._raw, new), strict=True))
         keep = ({w: n for w, n in got.items() if len(w) <= self.LONGEST}
                 if len(known) + len(got) <= self.CAP else {})
         known.update(keep)  # only ever added to: other threads read it meanwhile
@@ -576,9 +579,9 @@ class _AsciiWords:
             else:
                 other.append(i)
         if other:
-            for i, e in zip(other, self._raw.encode_batch(
-                    [texts[i] for i in other], add_special_tokens=False), strict=True):
-                out[i] = len(e.ids)
+            for i, n in zip(other, _raw_counts(self._raw, [texts[i] for i in other]),
+                            strict=True):
+                out[i] = n
         return out
 
     def positions(self, text: str) -> tuple[list[int], list[int]]:
@@ -590,10 +593,10 @@ class _AsciiWords:
         return starts, [0, *itertools.accumulate(counts[w] for w in words)]
 
 
-def _splits_at_whitespace(raw: Any) -> bool:
-    if raw is None:
-        return False
-    pre = json.loads(raw.to_str()).get("pre_tokenizer") or {}
+def _splits_at_whitespace(conf: Mapping[str, Any]) -> bool:
+    """Whether a Rust tokenizer (``conf``: its JSON) cuts words at whitespace and drops it
+    before anything else."""
+    pre = conf.get("pre_tokenizer") or {}
     return pre.get("type") in ("BertPreTokenizer", "Whitespace", "WhitespaceSplit")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from retriever.ingest.chunking.base import Chunker, ChunkSpan, TokenCounter
 from retriever.ingest.chunking.languages import DOC_LANGUAGES, detect_language
-from retriever.ingest.chunking.structure import StructuredChunker, TokenPositions
+from retriever.ingest.chunking.structure import StructuredChunker, WordPositions
 from retriever.ingest.chunking.windows import TokenOffsets, WindowChunker
 
 __all__ = [
@@ -48,10 +48,11 @@ class ChunkerSet:
 def build_chunkers(count_tokens: TokenCounter, token_offsets: TokenOffsets, budget: int,
                    overlap: int, max_chars: int, structured: bool = True,
                    whitespace_split: bool = False,
-                   token_positions: TokenPositions | None = None) -> ChunkerSet:
+                   word_positions: WordPositions | None = None) -> ChunkerSet:
     """The service's chunkers for a text budget of ``budget`` tokens per chunk.
     ``whitespace_split``: the tokenizer cuts words at whitespace and drops it (BERT's), so a
-    chunk's tokens can be read from its text's tokens (StructuredChunker)."""
+    chunk's tokens can be read from its text's tokens; ``word_positions``: a text's words and
+    the tokens before each, where the tokenizer allows (StructuredChunker)."""
     windows = WindowChunker(count_tokens, token_offsets, budget, overlap, max_chars)
     config = f"budget={budget} overlap={overlap} max_chars={max_chars}"
     if not structured:
@@ -60,11 +61,11 @@ def build_chunkers(count_tokens: TokenCounter, token_offsets: TokenOffsets, budg
     from retriever.ingest.chunking import docs, syntax
     code = StructuredChunker("syntax/v3", syntax.OUTLINERS, windows, count_tokens,
                              whitespace_split=whitespace_split,
-                             token_positions=token_positions)
+                             word_positions=word_positions)
     prose = StructuredChunker("sections/v3", docs.OUTLINERS, windows, count_tokens,
                               prose=frozenset(docs.OUTLINERS),
                               whitespace_split=whitespace_split,
-                             token_positions=token_positions)
+                              word_positions=word_positions)
     by_language: dict[str, Chunker] = dict.fromkeys(syntax.OUTLINERS, code)
     by_language.update(dict.fromkeys(docs.OUTLINERS, prose))
     # Languages neither knows are cut by windows, the chunks saying why.

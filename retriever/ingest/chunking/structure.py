@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 
 from retriever.ingest.chunking.base import ChunkSpan, TokenCounter
 from retriever.ingest.chunking.outline import Fallback, Outliner, Unit
-from retriever.ingest.chunking.windows import TokenOffsets, WindowChunker, _ByteOffsets
+from retriever.ingest.chunking.windows import WindowChunker, _ByteOffsets
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +101,16 @@ class StructuredChunker:
     def __init__(self, name: str, outliners: Mapping[str, Outliner], windows: WindowChunker,
                  count_tokens: TokenCounter, *, prose: frozenset[str] = frozenset(),
                  whitespace_split: bool = False,
-                 token_positions: TokenPositions | None = None) -> None:
+                 word_positions: WordPositions | None = None) -> None:
         """``whitespace_split``: the tokenizer cuts words at whitespace and drops it (BERT's);
         then each chunk's tokens are read from the text's one tokenisation, as packing's
         are, where its ends touch whitespace (else, and for other tokenizers, each chunk is
-        tokenised alone at the end). ``token_positions``: words and the tokens before each
-        (``Embedder.token_positions``; by default every token a word, from the windows'
-        ``token_offsets``)."""
+        tokenised alone at the end). ``word_positions``: a text's words and the tokens
+        before each where it can tell them (``Embedder.word_positions``), else None (the
+        windows' ``token_offsets`` then give every token as a word)."""
         self.name = name
         self._whitespace_split = whitespace_split
-        self._positions = token_positions or _positions_from(windows.token_offsets)
+        self._word_positions = word_positions
         self._outliners = dict(outliners)
         self._windows = windows
         self._count = count_tokens
@@ -151,12 +151,20 @@ class StructuredChunker:
                 for s in spans]
 
     # -- packing ---------------------------------------------------------------------------
+    def _token_positions(self, text: str) -> tuple[list[int], list[int]]:
+        """Where each word of ``text`` starts and the tokens before each, the total last."""
+        got = self._word_positions(text) if self._word_positions is not None else None
+        if got is not None:
+            return got
+        starts = [a for a, _ in self._windows.token_offsets([text])[0]] if text else []
+        return starts, list(range(len(starts) + 1))
+
     def _pack(self, content: str, units: list[Unit]) -> list[ChunkSpan]:
         lines = _Lines(content)
         top = self._segments(content, lines, units, 0, len(content), parent=None)
         if not top:
             return self._fallback(content, "empty-outline") if content.strip() else []
-        lines.tokens = _TokenSpans(content, self._positions, self._count)
+        lines.tokens = _TokenSpans(content, self._token_positions(content), self._count)
         self._measure(lines, top)
         pieces = self._pack_seq(content, lines, top, [], "")
         return self._finish(content, lines, pieces)
@@ -418,7 +426,8 @@ class StructuredChunker:
             if e > s:
                 p.start, p.end = s, e
                 trimmed.append(p)
-        if self._whitespace_split and lines.tokens is not None:
+        assert lines.tokens is not None
+        if self._whitespace_split:
             counts = lines.tokens.counts([(p.start, p.end) for p in trimmed])
         else:
             counts = self._count([content[p.start:p.end] for p in trimmed])
@@ -444,10 +453,13 @@ class _TokenSpans:
     once per level of nesting before (a split definition's parts again, and theirs), and
     once more to count the chunks made."""
 
-    def __init__(self, content: str, positions: TokenPositions, count: TokenCounter) -> None:
+    def __init__(self, content: str, positions: tuple[list[int], list[int]],
+                 count: TokenCounter) -> None:
+        """``positions``: where each word starts and the tokens before each, the total last
+        (`StructuredChunker._token_positions`)."""
         self._content = content
         self._count = count
-        self._starts, self._before = positions(content)
+        self._starts, self._before = positions
 
     def _clean(self, pos: int) -> bool:
         c = self._content
@@ -472,15 +484,9 @@ class _TokenSpans:
 
 _WS = frozenset(" \t\n\r")
 
-# A text's words (ascending starts) and the tokens before each, the total last.
-TokenPositions = Callable[[str], tuple[list[int], list[int]]]
-
-
-def _positions_from(token_offsets: TokenOffsets) -> TokenPositions:
-    def positions(text: str) -> tuple[list[int], list[int]]:
-        starts = [a for a, _ in token_offsets([text])[0]] if text else []
-        return starts, list(range(len(starts) + 1))
-    return positions
+# A text's words (ascending starts) and the tokens before each, the total last; None where
+# the tokenizer's own tokens must be read instead.
+WordPositions = Callable[[str], tuple[list[int], list[int]] | None]
 
 
 class _Lines:
