@@ -249,3 +249,41 @@ def test_word_counts_remember_names_not_blobs_and_stop_at_the_cap(
     new = "brandnewword one_more_unseen_word"
     assert embedder.count_tokens([new]) == _wrapper_counts(embedder, [new])
     assert "brandnewword" not in words._known
+
+
+# Long texts too: the model truncates at its max length, and padding follows the longest.
+_FEATURE_TEXT = st.one_of(_TEXT, st.lists(_TEXT, min_size=10, max_size=40).map(" ".join))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(_FEATURE_TEXT, min_size=1, max_size=8))
+def test_features_from_the_rust_tokenizer_equal_the_models_own_preprocessing(
+        embedder: Embedder, texts: list[str]) -> None:
+    """What every pass feeds the model (the fast path the packaged model runs on)."""
+    assert embedder._feature_tokenizer is not None
+    want = embedder._model.preprocess(texts)
+    got = embedder._features(texts)
+    assert set(got) == {"input_ids", "attention_mask", "token_type_ids"}
+    for k, v in got.items():
+        assert v.dtype == np.int64
+        np.testing.assert_array_equal(v, want[k].numpy())
+
+
+def test_a_tokenizer_that_does_not_reproduce_the_preprocessing_is_not_used(
+        embedder: Embedder) -> None:
+    """The check at load refuses a tokenizer set otherwise than the model's preprocessing
+    (here: truncating shorter), so the model's own preprocessing runs instead."""
+    from retriever.models.embedder import _feature_tokenizer
+
+    assert _feature_tokenizer(embedder._model, embedder._count_tokenizer,
+                              embedder.max_tokens) is not None
+    assert _feature_tokenizer(embedder._model, embedder._count_tokenizer,
+                              embedder.max_tokens - 1) is None
+    texts = ["a query", "word " * 400]
+    vectors = embedder.embed(texts)
+    fast, embedder._feature_tokenizer = embedder._feature_tokenizer, None
+    try:
+        reference = embedder.embed(texts)
+    finally:
+        embedder._feature_tokenizer = fast
+    np.testing.assert_array_equal(vectors, reference)
