@@ -327,7 +327,7 @@ class Embedder:
         """The model's own preprocessing (tokenised, padded, truncated), as int64 arrays:
         by the Rust tokenizer alone where it was found to give the same arrays at load (one
         call that holds the interpreter lock once: through the wrapper a batch of 8 queries
-        took 0.45 ms against 0.18, and under concurrent searches the model thread waited
+        took 0.45 ms against 0.19, and under concurrent searches the model thread waited
         for the lock at each of the wrapper's steps)."""
         import torch
 
@@ -454,8 +454,9 @@ class Embedder:
                 emb = ov({k: _cut(v, pick, width) for k, v in arrays.items()})[:len(idx)]
                 out[idx] = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
             return out
-        if self._feature_tokenizer is not None:
-            features = {k: torch.from_numpy(v) for k, v in self._features(texts).items()}
+        fast = self._feature_tokenizer
+        if fast is not None:
+            features = {k: torch.from_numpy(v) for k, v in fast(texts).items()}
         else:
             with self._model_lock:
                 features = model.preprocess(list(texts))
@@ -549,26 +550,25 @@ def _feature_tokenizer(model: Any, tok: Any, max_tokens: int) -> _FeatureTokeniz
     pad token, another input, another result): the model's own preprocessing then runs."""
     import torch
 
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None or tok.pad_token is None or tok.pad_token_id is None:
+    if tok.pad_token is None or tok.pad_token_id is None:
         return None
-    from tokenizers import Tokenizer
-
     try:
-        raw = Tokenizer.from_str(backend.to_str())
+        raw = _rust_copy(tok)
+        if raw is None:
+            return None
         raw.enable_truncation(max_length=max_tokens,
                               direction=getattr(tok, "truncation_side", "right"))
         raw.enable_padding(direction=getattr(tok, "padding_side", "right"),
                            pad_id=tok.pad_token_id, pad_token=tok.pad_token,
                            pad_type_id=getattr(tok, "pad_token_type_id", 0))
-        want = model.preprocess(list(_FEATURE_PROBES))
-        names = [k for k, v in want.items() if isinstance(v, torch.Tensor)]
+        whole = model.preprocess(list(_FEATURE_PROBES))
+        names = [k for k, v in whole.items() if isinstance(v, torch.Tensor)]
         if not names or any(k not in _FEATURE_FIELDS for k in names):
             return None
         fast = _FeatureTokenizer(raw, [(k, _FEATURE_FIELDS[k]) for k in names])
-        batches = [list(_FEATURE_PROBES), *([t] for t in _FEATURE_PROBES)]
-        for batch in batches:
-            ref = model.preprocess(batch)
+        checks = [(list(_FEATURE_PROBES), whole),
+                  *(([t], model.preprocess([t])) for t in _FEATURE_PROBES)]
+        for batch, ref in checks:
             got = fast(batch)
             if any(not np.array_equal(ref[k].numpy(), got[k]) for k in names):
                 log.warning("the tokenizer alone does not reproduce the model's "
@@ -587,15 +587,23 @@ def _raw_tokenizer(tok: Any) -> Any:
     counting 2 MB of source here); None for a slow tokenizer. A copy, because the wrapper
     sets truncation on its own per call, and a tokenizer changed while another thread
     encodes with it fails."""
+    raw = _rust_copy(tok)
+    if raw is None:
+        return None
+    raw.no_truncation()
+    raw.no_padding()
+    return raw
+
+
+def _rust_copy(tok: Any) -> Any:
+    """A copy of a fast tokenizer's Rust tokenizer (set as callers need it without touching
+    the one the wrapper uses); None for a slow tokenizer."""
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         return None
     from tokenizers import Tokenizer
 
-    raw = Tokenizer.from_str(backend.to_str())
-    raw.no_truncation()
-    raw.no_padding()
-    return raw
+    return Tokenizer.from_str(backend.to_str())
 
 
 class _AsciiWords:
