@@ -579,8 +579,27 @@ def test_pathological_lines_are_linear(name: str) -> None:
 
 def sections(budget: int, overlap: int = 2) -> StructuredChunker:
     windows = WindowChunker(ws_count, ws_offsets, budget, overlap)
-    return StructuredChunker("sections/v3", OUTLINERS, windows, ws_count,
+    return StructuredChunker("sections/v4", OUTLINERS, windows, ws_count,
                              prose=frozenset(OUTLINERS))
+
+
+@pytest.mark.parametrize("language", ["markdown", "rst", "text"])
+def test_prose_with_embedded_data_falls_back_to_windows(language: str) -> None:
+    """A run of 1000+ characters without whitespace (a base64 image, a data URI) is not
+    prose: the document is cut by windows and its chunks say why; long lines of words and
+    long URLs stay with the section chunker."""
+    blob = "iVBORw0KGgoAAAANSUhEUgAA" * 50  # 1200 characters, no whitespace
+    content = f"Intro\n=====\n\nSome words here.\n\n![logo](data:image/png;base64,{blob})\n"
+    spans = sections(30).chunk(content, path="doc", language=language)
+    assert {s.fallback for s in spans} == {"embedded-data"}
+    assert {s.chunker for s in spans} == {"windows/v1"}
+    assert_exact(content, spans)
+    assert_covers(content, spans)
+    url = "https://example.com/" + "a" * 300
+    prose = "A paragraph on one line, " * 100 + f"with a link {url} in it.\n"
+    spans = sections(30).chunk(prose, path="doc", language=language)
+    assert spans and all(s.fallback == "" for s in spans)
+    assert_covers(prose, spans)
 
 
 @pytest.mark.parametrize(("language", "content"),

@@ -117,7 +117,7 @@ def test_code_chunks_are_whole_definitions_with_symbols(client: RetrieverClient)
 
 def test_docs_chunk_by_heading_with_the_heading_path(client: RetrieverClient) -> None:
     chunks = chunks_of(client, "docs/bread.md")
-    assert {c.chunker for c in chunks} == {"sections/v3"}
+    assert {c.chunker for c in chunks} == {"sections/v4"}
     assert all(c.symbol.startswith("Baking bread") for c in chunks)
     fence = [c for c in chunks if "knead(dough" in c.text]
     assert len(fence) == 1 and "```python" in fence[0].text and fence[0].text.count("```") == 2
@@ -162,9 +162,15 @@ def test_fallbacks_are_recorded_on_the_chunk(client: RetrieverClient) -> None:
     client.upsert(NS, [doc("bad.py", broken), doc("app.min.js", minified),
                        doc("init.lua", "local x = 1\nreturn x\n"),
                        doc("notes.xyz", "plain words in an unknown format\n"),
-                       doc("spec.go", generated)])
+                       doc("spec.go", generated),
+                       doc("logo.svg", '<svg><image href="data:image/png;base64,'
+                           + "QUJD" * 400 + '"/></svg>\n'),
+                       doc("README.md", "# Logo\n\n![x](data:image/png;base64,"
+                           + "QUJD" * 400 + ")\n")])
     for doc_id, reason in (("bad.py", "parse-error"), ("app.min.js", "minified"),
-                           ("init.lua", "unsupported-language"), ("spec.go", "generated")):
+                           ("init.lua", "unsupported-language"), ("spec.go", "generated"),
+                           ("logo.svg", "unsupported-language"),
+                           ("README.md", "embedded-data")):
         chunks = chunks_of(client, doc_id)
         assert chunks and {c.chunker for c in chunks} == {"windows/v1"}, doc_id
         assert {c.fallback_reason for c in chunks} == {reason}, doc_id
@@ -172,7 +178,7 @@ def test_fallbacks_are_recorded_on_the_chunk(client: RetrieverClient) -> None:
     # A file of no known format is prose: paragraphs and sentences.
     notes = chunks_of(client, "notes.xyz")
     assert [(c.chunker, c.kind, c.fallback_reason) for c in notes] == [
-        ("sections/v3", "paragraph", "")]
+        ("sections/v4", "paragraph", "")]
 
 
 def test_language_override_picks_the_chunker(client: RetrieverClient) -> None:

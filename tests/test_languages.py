@@ -53,6 +53,10 @@ from retriever.ingest.chunking import DOC_LANGUAGES, detect_language
         ("rules.mk", "make"),
         ("CMakeLists.txt", "text"),
         ("main.tf", "text"),
+        ("docs/logo.svg", "xml"),  # markup (often with base64 images), not prose
+        ("schema.xsd", "xml"),
+        ("Info.plist", "xml"),
+        ("page.xhtml", "html"),
     ],
 )
 def test_extension(path: str, language: str) -> None:

@@ -14,8 +14,9 @@ _BY_EXTENSION = {
     ".kt": "kotlin", ".kts": "kotlin", ".swift": "swift", ".sh": "bash", ".bash": "bash",
     ".zsh": "bash", ".sql": "sql", ".scala": "scala", ".lua": "lua", ".r": "r", ".pl": "perl",
     ".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json", ".jsonc": "json",
-    ".mk": "make", ".ini": "ini", ".cfg": "ini", ".xml": "xml", ".html": "html",
-    ".htm": "html", ".css": "css", ".proto": "protobuf", ".md": "markdown",
+    ".mk": "make", ".ini": "ini", ".cfg": "ini", ".xml": "xml", ".svg": "xml",
+    ".xsd": "xml", ".xsl": "xml", ".xslt": "xml", ".plist": "xml", ".html": "html",
+    ".htm": "html", ".xhtml": "html", ".css": "css", ".proto": "protobuf", ".md": "markdown",
     ".markdown": "markdown", ".rst": "rst", ".txt": "text", ".text": "text",
 }
 _BY_NAME = {

@@ -128,6 +128,8 @@ class StructuredChunker:
             return self._fallback(content, "unsupported-language")
         if language not in self._prose and _minified(content):
             return self._fallback(content, "minified")
+        if language in self._prose and _embedded_data(content):
+            return self._fallback(content, "embedded-data")
         if language not in self._prose and _generated(content):
             return self._fallback(content, "generated")
         try:
@@ -549,6 +551,19 @@ def _span_of(content: str, byte_at: _ByteOffsets, lines: _Lines, a: int, b: int,
 def _generated(content: str) -> bool:
     """The file says, near its top, that a tool wrote it (``_GENERATED``)."""
     return _GENERATED.search(content[:GENERATED_HEAD_CHARS]) is not None
+
+
+def _embedded_data(content: str) -> bool:
+    """Prose carrying a run of ``MINIFIED_LINE_CHARS`` or more characters without whitespace:
+    a base64 image, a data URI, a hash dump. Long lines are normal in prose (a paragraph per
+    line), such words are not: each of its fragments is new to the tokenizer's word cache
+    (a 200 KB line of base64 took 1.3 s by sentences, 0.2 MB/s) and none carries meaning a
+    sentence boundary could keep."""
+    if len(content) < MINIFIED_LINE_CHARS:
+        return False
+    if max(map(len, content.split("\n"))) < MINIFIED_LINE_CHARS:
+        return False  # the common case, without splitting into words
+    return any(len(w) >= MINIFIED_LINE_CHARS for w in content.split())
 
 
 def _minified(content: str) -> bool:
