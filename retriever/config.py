@@ -206,9 +206,12 @@ class Settings(BaseSettings):
     # a search no longer waits for the slice in flight, and the OS scheduler shares the
     # cores (both run at model_thread_nice, below the request path). OpenVINO only (a
     # compiled model has its own executor; torch's passes would fight over one intra-op
-    # pool). None = on with OpenVINO. Off by default: beyond saturation it slowed refusals
-    # (p99 577 ms against 93 ms, goal 100). Measured: load-tests/results/ab-query-lane.md.
-    embed_query_lane: bool | None = False
+    # pool). None (the default) = on with OpenVINO; False = off. Under the mixed load of
+    # load-tests/ at 36.5 req/s on 2 cores, four runs with it against two without: upserts
+    # max 0.9-1.7 s against 2.2-2.6 s (goal 2 s), Search p99 53-83 ms against 81-91; the
+    # price: refusals beyond saturation p99 121-193 ms against 87-147, and 70-115 MiB of RSS
+    # for the copy (load-tests/results/ab-query-lane.md).
+    embed_query_lane: bool | None = None
     query_batch_size: int = Field(64, ge=1)
     query_batch_wait_ms: float = Field(0.0, ge=0)
     # -- search ----------------------------------------------------------------------------

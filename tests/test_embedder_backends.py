@@ -297,9 +297,12 @@ def test_openvino_fp32_equals_torch(ov_fp32: Embedder, embedder: Embedder,
 @pytest.mark.integration
 def test_the_query_lane_is_a_copy_that_agrees(ov_fp32: Embedder, ov_int8: Embedder,
                                               data_dir: Path) -> None:
-    """With embed_query_lane (or None: auto) OpenVINO gets a one-thread copy for query
-    batches; its vectors are the model's. Off by default; never for torch."""
-    assert not ov_fp32.has_query_lane and not ov_int8.has_query_lane  # the default
+    """With embed_query_lane (or None: auto, the default) OpenVINO gets a one-thread copy
+    for query batches; its vectors are the model's. Never with False, never for torch."""
+    assert ov_fp32.has_query_lane and ov_int8.has_query_lane  # the default
+    off = Embedder(ov_settings(data_dir, "int8", embed_query_lane=False))
+    off.load(calibration_texts=lambda n: real_chunks())
+    assert not off.has_query_lane
     for precision, lane in (("fp32", True), ("int8", None)):
         e = Embedder(ov_settings(data_dir, precision, embed_query_lane=lane))
         e.load(calibration_texts=lambda n: real_chunks())
