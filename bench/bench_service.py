@@ -443,6 +443,7 @@ def environment(embedder: Embedder, settings: Settings) -> dict:
                      "query_batch_size": settings.query_batch_size,
                      "query_batch_wait_ms": settings.query_batch_wait_ms,
                      "embed_layer_checkpoints": settings.embed_layer_checkpoints,
+                     "query_lane": embedder.has_query_lane,
                      "index_backend": settings.index_backend},
     }
 
@@ -542,7 +543,10 @@ def render(r: dict) -> str:
         f"{dur['upsert']['chunks'] / dur['upsert']['wall_s']:.1f} chunks/s), sequential "
         f"searches ({dur['requests']}) took p50 {dur['p50_ms']:.1f} ms, p90 "
         f"{dur['p90_ms']:.1f} ms, p99 {dur['p99_ms']:.1f} ms, max {dur['max_ms']:.1f} ms: a "
-        + ("query that arrives while a document slice is embedded waits for that slice "
+        + ("query runs on the query lane (a one-thread copy of the model on a thread of its "
+           "own, `embed_query_lane`), beside the document slices: it waits for none."
+           if env["settings"].get("query_lane") else
+           "query that arrives while a document slice is embedded waits for that slice "
            "(OpenVINO runs its compiled graph whole: no layer checkpoints)."
            if backend_of(emb) == "openvino" else
            "query that arrives while a document slice is embedded runs at the slice's next "
