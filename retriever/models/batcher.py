@@ -45,8 +45,9 @@ runs documents and re-ranking only. On this 2-core machine a 256-token slice tak
 two threads and a query ~3.5 ms on one thread or two; in isolation (the query thread then
 at normal priority, the slices niced) queries arriving during back-to-back slices were
 answered in p50 11 / p99 20 ms between slices and 3-4 / 5-6 ms on the lane, with slices at
-the same rate. On by default with OpenVINO since it passed the upsert goal of load-tests/
-in four runs out of four (none without it): load-tests/results/ab-query-lane.md.
+the same rate. On by default with OpenVINO: at 36.5 req/s of load-tests/' mix it passed the
+upsert goal in four runs of four, none without it (at 80 % of the higher saturation it
+reaches, 55 req/s, it does not): load-tests/results/ab-query-lane.md.
 """
 
 from __future__ import annotations

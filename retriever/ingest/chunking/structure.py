@@ -559,8 +559,6 @@ def _embedded_data(content: str) -> bool:
     line), such words are not: each of its fragments is new to the tokenizer's word cache
     (a 200 KB line of base64 took 1.3 s by sentences, 0.2 MB/s) and none carries meaning a
     sentence boundary could keep."""
-    if len(content) < MINIFIED_LINE_CHARS:
-        return False
     if max(map(len, content.split("\n"))) < MINIFIED_LINE_CHARS:
         return False  # the common case, without splitting into words
     return any(len(w) >= MINIFIED_LINE_CHARS for w in content.split())
