@@ -27,6 +27,11 @@ class CallToken:
         """``timeout_s``: the caller's deadline, seconds from now (None: no deadline)."""
         self._cancelled = threading.Event()
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        # Set by the server on a new upsert stream's first message: refuse it (Overloaded)
+        # rather than begin it if the work queued for the model would delay it by more
+        # than this many seconds. Checked once, just before its first embedding, then
+        # cleared: a stream that has begun is never refused midway. 0 = no such check.
+        self.shed_delay_s = 0.0
 
     def cancel(self) -> None:
         """The caller went away (it cancelled, or the connection dropped)."""

@@ -24,6 +24,7 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from retriever._retry import RetryPolicy, retry_delay
 from retriever.config import Settings
 
 if TYPE_CHECKING:
@@ -62,6 +63,38 @@ def _client(address: str | None, *, retry: bool = False) -> RetrieverClient:
         client.close()
         raise
     return client
+
+
+# A batch the server sheds (RESOURCE_EXHAUSTED with RetryInfo: it is busy, and committed
+# nothing of it) is sent again after the delay it asks for, growing, for up to ~10 minutes:
+# an index is batch work that waits its turn rather than fail on a busy server.
+INDEX_RETRY = RetryPolicy(max_attempts=80, initial_backoff=0.5, max_backoff=10.0)
+
+
+def _upsert_batch(client: RetrieverClient, namespace: str,
+                  batch: list[Any]) -> Any:
+    """One UpsertDocuments call of one message; retried while the server sheds it."""
+    from grpc_status import rpc_status
+
+    from retriever.v1 import retriever_pb2 as pb
+
+    attempt = 0
+    while True:
+        try:
+            return client.upsert_stream(iter([
+                pb.UpsertDocumentsRequest(namespace=namespace, documents=batch)]))
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise  # (UNAVAILABLE: a server down fails at once, as other commands do)
+            attempt += 1
+            delay = retry_delay(INDEX_RETRY, exc.code(), rpc_status.from_call(exc), attempt,
+                                None)
+            if delay is None:
+                raise
+            if attempt == 1:
+                err.print(f"the server is busy ({exc.details()}); retrying until it "
+                          "takes the batch")
+            time.sleep(delay)
 
 
 LOAD_WAIT_S = 600.0  # a first start builds and calibrates the int8 model: minutes
@@ -161,8 +194,7 @@ def index(
         def send(batch: list[pb.Document]) -> None:
             # One call per batch: its response is the server's word that these documents
             # are committed, so the bar moves only as the server gets through them.
-            resp = client.upsert_stream(iter([
-                pb.UpsertDocumentsRequest(namespace=namespace, documents=batch)]))
+            resp = _upsert_batch(client, namespace, batch)
             _accumulate(totals, resp)
             acknowledged(resp.documents_received)
 

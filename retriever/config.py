@@ -112,6 +112,15 @@ class Settings(BaseSettings):
     # already open go on (a bulk index is not cut midway); 0 = never. (Upserts that begin
     # and then share a saturated model are not caught: load-tests/results/2core-avx512.md.)
     upsert_shed_after_s: float = Field(2.0, ge=0)
+    # A new upsert stream's first message is refused (RESOURCE_EXHAUSTED, RetryInfo), after
+    # chunking and before any embedding, when the documents queued for the model would
+    # delay its new chunks by more than this and by more than their own embedding time
+    # (jobs share the model slice by slice: each queued job counts up to the new one's own
+    # size, at the model's measured rate; so a bulk upsert beside another is admitted, and
+    # it takes a crowd ahead to refuse). It catches what upsert_shed_after_s cannot:
+    # upserts that begin at once and then crawl, sharing a model that more and more of
+    # them hold. Messages after the first, and syncs, are never refused; 0 = never.
+    upsert_shed_delay_s: float = Field(1.0, ge=0)
     # Threads that run admitted searches and other reads (a search holds one while it
     # waits for the model).
     rpc_read_threads: int = Field(16, ge=1, le=1024)

@@ -46,6 +46,7 @@ from retriever.errors import (
     InvalidArgument,
     NotFound,
     NotReady,
+    Overloaded,
     RetrieverError,
     translate,
 )
@@ -207,12 +208,28 @@ class RetrieverService:
         """How long the oldest upsert not yet begun has waited for the model (seconds)."""
         return self._batcher.document_backlog_age()
 
+    def _admit_documents(self, tokens: int, limit_s: float) -> None:
+        """Refuse a new upsert (Overloaded) of ``tokens`` new tokens that the documents
+        queued for the model now would delay by more than ``limit_s`` and by more than its
+        own work: it could not be done in time, and would only slow those ahead of it. (The
+        second condition keeps bulk upserts flowing: two of them delay each other by about
+        their own size, and are admitted; it takes a crowd of upserts ahead to refuse.)"""
+        delay, own = self._batcher.document_delay(tokens)
+        if delay > limit_s and delay > own:
+            raise Overloaded(
+                f"the model is behind on documents: those queued now would delay this "
+                f"upsert by ~{delay:.1f} s (shedding beyond {limit_s:g} s, "
+                "upsert_shed_delay_s); retry with backoff")
+
     def _embed_documents(self, texts: Sequence[str], lengths: Sequence[int],
                          token: CallToken) -> np.ndarray:
         cached = self._embed_cache.get(texts) if self._embed_cache is not None else {}
         todo = [i for i in range(len(texts)) if i not in cached]
         out = np.empty((len(texts), self.embedder.dimension), dtype=np.float32)
         if todo:
+            if token.shed_delay_s:
+                self._admit_documents(sum(lengths[i] for i in todo), token.shed_delay_s)
+                token.shed_delay_s = 0.0
             fut = self._batcher.submit_documents([texts[i] for i in todo],
                                                  [lengths[i] for i in todo],
                                                  stage_adder("embed_model"))

@@ -628,3 +628,25 @@ def test_query_lane_runs_at_the_model_threads_priority(embed: FakeEmbed) -> None
             assert os.getpriority(os.PRIO_PROCESS, ids[name]) >= min(19, thread_nice() + 3)
     finally:
         b.stop()
+
+
+def test_document_delay_counts_each_queued_job_up_to_the_new_ones_size(make, embed: FakeEmbed
+                                                                       ) -> None:
+    """Jobs share the model slice by slice, so each job queued delays a new one by the
+    lesser of its own work left and the new job's: a bulk job in progress counts as one
+    more job of the new one's size (upsert_shed_delay_s decides from this)."""
+    b = make(doc_batch=1)
+    assert b.document_delay(500) == (0.0, 500 * b._seconds_per_token)  # nothing queued
+    gate, first = hold_worker(b, embed)
+    bulk = b.submit_documents([f"1:{i}" for i in range(20)], [100] * 20)  # 2000 tokens
+    medium = b.submit_documents([f"2:{i}" for i in range(3)], [100] * 3)  # 300 tokens
+    spt = b._seconds_per_token  # no slice has run since: the rate is what it was
+    for tokens, ahead in ((50, 50 + 50), (300, 300 + 300), (1000, 1000 + 300),
+                          (5000, 2000 + 300)):
+        delay, own = b.document_delay(tokens)
+        assert delay == pytest.approx(ahead * spt) and own == pytest.approx(tokens * spt)
+    gate.set()
+    first.result(TIMEOUT)
+    bulk.result(TIMEOUT)
+    medium.result(TIMEOUT)
+    assert b.document_delay(1000)[0] == 0.0  # all done: nothing ahead

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
+import grpc
 import pytest
 from corpus import CORPUS
 from typer.testing import CliRunner
@@ -226,3 +228,58 @@ def test_a_command_waits_for_a_server_still_loading(tmp_path: Path) -> None:
     gone = runner.invoke(app, ["namespaces", "-a", f"127.0.0.1:{port}"])
     assert gone.exit_code == 2 and "UNAVAILABLE" in gone.output
     assert time.monotonic() - t0 < 30
+
+
+def test_index_waits_out_a_server_that_sheds_its_batches(tmp_path: Path, embedder) -> None:  # noqa: ANN001
+    """A batch refused with RESOURCE_EXHAUSTED and RetryInfo (the server busy: here its one
+    upsert slot held by another stream) committed nothing and is sent again after the
+    delay the server asks for: the index says so once and completes."""
+    import threading
+
+    from conftest import make_settings
+
+    from retriever.client import RetrieverClient
+    from retriever.server.app import ServerThread
+    from retriever.v1 import retriever_pb2 as pb
+
+    st = ServerThread(make_settings(tmp_path / "data", max_inflight_upserts=1),
+                      embedder).start()
+    root = tmp_path / "tree"
+    root.mkdir()
+    for i in range(3):
+        (root / f"doc{i}.md").write_text(f"# Note {i}\nRye bread number {i}.\n")
+    release = threading.Event()
+    holder = RetrieverClient(st.address)
+
+    def held():  # noqa: ANN202 - one stream that keeps the only slot until released
+        yield pb.UpsertDocumentsRequest(namespace="other", documents=[
+            pb.Document(doc_id="x", content="held open")])
+        release.wait(30)
+
+    try:
+        holding = holder.stub.UpsertDocuments.future(held(), timeout=60)
+        # The slot is taken once the stream's first message is committed.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                holder.get_document("other", "x")
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.NOT_FOUND, exc
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the held stream's first message never committed")
+        threading.Timer(1.5, release.set).start()
+        t0 = time.monotonic()
+        result = runner.invoke(app, ["index", str(root), "-n", "shed", "-a", st.address,
+                                     "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["created"] == 3
+        assert result.output.count("the server is busy") == 1
+        assert "upsert streams in flight" in result.output
+        assert time.monotonic() - t0 >= 1.0  # it waited for the slot
+        assert holding.result(60).documents_created == 1
+    finally:
+        release.set()
+        holder.close()
+        st.stop()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
+import pytest
 from conftest import make_settings
 
 from retriever.client import RetrieverClient
@@ -87,7 +89,8 @@ def test_upserts_are_shed_while_one_waits_too_long_for_the_model(tmp_path: Path,
 
     from retriever.server.app import ServerThread
 
-    settings = make_settings(tmp_path, upsert_shed_after_s=0.1, embed_doc_order="least_left")
+    settings = make_settings(tmp_path, upsert_shed_after_s=0.1, embed_doc_order="least_left",
+                             upsert_shed_delay_s=0)  # the other shedding rule: below
     st = ServerThread(settings, embedder).start()
     text = "The starter ferments overnight; fold the dough and proof it cold. " * 12
 
@@ -133,5 +136,80 @@ def test_upserts_are_shed_while_one_waits_too_long_for_the_model(tmp_path: Path,
                 d.type_url.endswith("google.rpc.RetryInfo") for d in status.details)
             assert done == {"a": 40, "b": 60}  # the streams already admitted finished
             c.upsert("shed", docs("after", 1))  # the backlog gone, upserts are admitted
+    finally:
+        st.stop()
+
+
+def _document_slices_begun(st) -> float:  # noqa: ANN001
+    url = f"http://127.0.0.1:{st.info['metrics_port']}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    line = 'retriever_model_wait_seconds_count{class="document"}'
+    return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(line))
+
+
+def test_a_new_upsert_the_queued_ones_would_delay_too_long_is_refused(tmp_path: Path,
+                                                                        embedder) -> None:  # noqa: ANN001
+    """upsert_shed_delay_s: a new stream's first message is refused, before any embedding,
+    when the upserts queued for the model would delay it by more than the limit and more
+    than its own work. Two bulk upserts side by side are both admitted (each delays the
+    other by at most its own size); with both in progress, a third upsert smaller than
+    their work left is delayed by about twice its own work: refused (the rule's arithmetic
+    is tests/test_batcher.py's). A stream's later messages are never refused; what is
+    refused commits nothing and is admitted once the backlog is gone."""
+    import grpc
+    from grpc_status import rpc_status
+
+    from retriever.server.app import ServerThread
+
+    st = ServerThread(make_settings(tmp_path, upsert_shed_delay_s=0.02), embedder).start()
+    text = "The starter ferments overnight; fold the dough and proof it cold. " * 3
+
+    def docs(tag: str, n: int) -> list[pb.Document]:
+        return [pb.Document(doc_id=f"{tag}{i}", content=f"{tag} {i}. {text}") for i in range(n)]
+
+    done: dict[str, object] = {}
+
+    def bulk(tag: str) -> None:
+        with RetrieverClient(st.address) as c:
+            done[tag] = c.upsert("delay", docs(tag, 160), batch_size=160).documents_created
+
+    def begun() -> float:
+        return _document_slices_begun(st)
+
+    try:
+        with RetrieverClient(st.address) as c:
+            c.upsert("delay", docs("warm", 1))
+            workers = []
+            for tag in ("a", "b"):  # one after the other: both in the model's queue
+                before = begun()
+                workers.append(threading.Thread(target=bulk, args=(tag,)))
+                workers[-1].start()
+                deadline = time.monotonic() + 60
+                while begun() <= before and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            # Smaller than either bulk upsert's work left: each delays it by its own size.
+            with pytest.raises(grpc.RpcError) as refused:
+                c.upsert("delay", docs("c", 80), batch_size=80)
+            # A stream whose first message needs no embedding (a document unchanged) goes
+            # on with a big second message (which, were it the first, would be refused).
+            second = c.upsert_stream([
+                pb.UpsertDocumentsRequest(namespace="delay", documents=docs("warm", 1)),
+                pb.UpsertDocumentsRequest(namespace="delay", documents=docs("f", 20))])
+            still_running = all(w.is_alive() for w in workers)
+            for w in workers:
+                w.join(120)
+        assert still_running, "a bulk upsert finished before the probes"
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "upsert_shed_delay_s" in refused.value.details()
+        status = rpc_status.from_call(refused.value)
+        assert status is not None and any(
+            d.type_url.endswith("google.rpc.RetryInfo") for d in status.details)
+        assert second.documents_unchanged == 1 and second.documents_created == 20
+        assert done == {"a": 160, "b": 160}  # bulk upserts side by side were both admitted
+        with RetrieverClient(st.address) as c:
+            with pytest.raises(grpc.RpcError) as missing:
+                c.get_document("delay", "c0")
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # nothing committed
+            assert c.upsert("delay", docs("c", 80), batch_size=80).documents_created == 80
     finally:
         st.stop()

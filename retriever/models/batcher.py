@@ -242,6 +242,16 @@ class MicroBatcher:
             waiting = [j.submitted for j in self._docs if not j.started]
         return now - min(waiting) if waiting else 0.0
 
+    def document_delay(self, tokens: int) -> tuple[float, float]:
+        """(seconds by which the document jobs queued now would delay a new job of
+        ``tokens`` tokens, seconds of the new job's own work), at the model's measured rate.
+        Jobs take turns slice by slice (roughly an equal share each), so a job ahead delays
+        the new one by the lesser of its own work left and the new job's: a bulk job in
+        progress counts as one more job of the new one's size, not as all it has left."""
+        with self._cond:
+            ahead = sum(min(j.left, tokens) for j in self._docs)
+            return ahead * self._seconds_per_token, tokens * self._seconds_per_token
+
     def cancel_documents(self, future: Future[np.ndarray]) -> bool:
         """Drop the queued job of ``future`` (its caller went away); True if it was queued.
         A slice already running finishes; nothing more of the job runs."""

@@ -345,6 +345,8 @@ class RetrieverServicer:
                         "slot; messages before were committed. Send messages without long "
                         "pauses, or close the stream and open one per batch", retry=False)
                 i += 1
+                # Only a stream's first message may be shed (see CallToken.shed_delay_s).
+                token.shed_delay_s = self._svc.settings.upsert_shed_delay_s if i == 0 else 0.0
 
                 def one(r: Any, i: int = i, submitted: float = time.perf_counter()) -> Any:
                     nonlocal namespace
