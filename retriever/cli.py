@@ -22,6 +22,7 @@ import grpc  # noqa: E402
 import typer
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from retriever._retry import RetryPolicy, retry_delay
@@ -126,7 +127,7 @@ def _await_loading(client: RetrieverClient, timeout: float = LOAD_WAIT_S) -> Non
 
 
 def _fail(exc: grpc.RpcError) -> typer.Exit:
-    err.print(f"[red]error[/red] {exc.code().name}: {exc.details()}")
+    err.print(f"[red]error[/red] {exc.code().name}: {escape(exc.details() or '')}")
     return typer.Exit(2)
 
 
@@ -221,9 +222,16 @@ def index(
             if batch:
                 send(batch)
             acknowledged(0)
-            pruned = _prune(client, namespace, sent) if prune else 0
+            pruned = _prune(client, namespace, sent, _unknown(report)) if prune else 0
         except grpc.RpcError as exc:
             raise _fail(exc) from None
+        except KeyboardInterrupt:
+            progress.stop()
+            err.print(f"interrupted: {totals.documents_received} documents acknowledged "
+                      "(the batch in flight may have been committed too); run it again to "
+                      "finish: unchanged files are not re-embedded", markup=False,
+                      highlight=False)
+            raise typer.Exit(130) from None
     seconds = time.perf_counter() - t0
     summary = {
         "namespace": namespace, "docs": int(totals.documents_received),
@@ -245,10 +253,10 @@ def index(
         f"{summary['chunks_embedded']} embedded, {summary['chunks_reused']} reused, "
         f"{summary['chunks_deleted']} removed in {seconds:.1f}s")
     if prune:
-        out.print(f"pruned {pruned} documents no longer in {path}"
+        out.print(f"pruned {pruned} documents no longer in {escape(str(path))}"
                   + (f"; {moved} moved to a new path" if moved else ""))
     for reason, paths in report.skipped.items():
-        out.print(f"skipped {len(paths)} ({reason}): {', '.join(paths[:5])}"
+        out.print(f"skipped {len(paths)} ({reason}): {escape(', '.join(paths[:5]))}"
                   + (" ..." if len(paths) > 5 else ""))
 
 
@@ -283,15 +291,27 @@ def _content_hashes(client: RetrieverClient, namespace: str) -> dict[str, str]:
             return known
 
 
-def _prune(client: RetrieverClient, namespace: str, keep: set[str]) -> int:
-    """Delete the namespace's documents whose ids are not in ``keep``."""
+def _unknown(report: Any) -> tuple[set[str], tuple[str, ...]]:
+    """Files that exist but could not be read, and directories that could not be listed:
+    their documents are not gone, so --prune must keep them."""
+    return (set(report.skipped.get("unreadable", ())),
+            tuple(report.skipped.get("unreadable directory", ())))
+
+
+def _prune(client: RetrieverClient, namespace: str, keep: set[str],
+           unknown: tuple[set[str], tuple[str, ...]] = (set(), ())) -> int:
+    """Delete the namespace's documents whose ids are not in ``keep`` (nor in ``unknown``:
+    unreadable files, and anything under an unreadable directory)."""
+    files, dirs = unknown
+    keep = keep | files
     try:
         client.get_namespace(namespace)
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.NOT_FOUND:
             return 0
         raise
-    gone = [d for d in client.document_ids(namespace) if d not in keep]
+    gone = [d for d in client.document_ids(namespace)
+            if d not in keep and not d.startswith(dirs)]
     for i in range(0, len(gone), 256):
         client.delete(namespace, gone[i : i + 256])
     return len(gone)
@@ -416,7 +436,7 @@ def search(
         out.print("no hits")
     for h in resp.hits:
         c = h.chunk
-        out.print(f"{h.rank:>3}. [bold]{c.path}:{c.start_line}-{c.end_line}[/bold]  "
+        out.print(f"{h.rank:>3}. [bold]{escape(c.path)}:{c.start_line}-{c.end_line}[/bold]  "
                   f"score {h.score:.4f}  chunk {c.chunk_id}", highlight=False)
         if show_text:
             out.print(c.text.rstrip(), markup=False, highlight=False)
@@ -498,6 +518,18 @@ DataDirOpt = Annotated[Path | None, typer.Option(
     help="data directory [default: RETRIEVER_DATA_DIR, else ./data]")]
 
 
+def _existing_data_dir(data_dir: Path | None) -> Path:
+    """--data-dir (else the settings'), which must be a directory: a typo is an error, not
+    a "healthy" verdict on nothing (check) or a new empty directory (repair)."""
+    path = Path(data_dir or Settings().data_dir)
+    if not path.is_dir():
+        err.print(f"error: data directory {path} "
+                  + ("is not a directory" if path.exists() else "does not exist"),
+                  markup=False, highlight=False)
+        raise typer.Exit(2)
+    return path
+
+
 @app.command()
 def check(data_dir: DataDirOpt = None) -> None:
     """Check the catalog (SQLite integrity_check) and every index's files, offline; say
@@ -505,7 +537,7 @@ def check(data_dir: DataDirOpt = None) -> None:
     from retriever.repair import check as run_check
     from retriever.repair import render_check
 
-    report = run_check(data_dir or Settings().data_dir)
+    report = run_check(_existing_data_dir(data_dir))
     for line in render_check(report):
         out.print(line, markup=False, highlight=False)
     raise typer.Exit(0 if report.healthy else 1)
@@ -521,7 +553,7 @@ def repair(data_dir: DataDirOpt = None) -> None:
     from retriever.repair import repair as run_repair
 
     try:
-        report = run_repair(data_dir or Settings().data_dir)
+        report = run_repair(_existing_data_dir(data_dir))
     except (RepairError, RetrieverError) as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
         raise typer.Exit(1) from None
@@ -628,6 +660,9 @@ def evaluate(
                                          on_query=lambda m: bar.advance(tasks[m]))
         except grpc.RpcError as exc:
             raise _fail(exc) from None
+        except InvalidArgument as exc:
+            err.print(f"error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
     table = Table(title=f"{qs.name} · {namespace} · {len(qs.queries)} queries · top_k {top_k}",
                   box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)  # fits 80 columns
     columns = ["nDCG@10", "P@1", "P@5", "P@10", "R@10", "R@100", "MRR"]
@@ -639,19 +674,16 @@ def evaluate(
                           f"{r.latency_p50_s * 1e3:.1f}", f"{r.latency_p99_s * 1e3:.1f}")
         else:
             table.add_row(r.mode, *["—"] * (len(columns) + 2))
-    out.print(table)
+    shown = err if json_path is not None and str(json_path) == "-" else out
+    shown.print(table)
     for r in results:
         if not r.available:
-            out.print(f"{r.mode}: unavailable: {r.reason}", markup=False, highlight=False)
+            shown.print(f"{r.mode}: unavailable: {r.reason}", markup=False, highlight=False)
     if json_path is not None:
         doc = {"set": {"name": qs.name, "queries": len(qs.queries), "metadata": qs.metadata},
                "namespace": namespace, "address": _address(address), "top_k": top_k,
                "ks": list(ks), "index": indexed, "modes": [r.to_dict() for r in results]}
-        text = json.dumps(doc, indent=2)
-        if str(json_path) == "-":
-            out.print_json(text)
-        else:
-            json_path.write_text(text + "\n")
+        _write_json(json.dumps(doc, indent=2), json_path)
     if not any(r.available for r in results):
         raise typer.Exit(1)
 
@@ -703,14 +735,24 @@ def _evaluate_golden_set(namespace: str, name: str, version: int, cutoffs: str,
         table.add_row("", "MRR", *(f"{mrr.value:.3f}" if k == mrr.k else "" for k in ks_run))
         table.add_row("", "seconds", f"{e.duration.ToTimedelta().total_seconds():.2f}",
                       *([""] * (len(ks_run) - 1)))
-    out.print(table)
+    (err if json_path is not None and str(json_path) == "-" else out).print(table)
     if json_path is not None:
-        text = json.dumps({"evaluations": [MessageToDict(r.evaluation) for r in runs]},
-                          indent=2)
-        if str(json_path) == "-":
-            out.print_json(text)
-        else:
-            json_path.write_text(text + "\n")
+        _write_json(json.dumps({"evaluations": [MessageToDict(r.evaluation) for r in runs]},
+                               indent=2), json_path)
+
+
+def _write_json(text: str, json_path: Path) -> None:
+    """``text`` to stdout ('-') or to the file ``json_path``; a file that cannot be written
+    is an error that names it (exit 2), not a traceback."""
+    if str(json_path) == "-":
+        sys.stdout.write(text + "\n")
+        return
+    try:
+        json_path.write_text(text + "\n")
+    except OSError as exc:
+        err.print(f"error: cannot write {json_path}: {exc.strerror}", markup=False,
+                  highlight=False)
+        raise typer.Exit(2) from None
 
 
 golden_app = typer.Typer(no_args_is_help=True,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -283,3 +286,85 @@ def test_index_waits_out_a_server_that_sheds_its_batches(tmp_path: Path, embedde
         release.set()
         holder.close()
         st.stop()
+
+
+def test_paths_that_look_like_markup_are_printed_as_they_are(server, tmp_path: Path) -> None:  # noqa: ANN001
+    """A file name is not console markup: "[/]..." crashed index and every search of the
+    namespace, "[bold]x" lost its brackets."""
+    root = tmp_path / "tree"
+    (root / "[").mkdir(parents=True)
+    (root / "[" / "]zebra.txt").write_text("zebra stripes are black and white\n")
+    (root / "[bold]x.bin").write_bytes(b"\x00\x01binary")
+    indexed = runner.invoke(app, ["index", str(root), "-n", "markup", "-a", server.address])
+    assert indexed.exit_code == 0, indexed.output
+    assert "skipped 1 (binary): [bold]x.bin" in indexed.stdout
+    found = runner.invoke(app, ["search", "zebra stripes", "-n", "markup", "-a",
+                                server.address])
+    assert found.exit_code == 0, found.output
+    assert "[/]zebra.txt:1-1" in found.stdout
+
+
+def test_check_and_repair_refuse_a_data_dir_that_is_not_there(tmp_path: Path) -> None:
+    typo = tmp_path / "no-such-dir"
+    (tmp_path / "a-file").write_text("x")
+    for command, path in (("check", typo), ("check", tmp_path / "a-file"), ("repair", typo)):
+        result = runner.invoke(app, [command, "--data-dir", str(path)])
+        assert result.exit_code == 2, result.output
+        assert "does not exist" in result.output or "is not a directory" in result.output
+        assert "healthy" not in result.output
+    assert not typo.exists()  # repair did not create it
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None,
+                    reason="as root, needs setpriv to drop the powers that ignore file modes")
+def test_index_prune_keeps_the_documents_of_a_directory_it_could_not_read(
+        server, tmp_path: Path) -> None:  # noqa: ANN001
+    from retriever.client import RetrieverClient
+
+    root = tmp_path / "tree"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("top level notes about apples\n")
+    (root / "sub" / "b.txt").write_text("the secret recipe for pears\n")
+    first = runner.invoke(app, ["index", str(root), "-n", "unreadable", "-a", server.address])
+    assert first.exit_code == 0, first.output
+    prefix = (["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+               "--inh-caps=-dac_override,-dac_read_search"] if os.geteuid() == 0 else [])
+    (root / "sub").chmod(0)
+    try:
+        pruned = subprocess.run(
+            [*prefix, sys.executable, "-m", "retriever.cli", "index", str(root), "-n",
+             "unreadable", "-a", server.address, "--prune"],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        (root / "sub").chmod(0o755)
+    assert pruned.returncode == 0, pruned.stderr
+    assert "pruned 0 documents" in pruned.stdout
+    assert "skipped 1 (unreadable directory): sub/" in pruned.stdout
+    with RetrieverClient(server.address) as c:
+        assert sorted(c.document_ids("unreadable")) == ["a.txt", "sub/b.txt"]
+
+
+def test_an_interrupted_index_says_what_was_acknowledged(server, tmp_path: Path,  # noqa: ANN001
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    from retriever.client import RetrieverClient
+
+    root = tmp_path / "tree"
+    root.mkdir()
+    for i in range(6):
+        (root / f"doc{i}.md").write_text(f"# Note {i}\nBread number {i}.\n")
+    upsert = RetrieverClient.upsert_stream
+    calls = []
+
+    def interrupted_on_the_second_batch(self, requests):  # noqa: ANN001, ANN202
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the second batch is in flight
+        return upsert(self, requests)
+
+    monkeypatch.setattr(RetrieverClient, "upsert_stream", interrupted_on_the_second_batch)
+    result = runner.invoke(app, ["index", str(root), "-n", "interrupted", "-a",
+                                 server.address, "--batch-size", "2"])
+    assert result.exit_code == 130, result.output
+    assert "interrupted: 2 documents acknowledged" in result.stderr
+    assert "Traceback" not in result.output

@@ -444,5 +444,54 @@ def test_eval_command_on_a_tiny_beir_set(server, client, tmp_path: Path) -> None
                                 server.address, "--modes", "dense", "--no-index",
                                 "--json", "-"])
     assert again.exit_code == 0, again.output
+    piped = json.loads(again.stdout)  # stdout is the JSON alone (the table goes to stderr)
+    assert piped["modes"][0]["mode"] == "dense" and "nDCG@10" in again.stderr
     assert client.status("tiny").document_count == 4
 
+
+
+_NO_ID = 'expected a JSON object with an "_id"'
+_NO_TEXT = 'query \'q1\' has no "text"'
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("corpus.jsonl", '{"title": "no id", "text": "x"}\n', f"corpus.jsonl:1: {_NO_ID}"),
+    ("corpus.jsonl", '{"_id": "a", "text": "x"}\n{broken\n', "corpus.jsonl:2: not JSON"),
+    ("queries.jsonl", '["q1", "a list"]\n', f"queries.jsonl:1: {_NO_ID}"),
+    ("queries.jsonl", '{"_id": "q1"}\n', f"queries.jsonl:1: {_NO_TEXT}"),
+    ("queries.jsonl", '{"_id": "q1", "text": null}\n', f"queries.jsonl:1: {_NO_TEXT}"),
+])
+def test_load_beir_names_the_file_and_line_of_a_bad_record(
+        tmp_path: Path, file: str, content: str, message: str) -> None:
+    from retriever.errors import InvalidArgument
+
+    root = _write_beir(tmp_path / "bad")
+    (root / file).write_text(content)
+    with pytest.raises(InvalidArgument) as info:
+        list(load_beir(root).iter_corpus())  # the corpus is read lazily
+    assert message in str(info.value)
+
+
+def test_load_beir_refuses_undecodable_files_and_a_set_that_judges_nothing(
+        tmp_path: Path) -> None:
+    from retriever.errors import InvalidArgument
+
+    root = _write_beir(tmp_path / "bad")
+    (root / "corpus.jsonl").write_bytes('{"_id": "a", "text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(InvalidArgument, match="corpus.jsonl: not UTF-8"):
+        list(load_beir(root).iter_corpus())
+    root = _write_beir(tmp_path / "empty")
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n")
+    with pytest.raises(InvalidArgument, match="judges no query"):
+        load_beir(root)
+
+
+def test_eval_command_reports_a_bad_set_in_one_line(tmp_path: Path) -> None:
+    """No traceback: the file and line, exit 2 (the corpus is read once indexing begins, so
+    this needs no server: the bad first record is met before any call)."""
+    runner = CliRunner()
+    root = _write_beir(tmp_path / "bad")
+    (root / "queries.jsonl").write_text('{"_id": "q1"}\n')
+    result = runner.invoke(app, ["eval", "-n", "x", "--beir", str(root), "-a", "127.0.0.1:1"])
+    assert result.exit_code == 2, result.output
+    assert "has no \"text\"" in result.output and "Traceback" not in result.output

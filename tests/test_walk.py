@@ -371,3 +371,49 @@ def test_root_given_through_a_symlink_is_read(tmp_path: Path) -> None:
     report = WalkReport()
     assert {f.rel_path for f in read_sources(alias, MAX, report)} == {"a.txt", "b.txt"}
     assert report.skipped == {}
+
+
+_NOCAP = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+          "--inh-caps=-dac_override,-dac_read_search"]
+
+
+def _walk_without_root_powers(root: Path) -> dict:
+    """read_sources in a process that obeys file modes even as root (run as root, as CI
+    is, the test would otherwise read everything)."""
+    import json
+    import sys
+
+    code = ("import json, sys; from pathlib import Path; "
+            "from retriever.ingest.walk import WalkReport, read_sources; "
+            "r = WalkReport(); files = [f.rel_path for f in read_sources(Path(sys.argv[1]), "
+            "1 << 20, r)]; print(json.dumps({'files': files, 'skipped': r.skipped}))")
+    prefix = _NOCAP if os.geteuid() == 0 else []
+    out = subprocess.run([*prefix, sys.executable, "-c", code, str(root)], check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None,
+                    reason="as root, needs setpriv to drop the powers that ignore file modes")
+@pytest.mark.parametrize("in_git", [True, False])
+def test_an_unreadable_directory_is_reported_not_silently_dropped(tmp_path: Path,
+                                                                   in_git: bool) -> None:
+    """Its files are unknown, not gone: listed as skipped (so `index --prune` keeps their
+    documents), and no traceback for a tracked file inside it."""
+    root = tmp_path / "tree"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("apples\n")
+    (root / "sub" / "b.txt").write_text("pears\n")
+    if in_git:
+        git(root, "init", "-q")
+        git(root, "add", ".")
+        git(root, "commit", "-qm", "init")
+    (root / "sub").chmod(0)
+    try:
+        seen = _walk_without_root_powers(root)
+    finally:
+        (root / "sub").chmod(0o755)
+    assert seen["files"] == ["a.txt"]
+    assert seen["skipped"]["unreadable directory"] == ["sub/"]
+    if in_git:  # tracked, so listed by git, and then found unreadable
+        assert seen["skipped"]["unreadable"] == ["sub/b.txt"]

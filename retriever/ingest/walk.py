@@ -17,6 +17,7 @@ so only a link to a file that is itself indexed is read (under the link's own pa
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import tempfile
@@ -46,24 +47,35 @@ class WalkReport:
         self.skipped.setdefault(reason, []).append(path)
 
 
-def _git(root: Path, *args: str) -> str | None:
+# git's warning for a directory it could not list (ls-files --others goes on without it).
+_UNOPENED_DIR = re.compile(r"^warning: could not open directory '(.*)': ", re.MULTILINE)
+
+
+def _git(root: Path, *args: str, unreadable: list[str] | None = None) -> str | None:
+    """git's stdout; the directories it warned it could not open go to ``unreadable``."""
     try:
         out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
+    if unreadable is not None:
+        unreadable.extend(_UNOPENED_DIR.findall(out.stderr.decode("utf-8", "surrogateescape")))
     return out.stdout.decode("utf-8", "surrogateescape")
 
 
-def list_files(root: Path) -> tuple[list[str], str]:
+def list_files(root: Path, unreadable: list[str] | None = None) -> tuple[list[str], str]:
     """Relative posix paths of the files to consider, and the git HEAD sha ("" outside git
-    or before the first commit)."""
+    or before the first commit). Directories that could not be listed (relative, ending in
+    "/") are appended to ``unreadable``: their files are unknown, not gone."""
     root = Path(root)
+    if unreadable is None:
+        unreadable = []
     inside = _git(root, "rev-parse", "--is-inside-work-tree")
     # A directory that its enclosing repository ignores (a virtualenv, a vendored tree) was
     # named on purpose: list it as a tree of its own rather than as nothing.
     ignored_by_parent = _git(root, "check-ignore", "-q", ".") is not None
     if inside is not None and inside.strip() == "true" and not ignored_by_parent:
-        listing = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+        listing = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard",
+                       unreadable=unreadable)
         if listing is not None:
             head = (_git(root, "rev-parse", "--verify", "-q", "HEAD") or "").strip()
             paths = sorted({p for p in listing.split("\0") if p and _listable(root / p)})
@@ -71,21 +83,31 @@ def list_files(root: Path) -> tuple[list[str], str]:
     with tempfile.TemporaryDirectory(prefix="retriever-walk-") as scratch:
         if _git(Path(scratch), "init", "-q", "--bare", scratch) is not None:
             listing = _git(root, f"--git-dir={scratch}", f"--work-tree={root}", "ls-files",
-                           "-z", "--others", "--exclude-standard")
+                           "-z", "--others", "--exclude-standard", unreadable=unreadable)
             if listing is not None:
                 return sorted(p for p in listing.split("\0")
                               if p and _listable(root / p)), ""
-    return sorted(_walk_gitignore(root)), ""
+    return sorted(_walk_gitignore(root, unreadable)), ""
 
 
 def _listable(path: Path) -> bool:
-    """A regular file, or a symbolic link (which read_sources checks and reports)."""
-    return path.is_symlink() or path.is_file()
+    """A regular file, or a symbolic link (which read_sources checks and reports), or an
+    entry that cannot be examined (a tracked file in an unreadable directory: read_sources
+    reports it unreadable)."""
+    try:
+        return path.is_symlink() or path.is_file()
+    except OSError:
+        return True
 
 
-def _walk_gitignore(root: Path) -> Iterator[str]:
+def _walk_gitignore(root: Path, unreadable: list[str]) -> Iterator[str]:
     specs: list[tuple[str, pathspec.PathSpec]] = []  # (dir prefix, spec)
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def not_listed(exc: OSError) -> None:
+        if exc.filename is not None:
+            unreadable.append(Path(exc.filename).relative_to(root).as_posix() + "/")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=not_listed):
         rel_dir = Path(dirpath).relative_to(root).as_posix()
         rel_dir = "" if rel_dir == "." else rel_dir + "/"
         specs = [(p, s) for p, s in specs if rel_dir.startswith(p)]
@@ -120,7 +142,10 @@ def read_sources(root: Path, max_bytes: int, report: WalkReport) -> Iterator[Sou
     """Yield the text files under ``root``; skipped ones are recorded in ``report``."""
     root = Path(root)
     real_root = root.resolve()
-    paths, head = list_files(root)
+    unreadable: list[str] = []
+    paths, head = list_files(root, unreadable)
+    for d in unreadable:
+        report.skip("unreadable directory", d)
     listed = set(paths)
     for rel in paths:
         try:
@@ -172,7 +197,10 @@ def read_sources(root: Path, max_bytes: int, report: WalkReport) -> Iterator[Sou
 
 def _resolve(path: Path, real_root: Path, listed: set[str]) -> tuple[str, Path]:
     """(reason to skip or "", the real path to read) of a listed entry."""
-    link = path.is_symlink()
+    try:
+        link = path.is_symlink()
+    except OSError:  # its directory cannot be searched
+        return "unreadable", path
     try:
         real = path.resolve(strict=True)
     except (OSError, RuntimeError):  # missing, or a loop of links

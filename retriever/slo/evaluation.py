@@ -205,8 +205,8 @@ def load_beir(directory: str | Path, split: str = "test", name: str | None = Non
             raise InvalidArgument(f"{f} not found: not a BEIR dataset (split {split!r})",
                                   field="beir")
     qrels: Qrels = {}
-    with qrels_file.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with qrels_file.open(encoding="utf-8", errors="strict") as fh:
+        for lineno, line in enumerate(_lines(qrels_file, fh), start=1):
             parts = line.rstrip("\r\n").split("\t")
             if lineno == 1 and parts[-1].strip().lower() == "score":
                 continue  # the header
@@ -222,9 +222,16 @@ def load_beir(directory: str | Path, split: str = "test", name: str | None = Non
                 raise InvalidArgument(f"{qrels_file}:{lineno}: score {parts[2]!r} is not an "
                                       "integer", field="qrels") from None
             qrels.setdefault(parts[0], {})[parts[1]] = grade
+    if not qrels:
+        raise InvalidArgument(f"{qrels_file} judges no query: nothing to evaluate",
+                              field="qrels")
     texts: dict[str, str] = {}
-    for obj in _jsonl(queries_file):
-        texts[str(obj["_id"])] = obj["text"]
+    for lineno, obj in _jsonl(queries_file, numbered=True):
+        qid, text = _record_id(queries_file, lineno, obj), obj.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidArgument(f"{queries_file}:{lineno}: query {qid!r} has no \"text\"",
+                                  field="beir")
+        texts[qid] = text
     missing = [q for q in qrels if q not in texts]
     if missing:
         raise InvalidArgument(f"{qrels_file} judges queries absent from {queries_file}: "
@@ -232,24 +239,46 @@ def load_beir(directory: str | Path, split: str = "test", name: str | None = Non
     queries = [Query(q, texts[q]) for q in qrels]
 
     def corpus() -> Iterator[CorpusDoc]:
-        for obj in _jsonl(corpus_file):
-            title, text = obj.get("title") or "", obj.get("text") or ""
-            yield CorpusDoc(str(obj["_id"]), f"{title}\n\n{text}" if title else text)
+        for lineno, obj in _jsonl(corpus_file, numbered=True):
+            doc_id = _record_id(corpus_file, lineno, obj)
+            title, text = str(obj.get("title") or ""), str(obj.get("text") or "")
+            yield CorpusDoc(doc_id, f"{title}\n\n{text}" if title else text)
 
     return QuerySet(name=name or f"{root.name}/{split}", queries=queries, qrels=qrels,
                     corpus=corpus, metadata={"source": "beir", "path": str(root.resolve()),
                                              "split": split})
 
 
-def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+def _lines(path: Path, fh: Iterable[str]) -> Iterator[str]:
+    """The lines of ``fh``; undecodable bytes are an InvalidArgument naming the file."""
+    try:
+        yield from fh
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start} of a "
+                              "read block)", field="beir") from None
+
+
+def _record_id(path: Path, lineno: int, obj: Any) -> str:
+    if not isinstance(obj, dict) or obj.get("_id") in (None, ""):
+        raise InvalidArgument(f"{path}:{lineno}: expected a JSON object with an \"_id\"",
+                              field="beir")
+    return str(obj["_id"])
+
+
+def _jsonl(path: Path, *, numbered: bool = False) -> Iterator[Any]:
+    try:
+        fh = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidArgument(f"{path}: cannot read ({exc.strerror})", field="beir") from None
+    with fh:
+        for lineno, line in enumerate(_lines(path, fh), start=1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    obj = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise InvalidArgument(f"{path}:{lineno}: not JSON ({exc.msg})",
                                           field="beir") from None
+                yield (lineno, obj) if numbered else obj
 
 
 # -- sets from a git repository's history ---------------------------------------------------
