@@ -894,16 +894,25 @@ class Catalog:
             return [r[0] for r in db.execute("SELECT namespace FROM sources ORDER BY namespace")]
 
     def put_source(self, src: SourceRecord) -> None:
-        """Bind (or rebind) the namespace to ``src``, with its commits as given."""
+        """Bind (or rebind) the namespace to ``src``, with its commits as given.
+        ``updated_at`` (when it was bound or last synced: what the staleness of a source
+        never synced counts from) moves only when the binding changes, not at every sync
+        attempt that re-states it."""
         with self._writer() as db:
             db.execute(
                 "INSERT INTO sources (namespace, location, ref, include, exclude,"
                 " max_file_bytes, last_commit, pending_commit, pending_full, updated_at)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (namespace) DO UPDATE SET"
+                " updated_at=CASE WHEN sources.location = excluded.location"
+                " AND sources.ref = excluded.ref AND sources.include = excluded.include"
+                " AND sources.exclude = excluded.exclude"
+                " AND sources.max_file_bytes = excluded.max_file_bytes"
+                " AND sources.last_commit = excluded.last_commit"
+                " THEN sources.updated_at ELSE excluded.updated_at END,"
                 " location=excluded.location, ref=excluded.ref, include=excluded.include,"
                 " exclude=excluded.exclude, max_file_bytes=excluded.max_file_bytes,"
                 " last_commit=excluded.last_commit, pending_commit=excluded.pending_commit,"
-                " pending_full=excluded.pending_full, updated_at=excluded.updated_at",
+                " pending_full=excluded.pending_full",
                 (src.namespace, src.location, src.ref, json.dumps(list(src.include)),
                  json.dumps(list(src.exclude)), src.max_file_bytes, src.last_commit,
                  src.pending_commit, int(src.pending_full), time.time()))

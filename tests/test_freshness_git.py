@@ -322,7 +322,11 @@ def test_force_push_rewrite(repo: _Repo) -> None:
         with pytest.raises(NotFound):
             is_ancestor(git, c1, "0123456789" * 4)
         # What c4 has that c3 lacks: only the rewrite (c1 is shared).
-        assert pending(git, c3, c4) == Pending(1, repo.times[c4], {"a.md": repo.times[c4]})
+        # ... and the index holds what c2 and c3 changed, which the ref no longer has.
+        assert pending(git, c3, c4) == Pending(1, repo.times[c4], {"a.md": repo.times[c4]},
+                                               True, frozenset({"a.md", "b.md"}))
+        # A branch moved back: nothing new, but b.md (from c3) is no longer in the source.
+        assert pending(git, c3, c2) == Pending(0, None, {}, True, frozenset({"b.md"}))
         # The diff across the rewrite is still exact; the caller reconciles by content.
         spec = SourceSpec(str(repo.root))
         assert diff(git, c3, c4, spec).deleted == ["b.md"]
@@ -356,8 +360,16 @@ def test_url_source_is_mirrored_and_fetched(tmp_path: Path) -> None:
         c2 = upstream.commit()
         assert resolve(git, "HEAD") == c1  # until fetched
         assert not has_commit(git, c2)
+        stamp = git.path / "retriever-fetched"
+        assert not stamp.exists()  # as of the clone: dated by the mirror's HEAD
         fetch(git, spec)
         assert resolve(git, "HEAD") == c2
+        # What a URL source's checked_at is dated by: the last fetch that succeeded (git
+        # writes nothing when a fetch brings nothing, and FETCH_HEAD is off).
+        fetched = stamp.stat().st_mtime
+        os.utime(stamp, (fetched - 100, fetched - 100))
+        fetch(git, spec)  # nothing new: still a successful read of the remote
+        assert stamp.stat().st_mtime >= fetched - 1
         assert commit_time(git, c2) == upstream.times[c2]
         assert diff(git, c1, c2, spec).modified == ["a.md"]
 
@@ -482,3 +494,12 @@ def test_object_reads_are_thread_safe(repo: _Repo) -> None:
     git.close()  # idempotent
     assert read_text(git, snap.entries["f1.md"]) == contents["f1.md"]  # restarts
     git.close()
+
+
+@pytest.mark.parametrize("field", ["include", "exclude"])
+@pytest.mark.parametrize("glob", ["[z-a]", "*.[9-0]"])
+def test_a_glob_that_does_not_compile_is_invalid_argument_naming_it(field: str, glob: str
+                                                                    ) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        SourceSpec("/repo", **{field: ["*.py", glob]})
+    assert info.value.field == field and repr(glob) in str(info.value)

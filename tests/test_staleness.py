@@ -4,6 +4,7 @@ repositories and the real server."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -215,3 +216,64 @@ def test_namespaces_past_the_metrics_cap_share_the_other_series(roots: Path, emb
         assert abs(metric(text, "retriever_namespace_staleness_seconds", "other") - lag) < SLACK_S
         assert metric(text, "retriever_namespace_staleness_seconds", "capped-b") is None
         assert abs(lag - age(second.times[pending_commit])) < SLACK_S
+
+
+def test_a_branch_moved_back_leaves_what_it_dropped_stale(client: RetrieverClient, server,  # noqa: ANN001
+                                                         roots: Path) -> None:
+    """A force-push of an older commit (the ref moved off the indexed commit's line): the
+    index still serves a file the source no longer has, so it is stale from when that was
+    first seen, not "caught up" because nothing is newer than the index."""
+    repo = make_repo(roots / "moved-back")
+    ns = "moved-back"
+    first = repo.git("rev-parse", "HEAD")
+    repo.write("src/gamma.py", "def gamma(values):\n    return min(values)  # compute\n")
+    second = repo.commit("gamma")
+    assert client.sync_source(ns, str(repo.root), wait=True, timeout=120).commit == second
+    repo.git("reset", "-q", "--hard", first)
+    seen = client.status(ns).source
+    assert (seen.indexed_commit, seen.head_commit, seen.commits_behind) == (second, first, 0)
+    time.sleep(1.1)
+    src = client.status(ns).source
+    assert src.staleness.ToTimedelta().total_seconds() >= 1.0  # counts from the first read
+    hits = hits_by_path(client, ns)
+    assert hits["src/gamma.py"].staleness.ToTimedelta().total_seconds() >= 1.0
+    assert hits["src/alpha.py"].staleness.ToTimedelta().total_seconds() == 0
+    # A sync reconciles: gamma is gone, nothing is stale.
+    assert client.sync_source(ns, wait=True, timeout=120).commit == first
+    assert client.status(ns).source.staleness.ToTimedelta().total_seconds() == 0
+    assert "src/gamma.py" not in hits_by_path(client, ns)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the repository away")
+def test_a_repository_owned_by_another_user_under_the_roots_is_synced(
+        client: RetrieverClient, roots: Path) -> None:
+    """The sync roots are the admin's word that repositories there may be read (git's own
+    "dubious ownership" guard would otherwise refuse, and the global config that could
+    allow it is not read by the service)."""
+    repo = make_repo(roots / "foreign")
+    for path in [repo.root, *repo.root.rglob("*")]:
+        os.lchown(path, 65534, 65534)  # nobody
+    result = client.sync_source("foreign", str(repo.root), wait=True, timeout=120)
+    assert result.state == pb.SYNC_STATE_SUCCEEDED
+    assert set(hits_by_path(client, "foreign")) == {"src/alpha.py", "src/beta.py"}
+
+
+def test_a_scrape_refreshes_a_namespace_nobody_queries(roots: Path, embedder,  # noqa: ANN001
+                                                        tmp_path: Path) -> None:
+    """The freshness gauges move on by themselves: a namespace no one searches still shows
+    its source moving on (the scrape starts the read; a later scrape sees it)."""
+    repo = make_repo(roots / "unqueried")
+    settings = make_settings(tmp_path / "data", sync_roots=[roots], staleness_refresh_s=0.2)
+    with running_server(settings, embedder) as st, \
+            RetrieverClient(st.address, timeout=120) as c:
+        c.sync_source("unqueried", str(repo.root), wait=True, timeout=120)
+        assert metric(metrics(st), "retriever_namespace_commits_behind", "unqueried") == 0
+        repo.write("src/gamma.py", "def gamma(values):\n    return min(values)  # compute\n")
+        repo.commit("gamma")
+        deadline = time.monotonic() + 30
+        behind = None
+        while time.monotonic() < deadline and behind != 1:
+            time.sleep(0.3)
+            behind = metric(metrics(st), "retriever_namespace_commits_behind", "unqueried")
+        assert behind == 1
+        assert metric(metrics(st), "retriever_namespace_staleness_seconds", "unqueried") > 0

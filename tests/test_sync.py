@@ -478,6 +478,20 @@ def test_catalog_keeps_the_binding_and_the_last_syncs(tmp_path: Path) -> None:
     assert (src.location, src.ref, src.include, src.exclude, src.max_file_bytes) == (
         "/srv/repos/app", "main", ("src/",), ("*.md",), 1000)
     assert (src.last_commit, src.pending_commit, src.pending_full) == ("a" * 40, "b" * 40, True)
+    # A sync attempt re-states the binding before it begins: when nothing of it changed,
+    # the bound time (what a never-synced source's staleness counts from) stays put.
+    bound = src.updated_at
+    time.sleep(0.01)
+    cat.put_source(SourceRecord("ns", "/srv/repos/app", "main", ("src/",), ("*.md",), 1000,
+                                last_commit="a" * 40, pending_commit="c" * 40))
+    src = cat.get_source("ns")
+    assert src is not None and src.updated_at == bound and src.pending_commit == "c" * 40
+    cat.put_source(SourceRecord("ns", "/srv/repos/app", "release", ("src/",), ("*.md",), 1000,
+                                last_commit="a" * 40, pending_commit="b" * 40,
+                                pending_full=True))
+    src = cat.get_source("ns")
+    assert src is not None and bound is not None and src.updated_at is not None
+    assert src.updated_at > bound  # a new ref is a new binding
     cat.source_synced("ns", "b" * 40)
     src = cat.get_source("ns")
     assert src is not None
@@ -502,3 +516,24 @@ def test_catalog_keeps_the_binding_and_the_last_syncs(tmp_path: Path) -> None:
     cat.delete_namespace("ns")
     assert cat.get_source("ns") is None and cat.list_syncs("ns", 100) == []
     cat.close()
+
+
+def test_binding_a_namespace_of_upserted_documents_is_refused_not_a_wipe(
+        client: RetrieverClient, roots: Path) -> None:
+    """A sync makes the namespace hold exactly the repository's files: on a namespace that
+    holds documents of its own (a mistyped name is enough) it would delete them all."""
+    repo = _Repo(roots / "handbook-repo")
+    repo.write("README.md", "# The handbook\n")
+    repo.commit("init")
+    client.upsert("handbook", [pb.Document(doc_id=f"note{i}", content=f"hand-written note {i}")
+                               for i in range(3)])
+    with pytest.raises(grpc.RpcError) as refused:
+        client.sync_source("handbook", str(repo.root), wait=True, timeout=120)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "holds 3 documents" in refused.value.details()
+    assert client.status("handbook").document_count == 3  # nothing deleted
+    assert not client.status("handbook").HasField("source")  # nor bound
+    # An empty namespace (created ahead, as a deployment may) is bound as usual.
+    client.create_namespace("handbook-empty")
+    done = client.sync_source("handbook-empty", str(repo.root), wait=True, timeout=120)
+    assert done.state == pb.SYNC_STATE_SUCCEEDED

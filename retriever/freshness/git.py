@@ -86,7 +86,8 @@ _SCRUBBED_ENV = (
 # Command-line config wins over a repository's own: output formats stay parseable and no
 # transport can run a command.
 _CONFIG = ("-c", "color.ui=never", "-c", "log.showSignature=false",
-           "-c", "core.quotePath=false", "-c", "protocol.ext.allow=never")
+           "-c", "core.quotePath=false", "-c", "protocol.ext.allow=never",
+           "-c", "core.fsmonitor=false")
 
 
 def _git_env() -> dict[str, str]:
@@ -108,15 +109,20 @@ class GitRepo:
     caller says otherwise), so each user keeps the status its callers expect."""
 
     def __init__(self, path: str | Path,
-                 *, error: Callable[[str], RetrieverError] = FailedPrecondition) -> None:
+                 *, error: Callable[[str], RetrieverError] = FailedPrecondition,
+                 trusted: bool = False) -> None:
+        """``trusted``: read the repository whoever owns it (git's safe.directory for this
+        path; the global config that would say so is ignored here): for local sources, which
+        lie under the admin's sync roots."""
         self.path = Path(path)
+        self._trust = ("-c", f"safe.directory={self.path}") if trusted else ()
         self._error = error
         self._env = _git_env()
         self._batch: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
 
     def _argv(self, args: Sequence[str]) -> list[str]:
-        return ["git", "-C", str(self.path), *_CONFIG, *args]
+        return ["git", "-C", str(self.path), *_CONFIG, *self._trust, *args]
 
     def run(self, *args: str, input: bytes | None = None,
             timeout: float | None = None) -> bytes:
@@ -288,8 +294,11 @@ class SourceSpec:
             object.__setattr__(self, name, patterns)
             try:
                 compiled = pathspec.GitIgnoreSpec.from_lines(patterns) if patterns else None
-            except (ValueError, TypeError) as exc:
-                raise InvalidArgument(f"{name} has an invalid glob: {exc}", field=name) from exc
+            except (ValueError, TypeError, re.error) as exc:  # re.error: e.g. "[z-a]"
+                bad = next((p for p in patterns if not _compiles(p)), None)
+                shown = f"{bad!r} " if bad is not None else ""
+                raise InvalidArgument(f"{name} has an invalid glob {shown}({exc}): fix or "
+                                      "drop it", field=name) from exc
             object.__setattr__(self, "_" + name, compiled)
 
     def excluded(self, path: str) -> bool:
@@ -297,6 +306,14 @@ class SourceSpec:
         if self._include is not None and not self._include.match_file(path):
             return True
         return self._exclude is not None and self._exclude.match_file(path)
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        pathspec.GitIgnoreSpec.from_lines([pattern])
+    except (ValueError, TypeError, re.error):
+        return False
+    return True
 
 
 def is_url(location: str) -> bool:
@@ -326,6 +343,11 @@ def open_source(spec: SourceSpec, cache_dir: str | Path,
     return GitRepo(target)
 
 
+def fetched_stamp(mirror: str | Path) -> Path:
+    """The file whose mtime is a mirror's last successful fetch (absent: its clone)."""
+    return Path(mirror) / "retriever-fetched"
+
+
 def mirror_path(cache_dir: str | Path, location: str) -> Path:
     """Where the bare mirror of the URL ``location`` lives under ``cache_dir``."""
     return Path(cache_dir) / hashlib.sha256(location.encode()).hexdigest()
@@ -341,14 +363,14 @@ def _open_local(location: str) -> GitRepo:
         return InvalidArgument(f"source {location!r} is not a usable git repository "
                                f"({message})", field="location")
 
-    probe = GitRepo(real, error=error)
+    probe = GitRepo(real, error=error, trusted=True)
     out = probe.run("rev-parse", "--absolute-git-dir", "--is-inside-work-tree")
     git_dir, inside = out.decode("utf-8", "surrogateescape").splitlines()[:2]
     if Path(git_dir).resolve() == real:  # a bare repository, or a .git directory
-        return GitRepo(real)
+        return GitRepo(real, trusted=True)
     top = probe.try_run("rev-parse", "--show-toplevel") if inside == "true" else None
     if top is not None and Path(top.decode("utf-8", "surrogateescape").strip()) == real:
-        return GitRepo(real)
+        return GitRepo(real, trusted=True)
     raise InvalidArgument(f"source {location!r} lies inside the git repository of "
                           f"{git_dir!r}: name the repository's top directory",
                           field="location")
@@ -402,6 +424,9 @@ def fetch(repo: GitRepo, spec: SourceSpec, *, timeout_s: float | None = 600.0) -
     # afterwards without knowing what kind of name `ref` is.
     remote.run("fetch", "--prune", "--force", "--quiet", "--no-write-fetch-head", "origin",
                timeout=timeout_s)
+    # When the mirror was last current (git writes nothing on a fetch that brings nothing,
+    # and FETCH_HEAD is off): what a URL source's checked_at and staleness are measured from.
+    fetched_stamp(repo.path).touch()
     if spec.ref == "HEAD":
         out = remote.run("ls-remote", "--symref", "origin", "HEAD", timeout=timeout_s)
         for line in out.decode("utf-8", "surrogateescape").splitlines():
@@ -682,6 +707,10 @@ class Pending:
     count: int
     oldest_time: datetime | None
     by_path: dict[str, datetime]
+    #: ``indexed`` is no ancestor of ``head`` (a force-push, a branch moved back): the index
+    #: then also holds changes the ref no longer has, in these paths.
+    diverged: bool = False
+    withdrawn: frozenset[str] = frozenset()
 
 
 # An empty field precedes each commit's header, which no path can be; a commit's first
@@ -776,5 +805,10 @@ def pending(repo: GitRepo, indexed: str, head: str) -> Pending:
             oldest = when
         for path in changed:
             by_path.setdefault(path, when)
-    return Pending(count, oldest, by_path)
+    if indexed == head or is_ancestor(repo, indexed, head):
+        return Pending(count, oldest, by_path)
+    withdrawn: set[str] = set()
+    for _sha, _when, changed in _log(repo, "--end-of-options", f"{head}..{indexed}", "--"):
+        withdrawn.update(changed)
+    return Pending(count, oldest, by_path, True, frozenset(withdrawn))
 

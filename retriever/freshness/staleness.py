@@ -31,6 +31,7 @@ from retriever.errors import RetrieverError, Unavailable
 from retriever.freshness.git import (
     GitRepo,
     SourceSpec,
+    fetched_stamp,
     is_url,
     mirror_path,
     open_source,
@@ -77,6 +78,9 @@ class SourceLag:
     checked_at: datetime | None  # the last successful read of the ref
     bound_at: datetime | None  # when the namespace was (re)bound or last synced
     error: str = ""  # why the last read failed; "" when it succeeded
+    # First read that found the indexed commit off the ref's history (force-push, branch
+    # moved back); None while it is on it. The index holds changes the source has not.
+    diverged_since: datetime | None = None
 
     @property
     def never_synced(self) -> bool:
@@ -131,18 +135,26 @@ class SourceFreshness:
         returned as is and refreshed in the background; only a namespace never read waits."""
         with self._lock:
             entry = self._entries.get(namespace)
-            expired = entry is not None and time.monotonic() - entry.computed > self._refresh_s
             if entry is not None and not fresh:
-                if expired and not entry.refreshing:
-                    entry.refreshing = True
-                    threading.Thread(target=self._refresh, args=(namespace,),
-                                     name="staleness-refresh", daemon=True).start()
+                self._refresh_if_expired(namespace, entry)
                 return entry.lag
         return self._refresh(namespace)
 
+    def _refresh_if_expired(self, namespace: str, entry: _Entry) -> None:
+        """Read an expired entry again in the background (the caller holds the lock)."""
+        if time.monotonic() - entry.computed > self._refresh_s and not entry.refreshing:
+            entry.refreshing = True
+            threading.Thread(target=self._refresh, args=(namespace,),
+                             name="staleness-refresh", daemon=True).start()
+
     def cached(self) -> list[SourceLag]:
-        """Every namespace's last computed lag (for the metrics scrape)."""
+        """Every namespace's last computed lag (for the metrics scrape); expired ones are
+        read again in the background, so a namespace nobody searches still shows its source
+        moving on by the next scrape."""
         with self._lock:
+            for ns, e in self._entries.items():
+                if e.lag is not None:
+                    self._refresh_if_expired(ns, e)
             return [e.lag for e in self._entries.values() if e.lag is not None]
 
     def forget(self, namespace: str) -> None:
@@ -192,9 +204,23 @@ class SourceFreshness:
                     return _replace(base, head_commit=head, checked_at=checked_at)
                 p = pending(repo, source.last_commit, head)
             error = self._fetch_error(source.location) if is_url(source.location) else ""
+            oldest, by_path, since = p.oldest_time, p.by_path, None
+            if p.diverged:
+                # What the index holds that the ref no longer has went stale when the ref
+                # moved; git does not record when, so: since this was first seen.
+                first_seen: datetime = checked_at
+                if (previous is not None and previous.diverged_since is not None
+                        and (previous.indexed_commit, previous.head_commit)
+                        == (source.last_commit, head)):
+                    first_seen = previous.diverged_since
+                since = first_seen
+                by_path = dict(by_path)
+                for path in p.withdrawn:
+                    by_path[path] = min(by_path.get(path, first_seen), first_seen)
+                oldest = min(oldest, first_seen) if oldest is not None else first_seen
             return _replace(base, head_commit=head, commits_behind=p.count,
-                            oldest_pending=p.oldest_time, by_path=p.by_path,
-                            checked_at=checked_at, error=redact(error))
+                            oldest_pending=oldest, by_path=by_path,
+                            checked_at=checked_at, error=redact(error), diverged_since=since)
         except RetrieverError as exc:
             message = redact(str(exc))
             log.warning("cannot read the source of namespace %r: %s", source.namespace, message)
@@ -210,8 +236,8 @@ class SourceFreshness:
         mirror = mirror_path(self._mirrors, spec.location)
         if not (mirror / "HEAD").is_file():
             raise Unavailable(f"{redact(spec.location)} has not been fetched yet")
-        fetched = mirror / "FETCH_HEAD"
-        stamp = fetched if fetched.is_file() else mirror / "HEAD"
+        fetched = fetched_stamp(mirror)
+        stamp = fetched if fetched.is_file() else mirror / "HEAD"  # HEAD: as of the clone
         return GitRepo(mirror), datetime.fromtimestamp(stamp.stat().st_mtime, UTC)
 
 

@@ -58,6 +58,7 @@ from retriever.domain import (
 from retriever.errors import (
     Aborted,
     Cancelled,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     NotReady,
@@ -288,6 +289,7 @@ class Syncer:
         target = check_location(spec.location, self._settings)
         if not is_url(target):
             self._check_local(spec, target)
+        self._check_unbound_documents(namespace)
         with self._lock:
             if self._closed:
                 raise NotReady("the server is shutting down; retry against a running server")
@@ -392,6 +394,22 @@ class Syncer:
         return out
 
     # -- request checks --------------------------------------------------------------------
+    def _check_unbound_documents(self, namespace: str) -> None:
+        """A sync makes the namespace hold exactly the source's files: binding one that
+        holds documents of its own (upserted, not from a source) would delete them all, on
+        nothing more than a mistyped name. Refused; the caller picks a new namespace or
+        deletes the old one on purpose."""
+        if self._catalog.get_source(namespace) is not None:
+            return  # bound: its documents are the source's (a rebind reconciles, as asked)
+        ns = self._catalog.get_namespace(namespace)
+        if ns is not None and ns.document_count > 0:
+            raise FailedPrecondition(
+                f"namespace {namespace!r} holds {ns.document_count} documents that did not "
+                "come from a source, and a sync would delete every one that is not in the "
+                "repository: sync into a new namespace, or delete this one first "
+                "(DeleteNamespace) if that is what you want")
+
+
     def _spec(self, namespace: str, req: SyncRequest) -> SourceSpec:
         limit = self._settings.max_document_bytes
         if not req.location:
