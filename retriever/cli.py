@@ -663,7 +663,11 @@ def evaluate(
         except InvalidArgument as exc:
             err.print(f"error: {exc}", markup=False, highlight=False)
             raise typer.Exit(2) from None
-    table = Table(title=f"{qs.name} · {namespace} · {len(qs.queries)} queries · top_k {top_k}",
+    scored = max((r.queries for r in results if r.available), default=0)
+    counted = (f"{len(qs.queries)} queries" if scored == len(qs.queries) else
+               f"{scored} of {len(qs.queries)} queries scored (the rest judge no document "
+               "relevant)")
+    table = Table(title=f"{qs.name} · {namespace} · {counted} · top_k {top_k}",
                   box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)  # fits 80 columns
     columns = ["nDCG@10", "P@1", "P@5", "P@10", "R@10", "R@100", "MRR"]
     for c in ["mode", *columns, "p50 ms", "p99 ms"]:

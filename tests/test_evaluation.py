@@ -447,6 +447,13 @@ def test_eval_command_on_a_tiny_beir_set(server, client, tmp_path: Path) -> None
     piped = json.loads(again.stdout)  # stdout is the JSON alone (the table goes to stderr)
     assert piped["modes"][0]["mode"] == "dense" and "nDCG@10" in again.stderr
     assert client.status("tiny").document_count == 4
+    # A query judged with no relevant document is not scored: the title says so.
+    with (beir / "qrels" / "test.tsv").open("a") as fh:
+        fh.write("q4\tbread\t0\n")
+    titled = runner.invoke(app, ["eval", "--beir", str(beir), "-n", "tiny", "-a",
+                                 server.address, "--modes", "dense", "--no-index"])
+    assert titled.exit_code == 0, titled.output
+    assert "3 of 4 queries scored" in " ".join(titled.stdout.split())
 
 
 
