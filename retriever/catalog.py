@@ -897,8 +897,14 @@ class Catalog:
         """Bind (or rebind) the namespace to ``src``, with its commits as given.
         ``updated_at`` (when it was bound or last synced: what the staleness of a source
         never synced counts from) moves only when the binding changes, not at every sync
-        attempt that re-states it."""
+        attempt that re-states it. A namespace deleted meanwhile (a DeleteNamespace beside
+        a starting sync) is NotFound: a binding left behind would have the poller bring the
+        namespace back."""
         with self._writer() as db:
+            if db.execute("SELECT 1 FROM namespaces WHERE name = ?",
+                          (src.namespace,)).fetchone() is None:
+                raise NotFound(f"namespace {src.namespace!r} does not exist (deleted while "
+                               "the sync started)", field="namespace")
             db.execute(
                 "INSERT INTO sources (namespace, location, ref, include, exclude,"
                 " max_file_bytes, last_commit, pending_commit, pending_full, updated_at)"

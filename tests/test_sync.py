@@ -26,7 +26,7 @@ from retriever.catalog import Catalog, SourceRecord, SyncRecord
 from retriever.cli import app
 from retriever.client import RetrieverClient
 from retriever.domain import NamespaceRecord
-from retriever.errors import InvalidArgument, PermissionDenied
+from retriever.errors import InvalidArgument, NotFound, PermissionDenied
 from retriever.freshness.sync import SYNC_HISTORY, check_location
 from retriever.v1 import retriever_pb2 as pb
 
@@ -470,6 +470,9 @@ def test_catalog_keeps_the_binding_and_the_last_syncs(tmp_path: Path) -> None:
         name="ns", backend="faiss", embedder="mini", embedder_revision="r", dimension=4,
         metric="cosine", index_generation=1, index_version=0, created_at=T0))
     assert cat.get_source("ns") is None
+    with pytest.raises(NotFound):  # no binding without its namespace
+        cat.put_source(SourceRecord("gone", "/srv/repos/app", "main", (), (), 1000))
+    assert cat.get_source("gone") is None
     cat.put_source(SourceRecord("ns", "/srv/repos/app", "main", ("src/",), ("*.md",), 1000,
                                 last_commit="a" * 40, pending_commit="b" * 40,
                                 pending_full=True))
@@ -537,3 +540,35 @@ def test_binding_a_namespace_of_upserted_documents_is_refused_not_a_wipe(
     client.create_namespace("handbook-empty")
     done = client.sync_source("handbook-empty", str(repo.root), wait=True, timeout=120)
     assert done.state == pb.SYNC_STATE_SUCCEEDED
+
+
+def test_the_poller_warns_once_about_a_source_that_stays_broken(
+        tmp_path: Path, embedder, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+    import logging
+    import shutil
+
+    from retriever.freshness.sync import SyncRequest
+    from retriever.service import RetrieverService
+
+    roots = tmp_path / "roots"
+    repo = _Repo(roots / "app")
+    repo.write("a.md", "# A\n")
+    repo.commit("init")
+    svc = RetrieverService(make_settings(tmp_path / "data", sync_roots=[roots]),
+                           embedder=embedder)
+    svc.start()
+    try:
+        svc.sync_source("polled", SyncRequest(location=str(repo.root)), wait=True)
+        assert svc.syncer is not None
+        shutil.move(str(repo.root), str(roots / "moved"))
+        caplog.set_level(logging.DEBUG, logger="retriever.freshness.sync")
+        for _ in range(3):
+            assert svc.syncer.poll_once() == []
+        said = [r for r in caplog.records if "polling the source of polled" in r.message]
+        assert [r.levelno for r in said] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+        shutil.move(str(roots / "moved"), str(repo.root))
+        caplog.clear()
+        svc.syncer.poll_once()
+        assert any("readable again" in r.message for r in caplog.records)
+    finally:
+        svc.close()

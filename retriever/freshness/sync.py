@@ -244,6 +244,9 @@ class Syncer:
         self._lock = threading.Lock()
         self._fetch_locks: dict[str, threading.Lock] = {}
         self._fetch_errors: dict[str, str] = {}  # URL -> why its last fetch failed
+        # namespace -> the poller's last error for it: said once at WARNING, then, while
+        # unchanged, at DEBUG (a source broken for days is not a warning per poll).
+        self._poll_errors: dict[str, str] = {}
         self._closed = False
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -344,14 +347,22 @@ class Syncer:
             if source is None:
                 continue
             try:
-                if not self._moved(source):
+                moved = self._moved(source)
+                if self._poll_errors.pop(ns, None) is not None:
+                    log.info("polling the source of %s: readable again", ns)
+                if not moved:
                     continue
                 self.sync(ns, SyncRequest(), wait=False)
                 started.append(ns)
             except Aborted:
                 continue  # a sync started meanwhile
             except RetrieverError as exc:
-                log.warning("polling the source of %s: %s", ns, redact(exc.message))
+                message = redact(exc.message)
+                repeated = self._poll_errors.get(ns) == message
+                self._poll_errors[ns] = message
+                log.log(logging.DEBUG if repeated else logging.WARNING,
+                        "polling the source of %s: %s%s", ns, message,
+                        " (said again at DEBUG while it lasts)" if not repeated else "")
         return started
 
     def _moved(self, source: SourceRecord) -> bool:
@@ -539,6 +550,8 @@ class Syncer:
             with run.lock:
                 run.commit, run.previous_commit, run.full = head, previous, not incremental
             self._ensure_namespace(ns)
+            if source is None:  # documents upserted since the check in sync()
+                self._check_unbound_documents(ns)
             # Bound before anything is applied, and marked pending: if this sync stops
             # midway, the next one knows what state the namespace may be in.
             self._catalog.put_source(SourceRecord(
