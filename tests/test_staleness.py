@@ -277,3 +277,29 @@ def test_a_scrape_refreshes_a_namespace_nobody_queries(roots: Path, embedder,  #
             behind = metric(metrics(st), "retriever_namespace_commits_behind", "unqueried")
         assert behind == 1
         assert metric(metrics(st), "retriever_namespace_staleness_seconds", "unqueried") > 0
+
+
+def test_an_indexed_commit_collected_after_a_rewrite_leaves_every_path_stale(
+        client: RetrieverClient, roots: Path) -> None:
+    """Rewritten, then garbage-collected: the indexed commit is gone, so which paths differ
+    is unknown. The source still reads (no error, the real head) and every hit counts as
+    stale from when that was first seen, until a sync reconciles."""
+    repo = make_repo(roots / "collected")
+    ns = "collected"
+    first = repo.git("rev-parse", "HEAD")
+    repo.write("src/gamma.py", "def gamma(values):\n    return min(values)  # compute\n")
+    second = repo.commit("gamma")
+    assert client.sync_source(ns, str(repo.root), wait=True, timeout=120).commit == second
+    repo.git("reset", "-q", "--hard", first)
+    repo.git("reflog", "expire", "--expire=now", "--all")
+    repo.git("gc", "-q", "--prune=now")
+    seen = client.status(ns).source
+    assert (seen.error, seen.head_commit, seen.indexed_commit) == ("", first, second)
+    time.sleep(1.1)
+    assert client.status(ns).source.staleness.ToTimedelta().total_seconds() >= 1.0
+    hits = hits_by_path(client, ns)
+    assert set(hits) == {"src/alpha.py", "src/beta.py", "src/gamma.py"}
+    for h in hits.values():
+        assert h.staleness.ToTimedelta().total_seconds() >= 1.0
+    assert client.sync_source(ns, wait=True, timeout=120).commit == first
+    assert client.status(ns).source.staleness.ToTimedelta().total_seconds() == 0

@@ -30,8 +30,10 @@ from retriever.domain import ChunkRecord
 from retriever.errors import RetrieverError, Unavailable
 from retriever.freshness.git import (
     GitRepo,
+    Pending,
     SourceSpec,
     fetched_stamp,
+    has_commit,
     is_url,
     mirror_path,
     open_source,
@@ -81,6 +83,9 @@ class SourceLag:
     # First read that found the indexed commit off the ref's history (force-push, branch
     # moved back); None while it is on it. The index holds changes the source has not.
     diverged_since: datetime | None = None
+    # The indexed commit is gone from the repository (history rewritten, then collected):
+    # which paths differ is unknown, so every path counts as stale from diverged_since.
+    indexed_lost: bool = False
 
     @property
     def never_synced(self) -> bool:
@@ -100,7 +105,7 @@ class SourceLag:
     def path_staleness_s(self, path: str, now: datetime) -> float:
         """Age of the oldest pending commit that touched ``path``; 0 when none did (as of
         the last read). A source never synced to the end lags everywhere."""
-        if self.never_synced:
+        if self.never_synced or self.indexed_lost:
             return self.staleness_s(now)
         when = self.by_path.get(path)
         return max(0.0, (now - when).total_seconds()) if when is not None else 0.0
@@ -202,7 +207,9 @@ class SourceFreshness:
                 head = resolve(repo, source.ref)
                 if not source.last_commit:
                     return _replace(base, head_commit=head, checked_at=checked_at)
-                p = pending(repo, source.last_commit, head)
+                lost = not has_commit(repo, source.last_commit)
+                p = (Pending(0, None, {}, True) if lost
+                     else pending(repo, source.last_commit, head))
             error = self._fetch_error(source.location) if is_url(source.location) else ""
             oldest, by_path, since = p.oldest_time, p.by_path, None
             if p.diverged:
@@ -214,6 +221,10 @@ class SourceFreshness:
                         == (source.last_commit, head)):
                     first_seen = previous.diverged_since
                 since = first_seen
+                if lost:
+                    return _replace(base, head_commit=head, oldest_pending=first_seen,
+                                    checked_at=checked_at, error=redact(error),
+                                    diverged_since=first_seen, indexed_lost=True)
                 by_path = dict(by_path)
                 for path in p.withdrawn:
                     by_path[path] = min(by_path.get(path, first_seen), first_seen)
