@@ -51,7 +51,13 @@ from retriever.errors import (
     translate,
 )
 from retriever.freshness.staleness import SourceFreshness, chunk_staleness
-from retriever.freshness.sync import Syncer, SyncRequest, SyncState, SyncStatus
+from retriever.freshness.sync import (
+    Syncer,
+    SyncRequest,
+    SyncState,
+    SyncStatus,
+    check_location,
+)
 from retriever.ingest.chunking import ChunkerSet
 from retriever.ingest.pipeline import Ingestor, service_chunkers
 from retriever.models.batcher import MicroBatcher
@@ -79,7 +85,8 @@ class RetrieverService:
                                cache_bytes=settings.catalog_cache_bytes)
         self.freshness = SourceFreshness(
             self.catalog, settings.data_dir / "sources", settings.staleness_refresh_s,
-            fetch_error=lambda url: self.syncer.fetch_error(url) if self.syncer else "")
+            fetch_error=lambda url: self.syncer.fetch_error(url) if self.syncer else "",
+            allowed=lambda location: check_location(location, settings))
         self.metrics.watch_sources(self.freshness.cached)
         self.metrics.cap_namespaces(settings.metrics_max_namespaces)
         # Recent search responses, for RecordFeedback (online precision@k).

@@ -303,3 +303,18 @@ def test_an_indexed_commit_collected_after_a_rewrite_leaves_every_path_stale(
         assert h.staleness.ToTimedelta().total_seconds() >= 1.0
     assert client.sync_source(ns, wait=True, timeout=120).commit == first
     assert client.status(ns).source.staleness.ToTimedelta().total_seconds() == 0
+
+
+def test_a_bound_path_swapped_for_a_link_out_of_the_roots_is_not_read(
+        client: RetrieverClient, roots: Path, tmp_path: Path) -> None:
+    repo = make_repo(roots / "swapped")
+    ns = "swapped"
+    synced = client.sync_source(ns, str(repo.root), wait=True, timeout=120).commit
+    elsewhere = make_repo(tmp_path / "outside-the-roots")
+    elsewhere.write("secret.py", "def secret(values):\n    return values\n")
+    outside_head = elsewhere.commit("secret")
+    shutil.move(str(repo.root), str(roots / "swapped-away"))
+    (roots / "swapped").symlink_to(elsewhere.root, target_is_directory=True)
+    src = client.status(ns).source
+    assert src.error, "the link out of the roots was read"
+    assert src.head_commit != outside_head and src.indexed_commit == synced

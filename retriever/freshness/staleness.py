@@ -123,9 +123,14 @@ class SourceFreshness:
     seconds, so a search never queries the catalog or git for them."""
 
     def __init__(self, catalog: Catalog, mirrors: Path, refresh_s: float,
-                 fetch_error: Callable[[str], str] | None = None) -> None:
+                 fetch_error: Callable[[str], str] | None = None,
+                 allowed: Callable[[str], str] | None = None) -> None:
         """``fetch_error(url)``: why the last fetch of a URL source failed ("" if it did
-        not): its mirror is then as old as its last good fetch, and the lag says so."""
+        not): its mirror is then as old as its last good fetch, and the lag says so.
+        ``allowed(location)``: the location to read if this server may still sync it (a
+        local path resolved), else an error: a bound path swapped for a symbolic link out of
+        the sync roots is not read, as a sync would not read it."""
+        self._allowed = allowed or (lambda location: location)
         self._catalog = catalog
         self._fetch_error = fetch_error or (lambda location: "")
         self._mirrors = mirrors
@@ -202,6 +207,9 @@ class SourceFreshness:
             indexed_commit=source.last_commit, head_commit="", commits_behind=0,
             oldest_pending=None, by_path={}, checked_at=None, bound_at=source.updated_at)
         try:
+            target = self._allowed(source.location)
+            if not is_url(source.location):
+                spec = SourceSpec(location=target, ref=source.ref)
             repo, checked_at = self._open(spec, now)
             with repo:
                 head = resolve(repo, source.ref)
