@@ -218,18 +218,26 @@ def test_namespaces_past_the_metrics_cap_share_the_other_series(roots: Path, emb
         assert abs(lag - age(second.times[pending_commit])) < SLACK_S
 
 
-def test_a_branch_moved_back_leaves_what_it_dropped_stale(client: RetrieverClient, server,  # noqa: ANN001
-                                                         roots: Path) -> None:
-    """A force-push of an older commit (the ref moved off the indexed commit's line): the
-    index still serves a file the source no longer has, so it is stale from when that was
-    first seen, not "caught up" because nothing is newer than the index."""
-    repo = make_repo(roots / "moved-back")
-    ns = "moved-back"
+def synced_then_moved_back(client: RetrieverClient, roots: Path, ns: str
+                           ) -> tuple[TimedRepo, str, str]:
+    """A repository synced at its second commit (which adds src/gamma.py), whose branch is
+    then moved back to the first: (repo, first, second)."""
+    repo = make_repo(roots / ns)
     first = repo.git("rev-parse", "HEAD")
     repo.write("src/gamma.py", "def gamma(values):\n    return min(values)  # compute\n")
     second = repo.commit("gamma")
     assert client.sync_source(ns, str(repo.root), wait=True, timeout=120).commit == second
     repo.git("reset", "-q", "--hard", first)
+    return repo, first, second
+
+
+def test_a_branch_moved_back_leaves_what_it_dropped_stale(client: RetrieverClient, server,  # noqa: ANN001
+                                                         roots: Path) -> None:
+    """A force-push of an older commit (the ref moved off the indexed commit's line): the
+    index still serves a file the source no longer has, so it is stale from when that was
+    first seen, not "caught up" because nothing is newer than the index."""
+    ns = "moved-back"
+    _repo, first, second = synced_then_moved_back(client, roots, ns)
     seen = client.status(ns).source
     assert (seen.indexed_commit, seen.head_commit, seen.commits_behind) == (second, first, 0)
     time.sleep(1.1)
@@ -284,13 +292,8 @@ def test_an_indexed_commit_collected_after_a_rewrite_leaves_every_path_stale(
     """Rewritten, then garbage-collected: the indexed commit is gone, so which paths differ
     is unknown. The source still reads (no error, the real head) and every hit counts as
     stale from when that was first seen, until a sync reconciles."""
-    repo = make_repo(roots / "collected")
     ns = "collected"
-    first = repo.git("rev-parse", "HEAD")
-    repo.write("src/gamma.py", "def gamma(values):\n    return min(values)  # compute\n")
-    second = repo.commit("gamma")
-    assert client.sync_source(ns, str(repo.root), wait=True, timeout=120).commit == second
-    repo.git("reset", "-q", "--hard", first)
+    repo, first, second = synced_then_moved_back(client, roots, ns)
     repo.git("reflog", "expire", "--expire=now", "--all")
     repo.git("gc", "-q", "--prune=now")
     seen = client.status(ns).source
