@@ -163,6 +163,8 @@ def search(q: SearchQuery, settings: Settings, prefix: str = "") -> None:
     f = f"{prefix}query"
     if not q.query or not q.query.strip():
         raise InvalidArgument(f"{f} is empty: send the text to search for", field=f)
+    if "\x00" in q.query:
+        raise InvalidArgument(f"{f} holds a NUL character: send text", field=f)
     size = _utf8_len(q.query, f)
     if size > settings.max_query_bytes:
         raise InvalidArgument(
@@ -187,6 +189,10 @@ def search(q: SearchQuery, settings: Settings, prefix: str = "") -> None:
             raise InvalidArgument(
                 f"{prefix}filter.{name} has {len(items)} entries; at most "
                 f"{MAX_FILTER_ENTRIES}", field=f"{prefix}filter.{name}")
+        values = [x for item in items for x in (item if isinstance(item, tuple) else (item,))]
+        if any("\x00" in v for v in values):
+            raise InvalidArgument(f"{prefix}filter.{name} holds a NUL character: no "
+                                  f"{name} has one", field=f"{prefix}filter.{name}")
 
 
 def page_size(value: int, settings: Settings, default: int = 100) -> int:

@@ -176,6 +176,12 @@ def test_negative_max_staleness_is_invalid(client: RetrieverClient) -> None:
                                             max_staleness=Duration(seconds=-5)), timeout=60)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "max_staleness" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:  # not a Duration: nanos carry no whole seconds
+        client.stub.Search(pb.SearchRequest(namespace="plain", query="x", top_k=1,
+                                            max_staleness=Duration(nanos=2_000_000_000)),
+                           timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nanos" in e.value.details()
 
 
 def test_the_poller_syncs_a_source_whose_ref_moved(roots: Path, embedder,  # noqa: ANN001

@@ -184,6 +184,14 @@ BAD_QUERIES: list[tuple[str, SearchQuery, str, str]] = [
      "filter.path_prefix", "NUL"),
     ("long filter path_prefix", query(filter=SearchFilter(path_prefix="p" * 1025)),
      "filter.path_prefix", "1024"),
+    ("NUL in the query", query(query="\x00"), "query", "NUL"),
+    ("NUL inside the query", query(query="where\x00is it"), "query", "NUL"),
+    ("NUL in a filter language", query(filter=SearchFilter(languages=("py\x00",))),
+     "filter.languages", "NUL"),
+    ("NUL in a filter kind", query(filter=SearchFilter(kinds=("\x00",))),
+     "filter.kinds", "NUL"),
+    ("NUL in a filter metadata key", query(filter=SearchFilter(metadata=(("k\x00", "v"),))),
+     "filter.metadata", "NUL"),
 ]
 
 

@@ -61,6 +61,9 @@ RerankPairs = Callable[[Sequence[tuple[str, str]], Sequence[int]], "Future[np.nd
 
 log = logging.getLogger(__name__)
 
+# The most candidates one side is asked for when shaping needs more than the first pool.
+_MAX_WANTED = 1 << 16
+
 _MODES = {"dense": SearchMode.DENSE, "lexical": SearchMode.LEXICAL,
           "hybrid": SearchMode.HYBRID}
 
@@ -186,7 +189,8 @@ class Searcher:
     def _wanted(self, q: SearchQuery, mode: SearchMode) -> int:
         """Candidates each side provides."""
         s = self._settings
-        shaped = q.collapse or q.max_hits_per_path or q.min_score is not None
+        shaped = (q.collapse or q.max_hits_per_path or q.min_score is not None
+                  or q.max_staleness_s is not None)
         wanted = q.top_k * (8 if shaped else 2) + 8
         if q.rerank:
             wanted = max(wanted, q.top_k, q.rerank_candidates or s.default_rerank_candidates)
@@ -235,30 +239,53 @@ class Searcher:
         if q.rerank:
             rerank_n = max(q.top_k, q.rerank_candidates or s.default_rerank_candidates)
         timings: dict[str, float] = {}
-        dense: dict[int, float] = {}
-        lexical: dict[int, float] = {}
-        heads: dict[int, tuple[str, str]] = {}
-        looked: set[int] = set()  # ids whose heads were asked for (shown or not)
+        now = datetime.now(UTC)
+        lag = self._source_lag(q.namespace)
+        # Hits beyond max_staleness are dropped before the top_k cut (by path: with a bound
+        # source a hit's staleness is its path's; by the document rule it is 0 or unset, never
+        # beyond a bound), so stale candidates never take the places of fresh ones.
+        drop_stale = (q.max_staleness_s is not None and not q.flag_stale
+                      and lag is not None)
         with handle.visibility.read():
             handle.require_live()
             if early is not None and early.generation != handle.visibility.generation:
                 early = None  # a commit came between: the lexical index is asked again
-            if vec is not None:
-                with tracing.span("retriever.search.ann", {"retriever.wanted": wanted}) as sp:
-                    # The early lexical answer's heads come in the same catalog statement.
-                    also = [v for v, _ in early.found] if early is not None else []
-                    dense, heads = self._dense(q, handle, vec, wanted, timings, also, looked)
-                    sp.set_attribute("retriever.candidates", len(dense))
-            if mode is not SearchMode.DENSE:
-                with tracing.span("retriever.search.lexical",
-                                  {"retriever.wanted": wanted}) as sp:
-                    lexical = self._lexical(q, handle, wanted, heads, timings, early, looked)
-                    sp.set_attribute("retriever.candidates", len(lexical))
-            with tracing.span("retriever.search.fuse") as sp:
-                count, ranked = self._fuse(q, mode, dense, lexical, heads, timings)
-                sp.set_attribute("retriever.candidates", count)
-            needed = (list(itertools.islice(ranked, rerank_n)) if q.rerank
-                      else self._shape(q, ranked))
+            while True:
+                dense: dict[int, float] = {}
+                lexical: dict[int, float] = {}
+                heads: dict[int, tuple[str, str]] = {}
+                looked: set[int] = set()  # ids whose heads were asked for (shown or not)
+                if vec is not None:
+                    with tracing.span("retriever.search.ann",
+                                      {"retriever.wanted": wanted}) as sp:
+                        # The early lexical answer's heads come in the same catalog statement.
+                        also = [v for v, _ in early.found] if early is not None else []
+                        dense, heads = self._dense(q, handle, vec, wanted, timings, also,
+                                                   looked)
+                        sp.set_attribute("retriever.candidates", len(dense))
+                if mode is not SearchMode.DENSE:
+                    with tracing.span("retriever.search.lexical",
+                                      {"retriever.wanted": wanted}) as sp:
+                        lexical = self._lexical(q, handle, wanted, heads, timings, early,
+                                                looked)
+                        sp.set_attribute("retriever.candidates", len(lexical))
+                with tracing.span("retriever.search.fuse") as sp:
+                    count, ranked = self._fuse(q, mode, dense, lexical, heads, timings)
+                    sp.set_attribute("retriever.candidates", count)
+                if drop_stale:
+                    assert lag is not None and q.max_staleness_s is not None
+                    bound = q.max_staleness_s
+                    ranked = (c for c in ranked if lag.path_staleness_s(c.path, now) <= bound)
+                needed = (list(itertools.islice(ranked, rerank_n)) if q.rerank
+                          else self._shape(q, ranked))
+                # Shaping (collapse, a cap per path, dropped stale hits) can leave fewer than
+                # top_k of a pool that a side cut short: ask both sides for more.
+                truncated = len(dense) >= wanted or len(lexical) >= wanted
+                if (len(needed) >= (rerank_n if q.rerank else q.top_k) or not truncated
+                        or wanted >= _MAX_WANTED):
+                    break
+                wanted = min(wanted * 4, _MAX_WANTED)
+                early = None
             with tracing.span("retriever.search.fetch", {"retriever.chunks": len(needed)}):
                 f0 = time.perf_counter()
                 # Whole chunks only for what can be returned.
@@ -276,8 +303,6 @@ class Searcher:
             assert self._reranker is not None
             reranker = self._reranker.name
         final = self._shape(q, candidates) if q.rerank else candidates
-        now = datetime.now(UTC)
-        lag = self._source_lag(q.namespace)
         hits: list[Hit] = []
         for c in final:
             assert c.chunk is not None

@@ -128,6 +128,10 @@ def _max_staleness(msg: pb.SearchRequest, field: str) -> float | None:
     if d.seconds < 0 or d.nanos < 0:
         raise InvalidArgument(f"{field}max_staleness must not be negative",
                               field=f"{field}max_staleness")
+    if d.nanos > 999_999_999:
+        raise InvalidArgument(f"{field}max_staleness.nanos is {d.nanos}; a Duration's nanos "
+                              "must be below 1e9 (carry whole seconds in seconds)",
+                              field=f"{field}max_staleness")
     seconds = d.seconds + d.nanos / 1e9
     return seconds or None
 
