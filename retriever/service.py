@@ -449,10 +449,13 @@ class RetrieverService:
                         judgements: Sequence[tuple[str, bool]]) -> tuple[int, int]:
         """Judgements of chunks a recent search returned; (recorded, relevant)."""
         self._require_ready()
-        recorded, relevant, judged_ns = self.feedback.judge(namespace, request_id, judgements)
-        label = self.metrics.namespace_label(judged_ns)
-        self.metrics.feedback.labels(label, "relevant").inc(relevant)
-        self.metrics.feedback.labels(label, "not_relevant").inc(recorded - relevant)
+        recorded, relevant, by_ns = self.feedback.judge(namespace, request_id, judgements)
+        # Each judgement counts for the namespace of the search that returned its chunk
+        # (a BatchSearch judged without a namespace may span several).
+        for ns, (n, rel) in by_ns.items():
+            label = self.metrics.namespace_label(ns)
+            self.metrics.feedback.labels(label, "relevant").inc(rel)
+            self.metrics.feedback.labels(label, "not_relevant").inc(n - rel)
         return recorded, relevant
 
     def register_golden_set(self, namespace: str, name: str, queries: Sequence[GoldenQuery],

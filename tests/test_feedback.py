@@ -129,7 +129,7 @@ def test_the_window_slides_and_the_log_is_bounded() -> None:
     now = [1000.0]
     log = FeedbackLog(size=2, window_s=60, ks=(1, 5), clock=lambda: now[0])
     log.record("r1", [("ns", ["a", "b", "c"])])
-    assert log.judge("ns", "r1", [("a", True), ("c", False)]) == (2, 1, "ns")
+    assert log.judge("ns", "r1", [("a", True), ("c", False)]) == (2, 1, {"ns": (2, 1)})
     assert log.window() == [WindowStats("ns", 1, 1, 1), WindowStats("ns", 5, 1, 2)]
     now[0] += 61
     assert log.window() == []
@@ -146,3 +146,12 @@ def test_the_window_slides_and_the_log_is_bounded() -> None:
 def test_feedback_settings_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="feedback_log_size"):
         make_settings(tmp_path, feedback_log_size=0)
+
+
+def test_judgements_count_for_the_namespace_that_returned_them() -> None:
+    """A BatchSearch over two namespaces judged without a namespace: each judgement is
+    booked to its own chunk's namespace, not to the first one searched."""
+    log = FeedbackLog(size=4, window_s=60.0)
+    log.record("r1", [("nsa", ["a1", "a2"]), ("nsb", ["b1", "b2"])], trace_id="")
+    assert log.judge("", "r1", [("b1", True), ("b2", False), ("a2", True)]) == (
+        3, 2, {"nsb": (2, 1), "nsa": (1, 1)})

@@ -100,3 +100,37 @@ def _search_count(text: str) -> float:
                     s.labels.get("rpc") == "Search":
                 return s.value
     return 0.0
+
+
+def _eval_series(m: Metrics) -> dict[tuple[str, str, str], float]:
+    return {(f.name, s.labels["namespace"], s.labels["k"]): s.value
+            for f in text_string_to_metric_families(generate_latest(m.registry).decode())
+            if f.name in ("retriever_eval_recall_at_k", "retriever_eval_precision_at_k",
+                          "retriever_eval_ndcg_at_k")
+            for s in f.samples}
+
+
+def test_an_evaluation_replaces_the_cutoffs_of_the_previous_one() -> None:
+    """recall@10 of an earlier run must not outlive a later run without k=10 (the recall
+    alert reads k="10"), and asking for many k values must not pile up series."""
+    from datetime import UTC, datetime
+
+    from retriever.domain import EvalMetric, EvaluationRecord, SearchMode
+
+    def rec(ks: tuple[int, ...], value: float) -> EvaluationRecord:
+        return EvaluationRecord(
+            evaluation_id="e", namespace="ns", golden_set="gs", version=1,
+            started_at=datetime.now(UTC), seconds=0.1, mode=SearchMode.DEFAULT, rerank=False,
+            query_count=3, trigger="request",
+            metrics=tuple(EvalMetric(n, k, value) for k in ks
+                          for n in ("precision", "recall", "ndcg")))
+
+    m = Metrics()
+    m.set_evaluation(rec((1, 5, 10), 1.0))
+    m.set_evaluation(rec((1, 5), 0.0))
+    got = _eval_series(m)
+    assert ("retriever_eval_recall_at_k", "ns", "10") not in got
+    assert got[("retriever_eval_recall_at_k", "ns", "5")] == 0.0
+    for start in range(1, 100, 10):
+        m.set_evaluation(rec(tuple(range(start, start + 10)), 0.5))
+    assert len(_eval_series(m)) == 3 * 10

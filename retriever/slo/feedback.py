@@ -74,12 +74,12 @@ class FeedbackLog:
             while len(self._responses) > self._size:
                 self._responses.popitem(last=False)
 
-    def judge(self, namespace: str, request_id: str,
-              judgements: Sequence[tuple[str, bool]]) -> tuple[int, int, str]:
+    def judge(self, namespace: str, request_id: str, judgements: Sequence[tuple[str, bool]]
+              ) -> tuple[int, int, dict[str, tuple[int, int]]]:
         """Record judgements of chunks ``request_id`` returned; returns (recorded,
-        relevant, the namespace judged). NotFound for a request the log does not hold;
-        InvalidArgument for bad input, a namespace the request did not search, or a chunk
-        it did not return."""
+        relevant, per namespace of the judged chunks: (recorded, relevant)). NotFound for
+        a request the log does not hold; InvalidArgument for bad input, a namespace the
+        request did not search, or a chunk it did not return."""
         if not request_id:
             raise InvalidArgument("request_id is required: the Lineage.request_id of the "
                                   "search judged", field="request_id")
@@ -123,15 +123,18 @@ class FeedbackLog:
                         f"chunk {chunk_id!r} (feedback, judgement {i}) was not returned by "
                         f"request {request_id!r}", field="feedback")
             now = self._clock()
+            by_ns: dict[str, tuple[int, int]] = {}
             for chunk_id, relevant in verdicts.items():
                 ns, rank = ranks[chunk_id]
+                n, r = by_ns.get(ns, (0, 0))
+                by_ns[ns] = (n + 1, r + int(relevant))
                 key = (request_id, chunk_id)
                 self._judged.pop(key, None)
                 self._judged[key] = (now, ns, rank, relevant)
             self._prune(now)
         if trace_id:
             trace.get_current_span().set_attribute("retriever.feedback.trace_id", trace_id)
-        return len(verdicts), sum(verdicts.values()), searched[0][0]
+        return len(verdicts), sum(verdicts.values()), by_ns
 
     def trace_id(self, request_id: str) -> str | None:
         """The trace id recorded with ``request_id`` ("" when it had none); None when the

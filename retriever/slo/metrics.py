@@ -223,6 +223,15 @@ class Metrics:
         ns = self.namespace_label(rec.namespace)
         gauges = {"precision": self.eval_precision, "recall": self.eval_recall,
                   "ndcg": self.eval_ndcg}
+        # Only this evaluation's cut-offs stay exported: a k an earlier run of the namespace
+        # used and this one did not would keep that run's value (an alert on k="10" reading
+        # an old figure) and let callers grow the series with every k they ask for.
+        ks = {str(m.k) for m in rec.metrics if m.name in gauges}
+        for g in gauges.values():
+            for k in [s.labels["k"] for fam in g.collect() for s in fam.samples
+                      if s.labels.get("namespace") == ns and s.labels["k"] not in ks]:
+                with suppress(KeyError):
+                    g.remove(ns, k)
         for m in rec.metrics:
             if m.name in gauges:
                 gauges[m.name].labels(ns, str(m.k)).set(m.value)
