@@ -115,6 +115,9 @@ class Namespaces:
         self._metrics = metrics
         self._backends: dict[str, Backend] = {}
         self._handles: dict[str, NamespaceHandle] = {}
+        # Namespaces on a backend this server cannot open (its engine is not installed):
+        # name -> why. They answer FAILED_PRECONDITION and can be deleted; the rest serve.
+        self._unopened: dict[str, str] = {}
         self._lock = threading.Lock()
         # The lost collections being rebuilt (by name), under a lock of their own (engine
         # calls report losses, maybe under the registry lock), and the token that stops the
@@ -132,8 +135,15 @@ class Namespaces:
         records = [r for r in (self._catalog.get_namespace(n, with_counts=False)
                                for n in self._catalog.namespace_names()) if r is not None]
         known = {collection_name(r.name, r.index_generation) for r in records}
+        missing: dict[str, str] = {}  # backend -> why it cannot be opened
         for backend_name in {self._default_backend, *(r.backend for r in records)}:
-            backend = self._backend(backend_name)
+            try:
+                backend = self._backend(backend_name)
+            except FailedPrecondition as exc:
+                if backend_name == self._default_backend:
+                    raise  # the configuration names an engine that is not there
+                missing[backend_name] = exc.message
+                continue
             for orphan in set(backend.collections()) - known:
                 # Left by a crash between a DeleteNamespace's commit and its drop.
                 log.warning("dropping collection %s of no namespace", orphan)
@@ -143,6 +153,15 @@ class Namespaces:
         # Collections written before engines stored payloads get theirs once.
         add_payloads = self._catalog.meta("index_payloads") != "1"
         for record in records:
+            if record.backend in missing:
+                why = (f"namespace {record.name!r} is on the {record.backend} backend, which "
+                       f"this server cannot open ({missing[record.backend]}): install it and "
+                       "restart, or delete the namespace (its documents are in the catalog "
+                       "until then)")
+                log.error("%s; the other namespaces serve", why)
+                with self._lock:
+                    self._unopened[record.name] = why
+                continue
             handle = self._open(record)
             self._report_quarantined(handle)
             active = np.sort(self._catalog.active_vector_ids(record.name))
@@ -484,6 +503,9 @@ class Namespaces:
     def get(self, name: str) -> NamespaceHandle:
         with self._lock:
             handle = self._handles.get(name)
+            unopened = self._unopened.get(name)
+        if unopened is not None:
+            raise FailedPrecondition(unopened, field="namespace")
         if handle is None:
             raise NotFound(f"namespace {name!r} does not exist", field="namespace")
         return handle
@@ -536,6 +558,14 @@ class Namespaces:
     def delete(self, name: str, token: CallToken = NEVER) -> tuple[int, int]:
         """Delete the namespace; gives up (Cancelled) while waiting behind its writers once
         the caller is gone, so a delete its caller saw fail never applies later."""
+        with self._lock:
+            if name in self._unopened:  # its engine is not here: the catalog's part goes,
+                token.check("the delete")  # its collection when the engine is back
+                docs, chunks = self._catalog.delete_namespace(name)
+                del self._unopened[name]
+                if self._lexical_root is not None:
+                    shutil.rmtree(self._lexical_root / lexical_dir(name), ignore_errors=True)
+                return docs, chunks
         handle = self.get(name)
         token.acquire(handle.write_lock, "the delete started")
         try:

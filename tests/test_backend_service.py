@@ -364,3 +364,43 @@ def test_one_reindex_of_a_namespace_at_a_time(tmp_path: Path, embedder: Embedder
         assert result.generation == record.index_generation == 2
     finally:
         svc.close()
+
+
+def test_a_namespace_on_an_engine_not_installed_does_not_stop_the_others(tmp_path: Path,
+                                                                          embedder) -> None:  # noqa: ANN001
+    """A server started without chromadb (the extra not installed): its chroma namespace
+    answers FAILED_PRECONDITION saying what to do and can be deleted; the others serve
+    (the whole server used to exit at start)."""
+    import grpc
+
+    from retriever.server.app import ServerThread
+
+    data = tmp_path / "data"
+    st = ServerThread(make_settings(data), embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            c.create_namespace("onchroma", backend="chroma")
+            c.upsert("onchroma", [pb.Document(doc_id="a", content="rye bread on chroma")])
+            c.upsert("onfaiss", [pb.Document(doc_id="b", content="rye bread on faiss")])
+    finally:
+        st.stop()
+    blocked = tmp_path / "no-chroma" / "chromadb"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text('raise ImportError("chromadb is not installed")\n')
+    path = os.pathsep.join([str(blocked.parent), os.environ.get("PYTHONPATH", "")])
+    server = ServerProcess(data, PYTHONPATH=path)
+    try:
+        with RetrieverClient(server.address) as c:
+            assert [h.chunk.doc_id for h in c.search("onfaiss", "rye bread").hits] == ["b"]
+            with pytest.raises(grpc.RpcError) as refused:
+                c.search("onchroma", "rye bread")
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "chroma" in refused.value.details()
+            assert "install" in refused.value.details()
+            with pytest.raises(grpc.RpcError) as upsert:
+                c.upsert("onchroma", [pb.Document(doc_id="c", content="more")])
+            assert upsert.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert c.delete_namespace("onchroma").documents_deleted == 1
+            assert {n.name for n in c.list_namespaces().namespaces} == {"onfaiss"}
+    finally:
+        assert server.terminate() == 0
