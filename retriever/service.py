@@ -524,6 +524,8 @@ class RetrieverService:
             raise InvalidArgument(f"version is {version}; 0 means the latest",
                                   field="version")
         cutoffs = golden.check_ks(ks, self.settings.max_top_k)
+        if rerank:
+            searcher.require_reranker()  # named as the EvaluateRequest names it
         self._namespace_record(namespace, "namespace")
         gs = self.catalog.get_golden_set(namespace, name, version)
         if gs is None:

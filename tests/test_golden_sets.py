@@ -193,6 +193,12 @@ def test_registering_a_name_again_makes_a_new_version(client: RetrieverClient) -
      grpc.StatusCode.INVALID_ARGUMENT, ["queries[0].query"]),
     (pb.RegisterGoldenSetRequest(namespace=NS, name="x", queries=[ORCHARD, ORCHARD]),
      grpc.StatusCode.INVALID_ARGUMENT, ["queries[1].id", "twice"]),
+    (pb.RegisterGoldenSetRequest(namespace=NS, name="x", queries=[
+        ORCHARD, pb.GoldenQuery(query="cars", relevant_doc_ids=["d-car", ""])]),
+     grpc.StatusCode.INVALID_ARGUMENT, ["queries[1].relevant_doc_ids[1]", "empty"]),
+    (pb.RegisterGoldenSetRequest(namespace=NS, name="x", queries=[
+        pb.GoldenQuery(query="cars", relevant_paths=[""])]),
+     grpc.StatusCode.INVALID_ARGUMENT, ["queries[0].relevant_paths[0]", "empty"]),
     (pb.RegisterGoldenSetRequest(namespace=NS, name="x", queries=[ORCHARD],
                                  from_source_history=pb.GoldenSetFromHistory(commits=3)),
      grpc.StatusCode.INVALID_ARGUMENT, ["from_source_history"]),
@@ -220,7 +226,7 @@ def test_register_refuses_bad_input(client: RetrieverClient, request_: object,
     ({"golden_set": "known", "k": [5, 5]}, grpc.StatusCode.INVALID_ARGUMENT, ["repeated"]),
     ({"golden_set": "known", "mode": 9}, grpc.StatusCode.INVALID_ARGUMENT, ["mode"]),
     ({"golden_set": "known", "rerank": True}, grpc.StatusCode.FAILED_PRECONDITION,
-     ["reranker_model"]),
+     ["reranker_model", "rerank: "]),
     ({"golden_set": "known", "namespace": "nosuch"}, grpc.StatusCode.NOT_FOUND, ["nosuch"]),
 ])
 def test_evaluate_refuses_bad_input(client: RetrieverClient, kw: dict[str, object],
@@ -232,6 +238,7 @@ def test_evaluate_refuses_bad_input(client: RetrieverClient, kw: dict[str, objec
     assert err.value.code() == code, err.value.details()
     for w in words:
         assert w in err.value.details()
+    assert "requests[" not in err.value.details()  # the fields an EvaluateRequest has
 
 
 def test_a_set_built_from_the_source_history(client: RetrieverClient, roots: Path) -> None:

@@ -142,11 +142,8 @@ class Searcher:
             if q.min_score is not None and not np.isfinite(q.min_score):
                 raise InvalidArgument(f"{prefix}min_score must be a finite number",
                                       field=f"{prefix}min_score")
-            if q.rerank and self._reranker is None:
-                raise FailedPrecondition(
-                    f"{prefix}rerank: this server has no re-ranker; set reranker_model to a "
-                    "local cross-encoder directory, or leave rerank unset",
-                    field=f"{prefix}rerank")
+            if q.rerank:
+                self.require_reranker(f"{prefix}rerank")
             handle = self._namespaces.get(q.namespace)
             self._namespaces.require_compatible(handle)
             handles.append(handle)
@@ -185,6 +182,13 @@ class Searcher:
                 span.set_attribute("retriever.hits", len(result.hits))
             results.append(result)
         return results
+
+    def require_reranker(self, field: str = "rerank") -> None:
+        """FailedPrecondition, naming ``field``, when this server has no re-ranker."""
+        if self._reranker is None:
+            raise FailedPrecondition(
+                f"{field}: this server has no re-ranker; set reranker_model to a local "
+                "cross-encoder directory, or leave rerank unset", field=field)
 
     def _wanted(self, q: SearchQuery, mode: SearchMode) -> int:
         """Candidates each side provides."""

@@ -144,9 +144,16 @@ def mode_from_pb(value: int, field: str = "mode") -> SearchMode:
     return _MODES[value]  # type: ignore[index]  # an int checked against the enum's values
 
 
-def golden_query_from_pb(msg: pb.GoldenQuery) -> GoldenQuery:
+def golden_query_from_pb(msg: pb.GoldenQuery, field: str = "") -> GoldenQuery:
     """Binary judgements (relevant_doc_ids, relevant_paths) count grade 1; an explicit grade
-    in doc_grades / path_grades wins."""
+    in doc_grades / path_grades wins. ``field``: the query's place, e.g. "queries[2]."."""
+    for name, values in (("relevant_doc_ids", msg.relevant_doc_ids),
+                         ("relevant_paths", msg.relevant_paths)):
+        for j, value in enumerate(values):
+            if not value:
+                raise InvalidArgument(f"{field}{name}[{j}] is empty: name a document "
+                                      f"{'id' if name == 'relevant_doc_ids' else 'path'}",
+                                      field=f"{field}{name}[{j}]")
     docs = dict.fromkeys(msg.relevant_doc_ids, 1)
     docs.update(msg.doc_grades)
     paths = dict.fromkeys(msg.relevant_paths, 1)

@@ -479,7 +479,8 @@ class RetrieverServicer:
                 h = r.from_source_history
                 history = (h.commits, list(h.paths))
             return self._svc.register_golden_set(
-                r.namespace, r.name, [convert.golden_query_from_pb(q) for q in r.queries],
+                r.namespace, r.name, [convert.golden_query_from_pb(q, f"queries[{i}].")
+                                     for i, q in enumerate(r.queries)],
                 history)
 
         gs = await self._run(context, register, request)
