@@ -110,20 +110,24 @@ def _eval_series(m: Metrics) -> dict[tuple[str, str, str], float]:
             for s in f.samples}
 
 
-def test_an_evaluation_replaces_the_cutoffs_of_the_previous_one() -> None:
-    """recall@10 of an earlier run must not outlive a later run without k=10 (the recall
-    alert reads k="10"), and asking for many k values must not pile up series."""
+def _rec(namespace: str, golden_set: str, ks: tuple[int, ...], value: float):  # noqa: ANN202
     from datetime import UTC, datetime
 
     from retriever.domain import EvalMetric, EvaluationRecord, SearchMode
 
-    def rec(ks: tuple[int, ...], value: float) -> EvaluationRecord:
-        return EvaluationRecord(
-            evaluation_id="e", namespace="ns", golden_set="gs", version=1,
-            started_at=datetime.now(UTC), seconds=0.1, mode=SearchMode.DEFAULT, rerank=False,
-            query_count=3, trigger="request",
-            metrics=tuple(EvalMetric(n, k, value) for k in ks
-                          for n in ("precision", "recall", "ndcg")))
+    return EvaluationRecord(
+        evaluation_id="e", namespace=namespace, golden_set=golden_set, version=1,
+        started_at=datetime.now(UTC), seconds=0.1, mode=SearchMode.DEFAULT, rerank=False,
+        query_count=3, trigger="request",
+        metrics=tuple(EvalMetric(n, k, value) for k in ks
+                      for n in ("precision", "recall", "ndcg")))
+
+
+def test_an_evaluation_replaces_the_cutoffs_of_the_previous_one() -> None:
+    """recall@10 of an earlier run must not outlive a later run without k=10 (the recall
+    alert reads k="10"), and asking for many k values must not pile up series."""
+    def rec(ks: tuple[int, ...], value: float):  # noqa: ANN202
+        return _rec("ns", "gs", ks, value)
 
     m = Metrics()
     m.set_evaluation(rec((1, 5, 10), 1.0))
@@ -134,3 +138,23 @@ def test_an_evaluation_replaces_the_cutoffs_of_the_previous_one() -> None:
     for start in range(1, 100, 10):
         m.set_evaluation(rec(tuple(range(start, start + 10)), 0.5))
     assert len(_eval_series(m)) == 3 * 10
+
+
+def test_a_label_shows_the_worst_of_the_latest_runs_it_covers() -> None:
+    """Past metrics_max_namespaces namespaces share "other", and a namespace may have
+    several golden sets: the last run written must not hide a failing one from the alert."""
+    m = Metrics()
+    m.cap_namespaces(1)
+    m.set_evaluation(_rec("first", "smoke", (10,), 0.2))
+    m.set_evaluation(_rec("first", "regress", (10,), 0.9))  # a later, better set
+    m.set_evaluation(_rec("bad", "smoke", (10,), 0.0))  # past the cap: "other"
+    m.set_evaluation(_rec("good", "smoke", (10,), 1.0))
+    got = _eval_series(m)
+    assert got[("retriever_eval_recall_at_k", "first", "10")] == 0.2
+    assert got[("retriever_eval_recall_at_k", "other", "10")] == 0.0
+    m.set_evaluation(_rec("bad", "smoke", (10,), 0.7))  # fixed: its latest run counts
+    assert _eval_series(m)[("retriever_eval_recall_at_k", "other", "10")] == 0.7
+    m.forget_evaluations("bad")  # deleted: "other" is what is left in it
+    assert _eval_series(m)[("retriever_eval_recall_at_k", "other", "10")] == 1.0
+    m.forget_evaluations("first")
+    assert ("retriever_eval_recall_at_k", "first", "10") not in _eval_series(m)

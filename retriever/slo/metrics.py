@@ -77,6 +77,9 @@ _FRESHNESS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 86400)
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # label -> (namespace, golden set) -> its latest evaluation (set_evaluation)
+        self._latest_runs: dict[str, dict[tuple[str, str], EvaluationRecord]] = {}
+        self._eval_lock = threading.Lock()
         r = self.registry
         self.requests = Counter(
             "retriever_requests", "RPCs handled, by final status code.", ["rpc", "code"],
@@ -219,41 +222,67 @@ class Metrics:
         return self._ns_labels.label(namespace)
 
     def set_evaluation(self, rec: EvaluationRecord) -> None:
-        """Export one evaluation as the namespace's current quality figures."""
-        ns = self.namespace_label(rec.namespace)
+        """Export one evaluation. A label's quality figures are the worst, per cut-off, over
+        the latest run of each golden set it covers: a namespace's several sets, and every
+        namespace past metrics_max_namespaces (label "other"). The last run written would
+        otherwise hide a failing set or namespace from its alert (a recall of 0 showed as
+        1.0 once another one past the cap had run)."""
+        label = self.namespace_label(rec.namespace)
+        with self._eval_lock:
+            runs = self._latest_runs.setdefault(label, {})
+            runs[(rec.namespace, rec.golden_set)] = rec
+            self._export_evaluations(label, list(runs.values()))
+
+    def _export_evaluations(self, label: str, runs: list[EvaluationRecord]) -> None:
         gauges = {"precision": self.eval_precision, "recall": self.eval_recall,
                   "ndcg": self.eval_ndcg}
-        # Only this evaluation's cut-offs stay exported: a k an earlier run of the namespace
-        # used and this one did not would keep that run's value (an alert on k="10" reading
-        # an old figure) and let callers grow the series with every k they ask for.
-        ks = {str(m.k) for m in rec.metrics if m.name in gauges}
+        worst: dict[tuple[str, str], float] = {}
+        mrr: float | None = None
+        for run in runs:
+            for m in run.metrics:
+                if m.name in gauges:
+                    key = (m.name, str(m.k))
+                    worst[key] = min(worst.get(key, m.value), m.value)
+                elif m.name == "mrr":
+                    mrr = m.value if mrr is None else min(mrr, m.value)
+        # Only cut-offs a latest run used stay exported: an older run's k would keep its
+        # value (an alert on k="10" reading an old figure), and callers could grow the
+        # series with every k they ask for.
+        ks = {k for _, k in worst}
         for g in gauges.values():
             for k in [s.labels["k"] for fam in g.collect() for s in fam.samples
-                      if s.labels.get("namespace") == ns and s.labels["k"] not in ks]:
+                      if s.labels.get("namespace") == label and s.labels["k"] not in ks]:
                 with suppress(KeyError):
-                    g.remove(ns, k)
-        for m in rec.metrics:
-            if m.name in gauges:
-                gauges[m.name].labels(ns, str(m.k)).set(m.value)
-            elif m.name == "mrr":
-                self.eval_mrr.labels(ns).set(m.value)
-        self.eval_queries.labels(ns).set(rec.query_count)
-        if rec.started_at is not None:
-            self.eval_timestamp.labels(ns).set(rec.started_at.timestamp())
+                    g.remove(label, k)
+        for (name, k), value in worst.items():
+            gauges[name].labels(label, k).set(value)
+        if mrr is not None:
+            self.eval_mrr.labels(label).set(mrr)
+        latest = max(runs, key=lambda r: r.started_at.timestamp() if r.started_at else 0.0)
+        self.eval_queries.labels(label).set(latest.query_count)
+        if latest.started_at is not None:
+            self.eval_timestamp.labels(label).set(latest.started_at.timestamp())
 
     def forget_evaluations(self, namespace: str) -> None:
-        """Remove a deleted namespace's quality series (not the shared "other" ones)."""
-        ns = self._ns_labels.label(namespace)
-        if ns == OTHER:
-            return
-        for g in (self.eval_precision, self.eval_recall, self.eval_ndcg):
-            for labels in [s.labels for fam in g.collect() for s in fam.samples
-                           if s.labels.get("namespace") == ns]:
+        """Drop a deleted namespace's runs from its label's figures: its own series go; the
+        shared "other" ones are recomputed from the namespaces left in it."""
+        label = self._ns_labels.label(namespace)
+        with self._eval_lock:
+            runs = self._latest_runs.get(label, {})
+            for key in [key for key in runs if key[0] == namespace]:
+                del runs[key]
+            if runs:
+                self._export_evaluations(label, list(runs.values()))
+                return
+            self._latest_runs.pop(label, None)
+            for g in (self.eval_precision, self.eval_recall, self.eval_ndcg):
+                for labels in [s.labels for fam in g.collect() for s in fam.samples
+                               if s.labels.get("namespace") == label]:
+                    with suppress(KeyError):
+                        g.remove(label, labels["k"])
+            for g in (self.eval_mrr, self.eval_queries, self.eval_timestamp):
                 with suppress(KeyError):
-                    g.remove(ns, labels["k"])
-        for g in (self.eval_mrr, self.eval_queries, self.eval_timestamp):
-            with suppress(KeyError):
-                g.remove(ns)
+                    g.remove(label)
 
     def watch_feedback(self, window: Callable[[], Iterable[WindowStats]]) -> None:
         """Export online precision@k, computed at scrape time from ``window()``."""
