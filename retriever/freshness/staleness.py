@@ -27,7 +27,7 @@ from pathlib import Path
 
 from retriever.catalog import Catalog, SourceRecord
 from retriever.domain import ChunkRecord
-from retriever.errors import RetrieverError, Unavailable
+from retriever.errors import NotFound, RetrieverError, Unavailable
 from retriever.freshness.git import (
     GitRepo,
     Pending,
@@ -215,28 +215,31 @@ class SourceFreshness:
                 head = resolve(repo, source.ref)
                 if not source.last_commit:
                     return _replace(base, head_commit=head, checked_at=checked_at)
-                lost = not has_commit(repo, source.last_commit)
-                p = (Pending(0, None, {}, True) if lost
-                     else pending(repo, source.last_commit, head))
+                lost = False
+                try:
+                    p = pending(repo, source.last_commit, head)
+                except NotFound:  # only then is the indexed commit worth looking for
+                    if has_commit(repo, source.last_commit):
+                        raise
+                    lost, p = True, Pending(0, None, {}, True)
             error = self._fetch_error(source.location) if is_url(source.location) else ""
             oldest, by_path, since = p.oldest_time, p.by_path, None
             if p.diverged:
                 # What the index holds that the ref no longer has went stale when the ref
                 # moved; git does not record when, so: since this was first seen.
-                first_seen: datetime = checked_at
+                since = checked_at
                 if (previous is not None and previous.diverged_since is not None
                         and (previous.indexed_commit, previous.head_commit)
                         == (source.last_commit, head)):
-                    first_seen = previous.diverged_since
-                since = first_seen
+                    since = previous.diverged_since
                 if lost:
-                    return _replace(base, head_commit=head, oldest_pending=first_seen,
+                    return _replace(base, head_commit=head, oldest_pending=since,
                                     checked_at=checked_at, error=redact(error),
-                                    diverged_since=first_seen, indexed_lost=True)
+                                    diverged_since=since, indexed_lost=True)
                 by_path = dict(by_path)
                 for path in p.withdrawn:
-                    by_path[path] = min(by_path.get(path, first_seen), first_seen)
-                oldest = min(oldest, first_seen) if oldest is not None else first_seen
+                    by_path[path] = min(by_path.get(path, since), since)
+                oldest = min(oldest, since) if oldest is not None else since
             return _replace(base, head_commit=head, commits_behind=p.count,
                             oldest_pending=oldest, by_path=by_path,
                             checked_at=checked_at, error=redact(error), diverged_since=since)
