@@ -144,9 +144,19 @@ def serve(
     overrides: dict[str, Any] = {k: v for k, v in {
         "grpc_port": port, "metrics_port": metrics_port, "data_dir": data_dir}.items()
         if v is not None}
+    from pydantic import ValidationError
+
     from retriever.server.app import run
 
-    raise typer.Exit(run(Settings(**overrides)))
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:  # one line per bad setting, not a traceback
+        for e in exc.errors():
+            where = ".".join(str(x) for x in e["loc"]) or "settings"
+            err.print(f"retriever serve: {where}: {e['msg']} (RETRIEVER_{where.upper()}, "
+                      f"got {e.get('input')!r})", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    raise typer.Exit(run(settings))
 
 
 @app.command()

@@ -528,8 +528,12 @@ class Namespaces:
             raise ModelMismatch(
                 f"namespace {r.name!r} was built by embedder {r.embedder}@"
                 f"{r.embedder_revision} ({r.dimension}-d); this server runs {e.name}@"
-                f"{e.revision} ({e.dimension}-d). Serve it with that embedder, or index the "
-                "documents into a new namespace", field="namespace")
+                f"{e.revision} ({e.dimension}-d), whose vectors are not interchangeable "
+                "with them (int8 and float vectors mix only where a gate verdict for this "
+                "CPU says so). Serve it with that embedder (embedder_backend and "
+                "embedder_precision), or upsert its documents again into a new namespace "
+                "(`retriever index` / `retriever sync`); ReindexNamespace copies the stored "
+                "vectors and cannot change them", field="namespace")
 
     # -- changes ---------------------------------------------------------------------------
     def create(self, name: str, backend: str) -> NamespaceHandle:

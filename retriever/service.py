@@ -184,6 +184,9 @@ class RetrieverService:
         # The quality gauges resume from the catalog's latest evaluation of each namespace.
         for rec in reversed(self.catalog.list_evaluations(None, 10_000)):
             self.metrics.set_evaluation(rec)
+        e = self.embedder
+        self.metrics.embedder_info.labels(e.name, e.revision, e.backend, e.precision,
+                                          e.device).set(1)
         self._ready.set()
         self.metrics.model_loaded.set(1)
         if s.eval_interval_s > 0:

@@ -8,18 +8,23 @@ int8 build (calibrated on a small sample) happen once, the later loads reuse the
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+import torch
 from conftest import make_settings
 from test_embedder import real_chunks
+from test_storage_faults import tmpfs
 
 from retriever.client import RetrieverClient, pb
 from retriever.config import Settings
-from retriever.models import calibration
+from retriever.models import _openvino, calibration
 from retriever.models.calibration import Verdict, cpu_key, has_native_bf16
 from retriever.models.embedder import (
     Embedder,
@@ -128,6 +133,10 @@ def test_impossible_combinations_are_refused_with_what_to_set() -> None:
     if not has_native_bf16():
         with pytest.raises(ValueError, match="emulated"):
             check_precision("cpu", "bf16", "openvino")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device here: set "
+                                             "embedder_device=cpu"):
+            check_backend("torch", "cuda", "fp32")
     # Refused at load, before the weights are read.
     e = Embedder(Settings(embedder_backend="torch", embedder_precision="int8"))
     with pytest.raises(ValueError, match="int8 needs embedder_backend=openvino"):
@@ -354,6 +363,65 @@ def test_a_damaged_cache_entry_is_rebuilt(ov_fp32: Embedder, reference: np.ndarr
     again = Embedder(ov_settings(data_dir, "fp32"))
     again.load()
     assert again._ov.reused
+
+
+@pytest.mark.integration
+def test_a_cache_that_cannot_be_written_is_served_uncached_and_leaves_nothing(
+        reference: np.ndarray, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk during the build (OpenVINO reports the short write as a RuntimeError):
+    the model is served uncached, the log says so and what to do, no temporary files are
+    left, and the query lane is compiled from the verified graph, not from files."""
+    with tmpfs(tmp_path / "disk", "20m") as disk:  # the fp32 weights alone are ~90 MB
+        e = Embedder(ov_settings(disk, "fp32"))
+        with caplog.at_level(logging.INFO, logger="retriever.models._openvino"):
+            e.load()
+        assert not e._ov.reused
+        assert "could not cache the OpenVINO model" in caplog.text
+        assert "serving it uncached" in caplog.text and "cached in" not in caplog.text
+        assert os.listdir(disk / "models") == []  # no temporary directory left
+        assert cosines(e.embed(TEXTS[:12]), reference[:12]).min() > 0.999
+        assert e.has_query_lane
+        assert cosines(e.embed(TEXTS[:12], lane=True), reference[:12]).min() > 0.999
+
+
+@pytest.mark.integration
+def test_a_file_where_the_cache_entry_belongs_is_replaced(
+        ov_fp32: Embedder, reference: np.ndarray, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / ov_fp32._ov.directory.name).write_text("not a model")
+    e = Embedder(ov_settings(tmp_path, "fp32"))
+    e.load()
+    assert not e._ov.reused and (e._ov.directory / "meta.json").is_file()
+    again = Embedder(ov_settings(tmp_path, "fp32"))
+    again.load()
+    assert again._ov.reused
+    # The lane is compiled from the verified graph: files damaged since change nothing.
+    with (again._ov.directory / "model.bin").open("r+b") as fh:
+        fh.seek(4096)
+        fh.write(b"\x00" * 4096)
+    lane = _openvino.lane_copy(again._ov, 1, has_native_bf16())
+    assert cosines(lane(again._features(TEXTS[:8])), reference[:8]).min() > 0.999
+
+
+@pytest.mark.parametrize(("env", "code", "says"), [
+    ({"RETRIEVER_EMBEDDER_BACKEND": "onnx"}, 2, "embedder_backend"),
+    ({"RETRIEVER_EMBEDDER_BACKEND": "torch", "RETRIEVER_EMBEDDER_PRECISION": "int8"}, 1,
+     "int8 needs embedder_backend=openvino"),
+    ({"RETRIEVER_EMBEDDER_BACKEND": "openvino", "RETRIEVER_EMBEDDER_PRECISION": "fp16"}, 1,
+     "fp16 needs CUDA"),
+])
+def test_serve_refuses_impossible_embedder_settings_in_one_line(
+        env: dict[str, str], code: int, says: str, tmp_path: Path) -> None:
+    """Before anything starts (no port bound, no weights read): the reason and what to set,
+    not a traceback."""
+    done = subprocess.run(
+        [sys.executable, "-m", "retriever.cli", "serve", "--port", "0", "--metrics-port", "0",
+         "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120,
+        env={**os.environ, **env})
+    assert done.returncode == code, done.stderr
+    assert says in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.integration

@@ -371,6 +371,12 @@ def test_metrics_count_rpcs_and_stages(server, client: RetrieverClient) -> None:
     assert after['retriever_stage_duration_seconds_count{stage="ann"}'] >= 1
     assert after['retriever_chunks_embedded_total{namespace="mixed"}'] >= len(CORPUS)
     assert after["retriever_model_loaded"] == 1
+    e = server.embedder
+    info = [k for k in after if k.startswith("retriever_embedder_info{")]
+    assert len(info) == 1 and after[info[0]] == 1, info
+    for part in (f'model="{e.name}"', f'revision="{e.revision}"', f'backend="{e.backend}"',
+                 f'precision="{e.precision}"'):
+        assert part in info[0], (part, info[0])
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -105,8 +105,11 @@ class OpenVINOModel:
     """A compiled model: ``features -> (n, dimension) float32`` L2-normalised vectors."""
 
     def __init__(self, compiled: Any, inputs: Sequence[str], provenance: Provenance,
-                 directory: Path, reused: bool) -> None:
+                 directory: Path, reused: bool, graph: Any = None) -> None:
         self._compiled = compiled
+        # The verified graph it was compiled from (read from a checked cache entry, or just
+        # built): further copies compile from it, never from files read again.
+        self.graph = graph
         self._request = compiled.create_infer_request()
         self._lock = threading.Lock()
         self.inputs = tuple(inputs)
@@ -142,23 +145,27 @@ def load(torch_model: Any, *, cache_root: Path, weights_revision: str, precision
         except Exception as exc:  # any damage: rebuild, never fail start-up over a cache
             log.warning("cached OpenVINO model %s is unusable (%s: %s); rebuilding it",
                         directory, type(exc).__name__, exc)
-            shutil.rmtree(directory, ignore_errors=True)
+            with contextlib.suppress(OSError):  # _save replaces it, or says why it cannot
+                _remove(directory)
     return _build(ov, core, torch_model, directory, config, key, weights_revision, precision,
                   cpu, tokenize, reference, calibration, verify_texts)
 
 
 def lane_copy(model: OpenVINOModel, threads: int, bf16_native: bool) -> OpenVINOModel:
-    """A second compiled copy of ``model`` (from its cache directory) with ``threads``
-    inference threads, an infer request and a lock of its own: it runs beside the first.
-    Its first inference (the smoke check) runs on the calling thread, whose priority the
-    copy's workers inherit."""
+    """A second compiled copy of ``model`` (from the verified graph it was compiled from,
+    not from its cache files: those may have failed to save, or changed since) with
+    ``threads`` inference threads, an infer request and a lock of its own: it runs beside
+    the first. Its first inference (the smoke check) runs on the calling thread, whose
+    priority the copy's workers inherit."""
     ov = _openvino()
     core = ov.Core()
     precision = model.provenance.precision
-    compiled = core.compile_model(core.read_model(model.directory / "model.xml"), "CPU",
+    if model.graph is None:
+        raise ValueError("the model keeps no graph to compile a copy from")
+    compiled = core.compile_model(model.graph, "CPU",
                                   compile_config(precision, threads, bf16_native))
     copy = OpenVINOModel(compiled, model.inputs, model.provenance, model.directory,
-                         reused=True)
+                         reused=True, graph=model.graph)
     _smoke(copy)
     return copy
 
@@ -185,8 +192,9 @@ def _read(core: Any, directory: Path, config: dict[str, Any], key: str, weights_
         if _sha256(directory / name) != meta["sha256"][name]:
             raise ValueError(f"{name} does not match its recorded hash")
     prov = Provenance(**{**meta["provenance"], "inputs": tuple(meta["provenance"]["inputs"])})
-    compiled = core.compile_model(core.read_model(directory / "model.xml"), "CPU", config)
-    model = OpenVINOModel(compiled, prov.inputs, prov, directory, reused=True)
+    graph = core.read_model(directory / "model.xml")
+    compiled = core.compile_model(graph, "CPU", config)
+    model = OpenVINOModel(compiled, prov.inputs, prov, directory, reused=True, graph=graph)
     _smoke(model)
     log.info("OpenVINO %s model read from %s in %.2fs", precision, directory,
              time.perf_counter() - t0)
@@ -213,12 +221,13 @@ def _build(ov: Any, core: Any, torch_model: Any, directory: Path, config: dict[s
         calibration_sha=hashlib.sha256("\0".join(cal_texts).encode()).hexdigest()[:12]
         if cal_texts else "",
         built_s=round(time.perf_counter() - t0, 2))
-    model = OpenVINOModel(compiled, inputs, prov, directory, reused=False)
+    model = OpenVINOModel(compiled, inputs, prov, directory, reused=False, graph=graph)
     verify(model, tokenize, reference, verify_texts, precision)
-    _save(ov, graph, directory, prov)
-    log.info("OpenVINO %s model built in %.1fs%s and cached in %s", precision, prov.built_s,
+    saved = _save(ov, graph, directory, prov)
+    log.info("OpenVINO %s model built in %.1fs%s; %s", precision, prov.built_s,
              f" (int8 calibrated on {len(cal_texts)} texts: {cal_source})" if cal_texts
-             else "", directory)
+             else "", f"cached in {directory}" if saved else
+             "serving it uncached (the next start builds it again)")
     return model
 
 
@@ -309,12 +318,16 @@ def _smoke(model: OpenVINOModel) -> None:
         raise ValueError("its forward pass gives no unit vectors")
 
 
-def _save(ov: Any, graph: Any, directory: Path, prov: Provenance) -> None:
-    directory.parent.mkdir(parents=True, exist_ok=True)
+def _save(ov: Any, graph: Any, directory: Path, prov: Provenance) -> bool:
+    """Write the cache entry under a temporary name, then rename it into place; True when
+    it is in place. Any failure (a read-only or full data dir: OpenVINO reports a short
+    write as a RuntimeError, not an OSError) is logged with what to do, leaves no
+    temporary files, and the model is served uncached."""
     tmp = directory.parent / f".{directory.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)
+        tmp.mkdir()
         # compress_to_fp16 defaults to True: it would round the fp32 weights.
         ov.save_model(graph, tmp / "model.xml", compress_to_fp16=False)
         meta = {"format": FORMAT, "key": prov.key, "weights_revision": prov.weights_revision,
@@ -323,11 +336,27 @@ def _save(ov: Any, graph: Any, directory: Path, prov: Provenance) -> None:
                 "provenance": {**prov.__dict__, "inputs": list(prov.inputs)},
                 "openvino": ov.get_version(), "built_at": datetime.now(UTC).isoformat()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        shutil.rmtree(directory, ignore_errors=True)
+        _remove(directory)
         tmp.rename(directory)
-    except OSError as exc:  # a read-only or full data dir: serve it uncached
-        log.warning("could not cache the OpenVINO model in %s: %s", directory, exc)
-        shutil.rmtree(tmp, ignore_errors=True)
+        return True
+    except Exception as exc:  # noqa: BLE001 - a cache must never stop the server
+        log.warning("could not cache the OpenVINO model in %s (%s: %s): serving it uncached;"
+                    " free space or make %s writable, and the next start caches it",
+                    directory, type(exc).__name__, exc, directory.parent)
+        return False
+    finally:
+        try:
+            _remove(tmp)
+        except OSError:
+            log.warning("could not remove the temporary model files %s", tmp)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link or a directory tree at ``path``; nothing there is fine."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _sha256(path: Path) -> str:

@@ -789,6 +789,24 @@ def check_backend(backend: str, device: str, precision: str) -> None:
         from retriever.models._openvino import INSTALL_HINT
 
         raise ValueError(INSTALL_HINT)
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"embedder_device={device}, but torch sees no CUDA device here: set "
+                         "embedder_device=cpu (or auto)")
+
+
+def preflight(s: Settings) -> None:
+    """The embedder settings checked before anything starts or any weights are read:
+    ValueError says what to set instead."""
+    import torch
+
+    backend, device, precision = s.embedder_backend, s.embedder_device, s.embedder_precision
+    if device == "auto":
+        device = "cuda" if backend != "openvino" and torch.cuda.is_available() else "cpu"
+    check_backend(backend, device, precision)
+    if backend != "auto" and precision != "auto":
+        check_precision(device, precision, backend)
 
 
 def default_precision(backend: str, device: str, precision: str) -> str:

@@ -29,7 +29,7 @@ from retriever._gc import PauseWatch, freeze_startup
 from retriever._malloc import limit_arenas
 from retriever.config import Settings
 from retriever.errors import RetrieverError
-from retriever.models.embedder import Embedder
+from retriever.models.embedder import Embedder, preflight
 from retriever.server.interceptors import AuthInterceptor, ObservabilityInterceptor
 from retriever.server.servicer import SERVICE_NAME, RetrieverServicer, method_handlers
 from retriever.service import RetrieverService
@@ -212,6 +212,11 @@ def run(settings: Settings) -> int:
     def ready(info: dict) -> None:
         print(json.dumps(info), flush=True)
 
+    try:
+        preflight(settings)
+    except ValueError as exc:  # a backend/device/precision that cannot run: say what to set
+        log.error("cannot start: %s", exc)
+        return 1
     limit_arenas(settings.malloc_arena_max)  # the process is the server's: before any thread
     try:
         with contextlib.suppress(KeyboardInterrupt):  # normally the signal handler's job

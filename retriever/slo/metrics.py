@@ -152,6 +152,10 @@ class Metrics:
         self.model_loaded = Gauge(
             "retriever_model_loaded", "1 once the embedder is loaded and indexes are open.",
             registry=r)
+        self.embedder_info = Gauge(
+            "retriever_embedder_info", "1 for the embedder this server runs: its model, "
+            "revision (as hit lineage names it), backend, precision and device.",
+            ["model", "revision", "backend", "precision", "device"], registry=r)
         self.reconcile_repairs = Counter(
             "retriever_reconcile_repairs",
             "Start-up repairs of index/catalog disagreement, by kind.", ["kind"], registry=r)
