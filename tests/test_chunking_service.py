@@ -181,11 +181,36 @@ def test_fallbacks_are_recorded_on_the_chunk(client: RetrieverClient) -> None:
         ("sections/v4", "paragraph", "")]
 
 
+def test_inputs_that_break_a_grammar_get_windows_and_the_server_lives_on(
+        client: RetrieverClient) -> None:
+    """YAML nested past the yaml scanner's fixed state (it killed the process: SIGSEGV), and
+    broken code whose parse grows superlinearly (it held the server for minutes)."""
+    deep = "".join(" " * i + f"k{i}:\n" for i in range(260)) + " " * 260 + "v\n"
+    dashes = "- " * 300 + "x\n"
+    slow = "fun f() = g<A<\n" * 16000  # 240 KB: 15 s of tree-sitter-kotlin in one parse
+    client.upsert(NS, [doc("deep.yaml", deep), doc("dashes.yml", dashes),
+                       doc("slow.kt", slow)])
+    for doc_id, reason in (("deep.yaml", "too-deep"), ("dashes.yml", "too-deep"),
+                           ("slow.kt", "parse-timeout")):
+        chunks = chunks_of(client, doc_id)
+        assert chunks and {c.fallback_reason for c in chunks} == {reason}, doc_id
+    assert client.search(NS, "k259", top_k=1, mode="lexical").hits
+
+
 def test_language_override_picks_the_chunker(client: RetrieverClient) -> None:
     client.upsert(NS, [doc("bin/tool", "def main():\n    return 0\n", language="python")])
     chunks = chunks_of(client, "bin/tool")
     assert [c.chunker for c in chunks] == ["syntax/v3"] and chunks[0].language == "python"
     assert chunks[0].symbol == "def main" and chunks[0].kind == "function"
+    # Named as people write it: the chunker and the stored language are the same, and a
+    # filter written either way finds it.
+    client.upsert(NS, [doc("bin/tool2", "def other():\n    return 1\n", language=" Python ")])
+    chunks = chunks_of(client, "bin/tool2")
+    assert [c.chunker for c in chunks] == ["syntax/v3"] and chunks[0].language == "python"
+    for name in ("python", "PY"):
+        hits = client.search(NS, "def other", top_k=5, mode="lexical",
+                             filter=pb.SearchFilter(languages=[name])).hits
+        assert "bin/tool2" in {h.chunk.doc_id for h in hits}, name
 
 
 def test_no_embedded_text_exceeds_the_model_budget(client: RetrieverClient,

@@ -11,7 +11,10 @@ outlines packed end to end by StructuredChunker with a whitespace tokenizer.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -1047,6 +1050,52 @@ def test_syntax_error_falls_back(language: str) -> None:
     with pytest.raises(Fallback) as caught:
         OUTLINERS[language](BROKEN[language])
     assert caught.value.reason == "parse-error"
+
+
+def test_yaml_nested_past_the_scanners_state_falls_back_in_a_live_process() -> None:
+    """tree-sitter-yaml's scanner kills the process past ~250 indentation levels: such YAML
+    must never reach it (run in a child process, so a regression fails, not crashes)."""
+    code = ("from retriever.ingest.chunking.syntax import OUTLINERS, Fallback\n"
+            "cases = [''.join(' ' * i + f'k{i}:\\n' for i in range(260)) + ' ' * 260 + 'v\\n',"
+            " '- ' * 300 + 'x\\n', ''.join(' ' * i + '-\\n' for i in range(300))]\n"
+            "for c in cases:\n"
+            "    try:\n        OUTLINERS['yaml'](c); print('outlined')\n"
+            "    except Fallback as f:\n        print(f.reason)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split() == ["too-deep"] * 3
+    # Ordinary nesting is still outlined.
+    assert syntax._yaml_levels("a:\n  b:\n    - c: 1\n      d: [1, 2]\n") <= 4
+    assert OUTLINERS["yaml"]("".join(" " * (2 * i) + f"k{i}:\n" for i in range(40))
+                             + " " * 80 + "v: 1\n")
+
+
+def test_a_parse_that_runs_long_stops_and_lets_other_threads_run() -> None:
+    """Broken Kotlin whose error recovery grows superlinearly (240 KB: ~15 s): the parse
+    stops at its budget with "parse-timeout", and while it runs, another thread gets the
+    GIL (the parse yields in its progress callbacks)."""
+    ticks: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            ticks.append(time.monotonic())
+            time.sleep(0.01)
+
+    t = threading.Thread(target=tick)
+    content = "fun f() = g<A<\n" * 16000
+    t0 = time.monotonic()
+    t.start()
+    try:
+        with pytest.raises(Fallback) as caught:
+            OUTLINERS["kotlin"](content)
+    finally:
+        stop.set()
+        t.join()
+    assert caught.value.reason == "parse-timeout"
+    during = [x for x in ticks if x > t0 + 0.1]
+    assert len(during) >= 5, len(during)  # a held GIL allowed none
 
 
 def test_text_the_grammar_silently_drops_falls_back() -> None:

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from retriever.ingest.chunking import DOC_LANGUAGES, detect_language
+from retriever.ingest.chunking import DOC_LANGUAGES, detect_language, normalize_language
+
+
+@pytest.mark.parametrize(("given", "name"), [
+    ("python", "python"), ("Python", "python"), (" PYTHON ", "python"), ("py", "python"),
+    ("JS", "javascript"), ("TS", "typescript"), ("golang", "go"), ("C++", "cpp"),
+    ("C#", "csharp"), ("sh", "bash"), ("YML", "yaml"), ("TEXT", "text"),
+    ("Haskell", "haskell"),
+])
+def test_override_names_are_normalized(given: str, name: str) -> None:
+    assert normalize_language(given) == name
 
 
 @pytest.mark.parametrize(
@@ -51,7 +61,7 @@ from retriever.ingest.chunking import DOC_LANGUAGES, detect_language
         ("gem.gemspec", "ruby"),
         ("tsconfig.jsonc", "json"),
         ("rules.mk", "make"),
-        ("CMakeLists.txt", "text"),
+        ("CMakeLists.txt", "cmake"),  # no chunker: windows, "unsupported-language"
         ("main.tf", "text"),
         ("docs/logo.svg", "xml"),  # markup (often with base64 images), not prose
         ("schema.xsd", "xml"),
@@ -83,6 +93,12 @@ def test_extension(path: str, language: str) -> None:
         ("README", "text"),
         ("LICENSE", "text"),
         ("COPYING", "text"),
+        ("Cargo.lock", "toml"),
+        ("home/.bashrc", "bash"),
+        (".zshrc", "bash"),
+        ("Jenkinsfile", "groovy"),
+        ("BUILD.bazel", "starlark"),
+        ("go.mod", "gomod"),
     ],
 )
 def test_special_file_names(path: str, language: str) -> None:
@@ -93,6 +109,9 @@ def test_special_file_names(path: str, language: str) -> None:
     ("first_line", "language"),
     [
         ("#!/usr/bin/env python3", "python"),
+        ("\ufeff#!/usr/bin/env python3", "python"),  # after a byte-order mark
+        ("#!/usr/bin/env -S python3 -u", "python"),
+        ("#!/usr/bin/env -i PATH=/bin bash", "bash"),
         ("#!/usr/bin/env python", "python"),
         ("#!/usr/bin/python3.11", "python"),
         ("#! /usr/bin/python", "python"),

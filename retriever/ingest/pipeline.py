@@ -49,6 +49,7 @@ from retriever.ingest.chunking import (
     TokenCounter,
     build_chunkers,
     detect_language,
+    normalize_language,
 )
 from retriever.models.embedder import Embedder
 from retriever.namespaces import NamespaceHandle, Namespaces
@@ -283,7 +284,8 @@ class Ingestor:
         new_metadata: set[str] = set()
         for d in docs:
             path = d.effective_path
-            language = d.language or detect_language(path, d.content)
+            language = (normalize_language(d.language) if d.language.strip() else
+                        detect_language(path, d.content))
             content_hash = sha256(d.content)
             head = heads.get(d.doc_id)
             moved = heads.get(d.moved_from) if d.moved_from else None

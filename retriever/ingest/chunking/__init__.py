@@ -9,7 +9,11 @@ windows) cuts everything else and whatever the others cannot trust.
 from __future__ import annotations
 
 from retriever.ingest.chunking.base import Chunker, ChunkSpan, TokenCounter
-from retriever.ingest.chunking.languages import DOC_LANGUAGES, detect_language
+from retriever.ingest.chunking.languages import (
+    DOC_LANGUAGES,
+    detect_language,
+    normalize_language,
+)
 from retriever.ingest.chunking.structure import StructuredChunker, WordPositions
 from retriever.ingest.chunking.windows import TokenOffsets, WindowChunker
 
@@ -23,6 +27,7 @@ __all__ = [
     "WindowChunker",
     "build_chunkers",
     "detect_language",
+    "normalize_language",
 ]
 
 

@@ -22,13 +22,36 @@ _BY_EXTENSION = {
 _BY_NAME = {
     "dockerfile": "dockerfile", "containerfile": "dockerfile", "makefile": "make",
     "gnumakefile": "make", "gemfile": "ruby", "rakefile": "ruby", "vagrantfile": "ruby",
-    "pipfile": "toml",
+    "pipfile": "toml", "cargo.lock": "toml", "poetry.lock": "toml", "uv.lock": "toml",
+    ".bashrc": "bash", ".bash_profile": "bash", ".profile": "bash", ".zshrc": "bash",
+    ".zprofile": "bash", ".envrc": "bash", "pkgbuild": "bash", "brewfile": "ruby",
+    "podfile": "ruby", "cmakelists.txt": "cmake", "jenkinsfile": "groovy",
+    "build.bazel": "starlark", "workspace.bazel": "starlark", "go.mod": "gomod",
+    "go.sum": "gosum",
     "readme": "text", "license": "text", "copying": "text",
 }
 _SHEBANG = {"python": "python", "node": "javascript", "bash": "bash", "sh": "bash",
             "zsh": "bash", "ruby": "ruby", "perl": "perl"}
 
 DOC_LANGUAGES = frozenset({"markdown", "rst", "text"})
+
+# Names people give a language in an override or a filter, to the name detection uses.
+_ALIASES = {
+    "py": "python", "python3": "python", "python2": "python", "js": "javascript",
+    "node": "javascript", "jsx": "javascript", "ecmascript": "javascript", "ts": "typescript",
+    "golang": "go", "rs": "rust", "c++": "cpp", "cxx": "cpp", "cc": "cpp", "c#": "csharp",
+    "cs": "csharp", "c-sharp": "csharp", "rb": "ruby", "sh": "bash", "shell": "bash",
+    "zsh": "bash", "kt": "kotlin", "yml": "yaml", "md": "markdown",
+    "restructuredtext": "rst", "makefile": "make", "docker": "dockerfile",
+    "plaintext": "text", "plain": "text", "txt": "text",
+}
+
+
+def normalize_language(name: str) -> str:
+    """A language name as given in an override or a filter ("Python", " py ", "C++") as
+    detection names it ("python", "cpp"); names it does not know, lowercased."""
+    key = name.strip().lower()
+    return _ALIASES.get(key, key)
 
 
 def detect_language(path: str, content: str = "") -> str:
@@ -41,13 +64,15 @@ def detect_language(path: str, content: str = "") -> str:
     _, ext = posixpath.splitext(name)
     if ext in _BY_EXTENSION:
         return _BY_EXTENSION[ext]
-    if content.startswith("#!"):
-        first = content.split("\n", 1)[0]
+    head = content[1:] if content.startswith("\ufeff") else content  # a byte-order mark
+    if head.startswith("#!"):
+        first = head.split("\n", 1)[0]
         words = first[2:].strip().split()
         if words:
             program = posixpath.basename(words[0])
-            if program == "env" and len(words) > 1:
-                program = words[1]
+            if program == "env":  # "env -S python3 -u", "env -i bash": the program is the
+                rest = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
+                program = posixpath.basename(rest[0]) if rest else program
             program = program.rstrip("0123456789.")
             if program in _SHEBANG:
                 return _SHEBANG[program]

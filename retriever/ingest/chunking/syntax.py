@@ -19,7 +19,9 @@ import bisect
 import importlib
 import importlib.metadata
 import logging
+import re
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -846,16 +848,47 @@ _SPECS: dict[str, _Spec] = {
 _BLANK = b" \t\r\n\f\v\xef\xbb\xbf"  # whitespace, and a byte-order mark
 
 
+# Parse time allowed per document: PARSE_BASE_S + PARSE_S_PER_MB per MB of source. Valid
+# code parses at ~10 MB/s here (the Python standard library: 117 KB in 10 ms), so this is
+# 20x and more of headroom; some broken inputs make a grammar's error recovery superlinear
+# (240 KB of "fun f() = g<A<" lines: 15 s in tree-sitter-kotlin, 960 KB: minutes), and a
+# parse holds the GIL except in its progress callbacks. Such a document gets windows
+# (fallback "parse-timeout"), as any other one whose tree cannot be had.
+PARSE_BASE_S = 0.5
+PARSE_S_PER_MB = 2.0
+_READ = 1 << 16
+# tree-sitter-yaml 0.7's scanner keeps its indentation levels in a fixed-size state and
+# kills the process past ~250 of them (a mapping nested 255 levels deep, or "- " 255 times
+# on a line): YAML nested deeper than this is cut by windows (fallback "too-deep").
+YAML_MAX_LEVELS = 128
+
+
 def _parse(language: str, doc: _Doc) -> Node:
-    """The tree's root; Fallback when the tree has errors or leaves text out."""
-    tree = _parser(language).parse(doc.data)
+    """The tree's root; Fallback when the tree has errors or leaves text out, or when the
+    parse runs out of its time (``PARSE_BASE_S`` + ``PARSE_S_PER_MB`` per MB) or meets an
+    error on the way (it stops there: the tree would not be used)."""
+    data = doc.data
+    deadline = time.monotonic() + PARSE_BASE_S + PARSE_S_PER_MB * len(data) / 1e6
+    late = False
+
+    def progress(_offset: int, has_error: bool) -> bool:  # True cancels the parse
+        nonlocal late
+        late = time.monotonic() > deadline
+        return has_error or late
+
+    try:
+        tree = _parser(language).parse(lambda at, _point: data[at:at + _READ],
+                                       progress_callback=progress)
+    except ValueError:  # cancelled ("Parsing failed")
+        _parser(language).reset()
+        raise Fallback("parse-timeout" if late else "parse-error") from None
     root = tree.root_node
     if root.has_error:
         raise Fallback("parse-error")
     # Some grammars stop early without an error (tree-sitter-kotlin 1.1 at a CJK letter in
     # an identifier drops the rest of the file): text outside every top-level node means
     # the tree does not describe the document.
-    data, pos = doc.data, 0
+    pos = 0
     for child in root.children:
         if data[pos:child.start_byte].strip(_BLANK):
             raise Fallback("parse-error")
@@ -931,7 +964,33 @@ def _yaml_member(doc: _Doc, node: Node, depth: int) -> Unit | None:
     return doc.unit(node, "statements")
 
 
+def _yaml_levels(content: str) -> int:
+    """How many indentation levels deep ``content`` nests at most, as a block-structure
+    scanner counts them: each deeper indented line opens one, and so does each compact
+    "- " / "? " on a line ("- - - x" is three)."""
+    stack: list[int] = []
+    deepest = 0
+    for line in content.split("\n"):
+        body = line.lstrip(" ")
+        if not body.strip() or body.startswith("#"):
+            continue
+        column = len(line) - len(body)
+        while stack and stack[-1] >= column:
+            stack.pop()
+        stack.append(column)
+        compact = _YAML_COMPACT.match(body)
+        opened = len(_YAML_INDICATOR.findall(compact.group(0))) if compact else 0
+        deepest = max(deepest, len(stack) + opened)
+    return deepest
+
+
+_YAML_COMPACT = re.compile(r"(?:[-?] +)+")
+_YAML_INDICATOR = re.compile(r"[-?]")
+
+
 def _outline_yaml(content: str) -> list[Unit]:
+    if _yaml_levels(content) > YAML_MAX_LEVELS:
+        raise Fallback("too-deep")
     doc = _Doc(content)
     root = _parse("yaml", doc)
     documents = [c for c in root.named_children if c.type == "document"]
