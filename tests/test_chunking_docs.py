@@ -579,7 +579,7 @@ def test_pathological_lines_are_linear(name: str) -> None:
 
 def sections(budget: int, overlap: int = 2) -> StructuredChunker:
     windows = WindowChunker(ws_count, ws_offsets, budget, overlap)
-    return StructuredChunker("sections/v4", OUTLINERS, windows, ws_count,
+    return StructuredChunker("sections/v5", OUTLINERS, windows, ws_count,
                              prose=frozenset(OUTLINERS))
 
 

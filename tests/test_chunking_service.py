@@ -97,7 +97,7 @@ def chunks_of(client: RetrieverClient, doc_id: str) -> list[pb.Chunk]:
 
 def test_code_chunks_are_whole_definitions_with_symbols(client: RetrieverClient) -> None:
     chunks = chunks_of(client, "src/session.py")
-    assert {c.chunker for c in chunks} == {"syntax/v3"}
+    assert {c.chunker for c in chunks} == {"syntax/v4"}
     assert all(c.fallback_reason == "" for c in chunks)
     by_symbol = {c.symbol: c for c in chunks}
     # The docstring and two imports are too small to stand alone: they lead the first chunk.
@@ -117,7 +117,7 @@ def test_code_chunks_are_whole_definitions_with_symbols(client: RetrieverClient)
 
 def test_docs_chunk_by_heading_with_the_heading_path(client: RetrieverClient) -> None:
     chunks = chunks_of(client, "docs/bread.md")
-    assert {c.chunker for c in chunks} == {"sections/v4"}
+    assert {c.chunker for c in chunks} == {"sections/v5"}
     assert all(c.symbol.startswith("Baking bread") for c in chunks)
     fence = [c for c in chunks if "knead(dough" in c.text]
     assert len(fence) == 1 and "```python" in fence[0].text and fence[0].text.count("```") == 2
@@ -178,7 +178,7 @@ def test_fallbacks_are_recorded_on_the_chunk(client: RetrieverClient) -> None:
     # A file of no known format is prose: paragraphs and sentences.
     notes = chunks_of(client, "notes.xyz")
     assert [(c.chunker, c.kind, c.fallback_reason) for c in notes] == [
-        ("sections/v4", "paragraph", "")]
+        ("sections/v5", "paragraph", "")]
 
 
 def test_inputs_that_break_a_grammar_get_windows_and_the_server_lives_on(
@@ -200,13 +200,13 @@ def test_inputs_that_break_a_grammar_get_windows_and_the_server_lives_on(
 def test_language_override_picks_the_chunker(client: RetrieverClient) -> None:
     client.upsert(NS, [doc("bin/tool", "def main():\n    return 0\n", language="python")])
     chunks = chunks_of(client, "bin/tool")
-    assert [c.chunker for c in chunks] == ["syntax/v3"] and chunks[0].language == "python"
+    assert [c.chunker for c in chunks] == ["syntax/v4"] and chunks[0].language == "python"
     assert chunks[0].symbol == "def main" and chunks[0].kind == "function"
     # Named as people write it: the chunker and the stored language are the same, and a
     # filter written either way finds it.
     client.upsert(NS, [doc("bin/tool2", "def other():\n    return 1\n", language=" Python ")])
     chunks = chunks_of(client, "bin/tool2")
-    assert [c.chunker for c in chunks] == ["syntax/v3"] and chunks[0].language == "python"
+    assert [c.chunker for c in chunks] == ["syntax/v4"] and chunks[0].language == "python"
     for name in ("python", "PY"):
         hits = client.search(NS, "def other", top_k=5, mode="lexical",
                              filter=pb.SearchFilter(languages=[name])).hits
@@ -293,7 +293,7 @@ def test_a_chunking_change_re_chunks_instead_of_unchanged(tmp_path: Path,
             RetrieverClient(st.address) as c:
         r = c.upsert(NS, [doc("src/session.py", PY)]).results[0]
         assert r.status == pb.DocumentResult.UPDATED and r.chunks_embedded > 0
-        assert {x.chunker for x in chunks_of(c, "src/session.py")} == {"syntax/v3"}
+        assert {x.chunker for x in chunks_of(c, "src/session.py")} == {"syntax/v4"}
         assert c.upsert(NS, [doc("src/session.py", PY)]).results[0].status == \
             pb.DocumentResult.UNCHANGED
 

@@ -103,7 +103,8 @@ def test_whole_units_symbols_and_kinds() -> None:
     # The class head (its line and docstring) joins the first method's chunk; the tiny last
     # method joins its neighbour.
     one = next(s for s in spans if "def one" in s.text)
-    assert one.text.startswith("class Big:") and one.symbol == "class Big > def one"
+    assert "\nclass Big:\n" in "\n" + one.text and one.symbol == "class Big > def one"
+    assert one.text.index("class Big:") < one.text.index("def one")
     two = next(s for s in spans if "def two" in s.text)
     assert "return a + b + c" in two.text and two.kind == "method"
     assert two.symbol == "class Big > def two, def three" and two.context == "class Big:"
@@ -149,28 +150,43 @@ def test_a_tiny_module_docstring_and_the_imports_are_one_chunk() -> None:
     assert [s.text for s in spans][:2] == ['"""Tiny doc."""\n', IMPORTS]
 
 
-def test_neighbours_merge_into_even_chunks() -> None:
-    """Small units merge into as few chunks as fit, as even as that count allows: filling
-    each chunk to the budget in turn left the last one a scrap (40 + 8 words here)."""
-    funcs = [f"def f{i}(a):\n    return a + {i} + {i}\n" for i in range(6)]  # 8 words each
-    code = "\n".join(funcs)
+def test_neighbours_merge_at_cuts_their_own_text_decides() -> None:
+    """Small units merge up to the budget; where a chunk ends is decided by the units' own
+    text once it is half full (content-defined), so an edit, an insertion or a deletion
+    changes only the chunks next to it: the rest keep their text, hence their ids and
+    vectors. (Packing a run as evenly as possible moved every cut when one unit changed.)"""
+    def fn(i: int, extra: int = 0) -> str:
+        body = "".join(f"    t = t + {j}\n" for j in range(extra))
+        return f"def f{i}(a):\n    t = a * {i}\n{body}    return t\n"
 
     def outline(c: str) -> list[Unit]:
-        units, pos = [], 0
-        for i, f in enumerate(funcs):
-            s = c.index(f, pos)
-            units.append(Unit(s, s + len(f), "function", f"def f{i}"))
-            pos = s + len(f)
+        units = []
+        for m in re.finditer(r"def f(\d+)\(a\):\n(?:    .*\n)*", c):
+            units.append(Unit(m.start(), m.end(), "function", f"def f{m.group(1)}"))
         return units
 
-    spans = chunker(outline, budget=40).chunk(code, language="lang")
-    assert_exact(code, spans)
-    assert_covers(code, spans)
-    assert [s.token_count for s in spans] == [24, 24]
-    assert [s.symbol for s in spans] == ["def f0, def f1, def f2", "def f3, def f4, def f5"]
-    # One more unit still fits two chunks, the odd one out on the second.
-    spans = chunker(outline, budget=40).chunk(code + "\n" + funcs[0], language="lang")
-    assert len(spans) == 2
+    def texts(code: str) -> list[str]:
+        spans = chunker(outline, budget=60).chunk(code, language="lang")
+        assert_exact(code, spans)
+        assert_covers(code, spans)
+        assert all(s.token_count <= 60 for s in spans)
+        return [s.text for s in spans]
+
+    base = "\n".join(fn(i) for i in range(40))
+    before = texts(base)
+    assert len(before) > 6 and any(t.count("def ") > 1 for t in before)  # they do merge
+    variants = {
+        "appended": base + "\n" + fn(40),
+        "grown": "\n".join(fn(i, 4 if i == 20 else 0) for i in range(40)),
+        "deleted": "\n".join(fn(i) for i in range(40) if i != 20),
+        "inserted": "\n".join(fn(i) for i in [*range(20), 99, *range(20, 40)]),
+        "first edited": base.replace("t = a * 0", "t = a * 100"),
+    }
+    for name, code in variants.items():
+        after = texts(code)
+        changed = [t for t in after if t not in before]
+        assert 1 <= len(changed) <= 3, (name, len(changed), len(after))
+
 
 
 def test_generated_code_is_cut_by_windows() -> None:

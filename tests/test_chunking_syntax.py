@@ -1174,7 +1174,7 @@ def test_snippet_mixes_outline_or_fall_back(language: str, content: str) -> None
 # -- end to end: packed by StructuredChunker --------------------------------------------------
 def chunker(budget: int) -> StructuredChunker:
     windows = WindowChunker(ws_count, ws_offsets, budget, overlap=4)
-    return StructuredChunker("syntax/v3", OUTLINERS, windows, ws_count)
+    return StructuredChunker("syntax/v4", OUTLINERS, windows, ws_count)
 
 
 def words(text: str) -> int:

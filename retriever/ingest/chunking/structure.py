@@ -5,10 +5,11 @@ the packer here decides the chunks:
 
 - every unit is widened to whole lines (unless it shares a line with a sibling), and the
   lines between siblings (comments, decorators, blank lines) go to the unit that follows;
-- a unit that fits the budget is one chunk, never split; small neighbours merge into as
-  few chunks as fit the budget, as even as that count allows (filling each to the budget in
-  turn left a two-line scrap at the end of a run); a tiny piece (a class's head line, a
-  closing brace) joins its neighbour; units marked standalone (imports, the module
+- a unit that fits the budget is one chunk, never split; small neighbours merge up to the
+  budget, the cuts between them chosen by the units' own text once a chunk is half full
+  (content-defined: an edit moves only the cuts next to it, so the other chunks keep
+  their ids and vectors); a tiny piece (a class's head line, a closing brace, the end of
+  a run) joins its neighbour; units marked standalone (imports, the module
   docstring) stay alone unless tiny themselves (a chunk of "import os" alone is a short
   text that matches short queries for the wrong reasons: on requests' history, four of the
   twelve worst-ranked queries had a wrong file's tiny imports chunk on top), and a tiny
@@ -30,6 +31,8 @@ raises on any text.
 from __future__ import annotations
 
 import bisect
+import hashlib
+import itertools
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +50,10 @@ log = logging.getLogger(__name__)
 SMALL_SHARE = 1.0
 # A piece under this share of the budget joins a neighbour even when that one is large.
 TINY_SHARE = 0.35
+# Content-defined cuts in a run of small units (see _grouped): a unit whose text hashes
+# higher than that of the CUT_RADIUS units on either side starts a new stretch (one unit in
+# 2 * CUT_RADIUS + 1 on average), and each stretch is packed on its own.
+CUT_RADIUS = 3
 # Text with lines this long is minified or generated: structure does not help it.
 MINIFIED_LINE_CHARS = 1000
 MINIFIED_MEAN_CHARS = 200
@@ -241,31 +248,53 @@ class StructuredChunker:
         for g in segs:
             standalone = self._standalone(g)
             if self._oversized(g):
-                out.extend(self._balanced(run))
+                out.extend(self._grouped(content, run))
                 run = []
                 out.extend(self._split(content, lines, g, path, context, depth, parent_kind))
             elif standalone or g.tokens >= small:
                 if standalone and self._head_run(run, g):
                     out.append([*run, g])
                 else:
-                    out.extend(self._balanced(run))
+                    out.extend(self._grouped(content, run))
                     out.append([g])
                 run = []
             else:
                 run.append(g)
-        out.extend(self._balanced(run))
+        out.extend(self._grouped(content, run))
         merged = self._merge_tiny(out)
         return [item if isinstance(item, _Piece)
                 else self._group_piece(item, path, context, parent_kind) for item in merged]
 
-    def _balanced(self, run: list[_Seg]) -> list[list[_Seg]]:
-        """``run`` (neighbours that may merge) in as few groups as fit the budget, as even
-        as that count allows: the smallest cap under which packing in order still needs no
-        more groups. Filling each group to the budget in turn left the last one tiny (a
-        method of 230 tokens as 204 + 29, the 29 a chunk of two lines)."""
+    def _grouped(self, content: str, run: list[_Seg]) -> list[list[_Seg]]:
+        """``run`` (neighbours that may merge) in groups that fit the budget, cut where the
+        units themselves say, so that an edit moves only the cuts near it. The run is first
+        cut before each *anchor*: a unit whose text hashes higher than the ``CUT_RADIUS``
+        units on either side of it (content-defined, as in winnowing: whether a unit is an
+        anchor depends on its neighbours' text alone, never on where the run starts or how
+        full a chunk is). Each stretch between anchors is then packed into as few groups as
+        fit the budget, as even as that count allows (filling each to the budget in turn
+        left a two-line scrap at the end). An edit, insertion or deletion changes anchors
+        only within CUT_RADIUS units of it, so only the groups of the stretches there change;
+        the chunks before and after keep their text, ids and vectors. (Packing the whole
+        run evenly moved every cut when one function grew or another was appended.)"""
         if not run:
             return []
+        marks = [_text_hash(content, g) for g in run]
+        n = len(run)
+        cuts = [0]
+        for i in range(1, n):
+            near = range(max(0, i - CUT_RADIUS), min(n, i + CUT_RADIUS + 1))
+            if all(marks[i] > marks[j] for j in near if j != i):
+                cuts.append(i)
+        cuts.append(n)
+        out: list[list[_Seg]] = []
+        for a, b in itertools.pairwise(cuts):
+            out.extend(self._even(run[a:b]))
+        return out
 
+    def _even(self, run: list[_Seg]) -> list[list[_Seg]]:
+        """``run`` in as few groups as fit the budget, as even as that count allows: the
+        smallest cap under which packing in order still needs no more groups."""
         def pack(cap: float) -> list[list[_Seg]]:
             out: list[list[_Seg]] = []
             cur: list[_Seg] = []
@@ -546,6 +575,13 @@ def _span_of(content: str, byte_at: _ByteOffsets, lines: _Lines, a: int, b: int,
         text=content[a:b], start_char=a, end_char=b, start_byte=byte_at(a),
         end_byte=byte_at(b), start_line=lines.number(a), end_line=lines.number(max(a, b - 1)),
         token_count=tokens, symbol=p.symbol, kind=p.kind, context=p.context)
+
+
+def _text_hash(content: str, g: _Seg) -> int:
+    """A number from ``g``'s text alone (the same wherever it moves in the file)."""
+    digest = hashlib.blake2b(content[g.start:g.end].encode("utf-8", "surrogatepass"),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
 
 def _generated(content: str) -> bool:
