@@ -197,6 +197,26 @@ def test_inputs_that_break_a_grammar_get_windows_and_the_server_lives_on(
     assert client.search(NS, "k259", top_k=1, mode="lexical").hits
 
 
+def test_code_is_cut_between_lines_even_where_siblings_share_them(
+        client: RetrieverClient) -> None:
+    """Elements of a big literal share lines ("[1, 2], [3, 4],"): a cut between them fell
+    inside a line. Every line fits the budget here, so every chunk is whole lines."""
+    rows = "".join(f"    [{i}, {i} + 1, {i} + 2], [-{i}, -{i} - 1], [{i} * 7, {i} * 11],\n"
+                   for i in range(60))
+    for doc_id, content in (("rows.py", f"DATA = [\n{rows}]\n"),
+                            ("rows.js", f"const DATA = [\n{rows}];\n"),
+                            ("rows.json", "[\n" + "".join(
+                                f"    [{i}, {i + 1}], [{-i}, {i * 7}], [{i * 11}, 0],\n"
+                                for i in range(90)).rstrip(",\n") + "\n]\n")):
+        client.upsert(NS, [doc(doc_id, content)])
+        chunks = chunks_of(client, doc_id)
+        assert len(chunks) > 1 and all(c.fallback_reason == "" for c in chunks), doc_id
+        data = content.encode()
+        for c in chunks:
+            assert c.start_byte == 0 or data[c.start_byte - 1:c.start_byte] == b"\n", doc_id
+            assert data[c.end_byte - 1:c.end_byte] == b"\n" or c.end_byte == len(data), doc_id
+
+
 def test_language_override_picks_the_chunker(client: RetrieverClient) -> None:
     client.upsert(NS, [doc("bin/tool", "def main():\n    return 0\n", language="python")])
     chunks = chunks_of(client, "bin/tool")

@@ -147,7 +147,7 @@ class StructuredChunker:
             log.exception("outliner for %s failed on %s; cutting it by windows", language, path)
             return self._fallback(content, "error")
         try:
-            spans = self._pack(content, units)
+            spans = self._pack(content, units, whole_lines=language not in self._prose)
         except Exception:
             log.exception("packing %s (%s) failed; cutting it by windows", path, language)
             return self._fallback(content, "error")
@@ -168,8 +168,10 @@ class StructuredChunker:
         starts = [a for a, _ in self._windows.token_offsets([text])[0]] if text else []
         return starts, list(range(len(starts) + 1))
 
-    def _pack(self, content: str, units: list[Unit]) -> list[ChunkSpan]:
+    def _pack(self, content: str, units: list[Unit], *, whole_lines: bool = True
+              ) -> list[ChunkSpan]:
         lines = _Lines(content)
+        lines.whole = whole_lines
         top = self._segments(content, lines, units, 0, len(content), parent=None)
         if not top:
             return self._fallback(content, "empty-outline") if content.strip() else []
@@ -229,7 +231,10 @@ class StructuredChunker:
             segs.append(_Seg(tail, hi, None, head_kind))
         else:
             segs[-1].end = hi
-        return [g for g in segs if g.end > g.start]
+        segs = [g for g in segs if g.end > g.start]
+        if lines.whole:  # code: siblings sharing a line ("[1, 2], [3, 4],") are cut as one
+            return _join_shared_lines(content, segs)
+        return segs
 
     @staticmethod
     def _measure(lines: _Lines, segs: list[_Seg]) -> None:
@@ -527,6 +532,8 @@ class _Lines:
     def __init__(self, content: str) -> None:
         self._content = content
         self.tokens: _TokenSpans | None = None
+        # Cuts only between lines (code); prose may be cut between sentences of a line.
+        self.whole = True
         self.starts = [0]
         pos = content.find("\n")
         while pos != -1:
@@ -575,6 +582,20 @@ def _span_of(content: str, byte_at: _ByteOffsets, lines: _Lines, a: int, b: int,
         text=content[a:b], start_char=a, end_char=b, start_byte=byte_at(a),
         end_byte=byte_at(b), start_line=lines.number(a), end_line=lines.number(max(a, b - 1)),
         token_count=tokens, symbol=p.symbol, kind=p.kind, context=p.context)
+
+
+def _join_shared_lines(content: str, segs: list[_Seg]) -> list[_Seg]:
+    """Neighbours whose boundary falls inside a line, joined into one anonymous segment of
+    the first one's kind: a chunk of code then starts and ends on line boundaries unless
+    one line alone is over the budget (then windows cut it)."""
+    out: list[_Seg] = []
+    for g in segs:
+        if out and g.start > 0 and content[g.start - 1] != "\n":
+            prev = out[-1]
+            out[-1] = _Seg(prev.start, g.end, None, prev.kind)
+        else:
+            out.append(g)
+    return out
 
 
 def _text_hash(content: str, g: _Seg) -> int:
