@@ -14,7 +14,14 @@ deadline: when the wait would end after it, the last error is returned as is. Ea
 runs with the time left to the original deadline.
 
 Only unary calls are retried: a client-streaming call (``UpsertDocuments``) consumes its
-request iterator, which cannot be replayed.
+request iterator, which cannot be replayed. A call that changes state (creating or deleting a
+namespace or documents, re-indexing, syncing, registering a golden set, evaluating,
+recording feedback) is retried only when the *server* refused it with RetryInfo (it was
+loading, draining, over its limits: nothing was applied). An ``UNAVAILABLE`` from the
+transport (a connection reset) may come after the server applied the call, so repeating it
+could apply it twice (a second golden-set version) or report a false error (ALREADY_EXISTS
+for the namespace the lost attempt created); only reads (``READ_ONLY_METHODS``) are retried
+then.
 """
 
 from __future__ import annotations
@@ -30,7 +37,13 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-__all__ = ["RetryPolicy", "retry_delay", "retry_info_delay"]
+__all__ = ["READ_ONLY_METHODS", "RetryPolicy", "retry_delay", "retry_info_delay"]
+
+# Methods that change nothing: any failure a retry may cure is retried for them.
+READ_ONLY_METHODS = frozenset({
+    "Search", "BatchSearch", "GetNamespace", "ListNamespaces", "GetDocument",
+    "ListDocuments", "GetChunk", "GetIndexStatus", "Check", "Watch",
+})
 
 # Called before each retry with (method, code of the failed attempt, attempt number that
 # failed (1-based), seconds until the next one).
@@ -74,18 +87,20 @@ def retry_info_delay(status: status_pb2.Status | None) -> float | None:
 
 def retry_delay(policy: RetryPolicy, code: grpc.StatusCode | None,
                 status: status_pb2.Status | None, attempt: int,
-                time_left: float | None, rng: random.Random | None = None) -> float | None:
+                time_left: float | None, rng: random.Random | None = None, *,
+                read_only: bool = True) -> float | None:
     """Seconds to wait before retrying a call whose attempt number ``attempt`` (1-based)
     failed with ``code`` and rich ``status``; None: do not retry. ``time_left``: seconds to
-    the call's deadline (None: no deadline)."""
+    the call's deadline (None: no deadline). ``read_only``: the call changes nothing (else
+    it is retried only when the server refused it with RetryInfo)."""
     if code is None or attempt >= policy.max_attempts:
         return None
     hint = retry_info_delay(status)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         if hint is None:
             return None
-    elif code is not grpc.StatusCode.UNAVAILABLE:
-        return None
+    elif code is not grpc.StatusCode.UNAVAILABLE or (hint is None and not read_only):
+        return None  # (a state change without RetryInfo may have been applied already)
     base = max(hint or 0.0, policy.initial_backoff)
     # The cap never cuts below what the server asked for.
     delay = min(base * policy.multiplier ** (attempt - 1), max(policy.max_backoff, hint or 0.0))
@@ -118,7 +133,8 @@ class SyncRetryInterceptor(grpc.UnaryUnaryClientInterceptor):
                 status = rpc_status.from_call(outcome)
             except ValueError:  # details inconsistent with the call's code: treat as absent
                 status = None
-            delay = retry_delay(self.policy, code, status, attempt, time_left)
+            delay = retry_delay(self.policy, code, status, attempt, time_left,
+                                read_only=_read_only(details.method))
             if delay is None:
                 return outcome
             if self.on_retry is not None:
@@ -153,7 +169,8 @@ class AsyncRetryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
             except ValueError:
                 status = None
             time_left = None if deadline is None else deadline - loop.time()
-            delay = retry_delay(self.policy, code, status, attempt, time_left)
+            delay = retry_delay(self.policy, code, status, attempt, time_left,
+                                read_only=_read_only(details.method))
             if delay is None:
                 return call
             if self.on_retry is not None:
@@ -166,6 +183,11 @@ class AsyncRetryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
 
 def _method_name(method: str | bytes) -> str:
     return method.decode() if isinstance(method, bytes) else method
+
+
+def _read_only(method: str | bytes) -> bool:
+    """Whether "/package.Service/Method" changes nothing."""
+    return _method_name(method).rsplit("/", 1)[-1] in READ_ONLY_METHODS
 
 
 class _SyncCallDetails(grpc.ClientCallDetails):

@@ -112,6 +112,15 @@ class _Scripted(pb_grpc.RetrieverServicer):
             context.abort_with_status(rpc_status.to_status(status))
         return pb.SearchResponse()
 
+    def CreateNamespace(self, request: pb.CreateNamespaceRequest,  # noqa: N802
+                        context: grpc.ServicerContext):
+        with self.lock:
+            self.calls += 1
+            status = self.script.pop(0) if self.script else None
+        if status is not None:
+            context.abort_with_status(rpc_status.to_status(status))
+        return pb.CreateNamespaceResponse()
+
 
 @pytest.fixture
 def scripted() -> Iterator[tuple[_Scripted, str]]:
@@ -178,6 +187,44 @@ def test_interceptor_retries_what_the_policy_says(scripted, search, script, fina
     assert servicer.calls == calls
     assert len(seen) == calls - 1
     assert all(method == "/retriever.v1.Retriever/Search" for method, *_ in seen)
+
+
+def _create(address: str, policy: RetryPolicy, asynchronous: bool) -> grpc.StatusCode:
+    if not asynchronous:
+        with RetrieverClient(address, timeout=10, retry=policy) as c:
+            try:
+                c.create_namespace("ns")
+            except grpc.RpcError as exc:
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    async def main() -> grpc.StatusCode:
+        async with AsyncRetrieverClient(address, timeout=10, retry=policy) as c:
+            try:
+                await c.create_namespace("ns")
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    return asyncio.run(main())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize(("script", "final", "calls"), [
+    ([_status(UNAVAILABLE)], UNAVAILABLE, 1),  # the transport's: it may have been applied
+    ([_status(UNAVAILABLE, retry_ms=10)], grpc.StatusCode.OK, 2),  # the server refused it
+    ([_status(RE, retry_ms=10)], grpc.StatusCode.OK, 2),
+], ids=["unavailable", "unavailable-retryinfo", "re-retryinfo"])
+def test_a_state_change_is_retried_only_when_the_server_refused_it(
+        scripted, asynchronous: bool, script, final, calls: int) -> None:  # noqa: ANN001
+    """A connection reset after the server applied a CreateNamespace (or a golden set, a
+    delete...) also reads UNAVAILABLE: repeating it answered ALREADY_EXISTS for the
+    namespace the lost attempt made, or made a second golden-set version."""
+    servicer, address = scripted
+    servicer.script = list(script)
+    assert _create(address, FAST, asynchronous) == final
+    assert servicer.calls == calls
 
 
 @pytest.mark.integration
