@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -96,6 +97,15 @@ def _upsert_batch(client: RetrieverClient, namespace: str,
                 err.print(f"the server is busy ({exc.details()}); retrying until it "
                           "takes the batch")
             time.sleep(delay)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _visible(text: str) -> str:
+    """Text for a terminal: control characters (an escape sequence in an indexed file could
+    recolour or rewrite the screen) shown as escapes, newlines and tabs kept."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 LOAD_WAIT_S = 600.0  # a first start builds and calibrates the int8 model: minutes
@@ -449,7 +459,7 @@ def search(
         out.print(f"{h.rank:>3}. [bold]{escape(c.path)}:{c.start_line}-{c.end_line}[/bold]  "
                   f"score {h.score:.4f}  chunk {c.chunk_id}", highlight=False)
         if show_text:
-            out.print(c.text.rstrip(), markup=False, highlight=False)
+            out.print(_visible(c.text.rstrip()), markup=False, highlight=False)
             out.print()
     lin = resp.lineage
     out.print(f"[dim]request {lin.request_id} · {lin.embedder}@{lin.embedder_revision} · "

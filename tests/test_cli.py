@@ -304,6 +304,21 @@ def test_paths_that_look_like_markup_are_printed_as_they_are(server, tmp_path: P
     assert "[/]zebra.txt:1-1" in found.stdout
 
 
+def test_search_text_shows_control_characters_as_escapes(server) -> None:  # noqa: ANN001
+    """An indexed file's escape sequence must not reach the terminal (it could recolour or
+    rewrite the screen): shown as an escape, like other control characters."""
+    from retriever.client import RetrieverClient, pb
+
+    with RetrieverClient(server.address) as c:
+        c.upsert("ctl", [pb.Document(doc_id="evil.txt", content=(
+            "zebra \x1b[31mRED\x1b[0m bell\x07 feed\x0c end\n"))])
+    found = runner.invoke(app, ["search", "zebra", "-n", "ctl", "-a", server.address,
+                                "--text"])
+    assert found.exit_code == 0, found.output
+    assert "\x1b" not in found.stdout and "\x07" not in found.stdout
+    assert "zebra \\x1b[31mRED\\x1b[0m bell\\x07 feed\\x0c end" in found.stdout
+
+
 def test_check_and_repair_refuse_a_data_dir_that_is_not_there(tmp_path: Path) -> None:
     typo = tmp_path / "no-such-dir"
     (tmp_path / "a-file").write_text("x")

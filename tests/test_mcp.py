@@ -152,6 +152,12 @@ def test_every_tool_over_stdio(service: dict[str, Any]) -> None:
             doc = _ok(await mcp.call_tool("get_document", {
                 "namespace": NS, "doc_id": "docs/oven.md", "max_chars": 10}))
             assert doc["content"] == "# Baking b" and doc["truncated"] is True
+            for lines, says in (({"start_line": 6, "end_line": 5}, "before start_line"),
+                                ({"start_line": 100}, "past the end of src/retry.py (7")):
+                bad_range = await mcp.call_tool("get_document", {
+                    "namespace": NS, "doc_id": "src/retry.py", **lines})
+                assert bad_range.is_error and "INVALID_ARGUMENT" in _text(bad_range)
+                assert says in _text(bad_range), _text(bad_range)
 
             # -- namespaces and status
             listed = {n["name"]: n for n in _ok(await mcp.call_tool(

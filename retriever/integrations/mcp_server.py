@@ -213,8 +213,9 @@ def create_server(client: RetrieverClient, *, log_level: str = "WARNING") -> MCP
         query: Annotated[str, Field(description=(
             "What to look for: a natural-language question, or code identifiers and "
             "error messages (lexical matching catches exact names)."))],
-        top_k: Annotated[int, Field(ge=1, description=(
-            "How many hits to return (the service caps it, 100 by default)."))] = 10,
+        top_k: Annotated[int, Field(ge=1, le=10_000, description=(
+            "How many hits to return, from 1 to the service's max_top_k (100 by default)."
+            ))] = 10,
         mode: Annotated[Literal["dense", "lexical", "hybrid"] | None, Field(description=(
             "dense: meaning (embeddings); lexical: exact terms (BM25 over code-aware "
             "tokens); hybrid: both fused. Omit for the service's default (hybrid)."))] = None,
@@ -285,9 +286,15 @@ def create_server(client: RetrieverClient, *, log_level: str = "WARNING") -> MCP
     ) -> DocumentResult:
         """Read the indexed version of a document (a whole file or a line range of it),
         with its revision and chunk ids."""
+        if end_line is not None and end_line < start_line:
+            raise ToolError(f"INVALID_ARGUMENT: end_line {end_line} is before start_line "
+                            f"{start_line}")
         resp = await _rpc(lambda: client.get_document(namespace, doc_id))
         doc = resp.document
         lines = doc.content.splitlines(keepends=True)
+        if start_line > max(len(lines), 1):
+            raise ToolError(f"INVALID_ARGUMENT: start_line {start_line} is past the end of "
+                            f"{doc.path or doc.doc_id} ({len(lines)} lines)")
         last = len(lines) if end_line is None else min(end_line, len(lines))
         content = "".join(lines[start_line - 1 : last])
         truncated = len(content) > max_chars
