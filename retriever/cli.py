@@ -49,16 +49,20 @@ def _address(address: str | None) -> str:
     return f"{s.grpc_host}:{s.grpc_port}"
 
 
-def _client(address: str | None, *, retry: bool = False) -> RetrieverClient:
+def _client(address: str | None, *, retry: bool = False,
+            wait_loading: bool = True) -> RetrieverClient:
     """A client for ``address``, with the token of RETRIEVER_AUTH_TOKEN when set;
     ``retry``: retry UNAVAILABLE and RESOURCE_EXHAUSTED with RetryInfo (long-lived users
-    such as the MCP server; a one-shot command shows the error instead)."""
+    such as the MCP server; a one-shot command shows the error instead); ``wait_loading``:
+    wait (up to LOAD_WAIT_S) for a server still loading before returning."""
     from retriever.client import NO_RETRY, RetrieverClient, RetryPolicy
 
     token = Settings().auth_token
     client = RetrieverClient(_address(address),
                              token=token.get_secret_value() if token is not None else None,
                              retry=RetryPolicy() if retry else NO_RETRY)
+    if not wait_loading:
+        return client
     try:
         _await_loading(client)
     except BaseException:
@@ -530,7 +534,9 @@ def mcp_server(
     --address (with RETRIEVER_AUTH_TOKEN when set). Needs the mcp extra."""
     from retriever.integrations.mcp_server import serve as serve_mcp
 
-    with _client(address, retry=True) as client:
+    # An MCP host expects `initialize` answered at once: a server still loading answers
+    # each tool call UNAVAILABLE ("loading"), which the tool reports, instead.
+    with _client(address, retry=True, wait_loading=False) as client:
         serve_mcp(client, transport=transport, host=host, port=port, log_level=log_level)
 
 

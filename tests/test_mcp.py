@@ -269,3 +269,31 @@ def test_streamable_http_round_trip(service: dict[str, Any]) -> None:
             proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+
+def test_initialize_is_answered_while_the_service_still_loads() -> None:
+    """An MCP host times `initialize` out in seconds; a server still loading (health
+    NOT_SERVING, as during a first start's model build) must not hold it up for the CLI's
+    10-minute wait: the tools answer, each call saying the service is not ready."""
+    from concurrent import futures
+
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    loading = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    checker = health.HealthServicer()
+    checker.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, loading)
+    port = loading.add_insecure_port("127.0.0.1:0")
+    loading.start()
+
+    async def main() -> None:
+        async with Client(_stdio(f"127.0.0.1:{port}"), read_timeout_seconds=60) as mcp:
+            tools = {t.name for t in (await mcp.list_tools()).tools}
+            assert "search" in tools
+            res = await mcp.call_tool("list_namespaces", {})
+            assert res.is_error and "UNIMPLEMENTED" in _text(res), _text(res)
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), timeout=90))
+    finally:
+        loading.stop(None)
