@@ -140,8 +140,14 @@ def _await_loading(client: RetrieverClient, timeout: float = LOAD_WAIT_S) -> Non
         time.sleep(0.25)
 
 
-def _fail(exc: grpc.RpcError) -> typer.Exit:
+def _fail(exc: grpc.RpcError, as_json: bool = False) -> typer.Exit:
+    """The service refused or could not be reached: the status on stderr (and, with --json,
+    as {"error": {"code", "message"}} on stdout, so a script reads one JSON answer either
+    way); exit code 2."""
     err.print(f"[red]error[/red] {exc.code().name}: {escape(exc.details() or '')}")
+    if as_json:
+        print(json.dumps({"error": {"code": exc.code().name, "message": exc.details() or ""}}),
+              flush=True)
     return typer.Exit(2)
 
 
@@ -248,7 +254,7 @@ def index(
             acknowledged(0)
             pruned = _prune(client, namespace, sent, _unknown(report)) if prune else 0
         except grpc.RpcError as exc:
-            raise _fail(exc) from None
+            raise _fail(exc, as_json) from None
         except KeyboardInterrupt:
             progress.stop()
             err.print(f"interrupted: {totals.documents_received} documents acknowledged "
@@ -452,7 +458,7 @@ def search(
         try:
             resp = client.search(namespace, query, top_k=top_k, filter=flt)
         except grpc.RpcError as exc:
-            raise _fail(exc) from None
+            raise _fail(exc, as_json) from None
     if as_json:
         out.print_json(json.dumps(MessageToDict(resp)))
         return

@@ -86,6 +86,12 @@ def test_cli_reports_errors_with_status_code(server) -> None:  # noqa: ANN001
     result = runner.invoke(app, ["search", "x", "-n", "missing", "-a", server.address])
     assert result.exit_code == 2
     assert "NOT_FOUND" in result.output and "missing" in result.output
+    # With --json the answer on stdout is JSON either way.
+    result = runner.invoke(app, ["search", "x", "-n", "missing", "-k", "0", "--json", "-a",
+                                 server.address])
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)["error"]
+    assert error["code"] == "INVALID_ARGUMENT" and "top_k" in error["message"]
 
 
 def test_index_prune_removes_documents_gone_from_the_directory(server, tmp_path: Path) -> None:  # noqa: ANN001
