@@ -97,28 +97,28 @@ def test_no_retry_past_max_attempts_or_the_deadline() -> None:
 
 # -- both interceptors, against a scripted server -------------------------------------------
 class _Scripted(pb_grpc.RetrieverServicer):
-    """Search answers the scripted statuses in turn, then OK."""
+    """Search and CreateNamespace answer the scripted statuses in turn, then OK."""
 
     def __init__(self) -> None:
         self.script: list[status_pb2.Status] = []
         self.calls = 0
         self.lock = threading.Lock()
 
-    def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext):  # noqa: N802
+    def _answer(self, context: grpc.ServicerContext) -> None:
+        """Count the call; end it with the next scripted status, if any."""
         with self.lock:
             self.calls += 1
             status = self.script.pop(0) if self.script else None
         if status is not None:
             context.abort_with_status(rpc_status.to_status(status))
+
+    def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext):  # noqa: N802
+        self._answer(context)
         return pb.SearchResponse()
 
     def CreateNamespace(self, request: pb.CreateNamespaceRequest,  # noqa: N802
                         context: grpc.ServicerContext):
-        with self.lock:
-            self.calls += 1
-            status = self.script.pop(0) if self.script else None
-        if status is not None:
-            context.abort_with_status(rpc_status.to_status(status))
+        self._answer(context)
         return pb.CreateNamespaceResponse()
 
 
