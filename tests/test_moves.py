@@ -101,11 +101,14 @@ def test_embedded_texts_that_stay_the_same_are_not_embedded_again(
     assert _ids(svc, ns, "leave the dough to rise overnight", SearchMode.DENSE) == {new}
     _consistent(svc, ns)
 
-    # An edit in the same move re-embeds only what the edit changed.
+    # An edit in the same move re-embeds only the chunks next to the edit (the edited
+    # statement's piece of bake_loaf, and at most its neighbour when a content-defined cut
+    # moved): the other functions' chunks are reused.
     edited = _CODE.replace("step_13 = bake_loaf_stage(13", "step_13 = bake_loaf_stage(99")
     back = svc.upsert(ns, [Document(doc_id=old, path=old, content=edited, moved_from=new)])
-    assert (back.results[0].chunks_embedded, back.results[0].version) == (1, 3), r.chunk_count
-    assert back.results[0].chunks_reused == r.chunk_count - 1
+    b = back.results[0]
+    assert b.version == 3 and 1 <= b.chunks_embedded <= 2, (b.chunks_embedded, r.chunk_count)
+    assert b.chunks_reused == b.chunk_count - b.chunks_embedded >= r.chunk_count - 2
     _consistent(svc, ns)
 
 
