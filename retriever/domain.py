@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
+from retriever.ingest.chunking.languages import normalize_language
+
 T = TypeVar("T")
 
 
@@ -162,6 +164,13 @@ class SearchFilter:
     languages: tuple[str, ...] = ()
     metadata: tuple[tuple[str, str], ...] = ()
     kinds: tuple[str, ...] = ()  # chunk kinds ("function", "section"...)
+
+    def __post_init__(self) -> None:
+        # Languages as documents store them ("Python", "py" -> "python"), for every engine
+        # and the catalog alike.
+        if self.languages:
+            object.__setattr__(self, "languages",
+                               tuple(normalize_language(x) for x in self.languages))
 
     @property
     def empty(self) -> bool:

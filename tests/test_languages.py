@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from retriever.domain import SearchFilter
 from retriever.ingest.chunking import DOC_LANGUAGES, detect_language, normalize_language
 
 
@@ -15,6 +16,8 @@ from retriever.ingest.chunking import DOC_LANGUAGES, detect_language, normalize_
 ])
 def test_override_names_are_normalized(given: str, name: str) -> None:
     assert normalize_language(given) == name
+    # A search filter holds them as documents store them, for every engine and the catalog.
+    assert SearchFilter(languages=(given,)).languages == (name,)
 
 
 @pytest.mark.parametrize(

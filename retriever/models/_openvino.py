@@ -105,7 +105,7 @@ class OpenVINOModel:
     """A compiled model: ``features -> (n, dimension) float32`` L2-normalised vectors."""
 
     def __init__(self, compiled: Any, inputs: Sequence[str], provenance: Provenance,
-                 directory: Path, reused: bool, graph: Any = None) -> None:
+                 directory: Path, reused: bool, graph: Any) -> None:
         self._compiled = compiled
         # The verified graph it was compiled from (read from a checked cache entry, or just
         # built): further copies compile from it, never from files read again.
@@ -160,8 +160,6 @@ def lane_copy(model: OpenVINOModel, threads: int, bf16_native: bool) -> OpenVINO
     ov = _openvino()
     core = ov.Core()
     precision = model.provenance.precision
-    if model.graph is None:
-        raise ValueError("the model keeps no graph to compile a copy from")
     compiled = core.compile_model(model.graph, "CPU",
                                   compile_config(precision, threads, bf16_native))
     copy = OpenVINOModel(compiled, model.inputs, model.provenance, model.directory,

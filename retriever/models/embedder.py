@@ -115,9 +115,7 @@ class Embedder:
             torch.set_num_threads(s.torch_threads)
         source = s.embedder_model or default_model_path()
         backend: str = s.embedder_backend
-        device = s.embedder_device
-        if device == "auto":
-            device = "cuda" if backend != "openvino" and torch.cuda.is_available() else "cpu"
+        device = resolve_device(backend, s.embedder_device)
         precision: str = s.embedder_precision
         check_backend(backend, device, precision)  # before the weights: fail fast
         t0 = time.perf_counter()
@@ -796,14 +794,21 @@ def check_backend(backend: str, device: str, precision: str) -> None:
                          "embedder_device=cpu (or auto)")
 
 
+def resolve_device(backend: str, device: str) -> str:
+    """``embedder_device`` with auto resolved: CUDA where torch sees it (not for OpenVINO,
+    which runs on the CPU), else the CPU."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if backend != "openvino" and torch.cuda.is_available() else "cpu"
+
+
 def preflight(s: Settings) -> None:
     """The embedder settings checked before anything starts or any weights are read:
     ValueError says what to set instead."""
-    import torch
-
-    backend, device, precision = s.embedder_backend, s.embedder_device, s.embedder_precision
-    if device == "auto":
-        device = "cuda" if backend != "openvino" and torch.cuda.is_available() else "cpu"
+    backend, precision = s.embedder_backend, s.embedder_precision
+    device = resolve_device(backend, s.embedder_device)
     check_backend(backend, device, precision)
     if backend != "auto" and precision != "auto":
         check_precision(device, precision, backend)

@@ -48,7 +48,6 @@ from retriever.domain import (
 )
 from retriever.errors import FailedPrecondition, InvalidArgument
 from retriever.freshness.staleness import SourceLag, chunk_staleness
-from retriever.ingest.chunking.languages import normalize_language
 from retriever.lexical import LexicalIndex, QueryError, is_engine_error
 from retriever.models.embedder import Embedder
 from retriever.models.reranker import Reranker
@@ -72,8 +71,7 @@ _MODES = {"dense": SearchMode.DENSE, "lexical": SearchMode.LEXICAL,
 def engine_filter(f: SearchFilter) -> Filter:
     """A request's filter in the engines' terms (the same semantics: indexers.payload)."""
     return Filter(doc_ids=tuple(f.doc_ids), path_prefix=f.path_prefix,
-                  languages=tuple(normalize_language(x) for x in f.languages),
-                  kinds=tuple(f.kinds),
+                  languages=tuple(f.languages), kinds=tuple(f.kinds),
                   metadata=tuple(f.metadata))
 
 

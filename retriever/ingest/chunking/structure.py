@@ -3,17 +3,20 @@
 An outliner (``syntax`` for code, ``docs`` for Markdown/RST/prose) says where the units are;
 the packer here decides the chunks:
 
-- every unit is widened to whole lines (unless it shares a line with a sibling), and the
-  lines between siblings (comments, decorators, blank lines) go to the unit that follows;
+- every unit is widened to whole lines (unless it shares a line with a sibling: in code,
+  siblings sharing a line are then one segment, so a chunk of code never ends mid-line
+  unless one line alone is over the budget), and the lines between siblings (comments,
+  decorators, blank lines) go to the unit that follows;
 - a unit that fits the budget is one chunk, never split; small neighbours merge up to the
-  budget, the cuts between them chosen by the units' own text once a chunk is half full
-  (content-defined: an edit moves only the cuts next to it, so the other chunks keep
-  their ids and vectors); a tiny piece (a class's head line, a closing brace, the end of
-  a run) joins its neighbour; units marked standalone (imports, the module
-  docstring) stay alone unless tiny themselves (a chunk of "import os" alone is a short
-  text that matches short queries for the wrong reasons: on requests' history, four of the
-  twelve worst-ranked queries had a wrong file's tiny imports chunk on top), and a tiny
-  module docstring joins the imports after it (the module's head is one chunk);
+  budget, a run of them first cut before each unit whose text hashes above its neighbours'
+  (content-defined, see ``_grouped``: an edit moves only the cuts next to it, so the other
+  chunks keep their ids and vectors), each stretch then packed evenly; a tiny piece (a
+  class's head line, a closing brace, the end of a run) joins its neighbour; units marked
+  standalone (imports, the module docstring) stay alone unless tiny themselves (a chunk of
+  "import os" alone is a short text that matches short queries for the wrong reasons: on
+  requests' history, four of the twelve worst-ranked queries had a wrong file's tiny
+  imports chunk on top), and a tiny module docstring joins the imports after it (the
+  module's head is one chunk);
 - an oversized unit splits at its children (a class at its methods, a function at its
   statements, a section at its subsections and blocks, a paragraph at its sentences); its
   head and tail text become pieces of the same sequence; each piece carries the symbol path
@@ -170,8 +173,7 @@ class StructuredChunker:
 
     def _pack(self, content: str, units: list[Unit], *, whole_lines: bool = True
               ) -> list[ChunkSpan]:
-        lines = _Lines(content)
-        lines.whole = whole_lines
+        lines = _Lines(content, whole=whole_lines)
         top = self._segments(content, lines, units, 0, len(content), parent=None)
         if not top:
             return self._fallback(content, "empty-outline") if content.strip() else []
@@ -529,11 +531,11 @@ class _Lines:
     """Line starts of a text: line start/end of any offset in O(log n); and, while one
     text is packed, its token counts (``tokens``)."""
 
-    def __init__(self, content: str) -> None:
+    def __init__(self, content: str, *, whole: bool = True) -> None:
         self._content = content
         self.tokens: _TokenSpans | None = None
         # Cuts only between lines (code); prose may be cut between sentences of a line.
-        self.whole = True
+        self.whole = whole
         self.starts = [0]
         pos = content.find("\n")
         while pos != -1:
