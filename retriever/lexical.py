@@ -32,6 +32,7 @@ catalog's FTS5 table.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -55,6 +56,8 @@ ENGINE = "tantivy"
 _HEAP = 32_000_000  # writer arena; the floor tantivy accepts is 15 MB
 _META = frozenset("\\.+*?()|[]{}^$#&-~")  # regex-syntax meta characters
 _CHECKSUMS = "retriever-checksums.json"
+# Listings of the committed files tried when merges keep replacing them meanwhile.
+_CHECKSUM_ATTEMPTS = 5
 _FAILED = "retriever-failed"  # marker: a search failed on this index; rebuild it at start
 _SEGMENT_EXTS = (".idx", ".term", ".pos", ".store", ".fast", ".fieldnorm")
 # UTF-8 bytes of a path prefix matched by the engine's regular expression (which refuses
@@ -146,19 +149,40 @@ class LexicalIndex:
     # -- checksums -------------------------------------------------------------------------
     def _record_checksums_locked(self) -> None:
         """Record the CRC of each committed segment file not recorded yet (segment files
-        never change once written), forgetting those no longer committed."""
+        never change once written), forgetting those no longer committed.
+
+        A merge ending on the writer's own threads publishes its segment and deletes the
+        files it replaced whenever it ends, so a file listed here may be gone when it is
+        read: the listing is then taken again (a file gone is no longer committed). The
+        record only serves to find damage at the next start: failing to make it fails
+        nothing (the write it follows is committed), it is logged."""
         path = self.path / _CHECKSUMS
         try:
             recorded = json.loads(path.read_text(encoding="utf-8"))
         except (FileNotFoundError, ValueError):
             recorded = {}
-        files = _committed_files(self.path)
-        out = {n: recorded[n] if n in recorded else _crc(self.path / n) for n in files}
-        if out == recorded:
-            return
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            for _ in range(_CHECKSUM_ATTEMPTS):
+                try:
+                    files = _committed_files(self.path)
+                    out = {n: recorded[n] if n in recorded else _crc(self.path / n)
+                           for n in files}
+                    break
+                except FileNotFoundError:
+                    continue  # deleted by a merge meanwhile: list again
+            else:
+                raise OSError(f"segment files kept changing ({_CHECKSUM_ATTEMPTS} listings)")
+            if out == recorded:
+                return
+            tmp.write_text(json.dumps(out, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            log.warning("lexical index %s: could not record its segment checksums (%s); "
+                        "damage to the new segments would be found by a search, not at "
+                        "start", self.path, exc)
 
     def mark_failed(self, reason: str) -> None:
         """A search failed on this index: searches read the catalog from now on, and the

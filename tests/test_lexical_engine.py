@@ -4,6 +4,7 @@ are skipped, damage is rebuilt from the catalog, a failing index falls back to F
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -16,6 +17,7 @@ from test_storage_faults import metric
 from typer.testing import CliRunner
 
 from indexers import Filter, Payload
+from retriever import lexical
 from retriever.cli import app
 from retriever.client import RetrieverClient
 from retriever.domain import Document, SearchMode, SearchQuery
@@ -129,6 +131,47 @@ def test_an_idle_writer_is_closed_and_a_later_write_reopens_it(tmp_path: Path) -
     reopened = LexicalIndex(tmp_path / "lx")  # committed: persisted
     try:
         assert reopened.damaged is None and reopened.fingerprint() == (2, 3)
+    finally:
+        reopened.close()
+
+
+@pytest.mark.parametrize("races", [1, 1000])
+def test_a_segment_file_a_merge_deletes_meanwhile_does_not_fail_the_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        races: int) -> None:
+    """A merge ending on the writer's threads deletes the segment files it replaced
+    whenever it ends; one listed for the checksum record just before was gone when read,
+    and the committed write answered FileNotFoundError (under load-tests' mixed load: "could
+    not remove 14 chunks from the lexical index ... .del'"). The listing is taken again; a
+    record that cannot be made is logged, and the write stands."""
+    lex = LexicalIndex(tmp_path / "lx")
+    real = lexical._committed_files
+    left = [races]
+
+    def racing(path: Path) -> list[str]:  # listed, then deleted by a merge before read
+        names = real(path)
+        if left[0] > 0:
+            left[0] -= 1
+            names.append("0123456789abcdef0123456789abcdef.7.del")
+        return names
+
+    try:
+        lex.add([1, 2], ["alpha", "alpha beta"], [Payload("d", "p")] * 2)
+        monkeypatch.setattr(lexical, "_committed_files", racing)
+        lex.delete([1])
+        lex.add([3], ["alpha gamma"], [Payload("e", "q")])
+        assert {v for v, _ in lex.search(["alpha"], Filter(), 10)} == {2, 3}
+        monkeypatch.setattr(lexical, "_committed_files", real)
+        recorded = json.loads((tmp_path / "lx" / lexical._CHECKSUMS).read_text())
+        assert not any(n.startswith("0123456789abcdef") for n in recorded)
+        assert not list((tmp_path / "lx").glob("*.tmp"))
+        warned = [r for r in caplog.records if "could not record" in r.getMessage()]
+        assert bool(warned) == (races > 1)
+    finally:
+        lex.close()
+    reopened = LexicalIndex(tmp_path / "lx")
+    try:
+        assert reopened.damaged is None and reopened.fingerprint() == (2, 5)
     finally:
         reopened.close()
 
