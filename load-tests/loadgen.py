@@ -981,7 +981,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if server is not None:
             report["server_exit_code"] = await server.stop()
             report["server_settings"] = env_overrides
-            report["server_log_tail"] = server.log.read_text(errors="replace")[-4000:]
+            server_log = server.log.read_text(errors="replace")
+            report["server_log_tail"] = server_log[-4000:]
+            report["server_log_problems"] = log_problems(server_log)
         if tmp is not None:
             tmp.cleanup()
     report["samples"] = sampler.samples
@@ -1001,6 +1003,24 @@ def _line(s: dict[str, Any]) -> str:
 
 
 # -- the report ----------------------------------------------------------------------------
+_LOG_LEVEL = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) ")
+
+
+def log_problems(text: str, keep: int = 20) -> dict[str, Any]:
+    """The server log's WARNING, ERROR and CRITICAL lines: counts by level and the first
+    ``keep`` of them (an SRE reading the report should see what the server complained of
+    under the load, not only what the callers were answered)."""
+    counts: Counter[str] = Counter()
+    first: list[str] = []
+    for line in text.splitlines():
+        m = _LOG_LEVEL.match(line)
+        if m:
+            counts[m.group(1)] += 1
+            if len(first) < keep:
+                first.append(line[:400])
+    return {"counts": dict(counts), "first": first}
+
+
 def render(r: dict[str, Any], name: str) -> str:
     env, cfg = r["environment"], r["config"]
     corpus, sat = r["corpus"], r["saturation"]
@@ -1140,6 +1160,16 @@ def render(r: dict[str, Any], name: str) -> str:
         lines.append(f"| {c} | {code} | {n} | {msg} |")
     if r.get("retries"):
         lines += ["", "Retries: " + ", ".join(f"{k} {v}" for k, v in r["retries"].items())]
+    problems = r.get("server_log_problems")
+    if problems is not None:
+        counts = problems["counts"]
+        lines += ["", "## Server log (warnings and errors, the whole run)", ""]
+        if not counts:
+            lines.append("None.")
+        else:
+            lines += [", ".join(f"{level} {n}" for level, n in sorted(counts.items()))
+                      + (f"; the first {len(problems['first'])}:" if problems["first"] else ""),
+                      "", "```", *problems["first"], "```"]
     lines += ["", f"![latency, throughput and server memory]({name}.png)", "",
               f"Raw figures: `{name}.json`. Reproduce: `.venv/bin/python load-tests/loadgen.py "
               + " ".join(r["config"].get("argv", [])) + "`.", ""]

@@ -168,3 +168,16 @@ def test_callers_must_be_at_least_one() -> None:
     assert lg.parse_args(["--spawn", "--callers", "3"]).callers == 3
     with pytest.raises(SystemExit):
         lg.parse_args(["--spawn", "--callers", "0"])
+
+
+def test_the_report_shows_what_the_server_logged_above_info() -> None:
+    lg = _loadgen()
+    log = ("Loading weights: 100%\n"
+           "2026-11-28 21:15:52,804 WARNING retriever.ingest.pipeline: could not remove 14\n"
+           "2026-11-28 21:15:53,000 INFO retriever.server: fine\n"
+           "Traceback (most recent call last):\n"
+           "2026-11-28 21:16:00,001 ERROR retriever.server: boom\n")
+    problems = lg.log_problems(log)
+    assert problems["counts"] == {"WARNING": 1, "ERROR": 1}
+    assert [p.split()[2] for p in problems["first"]] == ["WARNING", "ERROR"]
+    assert lg.log_problems("")["counts"] == {}
