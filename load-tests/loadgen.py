@@ -1003,6 +1003,7 @@ def _line(s: dict[str, Any]) -> str:
 
 
 # -- the report ----------------------------------------------------------------------------
+# A line of `retriever serve`'s log (retriever.cli.LOG_FORMAT) at WARNING or above.
 _LOG_LEVEL = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) ")
 
 

@@ -112,6 +112,8 @@ def _visible(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+# How `retriever serve` logs (load-tests/loadgen.py reads the level from it).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOAD_WAIT_S = 600.0  # a first start builds and calibrates the int8 model: minutes
 
 
@@ -159,8 +161,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Serve retriever.v1.Retriever until SIGTERM/SIGINT, then drain and exit 0."""
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
     overrides: dict[str, Any] = {k: v for k, v in {
         "grpc_port": port, "metrics_port": metrics_port, "data_dir": data_dir}.items()
         if v is not None}

@@ -171,13 +171,22 @@ def test_callers_must_be_at_least_one() -> None:
 
 
 def test_the_report_shows_what_the_server_logged_above_info() -> None:
+    """Lines as `retriever serve` writes them (its own format), with a traceback between."""
+    import logging
+
+    from retriever.cli import LOG_FORMAT
+
     lg = _loadgen()
-    log = ("Loading weights: 100%\n"
-           "2026-11-28 21:15:52,804 WARNING retriever.ingest.pipeline: could not remove 14\n"
-           "2026-11-28 21:15:53,000 INFO retriever.server: fine\n"
-           "Traceback (most recent call last):\n"
-           "2026-11-28 21:16:00,001 ERROR retriever.server: boom\n")
+    fmt = logging.Formatter(LOG_FORMAT)
+
+    def line(level: int, msg: str) -> str:
+        return fmt.format(logging.LogRecord("retriever.x", level, __file__, 1, msg, None, None))
+
+    log = "\n".join(["Loading weights: 100%", line(logging.WARNING, "could not remove 14"),
+                     line(logging.INFO, "fine"), "Traceback (most recent call last):",
+                     line(logging.ERROR, "boom")]) + "\n"
     problems = lg.log_problems(log)
     assert problems["counts"] == {"WARNING": 1, "ERROR": 1}
     assert [p.split()[2] for p in problems["first"]] == ["WARNING", "ERROR"]
+    assert problems["first"][1].endswith("retriever.x: boom")
     assert lg.log_problems("")["counts"] == {}
