@@ -290,6 +290,38 @@ def test_without_roots_or_prefixes_every_sync_is_denied(tmp_path: Path) -> None:
         check_location("rel/path", make_settings(tmp_path, sync_roots=[tmp_path]))
 
 
+def test_a_file_url_cannot_leave_its_prefix(embedder, tmp_path: Path) -> None:  # noqa: ANN001
+    """A file:// prefix allows the directory it names, as RETRIEVER_SYNC_ROOTS does: a
+    percent-encoded '..' (which git decodes) and a symbolic link under the prefix to a
+    repository outside it are refused, on a real server with real repositories."""
+    allowed, private = tmp_path / "allowed", tmp_path / "private"
+    allowed.mkdir()
+    mine, secret = _Repo(allowed / "mine"), _Repo(private)
+    mine.write("ok.py", "def fine():\n    return 1\n")
+    mine.commit()
+    secret.write("secret.py", "PASSWORD = 'hunter2'\n")
+    secret.commit()
+    (allowed / "link").symlink_to(private)
+    base = f"file://{allowed}/"
+    settings = make_settings(tmp_path / "data", sync_url_prefixes=[base])
+    escapes = [base + "%2e%2e/private", base + "%2E%2E/private", base + ".%2e/private",
+               base + "%252e%252e/private", base + "mine/..%2fprivate", base + "link",
+               f"file://elsewhere{allowed}/mine"]
+    for bad in escapes:
+        with pytest.raises(PermissionDenied):
+            check_location(bad, settings)
+    assert check_location(base + "mine", settings) == base + "mine"
+    with running_server(settings, embedder) as st, RetrieverClient(st.address) as c:
+        for i, bad in enumerate(escapes[:2] + escapes[5:6]):
+            with pytest.raises(grpc.RpcError) as e:
+                _sync(c, f"escape-{i}", bad)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value.details()
+        assert not {n.name for n in c.list_namespaces().namespaces} & {
+            "escape-0", "escape-1", "escape-2"}
+        _sync(c, "mine", base + "mine")
+        assert _lexical(c, "mine", "fine") == {"ok.py"}
+
+
 def test_a_url_with_credentials_is_refused_and_never_stored(tmp_path: Path) -> None:
     """Credentials in a source URL would sit in the catalog and in every status: they are
     refused with what to do instead (git's own credential configuration)."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import re
 import threading
 import time
 import uuid
@@ -40,7 +41,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from retriever import validation
 from retriever._priority import lower_priority
@@ -724,9 +725,11 @@ def check_location(location: str, settings: Settings) -> str:
                 f"({_listing(prefixes)}): add a prefix there (a JSON list) to allow it",
                 field="repo")
         url_path = urlsplit(location).path if "://" in location else location.split(":", 1)[1]
-        if any(part in (".", "..") for part in url_path.split("/")):
-            raise PermissionDenied(f"repo {shown} has '.' or '..' path segments: give the "
-                                   "URL without them", field="repo")
+        if any(part in (".", "..") for part in _segments(url_path)):
+            raise PermissionDenied(f"repo {shown} has '.' or '..' path segments (percent-"
+                                   "encoded or not): give the URL without them", field="repo")
+        if location[:7].lower() == "file://":
+            _check_file_url(location, prefixes, shown)
         return location
     path = Path(location)
     if not path.is_absolute():
@@ -739,6 +742,44 @@ def check_location(location: str, settings: Settings) -> str:
             "symbolic links resolved): sync repositories under those directories, or add a "
             "directory there (a JSON list)", field="repo")
     return str(real)
+
+
+def _segments(url_path: str) -> list[str]:
+    """The path segments of a URL as its server (or git, for file://) reads them: split
+    before and after percent-decoding, which is repeated until nothing changes (so
+    ``%2e%2e``, ``%252e%252e`` and an encoded ``/`` or ``\\`` cannot hide a ``..``)."""
+    seen = [url_path]
+    for _ in range(8):
+        decoded = unquote(seen[-1])
+        if decoded == seen[-1]:
+            break
+        seen.append(decoded)
+    return [part for text in seen for part in re.split(r"[/\\]", text)]
+
+
+def _check_file_url(location: str, prefixes: Sequence[str], shown: str) -> None:
+    """A file:// URL names a local directory: it must resolve (symbolic links followed) to
+    a place inside the directory of a file:// prefix it starts with, as a local path must lie
+    inside RETRIEVER_SYNC_ROOTS. A bare ``file://`` prefix allows every local repository."""
+    parts = urlsplit(location)
+    if parts.netloc not in ("", "localhost"):
+        raise PermissionDenied(f"repo {shown} names host {parts.netloc!r}: a file:// URL must "
+                               "name a local path (file:///path)", field="repo")
+    real = Path(unquote(parts.path) or "/").resolve()
+    for prefix in prefixes:
+        if not location.startswith(prefix) or prefix[:7].lower() != "file://":
+            continue
+        base = urlsplit(prefix).path
+        if not base or base == "/":
+            return
+        root = Path(unquote(base)).resolve()
+        if real == root or root in real.parents:
+            return
+    raise PermissionDenied(
+        f"repo {shown} resolves (symbolic links followed) to {str(real)!r}, outside the "
+        f"directories of the file:// prefixes in RETRIEVER_SYNC_URL_PREFIXES "
+        f"({_listing(prefixes)}): sync repositories under those directories, or add a prefix "
+        "there (a JSON list)", field="repo")
 
 
 def _root_of(real: Path, roots: Iterable[Path]) -> Path | None:
