@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 PENDING, ACTIVE = 0, 1
 # Bumped with every schema change; a catalog written by a newer release is refused rather
 # than misread, an older one is migrated in open().
-SCHEMA_VERSION = 4  # 2: lexical index, catalog_meta; 3: chunk symbol/kind; 4: FTS per namespace
+SCHEMA_VERSION = 5  # 2: lexical index, catalog_meta; 3: chunk symbol/kind; 4: FTS per namespace;
+# 5: sources' outside writes and divergence
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS namespaces (
@@ -116,7 +117,10 @@ CREATE TABLE IF NOT EXISTS catalog_meta (key TEXT PRIMARY KEY, value TEXT NOT NU
 -- the first finished sync). pending_commit / pending_full: the commit a sync began applying
 -- and did not finish ('' when none), and whether that sync compared the whole tree: what
 -- it applied stays applied, so the next sync must compare the whole tree unless it goes to
--- the same commit by the same diff.
+-- the same commit by the same diff. outside_writes: how many upserts and deletes reached the
+-- namespace other than through a sync (each also marks a full compare pending: the next sync
+-- puts the namespace back to the source's tree). diverged_commit / diverged_since: when the
+-- ref was first seen not to contain the indexed commit (a force-push), for that commit.
 CREATE TABLE IF NOT EXISTS sources (
     namespace TEXT PRIMARY KEY,
     location TEXT NOT NULL,
@@ -127,7 +131,10 @@ CREATE TABLE IF NOT EXISTS sources (
     last_commit TEXT NOT NULL DEFAULT '',
     pending_commit TEXT NOT NULL DEFAULT '',
     pending_full INTEGER NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    outside_writes INTEGER NOT NULL DEFAULT 0,
+    diverged_commit TEXT NOT NULL DEFAULT '',
+    diverged_since REAL
 );
 -- The recent syncs of each namespace (the last few are kept): state 'running',
 -- 'succeeded' or 'failed'; commit_sha the commit synced to ('' until resolved); summary the
@@ -253,6 +260,9 @@ class SourceRecord:
     pending_commit: str = ""
     pending_full: bool = False
     updated_at: datetime | None = None
+    outside_writes: int = 0
+    diverged_commit: str = ""
+    diverged_since: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -886,7 +896,10 @@ class Catalog:
             include=tuple(json.loads(row["include"])), exclude=tuple(json.loads(row["exclude"])),
             max_file_bytes=int(row["max_file_bytes"]), last_commit=row["last_commit"],
             pending_commit=row["pending_commit"], pending_full=bool(row["pending_full"]),
-            updated_at=_ts(row["updated_at"]))
+            updated_at=_ts(row["updated_at"]), outside_writes=int(row["outside_writes"]),
+            diverged_commit=row["diverged_commit"],
+            diverged_since=(_ts(row["diverged_since"])
+                            if row["diverged_since"] is not None else None))
 
     def source_namespaces(self) -> list[str]:
         """The namespaces bound to a git source."""
@@ -923,13 +936,44 @@ class Catalog:
                  json.dumps(list(src.exclude)), src.max_file_bytes, src.last_commit,
                  src.pending_commit, int(src.pending_full), time.time()))
 
-    def source_synced(self, namespace: str, commit: str) -> None:
+    def source_synced(self, namespace: str, commit: str, outside_writes: int = 0) -> None:
         """The namespace's documents now equal ``commit``: record it, clear the pending
-        one. A source deleted meanwhile (with its namespace) stays deleted."""
+        one — unless more than ``outside_writes`` (the count the sync began with) writes
+        reached the namespace outside syncs meanwhile: one may have landed where the sync
+        had already been, so a full compare stays pending. A source deleted meanwhile (with
+        its namespace) stays deleted."""
         with self._writer() as db:
-            db.execute("UPDATE sources SET last_commit = ?, pending_commit = '',"
-                       " pending_full = 0, updated_at = ? WHERE namespace = ?",
-                       (commit, time.time(), namespace))
+            db.execute("UPDATE sources SET last_commit = ?,"
+                       " pending_commit = CASE WHEN outside_writes > ? THEN ? ELSE '' END,"
+                       " pending_full = outside_writes > ?, updated_at = ?"
+                       " WHERE namespace = ?",
+                       (commit, outside_writes, commit, outside_writes, time.time(),
+                        namespace))
+
+    def note_outside_write(self, namespace: str) -> bool:
+        """An upsert or delete is about to reach ``namespace`` other than through a sync:
+        when it is bound to a source, count it and mark a full compare pending (the next
+        sync, the poller's included, puts the namespace back to the source's tree). Whether
+        it is bound."""
+        with self._reader() as db:
+            bound = db.execute("SELECT 1 FROM sources WHERE namespace = ?",
+                               (namespace,)).fetchone() is not None
+        if not bound:
+            return False
+        with self._writer() as db:
+            db.execute("UPDATE sources SET outside_writes = outside_writes + 1,"
+                       " pending_full = 1, pending_commit = CASE WHEN pending_commit = ''"
+                       " THEN last_commit ELSE pending_commit END WHERE namespace = ?",
+                       (namespace,))
+        return True
+
+    def set_diverged(self, namespace: str, commit: str, since: datetime | None) -> None:
+        """Record when the ref was first seen not to contain the indexed ``commit`` (''
+        and None: it contains it again)."""
+        with self._writer() as db:
+            db.execute("UPDATE sources SET diverged_commit = ?, diverged_since = ?"
+                       " WHERE namespace = ?",
+                       (commit, _epoch(since) if since is not None else None, namespace))
 
     def add_sync(self, sync_id: str, namespace: str, started_at: datetime) -> None:
         with self._writer() as db:
@@ -1302,6 +1346,9 @@ _ADDED_COLUMNS = (
     ("chunks", "kind", "TEXT NOT NULL DEFAULT ''"),
     ("chunks", "fallback", "TEXT NOT NULL DEFAULT ''"),
     ("chunks", "header", "TEXT NOT NULL DEFAULT ''"),
+    ("sources", "outside_writes", "INTEGER NOT NULL DEFAULT 0"),
+    ("sources", "diverged_commit", "TEXT NOT NULL DEFAULT ''"),
+    ("sources", "diverged_since", "REAL"),
 )
 
 

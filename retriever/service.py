@@ -314,6 +314,15 @@ class RetrieverService:
     # -- documents -------------------------------------------------------------------------
     def upsert(self, namespace: str, docs: Sequence[Document],
                token: CallToken = NEVER, *, create: bool = True) -> UpsertResult:
+        """A caller's upsert. Into a namespace bound to a git source it is applied, and the
+        next sync compares the whole tree (putting the namespace back to the source's files:
+        a bound namespace holds exactly them)."""
+        self._require_ready()
+        self._note_outside_write(namespace, docs)
+        return self._upsert(namespace, docs, token, create=create)
+
+    def _upsert(self, namespace: str, docs: Sequence[Document], token: CallToken, *,
+                create: bool = True) -> UpsertResult:
         self._require_ready()
         ingestor = self.ingestor
         assert ingestor is not None
@@ -322,10 +331,24 @@ class RetrieverService:
 
     def delete_documents(self, namespace: str, doc_ids: Sequence[str],
                          token: CallToken = NEVER) -> DeleteResult:
+        """A caller's delete; in a bound namespace, as `upsert`."""
+        self._require_ready()
+        self._note_outside_write(namespace, doc_ids)
+        return self._delete_documents(namespace, doc_ids, token)
+
+    def _delete_documents(self, namespace: str, doc_ids: Sequence[str],
+                          token: CallToken) -> DeleteResult:
         self._require_ready()
         ingestor = self.ingestor
         assert ingestor is not None
         return self.space.delete(lambda: ingestor.delete(namespace, doc_ids, token))
+
+    def _note_outside_write(self, namespace: str, items: Sequence[object]) -> None:
+        """Before a caller's write: a bound namespace's source is marked for a full compare
+        (before, so a crash after the write's commit cannot lose the mark; a write that
+        then fails costs one compare)."""
+        if items:
+            self.catalog.note_outside_write(namespace)
 
     # -- sources -----------------------------------------------------------------------------
     def sync_source(self, namespace: str, request: SyncRequest, *, wait: bool = False,
@@ -366,11 +389,11 @@ class RetrieverService:
                      token: CallToken) -> UpsertResult:
         # The sync created the namespace before its first batch: one deleted while the sync
         # runs stays deleted (its later batches fail NOT_FOUND) instead of coming back.
-        return self.upsert(namespace, docs, token, create=False)
+        return self._upsert(namespace, docs, token, create=False)
 
     def _sync_delete(self, namespace: str, doc_ids: Sequence[str],
                      token: CallToken) -> DeleteResult:
-        return self.delete_documents(namespace, doc_ids, token)
+        return self._delete_documents(namespace, doc_ids, token)
 
     def _ensure_namespace(self, namespace: str) -> None:
         """Create the namespace with the server's defaults when it does not exist."""

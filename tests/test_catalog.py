@@ -477,6 +477,45 @@ def test_catalog_records_its_schema_version_and_refuses_a_newer_one(tmp_path: Pa
         Catalog(path).open()
 
 
+def test_a_sources_table_of_an_older_release_gains_its_new_columns(tmp_path: Path) -> None:
+    """Release 4's sources table had no outside-write count or divergence record: opening
+    its catalog adds them, and the binding reads (and is updated) as before."""
+    from retriever.catalog import SCHEMA_VERSION, SourceRecord
+
+    path = tmp_path / "c.sqlite3"
+    cat = Catalog(path)
+    cat.open()
+    cat.create_namespace(ns_record("ns"))
+    cat.put_source(SourceRecord("ns", "/srv/repo", "main", (), (), 1000, last_commit="a" * 40))
+    cat.close()
+    db = sqlite3.connect(path)
+    for column in ("outside_writes", "diverged_commit", "diverged_since"):
+        db.execute(f"ALTER TABLE sources DROP COLUMN {column}")
+    db.execute("PRAGMA user_version = 4")
+    db.commit()
+    db.close()
+    cat = Catalog(path)
+    cat.open()
+    src = cat.get_source("ns")
+    assert src is not None and src.last_commit == "a" * 40
+    assert (src.outside_writes, src.diverged_commit, src.diverged_since) == (0, "", None)
+    assert cat.note_outside_write("ns") and not cat.note_outside_write("unbound")
+    src = cat.get_source("ns")
+    assert src is not None and src.outside_writes == 1
+    assert (src.pending_commit, src.pending_full) == ("a" * 40, True)
+    # A sync that began before that write leaves a full compare pending; one after, not.
+    cat.source_synced("ns", "b" * 40, outside_writes=0)
+    src = cat.get_source("ns")
+    assert src is not None and (src.pending_commit, src.pending_full) == ("b" * 40, True)
+    cat.source_synced("ns", "b" * 40, outside_writes=1)
+    src = cat.get_source("ns")
+    assert src is not None and (src.pending_commit, src.pending_full) == ("", False)
+    cat.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
+
+
 @pytest.mark.parametrize("stored", [253402300800.0, -1e12, 1e300, float("inf"), "soon"])
 def test_unreadable_stored_times_read_as_unknown(cat: Catalog, stored: object,
                                                  caplog: pytest.LogCaptureFixture,

@@ -245,10 +245,58 @@ def test_last_changes_and_pending(repo: _Repo) -> None:
         assert pending(git, c1, c5) == Pending(4, repo.times[c2], {
             "a.md": repo.times[c2], "c.md": repo.times[c3], "docs/c.md": repo.times[c3],
             "b.md": repo.times[c5]})
-        assert pending(git, c3, c5) == Pending(2, repo.times[c4], {
+        # The empty commit c4 changed nothing: the index went stale with c5.
+        assert pending(git, c3, c5) == Pending(2, repo.times[c5], {
             "a.md": repo.times[c5], "b.md": repo.times[c5]})
         with pytest.raises(NotFound):
             pending(git, "1" * 40, c5)
+
+
+def test_pending_takes_the_earliest_commit_time_not_the_first_in_history(repo: _Repo
+                                                                          ) -> None:
+    """Commit times need not follow the graph (a rebase keeps author order but a skewed
+    clock or a cherry-pick can date a child before its parent): the oldest pending change is
+    the earliest time, per path and overall."""
+    repo.write("a.md", "a1\n")
+    indexed = repo.commit("base")                       # minute 1
+    repo.n = 9
+    repo.write("a.md", "a2\n")
+    repo.commit("dated later")                          # minute 10
+    repo.n = 4
+    repo.write("a.md", "a3\n")
+    repo.write("b.md", "b1\n")
+    head = repo.commit("dated earlier, made after")     # minute 5
+    with GitRepo(repo.root) as git:
+        five = T0 + timedelta(minutes=5)
+        assert pending(git, indexed, head) == Pending(2, five, {"a.md": five, "b.md": five})
+
+
+def test_only_paths_that_differ_are_pending(repo: _Repo) -> None:
+    """A change undone before the next sync, and a rebase that rewrote commits but not
+    files, leave the indexed version of those paths current."""
+    repo.write("a.md", "a1\n")
+    repo.write("b.md", "b1\n")
+    base = repo.commit("base")
+    repo.write("a.md", "a2\n")
+    repo.commit("change a")
+    repo.write("a.md", "a1\n")
+    repo.write("b.md", "b2\n")
+    undone = repo.commit("undo a, change b")
+    with GitRepo(repo.root) as git:
+        assert pending(git, base, undone) == Pending(
+            2, repo.times[undone], {"b.md": repo.times[undone]})
+    # Rewrite history: the same two changes as new commits (new times) on base.
+    repo.git("reset", "-q", "--hard", base)
+    repo.write("a.md", "a2\n")
+    repo.commit("change a, again")
+    repo.write("a.md", "a1\n")
+    repo.write("b.md", "b2\n")
+    rewritten = repo.commit("undo a, change b, again")
+    with GitRepo(repo.root) as git:
+        assert not is_ancestor(git, undone, rewritten)
+        assert pending(git, undone, rewritten) == Pending(2, None, {}, True, frozenset())
+        # Against the base, b.md differs either way.
+        assert pending(git, base, rewritten).by_path == {"b.md": repo.times[rewritten]}
 
 
 def test_last_changes_stops_once_every_path_is_found(repo: _Repo) -> None:

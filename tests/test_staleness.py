@@ -327,3 +327,63 @@ def test_a_bound_path_swapped_for_a_link_out_of_the_roots_is_not_read(
     src = client.status(ns).source
     assert src.error, "the link out of the roots was read"
     assert src.head_commit != outside_head and src.indexed_commit == synced
+
+
+def test_a_diverged_index_stays_stale_from_when_it_was_first_seen(
+        roots: Path, embedder, tmp_path: Path) -> None:  # noqa: ANN001
+    """Divergence dates from the first read that found the indexed commit off the ref, for
+    that indexed commit: the ref moving again (a new commit on the moved-back branch) and a
+    restart do not reset it to "just now"."""
+    settings = make_settings(tmp_path / "data", sync_roots=[roots], staleness_refresh_s=3600)
+    with running_server(settings, embedder) as st, \
+            RetrieverClient(st.address, timeout=120) as c:
+        repo, first, second = synced_then_moved_back(c, roots, "diverged")
+        assert c.status("diverged").source.head_commit == first  # first seen now
+        time.sleep(1.5)
+        repo.write("src/delta.py", "def delta(values):\n    return max(values)  # compute\n")
+        moved = repo.commit("delta, on the moved-back branch")
+        src = c.status("diverged").source
+        assert (src.head_commit, src.indexed_commit) == (moved, second)
+        assert src.staleness.ToTimedelta().total_seconds() >= 1.5
+        assert hits_by_path(c, "diverged")["src/gamma.py"].staleness.ToTimedelta(
+        ).total_seconds() >= 1.5
+    with running_server(settings, embedder) as st, \
+            RetrieverClient(st.address, timeout=120) as c:
+        src = c.status("diverged").source
+        assert src.indexed_commit == second
+        assert src.staleness.ToTimedelta().total_seconds() >= 1.5
+        # A sync reconciles, and the record of the divergence goes with it.
+        assert c.sync_source("diverged", wait=True, timeout=120).commit == moved
+        assert c.status("diverged").source.staleness.ToTimedelta().total_seconds() == 0
+
+
+def test_writes_outside_syncs_are_put_back_by_the_next_sync(
+        roots: Path, embedder, tmp_path: Path) -> None:  # noqa: ANN001
+    """A bound namespace holds exactly its source's files: an upsert or delete a caller
+    sends it is applied, and the next sync (here the poller's, with no new commit) compares
+    the whole tree and puts the namespace back."""
+    repo = make_repo(roots / "outside")
+    settings = make_settings(tmp_path / "data", sync_roots=[roots], sync_poll_interval_s=0.3)
+    with running_server(settings, embedder) as st, \
+            RetrieverClient(st.address, timeout=120) as c:
+        c.sync_source("outside", str(repo.root), wait=True, timeout=120)
+        synced = c.status("outside").last_sync.sync_id
+
+        def ids() -> set[str]:
+            return {d.doc_id for d in c.list_documents("outside").documents}
+
+        assert ids() == {"src/alpha.py", "src/beta.py"}
+        c.upsert("outside", [pb.Document(doc_id="scratch.py",
+                                         content="def scratch():\n    return 'not in git'\n")])
+        c.delete("outside", ["src/beta.py"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and ids() != {"src/alpha.py", "src/beta.py"}:
+            time.sleep(0.2)
+        assert ids() == {"src/alpha.py", "src/beta.py"}
+        last = c.status("outside").last_sync
+        assert last.sync_id != synced and last.state == pb.SYNC_STATE_SUCCEEDED
+        # Back in step: nothing more to do, so the poller lets it be.
+        time.sleep(1.0)
+        assert c.status("outside").last_sync.sync_id == last.sync_id
+        beta = c.get_document("outside", "src/beta.py")
+        assert "compute the values" in beta.document.content

@@ -787,28 +787,42 @@ def commit_times(repo: GitRepo, old: str, new: str, limit: int = 1000) -> list[d
 
 def pending(repo: GitRepo, indexed: str, head: str) -> Pending:
     """The commits after ``indexed`` up to ``head`` (first-parent commits of
-    ``indexed..head``), in one `git log --reverse` pass. When ``indexed`` is no ancestor of
-    ``head`` (a force-push), that is every commit of ``head`` not reachable from it.
-    NotFound when either commit is unknown."""
+    ``indexed..head``), in one `git log` pass. When ``indexed`` is no ancestor of ``head``
+    (a force-push), that is every commit of ``head`` not reachable from it.
+
+    Only paths whose content differs between the two commits are pending (a change undone
+    later, a rebase that rewrote commits but not files, leaves the indexed version current),
+    each with the earliest committer time of the pending commits that touched it: commit
+    times need not follow the graph (rebased or cherry-picked commits, skewed clocks), so
+    the earliest is taken, not the first in history order. ``oldest_time`` is the earliest
+    of those. NotFound when either commit is unknown."""
     _check_oid(indexed)
     _check_oid(head)
     for sha in (indexed, head):
         if not has_commit(repo, sha):
             raise NotFound(f"commit {sha} is not in {repo.path}", field="commit")
+    if indexed == head:
+        return Pending(0, None, {})
+    differ = set(_changed_paths(repo, indexed, head))
     count = 0
-    oldest: datetime | None = None
     by_path: dict[str, datetime] = {}
-    for _sha, when, changed in _log(repo, "--reverse", "--end-of-options",
-                                    f"{indexed}..{head}", "--"):
+    for _sha, when, changed in _log(repo, "--end-of-options", f"{indexed}..{head}", "--"):
         count += 1
-        if oldest is None:
-            oldest = when
         for path in changed:
-            by_path.setdefault(path, when)
-    if indexed == head or is_ancestor(repo, indexed, head):
+            if path in differ and (path not in by_path or when < by_path[path]):
+                by_path[path] = when
+    oldest = min(by_path.values()) if by_path else None
+    if is_ancestor(repo, indexed, head):
         return Pending(count, oldest, by_path)
     withdrawn: set[str] = set()
     for _sha, _when, changed in _log(repo, "--end-of-options", f"{head}..{indexed}", "--"):
-        withdrawn.update(changed)
+        withdrawn.update(p for p in changed if p in differ)
     return Pending(count, oldest, by_path, True, frozenset(withdrawn))
 
+
+def _changed_paths(repo: GitRepo, old: str, new: str) -> list[str]:
+    """The paths whose content or mode differs between two commits (renames as a delete
+    and an add, as `_log` reports them)."""
+    out = repo.run("diff-tree", "-r", "-z", "--name-only", "--no-renames", "--no-commit-id",
+                   "--end-of-options", old, new)
+    return [p.decode("utf-8", "backslashreplace") for p in out.split(b"\0") if p]

@@ -226,12 +226,10 @@ class SourceFreshness:
             oldest, by_path, since = p.oldest_time, p.by_path, None
             if p.diverged:
                 # What the index holds that the ref no longer has went stale when the ref
-                # moved; git does not record when, so: since this was first seen.
-                since = checked_at
-                if (previous is not None and previous.diverged_since is not None
-                        and (previous.indexed_commit, previous.head_commit)
-                        == (source.last_commit, head)):
-                    since = previous.diverged_since
+                # moved; git does not record when, so: since this was first seen for the
+                # indexed commit (kept in the catalog: later moves of the ref, a failed
+                # sync and a restart do not reset it).
+                since = self._diverged_since(source, previous, checked_at)
                 if lost:
                     return _replace(base, head_commit=head, oldest_pending=since,
                                     checked_at=checked_at, error=redact(error),
@@ -240,6 +238,8 @@ class SourceFreshness:
                 for path in p.withdrawn:
                     by_path[path] = min(by_path.get(path, since), since)
                 oldest = min(oldest, since) if oldest is not None else since
+            if source.diverged_commit and not p.diverged:
+                self._catalog.set_diverged(source.namespace, "", None)
             return _replace(base, head_commit=head, commits_behind=p.count,
                             oldest_pending=oldest, by_path=by_path,
                             checked_at=checked_at, error=redact(error), diverged_since=since)
@@ -249,6 +249,16 @@ class SourceFreshness:
             if previous is not None and previous.indexed_commit == source.last_commit:
                 return _replace(previous, error=message, bound_at=source.updated_at)
             return _replace(base, error=message)
+
+    def _diverged_since(self, source: SourceRecord, previous: SourceLag | None,
+                        checked_at: datetime) -> datetime:
+        if (previous is not None and previous.diverged_since is not None
+                and previous.indexed_commit == source.last_commit):
+            return previous.diverged_since
+        if source.diverged_commit == source.last_commit and source.diverged_since is not None:
+            return source.diverged_since
+        self._catalog.set_diverged(source.namespace, source.last_commit, checked_at)
+        return checked_at
 
     def _open(self, spec: SourceSpec, now: datetime) -> tuple[GitRepo, datetime]:
         """The repository to read, and when what it says was current: now for a local

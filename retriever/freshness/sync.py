@@ -547,6 +547,9 @@ class Syncer:
             head = resolve(repo, spec.ref)
             source = self._catalog.get_source(ns)
             previous = source.last_commit if source is not None else ""
+            # Writes that reach the namespace outside syncs from here on keep a full compare
+            # pending after this sync (it may have passed where they landed).
+            outside = source.outside_writes if source is not None else 0
             incremental = _can_diff(repo, source, spec, head)
             with run.lock:
                 run.commit, run.previous_commit, run.full = head, previous, not incremental
@@ -569,7 +572,7 @@ class Syncer:
                 self._apply_diff(run, repo, previous, head)
             else:
                 self._reconcile(run, repo, head)
-            self._catalog.source_synced(ns, head)
+            self._catalog.source_synced(ns, head, outside)
             run.commit_times = times
 
     def _apply_diff(self, run: _Run, repo: GitRepo, previous: str, head: str) -> None:
