@@ -50,7 +50,7 @@ PENDING, ACTIVE = 0, 1
 # Bumped with every schema change; a catalog written by a newer release is refused rather
 # than misread, an older one is migrated in open().
 SCHEMA_VERSION = 5  # 2: lexical index, catalog_meta; 3: chunk symbol/kind; 4: FTS per namespace;
-# 5: sources' outside writes and divergence
+# 5: sources' outside writes and divergence, evaluations' slo flag
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS namespaces (
@@ -176,7 +176,8 @@ CREATE TABLE IF NOT EXISTS evaluations (
     rerank INTEGER NOT NULL,
     query_count INTEGER NOT NULL,
     trigger TEXT NOT NULL,
-    metrics TEXT NOT NULL
+    metrics TEXT NOT NULL,
+    slo INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS evaluations_by_namespace ON evaluations (namespace, started_at);
 """
@@ -1074,45 +1075,43 @@ class Catalog:
                                              (namespace,))}
 
     def add_evaluation(self, rec: EvaluationRecord, keep: int) -> None:
-        """Record a run, and keep only the ``keep`` latest of its namespace. A namespace
-        deleted meanwhile keeps no history."""
+        """Record a run, and keep only the ``keep`` latest of its namespace, and the latest
+        SLO run of each of its sets (what the gauges resume from after a restart, however
+        many ad-hoc runs came after it). A namespace deleted meanwhile keeps no history."""
         with self._writer() as db:
             if db.execute("SELECT 1 FROM namespaces WHERE name = ?",
                           (rec.namespace,)).fetchone() is None:
                 return
             db.execute("INSERT INTO evaluations (evaluation_id, namespace, golden_set, version,"
-                       " started_at, seconds, mode, rerank, query_count, trigger, metrics)"
-                       " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                       " started_at, seconds, mode, rerank, query_count, trigger, metrics,"
+                       " slo) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                        (rec.evaluation_id, rec.namespace, rec.golden_set, rec.version,
                         _epoch(rec.started_at), rec.seconds, rec.mode.value, int(rec.rerank),
                         rec.query_count, rec.trigger,
-                        json.dumps([[m.name, m.k, m.value] for m in rec.metrics])))
+                        json.dumps([[m.name, m.k, m.value] for m in rec.metrics]),
+                        int(rec.slo)))
             db.execute("DELETE FROM evaluations WHERE namespace = ? AND evaluation_id NOT IN"
                        " (SELECT evaluation_id FROM evaluations WHERE namespace = ?"
-                       " ORDER BY started_at DESC, rowid DESC LIMIT ?)",
-                       (rec.namespace, rec.namespace, keep))
+                       " ORDER BY started_at DESC, rowid DESC LIMIT ?) AND rowid NOT IN"
+                       f" ({_LATEST_SLO_RUNS} AND e.namespace = ?)",
+                       (rec.namespace, rec.namespace, keep, rec.namespace))
 
-    def list_evaluations(self, namespace: str | None, limit: int) -> list[EvaluationRecord]:
-        """The latest runs of a namespace (None: the latest run of every namespace), newest
-        first."""
+    def list_evaluations(self, namespace: str, limit: int) -> list[EvaluationRecord]:
+        """The latest runs of a namespace, newest first."""
         with self._reader() as db:
-            if namespace is None:
-                rows = db.execute(
-                    "SELECT * FROM evaluations e WHERE rowid = (SELECT rowid FROM evaluations"
-                    " WHERE namespace = e.namespace ORDER BY started_at DESC, rowid DESC"
-                    " LIMIT 1) LIMIT ?", (limit,)).fetchall()
-            else:
-                rows = db.execute("SELECT * FROM evaluations WHERE namespace = ?"
-                                  " ORDER BY started_at DESC, rowid DESC LIMIT ?",
-                                  (namespace, limit)).fetchall()
-        return [EvaluationRecord(
-            evaluation_id=r["evaluation_id"], namespace=r["namespace"],
-            golden_set=r["golden_set"], version=int(r["version"]),
-            started_at=_ts(r["started_at"]), seconds=float(r["seconds"]),
-            mode=SearchMode(r["mode"]), rerank=bool(r["rerank"]),
-            query_count=int(r["query_count"]), trigger=r["trigger"],
-            metrics=tuple(EvalMetric(str(n), int(k), float(v))
-                          for n, k, v in json.loads(r["metrics"]))) for r in rows]
+            rows = db.execute("SELECT * FROM evaluations WHERE namespace = ?"
+                              " ORDER BY started_at DESC, rowid DESC LIMIT ?",
+                              (namespace, limit)).fetchall()
+        return _evaluations(rows)
+
+    def slo_evaluations(self) -> list[EvaluationRecord]:
+        """The latest SLO run of every (namespace, golden set), oldest first: what the
+        quality gauges resume from at start."""
+        with self._reader() as db:
+            rows = db.execute(
+                f"SELECT * FROM evaluations WHERE rowid IN ({_LATEST_SLO_RUNS})"
+                " ORDER BY started_at, rowid").fetchall()
+        return _evaluations(rows)
 
     # -- lexical reconcile -----------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -1340,6 +1339,25 @@ def _create_terms(db: sqlite3.Connection, namespace: str) -> None:
                " 'row')")
 
 
+# The rowids of the latest SLO run (evaluations.slo) of each (namespace, golden set).
+_LATEST_SLO_RUNS = (
+    "SELECT (SELECT rowid FROM evaluations WHERE namespace = e.namespace"
+    " AND golden_set = e.golden_set AND slo = 1 ORDER BY started_at DESC, rowid DESC LIMIT 1)"
+    " FROM evaluations e WHERE e.slo = 1")
+
+
+def _evaluations(rows: Iterable[sqlite3.Row]) -> list[EvaluationRecord]:
+    return [EvaluationRecord(
+        evaluation_id=r["evaluation_id"], namespace=r["namespace"],
+        golden_set=r["golden_set"], version=int(r["version"]),
+        started_at=_ts(r["started_at"]), seconds=float(r["seconds"]),
+        mode=SearchMode(r["mode"]), rerank=bool(r["rerank"]),
+        query_count=int(r["query_count"]), trigger=r["trigger"],
+        metrics=tuple(EvalMetric(str(n), int(k), float(v))
+                      for n, k, v in json.loads(r["metrics"])),
+        slo=bool(r["slo"])) for r in rows]
+
+
 # Columns later schema versions added to existing tables: (table, column, declaration).
 _ADDED_COLUMNS = (
     ("chunks", "symbol", "TEXT NOT NULL DEFAULT ''"),
@@ -1349,6 +1367,7 @@ _ADDED_COLUMNS = (
     ("sources", "outside_writes", "INTEGER NOT NULL DEFAULT 0"),
     ("sources", "diverged_commit", "TEXT NOT NULL DEFAULT ''"),
     ("sources", "diverged_since", "REAL"),
+    ("evaluations", "slo", "INTEGER NOT NULL DEFAULT 1"),
 )
 
 

@@ -313,6 +313,9 @@ class EvaluationRecord:
     query_count: int
     trigger: str  # "request" or "schedule"
     metrics: tuple[EvalMetric, ...]
+    # Run as the scheduled evaluator runs it (the latest version, the default mode and
+    # cut-offs, no re-ranking): only such runs feed the SLO gauges (retriever_eval_*).
+    slo: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,13 +8,14 @@ methods are blocking and thread-safe; the gRPC layer runs them off its event loo
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import logging
 import sqlite3
 import sys
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import numpy as np
@@ -41,6 +42,7 @@ from retriever.domain import (
     UpsertResult,
 )
 from retriever.errors import (
+    Cancelled,
     DataLoss,
     FailedPrecondition,
     InvalidArgument,
@@ -181,8 +183,8 @@ class RetrieverService:
                              self._ensure_namespace, on_finish=self._synced)
         self.syncer.start()
         self.freshness.warm(self.catalog.source_namespaces())
-        # The quality gauges resume from the catalog's latest evaluation of each namespace.
-        for rec in reversed(self.catalog.list_evaluations(None, 10_000)):
+        # The quality gauges resume from the catalog's latest SLO run of each golden set.
+        for rec in self.catalog.slo_evaluations():
             self.metrics.set_evaluation(rec)
         e = self.embedder
         self.metrics.embedder_info.labels(e.name, e.revision, e.backend, e.precision,
@@ -485,9 +487,14 @@ class RetrieverService:
         return recorded, relevant
 
     def register_golden_set(self, namespace: str, name: str, queries: Sequence[GoldenQuery],
-                            history: tuple[int, Sequence[str]] | None = None) -> GoldenSet:
+                            history: tuple[int, Sequence[str]] | None = None, *,
+                            check_reply: Callable[[GoldenSet], None] | None = None
+                            ) -> GoldenSet:
         """Store a new version of the set ``name``: ``queries``, or, with ``history``
-        (commits, path prefixes), queries built from the namespace's git source history."""
+        (commits, path prefixes), queries built from the namespace's git source history.
+        ``check_reply(set)`` runs before anything is stored (the server: that its echo fits
+        one message), so a set that cannot be answered is not stored either."""
+        check = check_reply or (lambda gs: None)
         self._require_ready()
         s = self.settings
         validation.namespace_name(namespace)
@@ -499,9 +506,10 @@ class RetrieverService:
             checked = golden.check_queries(queries, s.max_golden_set_queries,
                                            s.max_query_bytes)
             self._namespace_record(namespace, "namespace")
-            return self.catalog.add_golden_set(GoldenSet(
-                namespace=namespace, name=name, version=0, created_at=None, origin="request",
-                queries=checked))
+            new = GoldenSet(namespace=namespace, name=name, version=0, created_at=None,
+                            origin="request", queries=checked)
+            check(new)
+            return self.catalog.add_golden_set(new)
         commits, paths = history
         if not 1 <= commits <= s.max_golden_set_queries:
             raise InvalidArgument(
@@ -532,15 +540,19 @@ class RetrieverService:
                 paths=paths, max_query_bytes=s.max_query_bytes)
         finally:
             repo.close()
-        return self.catalog.add_golden_set(GoldenSet(
-            namespace=namespace, name=name, version=0, created_at=None, origin="git-history",
-            queries=tuple(built), metadata=meta))
+        new = GoldenSet(namespace=namespace, name=name, version=0, created_at=None,
+                        origin="git-history", queries=tuple(built), metadata=meta)
+        check(new)
+        return self.catalog.add_golden_set(new)
 
     def evaluate(self, namespace: str, name: str, version: int = 0, ks: Sequence[int] = (),
                  mode: SearchMode = SearchMode.DEFAULT, rerank: bool = False, *,
-                 trigger: str = "request") -> EvaluationRecord:
+                 trigger: str = "request", token: CallToken = NEVER) -> EvaluationRecord:
         """Run a stored golden set (version 0: the latest) through the search path, keep the
-        run in the catalog and export it; returns it."""
+        run in the catalog and, when it is an SLO run (the latest version, the default mode
+        and cut-offs, no re-ranking: as the scheduler runs it), export it to the quality
+        gauges; returns it. A caller that goes away (cancelled, deadline passed) stops it
+        before its next batch of queries, and nothing is recorded."""
         self._require_ready()
         assert self.searcher is not None
         searcher = self.searcher
@@ -564,6 +576,7 @@ class RetrieverService:
         def search(texts: Sequence[str]) -> list[list[str]]:
             if self._stop.is_set():
                 raise NotReady("the service is shutting down; the evaluation stopped")
+            token.check("the evaluation's next queries")
             results = searcher.search(
                 [SearchQuery(namespace=namespace, query=t, top_k=top_k, mode=mode,
                              rerank=rerank, collapse=True) for t in texts], rid, batch=True)
@@ -578,9 +591,18 @@ class RetrieverService:
                 run, gs.queries, search,
                 self.catalog.doc_ids_by_path(namespace, paths) if paths else {},
                 batch=min(32, self.settings.max_batch_queries))
+            token.check("recording the evaluation")
+        except Cancelled:
+            self.metrics.evaluations.labels(trigger, "cancelled").inc()
+            raise
         except BaseException:
             self.metrics.evaluations.labels(trigger, "error").inc()
             raise
+        latest = gs if not version else self.catalog.get_golden_set(namespace, name, 0)
+        slo = (not rerank and run.mode == searcher.mode_of(SearchQuery(namespace, "q", 1))
+               and cutoffs == golden.check_ks((), self.settings.max_top_k)
+               and latest is not None and latest.version == gs.version)
+        rec = dataclasses.replace(rec, slo=slo)
         self.catalog.add_evaluation(rec, self.settings.eval_history_size)
         self.metrics.set_evaluation(rec)
         self.metrics.evaluations.labels(trigger, "ok").inc()

@@ -114,20 +114,26 @@ def test_evaluate_a_set_with_known_answers_and_export_it(client: RetrieverClient
     assert (e.golden_set, e.version, e.query_count, e.trigger, e.mode) == (
         "known", 1, 3, "request", pb.DENSE)
 
-    text = scrape(server)
-    assert gauge(text, "retriever_eval_precision_at_k", namespace=NS, k="1") == pytest.approx(
-        2 / 3, abs=1e-12)
-    assert gauge(text, "retriever_eval_precision_at_k", namespace=NS, k="10") == (
-        pytest.approx(0.1, abs=1e-12))
-    assert gauge(text, "retriever_eval_recall_at_k", namespace=NS, k="10") == 1.0
-    assert gauge(text, "retriever_eval_ndcg_at_k", namespace=NS, k="5") == pytest.approx(
-        m["ndcg@5"], abs=1e-12)
-    assert gauge(text, "retriever_eval_mrr", namespace=NS) == pytest.approx(m["mrr"],
-                                                                           abs=1e-12)
-
     # GetIndexStatus shows the latest run.
     last = client.status(NS).last_evaluation
     assert last.evaluation_id == e.evaluation_id and metrics_of(last) == m
+    # A dense run is not how the scheduler runs the set (the server's default mode is
+    # hybrid): it is recorded and answered, and leaves the SLO gauges alone.
+    assert gauge(scrape(server), "retriever_eval_recall_at_k", namespace=NS, k="10") is None
+
+    # Run as the scheduler runs it (default mode and cut-offs): exported.
+    e = evaluate(client, "known")
+    m = metrics_of(e)
+    assert e.mode == pb.HYBRID and m["recall@10"] == 1.0
+    text = scrape(server)
+    for name, key in (("precision", "precision@1"), ("precision", "precision@10"),
+                      ("recall", "recall@10"), ("ndcg", "ndcg@5")):
+        k = key.split("@")[1]
+        assert gauge(text, f"retriever_eval_{name}_at_k", namespace=NS, k=k) == pytest.approx(
+            m[key], abs=1e-12)
+    assert gauge(text, "retriever_eval_recall_at_k", namespace=NS, k="10") == 1.0
+    assert gauge(text, "retriever_eval_mrr", namespace=NS) == pytest.approx(m["mrr"],
+                                                                           abs=1e-12)
 
 
 def test_metrics_agree_with_trec_eval_on_graded_judgements(client: RetrieverClient) -> None:
@@ -326,3 +332,122 @@ def test_the_cli_registers_a_beir_set_and_evaluates_it(server, client: Retriever
     missing = runner.invoke(app, ["eval", "--golden-set", "nope", "-n", NS, "-a",
                                   server.address])
     assert missing.exit_code == 2 and "NOT_FOUND" in missing.output
+
+
+# A query whose one relevant document is in no namespace: recall 0 whatever is returned.
+MISSING = pb.GoldenQuery(id="missing", query="phases of the moon",
+                         relevant_doc_ids=["d-not-indexed"])
+
+
+def test_the_gauges_resume_from_each_sets_latest_slo_run_after_a_restart(
+        embedder, tmp_path: Path) -> None:  # noqa: ANN001
+    """A failing set stays failing across a restart, however many runs of other sets and
+    ad-hoc runs (other cut-offs, mode) came after its latest one — even past the history
+    kept (eval_history_size: the latest SLO run of each set is kept beyond it)."""
+    settings = make_settings(tmp_path / "data", eval_history_size=2)
+    with running_server(settings, embedder) as st, \
+            RetrieverClient(st.address, timeout=120) as c:
+        c.upsert(NS, [pb.Document(doc_id=d, path=p, content=t) for d, (p, t) in DOCS.items()])
+        register(c, "failing", MISSING)
+        register(c, "passing", ORCHARD, ENGINE)
+        assert metrics_of(evaluate(c, "failing"))["recall@10"] == 0.0
+        # Ad-hoc runs: recorded, answered, not exported.
+        evaluate(c, "failing", k=[1])
+        evaluate(c, "failing", mode=pb.DENSE)
+        assert metrics_of(evaluate(c, "passing"))["recall@10"] == 1.0
+        assert metrics_of(evaluate(c, "passing", k=[1]))["recall@1"] == 1.0
+        assert gauge(scrape(st), "retriever_eval_recall_at_k", namespace=NS, k="10") == 0.0
+        assert gauge(scrape(st), "retriever_eval_recall_at_k", namespace=NS, k="1") == 0.0
+    with running_server(settings, embedder) as st:
+        text = scrape(st)
+        assert gauge(text, "retriever_eval_recall_at_k", namespace=NS, k="10") == 0.0
+        assert gauge(text, "retriever_eval_recall_at_k", namespace=NS, k="1") == 0.0
+
+
+def test_deleting_namespaces_does_not_use_up_the_metric_labels(embedder, tmp_path: Path
+                                                               ) -> None:  # noqa: ANN001
+    """Past metrics_max_namespaces namespaces share the label "other": deleting names that
+    do not exist must not take labels, and a deleted namespace gives its label back."""
+    settings = make_settings(tmp_path / "data", metrics_max_namespaces=2)
+    with running_server(settings, embedder) as st, \
+            RetrieverClient(st.address, timeout=120) as c:
+        for i in range(5):
+            with pytest.raises(grpc.RpcError) as e:
+                c.delete_namespace(f"never-{i}")
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+        def evaluated(ns: str) -> None:
+            c.upsert(ns, [pb.Document(doc_id=d, path=p, content=t)
+                          for d, (p, t) in DOCS.items()])
+            register(c, "smoke", ORCHARD, ns=ns)
+            evaluate(c, "smoke", ns=ns)
+
+        evaluated("first")
+        evaluated("second")
+        text = scrape(st)
+        for ns in ("first", "second"):
+            assert gauge(text, "retriever_eval_recall_at_k", namespace=ns, k="10") == 1.0
+        c.delete_namespace("first")
+        evaluated("third")
+        text = scrape(st)
+        assert gauge(text, "retriever_eval_recall_at_k", namespace="third", k="10") == 1.0
+        assert gauge(text, "retriever_eval_recall_at_k", namespace="first", k="10") is None
+        assert gauge(text, "retriever_eval_recall_at_k", namespace="other", k="10") is None
+
+
+def test_a_set_whose_echo_would_not_fit_a_message_is_refused_and_not_stored(
+        embedder, tmp_path: Path) -> None:  # noqa: ANN001
+    """The reply echoes the set (with the ids the server fills in): a request just under
+    the message limit can make a reply over it. Refused before it is stored."""
+    limit = 1024 * 1024
+    settings = make_settings(tmp_path / "data", grpc_max_message_bytes=limit)
+    with running_server(settings, embedder) as st, \
+            RetrieverClient(st.address, timeout=120) as c:
+        c.upsert(NS, [pb.Document(doc_id=d, path=p, content=t) for d, (p, t) in DOCS.items()])
+        req = pb.RegisterGoldenSetRequest(namespace=NS, name="huge", queries=[
+            pb.GoldenQuery(query=f"fruit {i} " + "orchard " * 500, relevant_doc_ids=["d-apple"])
+            for i in range(200)])
+        target, i = limit - 16, 0
+        while req.ByteSize() < target:
+            q = req.queries[i % len(req.queries)]
+            q.query += "x" * min(8000 - len(q.query), target - req.ByteSize())
+            i += 1
+        assert limit - 32 < req.ByteSize() <= limit
+        with pytest.raises(grpc.RpcError) as e:
+            c.stub.RegisterGoldenSet(req, timeout=60)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        assert "grpc_max_message_bytes" in e.value.details()
+        assert "nothing was stored" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            evaluate(c, "huge")
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        # Half of it fits, and is stored as version 1 (no version was taken by the refusal).
+        del req.queries[100:]
+        assert c.stub.RegisterGoldenSet(req, timeout=60).version == 1
+
+
+def test_an_evaluation_whose_caller_went_away_records_nothing(embedder, tmp_path: Path
+                                                              ) -> None:  # noqa: ANN001
+    settings = make_settings(tmp_path / "data")
+    with running_server(settings, embedder) as st, \
+            RetrieverClient(st.address, timeout=120) as c:
+        c.upsert(NS, [pb.Document(doc_id=d, path=p, content=t) for d, (p, t) in DOCS.items()])
+        req = pb.RegisterGoldenSetRequest(namespace=NS, name="long", queries=[
+            pb.GoldenQuery(query=f"which fruit grows on orchard trees, variant {i}",
+                           relevant_doc_ids=["d-apple"]) for i in range(1000)])
+        c.stub.RegisterGoldenSet(req, timeout=60)
+        with pytest.raises(grpc.RpcError) as e:
+            c.stub.Evaluate(pb.EvaluateRequest(namespace=NS, golden_set="long"), timeout=0.5)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 60
+        cancelled = None
+        while time.monotonic() < deadline and not cancelled:
+            cancelled = gauge(scrape(st), "retriever_evaluations_total", trigger="request",
+                              outcome="cancelled")
+            time.sleep(0.2)
+        assert cancelled == 1
+        assert not c.status(NS).last_evaluation.evaluation_id
+        text = scrape(st)
+        assert gauge(text, "retriever_eval_recall_at_k", namespace=NS, k="10") is None
+        assert gauge(text, "retriever_evaluations_total", trigger="request",
+                     outcome="ok") in (None, 0.0)

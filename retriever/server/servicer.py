@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from retriever import errors
 from retriever._priority import lower_priority
 from retriever.cancel import CallToken
+from retriever.domain import GoldenSet
 from retriever.server import convert
 from retriever.server.status import REQUEST_ID, abort, abort_error
 from retriever.service import RetrieverService
@@ -481,16 +482,32 @@ class RetrieverServicer:
             return self._svc.register_golden_set(
                 r.namespace, r.name, [convert.golden_query_from_pb(q, f"queries[{i}].")
                                      for i, q in enumerate(r.queries)],
-                history)
+                history, check_reply=self._check_golden_reply)
 
         gs = await self._run(context, register, request)
         return convert.golden_set_to_pb(gs)
 
+    def _check_golden_reply(self, gs: GoldenSet) -> None:
+        """The reply echoes the set: one that would not fit a message is refused before it
+        is stored (stored and then answered RESOURCE_EXHAUSTED, a retry stored it again)."""
+        limit = self._svc.settings.grpc_max_message_bytes
+        # Room for what storing adds to the echo: the version and the creation time.
+        size = convert.golden_set_to_pb(gs).ByteSize() + 64
+        if size > limit:
+            what = ("build it from fewer commits (from_source_history.commits)"
+                    if gs.origin == "git-history" else
+                    "send fewer or shorter queries, or split them into several sets")
+            raise errors.InvalidArgument(
+                f"golden set {gs.name!r} would be echoed in a reply of about {size} bytes, "
+                f"over the message limit of {limit} bytes (grpc_max_message_bytes): {what}; "
+                "nothing was stored", field="queries")
+
     async def Evaluate(self, request: pb.EvaluateRequest, context: Any):  # noqa: N802
+        token = self._token(context)
         rec = await self._run(
             context, lambda r: self._svc.evaluate(
                 r.namespace, r.golden_set, r.version, list(r.k), convert.mode_from_pb(r.mode),
-                r.rerank), request)
+                r.rerank, token=token), request, token=token)
         return pb.EvaluateResponse(evaluation=convert.evaluation_to_pb(rec))
 
 

@@ -211,7 +211,8 @@ class Metrics:
             ["namespace"], registry=r)
         self.evaluations = Counter(
             "retriever_evaluations", "Golden set evaluations run, by trigger (request, "
-            "schedule) and outcome (ok, error).", ["trigger", "outcome"], registry=r)
+            "schedule) and outcome (ok, error, cancelled: its caller went away and nothing "
+            "was recorded).", ["trigger", "outcome"], registry=r)
         self.feedback = Counter(
             "retriever_feedback_judgements",
             "RecordFeedback judgements recorded, by verdict (relevant, not_relevant).",
@@ -230,7 +231,11 @@ class Metrics:
         the latest run of each golden set it covers: a namespace's several sets, and every
         namespace past metrics_max_namespaces (label "other"). The last run written would
         otherwise hide a failing set or namespace from its alert (a recall of 0 showed as
-        1.0 once another one past the cap had run)."""
+        1.0 once another one past the cap had run). Only SLO runs (``rec.slo``: as the
+        scheduler runs them) move the gauges: an ad-hoc run with other cut-offs, mode or
+        re-ranking would replace the figures an alert reads (a run at k=1 dropped k=10)."""
+        if not rec.slo:
+            return
         label = self.namespace_label(rec.namespace)
         with self._eval_lock:
             runs = self._latest_runs.setdefault(label, {})
@@ -269,8 +274,10 @@ class Metrics:
 
     def forget_evaluations(self, namespace: str) -> None:
         """Drop a deleted namespace's runs from its label's figures: its own series go; the
-        shared "other" ones are recomputed from the namespaces left in it."""
-        label = self._ns_labels.label(namespace)
+        shared "other" ones are recomputed from the namespaces left in it. Its label is
+        given back (a name never seen takes none: deleting names that do not exist cannot
+        use up the labels)."""
+        label = self._ns_labels.peek(namespace)
         with self._eval_lock:
             runs = self._latest_runs.get(label, {})
             for key in [key for key in runs if key[0] == namespace]:
@@ -279,6 +286,7 @@ class Metrics:
                 self._export_evaluations(label, list(runs.values()))
                 return
             self._latest_runs.pop(label, None)
+            self._ns_labels.release(namespace)
             for g in (self.eval_precision, self.eval_recall, self.eval_ndcg):
                 for labels in [s.labels for fam in g.collect() for s in fam.samples
                                if s.labels.get("namespace") == label]:
@@ -396,6 +404,16 @@ class NamespaceLabels:
                 self._known.add(namespace)
                 return namespace
             return OTHER
+
+    def peek(self, namespace: str) -> str:
+        """The label ``namespace`` has now, taking none."""
+        with self._lock:
+            return namespace if namespace in self._known else OTHER
+
+    def release(self, namespace: str) -> None:
+        """Give a deleted namespace's label back: a namespace seen later may take it."""
+        with self._lock:
+            self._known.discard(namespace)
 
 
 class _FeedbackCollector:
