@@ -120,6 +120,9 @@ class VectorIndex(Protocol):
 
     spec: CollectionSpec
     backend: str
+    #: The most hits one search may ask for: the engine's own limit (Milvus: 16384). A
+    #: caller that over-fetches (shaping, filters) asks for at most this many.
+    max_k: int
 
     def upsert(self, ids: Sequence[int], vectors: np.ndarray,
                payloads: Sequence[Payload] | None = None) -> None:

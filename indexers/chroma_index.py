@@ -186,6 +186,7 @@ class ChromaIndex:
     atomically)."""
 
     backend = "chroma"
+    max_k = 2**31 - 1
 
     def __init__(self, spec: CollectionSpec, collection: Any, owner: ChromaBackend) -> None:
         self.spec = spec

@@ -269,6 +269,7 @@ class _View:
 
 class FaissIndex:
     backend = "faiss"
+    max_k = 2**31 - 1  # faiss takes k as a C int
 
     def __init__(self, spec: CollectionSpec, directory: Path, omp_threads: int = 1,
                  options: FaissOptions | None = None) -> None:

@@ -292,6 +292,7 @@ def _lite_release(path: Path) -> None:
 # -- one collection ----------------------------------------------------------------------------
 class MilvusIndex:
     backend = "milvus"
+    max_k = MAX_TOP_K
 
     def __init__(self, owner: MilvusBackend, spec: CollectionSpec, collection: str,
                  index_type: str) -> None:

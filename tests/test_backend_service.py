@@ -51,7 +51,8 @@ def _docs() -> list[pb.Document]:
 def backend_client(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                    embedder: Embedder) -> Iterator[tuple[str, RetrieverClient]]:
     data = tmp_path_factory.mktemp(f"svc-{request.param}")
-    settings = make_settings(data, index_backend=request.param)
+    # A top_k whose shaped over-fetch (8x + 8 = 16808) is past Milvus's 16384 cap.
+    settings = make_settings(data, index_backend=request.param, max_top_k=2100)
     with running_server(settings, embedder) as st, RetrieverClient(st.address) as client:
         client.upsert("ns", _docs())
         yield request.param, client
@@ -81,6 +82,24 @@ def test_the_same_filter_gives_the_same_hits_on_every_backend(
     resp = client.search("ns", "parse the config file", top_k=50, filter=flt)
     assert {h.chunk.doc_id for h in resp.hits} == want, name
     assert resp.lineage.backend == name
+
+
+@pytest.mark.parametrize("mode", [pb.DENSE, pb.HYBRID])
+def test_a_wide_shaped_search_asks_the_engine_for_no_more_than_it_answers(
+        backend_client: tuple[str, RetrieverClient], mode: int) -> None:
+    """Collapsing and min_score over-fetch candidates (top_k x 8, then x 4 while short):
+    past an engine's limit (Milvus: 16384 per query) the ask is capped, never INTERNAL."""
+    name, client = backend_client
+    for shaping in ({"collapse": True}, {"min_score": -1.0}, {"collapse": True,
+                                                               "min_score": -1.0}):
+        resp = client.stub.Search(pb.SearchRequest(
+            namespace="ns", query="parse the config file", top_k=2100, mode=mode,
+            **shaping), timeout=60)  # type: ignore[arg-type]
+        got = {h.chunk.doc_id for h in resp.hits}
+        # Dense: every document's cosine is at least -1. Hybrid's fused scores are on a
+        # standardized scale, which goes below -1.
+        assert got == {"a", "b", "c", "d", "e", "f"} if mode == pb.DENSE else got, (
+            name, shaping, got)
 
 
 def test_a_metadata_change_moves_the_payload_and_keeps_chunk_identity(

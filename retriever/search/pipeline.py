@@ -360,7 +360,9 @@ class Searcher:
         # The filter runs inside the engine, over the payload stored with each vector (it
         # never changes under a vector id: see Catalog.stage_copies).
         where = None if q.filter.empty else engine_filter(q.filter)
-        k = wanted
+        # Over-fetching (shaping, skipped ids) stops at what the engine can answer.
+        limit = handle.index.max_k
+        k = min(wanted, limit)
         while True:
             a0 = time.perf_counter()
             found = handle.index.search(vec[None, :], k, where=where)[0]
@@ -372,9 +374,9 @@ class Searcher:
                 looked.update(asked)
             ann_s += a1 - a0
             # Skipped ids (staged/superseded) can crowd out real hits: ask for more.
-            if sum(1 for v in ids if v in chunks) >= wanted or len(ids) < k:
+            if sum(1 for v in ids if v in chunks) >= wanted or len(ids) < k or k >= limit:
                 break
-            k *= 4
+            k = min(k * 4, limit)
         dense: dict[int, float] = {}
         for vid, score in zip(found.ids.tolist(), found.scores.tolist(), strict=True):
             if vid in chunks and len(dense) < wanted:
