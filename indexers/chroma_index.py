@@ -29,6 +29,7 @@ with numpy (bounded by ``exact_scan_limit``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -427,6 +428,21 @@ class ChromaIndex:
             self._closed = True
 
 
+def _forget_failed_system(path: str) -> None:
+    """chromadb caches one engine per directory for the process, even one whose start
+    failed (a damaged chroma.sqlite3): every later client of that directory then fails too,
+    after its files were moved aside. Drop it when no client holds it."""
+    from chromadb.api.shared_system_client import SharedSystemClient as Shared
+
+    with Shared._refcount_lock:  # noqa: SLF001 - chromadb offers no per-directory reset
+        if Shared._identifier_to_refcount.get(path, 0) > 0:  # noqa: SLF001
+            return
+        system = Shared._identifier_to_system.pop(path, None)  # noqa: SLF001
+    if system is not None:
+        with contextlib.suppress(Exception):
+            system.stop()
+
+
 class ChromaBackend:
     """Collections in an embedded Chroma under ``root`` (``chromadb.PersistentClient``), or
     in a Chroma server when ``url`` is given (``chromadb.HttpClient``).
@@ -464,6 +480,12 @@ class ChromaBackend:
         self._lock = threading.RLock()
         self.losses = LossReporter()
 
+    @property
+    def local_store(self) -> Path | None:
+        """The embedded engine's directory (derived data only: the service can move it
+        aside when damaged and refill it); None for a server."""
+        return None if self.url else self._root
+
     # -- connection ------------------------------------------------------------------------
     def _settings(self) -> ChromaSettings:
         return ChromaSettings(anonymized_telemetry=False)
@@ -479,6 +501,7 @@ class ChromaBackend:
                     path=str(self._root), settings=self._settings(),
                     tenant=self._tenant, database=self._database)
             except Exception as exc:
+                _forget_failed_system(str(self._root))
                 raise EngineUnavailable(f"cannot open the embedded Chroma in {self._root}: "
                                         f"{exc}") from exc
         else:
@@ -508,6 +531,7 @@ class ChromaBackend:
             raise EngineUnavailable(f"cannot reach a Chroma server at {self.url}: "
                                     f"{exc}") from exc
         try:
+            self._ensure_database(parts.hostname, port, ssl, headers)
             client = chromadb.HttpClient(host=parts.hostname, port=port, ssl=ssl,
                                          headers=headers, settings=self._settings(),
                                          tenant=self._tenant, database=self._database)
@@ -523,6 +547,26 @@ class ChromaBackend:
             session.timeout = httpx.Timeout(self._request_timeout_s,
                                             connect=self._timeout_s)
         return client
+
+    def _ensure_database(self, host: str, port: int, ssl: bool,
+                         headers: dict[str, str]) -> None:
+        """Create this backend's tenant and database on the server when missing (the
+        defaults always exist)."""
+        if (self._tenant, self._database) == (chromadb.DEFAULT_TENANT,
+                                              chromadb.DEFAULT_DATABASE):
+            return
+        admin = chromadb.AdminClient(ChromaSettings(
+            chroma_api_impl="chromadb.api.fastapi.FastAPI", chroma_server_host=host,
+            chroma_server_http_port=port, chroma_server_ssl_enabled=ssl,
+            chroma_server_headers=headers or None, anonymized_telemetry=False))
+        try:
+            admin.get_tenant(self._tenant)
+        except chromadb.errors.ChromaError:
+            admin.create_tenant(self._tenant)
+        try:
+            admin.get_database(self._database, tenant=self._tenant)
+        except chromadb.errors.ChromaError:
+            admin.create_database(self._database, tenant=self._tenant)
 
     @property
     def max_batch(self) -> int:

@@ -703,6 +703,12 @@ class MilvusBackend:
     def is_lite(self) -> bool:
         return self._lite_path is not None
 
+    @property
+    def local_store(self) -> Path | None:
+        """milvus-lite's files (derived data only: the service can move them aside when
+        damaged and refill them); None for a server."""
+        return self._lite_path
+
     # -- connection ------------------------------------------------------------------------
     def _connect(self) -> MilvusClient:
         """The client, connected on first use (constructors stay cheap)."""

@@ -359,6 +359,13 @@ class Settings(BaseSettings):
     # else a server, "http://host:8000", with an optional token (sent as a Bearer header).
     chroma_url: str = ""
     chroma_token: SecretStr | None = None
+    # Where this deployment's collections live on a Chroma server (created if missing;
+    # unused without chroma_url):
+    # deployments sharing one server each need their own database (empty: Chroma's
+    # default tenant and database). A server's collections that belong to no namespace of
+    # this catalog are never dropped.
+    chroma_tenant: str = ""
+    chroma_database: str = ""
 
     def backend_options(self) -> dict[str, dict[str, object]]:
         """Per index backend, the keyword arguments of its constructor."""
@@ -382,7 +389,11 @@ class Settings(BaseSettings):
                                  if self.milvus_token else "")},
             "chroma": {"url": self.chroma_url,
                        "token": (self.chroma_token.get_secret_value()
-                                 if self.chroma_token else "")},
+                                 if self.chroma_token else ""),
+                       # A server's; the embedded engine in the data dir is this
+                       # deployment's alone.
+                       "tenant": self.chroma_tenant if self.chroma_url else "",
+                       "database": self.chroma_database if self.chroma_url else ""},
         }
 
     # -- source sync (SyncSource, `retriever sync`) -----------------------------------------

@@ -7,6 +7,7 @@ models must never be mixed in one index. Re-embedding goes into a new generation
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -24,6 +25,7 @@ from indexers import (
     Backend,
     CollectionSpec,
     DimensionMismatch,
+    EngineError,
     EngineUnavailable,
     LossReporter,
     SelfRepairing,
@@ -135,16 +137,39 @@ class Namespaces:
         records = [r for r in (self._catalog.get_namespace(n, with_counts=False)
                                for n in self._catalog.namespace_names()) if r is not None]
         known = {collection_name(r.name, r.index_generation) for r in records}
-        missing: dict[str, str] = {}  # backend -> why it cannot be opened
-        for backend_name in {self._default_backend, *(r.backend for r in records)}:
+        missing: dict[str, str] = {}  # backend -> why it cannot be opened, and what to do
+        for backend_name in sorted({self._default_backend, *(r.backend for r in records)}):
             try:
                 backend = self._backend(backend_name)
             except FailedPrecondition as exc:
                 if backend_name == self._default_backend:
                     raise  # the configuration names an engine that is not there
-                missing[backend_name] = exc.message
+                missing[backend_name] = (
+                    f"which this server cannot open ({exc.message}): install it and restart")
                 continue
-            for orphan in set(backend.collections()) - known:
+            mine = [r for r in records if r.backend == backend_name]
+            try:
+                present = self._probe(backend, mine)
+            except EngineError as exc:
+                store = getattr(backend, "local_store", None)
+                if store is None:  # a server: down, or refusing us; the others serve
+                    missing[backend_name] = (
+                        f"whose engine did not answer at start ({exc}): bring it back and "
+                        "restart this server")
+                    continue
+                # Embedded files (milvus-lite, Chroma's) hold nothing the catalog lacks.
+                backend = self._quarantine_store(backend_name, backend, Path(store), exc)
+                present = self._probe(backend, mine)
+            orphans = set(present) - known
+            if orphans and getattr(backend, "local_store", None) is None:
+                # A server's collections may be another deployment's (a Chroma database,
+                # a Milvus prefix shared by mistake): never dropped from here.
+                log.warning("%s collections on the %s server belong to no namespace of this "
+                            "catalog and are left alone (another deployment's, or left by a "
+                            "crash during a DeleteNamespace: drop those by hand): %s",
+                            len(orphans), backend_name, ", ".join(sorted(orphans)[:10]))
+                orphans = set()
+            for orphan in orphans:
                 # Left by a crash between a DeleteNamespace's commit and its drop.
                 log.warning("dropping collection %s of no namespace", orphan)
                 backend.drop(orphan)
@@ -154,10 +179,9 @@ class Namespaces:
         add_payloads = self._catalog.meta("index_payloads") != "1"
         for record in records:
             if record.backend in missing:
-                why = (f"namespace {record.name!r} is on the {record.backend} backend, which "
-                       f"this server cannot open ({missing[record.backend]}): install it and "
-                       "restart, or delete the namespace (its documents are in the catalog "
-                       "until then)")
+                why = (f"namespace {record.name!r} is on the {record.backend} backend, "
+                       f"{missing[record.backend]}, or delete the namespace (its documents "
+                       "are in the catalog until then)")
                 log.error("%s; the other namespaces serve", why)
                 with self._lock:
                     self._unopened[record.name] = why
@@ -176,6 +200,34 @@ class Namespaces:
         self._catalog.set_meta("analyzer", ANALYZER)
         self._catalog.set_meta("index_payloads", "1")
         return report
+
+    @staticmethod
+    def _probe(backend: Backend, records: list[NamespaceRecord]) -> list[str]:
+        """The backend's collections, each of ``records``' opened and counted: an engine
+        that cannot read its files says so here, before anything is reconciled."""
+        present = backend.collections()
+        for r in records:
+            with contextlib.suppress(DimensionMismatch):  # reported when the namespace opens
+                backend.open(CollectionSpec(collection_name(r.name, r.index_generation),
+                                            r.dimension, r.metric)).count()  # type: ignore[arg-type]
+        return present
+
+    def _quarantine_store(self, name: str, backend: Backend, store: Path,
+                          exc: Exception) -> Backend:
+        """Move an embedded engine's damaged files aside and open it afresh: the
+        reconcile then refills every namespace on it from the catalog's vectors."""
+        with contextlib.suppress(Exception):
+            backend.close()
+        with self._lock:
+            self._backends.pop(name, None)
+        moved = store.with_name(f"{store.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+        if store.exists():
+            store.rename(moved)
+        log.error("the %s engine could not read its files in %s (%s): moved them aside to %s; "
+                  "its namespaces are rebuilt from the catalog (delete the moved copy once "
+                  "they serve)", name, store, exc, moved.name)
+        self._metrics.derived_files_rebuilt.labels(f"{name}_store").inc()
+        return self._backend(name)
 
     def _reconcile_lexical(self, name: str, rebuild: bool) -> dict[str, int]:
         """Make the lexical index agree with the catalog's chunks: terms for every active

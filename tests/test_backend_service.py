@@ -423,3 +423,127 @@ def test_a_namespace_on_an_engine_not_installed_does_not_stop_the_others(tmp_pat
             assert {n.name for n in c.list_namespaces().namespaces} == {"onfaiss"}
     finally:
         assert server.terminate() == 0
+
+
+def _metric(st: object, line: str) -> float | None:
+    import urllib.request
+
+    url = f"http://127.0.0.1:{st.info['metrics_port']}/metrics"  # type: ignore[attr-defined]
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    found = [float(x.split(" ")[1]) for x in text.splitlines() if x.startswith(line + " ")]
+    return found[0] if found else None
+
+
+def test_damaged_embedded_engine_files_are_moved_aside_and_rebuilt(
+        tmp_path: Path, embedder: Embedder) -> None:
+    """milvus-lite's and the embedded Chroma's files hold nothing the catalog lacks: bytes
+    overwritten in them (a collection's schema and data, Chroma's sqlite file) no longer
+    stop the server's start. The files are moved aside, counted, and every namespace on
+    them is refilled from the catalog's vectors."""
+    from retriever.server.app import ServerThread
+
+    data = tmp_path / "data"
+    st = ServerThread(make_settings(data), embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            for b in ("milvus", "chroma"):
+                c.create_namespace(f"on{b}", backend=b)
+                c.upsert(f"on{b}", [pb.Document(doc_id=b, content=f"rye bread kept on {b}")])
+            c.upsert("onfaiss", [pb.Document(doc_id="faiss", content="rye bread on faiss")])
+    finally:
+        st.stop()
+    indexes = data / "indexes"
+    damaged = [p for p in indexes.rglob("*") if p.is_file() and (
+        p.name in ("schema.json", "chroma.sqlite3") or p.suffix == ".parquet")]
+    assert {p.name for p in damaged} >= {"schema.json", "chroma.sqlite3"}
+    for p in damaged:
+        with open(p, "r+b") as f:
+            f.write(b"\xde\xad" * 2048)
+    st = ServerThread(make_settings(data), embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            for ns in ("onmilvus", "onchroma", "onfaiss"):
+                hits = c.search(ns, "rye bread", top_k=5).hits
+                assert [h.chunk.doc_id for h in hits] == [ns[2:]], ns
+                status = c.status(ns)
+                assert status.vector_count == status.chunk_count == 1
+        for kind in ("milvus_store", "chroma_store"):
+            assert _metric(st, f'retriever_derived_files_rebuilt_total{{kind="{kind}"}}') == 1
+    finally:
+        st.stop()
+    moved = sorted(p.name.split(".damaged-")[0] for p in (indexes / "milvus").iterdir()
+                   if ".damaged-" in p.name)
+    moved += sorted(p.name.split(".damaged-")[0] for p in indexes.iterdir()
+                    if ".damaged-" in p.name)
+    assert moved == ["milvus.db", "chroma"]
+
+
+def test_an_engine_server_down_at_start_leaves_the_other_namespaces_serving(
+        tmp_path: Path, embedder: Embedder) -> None:
+    """A namespace's Chroma server is down when the service starts: the service starts,
+    the namespaces on other engines serve, and that namespace answers FAILED_PRECONDITION
+    saying what to do (the whole server used to exit)."""
+    import grpc
+
+    from retriever.server.app import ServerThread
+
+    port = _free_port()
+    engine = _chroma_on(tmp_path / "chroma", port)
+    settings = make_settings(tmp_path / "data", chroma_url=f"http://127.0.0.1:{port}")
+    try:
+        st = ServerThread(settings, embedder).start()
+        try:
+            with RetrieverClient(st.address) as c:
+                c.create_namespace("remote", backend="chroma")
+                c.upsert("remote", [pb.Document(doc_id="r", content="rye bread far away")])
+                c.upsert("local", [pb.Document(doc_id="l", content="rye bread at home")])
+        finally:
+            st.stop()
+    finally:
+        engine.kill()
+        engine.wait(10)
+    st = ServerThread(settings, embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            assert [h.chunk.doc_id for h in c.search("local", "rye bread").hits] == ["l"]
+            with pytest.raises(grpc.RpcError) as e:
+                c.search("remote", "rye bread")
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "chroma" in e.value.details() and "restart" in e.value.details()
+    finally:
+        st.stop()
+
+
+def test_deployments_sharing_a_chroma_server_keep_their_collections(
+        tmp_path: Path, embedder: Embedder) -> None:
+    """Two services (two catalogs) on one Chroma server: one starting never drops the
+    other's collections as orphans, and with chroma_database each keeps its own."""
+    port = _free_port()
+    engine = _chroma_on(tmp_path / "chroma", port)
+    url = f"http://127.0.0.1:{port}"
+
+    def serve(name: str, **kw: object) -> object:
+        return running_server(make_settings(tmp_path / name, index_backend="chroma",
+                                            chroma_url=url, **kw), embedder)
+
+    try:
+        with serve("a") as st, RetrieverClient(st.address) as c:
+            c.upsert("docs", [pb.Document(doc_id="a", content="rye bread of team a")])
+        with serve("b") as st, RetrieverClient(st.address) as c:  # same database
+            c.upsert("other", [pb.Document(doc_id="b", content="rye bread of team b")])
+        with serve("e", chroma_database="team-e") as st, RetrieverClient(st.address) as c:
+            c.upsert("docs", [pb.Document(doc_id="e", content="rye bread of team e")])
+        restored = 'retriever_reconcile_repairs_total{kind="vectors_restored"}'
+        # Each finds its collection as it left it: nothing to restore from its catalog.
+        with serve("a") as st, RetrieverClient(st.address) as c:
+            assert [h.chunk.doc_id for h in c.search("docs", "rye bread").hits] == ["a"]
+            assert _metric(st, restored) == 0
+        with serve("b") as st, RetrieverClient(st.address) as c:
+            assert [h.chunk.doc_id for h in c.search("other", "rye bread").hits] == ["b"]
+            assert _metric(st, restored) == 0
+        with serve("e", chroma_database="team-e") as st, RetrieverClient(st.address) as c:
+            assert [h.chunk.doc_id for h in c.search("docs", "rye bread").hits] == ["e"]
+            assert _metric(st, restored) == 0
+    finally:
+        engine.kill()
+        engine.wait(10)

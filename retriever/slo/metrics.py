@@ -162,7 +162,8 @@ class Metrics:
         self.derived_files_rebuilt = Counter(
             "retriever_derived_files_rebuilt",
             "Damaged index files moved aside at start and rebuilt from the catalog, by kind "
-            "of file (faiss_snapshot, faiss_meta).", ["kind"], registry=r)
+            "of file (faiss_snapshot, faiss_meta; milvus_store, chroma_store: an embedded "
+            "engine's whole directory).", ["kind"], registry=r)
         self.lost_collections_rebuilt = Counter(
             "retriever_lost_collections_rebuilt",
             "Collections an index engine no longer had (dropped outside the service, or a "
