@@ -163,12 +163,17 @@ class Namespaces:
             orphans = set(present) - known
             if orphans and getattr(backend, "local_store", None) is None:
                 # A server's collections may be another deployment's (a Chroma database,
-                # a Milvus prefix shared by mistake): never dropped from here.
-                log.warning("%s collections on the %s server belong to no namespace of this "
-                            "catalog and are left alone (another deployment's, or left by a "
-                            "crash during a DeleteNamespace: drop those by hand): %s",
-                            len(orphans), backend_name, ", ".join(sorted(orphans)[:10]))
-                orphans = set()
+                # a Milvus prefix shared by mistake): only other generations of this
+                # catalog's namespaces (a re-index stopped by a crash) are dropped.
+                ours = {r.name for r in records}
+                strangers = {c for c in orphans if c.rpartition(".g")[0] not in ours}
+                if strangers:
+                    log.warning("%d collections on the %s server belong to no namespace of "
+                                "this catalog and are left alone (another deployment's, or "
+                                "left by a crash during a DeleteNamespace: drop those by "
+                                "hand): %s", len(strangers), backend_name,
+                                ", ".join(sorted(strangers)[:10]))
+                orphans -= strangers
             for orphan in orphans:
                 # Left by a crash between a DeleteNamespace's commit and its drop.
                 log.warning("dropping collection %s of no namespace", orphan)

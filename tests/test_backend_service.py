@@ -533,14 +533,23 @@ def test_deployments_sharing_a_chroma_server_keep_their_collections(
             c.upsert("other", [pb.Document(doc_id="b", content="rye bread of team b")])
         with serve("e", chroma_database="team-e") as st, RetrieverClient(st.address) as c:
             c.upsert("docs", [pb.Document(doc_id="e", content="rye bread of team e")])
+        # A generation of a's namespace that a crashed re-index left (a's to drop), and a
+        # collection of nobody's namespace (left alone).
+        from indexers import CollectionSpec, create_backend
+
+        probe = create_backend("chroma", tmp_path / "probe", url=url)
+        probe.open(CollectionSpec("docs.g7", 384, "cosine"))
+        probe.open(CollectionSpec("stranger.g1", 384, "cosine"))
         restored = 'retriever_reconcile_repairs_total{kind="vectors_restored"}'
         # Each finds its collection as it left it: nothing to restore from its catalog.
         with serve("a") as st, RetrieverClient(st.address) as c:
             assert [h.chunk.doc_id for h in c.search("docs", "rye bread").hits] == ["a"]
             assert _metric(st, restored) == 0
+        assert "docs.g7" not in probe.collections() and "stranger.g1" in probe.collections()
         with serve("b") as st, RetrieverClient(st.address) as c:
             assert [h.chunk.doc_id for h in c.search("other", "rye bread").hits] == ["b"]
             assert _metric(st, restored) == 0
+        probe.close()
         with serve("e", chroma_database="team-e") as st, RetrieverClient(st.address) as c:
             assert [h.chunk.doc_id for h in c.search("docs", "rye bread").hits] == ["e"]
             assert _metric(st, restored) == 0
