@@ -161,7 +161,9 @@ class Namespaces:
                 backend = self._quarantine_store(backend_name, backend, Path(store), exc)
                 present = self._probe(backend, mine)
             orphans = set(present) - known
-            if orphans and getattr(backend, "local_store", None) is None:
+            # (An engine of its own storage says where: None for a server. FAISS, always in
+            # the data dir, has no such attribute.)
+            if orphans and hasattr(backend, "local_store") and backend.local_store is None:
                 # A server's collections may be another deployment's (a Chroma database,
                 # a Milvus prefix shared by mistake): only other generations of this
                 # catalog's namespaces (a re-index stopped by a crash) are dropped.
@@ -208,9 +210,13 @@ class Namespaces:
 
     @staticmethod
     def _probe(backend: Backend, records: list[NamespaceRecord]) -> list[str]:
-        """The backend's collections, each of ``records``' opened and counted: an engine
-        that cannot read its files says so here, before anything is reconciled."""
+        """The backend's collections, and for an engine of its own storage (Milvus,
+        Chroma: ``local_store``, None for a server) each of ``records``' opened and counted:
+        one that cannot read its files says so here, before anything is reconciled. (FAISS
+        repairs its own files at open.)"""
         present = backend.collections()
+        if not hasattr(backend, "local_store"):
+            return present
         for r in records:
             with contextlib.suppress(DimensionMismatch):  # reported when the namespace opens
                 backend.open(CollectionSpec(collection_name(r.name, r.index_generation),

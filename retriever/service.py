@@ -310,8 +310,15 @@ class RetrieverService:
             return self.space.delete(lambda: self.namespaces.delete(name, token))
         finally:
             self.freshness.forget(name)
-            self.feedback.forget(name)
-            self.metrics.forget_evaluations(name)
+            # A delete that failed or was cancelled before its commit leaves the namespace,
+            # its feedback and its quality gauges as they were.
+            try:
+                gone = self.catalog.get_namespace(name, with_counts=False) is None
+            except RetrieverError:  # the delete's own error says what went wrong
+                gone = False
+            if gone:
+                self.feedback.forget(name)
+                self.metrics.forget_evaluations(name)
 
     # -- documents -------------------------------------------------------------------------
     def upsert(self, namespace: str, docs: Sequence[Document],
@@ -320,35 +327,43 @@ class RetrieverService:
         next sync compares the whole tree (putting the namespace back to the source's files:
         a bound namespace holds exactly them)."""
         self._require_ready()
-        self._note_outside_write(namespace, docs)
-        return self._upsert(namespace, docs, token, create=create)
+        return self._upsert(namespace, docs, token, create=create, outside=True)
 
     def _upsert(self, namespace: str, docs: Sequence[Document], token: CallToken, *,
-                create: bool = True) -> UpsertResult:
+                create: bool = True, outside: bool = False) -> UpsertResult:
         self._require_ready()
         ingestor = self.ingestor
         assert ingestor is not None
-        return self.space.write(lambda: ingestor.upsert(namespace, docs, token,
-                                                         create=create))
+
+        def write() -> UpsertResult:
+            if outside:
+                self._note_outside_write(namespace, docs)
+            return ingestor.upsert(namespace, docs, token, create=create)
+        return self.space.write(write)
 
     def delete_documents(self, namespace: str, doc_ids: Sequence[str],
                          token: CallToken = NEVER) -> DeleteResult:
         """A caller's delete; in a bound namespace, as `upsert`."""
         self._require_ready()
-        self._note_outside_write(namespace, doc_ids)
-        return self._delete_documents(namespace, doc_ids, token)
+        return self._delete_documents(namespace, doc_ids, token, outside=True)
 
     def _delete_documents(self, namespace: str, doc_ids: Sequence[str],
-                          token: CallToken) -> DeleteResult:
+                          token: CallToken, *, outside: bool = False) -> DeleteResult:
         self._require_ready()
         ingestor = self.ingestor
         assert ingestor is not None
-        return self.space.delete(lambda: ingestor.delete(namespace, doc_ids, token))
+
+        def delete() -> DeleteResult:
+            if outside:
+                self._note_outside_write(namespace, doc_ids)
+            return ingestor.delete(namespace, doc_ids, token)
+        return self.space.delete(delete)
 
     def _note_outside_write(self, namespace: str, items: Sequence[object]) -> None:
-        """Before a caller's write: a bound namespace's source is marked for a full compare
-        (before, so a crash after the write's commit cannot lose the mark; a write that
-        then fails costs one compare)."""
+        """Before a caller's write (inside the storage guard: a full disk fails it as it
+        fails the write): a bound namespace's source is marked for a full compare (before,
+        so a crash after the write's commit cannot lose the mark; a write that then fails
+        costs one compare)."""
         if items:
             self.catalog.note_outside_write(namespace)
 
