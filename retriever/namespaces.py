@@ -204,8 +204,11 @@ class Namespaces:
                 handle, rebuild_terms or lexical["lexical_rows_restored"] > 0, active))
             if add_payloads:
                 report[record.name]["payloads_written"] = self._write_payloads(handle)
-        self._catalog.set_meta("analyzer", ANALYZER)
-        self._catalog.set_meta("index_payloads", "1")
+        # One-time upgrades are marked done only when every namespace had them: one left
+        # unopened (its engine missing or down) gets them at the start that opens it.
+        if not any(r.backend in missing for r in records):
+            self._catalog.set_meta("analyzer", ANALYZER)
+            self._catalog.set_meta("index_payloads", "1")
         return report
 
     @staticmethod
