@@ -274,24 +274,23 @@ def test_pending_takes_the_earliest_commit_time_not_the_first_in_history(repo: _
 def test_only_paths_that_differ_are_pending(repo: _Repo) -> None:
     """A change undone before the next sync, and a rebase that rewrote commits but not
     files, leave the indexed version of those paths current."""
+    def change_then_undo(tag: str) -> str:
+        repo.write("a.md", "a2\n")
+        repo.commit(f"change a{tag}")
+        repo.write("a.md", "a1\n")
+        repo.write("b.md", "b2\n")
+        return repo.commit(f"undo a, change b{tag}")
+
     repo.write("a.md", "a1\n")
     repo.write("b.md", "b1\n")
     base = repo.commit("base")
-    repo.write("a.md", "a2\n")
-    repo.commit("change a")
-    repo.write("a.md", "a1\n")
-    repo.write("b.md", "b2\n")
-    undone = repo.commit("undo a, change b")
+    undone = change_then_undo("")
     with GitRepo(repo.root) as git:
         assert pending(git, base, undone) == Pending(
             2, repo.times[undone], {"b.md": repo.times[undone]})
     # Rewrite history: the same two changes as new commits (new times) on base.
     repo.git("reset", "-q", "--hard", base)
-    repo.write("a.md", "a2\n")
-    repo.commit("change a, again")
-    repo.write("a.md", "a1\n")
-    repo.write("b.md", "b2\n")
-    rewritten = repo.commit("undo a, change b, again")
+    rewritten = change_then_undo(", again")
     with GitRepo(repo.root) as git:
         assert not is_ancestor(git, undone, rewritten)
         assert pending(git, undone, rewritten) == Pending(2, None, {}, True, frozenset())
