@@ -90,6 +90,11 @@ class ReindexResult:
     seconds: float
 
 
+# How often a namespace whose engine server did not answer at start is tried again (by a
+# look-up of it, in the background).
+REOPEN_RETRY_S = 10.0
+
+
 def collection_name(name: str, generation: int) -> str:
     return f"{name}.g{generation}"
 
@@ -120,6 +125,10 @@ class Namespaces:
         # Namespaces on a backend this server cannot open (its engine is not installed):
         # name -> why. They answer FAILED_PRECONDITION and can be deleted; the rest serve.
         self._unopened: dict[str, str] = {}
+        # Of those, the ones whose engine server did not answer: name -> when (monotonic) a
+        # look-up may next try to open it again (in the background).
+        self._retry_at: dict[str, float] = {}
+        self._reopening: set[str] = set()
         self._lock = threading.Lock()
         # The lost collections being rebuilt (by name), under a lock of their own (engine
         # calls report losses, maybe under the registry lock), and the token that stops the
@@ -138,6 +147,7 @@ class Namespaces:
                                for n in self._catalog.namespace_names()) if r is not None]
         known = {collection_name(r.name, r.index_generation) for r in records}
         missing: dict[str, str] = {}  # backend -> why it cannot be opened, and what to do
+        down: set[str] = set()  # of those, engine servers that did not answer
         for backend_name in sorted({self._default_backend, *(r.backend for r in records)}):
             try:
                 backend = self._backend(backend_name)
@@ -154,8 +164,10 @@ class Namespaces:
                 store = getattr(backend, "local_store", None)
                 if store is None:  # a server: down, or refusing us; the others serve
                     missing[backend_name] = (
-                        f"whose engine did not answer at start ({exc}): bring it back and "
-                        "restart this server")
+                        f"whose engine did not answer at start ({exc}): it is tried again "
+                        f"every {REOPEN_RETRY_S:.0f} s while the namespace is used; bring "
+                        "the engine back")
+                    down.add(backend_name)
                     continue
                 # Embedded files (milvus-lite, Chroma's) hold nothing the catalog lacks.
                 backend = self._quarantine_store(backend_name, backend, Path(store), exc)
@@ -192,24 +204,68 @@ class Namespaces:
                 log.error("%s; the other namespaces serve", why)
                 with self._lock:
                     self._unopened[record.name] = why
+                    if record.backend in down:
+                        self._retry_at[record.name] = time.monotonic() + REOPEN_RETRY_S
                 continue
-            handle = self._open(record)
-            self._report_quarantined(handle)
-            active = np.sort(self._catalog.active_vector_ids(record.name))
-            report[record.name] = self._reconcile(handle, len(pending.get(record.name, ())),
-                                                  active)
-            lexical = self._reconcile_lexical(handle.name, rebuild_terms)
-            report[record.name].update(lexical)
-            report[record.name].update(self._reconcile_engine(
-                handle, rebuild_terms or lexical["lexical_rows_restored"] > 0, active))
-            if add_payloads:
-                report[record.name]["payloads_written"] = self._write_payloads(handle)
+            report[record.name] = self._open_reconciled(
+                record, len(pending.get(record.name, ())), rebuild_terms, add_payloads)
         # One-time upgrades are marked done only when every namespace had them: one left
         # unopened (its engine missing or down) gets them at the start that opens it.
         if not any(r.backend in missing for r in records):
             self._catalog.set_meta("analyzer", ANALYZER)
             self._catalog.set_meta("index_payloads", "1")
         return report
+
+    def _open_reconciled(self, record: NamespaceRecord, pending: int, rebuild_terms: bool,
+                         add_payloads: bool) -> dict[str, int]:
+        """Open a namespace and make its index and lexical engine agree with the catalog;
+        the repairs made."""
+        handle = self._open(record)
+        self._report_quarantined(handle)
+        active = np.sort(self._catalog.active_vector_ids(record.name))
+        report = self._reconcile(handle, pending, active)
+        lexical = self._reconcile_lexical(handle.name, rebuild_terms)
+        report.update(lexical)
+        report.update(self._reconcile_engine(
+            handle, rebuild_terms or lexical["lexical_rows_restored"] > 0, active))
+        if add_payloads:
+            report["payloads_written"] = self._write_payloads(handle)
+        return report
+
+    def _reopen(self, name: str) -> None:
+        """Open a namespace whose engine server did not answer at start (a background
+        thread started by a look-up): on success it serves from the next look-up; else it
+        stays FAILED_PRECONDITION, with the new error, until the next try."""
+        try:
+            record = self._catalog.get_namespace(name, with_counts=False)
+            if record is None:
+                return
+            backend = self._backend(record.backend)
+            self._probe(backend, [record])
+            report = self._open_reconciled(record, 0,
+                                           self._catalog.meta("analyzer") != ANALYZER,
+                                           self._catalog.meta("index_payloads") != "1")
+            with self._lock:
+                deleted = name not in self._unopened
+                self._unopened.pop(name, None)
+                self._retry_at.pop(name, None)
+                if deleted:  # deleted meanwhile: its catalog part is gone, so is it
+                    self._handles.pop(name, None)
+            log.warning("namespace %s: its %s engine answers again; opened (%s)", name,
+                        record.backend, ", ".join(f"{k} {v}" for k, v in report.items() if v)
+                        or "nothing to repair")
+        except Exception as exc:  # noqa: BLE001 - the namespace stays refused, says why
+            with self._lock:
+                if name in self._unopened:
+                    self._unopened[name] = (
+                        f"namespace {name!r} is on an index engine that does not answer "
+                        f"({exc}): it is tried again every {REOPEN_RETRY_S:.0f} s while the "
+                        "namespace is used; bring the engine back, or delete the namespace "
+                        "(its documents are in the catalog until then)")
+                    self._retry_at[name] = time.monotonic() + REOPEN_RETRY_S
+        finally:
+            with self._lock:
+                self._reopening.discard(name)
 
     @staticmethod
     def _probe(backend: Backend, records: list[NamespaceRecord]) -> list[str]:
@@ -570,6 +626,12 @@ class Namespaces:
         with self._lock:
             handle = self._handles.get(name)
             unopened = self._unopened.get(name)
+            retry = self._retry_at.get(name)
+            if (unopened is not None and retry is not None and time.monotonic() >= retry
+                    and name not in self._reopening and not self._closing.done):
+                self._reopening.add(name)
+                threading.Thread(target=self._reopen, args=(name,), daemon=True,
+                                 name=f"reopen-{name}").start()
         if unopened is not None:
             raise FailedPrecondition(unopened, field="namespace")
         if handle is None:
@@ -633,6 +695,7 @@ class Namespaces:
                 token.check("the delete")  # its collection when the engine is back
                 docs, chunks = self._catalog.delete_namespace(name)
                 del self._unopened[name]
+                self._retry_at.pop(name, None)
                 if self._lexical_root is not None:
                     shutil.rmtree(self._lexical_root / lexical_dir(name), ignore_errors=True)
                 return docs, chunks

@@ -479,13 +479,17 @@ def test_damaged_embedded_engine_files_are_moved_aside_and_rebuilt(
 
 
 def test_an_engine_server_down_at_start_leaves_the_other_namespaces_serving(
-        tmp_path: Path, embedder: Embedder) -> None:
+        tmp_path: Path, embedder: Embedder, monkeypatch: pytest.MonkeyPatch) -> None:
     """A namespace's Chroma server is down when the service starts: the service starts,
     the namespaces on other engines serve, and that namespace answers FAILED_PRECONDITION
-    saying what to do (the whole server used to exit)."""
+    saying what to do (the whole server used to exit). Once the engine is back, a look-up
+    opens the namespace again in the background, and it serves without a restart."""
     import grpc
 
+    import retriever.namespaces
     from retriever.server.app import ServerThread
+
+    monkeypatch.setattr(retriever.namespaces, "REOPEN_RETRY_S", 0.5)
 
     port = _free_port()
     engine = _chroma_on(tmp_path / "chroma", port)
@@ -509,9 +513,28 @@ def test_an_engine_server_down_at_start_leaves_the_other_namespaces_serving(
             with pytest.raises(grpc.RpcError) as e:
                 c.search("remote", "rye bread")
             assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "chroma" in e.value.details() and "restart" in e.value.details()
+            assert "chroma" in e.value.details() and "bring" in e.value.details()
+            time.sleep(1.0)  # past the retry interval: the next look-up tries, and fails
+            with pytest.raises(grpc.RpcError) as e:
+                c.search("remote", "rye bread")
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            engine = _chroma_on(tmp_path / "chroma", port)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    hits = c.search("remote", "rye bread").hits
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                    assert time.monotonic() < deadline, exc.details()
+                    time.sleep(0.2)
+            assert [h.chunk.doc_id for h in hits] == ["r"]
+            c.upsert("remote", [pb.Document(doc_id="r2", content="more rye bread")])
+            assert c.status("remote").document_count == 2
     finally:
         st.stop()
+        engine.kill()
+        engine.wait(10)
 
 
 def test_deployments_sharing_a_chroma_server_keep_their_collections(
