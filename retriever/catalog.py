@@ -557,9 +557,16 @@ class Catalog:
         ).fetchone()
         return int(docs), int(chunks), int(nbytes)
 
-    def delete_namespace(self, name: str) -> tuple[int, int]:
-        """Remove the namespace and everything in it; returns (documents, chunks) removed."""
+    def delete_namespace(self, name: str, drop: tuple[str, str] | None = None
+                         ) -> tuple[int, int]:
+        """Remove the namespace and everything in it; returns (documents, chunks) removed.
+        ``drop``: (backend, collection) its index engine must drop, recorded in the same
+        transaction (see `pending_drops`): a crash before the engine's drop leaves a record
+        of a collection that is certainly this catalog's."""
         with self._writer() as db:
+            if drop is not None:
+                db.execute("INSERT OR REPLACE INTO catalog_meta (key, value) VALUES (?, '1')",
+                           (f"{_DROP}{drop[0]}:{drop[1]}",))
             terms = _terms_table(name)
             db.execute(f"DROP TRIGGER IF EXISTS {terms}_follow")
             db.execute(f"DROP TABLE IF EXISTS {terms}_vocab")
@@ -572,6 +579,24 @@ class Catalog:
             db.execute("DELETE FROM golden_sets WHERE namespace = ?", (name,))
             db.execute("DELETE FROM evaluations WHERE namespace = ?", (name,))
             return docs, chunks
+
+    def pending_drops(self) -> dict[str, set[str]]:
+        """backend -> collections deleted namespaces left to drop (a crash, or an engine
+        that was down, between the delete's commit and the engine's drop)."""
+        with self._reader() as db:
+            rows = db.execute("SELECT key FROM catalog_meta WHERE key >= ? AND key < ?",
+                              (_DROP, _DROP[:-1] + chr(ord(_DROP[-1]) + 1))).fetchall()
+        out: dict[str, set[str]] = {}
+        for (key,) in rows:
+            backend, _, collection = key[len(_DROP):].partition(":")
+            out.setdefault(backend, set()).add(collection)
+        return out
+
+    def dropped(self, backend: str, collection: str) -> None:
+        """The engine dropped it: forget the record."""
+        with self._writer() as db:
+            db.execute("DELETE FROM catalog_meta WHERE key = ?",
+                       (f"{_DROP}{backend}:{collection}",))
 
     # -- documents -------------------------------------------------------------------------
     def document_heads(self, namespace: str, doc_ids: Sequence[str]) -> dict[str, DocHead]:
@@ -1338,6 +1363,10 @@ def _create_terms(db: sqlite3.Connection, namespace: str) -> None:
     db.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS {table}_vocab USING fts5vocab({table},"
                " 'row')")
 
+
+# catalog_meta keys "drop:<backend>:<collection>": collections of deleted namespaces their
+# engine has yet to drop (Catalog.pending_drops).
+_DROP = "drop:"
 
 # The rowids of the latest SLO run (evaluations.slo) of each (namespace, golden set).
 _LATEST_SLO_RUNS = (

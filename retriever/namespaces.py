@@ -146,6 +146,7 @@ class Namespaces:
         records = [r for r in (self._catalog.get_namespace(n, with_counts=False)
                                for n in self._catalog.namespace_names()) if r is not None]
         known = {collection_name(r.name, r.index_generation) for r in records}
+        to_drop = self._catalog.pending_drops()
         missing: dict[str, str] = {}  # backend -> why it cannot be opened, and what to do
         down: set[str] = set()  # of those, engine servers that did not answer
         for backend_name in sorted({self._default_backend, *(r.backend for r in records)}):
@@ -173,6 +174,13 @@ class Namespaces:
                 backend = self._quarantine_store(backend_name, backend, Path(store), exc)
                 present = self._probe(backend, mine)
             orphans = set(present) - known
+            # Deleted namespaces' collections the catalog recorded: certainly ours.
+            for collection in sorted(to_drop.get(backend_name, set())):
+                if collection in orphans:
+                    log.warning("dropping collection %s of a deleted namespace", collection)
+                    backend.drop(collection)
+                    orphans.discard(collection)
+                self._catalog.dropped(backend_name, collection)
             # (An engine of its own storage says where: None for a server. FAISS, always in
             # the data dir, has no such attribute.)
             if orphans and hasattr(backend, "local_store") and backend.local_store is None:
@@ -183,9 +191,8 @@ class Namespaces:
                 strangers = {c for c in orphans if c.rpartition(".g")[0] not in ours}
                 if strangers:
                     log.warning("%d collections on the %s server belong to no namespace of "
-                                "this catalog and are left alone (another deployment's, or "
-                                "left by a crash during a DeleteNamespace: drop those by "
-                                "hand): %s", len(strangers), backend_name,
+                                "this catalog and are left alone (another deployment's): %s",
+                                len(strangers), backend_name,
                                 ", ".join(sorted(strangers)[:10]))
                 orphans -= strangers
             for orphan in orphans:
@@ -693,7 +700,10 @@ class Namespaces:
         with self._lock:
             if name in self._unopened:  # its engine is not here: the catalog's part goes,
                 token.check("the delete")  # its collection when the engine is back
-                docs, chunks = self._catalog.delete_namespace(name)
+                record = self._catalog.get_namespace(name, with_counts=False)
+                docs, chunks = self._catalog.delete_namespace(name, drop=(
+                    (record.backend, collection_name(name, record.index_generation))
+                    if record is not None else None))
                 del self._unopened[name]
                 self._retry_at.pop(name, None)
                 if self._lexical_root is not None:
@@ -707,11 +717,13 @@ class Namespaces:
             with handle.visibility.write(), self._lock:
                 handle.require_live()
                 token.check("the delete")
-                docs, chunks = self._catalog.delete_namespace(name)
+                collection = collection_name(name, handle.record.index_generation)
+                docs, chunks = self._catalog.delete_namespace(
+                    name, drop=(handle.record.backend, collection))
                 handle.deleted = True
                 self._handles.pop(name, None)
-                self._backend(handle.record.backend).drop(
-                    collection_name(name, handle.record.index_generation))
+                self._backend(handle.record.backend).drop(collection)
+                self._catalog.dropped(handle.record.backend, collection)
                 if handle.lexical is not None:
                     handle.lexical.drop()
         finally:
