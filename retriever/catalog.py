@@ -177,7 +177,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
     query_count INTEGER NOT NULL,
     trigger TEXT NOT NULL,
     metrics TEXT NOT NULL,
-    slo INTEGER NOT NULL DEFAULT 1
+    slo INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS evaluations_by_namespace ON evaluations (namespace, started_at);
 """
@@ -946,8 +946,9 @@ class Catalog:
                                "the sync started)", field="namespace")
             db.execute(
                 "INSERT INTO sources (namespace, location, ref, include, exclude,"
-                " max_file_bytes, last_commit, pending_commit, pending_full, updated_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (namespace) DO UPDATE SET"
+                " max_file_bytes, last_commit, pending_commit, pending_full, updated_at,"
+                " outside_writes)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (namespace) DO UPDATE SET"
                 " updated_at=CASE WHEN sources.location = excluded.location"
                 " AND sources.ref = excluded.ref AND sources.include = excluded.include"
                 " AND sources.exclude = excluded.exclude"
@@ -957,10 +958,13 @@ class Catalog:
                 " location=excluded.location, ref=excluded.ref, include=excluded.include,"
                 " exclude=excluded.exclude, max_file_bytes=excluded.max_file_bytes,"
                 " last_commit=excluded.last_commit, pending_commit=excluded.pending_commit,"
-                " pending_full=excluded.pending_full",
+                # A write outside syncs since the caller read the source keeps a full
+                # compare pending (``src.outside_writes``: the count it read).
+                " pending_full=CASE WHEN sources.outside_writes > excluded.outside_writes"
+                " THEN 1 ELSE excluded.pending_full END",
                 (src.namespace, src.location, src.ref, json.dumps(list(src.include)),
                  json.dumps(list(src.exclude)), src.max_file_bytes, src.last_commit,
-                 src.pending_commit, int(src.pending_full), time.time()))
+                 src.pending_commit, int(src.pending_full), time.time(), src.outside_writes))
 
     def source_synced(self, namespace: str, commit: str, outside_writes: int = 0) -> None:
         """The namespace's documents now equal ``commit``: record it, clear the pending
@@ -1396,7 +1400,9 @@ _ADDED_COLUMNS = (
     ("sources", "outside_writes", "INTEGER NOT NULL DEFAULT 0"),
     ("sources", "diverged_commit", "TEXT NOT NULL DEFAULT ''"),
     ("sources", "diverged_since", "REAL"),
-    ("evaluations", "slo", "INTEGER NOT NULL DEFAULT 1"),
+    # Runs kept by an older release: whether each was an SLO run is unknown (they are not
+    # restored into the gauges; the next SLO run sets them).
+    ("evaluations", "slo", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from indexers import (
+    BACKENDS,
     Backend,
     CollectionSpec,
     DimensionMismatch,
@@ -149,7 +150,8 @@ class Namespaces:
         to_drop = self._catalog.pending_drops()
         missing: dict[str, str] = {}  # backend -> why it cannot be opened, and what to do
         down: set[str] = set()  # of those, engine servers that did not answer
-        for backend_name in sorted({self._default_backend, *(r.backend for r in records)}):
+        for backend_name in sorted({self._default_backend, *(r.backend for r in records),
+                                    *(b for b in to_drop if b in BACKENDS)}):
             try:
                 backend = self._backend(backend_name)
             except FailedPrecondition as exc:
@@ -227,7 +229,11 @@ class Namespaces:
                          add_payloads: bool) -> dict[str, int]:
         """Open a namespace and make its index and lexical engine agree with the catalog;
         the repairs made."""
-        handle = self._open(record)
+        return self._reconciled(self._open(record), pending, rebuild_terms, add_payloads)
+
+    def _reconciled(self, handle: NamespaceHandle, pending: int, rebuild_terms: bool,
+                    add_payloads: bool) -> dict[str, int]:
+        record = handle.record
         self._report_quarantined(handle)
         active = np.sort(self._catalog.active_vector_ids(record.name))
         report = self._reconcile(handle, pending, active)
@@ -243,21 +249,25 @@ class Namespaces:
         """Open a namespace whose engine server did not answer at start (a background
         thread started by a look-up): on success it serves from the next look-up; else it
         stays FAILED_PRECONDITION, with the new error, until the next try."""
+        handle: NamespaceHandle | None = None
         try:
             record = self._catalog.get_namespace(name, with_counts=False)
             if record is None:
                 return
             backend = self._backend(record.backend)
             self._probe(backend, [record])
-            report = self._open_reconciled(record, 0,
-                                           self._catalog.meta("analyzer") != ANALYZER,
-                                           self._catalog.meta("index_payloads") != "1")
+            # Reconciled before it is registered: until then look-ups answer as before.
+            handle = self._new_handle(record)
+            report = self._reconciled(handle, 0, self._catalog.meta("analyzer") != ANALYZER,
+                                      self._catalog.meta("index_payloads") != "1")
             with self._lock:
-                deleted = name not in self._unopened
+                if name in self._unopened:
+                    self._handles[name] = handle
+                    handle = None
                 self._unopened.pop(name, None)
                 self._retry_at.pop(name, None)
-                if deleted:  # deleted meanwhile: its catalog part is gone, so is it
-                    self._handles.pop(name, None)
+            if handle is not None:  # deleted meanwhile (its collection drop is recorded)
+                return
             log.warning("namespace %s: its %s engine answers again; opened (%s)", name,
                         record.backend, ", ".join(f"{k} {v}" for k, v in report.items() if v)
                         or "nothing to repair")
@@ -271,6 +281,9 @@ class Namespaces:
                         "(its documents are in the catalog until then)")
                     self._retry_at[name] = time.monotonic() + REOPEN_RETRY_S
         finally:
+            if handle is not None and handle.lexical is not None:  # never registered
+                with contextlib.suppress(Exception):
+                    handle.lexical.close(wait_merges=False)
             with self._lock:
                 self._reopening.discard(name)
 
@@ -735,6 +748,11 @@ class Namespaces:
             return self._open_locked(record)
 
     def _open_locked(self, record: NamespaceRecord) -> NamespaceHandle:
+        handle = self._new_handle(record)
+        self._handles[record.name] = handle
+        return handle
+
+    def _new_handle(self, record: NamespaceRecord) -> NamespaceHandle:
         backend = self._backend(record.backend)
         try:
             index = backend.open(CollectionSpec(
@@ -745,9 +763,7 @@ class Namespaces:
         lexical = None
         if self._lexical_root is not None:
             lexical = LexicalIndex(self._lexical_root / lexical_dir(record.name))
-        handle = NamespaceHandle(record=record, index=index, lexical=lexical)
-        self._handles[record.name] = handle
-        return handle
+        return NamespaceHandle(record=record, index=index, lexical=lexical)
 
     def _backend(self, name: str) -> Backend:
         backend = self._backends.get(name)

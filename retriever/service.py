@@ -336,9 +336,13 @@ class RetrieverService:
         assert ingestor is not None
 
         def write() -> UpsertResult:
-            if outside:
+            if not outside:
+                return ingestor.upsert(namespace, docs, token, create=create)
+            self._note_outside_write(namespace, docs)
+            try:
+                return ingestor.upsert(namespace, docs, token, create=create)
+            finally:  # again once it is in: a sync that began meanwhile keeps it pending
                 self._note_outside_write(namespace, docs)
-            return ingestor.upsert(namespace, docs, token, create=create)
         return self.space.write(write)
 
     def delete_documents(self, namespace: str, doc_ids: Sequence[str],
@@ -354,16 +358,22 @@ class RetrieverService:
         assert ingestor is not None
 
         def delete() -> DeleteResult:
-            if outside:
+            if not outside:
+                return ingestor.delete(namespace, doc_ids, token)
+            self._note_outside_write(namespace, doc_ids)
+            try:
+                return ingestor.delete(namespace, doc_ids, token)
+            finally:
                 self._note_outside_write(namespace, doc_ids)
-            return ingestor.delete(namespace, doc_ids, token)
         return self.space.delete(delete)
 
     def _note_outside_write(self, namespace: str, items: Sequence[object]) -> None:
-        """Before a caller's write (inside the storage guard: a full disk fails it as it
-        fails the write): a bound namespace's source is marked for a full compare (before,
-        so a crash after the write's commit cannot lose the mark; a write that then fails
-        costs one compare)."""
+        """Before and after a caller's write (inside the storage guard: a full disk fails it
+        as it fails the write): a bound namespace's source is marked for a full compare.
+        Before, so a crash after the write's commit cannot lose the mark (a write that then
+        fails costs one compare); after, so a sync that started in between (the first mark
+        wakes the poller) and listed the documents before this write committed does not
+        clear it."""
         if items:
             self.catalog.note_outside_write(namespace)
 

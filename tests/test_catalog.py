@@ -491,6 +491,10 @@ def test_a_sources_table_of_an_older_release_gains_its_new_columns(tmp_path: Pat
     db = sqlite3.connect(path)
     for column in ("outside_writes", "diverged_commit", "diverged_since"):
         db.execute(f"ALTER TABLE sources DROP COLUMN {column}")
+    db.execute("ALTER TABLE evaluations DROP COLUMN slo")
+    db.execute("INSERT INTO evaluations (evaluation_id, namespace, golden_set, version,"
+               " started_at, seconds, mode, rerank, query_count, trigger, metrics) VALUES"
+               " ('e1', 'ns', 'smoke', 1, 1.0, 0.1, 'dense', 1, 3, 'request', '[]')")
     db.execute("PRAGMA user_version = 4")
     db.commit()
     db.close()
@@ -499,6 +503,9 @@ def test_a_sources_table_of_an_older_release_gains_its_new_columns(tmp_path: Pat
     src = cat.get_source("ns")
     assert src is not None and src.last_commit == "a" * 40
     assert (src.outside_writes, src.diverged_commit, src.diverged_since) == (0, "", None)
+    # A run an older release kept may have been ad hoc: it does not feed the gauges.
+    assert [e.slo for e in cat.list_evaluations("ns", 10)] == [False]
+    assert cat.slo_evaluations() == []
     assert cat.note_outside_write("ns") and not cat.note_outside_write("unbound")
     src = cat.get_source("ns")
     assert src is not None and src.outside_writes == 1

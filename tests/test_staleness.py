@@ -387,3 +387,38 @@ def test_writes_outside_syncs_are_put_back_by_the_next_sync(
         assert c.status("outside").last_sync.sync_id == last.sync_id
         beta = c.get_document("outside", "src/beta.py")
         assert "compute the values" in beta.document.content
+
+
+def test_a_rewrite_that_changed_no_file_leaves_nothing_stale(client: RetrieverClient,
+                                                             roots: Path) -> None:
+    """An amended commit message (a new commit, the same tree): the ref no longer holds the
+    indexed commit, but no file differs, so neither the namespace nor any hit is stale."""
+    repo = make_repo(roots / "amended")
+    client.sync_source("amended", str(repo.root), wait=True, timeout=120)
+    repo.git("commit", "-q", "--amend", "-m", "same files, new message")
+    assert client.status("amended").source.head_commit != client.status(
+        "amended").source.indexed_commit
+    time.sleep(1.1)
+    assert client.status("amended").source.staleness.ToTimedelta().total_seconds() == 0
+    for h in hits_by_path(client, "amended").values():
+        assert h.staleness.ToTimedelta().total_seconds() == 0
+
+
+def test_a_write_outside_syncs_that_a_sync_overlaps_is_still_put_back(
+        roots: Path, embedder, tmp_path: Path) -> None:  # noqa: ANN001
+    """The mark an outside write makes wakes the poller, whose sync may list the namespace
+    before that write commits: the write marks the source again once it is in, so the
+    sync that overlapped it does not clear the compare, and the next one removes it."""
+    repo = make_repo(roots / "overlap")
+    settings = make_settings(tmp_path / "data", sync_roots=[roots], sync_poll_interval_s=0.2)
+    with running_server(settings, embedder) as st, \
+            RetrieverClient(st.address, timeout=300) as c:
+        c.sync_source("overlap", str(repo.root), wait=True, timeout=120)
+        body = "\n".join(f"def f{i}(x):\n    return x * {i}  # words to embed here {i}"
+                         for i in range(12))
+        c.upsert("overlap", [pb.Document(doc_id=f"scratch{n}.py", content=f"{body}\n# {n}\n")
+                             for n in range(16)])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and c.status("overlap").document_count != 2:
+            time.sleep(0.2)
+        assert c.status("overlap").document_count == 2

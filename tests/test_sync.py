@@ -302,15 +302,20 @@ def test_a_file_url_cannot_leave_its_prefix(embedder, tmp_path: Path) -> None:  
     secret.write("secret.py", "PASSWORD = 'hunter2'\n")
     secret.commit()
     (allowed / "link").symlink_to(private)
+    for odd in ("a#", "b?"):  # directories git reads through in a URL's "fragment"/"query"
+        (allowed / odd).mkdir()
     base = f"file://{allowed}/"
     settings = make_settings(tmp_path / "data", sync_url_prefixes=[base])
     escapes = [base + "%2e%2e/private", base + "%2E%2E/private", base + ".%2e/private",
                base + "%252e%252e/private", base + "mine/..%2fprivate", base + "link",
-               f"file://elsewhere{allowed}/mine"]
+               f"file://elsewhere{allowed}/mine", base + "a#/../../private",
+               base + "b?/../../private"]
     for bad in escapes:
         with pytest.raises(PermissionDenied):
             check_location(bad, settings)
     assert check_location(base + "mine", settings) == base + "mine"
+    with pytest.raises(InvalidArgument):
+        check_location(base + "mi%00ne", settings)
     with running_server(settings, embedder) as st, RetrieverClient(st.address) as c:
         for i, bad in enumerate(escapes[:2] + escapes[5:6]):
             with pytest.raises(grpc.RpcError) as e:

@@ -237,7 +237,8 @@ class SourceFreshness:
                 by_path = dict(by_path)
                 for path in p.withdrawn:
                     by_path[path] = min(by_path.get(path, since), since)
-                oldest = min(oldest, since) if oldest is not None else since
+                if by_path:  # a rewrite that changed no file leaves nothing stale
+                    oldest = min(oldest, since) if oldest is not None else since
             if source.diverged_commit and not p.diverged:
                 self._catalog.set_diverged(source.namespace, "", None)
             return _replace(base, head_commit=head, commits_behind=p.count,

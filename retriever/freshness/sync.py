@@ -561,7 +561,8 @@ class Syncer:
             self._catalog.put_source(SourceRecord(
                 namespace=ns, location=spec.location, ref=spec.ref, include=spec.include,
                 exclude=spec.exclude, max_file_bytes=spec.max_file_bytes,
-                last_commit=previous, pending_commit=head, pending_full=not incremental))
+                last_commit=previous, pending_commit=head, pending_full=not incremental,
+                outside_writes=outside))
             if previous == head:
                 times: list[datetime] = []
             elif previous and is_ancestor(repo, previous, head):
@@ -768,7 +769,20 @@ def _check_file_url(location: str, prefixes: Sequence[str], shown: str) -> None:
     if parts.netloc not in ("", "localhost"):
         raise PermissionDenied(f"repo {shown} names host {parts.netloc!r}: a file:// URL must "
                                "name a local path (file:///path)", field="repo")
-    real = Path(unquote(parts.path) or "/").resolve()
+    # git takes everything after the host as the path, '?' and '#' included (urlsplit
+    # would cut a query or fragment off, and a '..' after it would go unseen).
+    raw = location[len("file://") + len(parts.netloc):]
+    if "?" in raw or "#" in raw:
+        raise PermissionDenied(f"repo {shown}: a file:// URL may not hold '?' or '#' (git "
+                               "reads them as part of the path); give the path without them",
+                               field="repo")
+    path = unquote(raw)
+    if "\0" in path:
+        raise InvalidArgument(f"repo {shown} holds a NUL character", field="repo")
+    if any(part in (".", "..") for part in _segments(raw)):
+        raise PermissionDenied(f"repo {shown} has '.' or '..' path segments (percent-"
+                               "encoded or not): give the URL without them", field="repo")
+    real = Path(path or "/").resolve()
     for prefix in prefixes:
         if not location.startswith(prefix) or prefix[:7].lower() != "file://":
             continue

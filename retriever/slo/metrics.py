@@ -287,7 +287,9 @@ class Metrics:
                 self._export_evaluations(label, list(runs.values()))
                 return
             self._latest_runs.pop(label, None)
-            self._ns_labels.release(namespace)
+            if label == namespace:  # its own label: every series of it goes, then the label
+                self._drop_series(label)
+                self._ns_labels.release(namespace)
             for g in (self.eval_precision, self.eval_recall, self.eval_ndcg):
                 for labels in [s.labels for fam in g.collect() for s in fam.samples
                                if s.labels.get("namespace") == label]:
@@ -296,6 +298,20 @@ class Metrics:
             for g in (self.eval_mrr, self.eval_queries, self.eval_timestamp):
                 with suppress(KeyError):
                     g.remove(label)
+
+    def _drop_series(self, label: str) -> None:
+        """Remove every series labelled ``namespace=label`` from this instance's metrics
+        (counters of a deleted namespace included): a label given back must take its
+        series with it, or namespace churn would grow them past metrics_max_namespaces."""
+        for metric in vars(self).values():
+            names = getattr(metric, "_labelnames", ())
+            if not isinstance(metric, (Counter, Gauge, Histogram)) or "namespace" not in names:
+                continue
+            keys = {tuple(s.labels[n] for n in names) for fam in metric.collect()
+                    for s in fam.samples if s.labels.get("namespace") == label}
+            for key in keys:
+                with suppress(KeyError):
+                    metric.remove(*key)
 
     def watch_feedback(self, window: Callable[[], Iterable[WindowStats]]) -> None:
         """Export online precision@k, computed at scrape time from ``window()``."""
