@@ -174,6 +174,14 @@ class Backend(Protocol):
 
     name: str
 
+    @property
+    def local_store(self) -> Path | None:
+        """Where the engine keeps its files when they live in the service's data dir
+        (derived data only: the service may move them aside when damaged and refill them
+        from the catalog, and may drop collections no namespace owns); None for an engine
+        server, which other deployments may share."""
+        ...
+
     def open(self, spec: CollectionSpec) -> VectorIndex:
         """Open the collection, creating it when absent. Raises DimensionMismatch if it
         exists with another dimension or metric."""

@@ -1247,6 +1247,10 @@ class FaissBackend:
         self._open: dict[str, FaissIndex] = {}
         self._lock = threading.Lock()
 
+    @property
+    def local_store(self) -> Path:
+        return self._root
+
     def _dir(self, name: str) -> Path:
         if not _SAFE_NAME.fullmatch(name):
             raise ValueError(f"collection name {name!r} is not a safe file name")

@@ -584,8 +584,8 @@ class Catalog:
         """backend -> collections deleted namespaces left to drop (a crash, or an engine
         that was down, between the delete's commit and the engine's drop)."""
         with self._reader() as db:
-            rows = db.execute("SELECT key FROM catalog_meta WHERE key >= ? AND key < ?",
-                              (_DROP, _DROP[:-1] + chr(ord(_DROP[-1]) + 1))).fetchall()
+            rows = db.execute("SELECT key FROM catalog_meta WHERE key GLOB ?",
+                              (_DROP + "*",)).fetchall()
         out: dict[str, set[str]] = {}
         for (key,) in rows:
             backend, _, collection = key[len(_DROP):].partition(":")
@@ -924,8 +924,7 @@ class Catalog:
             pending_commit=row["pending_commit"], pending_full=bool(row["pending_full"]),
             updated_at=_ts(row["updated_at"]), outside_writes=int(row["outside_writes"]),
             diverged_commit=row["diverged_commit"],
-            diverged_since=(_ts(row["diverged_since"])
-                            if row["diverged_since"] is not None else None))
+            diverged_since=_ts(row["diverged_since"]))
 
     def source_namespaces(self) -> list[str]:
         """The namespaces bound to a git source."""

@@ -164,7 +164,7 @@ class Namespaces:
             try:
                 present = self._probe(backend, mine)
             except EngineError as exc:
-                store = getattr(backend, "local_store", None)
+                store = backend.local_store
                 if store is None:  # a server: down, or refusing us; the others serve
                     missing[backend_name] = (
                         f"whose engine did not answer at start ({exc}): it is tried again "
@@ -173,7 +173,7 @@ class Namespaces:
                     down.add(backend_name)
                     continue
                 # Embedded files (milvus-lite, Chroma's) hold nothing the catalog lacks.
-                backend = self._quarantine_store(backend_name, backend, Path(store), exc)
+                backend = self._quarantine_store(backend_name, backend, store, exc)
                 present = self._probe(backend, mine)
             orphans = set(present) - known
             # Deleted namespaces' collections the catalog recorded: certainly ours.
@@ -183,9 +183,7 @@ class Namespaces:
                     backend.drop(collection)
                     orphans.discard(collection)
                 self._catalog.dropped(backend_name, collection)
-            # (An engine of its own storage says where: None for a server. FAISS, always in
-            # the data dir, has no such attribute.)
-            if orphans and hasattr(backend, "local_store") and backend.local_store is None:
+            if orphans and backend.local_store is None:
                 # A server's collections may be another deployment's (a Chroma database,
                 # a Milvus prefix shared by mistake): only other generations of this
                 # catalog's namespaces (a re-index stopped by a crash) are dropped.
@@ -216,8 +214,9 @@ class Namespaces:
                     if record.backend in down:
                         self._retry_at[record.name] = time.monotonic() + REOPEN_RETRY_S
                 continue
-            report[record.name] = self._open_reconciled(
-                record, len(pending.get(record.name, ())), rebuild_terms, add_payloads)
+            report[record.name] = self._reconciled(
+                self._open(record), len(pending.get(record.name, ())), rebuild_terms,
+                add_payloads)
         # One-time upgrades are marked done only when every namespace had them: one left
         # unopened (its engine missing or down) gets them at the start that opens it.
         if not any(r.backend in missing for r in records):
@@ -225,14 +224,10 @@ class Namespaces:
             self._catalog.set_meta("index_payloads", "1")
         return report
 
-    def _open_reconciled(self, record: NamespaceRecord, pending: int, rebuild_terms: bool,
-                         add_payloads: bool) -> dict[str, int]:
-        """Open a namespace and make its index and lexical engine agree with the catalog;
-        the repairs made."""
-        return self._reconciled(self._open(record), pending, rebuild_terms, add_payloads)
-
     def _reconciled(self, handle: NamespaceHandle, pending: int, rebuild_terms: bool,
                     add_payloads: bool) -> dict[str, int]:
+        """Make an opened namespace's index and lexical engine agree with the catalog; the
+        repairs made."""
         record = handle.record
         self._report_quarantined(handle)
         active = np.sort(self._catalog.active_vector_ids(record.name))
@@ -289,13 +284,10 @@ class Namespaces:
 
     @staticmethod
     def _probe(backend: Backend, records: list[NamespaceRecord]) -> list[str]:
-        """The backend's collections, and for an engine of its own storage (Milvus,
-        Chroma: ``local_store``, None for a server) each of ``records``' opened and counted:
-        one that cannot read its files says so here, before anything is reconciled. (FAISS
-        repairs its own files at open.)"""
+        """The backend's collections, each of ``records``' opened (kept open by the
+        backend for the reconcile) and counted: an engine that cannot read its files, or
+        does not answer, says so here, before anything is reconciled."""
         present = backend.collections()
-        if not hasattr(backend, "local_store"):
-            return present
         for r in records:
             with contextlib.suppress(DimensionMismatch):  # reported when the namespace opens
                 backend.open(CollectionSpec(collection_name(r.name, r.index_generation),

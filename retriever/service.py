@@ -338,7 +338,8 @@ class RetrieverService:
         def write() -> UpsertResult:
             if not outside:
                 return ingestor.upsert(namespace, docs, token, create=create)
-            self._note_outside_write(namespace, docs)
+            if not self._note_outside_write(namespace, docs):
+                return ingestor.upsert(namespace, docs, token, create=create)
             try:
                 return ingestor.upsert(namespace, docs, token, create=create)
             finally:  # again once it is in: a sync that began meanwhile keeps it pending
@@ -360,22 +361,22 @@ class RetrieverService:
         def delete() -> DeleteResult:
             if not outside:
                 return ingestor.delete(namespace, doc_ids, token)
-            self._note_outside_write(namespace, doc_ids)
+            if not self._note_outside_write(namespace, doc_ids):
+                return ingestor.delete(namespace, doc_ids, token)
             try:
                 return ingestor.delete(namespace, doc_ids, token)
             finally:
                 self._note_outside_write(namespace, doc_ids)
         return self.space.delete(delete)
 
-    def _note_outside_write(self, namespace: str, items: Sequence[object]) -> None:
+    def _note_outside_write(self, namespace: str, items: Sequence[object]) -> bool:
         """Before and after a caller's write (inside the storage guard: a full disk fails it
         as it fails the write): a bound namespace's source is marked for a full compare.
         Before, so a crash after the write's commit cannot lose the mark (a write that then
         fails costs one compare); after, so a sync that started in between (the first mark
         wakes the poller) and listed the documents before this write committed does not
-        clear it."""
-        if items:
-            self.catalog.note_outside_write(namespace)
+        clear it. Whether the namespace is bound (an unbound one is not looked up again)."""
+        return bool(items) and self.catalog.note_outside_write(namespace)
 
     # -- sources -----------------------------------------------------------------------------
     def sync_source(self, namespace: str, request: SyncRequest, *, wait: bool = False,

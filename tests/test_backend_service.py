@@ -43,6 +43,17 @@ DOCS = [
 ]
 
 
+def _seed(settings: object, embedder: Embedder,
+          namespaces: dict[str, tuple[str, str, str]]) -> None:
+    """Start a server, give each namespace (on its backend, "" for the default) one
+    document (doc id, text), and stop it."""
+    with running_server(settings, embedder) as st, RetrieverClient(st.address) as c:  # type: ignore[arg-type]
+        for ns, (backend, doc_id, text) in namespaces.items():
+            if backend:
+                c.create_namespace(ns, backend=backend)
+            c.upsert(ns, [pb.Document(doc_id=doc_id, content=text)])
+
+
 def _docs() -> list[pb.Document]:
     return [pb.Document(doc_id=d, path=p, content=c, metadata=m) for d, p, c, m in DOCS]
 
@@ -392,17 +403,10 @@ def test_a_namespace_on_an_engine_not_installed_does_not_stop_the_others(tmp_pat
     (the whole server used to exit at start)."""
     import grpc
 
-    from retriever.server.app import ServerThread
 
     data = tmp_path / "data"
-    st = ServerThread(make_settings(data), embedder).start()
-    try:
-        with RetrieverClient(st.address) as c:
-            c.create_namespace("onchroma", backend="chroma")
-            c.upsert("onchroma", [pb.Document(doc_id="a", content="rye bread on chroma")])
-            c.upsert("onfaiss", [pb.Document(doc_id="b", content="rye bread on faiss")])
-    finally:
-        st.stop()
+    _seed(make_settings(data), embedder, {"onchroma": ("chroma", "a", "rye bread on chroma"),
+                                          "onfaiss": ("", "b", "rye bread on faiss")})
     blocked = tmp_path / "no-chroma" / "chromadb"
     blocked.mkdir(parents=True)
     (blocked / "__init__.py").write_text('raise ImportError("chromadb is not installed")\n')
@@ -443,15 +447,9 @@ def test_damaged_embedded_engine_files_are_moved_aside_and_rebuilt(
     from retriever.server.app import ServerThread
 
     data = tmp_path / "data"
-    st = ServerThread(make_settings(data), embedder).start()
-    try:
-        with RetrieverClient(st.address) as c:
-            for b in ("milvus", "chroma"):
-                c.create_namespace(f"on{b}", backend=b)
-                c.upsert(f"on{b}", [pb.Document(doc_id=b, content=f"rye bread kept on {b}")])
-            c.upsert("onfaiss", [pb.Document(doc_id="faiss", content="rye bread on faiss")])
-    finally:
-        st.stop()
+    _seed(make_settings(data), embedder, {
+        **{f"on{b}": (b, b, f"rye bread kept on {b}") for b in ("milvus", "chroma")},
+        "onfaiss": ("", "faiss", "rye bread on faiss")})
     indexes = data / "indexes"
     damaged = [p for p in indexes.rglob("*") if p.is_file() and (
         p.name in ("schema.json", "chroma.sqlite3") or p.suffix == ".parquet")]
@@ -495,14 +493,8 @@ def test_an_engine_server_down_at_start_leaves_the_other_namespaces_serving(
     engine = _chroma_on(tmp_path / "chroma", port)
     settings = make_settings(tmp_path / "data", chroma_url=f"http://127.0.0.1:{port}")
     try:
-        st = ServerThread(settings, embedder).start()
-        try:
-            with RetrieverClient(st.address) as c:
-                c.create_namespace("remote", backend="chroma")
-                c.upsert("remote", [pb.Document(doc_id="r", content="rye bread far away")])
-                c.upsert("local", [pb.Document(doc_id="l", content="rye bread at home")])
-        finally:
-            st.stop()
+        _seed(settings, embedder, {"remote": ("chroma", "r", "rye bread far away"),
+                                   "local": ("", "l", "rye bread at home")})
     finally:
         engine.kill()
         engine.wait(10)
@@ -605,10 +597,8 @@ def test_a_namespace_delete_that_crashed_before_the_engine_drop_is_finished_at_s
             cat.close()
 
     try:
-        with running_server(settings, embedder) as st, RetrieverClient(st.address) as c:
-            c.create_namespace("gone", backend="chroma")
-            c.upsert("gone", [pb.Document(doc_id="g", content="rye bread to delete")])
-            c.upsert("kept", [pb.Document(doc_id="k", content="rye bread to keep")])
+        _seed(settings, embedder, {"gone": ("chroma", "g", "rye bread to delete"),
+                                   "kept": ("", "k", "rye bread to keep")})
         probe.open(CollectionSpec("stranger.g1", 384, "cosine"))
         # The delete's commit, and then the crash: the engine still has the collection.
         cat = Catalog(settings.data_dir / "catalog.sqlite3")

@@ -769,19 +769,16 @@ def _check_file_url(location: str, prefixes: Sequence[str], shown: str) -> None:
     if parts.netloc not in ("", "localhost"):
         raise PermissionDenied(f"repo {shown} names host {parts.netloc!r}: a file:// URL must "
                                "name a local path (file:///path)", field="repo")
-    # git takes everything after the host as the path, '?' and '#' included (urlsplit
-    # would cut a query or fragment off, and a '..' after it would go unseen).
-    raw = location[len("file://") + len(parts.netloc):]
-    if "?" in raw or "#" in raw:
+    # git takes everything after the host as the path, '?' and '#' included: urlsplit
+    # would cut a query or fragment off, and the '..' check (of the path it gives) would
+    # not see one after it. Without them, that path is all git reads.
+    if "?" in location or "#" in location:
         raise PermissionDenied(f"repo {shown}: a file:// URL may not hold '?' or '#' (git "
                                "reads them as part of the path); give the path without them",
                                field="repo")
-    path = unquote(raw)
+    path = unquote(parts.path)
     if "\0" in path:
         raise InvalidArgument(f"repo {shown} holds a NUL character", field="repo")
-    if any(part in (".", "..") for part in _segments(raw)):
-        raise PermissionDenied(f"repo {shown} has '.' or '..' path segments (percent-"
-                               "encoded or not): give the URL without them", field="repo")
     real = Path(path or "/").resolve()
     for prefix in prefixes:
         if not location.startswith(prefix) or prefix[:7].lower() != "file://":
