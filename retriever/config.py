@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     feedback_log_size: int = Field(10_000, ge=1)
     feedback_window_s: float = Field(3600.0, gt=0)
     # Namespaces that get a label of their own on per-namespace quality metrics
-    # (retriever_eval_*, retriever_online_*); the rest are reported as "other".
+    # (retriever_eval_*, retriever_online_*); the rest are reported as "_other".
     metrics_max_namespaces: int = Field(50, ge=1)
 
     @model_validator(mode="after")

@@ -389,3 +389,10 @@ def test_an_interrupted_index_says_what_was_acknowledged(server, tmp_path: Path,
     assert result.exit_code == 130, result.output
     assert "interrupted: 2 documents acknowledged" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_python_dash_m_retriever_is_the_cli() -> None:
+    got = subprocess.run([sys.executable, "-m", "retriever", "serve", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0, got.stderr
+    assert "Serve retriever.v1.Retriever" in got.stdout

@@ -111,12 +111,12 @@ def test_evaluate_a_set_with_known_answers_and_export_it(client: RetrieverClient
     assert [(x.name, x.k) for x in e.metrics] == [
         ("precision", 1), ("recall", 1), ("ndcg", 1), ("precision", 5), ("recall", 5),
         ("ndcg", 5), ("precision", 10), ("recall", 10), ("ndcg", 10), ("mrr", 10)]
-    assert (e.golden_set, e.version, e.query_count, e.trigger, e.mode) == (
-        "known", 1, 3, "request", pb.DENSE)
+    assert (e.golden_set, e.version, e.query_count, e.trigger, e.mode, e.slo) == (
+        "known", 1, 3, "request", pb.DENSE, False)
 
     # GetIndexStatus shows the latest run.
     last = client.status(NS).last_evaluation
-    assert last.evaluation_id == e.evaluation_id and metrics_of(last) == m
+    assert last.evaluation_id == e.evaluation_id and metrics_of(last) == m and not last.slo
     # A dense run is not how the scheduler runs the set (the server's default mode is
     # hybrid): it is recorded and answered, and leaves the SLO gauges alone.
     assert gauge(scrape(server), "retriever_eval_recall_at_k", namespace=NS, k="10") is None
@@ -124,7 +124,8 @@ def test_evaluate_a_set_with_known_answers_and_export_it(client: RetrieverClient
     # Run as the scheduler runs it (default mode and cut-offs): exported.
     e = evaluate(client, "known")
     m = metrics_of(e)
-    assert e.mode == pb.HYBRID and m["recall@10"] == 1.0
+    assert e.mode == pb.HYBRID and m["recall@10"] == 1.0 and e.slo
+    assert client.status(NS).last_evaluation.slo
     text = scrape(server)
     for name, key in (("precision", "precision@1"), ("precision", "precision@10"),
                       ("recall", "recall@10"), ("ndcg", "ndcg@5")):
@@ -351,9 +352,9 @@ def test_the_gauges_resume_from_each_sets_latest_slo_run_after_a_restart(
         register(c, "failing", MISSING)
         register(c, "passing", ORCHARD, ENGINE)
         assert metrics_of(evaluate(c, "failing"))["recall@10"] == 0.0
-        # Ad-hoc runs: recorded, answered, not exported.
-        evaluate(c, "failing", k=[1])
-        evaluate(c, "failing", mode=pb.DENSE)
+        # Ad-hoc runs: recorded, answered (saying so), not exported.
+        assert not evaluate(c, "failing", k=[1]).slo
+        assert not evaluate(c, "failing", mode=pb.DENSE).slo
         assert metrics_of(evaluate(c, "passing"))["recall@10"] == 1.0
         assert metrics_of(evaluate(c, "passing", k=[1]))["recall@1"] == 1.0
         assert gauge(scrape(st), "retriever_eval_recall_at_k", namespace=NS, k="10") == 0.0
@@ -366,7 +367,7 @@ def test_the_gauges_resume_from_each_sets_latest_slo_run_after_a_restart(
 
 def test_deleting_namespaces_does_not_use_up_the_metric_labels(embedder, tmp_path: Path
                                                                ) -> None:  # noqa: ANN001
-    """Past metrics_max_namespaces namespaces share the label "other": deleting names that
+    """Past metrics_max_namespaces namespaces share the label "_other": deleting names that
     do not exist must not take labels, and a deleted namespace gives its label back."""
     settings = make_settings(tmp_path / "data", metrics_max_namespaces=2)
     with running_server(settings, embedder) as st, \
@@ -392,14 +393,14 @@ def test_deleting_namespaces_does_not_use_up_the_metric_labels(embedder, tmp_pat
         text = scrape(st)
         assert gauge(text, "retriever_eval_recall_at_k", namespace="third", k="10") == 1.0
         assert gauge(text, "retriever_eval_recall_at_k", namespace="first", k="10") is None
-        assert gauge(text, "retriever_eval_recall_at_k", namespace="other", k="10") is None
+        assert gauge(text, "retriever_eval_recall_at_k", namespace="_other", k="10") is None
         # Churn: a label given back takes all its series (counters too), so namespaces
         # created and deleted one after another never grow the series past the cap.
         for i in range(4):
             evaluated(f"brief-{i}")
             c.delete_namespace(f"brief-{i}")
         labels = set(re.findall(r'namespace="([^"]*)"', scrape(st)))
-        assert labels <= {"second", "third", "other"}, labels
+        assert labels <= {"second", "third", "_other"}, labels
 
 
 def test_a_set_whose_echo_would_not_fit_a_message_is_refused_and_not_stored(

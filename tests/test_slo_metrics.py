@@ -13,8 +13,9 @@ from pydantic import ValidationError
 
 from retriever.config import Settings
 from retriever.models.embedder import Embedder
-from retriever.slo.metrics import LATENCY_BUCKETS, Metrics
+from retriever.slo.metrics import LATENCY_BUCKETS, OTHER, Metrics
 from retriever.v1 import retriever_pb2 as pb
+from retriever.validation import NAMESPACE_RE
 
 DEFAULTS = {"availability": 0.999, "search_latency_seconds": 0.15,
             "search_latency_target": 0.99, "recall_at_10": 0.8, "precision_at_10": 0.08,
@@ -141,20 +142,34 @@ def test_an_evaluation_replaces_the_cutoffs_of_the_previous_one() -> None:
 
 
 def test_a_label_shows_the_worst_of_the_latest_runs_it_covers() -> None:
-    """Past metrics_max_namespaces namespaces share "other", and a namespace may have
+    """Past metrics_max_namespaces namespaces share "_other", and a namespace may have
     several golden sets: the last run written must not hide a failing one from the alert."""
     m = Metrics()
     m.cap_namespaces(1)
     m.set_evaluation(_rec("first", "smoke", (10,), 0.2))
     m.set_evaluation(_rec("first", "regress", (10,), 0.9))  # a later, better set
-    m.set_evaluation(_rec("bad", "smoke", (10,), 0.0))  # past the cap: "other"
+    m.set_evaluation(_rec("bad", "smoke", (10,), 0.0))  # past the cap: "_other"
     m.set_evaluation(_rec("good", "smoke", (10,), 1.0))
     got = _eval_series(m)
     assert got[("retriever_eval_recall_at_k", "first", "10")] == 0.2
-    assert got[("retriever_eval_recall_at_k", "other", "10")] == 0.0
+    assert got[("retriever_eval_recall_at_k", "_other", "10")] == 0.0
     m.set_evaluation(_rec("bad", "smoke", (10,), 0.7))  # fixed: its latest run counts
-    assert _eval_series(m)[("retriever_eval_recall_at_k", "other", "10")] == 0.7
-    m.forget_evaluations("bad")  # deleted: "other" is what is left in it
-    assert _eval_series(m)[("retriever_eval_recall_at_k", "other", "10")] == 1.0
+    assert _eval_series(m)[("retriever_eval_recall_at_k", "_other", "10")] == 0.7
+    m.forget_evaluations("bad")  # deleted: "_other" is what is left in it
+    assert _eval_series(m)[("retriever_eval_recall_at_k", "_other", "10")] == 1.0
     m.forget_evaluations("first")
     assert ("retriever_eval_recall_at_k", "first", "10") not in _eval_series(m)
+
+
+def test_a_namespace_named_other_keeps_series_apart_from_the_overflow() -> None:
+    """The overflow label is not a name a namespace can have: a namespace called "other"
+    with a label of its own is not mixed with the namespaces past the cap (it was: both
+    were "other", and the worst of them showed for both)."""
+    m = Metrics()
+    m.cap_namespaces(1)
+    m.set_evaluation(_rec("other", "smoke", (10,), 1.0))
+    m.set_evaluation(_rec("late", "smoke", (10,), 0.0))  # past the cap
+    got = _eval_series(m)
+    assert got[("retriever_eval_recall_at_k", "other", "10")] == 1.0
+    assert got[("retriever_eval_recall_at_k", OTHER, "10")] == 0.0
+    assert not NAMESPACE_RE.fullmatch(OTHER)

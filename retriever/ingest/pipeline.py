@@ -517,7 +517,7 @@ class Ingestor:
 
     def _count(self, ns: str, results: Sequence[DocResult]) -> None:
         m = self._metrics
-        label = m.namespace_label(ns)  # capped: namespaces past the cap count as "other"
+        label = m.namespace_label(ns)  # capped: namespaces past the cap count as "_other"
         for r in results:
             m.documents.labels(label, r.status.value).inc()
             m.chunks_embedded.labels(label).inc(r.chunks_embedded)

@@ -229,7 +229,7 @@ def evaluation_to_pb(e: EvaluationRecord | None) -> pb.Evaluation | None:
         evaluation_id=e.evaluation_id, namespace=e.namespace, golden_set=e.golden_set,
         version=e.version, start_time=_ts(e.started_at), duration=_dur(e.seconds),
         mode=_MODE_PB[e.mode], rerank=e.rerank, query_count=e.query_count, trigger=e.trigger,
-        metrics=[pb.EvalMetric(name=m.name, k=m.k, value=m.value) for m in e.metrics])
+        slo=e.slo, metrics=[pb.EvalMetric(name=m.name, k=m.k, value=m.value) for m in e.metrics])
 
 
 def reindex_to_pb(n: NamespaceRecord, r: ReindexResult) -> pb.ReindexNamespaceResponse:

@@ -1,7 +1,7 @@
 """Prometheus metrics of one service instance, on a registry of its own.
 
 Label sets are bounded: rpc, code, stage, namespace, status, k, trigger, verdict. Never a
-query or a doc id. Quality metrics cap namespace (NamespaceLabels, "other").
+query or a doc id. Quality metrics cap namespace (NamespaceLabels, "_other").
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ class Metrics:
         self.registry.register(_ObjectiveCollector(self._objectives))
 
         # Retrieval quality. namespace is capped (namespace_label): the first
-        # metrics_max_namespaces namespaces seen have their own label, the rest "other".
+        # metrics_max_namespaces namespaces seen have their own label, the rest "_other".
         self._ns_labels = NamespaceLabels(50)
         self.eval_precision = Gauge(
             "retriever_eval_precision_at_k",
@@ -230,7 +230,7 @@ class Metrics:
     def set_evaluation(self, rec: EvaluationRecord) -> None:
         """Export one evaluation. A label's quality figures are the worst, per cut-off, over
         the latest run of each golden set it covers: a namespace's several sets, and every
-        namespace past metrics_max_namespaces (label "other"). The last run written would
+        namespace past metrics_max_namespaces (label "_other"). The last run written would
         otherwise hide a failing set or namespace from its alert (a recall of 0 showed as
         1.0 once another one past the cap had run). Only SLO runs (``rec.slo``: as the
         scheduler runs them) move the gauges: an ad-hoc run with other cut-offs, mode or
@@ -275,7 +275,7 @@ class Metrics:
 
     def forget_evaluations(self, namespace: str) -> None:
         """Drop a deleted namespace's runs from its label's figures: its own series go; the
-        shared "other" ones are recomputed from the namespaces left in it. Its label is
+        shared "_other" ones are recomputed from the namespaces left in it. Its label is
         given back (a name never seen takes none: deleting names that do not exist cannot
         use up the labels)."""
         label = self._ns_labels.peek(namespace)
@@ -367,7 +367,7 @@ class _SourceCollector:
     def __init__(self, lags: Callable[[], Iterable[SourceLag]],
                  label: Callable[[str], str]) -> None:
         self._lags = lags
-        self._label = label  # capped namespace label: namespaces past the cap share "other"
+        self._label = label  # capped namespace label: namespaces past the cap share "_other"
 
     def describe(self) -> list[object]:
         return []  # no collect() at registration: the service may not be up yet
@@ -392,7 +392,7 @@ class _SourceCollector:
             s, b, r = worst.get(ns, (0.0, 0, 1))
             worst[ns] = (max(s, lag.staleness_s(now)), max(b, lag.commits_behind),
                          min(r, 0 if lag.error else 1))
-        for ns, (s, b, r) in sorted(worst.items()):  # "other": the worst of its namespaces
+        for ns, (s, b, r) in sorted(worst.items()):  # "_other": the worst of its namespaces
             stale.add_metric([ns], s)
             behind.add_metric([ns], b)
             readable.add_metric([ns], r)
@@ -401,12 +401,14 @@ class _SourceCollector:
         yield readable
 
 
-OTHER = "other"
+# The shared label of the namespaces past metrics_max_namespaces: not a valid namespace name
+# (those start with a letter or digit), so a namespace named "other" keeps series of its own.
+OTHER = "_other"
 
 
 class NamespaceLabels:
     """The namespace label of per-namespace quality metrics, bounded: the first ``limit``
-    namespaces seen keep their name, later ones are reported as "other"."""
+    namespaces seen keep their name, later ones are reported as OTHER ("_other")."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit

@@ -1,0 +1,5 @@
+"""``python -m retriever``: the same command line as ``retriever``."""
+
+from retriever.cli import main
+
+main()
