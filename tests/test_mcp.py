@@ -175,6 +175,11 @@ def test_every_tool_over_stdio(service: dict[str, Any]) -> None:
             assert synced["documents_upserted"] == 0
             unbound = await mcp.call_tool("sync", {"namespace": NS})
             assert unbound.is_error and "NOT_FOUND" in _text(unbound)
+            # What an agent can act on: no repository to give this tool, an operator's job.
+            assert "bound to no git repository" in _text(unbound)
+            assert "give repo" not in _text(unbound)
+            missing = await mcp.call_tool("sync", {"namespace": "nope"})
+            assert "NOT_FOUND: namespace 'nope' does not exist" in _text(missing)
 
             # -- errors: the service's status and message, never a traceback
             bad = await mcp.call_tool("search", {"namespace": "nope", "query": "bread"})

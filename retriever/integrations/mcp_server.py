@@ -358,8 +358,21 @@ def create_server(client: RetrieverClient, *, log_level: str = "WARNING") -> MCP
         index_status or staleness_seconds says the index lags the code. NOT_FOUND when the
         namespace has no configured source (an operator binds one with `retriever sync`);
         ABORTED while another sync of it runs."""
-        r = await _rpc(lambda: client.sync_source(
-            namespace, wait=wait, timeout=wait_timeout_s if wait else client.timeout))
+        try:
+            r = await anyio.to_thread.run_sync(lambda: client.sync_source(
+                namespace, wait=wait, timeout=wait_timeout_s if wait else client.timeout))
+        except grpc.RpcError as exc:
+            said = ToolError(f"{exc.code().name}: {exc.details()}")
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise said from None
+            # Unbound, the service asks for a repository to bind: this tool has none to give.
+            status = await _rpc(lambda: client.status(namespace))  # the namespace's NOT_FOUND
+            if status.HasField("source"):  # bound: what went wrong is the service's to say
+                raise said from None
+            raise ToolError(
+                f"NOT_FOUND: namespace {namespace!r} is bound to no git repository, so there "
+                f"is nothing to sync; an operator binds one with `retriever sync {namespace} "
+                "--repo <path or URL>`") from None
         return SyncResult(
             namespace=namespace, sync_id=r.sync_id,
             state=pb.SyncState.Name(r.state).removeprefix("SYNC_STATE_"), commit=r.commit,
