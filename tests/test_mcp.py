@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -63,6 +64,13 @@ def service(embedder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
             docs.append(doc)
         assert client.upsert(NS, docs).documents_created == 3
         assert client.sync_source("synced", str(repo.root), wait=True).commit == head
+        # Bound to a repository that is then moved away: its syncs fail (the sync tool
+        # must pass the service's reason on).
+        moved = TimedRepo(roots / "moved")
+        moved.write("a.md", "# A\n\nA file.\n")
+        moved.commit("first")
+        client.sync_source("moved", str(moved.root), wait=True)
+        shutil.rmtree(moved.root)
         yield {"address": st.address, "client": client, "head": head}
 
 
@@ -162,7 +170,7 @@ def test_every_tool_over_stdio(service: dict[str, Any]) -> None:
             # -- namespaces and status
             listed = {n["name"]: n for n in _ok(await mcp.call_tool(
                 "list_namespaces", {}))["namespaces"]}
-            assert set(listed) == {NS, "synced"} and listed[NS]["document_count"] == 3
+            assert set(listed) == {NS, "synced", "moved"} and listed[NS]["document_count"] == 3
             status = _ok(await mcp.call_tool("index_status", {"namespace": NS}))
             assert status["document_count"] == 3 and status["chunk_count"] >= 3
             assert status["vector_count"] == status["chunk_count"]
@@ -180,6 +188,10 @@ def test_every_tool_over_stdio(service: dict[str, Any]) -> None:
             assert "give repo" not in _text(unbound)
             missing = await mcp.call_tool("sync", {"namespace": "nope"})
             assert "NOT_FOUND: namespace 'nope' does not exist" in _text(missing)
+            # Bound, but the repository is gone: the service's own reason, passed on.
+            gone = await mcp.call_tool("sync", {"namespace": "moved", "wait": True})
+            assert gone.is_error and "FAILED_PRECONDITION" in _text(gone)
+            assert "is bound to" in _text(gone) and "not a directory" in _text(gone)
 
             # -- errors: the service's status and message, never a traceback
             bad = await mcp.call_tool("search", {"namespace": "nope", "query": "bread"})

@@ -584,6 +584,7 @@ def test_the_poller_warns_once_about_a_source_that_stays_broken(
     import logging
     import shutil
 
+    from retriever.errors import FailedPrecondition, InvalidArgument
     from retriever.freshness.sync import SyncRequest
     from retriever.service import RetrieverService
 
@@ -603,6 +604,12 @@ def test_the_poller_warns_once_about_a_source_that_stays_broken(
             assert svc.syncer.poll_once() == []
         said = [r for r in caplog.records if "polling the source of polled" in r.message]
         assert [r.levelno for r in said] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+        # A sync of the bound source now fails on the binding, not on the request (which
+        # named nothing): FAILED_PRECONDITION; naming the missing directory is the caller's.
+        with pytest.raises(FailedPrecondition, match="is bound to .* give repo"):
+            svc.sync_source("polled", SyncRequest(), wait=True)
+        with pytest.raises(InvalidArgument, match="is not a directory"):
+            svc.sync_source("polled", SyncRequest(location=str(repo.root)), wait=True)
         shutil.move(str(roots / "moved"), str(repo.root))
         caplog.clear()
         svc.syncer.poll_once()

@@ -290,9 +290,18 @@ class Syncer:
         (InvalidArgument, NotFound, PermissionDenied, Aborted)."""
         validation.namespace_name(namespace)
         spec = self._spec(namespace, request)
-        target = check_location(spec.location, self._settings)
-        if not is_url(target):
-            self._check_local(spec, target)
+        try:
+            target = check_location(spec.location, self._settings)
+            if not is_url(target):
+                self._check_local(spec, target)
+        except InvalidArgument as exc:
+            if request.location:
+                raise
+            # The bound source, not the request, is what no longer works.
+            raise FailedPrecondition(
+                f"namespace {namespace!r} is bound to {redact(spec.location)!r}, which can "
+                f"no longer be synced ({exc.message}): restore it there, or give repo to "
+                "bind the namespace anew") from None
         self._check_unbound_documents(namespace)
         with self._lock:
             if self._closed:

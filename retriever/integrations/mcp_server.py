@@ -357,7 +357,8 @@ def create_server(client: RetrieverClient, *, log_level: str = "WARNING") -> MCP
         pulls it and re-indexes only what changed since the last synced commit. Use it when
         index_status or staleness_seconds says the index lags the code. NOT_FOUND when the
         namespace has no configured source (an operator binds one with `retriever sync`);
-        ABORTED while another sync of it runs."""
+        FAILED_PRECONDITION when its repository can no longer be read; ABORTED while another
+        sync of it runs."""
         try:
             r = await anyio.to_thread.run_sync(lambda: client.sync_source(
                 namespace, wait=wait, timeout=wait_timeout_s if wait else client.timeout))
