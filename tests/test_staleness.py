@@ -314,6 +314,28 @@ def test_an_indexed_commit_collected_after_a_rewrite_leaves_every_path_stale(
     assert client.status(ns).source.staleness.ToTimedelta().total_seconds() == 0
 
 
+def test_staleness_known_before_the_indexed_commit_was_collected_does_not_drop(
+        client: RetrieverClient, roots: Path) -> None:
+    """Rewritten with a new (old-dated) commit on top, then garbage-collected: before the
+    collection the namespace was as stale as that commit; after it, with nothing left to
+    compare, it must not read younger (it fell to seconds) nor fewer commits behind."""
+    ns = "collected-late"
+    repo, _first, _second = synced_then_moved_back(client, roots, ns)
+    repo.write("src/beta.py", "def beta(values):\n    return max(values)\n")
+    repo.commit("beta, rewritten")
+    before = client.status(ns).source
+    assert before.commits_behind == 1
+    lag = before.staleness.ToTimedelta().total_seconds()
+    assert lag > 3600  # the commit's own (old) time
+    repo.git("reflog", "expire", "--expire=now", "--all")
+    repo.git("gc", "-q", "--prune=now")
+    after = client.status(ns).source
+    assert after.staleness.ToTimedelta().total_seconds() >= lag
+    assert after.commits_behind >= 1
+    for h in hits_by_path(client, ns).values():  # every path: which differ is unknown
+        assert h.staleness.ToTimedelta().total_seconds() >= lag
+
+
 def test_a_bound_path_swapped_for_a_link_out_of_the_roots_is_not_read(
         client: RetrieverClient, roots: Path, tmp_path: Path) -> None:
     repo = make_repo(roots / "swapped")
@@ -373,13 +395,25 @@ def test_writes_outside_syncs_are_put_back_by_the_next_sync(
             return {d.doc_id for d in c.list_documents("outside").documents}
 
         assert ids() == {"src/alpha.py", "src/beta.py"}
+        alpha = c.get_document("outside", "src/alpha.py").document
         c.upsert("outside", [pb.Document(doc_id="scratch.py",
                                          content="def scratch():\n    return 'not in git'\n")])
         c.delete("outside", ["src/beta.py"])
+        # The same text and revision, with the fields only a caller's upsert sets otherwise.
+        tampered = pb.Document(doc_id="src/alpha.py", content=alpha.content,
+                               revision=alpha.revision, path="zzz/evil.md", language="markdown",
+                               metadata={"owner": "mallory"})
+        tampered.source_updated_at.FromSeconds(0)
+        c.upsert("outside", [tampered])
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and ids() != {"src/alpha.py", "src/beta.py"}:
+        while time.monotonic() < deadline and (
+                ids() != {"src/alpha.py", "src/beta.py"}
+                or c.get_document("outside", "src/alpha.py").document.path != alpha.path):
             time.sleep(0.2)
         assert ids() == {"src/alpha.py", "src/beta.py"}
+        back = c.get_document("outside", "src/alpha.py").document
+        assert (back.path, back.language, dict(back.metadata), back.source_updated_at) == (
+            alpha.path, alpha.language, {}, alpha.source_updated_at)
         last = c.status("outside").last_sync
         assert last.sync_id != synced and last.state == pb.SYNC_STATE_SUCCEEDED
         # Back in step: nothing more to do, so the poller lets it be.

@@ -616,3 +616,111 @@ def test_the_poller_warns_once_about_a_source_that_stays_broken(
         assert any("readable again" in r.message for r in caplog.records)
     finally:
         svc.close()
+
+
+def test_git_data_outside_the_allowed_directory_is_refused(embedder, tmp_path: Path  # noqa: ANN001
+                                                          ) -> None:
+    """Everything git reads of a repository must lie inside what the settings allow, for a
+    local path and a file:// URL alike: a `.git` file or link to a repository outside, git's
+    own `X.git` look-up, an object store borrowed from one (alternates) or reached through a
+    symbolic link inside `.git`. Each was synced, and the outside secret indexed."""
+    allowed, private = tmp_path / "allowed", tmp_path / "private"
+    allowed.mkdir()
+    secret = _Repo(private)
+    secret.write("secret.py", "PASSWORD = 'hunter2'\n")
+    head = secret.commit()
+    outside_git = private / ".git"
+
+    gitfile = allowed / "gitfile"  # a work tree whose .git file points outside
+    gitfile.mkdir()
+    (gitfile / ".git").write_text(f"gitdir: {outside_git}\n")
+    symgit = allowed / "symgit"  # its .git a link to the outside one
+    symgit.mkdir()
+    (symgit / ".git").symlink_to(outside_git)
+    (allowed / "plainfile").write_text(f"gitdir: {outside_git}\n")
+    (allowed / "sfx.git").symlink_to(outside_git)  # git tries "sfx.git" for "sfx"
+    (allowed / "plaindir").mkdir()  # ... also when "plaindir" is no repository
+    (allowed / "plaindir.git").symlink_to(outside_git)
+
+    def git(repo: Path, *args: str) -> None:
+        import subprocess
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+    alt = _Repo(allowed / "alt")  # objects borrowed from the outside repository
+    (alt.root / ".git" / "objects" / "info").mkdir(parents=True, exist_ok=True)
+    (alt.root / ".git" / "objects" / "info" / "alternates").write_text(
+        f"{outside_git / 'objects'}\n")
+    git(alt.root, "update-ref", "refs/heads/main", head)
+    symobj = _Repo(allowed / "symobj")  # objects and refs directories linked outside
+    for name in ("objects", "refs"):
+        target = symobj.root / ".git" / name
+        import shutil
+        shutil.rmtree(target)
+        target.symlink_to(outside_git / name)
+    mine = _Repo(allowed / "mine")
+    mine.write("ok.py", "def fine():\n    return 1\n")
+    mine.commit()
+
+    base = f"file://{allowed}/"
+    settings = make_settings(tmp_path / "data", sync_roots=[allowed],
+                             sync_url_prefixes=[base])
+    with running_server(settings, embedder) as st, RetrieverClient(st.address) as c:
+        refused = []
+        for name in ("gitfile", "symgit", "plainfile", "sfx", "plaindir", "alt", "symobj"):
+            for kind, repo in (("path", str(allowed / name)), ("url", base + name)):
+                with pytest.raises(grpc.RpcError) as e:
+                    _sync(c, f"{name}-{kind}", repo)
+                assert e.value.code() in (grpc.StatusCode.PERMISSION_DENIED,
+                                          grpc.StatusCode.INVALID_ARGUMENT), (name, kind)
+                refused.append(f"{name}-{kind}")
+                if name in ("alt", "symobj", "gitfile", "symgit"):
+                    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, (
+                        name, kind, e.value.details())
+                    assert "outside" in e.value.details()
+        assert not {n.name for n in c.list_namespaces().namespaces} & set(refused)
+        assert str(private) not in e.value.details()  # nor named
+        for kind, repo in (("path", str(mine.root)), ("url", base + "mine")):
+            _sync(c, f"mine-{kind}", repo)
+            assert _lexical(c, f"mine-{kind}", "fine") == {"ok.py"}
+
+
+def test_a_source_that_cannot_be_resolved_is_refused_and_stops_no_other(
+        tmp_path: Path, embedder) -> None:  # noqa: ANN001
+    """A symlink loop or an over-long name was INTERNAL (RuntimeError / OSError out of the
+    location check); bound, it failed GetIndexStatus and ended every poll round before the
+    namespaces after it."""
+    from retriever.freshness.sync import SyncRequest
+    from retriever.service import RetrieverService
+
+    roots = tmp_path / "roots"
+    roots.mkdir()
+    (roots / "loop1").symlink_to(roots / "loop2")
+    (roots / "loop2").symlink_to(roots / "loop1")
+    settings = make_settings(tmp_path / "data", sync_roots=[roots],
+                             sync_url_prefixes=[f"file://{roots}/"])
+    for bad in (str(roots / "loop1"), str(roots / "loop1" / "x"), f"file://{roots}/loop1"):
+        with pytest.raises(InvalidArgument):
+            check_location(bad, settings)
+    first, later = _Repo(roots / "aaa"), _Repo(roots / "zzz")
+    for repo in (first, later):
+        repo.write("a.md", "# A\n")
+        repo.commit("init")
+    svc = RetrieverService(settings, embedder=embedder)
+    svc.start()
+    try:
+        for bad in (str(roots / "loop1"), str(roots / ("b" * 300))):
+            with pytest.raises(InvalidArgument):
+                svc.sync_source("loop", SyncRequest(location=bad), wait=True)
+        svc.sync_source("aaa", SyncRequest(location=str(first.root)), wait=True)
+        svc.sync_source("zzz", SyncRequest(location=str(later.root)), wait=True)
+        import shutil
+        shutil.rmtree(first.root)
+        first.root.symlink_to(roots / "loop1")  # "aaa" now leads into the loop
+        later.write("b.md", "# B\n")
+        later.commit("more")
+        assert svc.syncer is not None
+        assert svc.syncer.poll_once() == ["zzz"]  # polled past the broken one
+        status = svc.index_status("aaa")
+        assert status.source is not None and status.source.error
+    finally:
+        svc.close()

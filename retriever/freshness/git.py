@@ -355,9 +355,14 @@ def mirror_path(cache_dir: str | Path, location: str) -> Path:
 
 def _open_local(location: str) -> GitRepo:
     path = Path(location)
-    if not path.is_dir():
-        raise InvalidArgument(f"source {location!r} is not a directory", field="location")
-    real = path.resolve()
+    try:
+        if not path.is_dir():
+            raise InvalidArgument(f"source {location!r} is not a directory", field="location")
+        real = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InvalidArgument(f"source {location!r} cannot be opened ({reason})",
+                              field="location") from None
 
     def error(message: str) -> RetrieverError:
         return InvalidArgument(f"source {location!r} is not a usable git repository "
@@ -371,9 +376,9 @@ def _open_local(location: str) -> GitRepo:
     top = probe.try_run("rev-parse", "--show-toplevel") if inside == "true" else None
     if top is not None and Path(top.decode("utf-8", "surrogateescape").strip()) == real:
         return GitRepo(real, trusted=True)
-    raise InvalidArgument(f"source {location!r} lies inside the git repository of "
-                          f"{git_dir!r}: name the repository's top directory",
-                          field="location")
+    # (Not naming that repository: it may lie outside what the caller may sync.)
+    raise InvalidArgument(f"source {location!r} lies inside a git repository, not at its top: "
+                          "name the repository's top directory", field="location")
 
 
 def _clone(spec: SourceSpec, cache: Path, target: Path, timeout_s: float | None) -> None:

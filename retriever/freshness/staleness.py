@@ -27,7 +27,7 @@ from pathlib import Path
 
 from retriever.catalog import Catalog, SourceRecord
 from retriever.domain import ChunkRecord
-from retriever.errors import NotFound, RetrieverError, Unavailable
+from retriever.errors import NotFound, Unavailable, translate
 from retriever.freshness.git import (
     GitRepo,
     Pending,
@@ -231,8 +231,20 @@ class SourceFreshness:
                 # sync and a restart do not reset it).
                 since = self._diverged_since(source, previous, checked_at)
                 if lost:
-                    return _replace(base, head_commit=head, oldest_pending=since,
-                                    checked_at=checked_at, error=redact(error),
+                    # Nothing can be compared with a commit git no longer has: every path
+                    # is stale from when that was first seen, and what was known before
+                    # the commit went (gc) does not get younger.
+                    known = (previous if previous is not None
+                             and previous.indexed_commit == source.last_commit else None)
+                    # (Each path then counts as stale as the oldest: path_staleness_s.)
+                    oldest, behind = since, 0
+                    if known is not None:
+                        if known.oldest_pending is not None:
+                            oldest = min(oldest, known.oldest_pending)
+                        behind = known.commits_behind
+                    return _replace(base, head_commit=head, commits_behind=behind,
+                                    oldest_pending=oldest, checked_at=checked_at,
+                                    error=redact(error),
                                     diverged_since=since, indexed_lost=True)
                 by_path = dict(by_path)
                 for path in p.withdrawn:
@@ -244,9 +256,12 @@ class SourceFreshness:
             return _replace(base, head_commit=head, commits_behind=p.count,
                             oldest_pending=oldest, by_path=by_path,
                             checked_at=checked_at, error=redact(error), diverged_since=since)
-        except RetrieverError as exc:
-            message = redact(str(exc))
-            log.warning("cannot read the source of namespace %r: %s", source.namespace, message)
+        except Exception as exc:  # noqa: BLE001 - a source that cannot be read is reported
+            known_error = translate(exc)
+            message = redact(str(known_error) if known_error is not None
+                             else f"{type(exc).__name__}: {exc}")
+            log.warning("cannot read the source of namespace %r: %s", source.namespace, message,
+                        exc_info=known_error is None)
             if previous is not None and previous.indexed_commit == source.last_commit:
                 return _replace(previous, error=message, bound_at=source.updated_at)
             return _replace(base, error=message)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import os
 import re
 import threading
 import time
@@ -41,6 +42,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from retriever import validation
@@ -85,9 +87,10 @@ from retriever.freshness.git import (
     resolve,
     snapshot,
 )
+from retriever.ingest.chunking.languages import detect_language
 
 __all__ = ["SYNC_HISTORY", "SyncRequest", "SyncState", "SyncStatus", "Syncer",
-           "check_location"]
+           "check_location", "file_url_place"]
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +296,15 @@ class Syncer:
         try:
             target = check_location(spec.location, self._settings)
             if not is_url(target):
-                self._check_local(spec, target)
+                self._check_local(spec, target, self._settings.sync_roots,
+                                  "RETRIEVER_SYNC_ROOTS")
+            elif target[:7].lower() == "file://":
+                # git reads a file:// URL's repository in place: the same checks as a
+                # local path, against the directory of the prefix that allowed it.
+                real, root = file_url_place(target, self._settings.sync_url_prefixes)
+                if root is not None:
+                    self._check_local(spec, str(real), [root],
+                                      "the directories of RETRIEVER_SYNC_URL_PREFIXES")
         except InvalidArgument as exc:
             if request.location:
                 raise
@@ -366,13 +377,16 @@ class Syncer:
                 started.append(ns)
             except Aborted:
                 continue  # a sync started meanwhile
-            except RetrieverError as exc:
-                message = redact(exc.message)
+            except Exception as exc:  # noqa: BLE001 - one source must not stop the round
+                known = translate(exc)
+                message = redact(known.message if known is not None else
+                                 f"{type(exc).__name__}: {exc}")
                 repeated = self._poll_errors.get(ns) == message
                 self._poll_errors[ns] = message
                 log.log(logging.DEBUG if repeated else logging.WARNING,
                         "polling the source of %s: %s%s", ns, message,
-                        " (said again at DEBUG while it lasts)" if not repeated else "")
+                        " (said again at DEBUG while it lasts)" if not repeated else "",
+                        exc_info=known is None and not repeated)  # a bug: its traceback
         return started
 
     def _moved(self, source: SourceRecord) -> bool:
@@ -463,23 +477,26 @@ class Syncer:
         except InvalidArgument as exc:
             raise _as_repo_field(exc) from None
 
-    def _check_local(self, spec: SourceSpec, target: str) -> None:
-        """A local location must be a repository's top directory, and the repository's own
-        git directories (a `.git` file can point elsewhere) must be inside the roots too."""
+    def _check_local(self, spec: SourceSpec, target: str, roots: Sequence[Path],
+                     setting: str) -> None:
+        """A local location must be a repository's top directory, and everything git reads
+        of it must lie inside ``roots`` too: its git directories (a `.git` file can point
+        elsewhere), its object store and the stores it borrows from (alternates), and
+        whatever a symbolic link inside those leads to."""
         try:
             repo = open_source(dataclasses.replace(spec, location=target), self._mirrors)
         except InvalidArgument as exc:
             raise _as_repo_field(exc) from None
         with repo:
             out = repo.run("rev-parse", "--path-format=absolute", "--git-dir",
-                           "--git-common-dir")
-        for line in out.decode("utf-8", "surrogateescape").splitlines():
-            if line.strip() and _root_of(Path(line.strip()).resolve(),
-                                         self._settings.sync_roots) is None:
-                raise PermissionDenied(
-                    f"repo {spec.location!r} keeps its git data outside RETRIEVER_SYNC_ROOTS "
-                    "(its .git points elsewhere): sync the repository that holds it",
-                    field="repo")
+                           "--git-common-dir", "--git-path", "objects")
+        lines = [line.strip() for line in out.decode("utf-8", "surrogateescape").splitlines()
+                 if line.strip()]
+        outside = _git_data_outside([Path(line) for line in lines], roots)
+        if outside is not None:
+            raise PermissionDenied(
+                f"repo {redact(spec.location)} keeps git data outside {setting} ({outside}): "
+                "sync the repository that holds it", field="repo")
 
     # -- running ---------------------------------------------------------------------------
     def _wait(self, run: _Run, token: CallToken) -> SyncState:
@@ -608,17 +625,19 @@ class Syncer:
     def _reconcile(self, run: _Run, repo: GitRepo, head: str) -> None:
         snap = snapshot(repo, head, run.spec)
         skipped = dict(snap.skipped)
-        known: dict[str, tuple[str, str]] = {}
+        known: dict[str, _Known] = {}
         after = ""
         while True:
             page, _ = self._catalog.list_documents(run.namespace, after, _PAGE, "")
-            known.update((d.doc_id, (d.content_hash, d.revision)) for d in page)
+            known.update((d.doc_id, _Known(d.content_hash, d.revision, d.path, d.language,
+                                           bool(d.metadata), d.source_updated_at))
+                         for d in page)
             if len(page) < _PAGE:
                 break
             after = page[-1].doc_id
         entries = [e for p, e in sorted(snap.entries.items()) if _usable(p, skipped)]
         # Documents no longer in the tree, by content: a new path with one's text is it, moved.
-        gone = moved_candidates({d: h for d, (h, _) in known.items()},
+        gone = moved_candidates({d: k.content_hash for d, k in known.items()},
                                 {e.path for e in entries})
         unreadable = set(self._upsert_files(run, repo, head, entries, skipped, known, set(),
                                             by_content=gone))
@@ -628,12 +647,13 @@ class Syncer:
         self._add_skipped(run, skipped)
 
     def _upsert_files(self, run: _Run, repo: GitRepo, head: str, entries: Sequence[Entry],
-                      skipped: dict[str, str], known: dict[str, tuple[str, str]] | None,
+                      skipped: dict[str, str], known: dict[str, _Known] | None,
                       renamed_new: set[str], moves: dict[str, str] | None = None, *,
                       by_content: dict[str, list[str]] | None = None) -> list[str]:
         """Upsert the text files among ``entries`` in batches, each document at the commit
-        that last changed it; with ``known`` ((content hash, revision) per doc id) files
-        whose document already matches are counted unchanged without a call. A file moves
+        that last changed it; with ``known`` (what the catalog holds per doc id) files whose
+        document is already what a sync writes (`_as_synced`) are counted unchanged without
+        a call. A file moves
         the document ``moves`` names for its path, or, for a path with no document, one of
         ``by_content``'s for its text's hash (taken from the list). Returns the paths that
         are no text (binary, not UTF-8): their reasons go into ``skipped``."""
@@ -650,7 +670,8 @@ class Syncer:
                 continue
             rev = revisions.get(e.path, fallback)
             text_hash = sha256(text) if known is not None else ""
-            if known is not None and known.get(e.path) == (text_hash, rev.commit):
+            if known is not None and _as_synced(known.get(e.path), e.path, text, text_hash,
+                                                rev):
                 with run.lock:
                     run.counts.documents_unchanged += 1
                 continue
@@ -748,13 +769,75 @@ def check_location(location: str, settings: Settings) -> str:
     if not path.is_absolute():
         raise InvalidArgument(f"repo {location!r} must be an absolute path or a URL",
                               field="repo")
-    real = path.resolve()
+    real = _resolved(path, repr(location))
     if _root_of(real, roots) is None:
         raise PermissionDenied(
             f"repo {location!r} is not inside RETRIEVER_SYNC_ROOTS ({_listing(roots)}; "
             "symbolic links resolved): sync repositories under those directories, or add a "
             "directory there (a JSON list)", field="repo")
     return str(real)
+
+
+def _resolved(path: Path, shown: str) -> Path:
+    """``path`` with symbolic links resolved; a loop or a name the system refuses (too
+    long) is the caller's to fix: InvalidArgument."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python 3.11)
+        raise InvalidArgument(f"repo {shown} cannot be resolved ({_reason(exc)}): give the "
+                              "path of a repository's directory", field="repo") from None
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def _git_data_outside(dirs: Sequence[Path], roots: Sequence[Path]) -> str | None:
+    """What of a repository's git data lies outside ``roots`` (None: nothing): ``dirs`` are
+    its git directory, common directory and object directory. Also read: the object
+    stores it borrows from (``objects/info/alternates``, recursively), and every symbolic
+    link inside those directories (git follows them)."""
+    def inside(p: Path) -> bool:
+        try:
+            real = p.resolve()
+        except (OSError, RuntimeError):
+            return False
+        return _root_of(real, roots) is not None
+
+    for d in dirs:
+        if not inside(d):
+            return f"{d.name} resolves elsewhere"
+    stores, seen = [dirs[-1]], set()
+    while stores:
+        store = stores.pop()
+        key = store.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        if not inside(store):
+            return "an alternate object store"
+        try:
+            listed = (key / "info" / "alternates").read_text("utf-8", "surrogateescape")
+        except FileNotFoundError:
+            listed = ""
+        except OSError as exc:
+            return f"objects/info/alternates unreadable: {_reason(exc)}"
+        for line in listed.splitlines():
+            line = line.strip().strip('"')
+            if line and not line.startswith("#"):
+                stores.append(key / line)  # relative to the object directory, or absolute
+    walked = set()
+    for top in [*dirs, *seen]:
+        top = top.resolve()
+        if top in walked:
+            continue
+        walked.add(top)
+        for here, subdirs, files in os.walk(top):  # links are listed, not followed
+            for name in (*subdirs, *files):
+                entry = Path(here) / name
+                if entry.is_symlink() and not inside(entry):
+                    return f"the symbolic link {str(entry.relative_to(top))!r} points there"
+    return None
 
 
 def _segments(url_path: str) -> list[str]:
@@ -770,10 +853,19 @@ def _segments(url_path: str) -> list[str]:
     return [part for text in seen for part in re.split(r"[/\\]", text)]
 
 
-def _check_file_url(location: str, prefixes: Sequence[str], shown: str) -> None:
+def file_url_place(location: str, prefixes: Sequence[str]) -> tuple[Path, Path | None]:
+    """The directory a file:// URL that `check_location` allowed names (symbolic links
+    resolved), and the directory of the prefix that allowed it (None: a bare ``file://``
+    prefix, which allows every local repository)."""
+    return _check_file_url(location, prefixes, redact(location))
+
+
+def _check_file_url(location: str, prefixes: Sequence[str], shown: str
+                    ) -> tuple[Path, Path | None]:
     """A file:// URL names a local directory: it must resolve (symbolic links followed) to
     a place inside the directory of a file:// prefix it starts with, as a local path must lie
-    inside RETRIEVER_SYNC_ROOTS. A bare ``file://`` prefix allows every local repository."""
+    inside RETRIEVER_SYNC_ROOTS. A bare ``file://`` prefix allows every local repository.
+    Returns the place and that directory (None for a bare prefix)."""
     parts = urlsplit(location)
     if parts.netloc not in ("", "localhost"):
         raise PermissionDenied(f"repo {shown} names host {parts.netloc!r}: a file:// URL must "
@@ -788,16 +880,16 @@ def _check_file_url(location: str, prefixes: Sequence[str], shown: str) -> None:
     path = unquote(parts.path)
     if "\0" in path:
         raise InvalidArgument(f"repo {shown} holds a NUL character", field="repo")
-    real = Path(path or "/").resolve()
+    real = _resolved(Path(path or "/"), shown)
     for prefix in prefixes:
         if not location.startswith(prefix) or prefix[:7].lower() != "file://":
             continue
         base = urlsplit(prefix).path
         if not base or base == "/":
-            return
-        root = Path(unquote(base)).resolve()
+            return real, None
+        root = _resolved(Path(unquote(base)), redact(prefix))
         if real == root or root in real.parents:
-            return
+            return real, root
     raise PermissionDenied(
         f"repo {shown} resolves (symbolic links followed) to {str(real)!r}, outside the "
         f"directories of the file:// prefixes in RETRIEVER_SYNC_URL_PREFIXES "
@@ -834,6 +926,32 @@ def _can_diff(repo: GitRepo, source: SourceRecord | None, spec: SourceSpec,
         return is_ancestor(repo, source.last_commit, head)
     except RetrieverError:  # a malformed stored sha, another hash kind: compare in full
         return False
+
+
+class _Known(NamedTuple):
+    """What the catalog holds of a document, for a full compare."""
+
+    content_hash: str
+    revision: str
+    path: str
+    language: str
+    has_metadata: bool
+    source_updated_at: datetime | None
+
+
+def _as_synced(doc: _Known | None, path: str, text: str, text_hash: str, rev: Revision
+               ) -> bool:
+    """Whether ``doc`` is exactly what a sync writes for this file at ``rev``: the text, the
+    revision, and the fields a caller's own upsert could have set otherwise (path, language,
+    metadata, source time). Else the file is sent again, and the upsert puts them back."""
+    if doc is None or (doc.content_hash, doc.revision, doc.path) != (text_hash, rev.commit,
+                                                                      path):
+        return False
+    if doc.has_metadata or doc.source_updated_at is None:
+        return False
+    if abs((doc.source_updated_at - rev.time).total_seconds()) > 1e-3:
+        return False
+    return doc.language == detect_language(path, text)
 
 
 def _usable(path: str, skipped: dict[str, str] | None) -> bool:
