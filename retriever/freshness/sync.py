@@ -826,12 +826,11 @@ def _git_data_outside(dirs: Sequence[Path], roots: Sequence[Path]) -> str | None
             line = line.strip().strip('"')
             if line and not line.startswith("#"):
                 stores.append(key / line)  # relative to the object directory, or absolute
-    walked = set()
-    for top in [*dirs, *seen]:
-        top = top.resolve()
-        if top in walked:
-            continue
-        walked.add(top)
+    walked: list[Path] = []
+    for top in sorted({d.resolve() for d in dirs} | seen, key=lambda p: len(p.parts)):
+        if any(top == w or w in top.parents for w in walked):
+            continue  # inside a directory walked already
+        walked.append(top)
         for here, subdirs, files in os.walk(top):  # links are listed, not followed
             for name in (*subdirs, *files):
                 entry = Path(here) / name
