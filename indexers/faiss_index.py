@@ -190,6 +190,8 @@ def _read_meta(path: Path) -> dict:
         meta = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _Damaged("faiss_meta", path, f"not valid JSON ({exc})") from None
+    except OSError as exc:  # a directory in its place, an I/O error
+        raise _Damaged("faiss_meta", path, f"unreadable ({exc.strerror or exc})") from None
     if not (isinstance(meta, dict) and isinstance(meta.get("dimension"), int)
             and meta.get("metric") in _METRICS
             and isinstance(meta.get("sha256", []), list)
@@ -215,8 +217,8 @@ def _check_digest(path: Path, meta: dict | None) -> str:
 def _load_snapshot(path: Path, meta: dict | None, dimension: int,
                    metric: str) -> tuple[Any, str]:
     """The snapshot's contents and its checksum (see _check_digest)."""
-    digest = _check_digest(path, meta)
     try:
+        digest = _check_digest(path, meta)
         return read_snapshot(str(path), dimension, metric), digest
     except (SnapshotError, OSError, ValueError, MemoryError) as exc:
         raise _Damaged("faiss_snapshot", path, str(exc)) from None
@@ -316,11 +318,18 @@ class FaissIndex:
         return self._dir / META_FILE
 
     def _load_or_create(self) -> None:
+        moved: list[QuarantinedFile] = []
+        if self._dir.exists() and not self._dir.is_dir():  # a file where it belongs
+            moved.append(self._quarantine(_Damaged("faiss_dir", self._dir, "not a directory")))
         self._dir.mkdir(parents=True, exist_ok=True)
         for stale in self._dir.glob("*.tmp"):  # a snapshot write cut short by a crash
             stale.unlink(missing_ok=True)
         meta = None
-        moved: list[QuarantinedFile] = []
+        if self._index_path.exists() and not self._meta_path.exists():
+            # flush writes meta.json (with the snapshot's checksum) before the snapshot:
+            # one without it cannot be verified, and the catalog can rebuild it.
+            moved.append(self._quarantine(_Damaged(
+                "faiss_snapshot", self._index_path, "no meta.json to check it against")))
         if self._meta_path.exists():
             try:
                 meta = _read_meta(self._meta_path)
@@ -1292,6 +1301,12 @@ class FaissBackend:
         meta_path, index_path = directory / META_FILE, directory / INDEX_FILE
         problems: list[str] = []
         meta = None
+        if directory.exists() and not directory.is_dir():
+            return [f"{directory}: not a directory (moved aside and rebuilt from the catalog "
+                    "at start)"]
+        if index_path.exists() and not meta_path.exists():
+            return [f"{index_path}: no meta.json to check it against (moved aside and rebuilt "
+                    "from the catalog at start)"]
         try:
             if meta_path.exists():
                 meta = _read_meta(meta_path)
@@ -1306,12 +1321,13 @@ class FaissBackend:
             if index_path.exists():
                 dimension = meta["dimension"] if meta else spec.dimension if spec else None
                 metric = meta["metric"] if meta else spec.metric if spec else None
-                if dimension is None or metric is None:
-                    problems.append(f"{index_path}: no meta.json to check it against")
-                else:
+                if dimension is not None and metric is not None:
                     _verify_snapshot(index_path, meta, dimension, metric)
         except _Damaged as d:
             problems.append(str(d))
+        except OSError as exc:  # a directory in a file's place, an I/O error
+            problems.append(f"{exc.filename or directory}: unreadable ({exc.strerror or exc}): "
+                            "moved aside and rebuilt from the catalog at start")
         return problems
 
     def close(self) -> None:

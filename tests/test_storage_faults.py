@@ -181,6 +181,39 @@ def test_damaged_meta_moves_both_files_aside(tmp_path: Path, content: bytes) -> 
     assert json.loads((tmp_path / "c" / "meta.json").read_text())["dimension"] == DIM
 
 
+@pytest.mark.parametrize("fault", ["meta gone", "meta a directory", "snapshot a directory",
+                                   "collection a file"])
+def test_files_of_the_wrong_kind_are_moved_aside_not_fatal(tmp_path: Path, fault: str) -> None:
+    """Each stopped start-up with a traceback (FileExistsError, IsADirectoryError), or, with
+    meta.json gone, loaded the snapshot unchecked (and wrote a meta.json without its
+    checksum, so it was never checked again)."""
+    spec = CollectionSpec("c", DIM, "cosine")
+    first = FaissBackend(tmp_path)
+    first.open(spec).upsert(range(5), unit_vectors(5))
+    first.close()
+    coll = tmp_path / "c"
+    if fault == "meta gone":
+        (coll / "meta.json").unlink()
+    elif fault == "meta a directory":
+        (coll / "meta.json").unlink()
+        (coll / "meta.json").mkdir()
+    elif fault == "snapshot a directory":
+        (coll / "index.faiss").unlink()
+        (coll / "index.faiss").mkdir()
+    else:
+        shutil.rmtree(coll)
+        coll.write_text("x\n")
+    assert FaissBackend(tmp_path).verify("c", spec)  # `retriever check` says so
+    index = FaissBackend(tmp_path).open(spec)
+    assert isinstance(index, SelfRepairing)
+    assert index.quarantined and all(q.moved_to.exists() for q in index.quarantined)
+    assert index.count() == 0  # refilled from the catalog by the caller
+    index.upsert(range(3), unit_vectors(3))
+    index.close()
+    assert json.loads((coll / "meta.json").read_text())["sha256"]  # checked from now on
+    assert FaissBackend(tmp_path).open(spec).count() == 3
+
+
 def test_snapshot_on_a_full_disk_leaves_no_temp_file_and_keeps_the_last_one(
         tmp_path: Path) -> None:
     with tmpfs(tmp_path / "disk", "1m") as disk:
