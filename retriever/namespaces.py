@@ -727,10 +727,24 @@ class Namespaces:
                     name, drop=(handle.record.backend, collection))
                 handle.deleted = True
                 self._handles.pop(name, None)
-                self._backend(handle.record.backend).drop(collection)
-                self._catalog.dropped(handle.record.backend, collection)
+                # Deleted from here on: the caller hears so even when the engine cannot
+                # drop the collection now (down, damaged); the drop stays recorded in the
+                # catalog and is done at the next start.
+                try:
+                    self._backend(handle.record.backend).drop(collection)
+                except Exception as exc:  # noqa: BLE001 - the delete has committed
+                    log.warning("namespace %s is deleted, but its collection %s could not be "
+                                "dropped now (%s): it is dropped at the next start", name,
+                                collection, exc)
+                else:
+                    self._catalog.dropped(handle.record.backend, collection)
                 if handle.lexical is not None:
-                    handle.lexical.drop()
+                    try:
+                        handle.lexical.drop()
+                    except Exception as exc:  # noqa: BLE001 - removed at the next start
+                        log.warning("namespace %s is deleted, but its lexical index could "
+                                    "not be removed now (%s): it is at the next start", name,
+                                    exc)
         finally:
             handle.write_lock.release()
         return docs, chunks

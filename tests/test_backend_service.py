@@ -25,6 +25,7 @@ from conftest import (
 from test_durability import ServerProcess, _free_port
 
 from indexers import BACKENDS
+from retriever.catalog import Catalog
 from retriever.client import RetrieverClient
 from retriever.models.embedder import Embedder
 from retriever.v1 import retriever_pb2 as pb
@@ -290,10 +291,15 @@ def test_an_engine_server_that_dies_gives_unavailable_then_recovers(
     try:
         with running_server(settings, embedder) as st, RetrieverClient(st.address) as client:
             client.upsert("eng", engine_docs("alpha"))
+            client.upsert("gone", engine_docs("gamma"))
             engine.kill()
             engine.wait(10)
             assert_engine_down_refuses(client, "eng")
             assert client.delete("eng", ["alpha4"]).documents_deleted == 1
+            # A namespace deleted while its engine is down is deleted (it answered
+            # UNAVAILABLE, and its retry NOT_FOUND); its collection is dropped later.
+            client.delete_namespace("gone")
+            assert "gone" not in {n.name for n in client.list_namespaces().namespaces}
             engine = _chroma_on(engine_data, port)
             hits = client.search("eng", "alpha", top_k=10).hits
             assert {h.chunk.doc_id for h in hits} == {f"alpha{i}" for i in range(4)}
@@ -306,6 +312,16 @@ def test_an_engine_server_that_dies_gives_unavailable_then_recovers(
             status = client.status("eng")
             assert status.document_count == 5
             assert status.chunk_count == 5
+        catalog = Catalog(settings.data_dir / "catalog.sqlite3")
+        catalog.open()
+        assert catalog.pending_drops() == {"chroma": {"gone.g1"}}
+        catalog.close()
+        with running_server(settings, embedder):  # the next start drops it
+            pass
+        catalog = Catalog(settings.data_dir / "catalog.sqlite3")
+        catalog.open()
+        assert catalog.pending_drops() == {}
+        catalog.close()
     finally:
         engine.kill()
         engine.wait(10)
