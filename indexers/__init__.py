@@ -22,6 +22,8 @@ from indexers.base import (
     QuarantinedFile,
     SearchHits,
     SelfRepairing,
+    StoreDamaged,
+    StoreInUse,
     VectorIndex,
     Verifiable,
 )
@@ -48,6 +50,8 @@ __all__ = [
     "Payload",
     "QuarantinedFile",
     "SearchHits",
+    "StoreDamaged",
+    "StoreInUse",
     "SelfRepairing",
     "VectorIndex",
     "Verifiable",

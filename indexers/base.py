@@ -31,6 +31,16 @@ class EngineUnavailable(EngineError):
     """The engine's optional dependency is missing or the engine cannot be reached."""
 
 
+class StoreInUse(EngineUnavailable):
+    """An embedded engine's files are held by another process (its lock is taken): they
+    are not damaged and must not be moved aside."""
+
+
+class StoreDamaged(EngineUnavailable):
+    """An embedded engine cannot read its own files: the service moves them aside and
+    refills them from the catalog at its next start."""
+
+
 class CollectionClosed(EngineError):
     """The collection was closed or dropped (its namespace is being deleted or the
     service is shutting down)."""

@@ -67,6 +67,7 @@ from indexers.base import (
     EngineUnavailable,
     LossReporter,
     SearchHits,
+    StoreInUse,
 )
 from indexers.payload import Filter, Payload
 
@@ -266,6 +267,27 @@ def _quiet_iterator() -> None:
 # -- milvus-lite servers: one per data directory in this process, shared by backends ------------
 _lite_lock = threading.Lock()
 _lite_users: dict[str, int] = {}
+
+
+def _held_elsewhere(path: Path) -> bool:
+    """Whether another process holds milvus-lite's lock on the files in ``path`` (its
+    ``LOCK`` file, an exclusive flock while a server of it runs)."""
+    import fcntl
+    import os
+
+    try:
+        fd = os.open(path / "LOCK", os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _lite_acquire(path: Path) -> None:
@@ -730,9 +752,13 @@ class MilvusBackend:
             try:
                 client = MilvusClient(uri=uri, token=self._token, timeout=self.timeout)
             except ConnectionConfigException as exc:  # milvus-lite could not start
+                if self._lite_path is not None and _held_elsewhere(self._lite_path):
+                    raise StoreInUse(
+                        f"milvus-lite's files in {self.where} are in use by another process "
+                        "(it holds their lock): stop it, or give this server a data dir of "
+                        "its own") from exc
                 raise EngineUnavailable(
-                    f"milvus-lite could not open {self.where} (is another process using "
-                    f"it?): {exc}") from exc
+                    f"milvus-lite could not open {self.where}: {exc}") from exc
             except (MilvusException, grpc.RpcError) as exc:
                 raise EngineUnavailable(f"Milvus at {self.where} cannot be reached or "
                                         f"refused the connection: {exc}") from exc

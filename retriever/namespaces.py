@@ -30,6 +30,7 @@ from indexers import (
     EngineUnavailable,
     LossReporter,
     SelfRepairing,
+    StoreInUse,
     VectorIndex,
     create_backend,
 )
@@ -165,7 +166,9 @@ class Namespaces:
                 present = self._probe(backend, mine)
             except EngineError as exc:
                 store = backend.local_store
-                if store is None:  # a server: down, or refusing us; the others serve
+                if store is None or isinstance(exc, StoreInUse):
+                    # A server down or refusing us, or embedded files another process holds
+                    # (not damaged: left alone). The others serve.
                     missing[backend_name] = (
                         f"whose engine did not answer at start ({exc}): it is tried again "
                         f"every {REOPEN_RETRY_S:.0f} s while the namespace is used; bring "

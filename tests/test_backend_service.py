@@ -492,6 +492,63 @@ def test_damaged_embedded_engine_files_are_moved_aside_and_rebuilt(
     assert moved == ["milvus.db", "chroma"]
 
 
+def test_embedded_files_another_process_holds_are_left_alone(
+        tmp_path: Path, embedder: Embedder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """milvus-lite's files held by another process (its lock taken) are in use, not
+    damaged: they were moved aside (renamed under the other process) and refilled. Now the
+    namespace answers FAILED_PRECONDITION while they are held, the others serve, and it
+    opens once the other process lets go."""
+    import subprocess
+    import sys
+
+    import grpc
+
+    import retriever.namespaces
+    from retriever.server.app import ServerThread
+
+    monkeypatch.setattr(retriever.namespaces, "REOPEN_RETRY_S", 0.5)
+    data = tmp_path / "data"
+    _seed(make_settings(data), embedder, {"onmilvus": ("milvus", "m", "rye bread in milvus"),
+                                          "onfaiss": ("", "f", "rye bread on faiss")})
+    store = data / "indexes" / "milvus" / "milvus.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pymilvus import MilvusClient\n"
+         f"MilvusClient(uri={str(store)!r}).list_collections()\nprint('held', flush=True)\n"
+         "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        st = ServerThread(make_settings(data), embedder).start()
+        try:
+            with RetrieverClient(st.address) as c:
+                assert [h.chunk.doc_id for h in c.search("onfaiss", "rye bread").hits] == ["f"]
+                with pytest.raises(grpc.RpcError) as e:
+                    c.search("onmilvus", "rye bread")
+                assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "another process" in e.value.details()
+                assert store.is_dir() and not list(store.parent.glob("*.damaged-*"))
+                assert _metric(
+                    st, 'retriever_derived_files_rebuilt_total{kind="milvus_store"}') in (
+                    None, 0)
+                assert holder.stdin is not None
+                holder.stdin.close()  # the other process lets go
+                holder.wait(30)
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        hits = c.search("onmilvus", "rye bread").hits
+                        break
+                    except grpc.RpcError as exc:
+                        assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                        assert time.monotonic() < deadline, exc.details()
+                        time.sleep(0.2)
+                assert [h.chunk.doc_id for h in hits] == ["m"]
+        finally:
+            st.stop()
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
 def test_an_engine_server_down_at_start_leaves_the_other_namespaces_serving(
         tmp_path: Path, embedder: Embedder, monkeypatch: pytest.MonkeyPatch) -> None:
     """A namespace's Chroma server is down when the service starts: the service starts,
