@@ -38,6 +38,7 @@ import shutil
 import sqlite3
 import threading
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +55,7 @@ from indexers.base import (
     EngineUnavailable,
     LossReporter,
     SearchHits,
+    StoreDamaged,
 )
 from indexers.payload import Filter, Payload
 
@@ -212,6 +214,11 @@ class ChromaIndex:
         except (httpx.TransportError, ConnectionError) as exc:
             raise EngineUnavailable(f"Chroma at {self._owner.url} did not answer: "
                                     f"{exc}") from exc
+        except BaseException as exc:
+            damage = self._owner.damage(exc)
+            if damage is None:
+                raise
+            raise damage from exc
 
     def _check_width(self, arr: np.ndarray, what: str) -> np.ndarray:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
@@ -428,6 +435,73 @@ class ChromaIndex:
             self._closed = True
 
 
+_CHECKSUMS = "retriever-checksums.json"
+
+
+def _segment_files(root: Path) -> list[Path]:
+    """The embedded Chroma's HNSW segment files (its sqlite file checks itself)."""
+    return sorted(p for d in root.iterdir() if d.is_dir() and not d.is_symlink()
+                  for p in d.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _crc(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _record_checksums(root: Path) -> None:
+    """Record the size and CRC-32 of every segment file (after a clean stop). A record
+    that cannot be written only means the next open checks nothing: logged."""
+    tmp = root / (_CHECKSUMS + ".tmp")
+    try:
+        out = {str(p.relative_to(root)): [p.stat().st_size, _crc(p)]
+               for p in _segment_files(root)}
+        tmp.write_text(json.dumps(out, sort_keys=True), encoding="utf-8")
+        tmp.replace(root / _CHECKSUMS)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        log.warning("could not record the checksums of the embedded Chroma in %s (%s): "
+                    "damage to its files will not be found at the next start", root, exc)
+
+
+def _check_checksums(root: Path) -> None:
+    """StoreDamaged when a segment file recorded at the last clean stop is missing or
+    differs. The record is then dropped: the engine writes its files while it runs, so only
+    a record made by a clean stop says what they must hold (after a crash there is none)."""
+    path = root / _CHECKSUMS
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        path.unlink(missing_ok=True)
+        log.warning("the checksum record of the embedded Chroma in %s is unreadable (%s): "
+                    "its files are not checked this time", root, exc)
+        return
+    path.unlink()
+    for rel, (size, crc) in sorted(recorded.items()):
+        f = root / rel
+        try:
+            same = f.is_file() and f.stat().st_size == size and _crc(f) == crc
+        except OSError:
+            same = False
+        if not same:
+            raise StoreDamaged(f"the embedded Chroma's file {rel} in {root} changed since it "
+                               "was last stopped (missing, cut short or overwritten)")
+
+
+def _unused(path: str) -> bool:
+    """Whether no client in this process uses the embedded Chroma of ``path`` any more."""
+    from chromadb.api.shared_system_client import SharedSystemClient as Shared
+
+    with Shared._refcount_lock:  # noqa: SLF001 - see _forget_failed_system
+        return Shared._identifier_to_refcount.get(path, 0) <= 0  # noqa: SLF001
+
+
 def _forget_failed_system(path: str) -> None:
     """chromadb caches one engine per directory for the process, even one whose start
     failed (a damaged chroma.sqlite3): every later client of that directory then fails too,
@@ -495,15 +569,20 @@ class ChromaBackend:
         if self._client is not None:
             return self._client
         if not self.url:
-            self._root.mkdir(parents=True, exist_ok=True)
             try:
+                self._root.mkdir(parents=True, exist_ok=True)
+                _check_checksums(self._root)
                 self._client = chromadb.PersistentClient(
                     path=str(self._root), settings=self._settings(),
                     tenant=self._tenant, database=self._database)
-            except Exception as exc:
+            except StoreDamaged:
+                raise
+            except BaseException as exc:  # a Rust panic (PanicException) is no Exception
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
                 _forget_failed_system(str(self._root))
-                raise EngineUnavailable(f"cannot open the embedded Chroma in {self._root}: "
-                                        f"{exc}") from exc
+                raise StoreDamaged(f"cannot open the embedded Chroma in {self._root}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
         else:
             self._client = self._connect_http()
         try:
@@ -572,6 +651,19 @@ class ChromaBackend:
     def max_batch(self) -> int:
         return self._max_batch or 1000
 
+    def damage(self, exc: BaseException) -> StoreDamaged | None:
+        """The error an engine failure of the embedded Chroma stands for when it says its
+        files cannot be read (an InternalError, a Rust panic); None for anything else."""
+        if self.url or isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            return None
+        if not (isinstance(exc, chromadb.errors.InternalError)
+                or type(exc).__name__ == "PanicException"):
+            return None
+        return StoreDamaged(
+            f"the embedded Chroma in {self._root} cannot read its files ({exc}): restart the "
+            "server, which moves them aside and rebuilds the namespaces on it from the "
+            "catalog")
+
     @contextmanager
     def _engine(self) -> Iterator[Any]:
         with self._lock:
@@ -581,6 +673,11 @@ class ChromaBackend:
             except (httpx.TransportError, ConnectionError) as exc:
                 raise EngineUnavailable(f"Chroma at {self.url or self._root} did not "
                                         f"answer: {exc}") from exc
+            except BaseException as exc:
+                damage = self.damage(exc)
+                if damage is None:
+                    raise
+                raise damage from exc
 
     # -- Backend ---------------------------------------------------------------------------
     def open(self, spec: CollectionSpec) -> ChromaIndex:
@@ -695,3 +792,8 @@ class ChromaBackend:
             close = getattr(client, "close", None)
             if close is not None:
                 close()
+            if not self.url and _unused(str(self._root)):
+                # Stopped cleanly: the files are final until the next open, which checks
+                # them against this (hnswlib's files carry no checksum of their own, and a
+                # damaged one crashes the process on a search).
+                _record_checksums(self._root)

@@ -763,12 +763,22 @@ class Namespaces:
 
     def _new_handle(self, record: NamespaceRecord) -> NamespaceHandle:
         backend = self._backend(record.backend)
+        name = collection_name(record.name, record.index_generation)
+        spec = CollectionSpec(name, record.dimension, record.metric)  # type: ignore[arg-type]
         try:
-            index = backend.open(CollectionSpec(
-                collection_name(record.name, record.index_generation), record.dimension,
-                record.metric))  # type: ignore[arg-type]
+            index = backend.open(spec)
         except DimensionMismatch as exc:
-            raise ModelMismatch(f"namespace {record.name!r}: {exc}", field="namespace") from exc
+            if backend.local_store is None:  # a server's collection: not ours to replace
+                raise ModelMismatch(f"namespace {record.name!r}: {exc}",
+                                    field="namespace") from exc
+            # Embedded files that disagree with the catalog (which says what the namespace
+            # holds) are damaged derived data: dropped, and refilled by the reconcile.
+            log.error("namespace %s: its %s collection disagrees with the catalog (%s): "
+                      "dropped, and rebuilt from the catalog's vectors", record.name,
+                      record.backend, exc)
+            self._metrics.derived_files_rebuilt.labels(f"{record.backend}_collection").inc()
+            backend.drop(name)
+            index = backend.open(spec)
         lexical = None
         if self._lexical_root is not None:
             lexical = LexicalIndex(self._lexical_root / lexical_dir(record.name))

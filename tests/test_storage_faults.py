@@ -214,6 +214,70 @@ def test_files_of_the_wrong_kind_are_moved_aside_not_fatal(tmp_path: Path, fault
     assert FaissBackend(tmp_path).open(spec).count() == 3
 
 
+def _chroma_seeded(root: Path) -> CollectionSpec:
+    """An embedded Chroma collection past its HNSW sync threshold (its segment files are
+    written), cleanly closed."""
+    from indexers.chroma_index import ChromaBackend
+
+    spec = CollectionSpec("big.g1", 16, "cosine")
+    backend = ChromaBackend(root)
+    rng = np.random.default_rng(0)
+    backend.open(spec).upsert(list(range(2000)),
+                              rng.standard_normal((2000, 16)).astype(np.float32))
+    backend.close()
+    return spec
+
+
+@pytest.mark.parametrize("damage", ["hnsw data", "hnsw header, after a crash", "sqlite page"])
+def test_damaged_embedded_chroma_files_say_so_instead_of_crashing(tmp_path: Path,
+                                                                  damage: str) -> None:
+    """Bytes overwritten in the HNSW data crashed the process on the next search (SIGSEGV
+    in Chroma's Rust bindings), in its header or a sqlite page stopped start-up with an
+    InternalError or a Rust panic (no Exception). Now each is StoreDamaged, which start-up
+    answers by moving the files aside and refilling them from the catalog: found at open
+    against the checksums a clean stop recorded, or (with no record, after a crash) when
+    the engine itself fails to read them."""
+    from indexers import StoreDamaged
+    from indexers.chroma_index import ChromaBackend
+
+    spec = _chroma_seeded(tmp_path)
+    assert (tmp_path / "retriever-checksums.json").is_file()
+    (segment,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    if damage == "hnsw data":
+        with open(segment / "data_level0.bin", "r+b") as fh:
+            fh.seek(10_000)
+            fh.write(b"\x7f" * 80_000)
+    elif damage == "hnsw header, after a crash":
+        with open(segment / "header.bin", "r+b") as fh:
+            fh.write(b"\x7f" * 64)
+        (tmp_path / "retriever-checksums.json").unlink()  # a crash leaves no record
+    else:
+        with open(tmp_path / "chroma.sqlite3", "r+b") as fh:
+            fh.seek(4096)
+            fh.write(b"\xde\xad" * 4096)
+    backend = ChromaBackend(tmp_path)
+    with pytest.raises(StoreDamaged, match="restart|changed since|cannot open"):
+        backend.collections()
+        backend.open(spec).count()
+    backend.close()
+
+
+def test_an_undamaged_embedded_chroma_opens_after_a_clean_stop_and_after_a_crash(
+        tmp_path: Path) -> None:
+    from indexers.chroma_index import ChromaBackend
+
+    spec = _chroma_seeded(tmp_path)
+    backend = ChromaBackend(tmp_path)
+    assert backend.open(spec).count() == 2000
+    assert not (tmp_path / "retriever-checksums.json").exists()  # checked, then dropped
+    backend.close()
+    assert (tmp_path / "retriever-checksums.json").exists()
+    (tmp_path / "retriever-checksums.json").unlink()  # as after a crash: nothing to check
+    again = ChromaBackend(tmp_path)
+    assert again.open(spec).count() == 2000
+    again.close()
+
+
 def test_snapshot_on_a_full_disk_leaves_no_temp_file_and_keeps_the_last_one(
         tmp_path: Path) -> None:
     with tmpfs(tmp_path / "disk", "1m") as disk:
@@ -335,6 +399,26 @@ def test_server_rebuilds_a_damaged_index_file_from_the_catalog(
                       kind=kind) == 0
     finally:
         again.stop()
+
+
+@pytest.mark.integration
+def test_a_collection_that_disagrees_with_the_catalog_is_rebuilt_not_fatal(
+        built: tuple[Path, dict[str, str]], tmp_path: Path, embedder) -> None:  # noqa: ANN001
+    """A well-formed meta.json of another dimension stopped the whole server (the catalog
+    says what the namespace holds: the collection is derived data, rebuilt from it)."""
+    data_dir = copy_of(built, tmp_path)
+    meta = data_dir / "indexes" / "faiss" / f"{NS}.g1" / "meta.json"
+    doc = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**doc, "dimension": doc["dimension"] + 1}))
+    st = ServerThread(make_settings(data_dir), embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            assert st.info["reconciled"][NS]["vectors_restored"] == c.status(NS).chunk_count
+            assert_whole(c, NS, built[1])
+        assert metric(st.info["metrics_port"], "retriever_derived_files_rebuilt_total",
+                      kind="faiss_collection") == 1
+    finally:
+        st.stop()
 
 
 # -- damaged catalog ---------------------------------------------------------------------------
