@@ -173,3 +173,23 @@ def test_a_namespace_named_other_keeps_series_apart_from_the_overflow() -> None:
     assert got[("retriever_eval_recall_at_k", "other", "10")] == 1.0
     assert got[("retriever_eval_recall_at_k", OTHER, "10")] == 0.0
     assert not NAMESPACE_RE.fullmatch(OTHER)
+
+
+def test_a_namespace_that_leaves_the_overflow_takes_its_runs_with_it() -> None:
+    """Past the cap a namespace's runs count under "_other"; once a label is given back it
+    takes that label at its next run, and its old runs must leave "_other" (they stayed:
+    a recall of 0 no namespace stood behind fired the alert until a restart)."""
+    m = Metrics()
+    m.cap_namespaces(1)
+    m.set_evaluation(_rec("first", "smoke", (10,), 1.0))
+    m.set_evaluation(_rec("late", "smoke", (10,), 0.0))  # past the cap: "_other"
+    assert _eval_series(m)[("retriever_eval_recall_at_k", OTHER, "10")] == 0.0
+    m.forget_evaluations("first")  # deleted: its label is free
+    m.set_evaluation(_rec("late", "smoke", (10,), 1.0))  # fixed, and now "late"
+    got = _eval_series(m)
+    assert got[("retriever_eval_recall_at_k", "late", "10")] == 1.0
+    assert not [k for k in got if k[1] == OTHER]
+    m.set_evaluation(_rec("later", "smoke", (10,), 0.0))  # past the cap again
+    m.forget_evaluations("later")
+    m.forget_evaluations("late")
+    assert _eval_series(m) == {}

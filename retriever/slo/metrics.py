@@ -239,9 +239,38 @@ class Metrics:
             return
         label = self.namespace_label(rec.namespace)
         with self._eval_lock:
+            # A namespace past the cap that since got a label of its own (one was given
+            # back) leaves "_other": its old runs there would keep failing that label.
+            self._withdraw_runs_locked(rec.namespace, keep=label)
             runs = self._latest_runs.setdefault(label, {})
             runs[(rec.namespace, rec.golden_set)] = rec
             self._export_evaluations(label, list(runs.values()))
+
+    def _withdraw_runs_locked(self, namespace: str, keep: str | None = None) -> None:
+        """Take ``namespace``'s runs out of every label's figures but ``keep``'s,
+        recomputing the labels left with runs and clearing the others."""
+        for label in [lb for lb in self._latest_runs if lb != keep]:
+            runs = self._latest_runs[label]
+            mine = [key for key in runs if key[0] == namespace]
+            if not mine:
+                continue
+            for key in mine:
+                del runs[key]
+            if runs:
+                self._export_evaluations(label, list(runs.values()))
+            else:
+                self._latest_runs.pop(label)
+                self._clear_evaluations_locked(label)
+
+    def _clear_evaluations_locked(self, label: str) -> None:
+        for g in (self.eval_precision, self.eval_recall, self.eval_ndcg):
+            for labels in [s.labels for fam in g.collect() for s in fam.samples
+                           if s.labels.get("namespace") == label]:
+                with suppress(KeyError):
+                    g.remove(label, labels["k"])
+        for g in (self.eval_mrr, self.eval_queries, self.eval_timestamp):
+            with suppress(KeyError):
+                g.remove(label)
 
     def _export_evaluations(self, label: str, runs: list[EvaluationRecord]) -> None:
         gauges = {"precision": self.eval_precision, "recall": self.eval_recall,
@@ -280,24 +309,12 @@ class Metrics:
         use up the labels)."""
         label = self._ns_labels.peek(namespace)
         with self._eval_lock:
-            runs = self._latest_runs.get(label, {})
-            for key in [key for key in runs if key[0] == namespace]:
-                del runs[key]
-            if runs:
-                self._export_evaluations(label, list(runs.values()))
-                return
-            self._latest_runs.pop(label, None)
+            # From every label: runs it made past the cap stay in "_other" after it got a
+            # label of its own.
+            self._withdraw_runs_locked(namespace)
             if label == namespace:  # its own label: every series of it goes, then the label
                 self._drop_series(label)
                 self._ns_labels.release(namespace)
-            for g in (self.eval_precision, self.eval_recall, self.eval_ndcg):
-                for labels in [s.labels for fam in g.collect() for s in fam.samples
-                               if s.labels.get("namespace") == label]:
-                    with suppress(KeyError):
-                        g.remove(label, labels["k"])
-            for g in (self.eval_mrr, self.eval_queries, self.eval_timestamp):
-                with suppress(KeyError):
-                    g.remove(label)
 
     def _drop_series(self, label: str) -> None:
         """Remove every series labelled ``namespace=label`` from this instance's metrics
