@@ -155,3 +155,31 @@ def test_judgements_count_for_the_namespace_that_returned_them() -> None:
     log.record("r1", [("nsa", ["a1", "a2"]), ("nsb", ["b1", "b2"])], trace_id="")
     assert log.judge("", "r1", [("b1", True), ("b2", False), ("a2", True)]) == (
         3, 2, {"nsb": (2, 1), "nsa": (1, 1)})
+
+
+@pytest.mark.integration
+def test_feedback_on_a_deleted_namespace_is_not_found(client: RetrieverClient) -> None:
+    """A search of a namespace deleted since was still judged: its series came back (and
+    took a label), and once re-created, the old namespace's hits counted for the new one."""
+    client.upsert("fb-gone", [pb.Document(doc_id="d", content=TEXTS[0])])
+    resp = client.search("fb-gone", "fruit", top_k=1, request_id="req-gone")
+    chunk = resp.hits[0].chunk.chunk_id
+    client.delete_namespace("fb-gone")
+    client.upsert("fb-gone", [pb.Document(doc_id="d", content=TEXTS[0])])  # the same name
+    with pytest.raises(grpc.RpcError) as e:
+        judge(client, "req-gone", (chunk, True), ns="fb-gone")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "deleted" in e.value.details()
+    client.delete_namespace("fb-gone")
+
+
+def test_forgetting_a_namespace_keeps_the_other_searches_of_a_batch() -> None:
+    log = FeedbackLog(10, 60)
+    log.record("batch", [("a", ["ca"]), ("b", ["cb"])], trace_id="t")
+    log.forget("a")
+    with pytest.raises(InvalidArgument):
+        log.judge("", "batch", [("ca", True)])
+    assert log.judge("", "batch", [("cb", True)])[:2] == (1, 1)
+    log.forget("b")
+    with pytest.raises(NotFound):
+        log.judge("", "batch", [("cb", True)])

@@ -104,9 +104,9 @@ class FeedbackLog:
             entry = self._responses.get(request_id)
             if entry is None:
                 raise NotFound(
-                    f"no recent search has request id {request_id!r}: it is unknown, or older "
+                    f"no recent search has request id {request_id!r}: it is unknown, older "
                     f"than the last {self._size} responses the server keeps "
-                    "(feedback_log_size)", field="request_id")
+                    "(feedback_log_size), or its namespace was deleted", field="request_id")
             trace_id, searches = entry
             searched = [(ns, ids) for ns, ids in searches if not namespace or ns == namespace]
             if not searched:
@@ -167,7 +167,14 @@ class FeedbackLog:
                 for (ns, k), (rel, judged) in sorted(counts.items())]
 
     def forget(self, namespace: str) -> None:
-        """Drop the judgements of a deleted namespace."""
+        """Drop the judgements of a deleted namespace, and its searches: feedback on them
+        would count for the namespace again (or for a new one of the same name)."""
         with self._lock:
             for key in [k for k, v in self._judged.items() if v[1] == namespace]:
                 del self._judged[key]
+            for request_id, (trace_id, searches) in list(self._responses.items()):
+                kept = tuple(s for s in searches if s[0] != namespace)
+                if not kept:
+                    del self._responses[request_id]
+                elif len(kept) != len(searches):
+                    self._responses[request_id] = (trace_id, kept)
