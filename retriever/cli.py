@@ -461,7 +461,7 @@ def search(
         except grpc.RpcError as exc:
             raise _fail(exc, as_json) from None
     if as_json:
-        out.print_json(json.dumps(MessageToDict(resp)))
+        out.print_json(json.dumps(MessageToDict(resp, always_print_fields_with_no_presence=True)))
         return
     if not resp.hits:
         out.print("no hits")
@@ -763,7 +763,8 @@ def _evaluate_golden_set(namespace: str, name: str, version: int, cutoffs: str,
                          no_wrap=True)
     for r in runs:
         e = r.evaluation
-        mode = pb.SearchMode.Name(e.mode).lower() + (" +rerank" if e.rerank else "")
+        mode = (pb.SearchMode.Name(e.mode).lower() + (" +rerank" if e.rerank else "")
+                + (" (SLO run)" if e.slo else ""))
         values = {(m.name, m.k): m.value for m in e.metrics}
         for metric, label in (("precision", "P"), ("recall", "R"), ("ndcg", "nDCG")):
             table.add_row(mode, label, *(f"{values[(metric, k)]:.3f}" for k in ks_run))
@@ -774,8 +775,9 @@ def _evaluate_golden_set(namespace: str, name: str, version: int, cutoffs: str,
                       *([""] * (len(ks_run) - 1)))
     (err if json_path is not None and str(json_path) == "-" else out).print(table)
     if json_path is not None:
-        _write_json(json.dumps({"evaluations": [MessageToDict(r.evaluation) for r in runs]},
-                               indent=2), json_path)
+        _write_json(json.dumps({"evaluations": [
+            MessageToDict(r.evaluation, always_print_fields_with_no_presence=True)
+            for r in runs]}, indent=2), json_path)
 
 
 def _write_json(text: str, json_path: Path) -> None:

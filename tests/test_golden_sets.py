@@ -330,6 +330,8 @@ def test_the_cli_registers_a_beir_set_and_evaluates_it(server, client: Retriever
     assert "@10" in result.stdout and "dense" in result.stdout and "nDCG" in result.stdout
     (run,) = json.loads(out.read_text())["evaluations"]
     assert {m["name"]: m["value"] for m in run["metrics"] if m["k"] == 1}["precision"] == 1.0
+    # Fields at their default are written too (a 0.0 score had no "value"; no "slo").
+    assert run["slo"] is False and all("value" in m for m in run["metrics"])
     missing = runner.invoke(app, ["eval", "--golden-set", "nope", "-n", NS, "-a",
                                   server.address])
     assert missing.exit_code == 2 and "NOT_FOUND" in missing.output
