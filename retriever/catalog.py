@@ -1120,15 +1120,16 @@ class Catalog:
                         int(rec.slo)))
             db.execute("DELETE FROM evaluations WHERE namespace = ? AND evaluation_id NOT IN"
                        " (SELECT evaluation_id FROM evaluations WHERE namespace = ?"
-                       " ORDER BY started_at DESC, rowid DESC LIMIT ?) AND rowid NOT IN"
+                       " ORDER BY rowid DESC LIMIT ?) AND rowid NOT IN"
                        f" ({_LATEST_SLO_RUNS} AND e.namespace = ?)",
                        (rec.namespace, rec.namespace, keep, rec.namespace))
 
     def list_evaluations(self, namespace: str, limit: int) -> list[EvaluationRecord]:
-        """The latest runs of a namespace, newest first."""
+        """The latest runs of a namespace, newest first (as recorded: the clock a run read
+        may have been set back since)."""
         with self._reader() as db:
             rows = db.execute("SELECT * FROM evaluations WHERE namespace = ?"
-                              " ORDER BY started_at DESC, rowid DESC LIMIT ?",
+                              " ORDER BY rowid DESC LIMIT ?",
                               (namespace, limit)).fetchall()
         return _evaluations(rows)
 
@@ -1138,7 +1139,7 @@ class Catalog:
         with self._reader() as db:
             rows = db.execute(
                 f"SELECT * FROM evaluations WHERE rowid IN ({_LATEST_SLO_RUNS})"
-                " ORDER BY started_at, rowid").fetchall()
+                " ORDER BY rowid").fetchall()
         return _evaluations(rows)
 
     # -- lexical reconcile -----------------------------------------------------------------
@@ -1372,9 +1373,11 @@ def _create_terms(db: sqlite3.Connection, namespace: str) -> None:
 _DROP = "drop:"
 
 # The rowids of the latest SLO run (evaluations.slo) of each (namespace, golden set).
+# Latest = last recorded (rowid: rows are only ever appended, and trimming keeps the newest),
+# not the latest start time: a clock set back since would put an older run first.
 _LATEST_SLO_RUNS = (
     "SELECT (SELECT rowid FROM evaluations WHERE namespace = e.namespace"
-    " AND golden_set = e.golden_set AND slo = 1 ORDER BY started_at DESC, rowid DESC LIMIT 1)"
+    " AND golden_set = e.golden_set AND slo = 1 ORDER BY rowid DESC LIMIT 1)"
     " FROM evaluations e WHERE e.slo = 1")
 
 

@@ -711,3 +711,24 @@ def test_page_caches_of_all_connections_stay_within_catalog_cache_bytes(tmp_path
             probe.execute(f"PRAGMA soft_heap_limit={before}").fetchall()
     assert unbounded > 16 << 20, unbounded
     assert bounded < 10 << 20, bounded
+
+
+def test_the_latest_run_is_the_last_recorded_whatever_its_clock_said(cat: Catalog) -> None:
+    """A run made while the clock was a day ahead, then the clock corrected and a failing
+    run: the failing one is the latest (for GetIndexStatus and for the gauges after a
+    restart); by start time the older, passing one was, until real time caught up."""
+    from retriever.domain import EvalMetric, EvaluationRecord, SearchMode
+
+    def run(eid: str, at: datetime, recall: float) -> EvaluationRecord:
+        return EvaluationRecord(
+            evaluation_id=eid, namespace="ns", golden_set="g", version=1, started_at=at,
+            seconds=0.1, mode=SearchMode.DEFAULT, rerank=False, query_count=1,
+            trigger="request", metrics=(EvalMetric("recall", 10, recall),))
+
+    now = datetime.now(UTC)
+    cat.add_evaluation(run("ahead", now + timedelta(days=1), 1.0), keep=10)
+    cat.add_evaluation(run("fixed-clock", now, 0.0), keep=10)
+    assert [e.evaluation_id for e in cat.list_evaluations("ns", 10)] == ["fixed-clock", "ahead"]
+    assert [e.evaluation_id for e in cat.slo_evaluations()] == ["fixed-clock"]
+    cat.add_evaluation(run("third", now - timedelta(days=2), 0.5), keep=2)
+    assert [e.evaluation_id for e in cat.list_evaluations("ns", 10)] == ["third", "fixed-clock"]
