@@ -456,6 +456,23 @@ def test_an_evaluation_whose_caller_went_away_records_nothing(embedder, tmp_path
                               outcome="cancelled")
             time.sleep(0.2)
         assert cancelled == 1
+        # Each deadline that passes is counted as DEADLINE_EXCEEDED (the availability SLI
+        # counts those; CANCELLED is the caller's choice): gRPC cancels the handler at the
+        # deadline, when the time left it reads can still be a hair above zero.
+        for timeout in (0.6, 0.7, 0.8, 0.9):
+            with pytest.raises(grpc.RpcError) as e:
+                c.stub.Evaluate(pb.EvaluateRequest(namespace=NS, golden_set="long"),
+                                timeout=timeout)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and gauge(
+                scrape(st), "retriever_requests_total", rpc="Evaluate",
+                code="DEADLINE_EXCEEDED") != 5:
+            time.sleep(0.2)
+        text = scrape(st)
+        assert gauge(text, "retriever_requests_total", rpc="Evaluate",
+                     code="DEADLINE_EXCEEDED") == 5
+        assert gauge(text, "retriever_requests_total", rpc="Evaluate", code="CANCELLED") is None
         assert not c.status(NS).last_evaluation.evaluation_id
         text = scrape(st)
         assert gauge(text, "retriever_eval_recall_at_k", namespace=NS, k="10") is None
