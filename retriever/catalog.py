@@ -1133,13 +1133,14 @@ class Catalog:
                               (namespace, limit)).fetchall()
         return _evaluations(rows)
 
-    def slo_evaluations(self) -> list[EvaluationRecord]:
-        """The latest SLO run of every (namespace, golden set), oldest first: what the
-        quality gauges resume from at start."""
+    def slo_evaluations(self, namespace: str | None = None) -> list[EvaluationRecord]:
+        """The latest SLO run of every (namespace, golden set) (of ``namespace``'s sets
+        only, when given), oldest first: what the quality gauges resume from at start."""
+        where, args = ("", ()) if namespace is None else (" AND e.namespace = ?", (namespace,))
         with self._reader() as db:
             rows = db.execute(
-                f"SELECT * FROM evaluations WHERE rowid IN ({_LATEST_SLO_RUNS})"
-                " ORDER BY rowid").fetchall()
+                f"SELECT * FROM evaluations WHERE rowid IN ({_LATEST_SLO_RUNS}{where})"
+                " ORDER BY rowid", args).fetchall()
         return _evaluations(rows)
 
     # -- lexical reconcile -----------------------------------------------------------------

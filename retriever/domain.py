@@ -264,6 +264,8 @@ class IndexStatus:
     running_sync: Any = None
     last_sync: Any = None
     last_evaluation: EvaluationRecord | None = None
+    # The latest SLO run of each golden set, by set name.
+    slo_evaluations: tuple[EvaluationRecord, ...] = ()
 
 
 # -- golden sets and evaluations (retriever.slo.golden) -------------------------------------

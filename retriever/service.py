@@ -693,7 +693,9 @@ class RetrieverService:
             chunker=",".join(self.chunkers.names),
             source=self.freshness.lag(namespace, fresh=True), running_sync=running,
             last_sync=finished,
-            last_evaluation=next(iter(self.catalog.list_evaluations(namespace, 1)), None))
+            last_evaluation=next(iter(self.catalog.list_evaluations(namespace, 1)), None),
+            slo_evaluations=tuple(sorted(self.catalog.slo_evaluations(namespace),
+                                         key=lambda e: e.golden_set)))
 
 
 # Bytes a hit takes in a response besides its strings (ids, hashes, numbers, timestamps,

@@ -361,6 +361,13 @@ def test_the_gauges_resume_from_each_sets_latest_slo_run_after_a_restart(
         assert metrics_of(evaluate(c, "passing", k=[1]))["recall@1"] == 1.0
         assert gauge(scrape(st), "retriever_eval_recall_at_k", namespace=NS, k="10") == 0.0
         assert gauge(scrape(st), "retriever_eval_recall_at_k", namespace=NS, k="1") == 0.0
+        # The gauge shows the worst; the status says which set it is (the last evaluation
+        # alone showed the passing one).
+        status = c.status(NS)
+        assert status.last_evaluation.golden_set == "passing"
+        assert [(e.golden_set, metrics_of(e)["recall@10"], e.slo)
+                for e in status.slo_evaluations] == [("failing", 0.0, True),
+                                                     ("passing", 1.0, True)]
     with running_server(settings, embedder) as st:
         text = scrape(st)
         assert gauge(text, "retriever_eval_recall_at_k", namespace=NS, k="10") == 0.0

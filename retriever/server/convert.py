@@ -315,6 +315,7 @@ def status_to_pb(s: IndexStatus) -> pb.GetIndexStatusResponse:
         source=_source_to_pb(s.source), running_sync=_sync_run_to_pb(s.running_sync),
         last_sync=_sync_run_to_pb(s.last_sync),
         last_evaluation=evaluation_to_pb(s.last_evaluation),
+        slo_evaluations=[e for e in map(evaluation_to_pb, s.slo_evaluations) if e is not None],
     )
 
 
