@@ -95,6 +95,8 @@ class ReindexResult:
 # How often a namespace whose engine server did not answer at start is tried again (by a
 # look-up of it, in the background).
 REOPEN_RETRY_S = 10.0
+# Catalog vectors searched for at start, to find an index whose vectors changed in place.
+SELF_CHECK_SAMPLES = 64
 
 
 def collection_name(name: str, generation: int) -> str:
@@ -241,7 +243,58 @@ class Namespaces:
             handle, rebuild_terms or lexical["lexical_rows_restored"] > 0, active))
         if add_payloads:
             report["payloads_written"] = self._write_payloads(handle)
+        if self._vectors_damaged(handle, active):
+            # Rebuilt from the catalog into a new generation, in the background (as a lost
+            # collection is): its calls answer UNAVAILABLE until the swap.
+            self._metrics.derived_files_rebuilt.labels(f"{record.backend}_vectors").inc()
+            self.recover_lost(collection_name(record.name, record.index_generation))
+            report["vectors_rebuilt"] = 1
         return report
+
+    def _vectors_damaged(self, handle: NamespaceHandle, active: np.ndarray) -> bool:
+        """Whether the index's vectors have changed from the catalog's (bytes changed in
+        an engine's data file that still parses): each of a sample of the catalog's vectors
+        is searched for, and must find itself (or a vector as close: a duplicate) among the
+        nearest. Which ids each side holds is compared by the reconcile; this looks at the
+        vectors, at a sample's cost (SELF_CHECK_SAMPLES searches). Each vector must find a
+        stored one as close as itself (its own copy, or a duplicate): one changed in place is
+        farther from every query, its own included."""
+        if len(active) == 0:
+            return False
+        rng = np.random.default_rng()
+        sample = rng.choice(active, size=min(SELF_CHECK_SAMPLES, len(active)), replace=False)
+        record = handle.record
+        ids, vecs = self._catalog.vectors(record.name, sample.tolist(), record.dimension)
+        if len(ids) == 0:
+            return False
+        if record.metric == "cosine":
+            expect = np.ones(len(ids), dtype=np.float64)
+        elif record.metric == "ip":
+            expect = np.einsum("ij,ij->i", vecs.astype(np.float64), vecs.astype(np.float64))
+        else:
+            expect = np.zeros(len(ids), dtype=np.float64)
+        rows = np.arange(len(ids))
+        # Searched for again, wider, those missed: an approximate index may miss the odd
+        # one among its nearest ten, hardly among a hundred.
+        for k in (10, 100):
+            try:
+                hits = handle.index.search(np.ascontiguousarray(vecs[rows], dtype=np.float32),
+                                           min(k, len(active)))
+            except EngineError as exc:
+                log.warning("namespace %s: could not check its index's vectors (%s)",
+                            handle.name, exc)
+                return False
+            # A stored vector as close as the vector itself: itself (or a duplicate).
+            rows = rows[[j for j, (r, h) in enumerate(zip(rows.tolist(), hits, strict=True))
+                         if not (len(h.scores) and h.scores[0] >= expect[r] - 1e-3 * max(
+                             1.0, abs(expect[r])))]]
+            if len(rows) == 0:
+                return False
+        log.error("namespace %s: %d of %d of its vectors sampled from the catalog are not "
+                  "found in its %s index as they are (its files changed in place): "
+                  "rebuilding it from the catalog", handle.name, len(rows), len(ids),
+                  record.backend)
+        return True
 
     def _reopen(self, name: str) -> None:
         """Open a namespace whose engine server did not answer at start (a background

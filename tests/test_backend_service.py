@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
 from conftest import (
     LOST_DOC,
@@ -490,6 +492,49 @@ def test_damaged_embedded_engine_files_are_moved_aside_and_rebuilt(
     moved += sorted(p.name.split(".damaged-")[0] for p in indexes.iterdir()
                     if ".damaged-" in p.name)
     assert moved == ["milvus.db", "chroma"]
+
+
+def test_vectors_changed_in_place_are_found_and_rebuilt(tmp_path: Path,
+                                                         embedder: Embedder) -> None:
+    """Bytes overwritten inside milvus-lite's data file (it still parses, so nothing fails
+    to load) changed stored vectors: start-up was clean and the documents could no longer
+    be found by their own text. A sample of the catalog's vectors searched for at start
+    finds it, and the collection is rebuilt from the catalog."""
+    from retriever.server.app import ServerThread
+
+    data = tmp_path / "data"
+    texts = {f"d{i}": f"note {i}: " + " ".join(f"topic{i}x{j}" for j in range(30))
+             for i in range(40)}
+    with running_server(make_settings(data), embedder) as st, \
+            RetrieverClient(st.address) as c:
+        c.create_namespace("vec", backend="milvus")
+        c.upsert("vec", [pb.Document(doc_id=d, content=t) for d, t in texts.items()])
+    parquets = sorted((data / "indexes" / "milvus").rglob("*.parquet"))
+    assert parquets
+    for p in parquets:
+        size = p.stat().st_size
+        with open(p, "r+b") as fh:  # inside the vector column, short of the footer
+            fh.seek(min(2000, size // 4))
+            fh.write(np.random.default_rng(1).bytes(max(1, min(4000, size // 2))))
+    for idx in (data / "indexes" / "milvus").rglob("*.idx"):
+        idx.unlink()
+    st = ServerThread(make_settings(data), embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    found = sum(d in [h.chunk.doc_id for h in c.search(
+                        "vec", t, top_k=3, mode=pb.DENSE).hits] for d, t in texts.items())
+                    if found == len(texts):
+                        break
+                except grpc.RpcError as exc:  # UNAVAILABLE while it is rebuilt
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                assert time.monotonic() < deadline, found
+                time.sleep(0.5)
+        assert _metric(st, 'retriever_derived_files_rebuilt_total{kind="milvus_vectors"}') == 1
+    finally:
+        st.stop()
 
 
 def test_embedded_files_another_process_holds_are_left_alone(
