@@ -849,7 +849,13 @@ def golden_register(
 
 
 def main() -> None:
-    app()
+    from pydantic_settings import SettingsError
+
+    try:
+        app()
+    except SettingsError as exc:  # a setting that cannot be read at all: one line
+        err.print(f"retriever: {exc}", markup=False, highlight=False)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -465,5 +466,10 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = os.environ.get("RETRIEVER_CONFIG_FILE")
         if config_file:
+            # A path that names no file must not leave the settings it holds (an auth
+            # token) silently unset.
+            if not Path(config_file).is_file():
+                raise SettingsError(f"RETRIEVER_CONFIG_FILE={config_file!r} is not a file: "
+                                    "give the path of the TOML settings file, or unset it")
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)

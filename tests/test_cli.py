@@ -396,3 +396,18 @@ def test_python_dash_m_retriever_is_the_cli() -> None:
                          capture_output=True, text=True, timeout=120)
     assert got.returncode == 0, got.stderr
     assert "Serve retriever.v1.Retriever" in got.stdout
+
+
+@pytest.mark.parametrize(("env", "said"), [
+    ({"RETRIEVER_CONFIG_FILE": "/nonexistent/retriever.toml"}, "is not a file"),
+    ({"RETRIEVER_SYNC_ROOTS": "notjson"}, "sync_roots")])
+def test_settings_that_cannot_be_read_stop_serve_in_one_line(tmp_path: Path,
+                                                             env: dict[str, str],
+                                                             said: str) -> None:
+    """A config file path naming no file was ignored (the server started on defaults: no
+    auth token); a setting that is not JSON printed a traceback."""
+    got = subprocess.run([sys.executable, "-m", "retriever", "serve"],
+                         env={**os.environ, "RETRIEVER_DATA_DIR": str(tmp_path), **env},
+                         capture_output=True, text=True, timeout=120)
+    assert got.returncode == 2, got.stderr[-2000:]
+    assert said in got.stderr and "Traceback" not in got.stderr
