@@ -112,6 +112,12 @@ def _visible(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def _visible_name(name: str) -> str:
+    """A path or id on one terminal line: every control character (newlines too) shown as an
+    escape."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m.group()):02x}", name)
+
+
 # How `retriever serve` logs (load-tests/loadgen.py reads the level from it).
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOAD_WAIT_S = 600.0  # a first start builds and calibrates the int8 model: minutes
@@ -287,7 +293,8 @@ def index(
         out.print(f"pruned {pruned} documents no longer in {escape(str(path))}"
                   + (f"; {moved} moved to a new path" if moved else ""))
     for reason, paths in report.skipped.items():
-        out.print(f"skipped {len(paths)} ({reason}): {escape(', '.join(paths[:5]))}"
+        out.print(f"skipped {len(paths)} ({reason}): "
+                  f"{escape(', '.join(_visible_name(p) for p in paths[:5]))}"
                   + (" ..." if len(paths) > 5 else ""))
 
 
@@ -382,14 +389,23 @@ def sync(
             failed = {"namespace": namespace, "state": "FAILED", "code": exc.code().name,
                       "error": exc.details()}
             out.print_json(json.dumps(failed))
-            err.print(f"[red]sync failed[/red] {exc.code().name}: {exc.details()}",
-                      highlight=False)
-            raise typer.Exit(1) from None
+            refused = exc.code() in _REFUSED
+            err.print(f"[red]sync {'refused' if refused else 'failed'}[/red] "
+                      f"{exc.code().name}: {escape(exc.details() or '')}", highlight=False)
+            # Refused before it started: a usage error (2); else the sync failed (1).
+            raise typer.Exit(2 if refused else 1) from None
     out.print_json(json.dumps(_sync_summary(namespace, resp)))
     from retriever.v1 import retriever_pb2 as pb
 
     if resp.state == pb.SYNC_STATE_FAILED:  # (a failed sync is normally an error status)
         raise typer.Exit(1)
+
+
+# Statuses SyncSource answers only before a sync starts (those of a sync that ran and
+# failed, e.g. NOT_FOUND for a ref that went, UNAVAILABLE for a fetch, can be either).
+_REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                      grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED,
+                      grpc.StatusCode.UNAUTHENTICATED})
 
 
 def _with_progress(client: RetrieverClient, namespace: str, call: Callable[[], Any]) -> Any:
@@ -467,7 +483,8 @@ def search(
         out.print("no hits")
     for h in resp.hits:
         c = h.chunk
-        out.print(f"{h.rank:>3}. [bold]{escape(c.path)}:{c.start_line}-{c.end_line}[/bold]  "
+        out.print(f"{h.rank:>3}. [bold]{escape(_visible_name(c.path))}:{c.start_line}-"
+                  f"{c.end_line}[/bold]  "
                   f"score {h.score:.4f}  chunk {c.chunk_id}", highlight=False)
         if show_text:
             out.print(_visible(c.text.rstrip()), markup=False, highlight=False)

@@ -323,6 +323,16 @@ def test_search_text_shows_control_characters_as_escapes(server) -> None:  # noq
     assert found.exit_code == 0, found.output
     assert "\x1b" not in found.stdout and "\x07" not in found.stdout
     assert "zebra \\x1b[31mRED\\x1b[0m bell\\x07 feed\\x0c end" in found.stdout
+    # ... and so must a path's (it set the window title), and a newline in one (it split
+    # the path:lines line in two).
+    with RetrieverClient(server.address) as c:
+        c.upsert("ctl", [pb.Document(doc_id="title\x1b]0;PWNED\x07\nline.md",
+                                     content="quokka on an island\n")])
+    found = runner.invoke(app, ["search", "quokka", "-n", "ctl", "-a", server.address,
+                                "-k", "1"])
+    assert found.exit_code == 0, found.output
+    assert "\x1b" not in found.stdout and "\x07" not in found.stdout
+    assert "title\\x1b]0;PWNED\\x07\\x0aline.md:1-1" in found.stdout
 
 
 def test_check_and_repair_refuse_a_data_dir_that_is_not_there(tmp_path: Path) -> None:

@@ -477,7 +477,7 @@ def test_cli_sync_wait_prints_a_summary_and_fails_non_zero(server, client: Retri
     # A repository it may not read: non-zero, and the JSON says why.
     denied = runner.invoke(app, ["sync", "cli-ns", "--repo", str(outside), "--wait",
                                  "-a", server.address])
-    assert denied.exit_code == 1
+    assert denied.exit_code == 2  # refused before it started: as every refused call
     failure = json.loads(denied.stdout)
     assert failure["state"] == "FAILED" and failure["code"] == "PERMISSION_DENIED"
     assert "RETRIEVER_SYNC_ROOTS" in failure["error"]
