@@ -8,6 +8,7 @@ clients) for ``batch_search``:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import TypeAlias, cast
@@ -55,14 +56,22 @@ def search_mode(mode: SearchModeLike) -> pb.SearchMode:
     return cast(pb.SearchMode, int(mode))
 
 
+# The longest protobuf Duration, in seconds (10,000 years).
+_MAX_DURATION_S = 315_576_000_000
+
+
 def duration(value: Staleness) -> Duration:
     if isinstance(value, Duration):
         return value
     d = Duration()
     if isinstance(value, timedelta):
         d.FromTimedelta(value)
-    else:
-        d.FromNanoseconds(round(float(value) * 1e9))
+        return d
+    seconds = float(value)
+    if not math.isfinite(seconds) or abs(seconds) > _MAX_DURATION_S:
+        raise ValueError(f"a duration must be a finite number of seconds within "
+                         f"{_MAX_DURATION_S:,}, got {value!r}")
+    d.FromNanoseconds(round(seconds * 1e9))
     return d
 
 
@@ -83,12 +92,17 @@ def search_request(namespace: str, query: str, top_k: int = 10,
     (seconds, timedelta or Duration): drop hits lagging their source by more, or with
     ``flag_stale`` keep them marked ``Hit.stale``.
 
-    Raises ValueError for a mode string that names no mode; everything else is checked
+    Raises ValueError for a mode string that names no mode and for a value no field can
+    hold (a count past 32 bits, a duration that is not finite); everything else is checked
     by the server (INVALID_ARGUMENT naming the field)."""
-    req = pb.SearchRequest(namespace=namespace, query=query, top_k=top_k, filter=filter,
-                           mode=search_mode(mode), rerank=rerank,
-                           rerank_candidates=rerank_candidates, collapse=collapse,
-                           max_hits_per_path=max_hits_per_path, flag_stale=flag_stale)
+    try:
+        req = pb.SearchRequest(namespace=namespace, query=query, top_k=top_k, filter=filter,
+                               mode=search_mode(mode), rerank=rerank,
+                               rerank_candidates=rerank_candidates, collapse=collapse,
+                               max_hits_per_path=max_hits_per_path, flag_stale=flag_stale)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"search request: {exc} (top_k, rerank_candidates and "
+                         "max_hits_per_path are 32-bit counts)") from None
     # Optional fields: set only when given, so that unset still means the server's default.
     if dense_weight is not None:
         req.dense_weight = dense_weight
@@ -103,13 +117,18 @@ def chunk_feedback(feedback: Feedback) -> list[pb.ChunkFeedback]:
     """Judgements as ChunkFeedback messages, in the order given."""
     if isinstance(feedback, Mapping):
         return [pb.ChunkFeedback(chunk_id=c, relevant=bool(r)) for c, r in feedback.items()]
+    if isinstance(feedback, (str, bytes)):
+        raise TypeError("feedback is a mapping of chunk id -> relevant, or (chunk id, "
+                        f"relevant) pairs, not a string: got {feedback!r}")
     out: list[pb.ChunkFeedback] = []
     for item in feedback:
         if isinstance(item, pb.ChunkFeedback):
             out.append(item)
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            out.append(pb.ChunkFeedback(chunk_id=item[0], relevant=bool(item[1])))
         else:
-            chunk_id, relevant = item
-            out.append(pb.ChunkFeedback(chunk_id=chunk_id, relevant=bool(relevant)))
+            raise TypeError(f"feedback items are (chunk id, relevant) pairs or ChunkFeedback "
+                            f"messages, got {item!r}")
     return out
 
 

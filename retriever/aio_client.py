@@ -111,11 +111,17 @@ class AsyncRetrieverClient:
         return int(resp.status)
 
     # -- documents -------------------------------------------------------------------------
-    async def upsert(self, namespace: str, documents: Iterable[pb.Document],
+    async def upsert(self, namespace: str,
+                     documents: Iterable[pb.Document] | AsyncIterable[pb.Document],
                      batch_size: int = 64, timeout: float | None = None
                      ) -> pb.UpsertDocumentsResponse:
-        """Stream documents in batches of ``batch_size`` (one message each). Not retried:
-        see :meth:`upsert_stream`."""
+        """Stream documents (an iterable, or an async iterable) in batches of ``batch_size``
+        (one message each). Not retried: see :meth:`upsert_stream`."""
+        if isinstance(documents, AsyncIterable):
+            return await self.upsert_stream(_abatched(namespace, documents, batch_size),
+                                            timeout=timeout)
+        if not isinstance(documents, Iterable) or isinstance(documents, (str, bytes)):
+            raise TypeError(f"documents is an iterable of Document, got {documents!r}")
         return await self.upsert_stream(_batched(namespace, documents, batch_size),
                                         timeout=timeout)
 
@@ -303,3 +309,15 @@ class _HeadersStream(grpc.aio.StreamUnaryClientInterceptor):
                                      request_iterator: Any) -> Any:
         return await continuation(_with_headers(client_call_details, self._headers),
                                   request_iterator)
+
+
+async def _abatched(namespace: str, documents: AsyncIterable[pb.Document], size: int
+                    ) -> AsyncIterator[pb.UpsertDocumentsRequest]:
+    batch: list[pb.Document] = []
+    async for d in documents:
+        batch.append(d)
+        if len(batch) >= size:
+            yield pb.UpsertDocumentsRequest(namespace=namespace, documents=batch)
+            batch = []
+    if batch:
+        yield pb.UpsertDocumentsRequest(namespace=namespace, documents=batch)

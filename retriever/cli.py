@@ -461,7 +461,8 @@ def _sync_summary(namespace: str, resp: Any) -> dict[str, Any]:
 def search(
     query: Annotated[str, typer.Argument(help="what to look for")],
     namespace: NamespaceOpt,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="hits to return")] = 10,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, max=2**31 - 1,
+                                       help="hits to return")] = 10,
     path_prefix: Annotated[str, typer.Option(help="only paths starting with this")] = "",
     address: AddressOpt = None,
     show_text: Annotated[bool, typer.Option("--text", help="print each chunk's text")] = False,
@@ -550,7 +551,7 @@ def mcp_server(
         help="stdio (the agent starts this command) or http (streamable HTTP at "
              "http://HOST:PORT/mcp)")] = "stdio",
     host: Annotated[str, typer.Option(help="http: interface to bind")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="http: port")] = 8765,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="http: port")] = 8765,
     log_level: Annotated[str, typer.Option(help="logging level (to stderr)")] = "WARNING",
 ) -> None:
     """Serve search to agents over MCP: tools search, get_chunk, get_document,
@@ -632,7 +633,8 @@ def evaluate(
     modes: Annotated[str | None, typer.Option(
         help="search modes, comma-separated [default: dense,lexical,hybrid; with "
              "--golden-set: the server's default mode]")] = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="hits per search")] = 100,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, max=2**31 - 1,
+                                       help="hits per search")] = 100,
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="also write the results as JSON to this file ('-': stdout)")] = None,
     golden_set: Annotated[str | None, typer.Option(

@@ -278,7 +278,18 @@ class RetrieverClient:
 
 
 def _request_id(request_id: str | None) -> tuple[tuple[str, str], ...] | None:
-    return (("x-request-id", request_id),) if request_id else None
+    if not request_id:
+        return None
+    return (("x-request-id", _header_value("request_id", request_id)),)
+
+
+def _header_value(name: str, value: str) -> str:
+    """``value`` if gRPC can send it as a header value (printable ASCII); else ValueError
+    naming ``name`` (gRPC refused it as INTERNAL "Invalid metadata")."""
+    if not (value.isascii() and value.isprintable()):
+        raise ValueError(f"{name} must be printable ASCII (it is sent as a gRPC header), "
+                         f"got {value!r}")
+    return value
 
 
 def _batched(namespace: str, documents: Iterable[pb.Document], size: int
@@ -296,12 +307,12 @@ def _batched(namespace: str, documents: Iterable[pb.Document], size: int
 def _headers(token: str | None, headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
     """The metadata a client adds to every retriever.v1 call: its bearer token and
     ``headers``; ValueError for a key gRPC would refuse on every call."""
-    out = [("authorization", f"Bearer {token}")] if token else []
+    out = [("authorization", f"Bearer {_header_value('token', token)}")] if token else []
     for key, value in headers:
         if not key or key != key.lower() or key.startswith("grpc-") or key.endswith("-bin"):
             raise ValueError(f"header {key!r}: keys are lower-case, not 'grpc-' reserved and "
                              "not binary ('-bin')")
-        out.append((key, str(value)))
+        out.append((key, _header_value(f"header {key!r}", str(value))))
     return tuple(out)
 
 

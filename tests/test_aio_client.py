@@ -349,3 +349,43 @@ def test_searches_refused_with_retry_info_are_retried(tmp_path: Path, embedder) 
     assert retries and {code for _, code, _, _ in retries} == {RE}
     # RetryInfo asks for 500 ms: no retry came sooner.
     assert min(delay for *_, delay in retries) >= 0.5
+
+
+def test_async_upsert_takes_an_async_iterable_of_documents(server) -> None:  # noqa: ANN001
+    """An async generator of documents cancelled the calling task (CancelledError); it is
+    streamed. A non-iterable is a TypeError before any call."""
+    async def docs():  # noqa: ANN202
+        for i in range(5):
+            await asyncio.sleep(0)
+            yield pb.Document(doc_id=f"a{i}.md", content=f"async note {i} about rye bread")
+
+    async def main() -> None:
+        async with AsyncRetrieverClient(server.address, timeout=30) as c:
+            resp = await c.upsert("aio-gen", docs(), batch_size=2)
+            assert resp.documents_created == 5
+            with pytest.raises(TypeError):
+                await c.upsert("aio-gen", 42)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+
+
+def test_client_side_values_no_field_or_header_can_hold_are_value_errors() -> None:
+    """Each reached gRPC or protobuf and came back as a raw ValueError ("Value out of
+    range", "cannot convert NaN"), an unpacking error, or INTERNAL "Invalid metadata"."""
+    from retriever._requests import chunk_feedback, duration, search_request
+    from retriever.client import _headers, _request_id
+
+    with pytest.raises(ValueError, match="32-bit"):
+        search_request("ns", "q", top_k=99_999_999_999)
+    for bad in (float("nan"), float("inf"), 1e20):
+        with pytest.raises(ValueError, match="finite number of seconds"):
+            duration(bad)
+    with pytest.raises(TypeError, match="not a string"):
+        chunk_feedback("abc")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="pairs"):
+        chunk_feedback([("c", True, "extra")])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="request_id must be printable ASCII"):
+        _request_id("é")
+    with pytest.raises(ValueError, match="token must be printable ASCII"):
+        _headers("to\nken", ())
+    assert _request_id("req-1") == (("x-request-id", "req-1"),)
