@@ -232,9 +232,23 @@ def index(
         def send(batch: list[pb.Document]) -> None:
             # One call per batch: its response is the server's word that these documents
             # are committed, so the bar moves only as the server gets through them.
-            resp = _upsert_batch(client, namespace, batch)
-            _accumulate(totals, resp)
-            acknowledged(resp.documents_received)
+            while batch:
+                try:
+                    resp = _upsert_batch(client, namespace, batch)
+                except grpc.RpcError as exc:
+                    # A file past the server's own limit (--max-bytes above it): skipped
+                    # and listed, and the rest of its batch sent (the refused message
+                    # committed nothing).
+                    big = (_TOO_LARGE.match(exc.details() or "")
+                           if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else None)
+                    if big is None or int(big.group(1)) >= len(batch):
+                        raise
+                    report.skip("over the server's max_document_bytes",
+                                batch.pop(int(big.group(1))).doc_id)
+                    continue
+                _accumulate(totals, resp)
+                acknowledged(resp.documents_received)
+                return
 
         try:
             # Created up front so that even an empty directory leaves a namespace that
@@ -327,6 +341,10 @@ def _content_hashes(client: RetrieverClient, namespace: str) -> dict[str, str]:
         known.update((d.doc_id, d.content_hash) for d in page.documents)
         if not (token := page.next_page_token):
             return known
+
+
+# The server's refusal of a document over its max_document_bytes (retriever.validation).
+_TOO_LARGE = re.compile(r"documents\[(\d+)\]\.content is \d+ bytes; the limit is")
 
 
 def _unknown(report: Any) -> tuple[set[str], tuple[str, ...]]:

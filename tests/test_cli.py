@@ -421,3 +421,22 @@ def test_settings_that_cannot_be_read_stop_serve_in_one_line(tmp_path: Path,
                          capture_output=True, text=True, timeout=120)
     assert got.returncode == 2, got.stderr[-2000:]
     assert said in got.stderr and "Traceback" not in got.stderr
+
+
+def test_index_skips_a_file_over_the_servers_limit_and_sends_the_rest(server,  # noqa: ANN001
+                                                                      tmp_path: Path) -> None:
+    """--max-bytes above the server's max_document_bytes: the refused message aborted the
+    run (nothing indexed, the file unnamed); the file is now listed and the rest sent."""
+    from retriever.client import RetrieverClient
+
+    root = tmp_path / "big"
+    root.mkdir()
+    (root / "big.txt").write_text("word " * 260_000)  # 1.3 MB, over the 1 MiB default
+    (root / "small.txt").write_text("a small note about otters\n")
+    result = runner.invoke(app, ["index", str(root), "-n", "limits", "-a", server.address,
+                                 "--max-bytes", "5000000", "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    assert "max_document_bytes" in result.stdout and "big.txt" in result.stdout
+    with RetrieverClient(server.address) as c:
+        ids = {d.doc_id for d in c.list_documents("limits").documents}
+    assert ids == {"small.txt"}
