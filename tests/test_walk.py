@@ -273,7 +273,10 @@ def test_read_sources_in_git_carries_the_head_revision(tmp_path: Path) -> None:
     report = WalkReport()
     files = {f.rel_path: f for f in read_sources(root, MAX, report)}
     assert set(files) == set(EXPECTED) | {"emoji.md", "empty.txt", "limit.txt", "ok.py"}
-    assert {f.revision for f in files.values()} == {head}
+    tracked = set(git(root, "ls-files", "-z").split("\0")) - {""}
+    # HEAD's sha for what HEAD holds as it is; none for what it does not (untracked).
+    assert {p for p, f in files.items() if f.revision == head} == tracked & set(files)
+    assert {f.revision for p, f in files.items() if p not in tracked} == {""}
     assert files["src/main.py"].content == "content of src/main.py\n"
     assert sorted(report.skipped["binary"]) == ["binary.dat", "late_nul.txt"]
     assert report.skipped["not UTF-8"] == ["latin1.txt"]
@@ -417,3 +420,19 @@ def test_an_unreadable_directory_is_reported_not_silently_dropped(tmp_path: Path
     assert seen["skipped"]["unreadable directory"] == ["sub/"]
     if in_git:  # tracked, so listed by git, and then found unreadable
         assert seen["skipped"]["unreadable"] == ["sub/b.txt"]
+
+
+def test_only_files_as_head_has_them_carry_its_revision(tmp_path: Path) -> None:
+    """A modified or untracked file was given HEAD's sha as its revision, though no commit
+    holds its text: lineage must not name one."""
+    root = tmp_path / "repo"
+    head = make_repo(root)
+    (root / "src" / "main.py").write_text("print('edited, not committed')\n")
+    (root / "sub" / "new.txt").parent.mkdir(exist_ok=True)
+    (root / "sub" / "new.txt").write_text("untracked\n")
+    got = {f.rel_path: f.revision for f in read_sources(root, 1 << 20, WalkReport())}
+    assert got["src/main.py"] == "" and got["sub/new.txt"] == ""
+    assert got["a.py"] == head  # committed and unchanged
+    sub = {f.rel_path: f.revision for f in read_sources(root / "sub", 1 << 20, WalkReport())}
+    tracked = set(git(root / "sub", "ls-files", "-z").split("\0")) - {""}
+    assert sub["new.txt"] == "" and tracked and all(sub[p] == head for p in tracked)

@@ -90,6 +90,16 @@ def list_files(root: Path, unreadable: list[str] | None = None) -> tuple[list[st
     return sorted(_walk_gitignore(root, unreadable)), ""
 
 
+def _differ_from(root: Path, head: str) -> set[str] | None:
+    """Paths (relative to ``root``) whose content is not ``head``'s: modified, staged or
+    not, and untracked. None when git cannot say (then no file gets ``head``)."""
+    changed = _git(root, "diff", "--name-only", "--relative", "-z", head, "--")
+    others = _git(root, "ls-files", "-z", "--others", "--exclude-standard")
+    if changed is None or others is None:
+        return None
+    return {p for p in (changed + "\0" + others).split("\0") if p}
+
+
 def _listable(path: Path) -> bool:
     """A regular file, or a symbolic link (which read_sources checks and reports), or an
     entry that cannot be examined (a tracked file in an unreadable directory: read_sources
@@ -146,6 +156,9 @@ def read_sources(root: Path, max_bytes: int, report: WalkReport) -> Iterator[Sou
     paths, head = list_files(root, unreadable)
     for d in unreadable:
         report.skip("unreadable directory", d)
+    # HEAD names a file's content only when the file is as HEAD has it: a modified or
+    # untracked one gets no revision (lineage must not name a commit without its text).
+    differ = _differ_from(root, head) if head else set()
     listed = set(paths)
     for rel in paths:
         try:
@@ -192,7 +205,8 @@ def read_sources(root: Path, max_bytes: int, report: WalkReport) -> Iterator[Sou
             continue
         report.files += 1
         report.bytes += len(data)
-        yield SourceFile(rel, text, datetime.fromtimestamp(st.st_mtime, tz=UTC), head)
+        revision = head if differ is not None and rel not in differ else ""
+        yield SourceFile(rel, text, datetime.fromtimestamp(st.st_mtime, tz=UTC), revision)
 
 
 def _resolve(path: Path, real_root: Path, listed: set[str]) -> tuple[str, Path]:
