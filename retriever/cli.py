@@ -479,7 +479,7 @@ def _sync_summary(namespace: str, resp: Any) -> dict[str, Any]:
 def search(
     query: Annotated[str, typer.Argument(help="what to look for")],
     namespace: NamespaceOpt,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, max=2**31 - 1,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", max=2**31 - 1,
                                        help="hits to return")] = 10,
     path_prefix: Annotated[str, typer.Option(help="only paths starting with this")] = "",
     address: AddressOpt = None,
@@ -651,7 +651,7 @@ def evaluate(
     modes: Annotated[str | None, typer.Option(
         help="search modes, comma-separated [default: dense,lexical,hybrid; with "
              "--golden-set: the server's default mode]")] = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, max=2**31 - 1,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", max=2**31 - 1,
                                        help="hits per search")] = 100,
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="also write the results as JSON to this file ('-': stdout)")] = None,

@@ -436,3 +436,39 @@ def test_only_files_as_head_has_them_carry_its_revision(tmp_path: Path) -> None:
     sub = {f.rel_path: f.revision for f in read_sources(root / "sub", 1 << 20, WalkReport())}
     tracked = set(git(root / "sub", "ls-files", "-z").split("\0")) - {""}
     assert sub["new.txt"] == "" and tracked and all(sub[p] == head for p in tracked)
+
+
+def test_repositories_inside_are_listed_with_their_own_rules_and_revisions(
+        tmp_path: Path) -> None:
+    """Checkouts under a plain directory (the "index my ~/src" case) and a repository
+    nested in another were skipped without a word; each is listed by its own .gitignore,
+    its files carrying its own HEAD."""
+    top = tmp_path / "src"
+    top.mkdir()
+    (top / "notes.md").write_text("# notes\n")
+    heads = {}
+    for name in ("one", "two"):
+        (top / name).mkdir()
+        git(top / name, "init", "-q")
+        (top / name / ".gitignore").write_text("*.log\n")
+        (top / name / "f.md").write_text(f"# {name}\n")
+        (top / name / "x.log").write_text("ignored\n")
+        git(top / name, "add", ".")
+        git(top / name, "commit", "-q", "-m", "first")
+        heads[name] = git(top / name, "rev-parse", "HEAD").strip()
+    inner = top / "one" / "inner"  # a repository inside a repository
+    inner.mkdir()
+    git(inner, "init", "-q")
+    (inner / "g.md").write_text("# inner\n")
+    git(inner, "add", ".")
+    git(inner, "commit", "-q", "-m", "first")
+    (inner / "h.md").write_text("# untracked\n")
+    repos: dict[str, str] = {}
+    paths, head = list_files(top, repos=repos)
+    assert paths == ["notes.md", "one/.gitignore", "one/f.md", "one/inner/g.md",
+                     "one/inner/h.md", "two/.gitignore", "two/f.md"]
+    assert head == "" and repos["one/"] == heads["one"] and repos["two/"] == heads["two"]
+    got = {f.rel_path: f.revision for f in read_sources(top, 1 << 20, WalkReport())}
+    assert got["one/f.md"] == heads["one"] and got["two/f.md"] == heads["two"]
+    assert got["one/inner/g.md"] == repos["one/inner/"] != ""
+    assert got["one/inner/h.md"] == "" and got["notes.md"] == ""

@@ -21,7 +21,7 @@ import re
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,13 +62,48 @@ def _git(root: Path, *args: str, unreadable: list[str] | None = None) -> str | N
     return out.stdout.decode("utf-8", "surrogateescape")
 
 
-def list_files(root: Path, unreadable: list[str] | None = None) -> tuple[list[str], str]:
+def list_files(root: Path, unreadable: list[str] | None = None,
+               repos: dict[str, str] | None = None) -> tuple[list[str], str]:
     """Relative posix paths of the files to consider, and the git HEAD sha ("" outside git
     or before the first commit). Directories that could not be listed (relative, ending in
-    "/") are appended to ``unreadable``: their files are unknown, not gone."""
+    "/") are appended to ``unreadable``: their files are unknown, not gone. Git
+    repositories inside (checkouts under a plain directory, nested or submodule ones) are
+    listed by their own rules, their files under their directory; ``repos`` receives each
+    one's directory (ending in "/") and HEAD sha."""
     root = Path(root)
     if unreadable is None:
         unreadable = []
+    found, nested = _list_files(root, unreadable)
+    if repos is None:
+        repos = {}
+    paths, head = found
+    for n in nested:
+        inner_unreadable: list[str] = []
+        inner_repos: dict[str, str] = {}
+        inner, inner_head = list_files(root / n, inner_unreadable, inner_repos)
+        paths = paths + [n + p for p in inner]
+        unreadable.extend(n + d for d in inner_unreadable)
+        repos[n] = inner_head
+        repos.update({n + k: v for k, v in inner_repos.items()})
+    return sorted(paths), head
+
+
+def _nested(root: Path, entries: Iterable[str]) -> list[str]:
+    """The entries that are git repositories of their own (ending in "/")."""
+    out = []
+    for e in entries:
+        d = e.rstrip("/")
+        try:
+            if d and (root / d).is_dir() and not (root / d).is_symlink() \
+                    and (root / d / ".git").exists():
+                out.append(d + "/")
+        except OSError:
+            continue
+    return sorted(set(out))
+
+
+def _list_files(root: Path, unreadable: list[str]) -> tuple[tuple[list[str], str], list[str]]:
+    """(files, HEAD sha) of ``root`` by its own rules, and its nested repositories."""
     inside = _git(root, "rev-parse", "--is-inside-work-tree")
     # A directory that its enclosing repository ignores (a virtualenv, a vendored tree) was
     # named on purpose: list it as a tree of its own rather than as nothing.
@@ -78,16 +113,18 @@ def list_files(root: Path, unreadable: list[str] | None = None) -> tuple[list[st
                        unreadable=unreadable)
         if listing is not None:
             head = (_git(root, "rev-parse", "--verify", "-q", "HEAD") or "").strip()
-            paths = sorted({p for p in listing.split("\0") if p and _listable(root / p)})
-            return paths, head
+            entries = [p for p in listing.split("\0") if p]
+            paths = sorted({p for p in entries if _listable(root / p)})
+            return (paths, head), _nested(root, entries)
     with tempfile.TemporaryDirectory(prefix="retriever-walk-") as scratch:
         if _git(Path(scratch), "init", "-q", "--bare", scratch) is not None:
             listing = _git(root, f"--git-dir={scratch}", f"--work-tree={root}", "ls-files",
                            "-z", "--others", "--exclude-standard", unreadable=unreadable)
             if listing is not None:
-                return sorted(p for p in listing.split("\0")
-                              if p and _listable(root / p)), ""
-    return sorted(_walk_gitignore(root, unreadable)), ""
+                entries = [p for p in listing.split("\0") if p]
+                return (sorted(p for p in entries if _listable(root / p)), ""), \
+                    _nested(root, entries)
+    return (sorted(_walk_gitignore(root, unreadable)), ""), []
 
 
 def _differ_from(root: Path, head: str) -> set[str] | None:
@@ -153,12 +190,17 @@ def read_sources(root: Path, max_bytes: int, report: WalkReport) -> Iterator[Sou
     root = Path(root)
     real_root = root.resolve()
     unreadable: list[str] = []
-    paths, head = list_files(root, unreadable)
+    repos: dict[str, str] = {}
+    paths, head = list_files(root, unreadable, repos)
     for d in unreadable:
         report.skip("unreadable directory", d)
     # HEAD names a file's content only when the file is as HEAD has it: a modified or
     # untracked one gets no revision (lineage must not name a commit without its text).
-    differ = _differ_from(root, head) if head else set()
+    # Each repository inside has its own HEAD.
+    heads = {"": head, **repos}
+    differs = {prefix: (_differ_from(root / prefix, h) if h else set())
+               for prefix, h in heads.items()}
+    prefixes = sorted(heads, key=len, reverse=True)
     listed = set(paths)
     for rel in paths:
         try:
@@ -205,7 +247,10 @@ def read_sources(root: Path, max_bytes: int, report: WalkReport) -> Iterator[Sou
             continue
         report.files += 1
         report.bytes += len(data)
-        revision = head if differ is not None and rel not in differ else ""
+        prefix = next(p for p in prefixes if rel.startswith(p))
+        differ = differs[prefix]
+        revision = (heads[prefix] if differ is not None and rel[len(prefix):] not in differ
+                    else "")
         yield SourceFile(rel, text, datetime.fromtimestamp(st.st_mtime, tz=UTC), revision)
 
 
