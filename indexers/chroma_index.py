@@ -38,7 +38,6 @@ import shutil
 import sqlite3
 import threading
 import uuid
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +46,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from indexers._files import file_crc32
 from indexers.base import (
     CollectionClosed,
     CollectionSpec,
@@ -444,20 +444,12 @@ def _segment_files(root: Path) -> list[Path]:
                   for p in d.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def _crc(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
 def _record_checksums(root: Path) -> None:
     """Record the size and CRC-32 of every segment file (after a clean stop). A record
     that cannot be written only means the next open checks nothing: logged."""
     tmp = root / (_CHECKSUMS + ".tmp")
     try:
-        out = {str(p.relative_to(root)): [p.stat().st_size, _crc(p)]
+        out = {str(p.relative_to(root)): [p.stat().st_size, file_crc32(p)]
                for p in _segment_files(root)}
         tmp.write_text(json.dumps(out, sort_keys=True), encoding="utf-8")
         tmp.replace(root / _CHECKSUMS)
@@ -486,7 +478,7 @@ def _check_checksums(root: Path) -> None:
     for rel, (size, crc) in sorted(recorded.items()):
         f = root / rel
         try:
-            same = f.is_file() and f.stat().st_size == size and _crc(f) == crc
+            same = f.is_file() and f.stat().st_size == size and file_crc32(f) == crc
         except OSError:
             same = False
         if not same:

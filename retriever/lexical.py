@@ -39,7 +39,6 @@ import os
 import shutil
 import threading
 import time
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,6 +48,7 @@ import tantivy
 from tantivy import Occur, Query
 
 from indexers import Filter, Payload
+from indexers._files import file_crc32
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class LexicalIndex:
             for _ in range(_CHECKSUM_ATTEMPTS):
                 try:
                     files = _committed_files(self.path)
-                    out = {n: recorded[n] if n in recorded else _crc(self.path / n)
+                    out = {n: recorded[n] if n in recorded else file_crc32(self.path / n)
                            for n in files}
                     break
                 except FileNotFoundError:
@@ -390,7 +390,7 @@ def _verify_files(path: Path) -> None:
         return
     for name in _committed_files(path):
         want = recorded.get(name)
-        if want is not None and _crc(path / name) != want:
+        if want is not None and file_crc32(path / name) != want:
             raise ValueError(f"{name} does not match its checksum")
 
 
@@ -415,9 +415,3 @@ def is_engine_error(exc: BaseException) -> bool:
     return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
-def _crc(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            crc = zlib.crc32(block, crc)
-    return crc

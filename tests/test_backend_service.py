@@ -537,6 +537,19 @@ def test_vectors_changed_in_place_are_found_and_rebuilt(tmp_path: Path,
         st.stop()
 
 
+def _once_open(c: RetrieverClient, ns: str) -> list[pb.Hit]:
+    """The hits of "rye bread" in ``ns`` once it opens: until then (within a minute) its
+    searches answer FAILED_PRECONDITION."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return list(c.search(ns, "rye bread").hits)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert time.monotonic() < deadline, exc.details()
+            time.sleep(0.2)
+
+
 def test_embedded_files_another_process_holds_are_left_alone(
         tmp_path: Path, embedder: Embedder, monkeypatch: pytest.MonkeyPatch) -> None:
     """milvus-lite's files held by another process (its lock taken) are in use, not
@@ -577,16 +590,7 @@ def test_embedded_files_another_process_holds_are_left_alone(
                 assert holder.stdin is not None
                 holder.stdin.close()  # the other process lets go
                 holder.wait(30)
-                deadline = time.monotonic() + 60
-                while True:
-                    try:
-                        hits = c.search("onmilvus", "rye bread").hits
-                        break
-                    except grpc.RpcError as exc:
-                        assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
-                        assert time.monotonic() < deadline, exc.details()
-                        time.sleep(0.2)
-                assert [h.chunk.doc_id for h in hits] == ["m"]
+                assert [h.chunk.doc_id for h in _once_open(c, "onmilvus")] == ["m"]
         finally:
             st.stop()
     finally:
@@ -629,16 +633,7 @@ def test_an_engine_server_down_at_start_leaves_the_other_namespaces_serving(
                 c.search("remote", "rye bread")
             assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             engine = _chroma_on(tmp_path / "chroma", port)
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    hits = c.search("remote", "rye bread").hits
-                    break
-                except grpc.RpcError as exc:
-                    assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
-                    assert time.monotonic() < deadline, exc.details()
-                    time.sleep(0.2)
-            assert [h.chunk.doc_id for h in hits] == ["r"]
+            assert [h.chunk.doc_id for h in _once_open(c, "remote")] == ["r"]
             c.upsert("remote", [pb.Document(doc_id="r2", content="more rye bread")])
             assert c.status("remote").document_count == 2
     finally:

@@ -38,6 +38,7 @@ def _public(cls: type) -> dict[str, Callable[..., Any]]:
 _LIFECYCLE = {"close"}  # grpc's sync channel.close() takes no grace period
 _ANNOTATION_DIFFS = {
     ("upsert_stream", "requests"),  # the async one also takes an async iterable
+    ("upsert", "documents"),        # the async one also takes an async iterable
     ("document_ids", "return"),     # Iterator[str] / AsyncIterator[str]
 }
 
