@@ -1318,11 +1318,8 @@ class FaissBackend:
                                     f"to open it; move {directory} away and it is rebuilt "
                                     "from the catalog at start")
                     return problems
-            if index_path.exists():
-                dimension = meta["dimension"] if meta else spec.dimension if spec else None
-                metric = meta["metric"] if meta else spec.metric if spec else None
-                if dimension is not None and metric is not None:
-                    _verify_snapshot(index_path, meta, dimension, metric)
+            if index_path.exists() and meta is not None:  # (without meta.json: above)
+                _verify_snapshot(index_path, meta, meta["dimension"], meta["metric"])
         except _Damaged as d:
             problems.append(str(d))
         except OSError as exc:  # a directory in a file's place, an I/O error

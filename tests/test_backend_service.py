@@ -433,11 +433,7 @@ def test_a_namespace_on_an_engine_not_installed_does_not_stop_the_others(tmp_pat
     try:
         with RetrieverClient(server.address) as c:
             assert [h.chunk.doc_id for h in c.search("onfaiss", "rye bread").hits] == ["b"]
-            with pytest.raises(grpc.RpcError) as refused:
-                c.search("onchroma", "rye bread")
-            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "chroma" in refused.value.details()
-            assert "install" in refused.value.details()
+            _refused(c, "onchroma", "chroma", "install")
             with pytest.raises(grpc.RpcError) as upsert:
                 c.upsert("onchroma", [pb.Document(doc_id="c", content="more")])
             assert upsert.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -537,6 +533,15 @@ def test_vectors_changed_in_place_are_found_and_rebuilt(tmp_path: Path,
         st.stop()
 
 
+def _refused(c: RetrieverClient, ns: str, *words: str) -> None:
+    """A search of ``ns`` answers FAILED_PRECONDITION saying each of ``words``."""
+    with pytest.raises(grpc.RpcError) as e:
+        c.search(ns, "rye bread")
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    for w in words:
+        assert w in e.value.details(), (w, e.value.details())
+
+
 def _once_open(c: RetrieverClient, ns: str) -> list[pb.Hit]:
     """The hits of "rye bread" in ``ns`` once it opens: until then (within a minute) its
     searches answer FAILED_PRECONDITION."""
@@ -559,8 +564,6 @@ def test_embedded_files_another_process_holds_are_left_alone(
     import subprocess
     import sys
 
-    import grpc
-
     import retriever.namespaces
     from retriever.server.app import ServerThread
 
@@ -579,10 +582,7 @@ def test_embedded_files_another_process_holds_are_left_alone(
         try:
             with RetrieverClient(st.address) as c:
                 assert [h.chunk.doc_id for h in c.search("onfaiss", "rye bread").hits] == ["f"]
-                with pytest.raises(grpc.RpcError) as e:
-                    c.search("onmilvus", "rye bread")
-                assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-                assert "another process" in e.value.details()
+                _refused(c, "onmilvus", "another process")
                 assert store.is_dir() and not list(store.parent.glob("*.damaged-*"))
                 assert _metric(
                     st, 'retriever_derived_files_rebuilt_total{kind="milvus_store"}') in (
@@ -604,7 +604,6 @@ def test_an_engine_server_down_at_start_leaves_the_other_namespaces_serving(
     the namespaces on other engines serve, and that namespace answers FAILED_PRECONDITION
     saying what to do (the whole server used to exit). Once the engine is back, a look-up
     opens the namespace again in the background, and it serves without a restart."""
-    import grpc
 
     import retriever.namespaces
     from retriever.server.app import ServerThread
@@ -624,14 +623,9 @@ def test_an_engine_server_down_at_start_leaves_the_other_namespaces_serving(
     try:
         with RetrieverClient(st.address) as c:
             assert [h.chunk.doc_id for h in c.search("local", "rye bread").hits] == ["l"]
-            with pytest.raises(grpc.RpcError) as e:
-                c.search("remote", "rye bread")
-            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "chroma" in e.value.details() and "bring" in e.value.details()
+            _refused(c, "remote", "chroma", "bring")
             time.sleep(1.0)  # past the retry interval: the next look-up tries, and fails
-            with pytest.raises(grpc.RpcError) as e:
-                c.search("remote", "rye bread")
-            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            _refused(c, "remote")
             engine = _chroma_on(tmp_path / "chroma", port)
             assert [h.chunk.doc_id for h in _once_open(c, "remote")] == ["r"]
             c.upsert("remote", [pb.Document(doc_id="r2", content="more rye bread")])

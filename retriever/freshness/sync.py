@@ -810,12 +810,12 @@ def _git_data_outside(dirs: Sequence[Path], roots: Sequence[Path]) -> str | None
     stores, seen = [dirs[-1]], set()
     while stores:
         store = stores.pop()
+        if not inside(store):  # (resolves it, a loop included)
+            return "an alternate object store"
         key = store.resolve()
         if key in seen:
             continue
         seen.add(key)
-        if not inside(store):
-            return "an alternate object store"
         try:
             listed = (key / "info" / "alternates").read_text("utf-8", "surrogateescape")
         except FileNotFoundError:
