@@ -724,3 +724,19 @@ def test_a_source_that_cannot_be_resolved_is_refused_and_stops_no_other(
         assert status.source is not None and status.source.error
     finally:
         svc.close()
+
+
+def test_an_alternate_store_in_a_symlink_loop_is_outside_not_a_crash(tmp_path: Path) -> None:
+    """Resolving it raised RuntimeError past the check (INTERNAL)."""
+    from retriever.freshness.sync import _git_data_outside
+
+    repo = _Repo(tmp_path / "r")
+    repo.write("a.md", "# A\n")
+    repo.commit()
+    objects = repo.root / ".git" / "objects"
+    (tmp_path / "l1").symlink_to(tmp_path / "l2")
+    (tmp_path / "l2").symlink_to(tmp_path / "l1")
+    (objects / "info").mkdir(exist_ok=True)
+    (objects / "info" / "alternates").write_text(f"{tmp_path / 'l1'}\n")
+    git_dir = repo.root / ".git"
+    assert _git_data_outside([git_dir, git_dir, objects], [tmp_path]) is not None
