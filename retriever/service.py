@@ -63,7 +63,7 @@ from retriever.freshness.sync import (
 from retriever.ingest.chunking import ChunkerSet
 from retriever.ingest.pipeline import Ingestor, service_chunkers
 from retriever.models.batcher import MicroBatcher
-from retriever.models.embed_cache import EmbeddingCache
+from retriever.models.embed_cache import EmbeddingCache, open_cache
 from retriever.models.embedder import Embedder
 from retriever.models.reranker import Reranker
 from retriever.namespaces import Namespaces, ReindexResult
@@ -153,8 +153,8 @@ class RetrieverService:
         if self.reranker.configured and not self.reranker.loaded:
             self.reranker.load()
         if s.embed_cache_dir is not None:
-            self._embed_cache = EmbeddingCache(s.embed_cache_dir, self.embedder.revision,
-                                               self.embedder.dimension)
+            self._embed_cache = open_cache(s.embed_cache_dir, self.embedder.revision,
+                                           self.embedder.dimension)
         self.chunkers = service_chunkers(s, self.embedder)
         try:
             self.reconcile_report = self.namespaces.open_all()

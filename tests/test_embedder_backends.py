@@ -7,8 +7,10 @@ int8 build (calibrated on a small sample) happen once, the later loads reuse the
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -165,6 +167,42 @@ def test_verdict_file_round_trip_merges_and_survives_damage(tmp_path: Path) -> N
     assert len(got) == 2 and got[a.key].passed and got[b.key] == b
     path.write_text("{not json")
     assert calibration.read_verdicts(path) == []
+
+
+def test_a_verdict_not_well_formed_is_ignored_never_a_pass_or_a_failed_start(
+        tmp_path: Path) -> None:
+    """Each ill-typed verdict is dropped with a warning and the rest are read; a file whose
+    "verdicts" is not a list reads as none (each of these raised out of the start, and
+    "passed": "false" counted as a pass)."""
+    path = tmp_path / "verdicts.json"
+    good = {"weights_revision": "w", "backend": "openvino", "precision": "fp32",
+            "cpu": "avx2", "passed": True, "speedup": 1.5}
+    bad = [1, "x", None, [], {**good, "passed": "false", "precision": "int8"},
+           {**good, "cpu": ["avx2"]}, {**good, "speedup": "fast", "precision": "bf16"},
+           {**good, "speedup": float("nan"), "backend": "torch"},
+           {**good, "speedup": True, "backend": "t2"}, {**good, "speedup": -1, "cpu": "c2"},
+           {**good, "detail": "text", "cpu": "c3"}, {**good, "weights_revision": ""},
+           {**good, "interchangeable": 1, "cpu": "c4"}]
+    path.write_text(json.dumps({"verdicts": [*bad, good]}))
+    assert calibration.read_verdicts(path) == [Verdict(**good)]
+    for body in ({"verdicts": None}, {"verdicts": {"a": 1}}, {"verdicts": "x"}, [good], 3):
+        path.write_text(json.dumps(body))
+        assert calibration.read_verdicts(path) == []
+        assert calibration.read_all_verdicts([path, path]) == []
+
+
+def test_auto_with_a_precision_torch_cannot_run_here_is_refused_before_start() -> None:
+    """`auto` falls back to torch at the configured precision: fp16 on a CPU is refused by
+    the preflight (one line at `serve`), not by a traceback after the weights load."""
+    from retriever.models.embedder import preflight
+
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        preflight(Settings(embedder_backend="auto", embedder_precision="fp16",
+                           embedder_device="cpu"))
+    preflight(Settings(embedder_backend="auto", embedder_precision="int8",
+                       embedder_device="cpu"))  # falls back to fp32: fine
+    preflight(Settings(embedder_backend="auto", embedder_precision="fp32",
+                       embedder_device="cpu"))
 
 
 # -- the real model ------------------------------------------------------------------------
@@ -363,6 +401,44 @@ def test_a_damaged_cache_entry_is_rebuilt(ov_fp32: Embedder, reference: np.ndarr
     again = Embedder(ov_settings(data_dir, "fp32"))
     again.load()
     assert again._ov.reused
+
+
+@pytest.mark.integration
+def test_a_cached_graph_of_another_pipeline_around_the_same_weights_is_rebuilt(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The cache key names the weights: a model whose pooling changed (CLS instead of mean)
+    kept being served from the mean-pooled graph. A read entry is checked against torch as a
+    build is; a build cut short (its temporary entry) is removed at the next load."""
+    from retriever.models.embedder import default_model_path
+
+    src, model = Path(default_model_path()), tmp_path / "all-MiniLM-L6-v2"
+    model.mkdir()
+    for f in src.iterdir():
+        if f.name != "1_Pooling":
+            (model / f.name).symlink_to(f)
+    shutil.copytree(src / "1_Pooling", model / "1_Pooling")
+    data = tmp_path / "data"
+    first = Embedder(ov_settings(data, "fp32", embedder_model=str(model)))
+    first.load()
+    mean = first.embed(TEXTS[:6])
+    stale = data / "models" / f".{first._ov.directory.name}.tmp"
+    stale.mkdir()
+    (stale / "model.bin").write_bytes(b"half")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    conf = json.loads((model / "1_Pooling" / "config.json").read_text())
+    conf.update(pooling_mode_cls_token=True, pooling_mode_mean_tokens=False)
+    (model / "1_Pooling" / "config.json").write_text(json.dumps(conf))
+    cls_torch = Embedder(make_settings(data, embedder_backend="torch",
+                                       embedder_model=str(model)))
+    cls_torch.load()
+    want = cls_torch.embed(TEXTS[:6])
+    assert cosines(want, mean).min() < 0.99  # the two pipelines really differ
+    with caplog.at_level(logging.INFO, logger="retriever.models._openvino"):
+        second = Embedder(ov_settings(data, "fp32", embedder_model=str(model)))
+        second.load()
+    assert not second._ov.reused and "rebuilding it" in caplog.text
+    assert cosines(second.embed(TEXTS[:6]), want).min() > 0.999
+    assert not stale.exists()
 
 
 @pytest.mark.integration

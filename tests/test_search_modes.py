@@ -333,6 +333,65 @@ def test_the_embedding_cache_makes_a_reindex_embed_nothing(tmp_path: Path,
     assert n.fetchone()[0] == embedded[0]
 
 
+def test_a_damaged_embedding_cache_never_reaches_the_catalog(tmp_path: Path,
+                                                            embedder: Embedder) -> None:
+    """Entries overwritten in place (NaN, not of unit length, cut short) are misses: the
+    texts are embedded again and the catalog holds unit vectors; a cache file that is not
+    SQLite is moved aside, and one that cannot be made leaves the service without a cache.
+    None of it fails the start or an upsert."""
+    import sqlite3 as sq
+
+    cache = tmp_path / "cache"
+    docs = [pb.Document(doc_id=k, content=v) for k, v in CORPUS.items()]
+
+    def run(data: str, cache_dir: Path) -> list[float]:
+        st = ServerThread(make_settings(tmp_path / data, embed_cache_dir=cache_dir),
+                          embedder).start()
+        try:
+            with RetrieverClient(st.address) as c:
+                assert c.upsert("cached", docs).chunks_embedded > 0
+                hits = c.stub.Search(pb.SearchRequest(namespace="cached", query="knead dough",
+                                                      top_k=3, mode=pb.DENSE)).hits
+                assert hits[0].chunk.doc_id == "docs/bread.md"
+                return [h.score for h in hits]
+        finally:
+            st.stop()
+
+    run("data0", cache)
+    db = sq.connect(cache / "embeddings.sqlite3")
+    keys = [k for (k,) in db.execute("SELECT key FROM vectors ORDER BY key")]
+    assert len(keys) >= 3
+    rng = np.random.default_rng(0)
+    damage = [np.full(384, np.nan, np.float32).tobytes(),
+              (rng.standard_normal(384) * 7).astype(np.float32).tobytes(),
+              np.ones(100, np.float32).tobytes()]
+    for i, k in enumerate(keys):
+        db.execute("UPDATE vectors SET vector = ? WHERE key = ?", (damage[i % 3], k))
+    db.commit()
+    db.close()
+    scores = run("data1", cache)
+    assert all(-1.0 <= s <= 1.0 for s in scores), scores
+    cat = sq.connect(tmp_path / "data1" / "catalog.sqlite3")
+    norms = [float(np.linalg.norm(np.frombuffer(v, np.float32))) for (v,) in
+             cat.execute("SELECT vector FROM chunks WHERE vector IS NOT NULL")]
+    cat.close()
+    assert norms and all(abs(n - 1) < 1e-3 for n in norms), norms
+    db = sq.connect(cache / "embeddings.sqlite3")  # the damaged entries were replaced
+    stored = [np.frombuffer(v, np.float32) for (v,) in db.execute("SELECT vector FROM vectors")]
+    db.close()
+    assert stored and all(v.size == 384 and abs(np.linalg.norm(v) - 1) < 1e-3
+                          for v in stored)
+
+    (cache / "embeddings.sqlite3").write_bytes(rng.bytes(4096))  # not a database at all
+    for suffix in ("-wal", "-shm"):
+        (cache / f"embeddings.sqlite3{suffix}").unlink(missing_ok=True)
+    run("data2", cache)
+    assert list(cache.glob("embeddings.sqlite3.damaged-*"))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    run("data3", blocked)  # no cache at all: the upsert embeds and commits
+
+
 def test_near_ubiquitous_query_terms_are_left_out_of_the_fts5_lexical_query(
         tmp_path: Path, embedder: Embedder) -> None:
     """On the FTS5 engine (which scores every match), a term in more than

@@ -47,6 +47,8 @@ FORMAT = 1  # bumped when what a cache entry holds changes: older entries are re
 FLOAT_MIN_COSINE = 0.999
 INT8_MEAN_COSINE = 0.98
 VERIFY_TEXTS = 16
+# A build's temporary entry untouched this long was left by a build cut short.
+STALE_TMP_S = 600.0
 
 # (texts) -> features as the model's own preprocess makes them (numpy, int64, padded).
 Tokenize = Callable[[Sequence[str]], dict[str, np.ndarray]]
@@ -139,9 +141,15 @@ def load(torch_model: Any, *, cache_root: Path, weights_revision: str, precision
     directory = cache_root / key
     core = ov.Core()
     config = compile_config(precision, threads, bf16_native)
+    _remove_stale_temporaries(cache_root)
     if directory.exists():
         try:
-            return _read(core, directory, config, key, weights_revision, precision, cpu)
+            model = _read(core, directory, config, key, weights_revision, precision, cpu)
+            # The key names the weights only: a pipeline changed around the same weights
+            # (pooling, normalisation, sequence length) must not be served from a graph
+            # traced before. Checked against torch, as a build is.
+            verify(model, tokenize, reference, verify_texts, precision)
+            return model
         except Exception as exc:  # any damage: rebuild, never fail start-up over a cache
             log.warning("cached OpenVINO model %s is unusable (%s: %s); rebuilding it",
                         directory, type(exc).__name__, exc)
@@ -347,6 +355,24 @@ def _save(ov: Any, graph: Any, directory: Path, prov: Provenance) -> bool:
             _remove(tmp)
         except OSError:
             log.warning("could not remove the temporary model files %s", tmp)
+
+
+def _remove_stale_temporaries(cache_root: Path) -> None:
+    """Remove what a build cut short (a kill during `_save`) left: entries being written
+    are ``.<key>.tmp``. Only those untouched for STALE_TMP_S: a data dir's lock keeps
+    other servers out, but a models directory may be shared through a link."""
+    try:
+        found = list(cache_root.glob(".*-openvino-*.tmp"))
+    except OSError:
+        return
+    for tmp in found:
+        try:
+            if time.time() - tmp.lstat().st_mtime > STALE_TMP_S:
+                _remove(tmp)
+                log.info("removed %s, left by a model build that was cut short", tmp)
+        except OSError as exc:
+            log.warning("could not remove %s, left by a model build that was cut short "
+                        "(%s)", tmp, exc)
 
 
 def _remove(path: Path) -> None:

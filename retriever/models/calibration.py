@@ -28,6 +28,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -107,7 +108,9 @@ class Verdict:
 
 
 def read_verdicts(path: Path) -> list[Verdict]:
-    """The verdicts in ``path``; none when it is missing or unreadable (logged)."""
+    """The verdicts in ``path``; none when it is missing or unreadable, and none of those
+    that are not well-formed (each logged): a damaged file reads as no verdicts, never as a
+    wrong one ("passed": "false" is not a pass) nor as a failed start."""
     try:
         obj = json.loads(path.read_text())
     except FileNotFoundError:
@@ -115,14 +118,40 @@ def read_verdicts(path: Path) -> list[Verdict]:
     except (OSError, ValueError) as exc:
         log.warning("ignoring the embedder verdict file %s: %s", path, exc)
         return []
+    items = obj.get("verdicts") if isinstance(obj, dict) else None
+    if not isinstance(items, list):
+        log.warning("ignoring the embedder verdict file %s: no list under \"verdicts\"", path)
+        return []
     out = []
-    names = set(Verdict.__dataclass_fields__)
-    for item in obj.get("verdicts", []) if isinstance(obj, dict) else []:
+    for item in items:
         try:
-            out.append(Verdict(**{k: v for k, v in item.items() if k in names}))
-        except TypeError as exc:
+            out.append(_verdict(item))
+        except (TypeError, ValueError) as exc:
             log.warning("ignoring a malformed verdict in %s: %s", path, exc)
     return out
+
+
+def _verdict(item: object) -> Verdict:
+    """A verdict from its JSON object, every field of its type (TypeError/ValueError)."""
+    if not isinstance(item, dict):
+        raise TypeError(f"a verdict is an object, not {type(item).__name__}")
+    names = set(Verdict.__dataclass_fields__)
+    v = Verdict(**{k: val for k, val in item.items() if k in names})
+    for name in ("weights_revision", "backend", "precision", "cpu"):
+        value = getattr(v, name)
+        if not isinstance(value, str) or not value:
+            raise TypeError(f"{name} must be a non-empty string, not {value!r}")
+    for name in ("passed", "interchangeable"):
+        if not isinstance(getattr(v, name), bool):
+            raise TypeError(f"{name} must be true or false, not {getattr(v, name)!r}")
+    if (isinstance(v.speedup, bool) or not isinstance(v.speedup, int | float)
+            or not math.isfinite(v.speedup) or v.speedup <= 0):
+        raise ValueError(f"speedup must be a positive number, not {v.speedup!r}")
+    if not isinstance(v.measured_at, str) or not isinstance(v.cpu_model, str):
+        raise TypeError("measured_at and cpu_model must be strings")
+    if not isinstance(v.detail, dict):
+        raise TypeError(f"detail must be an object, not {type(v.detail).__name__}")
+    return v
 
 
 # The verdicts measured for the packaged model (bench/bench_backends.py --verdicts THIS).

@@ -125,6 +125,10 @@ class Embedder:
         # Identity of the weights, before any precision change: stable across machines.
         self.weights_revision = _state_hash(model)
         log.debug("model read in %.2fs, hashed in %.2fs", t1 - t0, time.perf_counter() - t1)
+        if s.embedder_verdicts_file is not None and not s.embedder_verdicts_file.exists():
+            log.warning("embedder_verdicts_file %s does not exist: no verdicts, so `auto` "
+                        "runs torch and int8 vectors do not share namespaces with float ones",
+                        s.embedder_verdicts_file)
         verdicts = calibration.read_all_verdicts(self.verdict_files)
         self.int8_equivalent = calibration.int8_interchangeable(verdicts, self.weights_revision)
         if backend == "auto":
@@ -812,6 +816,10 @@ def preflight(s: Settings) -> None:
     check_backend(backend, device, precision)
     if backend != "auto" and precision != "auto":
         check_precision(device, precision, backend)
+    elif backend == "auto" and precision not in ("auto", "int8"):
+        # `auto` runs torch at this precision when no faster candidate passed its gate
+        # (int8 has no torch form: fp32 then): it must be one torch can run here.
+        check_precision(device, precision, "torch")
 
 
 def default_precision(backend: str, device: str, precision: str) -> str:
