@@ -419,6 +419,21 @@ def test_sentences_offsets_inside_a_larger_text() -> None:
     assert sentences("... !!! ??? Yes. No.", 0, 20)[0].start == 0  # no wordless sentence
 
 
+def test_cjk_sentences_end_without_a_space_and_cjk_prose_is_not_data() -> None:
+    """A CJK full stop, exclamation or question mark needs no space after it; a long run of
+    unspaced CJK prose is text (it was taken for base64 and the whole document windowed)."""
+    c = "这是第一句。这是第二句！第三句吗？「第四句。」最后"
+    units = sentences(c, 0, len(c))
+    assert [text(c, u) for u in units] == [
+        "这是第一句。", "这是第二句！", "第三句吗？", "「第四句。」", "最后"]
+    doc = "# 标题\n\n" + "这是一个中文句子。" * 300 + "\n\n## 第二节\n\n短段落。\n"
+    spans = sections(30).chunk(doc, path="doc.md", language="markdown")
+    assert {s.fallback for s in spans} == {""}
+    assert_exact(doc, spans)
+    assert_covers(doc, spans)
+    assert spans[0].symbol.startswith("标题")  # read by its headings
+
+
 def test_text_outline_is_paragraphs() -> None:
     c = "  indented first line\nsecond\n\n\n\t\nlast.\n"
     a, b = outline_text(c)
@@ -579,7 +594,7 @@ def test_pathological_lines_are_linear(name: str) -> None:
 
 def sections(budget: int, overlap: int = 2) -> StructuredChunker:
     windows = WindowChunker(ws_count, ws_offsets, budget, overlap)
-    return StructuredChunker("sections/v5", OUTLINERS, windows, ws_count,
+    return StructuredChunker("sections/v6", OUTLINERS, windows, ws_count,
                              prose=frozenset(OUTLINERS))
 
 

@@ -97,7 +97,7 @@ def chunks_of(client: RetrieverClient, doc_id: str) -> list[pb.Chunk]:
 
 def test_code_chunks_are_whole_definitions_with_symbols(client: RetrieverClient) -> None:
     chunks = chunks_of(client, "src/session.py")
-    assert {c.chunker for c in chunks} == {"syntax/v4"}
+    assert {c.chunker for c in chunks} == {"syntax/v5"}
     assert all(c.fallback_reason == "" for c in chunks)
     by_symbol = {c.symbol: c for c in chunks}
     # The docstring and two imports are too small to stand alone: they lead the first chunk.
@@ -117,7 +117,7 @@ def test_code_chunks_are_whole_definitions_with_symbols(client: RetrieverClient)
 
 def test_docs_chunk_by_heading_with_the_heading_path(client: RetrieverClient) -> None:
     chunks = chunks_of(client, "docs/bread.md")
-    assert {c.chunker for c in chunks} == {"sections/v5"}
+    assert {c.chunker for c in chunks} == {"sections/v6"}
     assert all(c.symbol.startswith("Baking bread") for c in chunks)
     fence = [c for c in chunks if "knead(dough" in c.text]
     assert len(fence) == 1 and "```python" in fence[0].text and fence[0].text.count("```") == 2
@@ -178,7 +178,7 @@ def test_fallbacks_are_recorded_on_the_chunk(client: RetrieverClient) -> None:
     # A file of no known format is prose: paragraphs and sentences.
     notes = chunks_of(client, "notes.xyz")
     assert [(c.chunker, c.kind, c.fallback_reason) for c in notes] == [
-        ("sections/v5", "paragraph", "")]
+        ("sections/v6", "paragraph", "")]
 
 
 def test_inputs_that_break_a_grammar_get_windows_and_the_server_lives_on(
@@ -220,13 +220,13 @@ def test_code_is_cut_between_lines_even_where_siblings_share_them(
 def test_language_override_picks_the_chunker(client: RetrieverClient) -> None:
     client.upsert(NS, [doc("bin/tool", "def main():\n    return 0\n", language="python")])
     chunks = chunks_of(client, "bin/tool")
-    assert [c.chunker for c in chunks] == ["syntax/v4"] and chunks[0].language == "python"
+    assert [c.chunker for c in chunks] == ["syntax/v5"] and chunks[0].language == "python"
     assert chunks[0].symbol == "def main" and chunks[0].kind == "function"
     # Named as people write it: the chunker and the stored language are the same, and a
     # filter written either way finds it.
     client.upsert(NS, [doc("bin/tool2", "def other():\n    return 1\n", language=" Python ")])
     chunks = chunks_of(client, "bin/tool2")
-    assert [c.chunker for c in chunks] == ["syntax/v4"] and chunks[0].language == "python"
+    assert [c.chunker for c in chunks] == ["syntax/v5"] and chunks[0].language == "python"
     for name in ("python", "PY"):
         hits = client.search(NS, "def other", top_k=5, mode="lexical",
                              filter=pb.SearchFilter(languages=[name])).hits
@@ -313,7 +313,7 @@ def test_a_chunking_change_re_chunks_instead_of_unchanged(tmp_path: Path,
             RetrieverClient(st.address) as c:
         r = c.upsert(NS, [doc("src/session.py", PY)]).results[0]
         assert r.status == pb.DocumentResult.UPDATED and r.chunks_embedded > 0
-        assert {x.chunker for x in chunks_of(c, "src/session.py")} == {"syntax/v4"}
+        assert {x.chunker for x in chunks_of(c, "src/session.py")} == {"syntax/v5"}
         assert c.upsert(NS, [doc("src/session.py", PY)]).results[0].status == \
             pb.DocumentResult.UNCHANGED
 
@@ -342,3 +342,27 @@ def test_a_chunk_budget_no_larger_than_the_overlap_is_refused(embedder: Embedder
         embedder.special_tokens + HEADER_TOKENS)
     with pytest.raises(ValueError, match=f"must exceed overlap_tokens {budget}"):
         text_budget(Settings(overlap_tokens=budget), embedder)
+
+
+def test_a_split_piece_keeps_its_signature_in_the_header(embedder: Embedder) -> None:
+    """A piece of a split definition carries its enclosing signature: a long one (20 % of
+    the stdlib's split pieces) was dropped whole for the symbol; now the symbol's outer
+    levels and the symbol give way first, then the signature's end. Plain symbols still
+    lose their outer levels only. Every header fits HEADER_TOKENS in the model's tokens."""
+    from retriever.ingest.pipeline import HEADER_TOKENS, chunk_headers
+
+    sig = ("def request(self, method, url, params=None, data=None, headers=None, "
+           "cookies=None, files=None, auth=None, timeout=None, allow_redirects=True, "
+           "proxies=None, hooks=None, stream=None, verify=None, cert=None, json=None):")
+    short = "def get(self, url, **kwargs):"
+    items = [("class Session > def request", sig), ("class Session > def get", short),
+             ("class Session", ""), ("", sig)]
+    out = chunk_headers("src/requests/sessions.py", "python", items, embedder.count_tokens)
+    for text, n in out:
+        assert embedder.count_tokens([text])[0] == n <= HEADER_TOKENS, text
+    long_piece, short_piece, plain, bare = (t for t, _ in out)
+    assert "def request(self, method, url, params=None" in long_piece
+    assert sig not in long_piece  # cut at a word to fit
+    assert short_piece.endswith("class Session > def get\n" + short + "\n")
+    assert plain.endswith("class Session\n")
+    assert "def request(self, method" in bare

@@ -1052,19 +1052,40 @@ def test_syntax_error_falls_back(language: str) -> None:
     assert caught.value.reason == "parse-error"
 
 
+@pytest.mark.parametrize(("language", "content"), [
+    ("cpp", "namespace g {\nint f() {\n  return 1;\n}\nint h() {\n  return 2;\n}\n}; // g\n"),
+    ("typescript", "namespace N {\n  export function f() {\n    return 1;\n  }\n};\n"),
+    ("javascript", "class A {\n  m() {\n    return 1;\n  }\n};\n"),
+    ("php", "<?php\nclass A {\n  function m() {\n    return 1;\n  }\n};\n"),
+    ("rust", "mod m {\n    fn f() -> i32 {\n        1\n    }\n};\n"),
+])
+def test_a_semicolon_after_a_container_ends_it(language: str, content: str) -> None:
+    """'}; // namespace g': the ';' is a named empty statement in these grammars; as a unit
+    of its own it started mid-line, so the packer joined it to the container as one
+    anonymous segment, and an oversized container was cut by windows without its inner
+    units (no symbols, fitting functions split)."""
+    units = OUTLINERS[language](content)
+    check_outline(content, units)
+    container = units[-1]
+    assert container.children, (container.kind, container.name)
+    assert "};" in content[container.start:container.end].splitlines()[-1]
+
+
 def test_yaml_nested_past_the_scanners_state_falls_back_in_a_live_process() -> None:
     """tree-sitter-yaml's scanner kills the process past ~250 indentation levels: such YAML
     must never reach it (run in a child process, so a regression fails, not crashes)."""
     code = ("from retriever.ingest.chunking.syntax import OUTLINERS, Fallback\n"
             "cases = [''.join(' ' * i + f'k{i}:\\n' for i in range(260)) + ' ' * 260 + 'v\\n',"
-            " '- ' * 300 + 'x\\n', ''.join(' ' * i + '-\\n' for i in range(300))]\n"
+            " '- ' * 300 + 'x\\n', ''.join(' ' * i + '-\\n' for i in range(300)),"
+            # compact levels held for the lines below: 3 lines of 100, each deeper
+            " ''.join(' ' * (200 * i) + '- ' * 100 + f'x{i}:\\n' for i in range(3))]\n"
             "for c in cases:\n"
             "    try:\n        OUTLINERS['yaml'](c); print('outlined')\n"
             "    except Fallback as f:\n        print(f.reason)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
-    assert done.stdout.split() == ["too-deep"] * 3
+    assert done.stdout.split() == ["too-deep"] * 4
     # Ordinary nesting is still outlined.
     assert syntax._yaml_levels("a:\n  b:\n    - c: 1\n      d: [1, 2]\n") <= 4
     assert OUTLINERS["yaml"]("".join(" " * (2 * i) + f"k{i}:\n" for i in range(40))
@@ -1174,7 +1195,7 @@ def test_snippet_mixes_outline_or_fall_back(language: str, content: str) -> None
 # -- end to end: packed by StructuredChunker --------------------------------------------------
 def chunker(budget: int) -> StructuredChunker:
     windows = WindowChunker(ws_count, ws_offsets, budget, overlap=4)
-    return StructuredChunker("syntax/v4", OUTLINERS, windows, ws_count)
+    return StructuredChunker("syntax/v5", OUTLINERS, windows, ws_count)
 
 
 def words(text: str) -> int:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -75,7 +76,7 @@ def _crash_if_armed(armed: frozenset[str], point: str) -> None:
 HEADER_TOKENS = 48
 PATH_TOKENS = 24
 # Changes whenever the header's format does: part of every document's chunking signature.
-HEADER_FORMAT = "h2"
+HEADER_FORMAT = "h3"
 
 
 def text_budget(settings: Settings, embedder: Embedder) -> int:
@@ -124,7 +125,8 @@ def chunk_headers(path: str, language: str, items: Sequence[tuple[str, str]],
         <context>    the enclosing signature of a piece of a split definition, when any
 
     within HEADER_TOKENS tokens: the path is cut from the left to PATH_TOKENS (the file name
-    matters most), the context is dropped first, then the symbol's outer levels. Returns
+    matters most); a piece with a context keeps it (the symbol's outer levels go first, then
+    the symbol, then the context's end), one without drops the symbol's outer levels. Returns
     (header, tokens) per item."""
     def first_line(p: str) -> str:  # plain text says nothing by its language
         return f"{p} ({language})\n" if language not in ("", "text") else f"{p}\n"
@@ -145,16 +147,44 @@ def chunk_headers(path: str, language: str, items: Sequence[tuple[str, str]],
     done: dict[tuple[str, str], tuple[str, int]] = {}
     for symbol, context in pairs:
         sym, sym_n = symbol, counts.get(symbol, 0)
-        while sym_n > room and " > " in sym:  # drop outer levels: the innermost names it
-            sym = sym.split(" > ", 1)[1]
-            sym_n = count_tokens([sym + "\n"])[0]
-        if sym_n > room:
-            sym, sym_n = "", 0
-        ctx_n = counts.get(context, 0)
-        ctx = context if context and context != sym and sym_n + ctx_n <= room else ""
+        ctx, ctx_n = (context, counts.get(context, 0)) if context != symbol else ("", 0)
+        if ctx:
+            # A split piece carries its enclosing signature: the symbol's outer levels go
+            # first, then the symbol (its last level names what the signature says), then
+            # the signature's end.
+            while sym_n + ctx_n > room and " > " in sym:
+                sym = sym.split(" > ", 1)[1]
+                sym_n = count_tokens([sym + "\n"])[0]
+            if sym_n + ctx_n > room:
+                sym, sym_n = "", 0
+            if ctx_n > room:
+                ctx, ctx_n = _cut_to_tokens(ctx, room, count_tokens)
+        else:
+            while sym_n > room and " > " in sym:  # drop outer levels: the innermost names it
+                sym = sym.split(" > ", 1)[1]
+                sym_n = count_tokens([sym + "\n"])[0]
+            if sym_n > room:
+                sym, sym_n = "", 0
         text = head + (sym + "\n" if sym else "") + (ctx + "\n" if ctx else "")
-        done[(symbol, context)] = (text, n + sym_n + (ctx_n if ctx else 0))
+        done[(symbol, context)] = (text, n + sym_n + ctx_n)
     return [done.get((s, c), (head, n)) for s, c in items]
+
+
+def _cut_to_tokens(line: str, room: int, count_tokens: TokenCounter) -> tuple[str, int]:
+    """The longest prefix of ``line`` ending at a word whose line ("prefix\\n") counts at
+    most ``room`` tokens, and its count; ("", 0) when not even one word fits."""
+    ends = [m.start() for m in re.finditer(r"\s+", line.strip())] + [len(line.strip())]
+    best, best_n = "", 0
+    lo, hi = 0, len(ends) - 1
+    while lo <= hi:  # counts grow with the prefix
+        mid = (lo + hi) // 2
+        cand = line.strip()[:ends[mid]]
+        c = count_tokens([cand + "\n"])[0]
+        if c <= room:
+            best, best_n, lo = cand, c, mid + 1
+        else:
+            hi = mid - 1
+    return best, best_n
 
 
 def make_chunk_id(chunker: str, namespace: str, doc_id: str, path: str, text: str,
@@ -215,11 +245,13 @@ class Ingestor:
             raise ValueError(f"unknown fault_points {sorted(unknown)}; known: {FAULT_POINTS}")
 
     def upsert(self, namespace: str, docs: Sequence[Document],
-               token: CallToken = NEVER, *, create: bool = True) -> UpsertResult:
+               token: CallToken = NEVER, *, create: bool = True,
+               incarnation: object = None) -> UpsertResult:
         """Commit ``docs`` as one unit. Nothing commits once ``token`` says the caller is
         gone (checked while waiting for the namespace and the model, and right before the
         commit). A missing namespace is created, unless ``create`` is False (a sync's later
-        batches: a namespace deleted meanwhile stays deleted): then NotFound."""
+        batches: a namespace deleted meanwhile stays deleted): then NotFound, as when
+        ``incarnation`` (a namespace's ``created_at``) is not the namespace's now."""
         validation.namespace_name(namespace)
         validation.documents(docs, self._settings)
         pre = self._prefetch(namespace, docs, token, create)
@@ -231,6 +263,7 @@ class Ingestor:
             with self._metrics.stage("lock_wait"):
                 token.acquire(handle.write_lock, "the upsert started")
             try:
+                _require_incarnation(handle, incarnation)
                 if not handle.deleted:  # else deleted meanwhile: upsert re-creates it
                     return self._upsert_locked(handle, docs, token, pre)
                 if not create:
@@ -524,7 +557,7 @@ class Ingestor:
             m.chunks_reused.labels(label).inc(r.chunks_reused)
 
     def delete(self, namespace: str, doc_ids: Sequence[str],
-               token: CallToken = NEVER) -> DeleteResult:
+               token: CallToken = NEVER, *, incarnation: object = None) -> DeleteResult:
         validation.namespace_name(namespace)
         validation.doc_ids(doc_ids, self._settings)
         handle = self._namespaces.get(namespace)
@@ -532,6 +565,7 @@ class Ingestor:
             token.acquire(handle.write_lock, "the delete started")
         try:
             handle.require_live()
+            _require_incarnation(handle, incarnation)
             with handle.visibility.write():
                 token.check("the delete")
                 deleted, vector_ids, version = self._catalog.delete_documents(namespace, doc_ids)
@@ -555,6 +589,14 @@ def _head_ids(docs: Sequence[Document]) -> list[str]:
 def _moves(docs: Sequence[Document], heads: dict[str, DocHead]) -> list[str]:
     """The documents these move from that exist: removed by the upsert's commit."""
     return [d.moved_from for d in docs if d.moved_from and d.moved_from in heads]
+
+
+def _require_incarnation(handle: NamespaceHandle, incarnation: object) -> None:
+    """NotFound when ``incarnation`` is given and ``handle`` is not that namespace (it was
+    deleted and created again under its name)."""
+    if incarnation is not None and handle.record.created_at != incarnation:
+        raise NotFound(f"namespace {handle.name!r} was deleted (and created again) while this "
+                       "sync ran; the new namespace is not this sync's", field="namespace")
 
 
 def _discard_staged(handle: NamespaceHandle, catalog: Catalog, vector_ids: list[int]) -> None:

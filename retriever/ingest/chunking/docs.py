@@ -121,7 +121,9 @@ def _indent(t: str) -> int:
 # The end of a sentence: a run of terminal punctuation (not inside a run: the lookbehind keeps
 # the scan linear on a line of dots), any closing quotes or brackets, then whitespace or the
 # end of the paragraph. Candidates are then vetted in Python.
-_SENTENCE_END = re.compile(r"(?<![.!?\u2026])[.!?\u2026]++[\"'\u2019\u201d)\]\u00bb*_]*+(?=\s|\Z)")
+# A CJK full stop, exclamation or question mark ends a sentence with no space after it.
+_SENTENCE_END = re.compile(r"(?<![.!?\u2026])[.!?\u2026]++[\"'\u2019\u201d)\]\u00bb*_]*+(?=\s|\Z)"
+                           r"|[\u3002\uff01\uff1f]++[\u300d\u300f\uff09\u201d\u2019]*+")
 _ABBREVIATIONS = frozenset({
     "e.g", "i.e", "etc", "vs", "cf", "al", "approx", "ca", "viz", "resp", "dr", "mr", "mrs", "ms",
     "mx", "prof", "sr", "jr", "st", "mt", "rev", "gen", "capt", "lt", "sgt", "fig", "figs",

@@ -92,6 +92,9 @@ class _Seg:
     unit: Unit | None  # None: a head or tail piece of the parent
     kind: str
     tokens: int = 0
+    # Where the unit's own lines start: the segment begins earlier when it took the gap
+    # before the unit (comments, blank lines); -1: at ``start``.
+    own: int = -1
 
 
 @dataclass(slots=True)
@@ -215,13 +218,14 @@ class StructuredChunker:
         # Lines before the first unit: inside a parent, its head (signature, and comments
         # above the first child), a piece of its own that usually merges into the first
         # child's chunk; at top level, the first unit takes them (its leading comments).
+        own = list(starts)
         if parent is not None and content[lo:starts[0]].strip():
             segs.append(_Seg(lo, starts[0], None, head_kind))
         else:
             starts[0] = lo
         for i, u in enumerate(clean):
             s = starts[i] if i == 0 else ends[i - 1]  # the gap goes to the unit that follows
-            segs.append(_Seg(s, ends[i], u, u.kind))
+            segs.append(_Seg(s, ends[i], u, u.kind, own=own[i] if own[i] > s else -1))
         # Lines after the last unit: a piece of their own (inside a parent, its tail; at top
         # level, text no unit claims), so that a last unit that fits is not split because
         # of them. The rest of the last unit's own line stays with it.
@@ -249,7 +253,8 @@ class StructuredChunker:
                   context: str, depth: int = 0, parent_kind: str = "") -> list[_Piece]:
         """Pieces for a sequence of siblings under symbol ``path``."""
         small = self.budget * SMALL_SHARE
-        segs = self._absorb_tiny(segs)
+        segs = self._absorb_tiny(self._unglue(content, lines, segs,
+                                              parent_kind or "statements"))
         out: list[_Piece | list[_Seg]] = []
         run: list[_Seg] = []  # mergeable neighbours, packed together at the next break
         for g in segs:
@@ -336,6 +341,53 @@ class StructuredChunker:
         return (bool(run) and all(x.unit is not None and x.unit.standalone for x in run)
                 and sum(x.tokens for x in run) + g.tokens <= self.budget
                 and g.end - run[0].start <= self.max_chars)
+
+    def _unglue(self, content: str, lines: _Lines, segs: list[_Seg], gap_kind: str
+                ) -> list[_Seg]:
+        """A unit that fits the budget with its doc comment (the lines right above it, no
+        blank line between) but not with the whole gap before it (a block of comments
+        further up) is cut from the rest of that gap at the earliest line that leaves it
+        fitting; the rest becomes a piece of its own that may merge with its neighbours.
+        A definition that fits is then never split. (One whose doc comment alone makes it
+        too big is split at its inner units, the comment travelling with its head.)"""
+        out: list[_Seg] = []
+        for g in segs:
+            if (g.unit is not None and g.own > g.start and self._oversized(g)
+                    and content[g.start:g.own].strip()):
+                cut = self._gap_cut(content, lines, g)
+                if cut is not None:
+                    gap_n, own_n = lines.tokens.counts(  # type: ignore[union-attr]
+                        [(g.start, cut), (cut, g.end)])
+                    out.append(_Seg(g.start, cut, None, gap_kind, gap_n))
+                    out.append(_Seg(cut, g.end, g.unit, g.kind, own_n))
+                    continue
+            out.append(g)
+        return out
+
+    def _gap_cut(self, content: str, lines: _Lines, g: _Seg) -> int | None:
+        """The earliest line start in ``g``'s gap, at or above its unit's doc comment, from
+        which the rest fits; None when none does."""
+        attached = g.own  # the start of the non-blank lines right above the unit
+        while attached > g.start:
+            prev = lines.start_of(attached - 1)
+            if prev < g.start or not content[prev:attached].strip():
+                break
+            attached = prev
+        cands = []
+        pos = g.start
+        while pos <= attached:
+            if content[pos:attached].strip() or pos == attached:
+                cands.append(pos)
+            nxt = content.find("\n", pos, attached)
+            if nxt < 0:
+                break
+            pos = nxt + 1
+        cands = [c for c in cands if c > g.start and g.end - c <= self.max_chars]
+        if not cands:
+            return None
+        assert lines.tokens is not None
+        counts = lines.tokens.counts([(c, g.end) for c in cands])
+        return next((c for c, n in zip(cands, counts, strict=True) if n <= self.budget), None)
 
     def _absorb_tiny(self, segs: list[_Seg]) -> list[_Seg]:
         """An anonymous tiny segment (a definition's signature line, a closing line) next
@@ -608,8 +660,15 @@ def _text_hash(content: str, g: _Seg) -> int:
 
 
 def _generated(content: str) -> bool:
-    """The file says, near its top, that a tool wrote it (``_GENERATED``)."""
-    return _GENERATED.search(content[:GENERATED_HEAD_CHARS]) is not None
+    """The file says, near its top and in a comment, that a tool wrote it (``_GENERATED``;
+    a string in code such as "<auto-generated caller>" says nothing about the file)."""
+    head = content[:GENERATED_HEAD_CHARS]
+    return any(head[m.start():m.end()].lstrip().startswith(_COMMENT_LEADERS)
+               for m in _GENERATED.finditer(head))
+
+
+_COMMENT_LEADERS = ("#", "//", "/*", "*", "<!--", "--", ";", "%", '"""', "'''", "{-", "(*",
+                    "rem ", "REM ", "::")
 
 
 def _embedded_data(content: str) -> bool:
@@ -620,7 +679,8 @@ def _embedded_data(content: str) -> bool:
     sentence boundary could keep."""
     if max(map(len, content.split("\n"))) < MINIFIED_LINE_CHARS:
         return False  # the common case, without splitting into words
-    return any(len(w) >= MINIFIED_LINE_CHARS for w in content.split())
+    # Data is ASCII: a long run of CJK (or other unspaced) prose is text.
+    return any(len(w) >= MINIFIED_LINE_CHARS and w.isascii() for w in content.split())
 
 
 def _minified(content: str) -> bool:

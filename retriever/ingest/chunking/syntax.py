@@ -262,6 +262,11 @@ def _kids(node: Node) -> Iterator[tuple[Node, str | None]]:
             return
 
 
+def _lone_semicolon(doc: _Doc, node: Node) -> bool:
+    return (node.named_child_count == 0 and node.end_byte - node.start_byte == 1
+            and doc.data[node.start_byte:node.end_byte] == b";")
+
+
 class _Acc:
     """Units of one sequence, in order; a ``;``, ``,`` or comment right after a unit on its
     last line joins it (else the packer would start the next unit mid-line)."""
@@ -371,6 +376,10 @@ class _Code:
                 continue
             if t in _COMMENTS:
                 acc.tail(child)
+                continue
+            # A lone ';' after a unit on its line ("}; // namespace g": an empty statement
+            # or declaration in most grammars) ends that unit, as the unnamed one does.
+            if _lone_semicolon(doc, child) and acc.tail(child):
                 continue
             if fname in _HEAD_FIELDS or t in spec.skip:
                 continue
@@ -967,7 +976,9 @@ def _yaml_member(doc: _Doc, node: Node, depth: int) -> Unit | None:
 def _yaml_levels(content: str) -> int:
     """How many indentation levels deep ``content`` nests at most, as a block-structure
     scanner counts them: each deeper indented line opens one, and so does each compact
-    "- " / "? " on a line ("- - - x" is three)."""
+    "- " / "? " on a line ("- - - x" is three), at its own column, so that the levels it
+    opens hold for the deeper lines below it (lines each indented past the last one's
+    compact "- - - ... k:" nest as deep as all of them together)."""
     stack: list[int] = []
     deepest = 0
     for line in content.split("\n"):
@@ -977,10 +988,15 @@ def _yaml_levels(content: str) -> int:
         column = len(line) - len(body)
         while stack and stack[-1] >= column:
             stack.pop()
-        stack.append(column)
         compact = _YAML_COMPACT.match(body)
-        opened = len(_YAML_INDICATOR.findall(compact.group(0))) if compact else 0
-        deepest = max(deepest, len(stack) + opened)
+        if compact is None:
+            stack.append(column)
+        else:
+            stack.extend(column + m.start()
+                         for m in _YAML_INDICATOR.finditer(compact.group(0)))
+            if body[compact.end():].strip():  # what follows opens one more (a mapping)
+                stack.append(column + compact.end())
+        deepest = max(deepest, len(stack))
     return deepest
 
 
