@@ -481,3 +481,20 @@ def test_real_tokenizer_random_text(real, embedder) -> None:  # noqa: ANN001
         assert_exact(content, spans)
         assert_covers(content, spans)
         assert_progress(spans)
+
+
+def test_byte_offsets_of_non_ascii_text_in_any_order() -> None:
+    """Byte offsets asked for out of order (overlapping windows go back): each answer is
+    the UTF-8 length of the text before it, across block boundaries and for characters of
+    every width (lone surrogates as Python's surrogatepass writes them)."""
+    import random
+
+    from retriever.ingest.chunking.windows import _ByteOffsets
+
+    rng = random.Random(3)
+    words = ["café", "naïve", "straße", "x", "日本語", "\U0001F600", "abc", "\ud800"]
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(9)) for _ in range(3000))
+    at = _ByteOffsets(text)
+    picks = [0, 1, 4095, 4096, 4097, 8192, len(text)] + rng.sample(range(len(text)), 500)
+    for c in picks + sorted(picks, reverse=True):
+        assert at(c) == len(text[:c].encode("utf-8", "surrogatepass")), c

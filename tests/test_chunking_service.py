@@ -366,3 +366,22 @@ def test_a_split_piece_keeps_its_signature_in_the_header(embedder: Embedder) -> 
     assert short_piece.endswith("class Session > def get\n" + short + "\n")
     assert plain.endswith("class Session\n")
     assert "def request(self, method" in bare
+
+
+def test_a_lone_surrogate_never_makes_a_chunker_raise(embedder: Embedder) -> None:
+    """The server refuses lone surrogates at validation, but a chunker is also a library:
+    no tokenizer takes one (TypeError out of the windows fallback too). Chunks are cut as
+    if each were U+FFFD (same offsets, same UTF-8 length) and hold the original text."""
+    from retriever.ingest.pipeline import service_chunkers
+
+    chunkers = service_chunkers(Settings(), embedder)
+    for language, content in (("python", "s = '\ud800'\n\ndef f():\n    return 1\n"),
+                              ("markdown", "# T\n\nbad \udfff text.\n"),
+                              ("text", "plain \ud83d words\n" * 3)):
+        spans = chunkers.chunker_for(language).chunk(content, path="x", language=language)
+        assert spans
+        data = content.encode("utf-8", "surrogatepass")
+        for s in spans:
+            assert s.text == content[s.start_char:s.end_char]
+            assert data[s.start_byte:s.end_byte] == s.text.encode("utf-8", "surrogatepass")
+        assert "".join(s.text for s in spans).replace("\n", "") == content.replace("\n", "")
