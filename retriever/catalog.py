@@ -567,6 +567,16 @@ class Catalog:
             if drop is not None:
                 db.execute("INSERT OR REPLACE INTO catalog_meta (key, value) VALUES (?, '1')",
                            (f"{_DROP}{drop[0]}:{drop[1]}",))
+            row = db.execute("SELECT index_generation FROM namespaces WHERE name = ?",
+                             (name,)).fetchone()
+            if row is not None:
+                # A namespace created again under this name starts past every generation
+                # this one used or a re-index of it still running may build (one at a time:
+                # the next), so the two never share a collection (see `first_generation`).
+                db.execute(
+                    "INSERT INTO catalog_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO"
+                    " UPDATE SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS"
+                    " INTEGER))", (f"{_GENERATION}{name}", str(int(row[0]) + 1)))
             terms = _terms_table(name)
             db.execute(f"DROP TRIGGER IF EXISTS {terms}_follow")
             db.execute(f"DROP TABLE IF EXISTS {terms}_vocab")
@@ -579,6 +589,16 @@ class Catalog:
             db.execute("DELETE FROM golden_sets WHERE namespace = ?", (name,))
             db.execute("DELETE FROM evaluations WHERE namespace = ?", (name,))
             return docs, chunks
+
+    def first_generation(self, name: str) -> int:
+        """The index generation a namespace created under ``name`` now starts at: past
+        every one a deleted namespace of that name used, so that its collections never
+        share a name with what an operation of the old namespace still running writes or
+        drops."""
+        with self._reader() as db:
+            row = db.execute("SELECT value FROM catalog_meta WHERE key = ?",
+                             (f"{_GENERATION}{name}",)).fetchone()
+        return int(row[0]) + 1 if row is not None else 1
 
     def pending_drops(self) -> dict[str, set[str]]:
         """backend -> collections deleted namespaces left to drop (a crash, or an engine
@@ -1372,6 +1392,7 @@ def _create_terms(db: sqlite3.Connection, namespace: str) -> None:
 # catalog_meta keys "drop:<backend>:<collection>": collections of deleted namespaces their
 # engine has yet to drop (Catalog.pending_drops).
 _DROP = "drop:"
+_GENERATION = "last-generation:"
 
 # The rowids of the latest SLO run (evaluations.slo) of each (namespace, golden set).
 # Latest = last recorded (rowid: rows are only ever appended, and trimming keeps the newest),

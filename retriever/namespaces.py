@@ -461,11 +461,15 @@ class Namespaces:
         return n
 
     def _copy_all(self, name: str, index: VectorIndex, dimension: int,
-                  token: CallToken = NEVER) -> int:
-        """Write every active row's vector and payload from the catalog into ``index``."""
+                  token: CallToken = NEVER, handle: NamespaceHandle | None = None) -> int:
+        """Write every active row's vector and payload from the catalog into ``index``
+        (stopping with NotFound once ``handle``'s namespace is deleted: the rows under its
+        name may be another namespace's by then)."""
         ids = np.sort(self._catalog.active_vector_ids(name))
         for i in range(0, len(ids), 4096):
             token.check("the copy")
+            if handle is not None:
+                handle.require_live()
             self._restore_into(name, index, dimension, ids[i : i + 4096].tolist())
         return int(len(ids))
 
@@ -509,7 +513,7 @@ class Namespaces:
         index = engine.open(spec)
         swapped = False
         try:
-            copied = self._copy_all(name, index, old.dimension, token)
+            copied = self._copy_all(name, index, old.dimension, token, handle)
             token.acquire(handle.write_lock, "the re-index's swap")
             try:
                 handle.require_live()
@@ -738,7 +742,8 @@ class Namespaces:
         e = self._embedder
         record = NamespaceRecord(
             name=name, backend=backend, embedder=e.name, embedder_revision=e.revision,
-            dimension=e.dimension, metric="cosine", index_generation=1, index_version=0,
+            dimension=e.dimension, metric="cosine",
+            index_generation=self._catalog.first_generation(name), index_version=0,
             created_at=datetime.now(UTC),
         )
         with self._lock:

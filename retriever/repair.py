@@ -104,6 +104,8 @@ class CheckReport:
     catalog: CatalogHealth
     indexes: list[IndexHealth]
     salvage: Salvage | None  # a dry run, when the catalog is damaged
+    # (backend, collection) of deleted namespaces whose engine has not dropped them yet
+    pending_drops: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -129,7 +131,25 @@ def check(data_dir: Path) -> CheckReport:
         with closing(_scratch_catalog()) as scratch:
             salvage = _salvage(path, scratch, light=True)
     return CheckReport(data_dir, health, _check_indexes(data_dir, _namespace_specs(path)),
-                       salvage)
+                       salvage, _pending_drops(path) if health.ok else [])
+
+
+def _pending_drops(path: Path) -> list[tuple[str, str]]:
+    """The collections deleted namespaces left for their engines to drop (see
+    `Catalog.pending_drops`), read without changing anything."""
+    from retriever.catalog import _DROP
+
+    try:
+        with closing(_open_damaged(path)) as db:
+            rows = db.execute("SELECT key FROM catalog_meta WHERE key GLOB ?",
+                              (_DROP + "*",)).fetchall()
+    except sqlite3.DatabaseError:
+        return []
+    out = []
+    for (key,) in rows:
+        backend, _, collection = key[len(_DROP):].partition(":")
+        out.append((backend, collection))
+    return sorted(out)
 
 
 def catalog_health(path: Path) -> CatalogHealth:
@@ -610,6 +630,8 @@ def render_check(report: CheckReport) -> list[str]:
         lines.append("  recoverable: a damaged file is moved aside by the server at start "
                      "and the index rebuilt from the catalog" if c.ok else
                      "  recoverable: `retriever repair` rebuilds every index with the catalog")
+    lines += [f"index {b}/{coll} (a deleted namespace's): not dropped yet (the server drops "
+              "it at start, or when its engine is back)" for b, coll in report.pending_drops]
     lines.append("healthy" if report.healthy else
                  "DAMAGED: run `retriever repair` with the server stopped" if not c.ok else
                  "DAMAGED index files only: starting the server repairs them")

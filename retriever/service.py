@@ -330,14 +330,16 @@ class RetrieverService:
         return self._upsert(namespace, docs, token, create=create, outside=True)
 
     def _upsert(self, namespace: str, docs: Sequence[Document], token: CallToken, *,
-                create: bool = True, outside: bool = False) -> UpsertResult:
+                create: bool = True, outside: bool = False,
+                incarnation: object = None) -> UpsertResult:
         self._require_ready()
         ingestor = self.ingestor
         assert ingestor is not None
 
         def write() -> UpsertResult:
             if not outside:
-                return ingestor.upsert(namespace, docs, token, create=create)
+                return ingestor.upsert(namespace, docs, token, create=create,
+                                       incarnation=incarnation)
             if not self._note_outside_write(namespace, docs):
                 return ingestor.upsert(namespace, docs, token, create=create)
             try:
@@ -353,14 +355,15 @@ class RetrieverService:
         return self._delete_documents(namespace, doc_ids, token, outside=True)
 
     def _delete_documents(self, namespace: str, doc_ids: Sequence[str],
-                          token: CallToken, *, outside: bool = False) -> DeleteResult:
+                          token: CallToken, *, outside: bool = False,
+                          incarnation: object = None) -> DeleteResult:
         self._require_ready()
         ingestor = self.ingestor
         assert ingestor is not None
 
         def delete() -> DeleteResult:
             if not outside:
-                return ingestor.delete(namespace, doc_ids, token)
+                return ingestor.delete(namespace, doc_ids, token, incarnation=incarnation)
             if not self._note_outside_write(namespace, doc_ids):
                 return ingestor.delete(namespace, doc_ids, token)
             try:
@@ -414,18 +417,21 @@ class RetrieverService:
         return self.syncer.recent(namespace)
 
     def _sync_upsert(self, namespace: str, docs: Sequence[Document],
-                     token: CallToken) -> UpsertResult:
+                     token: CallToken, incarnation: object) -> UpsertResult:
         # The sync created the namespace before its first batch: one deleted while the sync
-        # runs stays deleted (its later batches fail NOT_FOUND) instead of coming back.
-        return self._upsert(namespace, docs, token, create=False)
+        # runs stays deleted (its later batches fail NOT_FOUND) instead of coming back, and
+        # one created again under its name meanwhile is not this sync's.
+        return self._upsert(namespace, docs, token, create=False, incarnation=incarnation)
 
     def _sync_delete(self, namespace: str, doc_ids: Sequence[str],
-                     token: CallToken) -> DeleteResult:
-        return self._delete_documents(namespace, doc_ids, token)
+                     token: CallToken, incarnation: object) -> DeleteResult:
+        return self._delete_documents(namespace, doc_ids, token, incarnation=incarnation)
 
-    def _ensure_namespace(self, namespace: str) -> None:
-        """Create the namespace with the server's defaults when it does not exist."""
-        self.space.write(lambda: self.namespaces.get_or_create(namespace))
+    def _ensure_namespace(self, namespace: str) -> object:
+        """Create the namespace with the server's defaults when it does not exist; its
+        incarnation (when it was created), which the sync's writes must find."""
+        handle = self.space.write(lambda: self.namespaces.get_or_create(namespace))
+        return handle.record.created_at
 
     def get_document(self, namespace: str, doc_id: str) -> DocumentRecord:
         self._require_ready()

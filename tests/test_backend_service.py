@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from conftest import (
 from test_durability import ServerProcess, _free_port
 
 from indexers import BACKENDS
+from retriever.cancel import CallToken
 from retriever.catalog import Catalog
 from retriever.client import RetrieverClient
 from retriever.models.embedder import Embedder
@@ -713,6 +715,11 @@ def test_a_namespace_delete_that_crashed_before_the_engine_drop_is_finished_at_s
         cat.delete_namespace("gone", drop=("chroma", "gone.g1"))
         cat.close()
         assert {"gone.g1", "stranger.g1"} <= set(probe.collections())
+        # `retriever check` says so (it was silent: a collection left, nothing named it).
+        from retriever.repair import check, render_check
+
+        said = "\n".join(render_check(check(settings.data_dir)))
+        assert "index chroma/gone.g1 (a deleted namespace's): not dropped yet" in said, said
         with running_server(settings, embedder) as st, RetrieverClient(st.address) as c:
             assert [h.chunk.doc_id for h in c.search("kept", "rye bread").hits] == ["k"]
             c.create_namespace("brief", backend="chroma")
@@ -725,3 +732,124 @@ def test_a_namespace_delete_that_crashed_before_the_engine_drop_is_finished_at_s
         probe.close()
         engine.kill()
         engine.wait(10)
+
+
+class _PausedAt(CallToken):
+    """A caller's token that holds its operation at its first check of ``at`` until
+    ``release`` is set: an interleaving made on purpose, as a slow copy makes one."""
+
+    def __init__(self, at: str) -> None:
+        super().__init__()
+        self.at, self.reached, self.release = at, threading.Event(), threading.Event()
+
+    def check(self, before: str) -> None:
+        if before == self.at and not self.reached.is_set():
+            self.reached.set()
+            assert self.release.wait(60)
+        super().check(before)
+
+
+def test_a_reindex_of_a_deleted_namespace_never_touches_the_one_created_again(
+        tmp_path: Path, embedder: Embedder) -> None:
+    """A re-index of a namespace that is deleted midway, and created again under its name
+    and re-indexed itself: both built generation 2 under one collection name, so the old
+    one's clean-up dropped the new namespace's live index (every call UNAVAILABLE until a
+    restart). A namespace created again starts past the old one's generations, and the old
+    re-index stops (NOT_FOUND) instead of copying the new namespace's rows."""
+    from retriever.domain import Document, SearchQuery
+    from retriever.errors import NotFound
+    from retriever.service import RetrieverService
+
+    svc = RetrieverService(make_settings(tmp_path / "data"), embedder=embedder)
+    svc.start()
+    try:
+        svc.create_namespace("ns")
+        svc.upsert("ns", [Document(doc_id="old.txt", content="old secret zebra text")])
+        token = _PausedAt("the copy")
+        failed: list[BaseException] = []
+
+        def old_reindex() -> None:
+            try:
+                svc.reindex_namespace("ns", token=token)
+            except BaseException as exc:  # noqa: BLE001 - examined below
+                failed.append(exc)
+
+        t = threading.Thread(target=old_reindex)
+        t.start()
+        assert token.reached.wait(60)
+        svc.delete_namespace("ns")
+        first = svc.create_namespace("ns")
+        svc.upsert("ns", [Document(doc_id="new.txt", content="new kiwi fruit text")])
+        _, again = svc.reindex_namespace("ns")
+        token.release.set()
+        t.join(60)
+        assert len(failed) == 1 and isinstance(failed[0], NotFound), failed
+        hits = svc.search(SearchQuery(namespace="ns", query="kiwi fruit", top_k=5), "r")
+        assert [h.chunk.doc_id for h in hits.hits] == ["new.txt"]
+        # It started past the old one's 1 and its re-index's 2.
+        assert (first.index_generation, again.generation) == (3, 4)
+        assert svc.get_namespace("ns").index_generation == 4
+        svc.upsert("ns", [Document(doc_id="more.txt", content="more kiwi")])
+    finally:
+        svc.close()
+    # After a restart too: the live collection is there, and no other is left.
+    svc = RetrieverService(make_settings(tmp_path / "data"), embedder=embedder)
+    svc.start()
+    try:
+        hits = svc.search(SearchQuery(namespace="ns", query="kiwi", top_k=5), "r")
+        assert {h.chunk.doc_id for h in hits.hits} == {"new.txt", "more.txt"}
+        assert svc.namespaces._backend("faiss").collections() == ["ns.g4"]  # noqa: SLF001
+    finally:
+        svc.close()
+
+
+def test_a_sync_never_writes_into_a_namespace_created_again_under_its_name(
+        tmp_path: Path, embedder: Embedder) -> None:
+    """A sync whose namespace is deleted while it runs and created again under the same
+    name: its later batches went into the new namespace (files of the old source in a
+    namespace bound to none, which then refused to be bound). They are refused NOT_FOUND
+    and the sync fails; the new namespace holds only its own documents."""
+    from gitrepo import TimedRepo
+
+    from retriever.domain import Document
+    from retriever.freshness.sync import SyncRequest, SyncStatus
+    from retriever.service import RetrieverService
+
+    repo = TimedRepo(tmp_path / "src")
+    for i in range(40):
+        repo.write(f"f{i}.txt", f"repo secret lychee file {i}\n")
+    repo.commit("files")
+    settings = make_settings(tmp_path / "data", sync_roots=[tmp_path],
+                             sync_batch_documents=10)
+    svc = RetrieverService(settings, embedder=embedder)
+    svc.start()
+    try:
+        svc.create_namespace("sy")
+        gate = threading.Event()
+        calls = []
+        real = svc.syncer._upsert  # noqa: SLF001 - the sync's write path, held at batch 2
+
+        def held(*args: object) -> object:
+            calls.append(1)
+            if len(calls) == 2:
+                gate.wait(60)
+            return real(*args)
+
+        svc.syncer._upsert = held  # noqa: SLF001
+        state = svc.sync_source("sy", SyncRequest(location=str(repo.root)), wait=False)
+        deadline = time.monotonic() + 60
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        run = svc.syncer._runs["sy"]  # noqa: SLF001 - to wait for its end below
+        svc.delete_namespace("sy")
+        svc.create_namespace("sy")
+        svc.upsert("sy", [Document(doc_id="new.txt", content="new kiwi")])
+        gate.set()
+        assert run.done.wait(60)
+        assert run.status is SyncStatus.FAILED and "created again" in run.error, run.error
+        assert not [s for s in svc.recent_syncs("sy") if s.sync_id == state.sync_id]
+        docs, _ = svc.catalog.list_documents("sy", "", 100, "")
+        assert [d.doc_id for d in docs] == ["new.txt"]
+        assert svc.catalog.get_source("sy") is None  # not bound to the old sync's source
+    finally:
+        svc.close()

@@ -198,6 +198,7 @@ class _Run:
         self.status = SyncStatus.RUNNING
         self.error = ""
         self.exc: BaseException | None = None
+        self.incarnation: object = None  # the namespace's, once the sync made sure of it
         self.finished_at: datetime | None = None
         self.seconds: float | None = None
         self.thread: threading.Thread | None = None
@@ -223,8 +224,11 @@ class _Run:
                 skipped=dict(sorted(c.skipped.items())), error=self.error)
 
 
-Upsert = Callable[[str, Sequence[Document], CallToken], UpsertResult]
-Delete = Callable[[str, Sequence[str], CallToken], DeleteResult]
+# (namespace, documents or ids, token, incarnation): the incarnation is what
+# ``ensure_namespace`` returned; a write to a namespace that is no longer that one (deleted,
+# perhaps created again under its name, while the sync ran) is refused with NotFound.
+Upsert = Callable[[str, Sequence[Document], CallToken, object], UpsertResult]
+Delete = Callable[[str, Sequence[str], CallToken, object], DeleteResult]
 
 
 class Syncer:
@@ -579,7 +583,7 @@ class Syncer:
             incremental = _can_diff(repo, source, spec, head)
             with run.lock:
                 run.commit, run.previous_commit, run.full = head, previous, not incremental
-            self._ensure_namespace(ns)
+            run.incarnation = self._ensure_namespace(ns)
             if source is None:  # documents upserted since the check in sync()
                 self._check_unbound_documents(ns)
             # Bound before anything is applied, and marked pending: if this sync stops
@@ -691,7 +695,7 @@ class Syncer:
 
     def _upsert_batch(self, run: _Run, docs: list[Document], renamed_new: set[str]) -> None:
         run.token.check("the sync's next batch")
-        result = self._upsert(run.namespace, docs, run.token)
+        result = self._upsert(run.namespace, docs, run.token, run.incarnation)
         with run.lock:
             c = run.counts
             for r in result.results:
@@ -714,7 +718,8 @@ class Syncer:
         step = self._settings.max_batch_documents
         for i in range(0, len(doc_ids), step):
             run.token.check("the sync's next delete")
-            result = self._delete(run.namespace, doc_ids[i:i + step], run.token)
+            result = self._delete(run.namespace, doc_ids[i:i + step], run.token,
+                                  run.incarnation)
             with run.lock:
                 run.counts.documents_deleted += result.documents_deleted
                 if count:
