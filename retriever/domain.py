@@ -266,6 +266,7 @@ class IndexStatus:
     last_evaluation: EvaluationRecord | None = None
     # The latest SLO run of each golden set, by set name.
     slo_evaluations: tuple[EvaluationRecord, ...] = ()
+    serving_embedder_revision: str = ""
 
 
 # -- golden sets and evaluations (retriever.slo.golden) -------------------------------------

@@ -694,6 +694,7 @@ class RetrieverService:
         return IndexStatus(
             namespace=record, vector_count=vector_count, device=self.embedder.device,
             precision=self.embedder.precision,
+            serving_embedder_revision=self.embedder.revision,
             chunk_tokens=min(self.settings.chunk_tokens, self.embedder.max_tokens),
             overlap_tokens=self.settings.overlap_tokens,
             chunker=",".join(self.chunkers.names),

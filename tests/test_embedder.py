@@ -183,7 +183,12 @@ def test_bf16_agrees_with_fp32_and_serves_a_namespace_fp32_built(tmp_path: Path,
             again = c.upsert("code", docs[:2])
             assert (again.documents_unchanged, again.chunks_embedded) == (2, 0)
             c.upsert("code", [pb.Document(doc_id="new", path="src/new.py", content=texts[0])])
-            assert c.status("code").document_count == len(docs) + 1
+            status = c.status("code")
+            assert status.document_count == len(docs) + 1
+            # The namespace's builder and the embedder serving it, each by its revision.
+            assert status.embedder_revision == embedder.revision
+            assert (status.serving_embedder_revision, status.precision) == (
+                bf16.revision, "bf16")
     finally:
         with_bf16.stop()
 

@@ -316,6 +316,7 @@ def status_to_pb(s: IndexStatus) -> pb.GetIndexStatusResponse:
         last_sync=_sync_run_to_pb(s.last_sync),
         last_evaluation=evaluation_to_pb(s.last_evaluation),
         slo_evaluations=[e for e in map(evaluation_to_pb, s.slo_evaluations) if e is not None],
+        serving_embedder_revision=s.serving_embedder_revision,
     )
 
 
