@@ -12,7 +12,7 @@ from retriever.ingest.chunking import DOC_LANGUAGES, detect_language, normalize_
     ("python", "python"), ("Python", "python"), (" PYTHON ", "python"), ("py", "python"),
     ("JS", "javascript"), ("TS", "typescript"), ("golang", "go"), ("C++", "cpp"),
     ("C#", "csharp"), ("sh", "bash"), ("YML", "yaml"), ("TEXT", "text"),
-    ("Haskell", "haskell"),
+    ("Haskell", "haskell"), ("jsonc", "json"),
 ])
 def test_override_names_are_normalized(given: str, name: str) -> None:
     assert normalize_language(given) == name
@@ -102,6 +102,8 @@ def test_extension(path: str, language: str) -> None:
         ("Jenkinsfile", "groovy"),
         ("BUILD.bazel", "starlark"),
         ("go.mod", "gomod"),
+        ("Makefile.am", "make"),
+        ("src/Makefile.inc", "make"),
     ],
 )
 def test_special_file_names(path: str, language: str) -> None:
@@ -124,6 +126,12 @@ def test_special_file_names(path: str, language: str) -> None:
         ("#!/usr/bin/env node", "javascript"),
         ("#!/usr/bin/env ruby", "ruby"),
         ("#!/usr/bin/perl -w", "perl"),
+        ("#!/usr/bin/env -u PYTHONPATH python3", "python"),  # an option's argument
+        ("#!/usr/bin/env -C /srv bash", "bash"),
+        ("#!/usr/bin/env --split-string=python3 -u", "python"),
+        ("#!/usr/bin/env php", "php"),
+        ("#!/bin/ksh", "bash"),
+        ("#!/bin/dash", "bash"),
         ("#!/usr/bin/env", "text"),
         ("#!/usr/bin/env unknown-interpreter", "text"),
         ("#!", "text"),

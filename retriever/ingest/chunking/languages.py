@@ -21,7 +21,8 @@ _BY_EXTENSION = {
 }
 _BY_NAME = {
     "dockerfile": "dockerfile", "containerfile": "dockerfile", "makefile": "make",
-    "gnumakefile": "make", "gemfile": "ruby", "rakefile": "ruby", "vagrantfile": "ruby",
+    "gnumakefile": "make", "makefile.am": "make", "makefile.in": "make",
+    "makefile.inc": "make", "gemfile": "ruby", "rakefile": "ruby", "vagrantfile": "ruby",
     "pipfile": "toml", "cargo.lock": "toml", "poetry.lock": "toml", "uv.lock": "toml",
     ".bashrc": "bash", ".bash_profile": "bash", ".profile": "bash", ".zshrc": "bash",
     ".zprofile": "bash", ".envrc": "bash", "pkgbuild": "bash", "brewfile": "ruby",
@@ -31,7 +32,10 @@ _BY_NAME = {
     "readme": "text", "license": "text", "copying": "text",
 }
 _SHEBANG = {"python": "python", "node": "javascript", "bash": "bash", "sh": "bash",
-            "zsh": "bash", "ruby": "ruby", "perl": "perl"}
+            "zsh": "bash", "ksh": "bash", "dash": "bash", "ruby": "ruby", "perl": "perl",
+            "php": "php"}
+# env's options that take the next word as their argument ("env -u VAR python").
+_ENV_ARGS = frozenset({"-u", "--unset", "-C", "--chdir", "-a", "--argv0"})
 
 DOC_LANGUAGES = frozenset({"markdown", "rst", "text"})
 
@@ -43,8 +47,27 @@ _ALIASES = {
     "cs": "csharp", "c-sharp": "csharp", "rb": "ruby", "sh": "bash", "shell": "bash",
     "zsh": "bash", "kt": "kotlin", "yml": "yaml", "md": "markdown",
     "restructuredtext": "rst", "makefile": "make", "docker": "dockerfile",
-    "plaintext": "text", "plain": "text", "txt": "text",
+    "plaintext": "text", "plain": "text", "txt": "text", "jsonc": "json", "json5": "json",
 }
+
+
+def _env_program(words: list[str]) -> str:
+    """The program ``env`` runs, from the words after it (its options and their
+    arguments, and NAME=VALUE settings, skipped; "-S"/"--split-string=" split)."""
+    skip = False
+    for w in words:
+        if skip:
+            skip = False
+            continue
+        if w.startswith("--split-string="):
+            w = w.split("=", 1)[1]
+        elif w in _ENV_ARGS:
+            skip = True
+            continue
+        if not w or w.startswith("-") or "=" in w:
+            continue
+        return posixpath.basename(w)
+    return ""
 
 
 def normalize_language(name: str) -> str:
@@ -71,8 +94,7 @@ def detect_language(path: str, content: str = "") -> str:
         if words:
             program = posixpath.basename(words[0])
             if program == "env":  # "env -S python3 -u", "env -i bash": the program is the
-                rest = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
-                program = posixpath.basename(rest[0]) if rest else program
+                program = _env_program(words[1:]) or program
             program = program.rstrip("0123456789.")
             if program in _SHEBANG:
                 return _SHEBANG[program]
