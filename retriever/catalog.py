@@ -951,18 +951,24 @@ class Catalog:
         with self._reader() as db:
             return [r[0] for r in db.execute("SELECT namespace FROM sources ORDER BY namespace")]
 
-    def put_source(self, src: SourceRecord) -> None:
+    def put_source(self, src: SourceRecord, incarnation: datetime | None = None) -> None:
         """Bind (or rebind) the namespace to ``src``, with its commits as given.
         ``updated_at`` (when it was bound or last synced: what the staleness of a source
         never synced counts from) moves only when the binding changes, not at every sync
         attempt that re-states it. A namespace deleted meanwhile (a DeleteNamespace beside
         a starting sync) is NotFound: a binding left behind would have the poller bring the
-        namespace back."""
+        namespace back. With ``incarnation`` (the namespace's created_at as the sync found
+        it), one created again under its name meanwhile is NotFound too."""
         with self._writer() as db:
-            if db.execute("SELECT 1 FROM namespaces WHERE name = ?",
-                          (src.namespace,)).fetchone() is None:
+            row = db.execute("SELECT created_at FROM namespaces WHERE name = ?",
+                             (src.namespace,)).fetchone()
+            if row is None or (incarnation is not None
+                               and row[0] != _epoch(incarnation)):
                 raise NotFound(f"namespace {src.namespace!r} does not exist (deleted while "
-                               "the sync started)", field="namespace")
+                               "the sync started)" if row is None else
+                               f"namespace {src.namespace!r} was deleted and created again "
+                               "while the sync started; the new namespace is not this "
+                               "sync's", field="namespace")
             db.execute(
                 "INSERT INTO sources (namespace, location, ref, include, exclude,"
                 " max_file_bytes, last_commit, pending_commit, pending_full, updated_at,"

@@ -853,3 +853,41 @@ def test_a_sync_never_writes_into_a_namespace_created_again_under_its_name(
         assert svc.catalog.get_source("sy") is None  # not bound to the old sync's source
     finally:
         svc.close()
+
+
+def test_a_sync_never_binds_a_namespace_created_again_as_it_starts(
+        tmp_path: Path, embedder: Embedder) -> None:
+    """The namespace deleted and created again between the sync making sure of it and
+    binding it to the source (the narrowest window): the binding is refused NOT_FOUND, so
+    the new namespace is not left bound to a source whose files it never got."""
+    from gitrepo import TimedRepo
+
+    from retriever.freshness.sync import SyncRequest, SyncStatus
+    from retriever.service import RetrieverService
+
+    repo = TimedRepo(tmp_path / "src")
+    repo.write("a.txt", "repo secret lychee\n")
+    repo.commit("a")
+    svc = RetrieverService(make_settings(tmp_path / "data", sync_roots=[tmp_path]),
+                           embedder=embedder)
+    svc.start()
+    try:
+        svc.create_namespace("sy")
+        real = svc.syncer._ensure_namespace  # noqa: SLF001 - the race, made on purpose
+
+        def then_swapped(ns: str) -> object:
+            found = real(ns)
+            svc.delete_namespace(ns)
+            svc.create_namespace(ns)
+            return found
+
+        svc.syncer._ensure_namespace = then_swapped  # noqa: SLF001
+        svc.sync_source("sy", SyncRequest(location=str(repo.root)), wait=False)
+        run = svc.syncer._runs.get("sy")  # noqa: SLF001
+        assert run is None or run.done.wait(60)
+        assert run is None or run.status is SyncStatus.FAILED, run.status
+        assert svc.catalog.get_source("sy") is None
+        docs, _ = svc.catalog.list_documents("sy", "", 100, "")
+        assert docs == []
+    finally:
+        svc.close()

@@ -592,7 +592,8 @@ class Syncer:
                 namespace=ns, location=spec.location, ref=spec.ref, include=spec.include,
                 exclude=spec.exclude, max_file_bytes=spec.max_file_bytes,
                 last_commit=previous, pending_commit=head, pending_full=not incremental,
-                outside_writes=outside))
+                outside_writes=outside),
+                incarnation=run.incarnation if isinstance(run.incarnation, datetime) else None)
             if previous == head:
                 times: list[datetime] = []
             elif previous and is_ancestor(repo, previous, head):

@@ -347,8 +347,9 @@ def _save(ov: Any, graph: Any, directory: Path, prov: Provenance) -> bool:
         return True
     except Exception as exc:  # noqa: BLE001 - a cache must never stop the server
         log.warning("could not cache the OpenVINO model in %s (%s: %s): serving it uncached;"
-                    " free space or make %s writable, and the next start caches it",
-                    directory, type(exc).__name__, exc, directory.parent)
+                    " free space or make %s (and the entry, where one is left) writable, and"
+                    " the next start caches it", directory, type(exc).__name__, exc,
+                    directory.parent)
         return False
     finally:
         try:
