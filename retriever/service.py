@@ -331,7 +331,7 @@ class RetrieverService:
 
     def _upsert(self, namespace: str, docs: Sequence[Document], token: CallToken, *,
                 create: bool = True, outside: bool = False,
-                incarnation: object = None) -> UpsertResult:
+                incarnation: datetime | None = None) -> UpsertResult:
         self._require_ready()
         ingestor = self.ingestor
         assert ingestor is not None
@@ -356,7 +356,7 @@ class RetrieverService:
 
     def _delete_documents(self, namespace: str, doc_ids: Sequence[str],
                           token: CallToken, *, outside: bool = False,
-                          incarnation: object = None) -> DeleteResult:
+                          incarnation: datetime | None = None) -> DeleteResult:
         self._require_ready()
         ingestor = self.ingestor
         assert ingestor is not None
@@ -417,17 +417,17 @@ class RetrieverService:
         return self.syncer.recent(namespace)
 
     def _sync_upsert(self, namespace: str, docs: Sequence[Document],
-                     token: CallToken, incarnation: object) -> UpsertResult:
+                     token: CallToken, incarnation: datetime | None) -> UpsertResult:
         # The sync created the namespace before its first batch: one deleted while the sync
         # runs stays deleted (its later batches fail NOT_FOUND) instead of coming back, and
         # one created again under its name meanwhile is not this sync's.
         return self._upsert(namespace, docs, token, create=False, incarnation=incarnation)
 
     def _sync_delete(self, namespace: str, doc_ids: Sequence[str],
-                     token: CallToken, incarnation: object) -> DeleteResult:
+                     token: CallToken, incarnation: datetime | None) -> DeleteResult:
         return self._delete_documents(namespace, doc_ids, token, incarnation=incarnation)
 
-    def _ensure_namespace(self, namespace: str) -> object:
+    def _ensure_namespace(self, namespace: str) -> datetime | None:
         """Create the namespace with the server's defaults when it does not exist; its
         incarnation (when it was created), which the sync's writes must find."""
         handle = self.space.write(lambda: self.namespaces.get_or_create(namespace))

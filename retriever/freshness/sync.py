@@ -198,7 +198,7 @@ class _Run:
         self.status = SyncStatus.RUNNING
         self.error = ""
         self.exc: BaseException | None = None
-        self.incarnation: object = None  # the namespace's, once the sync made sure of it
+        self.incarnation: datetime | None = None  # the namespace's, once the sync made sure of it
         self.finished_at: datetime | None = None
         self.seconds: float | None = None
         self.thread: threading.Thread | None = None
@@ -227,8 +227,8 @@ class _Run:
 # (namespace, documents or ids, token, incarnation): the incarnation is what
 # ``ensure_namespace`` returned; a write to a namespace that is no longer that one (deleted,
 # perhaps created again under its name, while the sync ran) is refused with NotFound.
-Upsert = Callable[[str, Sequence[Document], CallToken, object], UpsertResult]
-Delete = Callable[[str, Sequence[str], CallToken, object], DeleteResult]
+Upsert = Callable[[str, Sequence[Document], CallToken, datetime | None], UpsertResult]
+Delete = Callable[[str, Sequence[str], CallToken, datetime | None], DeleteResult]
 
 
 class Syncer:
@@ -236,7 +236,7 @@ class Syncer:
     paths; ``ensure_namespace`` creates a namespace with the server's defaults if missing."""
 
     def __init__(self, settings: Settings, catalog: Catalog, upsert: Upsert, delete: Delete,
-                 ensure_namespace: Callable[[str], object],
+                 ensure_namespace: Callable[[str], datetime | None],
                  on_finish: Callable[[SyncState, list[datetime]], None] | None = None) -> None:
         """``on_finish(state, commit_times)``: after each sync ends, with the committer
         times of the commits it made searchable (empty unless it succeeded)."""
@@ -593,7 +593,7 @@ class Syncer:
                 exclude=spec.exclude, max_file_bytes=spec.max_file_bytes,
                 last_commit=previous, pending_commit=head, pending_full=not incremental,
                 outside_writes=outside),
-                incarnation=run.incarnation if isinstance(run.incarnation, datetime) else None)
+                incarnation=run.incarnation)
             if previous == head:
                 times: list[datetime] = []
             elif previous and is_ancestor(repo, previous, head):

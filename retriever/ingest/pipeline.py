@@ -19,6 +19,7 @@ import re
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 
 import numpy as np
 
@@ -148,23 +149,16 @@ def chunk_headers(path: str, language: str, items: Sequence[tuple[str, str]],
     for symbol, context in pairs:
         sym, sym_n = symbol, counts.get(symbol, 0)
         ctx, ctx_n = (context, counts.get(context, 0)) if context != symbol else ("", 0)
-        if ctx:
-            # A split piece carries its enclosing signature: the symbol's outer levels go
-            # first, then the symbol (its last level names what the signature says), then
-            # the signature's end.
-            while sym_n + ctx_n > room and " > " in sym:
-                sym = sym.split(" > ", 1)[1]
-                sym_n = count_tokens([sym + "\n"])[0]
-            if sym_n + ctx_n > room:
-                sym, sym_n = "", 0
-            if ctx_n > room:
-                ctx, ctx_n = _cut_to_tokens(ctx, room, count_tokens)
-        else:
-            while sym_n > room and " > " in sym:  # drop outer levels: the innermost names it
-                sym = sym.split(" > ", 1)[1]
-                sym_n = count_tokens([sym + "\n"])[0]
-            if sym_n > room:
-                sym, sym_n = "", 0
+        # A split piece carries its enclosing signature (ctx): the symbol's outer levels
+        # go first (the innermost names it), then the symbol (its last level names what the
+        # signature says), then the signature's end.
+        while sym_n + ctx_n > room and " > " in sym:
+            sym = sym.split(" > ", 1)[1]
+            sym_n = count_tokens([sym + "\n"])[0]
+        if sym_n + ctx_n > room:
+            sym, sym_n = "", 0
+        if ctx_n > room:
+            ctx, ctx_n = _cut_to_tokens(ctx, room, count_tokens)
         text = head + (sym + "\n" if sym else "") + (ctx + "\n" if ctx else "")
         done[(symbol, context)] = (text, n + sym_n + ctx_n)
     return [done.get((s, c), (head, n)) for s, c in items]
@@ -173,12 +167,13 @@ def chunk_headers(path: str, language: str, items: Sequence[tuple[str, str]],
 def _cut_to_tokens(line: str, room: int, count_tokens: TokenCounter) -> tuple[str, int]:
     """The longest prefix of ``line`` ending at a word whose line ("prefix\\n") counts at
     most ``room`` tokens, and its count; ("", 0) when not even one word fits."""
-    ends = [m.start() for m in re.finditer(r"\s+", line.strip())] + [len(line.strip())]
+    line = line.strip()
+    ends = [m.start() for m in re.finditer(r"\s+", line)] + [len(line)]
     best, best_n = "", 0
     lo, hi = 0, len(ends) - 1
     while lo <= hi:  # counts grow with the prefix
         mid = (lo + hi) // 2
-        cand = line.strip()[:ends[mid]]
+        cand = line[:ends[mid]]
         c = count_tokens([cand + "\n"])[0]
         if c <= room:
             best, best_n, lo = cand, c, mid + 1
@@ -246,7 +241,7 @@ class Ingestor:
 
     def upsert(self, namespace: str, docs: Sequence[Document],
                token: CallToken = NEVER, *, create: bool = True,
-               incarnation: object = None) -> UpsertResult:
+               incarnation: datetime | None = None) -> UpsertResult:
         """Commit ``docs`` as one unit. Nothing commits once ``token`` says the caller is
         gone (checked while waiting for the namespace and the model, and right before the
         commit). A missing namespace is created, unless ``create`` is False (a sync's later
@@ -557,7 +552,7 @@ class Ingestor:
             m.chunks_reused.labels(label).inc(r.chunks_reused)
 
     def delete(self, namespace: str, doc_ids: Sequence[str],
-               token: CallToken = NEVER, *, incarnation: object = None) -> DeleteResult:
+               token: CallToken = NEVER, *, incarnation: datetime | None = None) -> DeleteResult:
         validation.namespace_name(namespace)
         validation.doc_ids(doc_ids, self._settings)
         handle = self._namespaces.get(namespace)
@@ -591,7 +586,7 @@ def _moves(docs: Sequence[Document], heads: dict[str, DocHead]) -> list[str]:
     return [d.moved_from for d in docs if d.moved_from and d.moved_from in heads]
 
 
-def _require_incarnation(handle: NamespaceHandle, incarnation: object) -> None:
+def _require_incarnation(handle: NamespaceHandle, incarnation: datetime | None) -> None:
     """NotFound when ``incarnation`` is given and ``handle`` is not that namespace (it was
     deleted and created again under its name)."""
     if incarnation is not None and handle.record.created_at != incarnation:

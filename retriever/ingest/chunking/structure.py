@@ -43,7 +43,7 @@ from dataclasses import dataclass, replace
 
 from retriever.ingest.chunking.base import ChunkSpan, TokenCounter
 from retriever.ingest.chunking.outline import Fallback, Outliner, Unit
-from retriever.ingest.chunking.windows import WindowChunker, _ByteOffsets, without_surrogates
+from retriever.ingest.chunking.windows import WindowChunker, _ByteOffsets, surrogate_safe
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +135,8 @@ class StructuredChunker:
     def languages(self) -> frozenset[str]:
         return frozenset(self._outliners)
 
+    @surrogate_safe
     def chunk(self, content: str, *, path: str = "", language: str = "text") -> list[ChunkSpan]:
-        if (clean := without_surrogates(content)) is not content:
-            return [replace(s, text=content[s.start_char:s.end_char])
-                    for s in self.chunk(clean, path=path, language=language)]
         outliner = self._outliners.get(language)
         if outliner is None:
             return self._fallback(content, "unsupported-language")

@@ -18,6 +18,7 @@ most 2.8k characters over 40k windows), so it only cuts such degenerate text.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -47,6 +48,26 @@ class _Unit:
     top_level: bool  # starts at column 0 and is not blank: a good place to start a window
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+_Chunk = Callable[..., list[ChunkSpan]]
+
+
+def surrogate_safe(chunk: _Chunk) -> _Chunk:
+    """A chunker's ``chunk`` that takes lone surrogates, which no tokenizer does: the text
+    is cut with each as U+FFFD (the same characters at the same offsets, and the same UTF-8
+    length: 3 bytes, as Python's surrogatepass writes one), so its spans are spans of the
+    original, whose text they return."""
+    @functools.wraps(chunk)
+    def wrapper(self: object, content: str, **kw: str) -> list[ChunkSpan]:
+        if _SURROGATE.search(content) is None:
+            return chunk(self, content, **kw)
+        spans = chunk(self, _SURROGATE.sub("\ufffd", content), **kw)
+        return [replace(s, text=content[s.start_char:s.end_char]) for s in spans]
+    return wrapper
+
+
 class WindowChunker:
     name = "windows/v1"
 
@@ -70,10 +91,8 @@ class WindowChunker:
         self.overlap = overlap
         self.max_chars = max_chars
 
+    @surrogate_safe
     def chunk(self, content: str, *, path: str = "", language: str = "text") -> list[ChunkSpan]:
-        if (clean := without_surrogates(content)) is not content:
-            return [replace(s, text=content[s.start_char:s.end_char])
-                    for s in self.chunk(clean, path=path, language=language)]
         units = self._units(content)
         if not units:
             return []
@@ -243,17 +262,6 @@ def _cut_chars(content: str, start: int, end: int, cap: int) -> list[tuple[int, 
         pos = cut
     out.append((pos, end))
     return out
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def without_surrogates(content: str) -> str:
-    """``content`` with each lone surrogate (which no tokenizer takes) as U+FFFD: the same
-    characters at the same offsets, and the same UTF-8 length (3 bytes each, as Python's
-    surrogatepass writes a surrogate), so spans found in it are spans of ``content``.
-    ``content`` itself (the same object) when it has none."""
-    return _SURROGATE.sub("\ufffd", content) if _SURROGATE.search(content) else content
 
 
 class _ByteOffsets:
