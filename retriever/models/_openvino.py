@@ -127,13 +127,16 @@ class OpenVINOModel:
         return out
 
 
-def load(torch_model: Any, *, cache_root: Path, weights_revision: str, precision: str,
-         cpu: str, threads: int, bf16_native: bool, tokenize: Tokenize, reference: Reference,
+def load(torch_model: Any, *, cache_root: Path, weights_revision: str, pipeline: str,
+         precision: str, cpu: str, threads: int, bf16_native: bool, tokenize: Tokenize,
+         reference: Reference,
          calibration: Callable[[], tuple[list[str], str]], verify_texts: Sequence[str]
          ) -> OpenVINOModel:
     """The cached model for (weights, precision, CPU), built (and cached) when missing or
     damaged. ``calibration()`` -> (texts, where they came from) is only called for an int8
-    build; ``verify_texts`` check a build against ``reference``."""
+    build; ``verify_texts`` check a build against ``reference``. ``pipeline`` fingerprints
+    what around the weights makes the vectors (`pipeline_fingerprint`): an entry traced for
+    another pipeline is rebuilt."""
     ov = _openvino()
     if precision == "int8":
         _nncf()  # fail before converting, with the install hint
@@ -144,19 +147,15 @@ def load(torch_model: Any, *, cache_root: Path, weights_revision: str, precision
     _remove_stale_temporaries(cache_root)
     if directory.exists():
         try:
-            model = _read(core, directory, config, key, weights_revision, precision, cpu)
-            # The key names the weights only: a pipeline changed around the same weights
-            # (pooling, normalisation, sequence length) must not be served from a graph
-            # traced before. Checked against torch, as a build is.
-            verify(model, tokenize, reference, verify_texts, precision)
-            return model
+            return _read(core, directory, config, key, weights_revision, precision, cpu,
+                         pipeline)
         except Exception as exc:  # any damage: rebuild, never fail start-up over a cache
             log.warning("cached OpenVINO model %s is unusable (%s: %s); rebuilding it",
                         directory, type(exc).__name__, exc)
             with contextlib.suppress(OSError):  # _save replaces it, or says why it cannot
                 _remove(directory)
-    return _build(ov, core, torch_model, directory, config, key, weights_revision, precision,
-                  cpu, tokenize, reference, calibration, verify_texts)
+    return _build(ov, core, torch_model, directory, config, key, weights_revision, pipeline,
+                  precision, cpu, tokenize, reference, calibration, verify_texts)
 
 
 def lane_copy(model: OpenVINOModel, threads: int, bf16_native: bool) -> OpenVINOModel:
@@ -187,11 +186,11 @@ def compile_config(precision: str, threads: int, bf16_native: bool) -> dict[str,
 
 
 def _read(core: Any, directory: Path, config: dict[str, Any], key: str, weights_revision: str,
-          precision: str, cpu: str) -> OpenVINOModel:
+          precision: str, cpu: str, pipeline: str) -> OpenVINOModel:
     t0 = time.perf_counter()
     meta = json.loads((directory / "meta.json").read_text())
     expect = {"format": FORMAT, "key": key, "weights_revision": weights_revision,
-              "precision": precision, "cpu": cpu}
+              "precision": precision, "cpu": cpu, "pipeline": pipeline}
     if got := {k: meta.get(k) for k in expect if meta.get(k) != expect[k]}:
         raise ValueError(f"it was built for {got}, not {expect}")
     for name in ("model.xml", "model.bin"):
@@ -208,7 +207,8 @@ def _read(core: Any, directory: Path, config: dict[str, Any], key: str, weights_
 
 
 def _build(ov: Any, core: Any, torch_model: Any, directory: Path, config: dict[str, Any],
-           key: str, weights_revision: str, precision: str, cpu: str, tokenize: Tokenize,
+           key: str, weights_revision: str, pipeline: str, precision: str, cpu: str,
+           tokenize: Tokenize,
            reference: Reference, calibration: Callable[[], tuple[list[str], str]],
            verify_texts: Sequence[str]) -> OpenVINOModel:
     t0 = time.perf_counter()
@@ -229,7 +229,7 @@ def _build(ov: Any, core: Any, torch_model: Any, directory: Path, config: dict[s
         built_s=round(time.perf_counter() - t0, 2))
     model = OpenVINOModel(compiled, inputs, prov, directory, reused=False, graph=graph)
     verify(model, tokenize, reference, verify_texts, precision)
-    saved = _save(ov, graph, directory, prov)
+    saved = _save(ov, graph, directory, prov, pipeline)
     log.info("OpenVINO %s model built in %.1fs%s; %s", precision, prov.built_s,
              f" (int8 calibrated on {len(cal_texts)} texts: {cal_source})" if cal_texts
              else "", f"cached in {directory}" if saved else
@@ -324,7 +324,7 @@ def _smoke(model: OpenVINOModel) -> None:
         raise ValueError("its forward pass gives no unit vectors")
 
 
-def _save(ov: Any, graph: Any, directory: Path, prov: Provenance) -> bool:
+def _save(ov: Any, graph: Any, directory: Path, prov: Provenance, pipeline: str) -> bool:
     """Write the cache entry under a temporary name, then rename it into place; True when
     it is in place. Any failure (a read-only or full data dir: OpenVINO reports a short
     write as a RuntimeError, not an OSError) is logged with what to do, leaves no
@@ -337,7 +337,7 @@ def _save(ov: Any, graph: Any, directory: Path, prov: Provenance) -> bool:
         # compress_to_fp16 defaults to True: it would round the fp32 weights.
         ov.save_model(graph, tmp / "model.xml", compress_to_fp16=False)
         meta = {"format": FORMAT, "key": prov.key, "weights_revision": prov.weights_revision,
-                "precision": prov.precision, "cpu": prov.cpu,
+                "precision": prov.precision, "cpu": prov.cpu, "pipeline": pipeline,
                 "sha256": {n: _sha256(tmp / n) for n in ("model.xml", "model.bin")},
                 "provenance": {**prov.__dict__, "inputs": list(prov.inputs)},
                 "openvino": ov.get_version(), "built_at": datetime.now(UTC).isoformat()}
@@ -356,6 +356,23 @@ def _save(ov: Any, graph: Any, directory: Path, prov: Provenance) -> bool:
             _remove(tmp)
         except OSError:
             log.warning("could not remove the temporary model files %s", tmp)
+
+
+def pipeline_fingerprint(model: Any) -> str:
+    """A hash of what around the weights decides a sentence-transformers model's vectors:
+    its modules in order with their configurations (pooling, normalisation, sequence
+    length, lower-casing) and its tokenizer. The weights' hash alone let a graph traced
+    with mean pooling be served after the model was changed to CLS pooling."""
+    h = hashlib.sha256()
+    for module in model:
+        h.update(type(module).__name__.encode())
+        conf = module.get_config_dict() if hasattr(module, "get_config_dict") else {}
+        h.update(json.dumps(conf, sort_keys=True, default=str).encode())
+    h.update(str(getattr(model, "max_seq_length", "")).encode())
+    backend = getattr(getattr(model, "tokenizer", None), "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    return h.hexdigest()[:16]
 
 
 def _remove_stale_temporaries(cache_root: Path) -> None:

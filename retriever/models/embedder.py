@@ -320,8 +320,9 @@ class Embedder:
         # inference here, inherit it (retriever/_priority.py).
         return run_lowered(s.model_thread_nice, lambda: _openvino.load(
             self._model, cache_root=s.data_dir / "models",
-            weights_revision=self.weights_revision, precision=precision, cpu=cpu_key(),
-            threads=s.torch_threads or len(os.sched_getaffinity(0)),
+            weights_revision=self.weights_revision,
+            pipeline=_openvino.pipeline_fingerprint(self._model), precision=precision,
+            cpu=cpu_key(), threads=s.torch_threads or len(os.sched_getaffinity(0)),
             bf16_native=has_native_bf16(), tokenize=self._features,
             reference=self._embed_torch_fp32, calibration=texts, verify_texts=verify))
 
