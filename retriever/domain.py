@@ -140,6 +140,9 @@ class UpsertResult:
     results: tuple[DocResult, ...]
     chunks_deleted: int
     index_version: int
+    # The namespace written (its created_at): later writes of the same stream or sync must
+    # find this one, not one created again under its name.
+    incarnation: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -322,12 +322,15 @@ class RetrieverService:
 
     # -- documents -------------------------------------------------------------------------
     def upsert(self, namespace: str, docs: Sequence[Document],
-               token: CallToken = NEVER, *, create: bool = True) -> UpsertResult:
+               token: CallToken = NEVER, *, create: bool = True,
+               incarnation: datetime | None = None) -> UpsertResult:
         """A caller's upsert. Into a namespace bound to a git source it is applied, and the
         next sync compares the whole tree (putting the namespace back to the source's files:
-        a bound namespace holds exactly them)."""
+        a bound namespace holds exactly them). ``incarnation``: the namespace must be that
+        one (the one an earlier message of the same stream wrote), else NotFound."""
         self._require_ready()
-        return self._upsert(namespace, docs, token, create=create, outside=True)
+        return self._upsert(namespace, docs, token, create=create, outside=True,
+                            incarnation=incarnation)
 
     def _upsert(self, namespace: str, docs: Sequence[Document], token: CallToken, *,
                 create: bool = True, outside: bool = False,
@@ -337,13 +340,12 @@ class RetrieverService:
         assert ingestor is not None
 
         def write() -> UpsertResult:
-            if not outside:
+            if not outside or not self._note_outside_write(namespace, docs):
                 return ingestor.upsert(namespace, docs, token, create=create,
                                        incarnation=incarnation)
-            if not self._note_outside_write(namespace, docs):
-                return ingestor.upsert(namespace, docs, token, create=create)
             try:
-                return ingestor.upsert(namespace, docs, token, create=create)
+                return ingestor.upsert(namespace, docs, token, create=create,
+                                       incarnation=incarnation)
             finally:  # again once it is in: a sync that began meanwhile keeps it pending
                 self._note_outside_write(namespace, docs)
         return self.space.write(write)

@@ -6,6 +6,7 @@ import re
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import grpc
@@ -526,3 +527,57 @@ def test_stream_with_two_namespaces_is_rejected(client: RetrieverClient) -> None
         client.upsert_stream(iter(msgs))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "one namespace per stream" in e.value.details()
+
+
+@pytest.mark.parametrize("again", [False, True], ids=["deleted", "created-again"])
+def test_stream_does_not_write_a_namespace_deleted_while_it_is_open(
+        client: RetrieverClient, again: bool) -> None:
+    """A stream's later messages write only the namespace its first message wrote: one
+    deleted meanwhile is not created again by them (it was, with the server's default
+    backend), and one created again under its name is not theirs."""
+    ns = f"stream-bound-{int(again)}"
+    release = threading.Event()
+
+    def messages() -> Iterator[pb.UpsertDocumentsRequest]:
+        yield pb.UpsertDocumentsRequest(namespace=ns, documents=[
+            pb.Document(doc_id="first.txt", content="written before the delete")])
+        assert release.wait(60)
+        yield pb.UpsertDocumentsRequest(namespace=ns, documents=[
+            pb.Document(doc_id="second.txt", content="written after the delete")])
+
+    outcome: dict[str, object] = {}
+
+    def stream() -> None:
+        try:
+            outcome["response"] = client.upsert_stream(messages(), timeout=120)
+        except grpc.RpcError as exc:
+            outcome["error"] = exc
+
+    t = threading.Thread(target=stream)
+    t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the first message committed
+            try:
+                client.get_document(ns, "first.txt")
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.NOT_FOUND
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        client.delete_namespace(ns)
+        if again:
+            client.create_namespace(ns)
+            client.upsert(ns, [pb.Document(doc_id="other.txt", content="the new one's own")])
+    finally:
+        release.set()
+        t.join(120)
+    err = outcome.get("error")
+    assert isinstance(err, grpc.RpcError), outcome
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert "was deleted while this upsert stream was open" in err.details()
+    assert "message 1" in err.details()
+    if again:
+        assert list(client.document_ids(ns)) == ["other.txt"]
+    else:
+        assert ns not in [n.name for n in client.namespaces()]

@@ -491,7 +491,7 @@ class Ingestor:
         ordered = tuple(results[d.doc_id] for d in docs)
         self._count(ns, ordered)
         return UpsertResult(results=ordered, chunks_deleted=len(dropped_all),
-                            index_version=version)
+                            index_version=version, incarnation=handle.record.created_at)
 
     @staticmethod
     def _write(p: _Planned, existing: dict[str, StoredChunk], staged_by_cid: dict[str, int],

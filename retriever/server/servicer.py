@@ -331,6 +331,10 @@ class RetrieverServicer:
             await abort_error(context, exc)
         token = self._token(context)
         idle = self._svc.settings.upsert_stream_idle_timeout_s
+        # The namespace the stream's first message wrote (its created_at): later messages
+        # write that one only. One deleted meanwhile is not created again by them (and one
+        # created again under its name is not theirs): NOT_FOUND.
+        incarnation = None
         try:
             i = -1
             while True:
@@ -350,7 +354,7 @@ class RetrieverServicer:
                 token.shed_delay_s = self._svc.settings.upsert_shed_delay_s if i == 0 else 0.0
 
                 def one(r: Any, i: int = i, submitted: float = time.perf_counter()) -> Any:
-                    nonlocal namespace
+                    nonlocal namespace, incarnation
                     self._svc.metrics.observe_stage("queued", time.perf_counter() - submitted)
                     if isinstance(r, Undecodable):
                         raise errors.InvalidArgument(
@@ -363,7 +367,22 @@ class RetrieverServicer:
                     namespace = r.namespace
                     docs = [convert.document_from_pb(d, f"documents[{j}].")
                             for j, d in enumerate(r.documents)]
-                    return self._svc.upsert(r.namespace, docs, token)
+                    if incarnation is None:
+                        result = self._svc.upsert(r.namespace, docs, token)
+                        incarnation = result.incarnation
+                        return result
+                    try:
+                        return self._svc.upsert(r.namespace, docs, token, create=False,
+                                                incarnation=incarnation)
+                    except errors.NotFound as exc:
+                        if exc.field != "namespace":
+                            raise
+                        raise errors.NotFound(
+                            f"message {i} of the stream: namespace {namespace!r} was deleted "
+                            f"while this upsert stream was open (its messages before were "
+                            "committed to the namespace then deleted); nothing of this "
+                            "message was written. Open a new stream to write into a namespace "
+                            "of that name", field="namespace") from None
 
                 results.append(await self._run(context, one, request, pool=self._write_pool,
                                                token=token))
