@@ -879,38 +879,58 @@ class Catalog:
         Unfiltered, the best matches are ranked inside FTS5 first and only those are joined
         to their chunk rows (joining every match before ranking cost more than the ranking
         itself: 15 ms against 8 ms per SciFact query on 15k chunks); matches that are not
-        visible (staged rows) are skipped by asking for more."""
+        visible (staged rows) are skipped by asking for more. Terms common in the namespace
+        are left out of an unfiltered query while the others fill the page
+        (COMMON_TERM_SHARE)."""
         if not terms or limit <= 0:
             return []
         table = _terms_table(namespace)
         where, args = _filter_sql(namespace, flt)
+
+        def match(ts: Sequence[str]) -> str:
+            return " OR ".join('"' + t.replace('"', "") + '"' for t in ts)
+
         with self._reader() as db:
-            terms = _informative(db, table, terms)
-            match = " OR ".join('"' + t.replace('"', "") + '"' for t in terms)
             if flt.empty:
-                k = limit + 16
-                while True:
-                    rows = db.execute(
-                        f"SELECT c.vector_id, t.s FROM (SELECT rowid, -bm25({table}) AS s"
-                        f" FROM {table} WHERE {table} MATCH ? ORDER BY s DESC LIMIT ?) t"
-                        " JOIN chunks c ON c.vector_id = t.rowid WHERE c.state = 1"
-                        " ORDER BY t.s DESC LIMIT ?", (match, k, limit)).fetchall()
-                    if len(rows) >= limit or k >= 1 << 20:
-                        break
-                    matched = db.execute(f"SELECT count(*) FROM {table} WHERE {table}"
-                                         " MATCH ?", (match,)).fetchone()[0]
-                    if matched <= k:
-                        break
-                    k *= 4
+                # Terms in a large share of the namespace are left out while the others
+                # fill the page (each match must be scored, for almost no weight); a page
+                # they leave short is asked again with every term.
+                informative = _informative(db, table, terms)
+                rows = self._best_matches(db, table, match(informative), limit)
+                if len(rows) < limit and len(informative) < len(terms):
+                    rows = self._best_matches(db, table, match(terms), limit)
             else:
+                # Every term: within the filtered documents a term common in the namespace
+                # may be the only one that matches.
                 rows = db.execute(
                     f"SELECT c.vector_id, -bm25({table}) AS s FROM {table}"
                     f" JOIN chunks c ON c.vector_id = {table}.rowid JOIN documents d"
                     " ON d.namespace = c.namespace AND d.doc_id = c.doc_id"
                     f" WHERE {table} MATCH ? AND {' AND '.join(where)}"
-                    " ORDER BY s DESC LIMIT ?", (match, *args, limit),
+                    " ORDER BY s DESC LIMIT ?", (match(terms), *args, limit),
                 ).fetchall()
         return [(int(r[0]), float(r[1])) for r in rows]
+
+    @staticmethod
+    def _best_matches(db: sqlite3.Connection, table: str, match: str, limit: int
+                      ) -> list[sqlite3.Row]:
+        """The ``limit`` best visible matches of ``match``, ranked inside FTS5 first and only
+        those joined to their chunk rows; matches that are not visible (staged rows) are
+        skipped by asking for more."""
+        k = limit + 16
+        while True:
+            rows = db.execute(
+                f"SELECT c.vector_id, t.s FROM (SELECT rowid, -bm25({table}) AS s"
+                f" FROM {table} WHERE {table} MATCH ? ORDER BY s DESC LIMIT ?) t"
+                " JOIN chunks c ON c.vector_id = t.rowid WHERE c.state = 1"
+                " ORDER BY t.s DESC LIMIT ?", (match, k, limit)).fetchall()
+            if len(rows) >= limit or k >= 1 << 20:
+                return rows
+            matched = db.execute(f"SELECT count(*) FROM {table} WHERE {table}"
+                                 " MATCH ?", (match,)).fetchone()[0]
+            if matched <= k:
+                return rows
+            k *= 4
 
     def chunk_heads(self, namespace: str, vector_ids: Sequence[int]
                     ) -> dict[int, tuple[str, str]]:
@@ -1340,9 +1360,11 @@ def _terms_table(namespace: str) -> str:
 
 
 # A query term found in more than this share of a namespace's chunks is left out of its
-# lexical query when the query has others: BM25 gives it almost no weight, yet it matches a
-# large part of the namespace and every match must be scored. On SciFact (11.6k chunks) the
-# query took 5.4 -> 4.3 ms with nDCG@10 0.6843 -> 0.6849; at 10 % it saved more but cost 0.02.
+# unfiltered lexical query while the others fill the page: BM25 gives it almost no weight,
+# yet it matches a large part of the namespace and every match must be scored. On SciFact
+# (11.6k chunks) the query took 5.4 -> 4.3 ms with nDCG@10 0.6843 -> 0.6849; at 10 % it
+# saved more but cost 0.02. (Under a filter, or when the others leave the page short, every
+# term is asked: the common one may be the only one that matches.)
 COMMON_TERM_SHARE = 0.2
 
 

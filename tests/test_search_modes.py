@@ -395,9 +395,11 @@ def test_a_damaged_embedding_cache_never_reaches_the_catalog(tmp_path: Path,
 def test_near_ubiquitous_query_terms_are_left_out_of_the_fts5_lexical_query(
         tmp_path: Path, embedder: Embedder) -> None:
     """On the FTS5 engine (which scores every match), a term in more than
-    COMMON_TERM_SHARE of the namespace's chunks is dropped from a query that has other terms
-    (it would match, and cost scoring, nearly everything); alone it still matches. (tantivy
-    skips what cannot reach the top k, so it keeps every term: test_lexical_engine.py.)"""
+    COMMON_TERM_SHARE of the namespace's chunks is left out of a query that has other terms
+    while those fill the page (it would match, and cost scoring, nearly everything); a page
+    they leave short, and a filtered query (where the common term may be the only one that
+    matches), ask with every term, as tantivy does (it skips what cannot reach the top k, so
+    it keeps every term: test_lexical_engine.py)."""
     from retriever.catalog import COMMON_TERM_SHARE
 
     n = 240
@@ -411,13 +413,20 @@ def test_near_ubiquitous_query_terms_are_left_out_of_the_fts5_lexical_query(
     with running_server(settings, embedder) as st, RetrieverClient(st.address) as c:
         c.upsert("common", docs)
 
-        def lexical(query: str) -> set[str]:
-            resp = c.stub.Search(pb.SearchRequest(namespace="common", query=query, top_k=100,
-                                                  mode=pb.LEXICAL), timeout=60)
-            return {h.chunk.doc_id for h in resp.hits}
+        def lexical(query: str, top_k: int, **flt: str) -> list[str]:
+            resp = c.stub.Search(pb.SearchRequest(
+                namespace="common", query=query, top_k=top_k, mode=pb.LEXICAL,
+                filter=pb.SearchFilter(**flt)), timeout=60)
+            return [h.chunk.doc_id for h in resp.hits]
 
-        assert lexical("zzcommon zzrare") == rare
-        assert len(lexical("zzcommon")) == 100  # alone it matches all (top_k caps at 100)
+        assert set(lexical("zzcommon zzrare", 3)) == rare  # the rare term fills the page
+        # A page the rare term leaves short is filled by every term's matches, best first.
+        got = lexical("zzcommon zzrare", 100)
+        assert len(got) == 100 and set(got[:3]) == rare
+        assert len(lexical("zzcommon", 100)) == 100  # alone it matches all
+        # Under a filter that leaves out every rare match, the common term still matches.
+        assert set(lexical("zzcommon zzrare", 20, path_prefix="notes/n01")) == {
+            f"d{i:03d}" for i in range(10, 20)}
         # After deletes the statistics follow the remaining chunks: still in all of them.
         c.delete("common", [f"d{i:03d}" for i in range(0, n, 2)])
-        assert lexical("zzcommon zzrare") == {"d007", "d099"}
+        assert set(lexical("zzcommon zzrare", 2)) == {"d007", "d099"}
