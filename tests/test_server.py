@@ -268,6 +268,21 @@ def test_batch_search_answers_in_request_order(client: RetrieverClient) -> None:
     assert len({r.lineage.request_id for r in resp.responses}) == 1
 
 
+def test_batch_search_names_the_request_whose_namespace_fails(client: RetrieverClient) -> None:
+    """A namespace that does not exist is reported as the other fields of a batch's request
+    are: by the request's index."""
+    _index(client)
+    reqs = [pb.SearchRequest(namespace=NS, query="garden", top_k=2),
+            pb.SearchRequest(namespace="gone", query="garden", top_k=2)]
+    with pytest.raises(grpc.RpcError) as e:
+        client.batch_search(reqs)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert e.value.details().startswith("requests[1].namespace: namespace 'gone' does not exist")
+    with pytest.raises(grpc.RpcError) as e:  # a plain Search names no index
+        client.search("gone", "garden")
+    assert e.value.details().startswith("namespace 'gone' does not exist")
+
+
 def test_search_stays_responsive_during_bulk_upsert(client: RetrieverClient) -> None:
     _index(client)
     # The upsert runs for seconds (~10 s here beside the searches), a search for tens of ms.

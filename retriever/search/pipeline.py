@@ -46,7 +46,7 @@ from retriever.domain import (
     SearchResult,
     StageTimings,
 )
-from retriever.errors import FailedPrecondition, InvalidArgument
+from retriever.errors import FailedPrecondition, InvalidArgument, NotFound
 from retriever.freshness.staleness import SourceLag, chunk_staleness
 from retriever.lexical import LexicalIndex, QueryError, is_engine_error
 from retriever.models.embedder import Embedder
@@ -144,8 +144,15 @@ class Searcher:
                                       field=f"{prefix}min_score")
             if q.rerank:
                 self.require_reranker(f"{prefix}rerank")
-            handle = self._namespaces.get(q.namespace)
-            self._namespaces.require_compatible(handle)
+            try:
+                handle = self._namespaces.get(q.namespace)
+                self._namespaces.require_compatible(handle)
+            except (NotFound, FailedPrecondition) as exc:
+                if not prefix:
+                    raise
+                # Which request of the batch, as for its other fields.
+                raise type(exc)(f"{prefix}namespace: {exc.message}",
+                                field=f"{prefix}{exc.field or 'namespace'}") from None
             handles.append(handle)
         return handles
 
@@ -177,8 +184,14 @@ class Searcher:
             with tracing.span("retriever.search", {
                     "retriever.namespace": q.namespace, "retriever.mode": m.name.lower(),
                     "retriever.top_k": q.top_k, "retriever.rerank": q.rerank}) as span:
-                result = self._one(q, m, h, vectors.get(i), request_id, embed_s, t0,
-                                   early.get(i))
+                try:
+                    result = self._one(q, m, h, vectors.get(i), request_id, embed_s, t0,
+                                       early.get(i))
+                except NotFound as exc:  # the namespace deleted meanwhile
+                    if not batch:
+                        raise
+                    raise NotFound(f"requests[{i}].namespace: {exc.message}",
+                                   field=f"requests[{i}].{exc.field or 'namespace'}") from None
                 span.set_attribute("retriever.hits", len(result.hits))
             results.append(result)
         return results
