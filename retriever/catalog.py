@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 PENDING, ACTIVE = 0, 1
 # Bumped with every schema change; a catalog written by a newer release is refused rather
 # than misread, an older one is migrated in open().
-SCHEMA_VERSION = 5  # 2: lexical index, catalog_meta; 3: chunk symbol/kind; 4: FTS per namespace;
-# 5: sources' outside writes and divergence, evaluations' slo flag
+SCHEMA_VERSION = 6  # 2: lexical index, catalog_meta; 3: chunk symbol/kind; 4: FTS per namespace;
+# 5: sources' outside writes and divergence, evaluations' slo flag; 6: namespaces' embedder
+# pipeline
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS namespaces (
@@ -63,7 +64,8 @@ CREATE TABLE IF NOT EXISTS namespaces (
     index_generation INTEGER NOT NULL,
     index_version INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
-    last_indexed_at REAL
+    last_indexed_at REAL,
+    embedder_pipeline TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS documents (
     namespace TEXT NOT NULL REFERENCES namespaces(name),
@@ -517,10 +519,11 @@ class Catalog:
         with self._writer() as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO namespaces (name, backend, embedder, embedder_revision,"
-                " dimension, metric, index_generation, index_version, created_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?)",
+                " dimension, metric, index_generation, index_version, created_at,"
+                " embedder_pipeline) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (ns.name, ns.backend, ns.embedder, ns.embedder_revision, ns.dimension,
-                 ns.metric, ns.index_generation, ns.index_version, _epoch(ns.created_at)),
+                 ns.metric, ns.index_generation, ns.index_version, _epoch(ns.created_at),
+                 ns.embedder_pipeline),
             )
             if cur.rowcount != 1:
                 return False
@@ -1455,6 +1458,8 @@ _ADDED_COLUMNS = (
     # Runs kept by an older release: whether each was an SLO run is unknown (they are not
     # restored into the gauges; the next SLO run sets them).
     ("evaluations", "slo", "INTEGER NOT NULL DEFAULT 0"),
+    # Namespaces of an older release: their embedder's pipeline is unknown (not checked).
+    ("namespaces", "embedder_pipeline", "TEXT NOT NULL DEFAULT ''"),
 )
 
 
@@ -1519,6 +1524,7 @@ def _namespace(row: sqlite3.Row, counts: tuple[int, int, int]) -> NamespaceRecor
         index_version=row["index_version"], created_at=_ts(row["created_at"]),
         document_count=counts[0], chunk_count=counts[1], content_bytes=counts[2],
         last_indexed_at=_ts(row["last_indexed_at"]),
+        embedder_pipeline=row["embedder_pipeline"],
     )
 
 

@@ -115,6 +115,9 @@ class NamespaceRecord:
     chunk_count: int = 0
     content_bytes: int = 0
     last_indexed_at: datetime | None = None
+    # The embedder's pipeline around its weights when the namespace was created (JSON of
+    # `retriever.models.embedder.pipeline_of`); "" for namespaces of older releases.
+    embedder_pipeline: str = ""
 
 
 class DocStatus(enum.Enum):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import shutil
 import threading
@@ -49,7 +50,7 @@ from retriever.errors import (
     translate,
 )
 from retriever.lexical import LexicalIndex
-from retriever.models.embedder import Embedder
+from retriever.models.embedder import Embedder, pipeline_differences
 from retriever.slo.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -734,6 +735,15 @@ class Namespaces:
                 "embedder_precision), or upsert its documents again into a new namespace "
                 "(`retriever index` / `retriever sync`); ReindexNamespace copies the stored "
                 "vectors and cannot change them", field="namespace")
+        changed = pipeline_differences(_pipeline(r.embedder_pipeline), e.pipeline)
+        if changed:
+            raise ModelMismatch(
+                f"namespace {r.name!r} was built by embedder {r.embedder}@"
+                f"{r.embedder_revision} with another pipeline around the same weights "
+                f"({'; '.join(changed)}), whose vectors are not interchangeable with this "
+                "server's. Serve it with the model as it was, or upsert its documents again "
+                "into a new namespace (`retriever index` / `retriever sync`)",
+                field="namespace")
 
     # -- changes ---------------------------------------------------------------------------
     def create(self, name: str, backend: str) -> NamespaceHandle:
@@ -745,6 +755,7 @@ class Namespaces:
             dimension=e.dimension, metric="cosine",
             index_generation=self._catalog.first_generation(name), index_version=0,
             created_at=datetime.now(UTC),
+            embedder_pipeline=json.dumps(e.pipeline, sort_keys=True) if e.pipeline else "",
         )
         with self._lock:
             if name in self._handles or not self._catalog.create_namespace(record):
@@ -857,3 +868,13 @@ class Namespaces:
                 losses.on_lost = self.recover_lost
             self._backends[name] = backend
         return backend
+
+
+def _pipeline(recorded: str) -> dict[str, object]:
+    """A namespace's recorded embedder pipeline; {} when none (an older release's) or it
+    cannot be read (nothing to compare: not a difference)."""
+    try:
+        got = json.loads(recorded) if recorded else {}
+    except ValueError:
+        return {}
+    return got if isinstance(got, dict) else {}

@@ -153,7 +153,7 @@ class RetrieverService:
         if self.reranker.configured and not self.reranker.loaded:
             self.reranker.load()
         if s.embed_cache_dir is not None:
-            self._embed_cache = open_cache(s.embed_cache_dir, self.embedder.revision,
+            self._embed_cache = open_cache(s.embed_cache_dir, self.embedder.identity,
                                            self.embedder.dimension)
         self.chunkers = service_chunkers(s, self.embedder)
         try:

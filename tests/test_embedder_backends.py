@@ -569,3 +569,75 @@ def test_int8_vectors_are_a_class_of_their_own_unless_a_verdict_joins_them(
     assert joined.serves(embedder.revision) and joined.serves(f"{embedder.revision}+ov-bf16")
     assert not joined.serves("feedfacecafe")
 
+
+
+@pytest.mark.integration
+def test_a_namespace_refuses_the_same_weights_behind_another_pipeline(tmp_path: Path) -> None:
+    """The embedder's revision names its weights; a model whose pooling was switched (CLS
+    instead of mean) kept the revision, so its vectors joined and searched a namespace of
+    mean-pooled ones, and the embedding cache served it mean-pooled vectors. A namespace
+    records the pipeline around the weights and refuses another (naming what changed); one
+    of an older release (no record) is served; the cache keys carry the pipeline."""
+    import sqlite3
+
+    from retriever.models.embedder import default_model_path
+
+    src, model = Path(default_model_path()), tmp_path / "all-MiniLM-L6-v2"
+    model.mkdir()
+    for f in src.iterdir():
+        if f.name != "1_Pooling":
+            (model / f.name).symlink_to(f)
+    shutil.copytree(src / "1_Pooling", model / "1_Pooling")
+    cache = tmp_path / "embed-cache"
+    doc = pb.Document(doc_id="a.txt", content="The starter ferments overnight in the cold.")
+
+    def serve(data: Path) -> ServerThread:
+        return ServerThread(make_settings(data, embedder_backend="torch",
+                                          embedder_model=str(model),
+                                          embed_cache_dir=cache)).start()
+
+    def stored_vector(data: Path) -> np.ndarray:
+        with sqlite3.connect(data / "catalog.sqlite3") as db:
+            (blob,) = db.execute("SELECT vector FROM chunks WHERE vector IS NOT NULL").fetchone()
+        return np.frombuffer(blob, np.float32)
+
+    st = serve(tmp_path / "one")
+    try:
+        with RetrieverClient(st.address) as c:
+            c.upsert("docs", [doc])
+            assert c.search("docs", "sourdough starter").hits
+    finally:
+        st.stop()
+    mean = stored_vector(tmp_path / "one")
+
+    conf = json.loads((model / "1_Pooling" / "config.json").read_text())
+    conf.update(pooling_mode="cls", pooling_mode_cls_token=True, pooling_mode_mean_tokens=False)
+    (model / "1_Pooling" / "config.json").write_text(json.dumps(conf))
+    st = serve(tmp_path / "one")
+    try:
+        with RetrieverClient(st.address) as c:
+            for call in (lambda: c.search("docs", "sourdough starter"),
+                         lambda: c.upsert("docs", [pb.Document(doc_id="b.txt", content="x")])):
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "another pipeline around the same weights" in e.value.details()
+                assert "pooling mean -> cls" in e.value.details()
+            c.upsert("fresh", [doc])  # a new namespace takes this pipeline's vectors
+    finally:
+        st.stop()
+    # Not the cached mean-pooled vector of the same text: the cache key has the pipeline.
+    fresh = stored_vector(tmp_path / "one")  # (the first row is still "docs"' a.txt)
+    with sqlite3.connect(tmp_path / "one" / "catalog.sqlite3") as db:
+        (blob,) = db.execute("SELECT vector FROM chunks WHERE namespace = 'fresh'").fetchone()
+        cls_vector = np.frombuffer(blob, np.float32)
+        assert float(fresh @ mean) > 0.999
+        assert float(cls_vector @ mean) < 0.99
+        # A namespace of an older release records no pipeline: it is served as before.
+        db.execute("UPDATE namespaces SET embedder_pipeline = '' WHERE name = 'docs'")
+    st = serve(tmp_path / "one")
+    try:
+        with RetrieverClient(st.address) as c:
+            assert c.search("docs", "sourdough starter").hits
+    finally:
+        st.stop()

@@ -86,6 +86,9 @@ class Embedder:
         self.backend = ""  # "torch" | "openvino"
         self.precision = ""
         self.weights_revision = ""  # the weights alone, whatever the precision
+        # What around the weights decides the vectors (`pipeline_of`): pooling,
+        # normalisation, sequence length, lower-casing, vocabulary.
+        self.pipeline: dict[str, object] = {}
         # int8 vectors of these weights may share a namespace with float ones here (a
         # verdict on this CPU says so): see `compatible`.
         self.int8_equivalent = False
@@ -124,6 +127,7 @@ class Embedder:
         t1 = time.perf_counter()
         # Identity of the weights, before any precision change: stable across machines.
         self.weights_revision = _state_hash(model)
+        self.pipeline = pipeline_of(model)
         log.debug("model read in %.2fs, hashed in %.2fs", t1 - t0, time.perf_counter() - t1)
         if s.embedder_verdicts_file is not None and not s.embedder_verdicts_file.exists():
             log.warning("embedder_verdicts_file %s does not exist: no verdicts, so `auto` "
@@ -229,6 +233,13 @@ class Embedder:
     def _between_layers(self, module: Any, args: Any) -> None:
         for callback in self._checkpoints:
             callback()
+
+    @property
+    def identity(self) -> str:
+        """The revision and the pipeline around the weights: what a cached vector of a text
+        must have been made by to be reused."""
+        digest = hashlib.sha256(json.dumps(self.pipeline, sort_keys=True).encode())
+        return f"{self.revision}/{digest.hexdigest()[:12]}"
 
     @property
     def compatibility_class(self) -> str:
@@ -910,6 +921,42 @@ def revision_name(weights_revision: str, precision: str, backend: str = "torch")
     if backend == "openvino":
         return f"{weights_revision}+ov-{precision}"
     return weights_revision if precision == "fp32" else f"{weights_revision}+{precision}"
+
+
+def pipeline_of(model) -> dict[str, object]:  # noqa: ANN001
+    """What around the weights decides a sentence-transformers model's vectors, as named
+    fields: its modules in order, the pooling mode, whether vectors are normalised, the
+    sequence length, lower-casing and a hash of the vocabulary. (The weights' hash alone
+    does not change when a model's pooling is switched from mean to CLS.) Fields, not one
+    hash, so that what a namespace recorded is compared field by field with what serves it:
+    a field a later release adds, or one it cannot read, is not a difference."""
+    out: dict[str, object] = {"modules": [type(m).__name__ for m in model]}
+    for module in model:
+        kind = type(module).__name__
+        if kind == "Pooling":
+            mode = getattr(module, "pooling_mode", None)
+            if mode is None and hasattr(module, "get_pooling_mode_str"):
+                mode = module.get_pooling_mode_str()
+            if isinstance(mode, str):
+                out["pooling"] = mode
+        elif kind == "Transformer" and hasattr(module, "do_lower_case"):
+            out["lower_case"] = bool(module.do_lower_case)
+    seq = getattr(model, "max_seq_length", None)
+    if isinstance(seq, int):
+        out["max_seq_length"] = seq
+    get_vocab = getattr(getattr(model, "tokenizer", None), "get_vocab", None)
+    if get_vocab is not None:
+        vocab = sorted(get_vocab().items())
+        out["vocabulary"] = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:12]
+    return out
+
+
+def pipeline_differences(recorded: Mapping[str, object], serving: Mapping[str, object]
+                         ) -> list[str]:
+    """The fields of two `pipeline_of` records that both have and that differ, as
+    ``name recorded -> serving``."""
+    return [f"{k} {recorded[k]} -> {serving[k]}" for k in sorted(recorded.keys() & serving.keys())
+            if recorded[k] != serving[k]]
 
 
 def _dimension(model) -> int:  # noqa: ANN001
