@@ -33,6 +33,7 @@ catalog's FTS5 table.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -129,8 +130,8 @@ class LexicalIndex:
         self._searcher = self._index.searcher()
 
     def _open(self) -> tantivy.Index:
-        self.path.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.mkdir(parents=True, exist_ok=True)
             if (self.path / _FAILED).exists():
                 raise ValueError("a search failed on it before")
             _verify_files(self.path)
@@ -138,10 +139,12 @@ class LexicalIndex:
             index.reload()
             index.searcher().num_docs  # noqa: B018 - reads the segment list
             return index
-        except Exception as exc:  # damaged files, or a schema from another release
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-            moved = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
-            self.path.rename(moved)
+        # Damaged files (a Rust panic among them: a BaseException), a file where the
+        # directory should be, or a schema from another release.
+        except BaseException as exc:
+            if not is_engine_error(exc):
+                raise
+            moved = _aside(self.path, "damaged")
             self.damaged = Damaged(self.path, moved, f"{type(exc).__name__}: {exc}")
             self.path.mkdir(parents=True)
             return tantivy.Index(SCHEMA, path=str(self.path), reuse=False)
@@ -224,6 +227,9 @@ class LexicalIndex:
         writer, self._writer = self._writer, None
         if writer is not None and wait_merges:
             writer.wait_merging_threads()  # finishes the merges it started, then ends
+            # A merge that ended after the last commit published a segment no record
+            # covers: record it, or the next start could not verify it (and rebuilds).
+            self._record_checksums_locked()
         # (Otherwise dropped here: that stops its threads and releases its lock file.)
 
     def add(self, ids: Sequence[int], terms: Sequence[str], payloads: Sequence[Payload]
@@ -383,15 +389,37 @@ def _committed_files(path: Path) -> list[str]:
 
 
 def _verify_files(path: Path) -> None:
-    """Raise ValueError when a committed segment file differs from its recorded CRC."""
+    """Raise ValueError when a committed segment file differs from its recorded CRC or has
+    none (written after the last record: a merge that ended before a kill, or a
+    record that could not be written; nothing can tell whether it is whole, so the index is
+    rebuilt from the catalog, as when damaged)."""
+    names = _committed_files(path)
+    if not names:
+        return
     try:
         recorded = json.loads((path / _CHECKSUMS).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return
-    for name in _committed_files(path):
+        raise ValueError(f"its segment checksums ({_CHECKSUMS}) are missing") from None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{_CHECKSUMS} is not a record of checksums")
+    for name in names:
         want = recorded.get(name)
-        if want is not None and file_crc32(path / name) != want:
+        if want is None:
+            raise ValueError(f"{name} has no recorded checksum")
+        if file_crc32(path / name) != want:
             raise ValueError(f"{name} does not match its checksum")
+
+
+def _aside(path: Path, what: str) -> Path:
+    """Move ``path`` (a directory or a file in its place) aside as
+    ``<name>.<what>-<time>[-n]``, a name not taken; returns where it went."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    for n in itertools.count():
+        moved = path.with_name(f"{path.name}.{what}-{stamp}" + (f"-{n}" if n else ""))
+        if not moved.exists():
+            path.rename(moved)
+            return moved
+    raise AssertionError("unreachable")
 
 
 def verify(path: Path) -> list[str]:
@@ -403,9 +431,13 @@ def verify(path: Path) -> list[str]:
         reason = failed.read_text(encoding="utf-8", errors="replace").strip()
         problems.append(f"a search failed on it ({reason}): rebuilt at the next start")
     try:
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} is not a directory")
         _verify_files(path)
         tantivy.Index.open(str(path)).searcher().num_docs  # noqa: B018 - reads the segments
-    except Exception as exc:
+    except BaseException as exc:  # a Rust panic is a BaseException
+        if not is_engine_error(exc):
+            raise
         problems.append(f"{type(exc).__name__}: {exc}")
     return problems
 

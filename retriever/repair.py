@@ -200,9 +200,9 @@ def _check_lexical(data_dir: Path,
     out = []
     for name in sorted(found | set(owned)):
         path = root / name
+        exists = path.exists() or path.is_symlink()
         out.append(IndexHealth(name, "lexical", owned.get(name),
-                               lexical.verify(path) if path.is_dir() else [],
-                               exists=path.is_dir()))
+                               lexical.verify(path) if exists else [], exists=exists))
     return out
 
 

@@ -363,3 +363,86 @@ def test_a_lexical_answer_read_before_the_lock_is_used_only_if_no_commit_came_be
         assert top(empty).lexical_score is None
     finally:
         svc.close()
+
+
+def _eight_commits(path: Path) -> LexicalIndex:
+    """An index of eight one-chunk commits: enough for tantivy to merge segments."""
+    lex = LexicalIndex(path)
+    for i in range(8):
+        lex.add([i], [f"zz{i}q some words here number {i}"], [Payload(f"f{i}.md", f"f{i}.md")])
+    return lex
+
+
+def test_segments_a_merge_publishes_after_the_last_commit_are_recorded_at_close(
+        tmp_path: Path) -> None:
+    """A merge ending after the last commit (close waits for it) published segment files
+    no checksum record covered: damage to them passed `retriever check` and the start-up
+    check, and the index served wrong hits. They are recorded when the writer ends; a
+    committed file with no record (a kill between a merge and the next record) is taken as
+    damaged, and the index rebuilt."""
+    lx = tmp_path / "lx"
+    _eight_commits(lx).close()
+    recorded = json.loads((lx / lexical._CHECKSUMS).read_text())
+    assert set(lexical._committed_files(lx)) <= set(recorded)
+    assert lexical.verify(lx) == []
+    # What a kill right after a merge leaves: a committed file the record does not name.
+    name = next(n for n in lexical._committed_files(lx) if n.endswith(".idx"))
+    del recorded[name]
+    (lx / lexical._CHECKSUMS).write_text(json.dumps(recorded))
+    assert any("has no recorded checksum" in p for p in lexical.verify(lx))
+    lex = LexicalIndex(lx)
+    try:
+        assert lex.damaged is not None and "has no recorded checksum" in lex.damaged.reason
+        assert lex.ids() == []  # empty: the reconcile refills it from the catalog
+    finally:
+        lex.close()
+    # A record that is gone altogether: nothing can be verified, so it is rebuilt too.
+    _eight_commits(tmp_path / "lx2").close()
+    (tmp_path / "lx2" / lexical._CHECKSUMS).unlink()
+    assert any("checksums" in p for p in lexical.verify(tmp_path / "lx2"))
+
+
+def test_a_file_where_the_index_directory_should_be_is_moved_aside(tmp_path: Path) -> None:
+    lx = tmp_path / "lx"
+    lx.write_text("not a directory")
+    assert lexical.verify(lx) != []  # `retriever check` reports it
+    lex = LexicalIndex(lx)
+    try:
+        assert lex.damaged is not None and lx.is_dir()
+        assert [p.read_text() for p in tmp_path.glob("lx.damaged-*")] == ["not a directory"]
+        lex.add([1], ["paxos"], [Payload("a", "a")])
+        assert [v for v, _ in lex.search(["paxos"], Filter(), 5)] == [1]
+    finally:
+        lex.close()
+    lx2 = tmp_path / "lx2"  # two moves in the same second keep both
+    for _ in range(2):
+        shutil.rmtree(lx2, ignore_errors=True)
+        lx2.write_text("x")
+        LexicalIndex(lx2).close()
+    assert len(list(tmp_path.glob("lx2.damaged-*"))) == 2
+
+
+def test_damage_that_panics_the_engine_is_a_damaged_index_not_a_crash(tmp_path: Path) -> None:
+    """Damage its checksums cannot see (made before they were recorded) can make tantivy
+    panic; a Rust panic reaches Python as a BaseException, which start-up and `retriever
+    check` let through: the server and the check died with a traceback."""
+    from indexers._files import file_crc32
+
+    lx = tmp_path / "lx"
+    _eight_commits(lx).close()
+    recorded = json.loads((lx / lexical._CHECKSUMS).read_text())
+    for name in lexical._committed_files(lx):
+        if name.endswith(".fast"):
+            data = bytearray((lx / name).read_bytes())
+            at = len(data) // 4
+            data[at:at + 16] = bytes(b ^ 1 for b in data[at:at + 16])
+            (lx / name).write_bytes(bytes(data))
+            recorded[name] = file_crc32(lx / name)
+    (lx / lexical._CHECKSUMS).write_text(json.dumps(recorded))
+    assert any("PanicException" in p for p in lexical.verify(lx))
+    lex = LexicalIndex(lx)
+    try:
+        assert lex.damaged is not None and "PanicException" in lex.damaged.reason
+        assert lex.ids() == []
+    finally:
+        lex.close()
