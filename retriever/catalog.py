@@ -43,6 +43,7 @@ from retriever.domain import (
     SearchMode,
 )
 from retriever.errors import DataLoss, FailedPrecondition, NotFound, NotReady, translate
+from retriever.storage import INDEX_DIR
 
 log = logging.getLogger(__name__)
 
@@ -1483,6 +1484,54 @@ def _in(db: sqlite3.Connection, sql: str, values: Iterable[object], *args: objec
         batch = items[i : i + 500]
         rows += db.execute(sql.format(marks=",".join("?" * len(batch))), (*args, *batch))
     return rows
+
+
+# What the namespaces of a catalog derive in its data directory: the vector indexes (one
+# directory per backend) and the lexical indexes.
+INDEX_DIRS = (INDEX_DIR, "lexical")
+
+
+def missing_catalog(path: Path) -> str | None:
+    """Why a catalog that is not at ``path`` (or is 0 bytes) must not be created anew: the
+    data directory holds the indexes of namespaces (the wrong volume mounted, or the file
+    lost). Created anew, the start-up reconcile would drop every one of them as "of no
+    namespace" and serve nothing. None when there is a catalog, or nothing to lose."""
+    try:
+        if path.stat().st_size:
+            return None
+        what = "empty"
+    except FileNotFoundError:
+        what = "missing"
+    found = derived_data(path.parent)
+    if not found:
+        return None
+    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    return (f"the catalog {path} is {what} but the data directory holds the indexes of "
+            f"namespaces ({shown}); the catalog is the source of truth and cannot be "
+            "rebuilt from them. Restore it (the right volume or data directory, or a "
+            f"backup), or to start empty move {INDEX_DIRS[0]}/ and {INDEX_DIRS[1]}/ out of "
+            f"{path.parent}")
+
+
+def derived_data(data_dir: Path) -> list[str]:
+    """The index collections found under the data directory (paths relative to it):
+    entries of each backend's directory under indexes/, and of lexical/."""
+    out: list[str] = []
+    for top in INDEX_DIRS:
+        root = Path(data_dir) / top
+        try:
+            entries = sorted(root.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            if top == INDEX_DIR and entry.is_dir():
+                try:
+                    out += [f"{top}/{entry.name}/{e.name}" for e in sorted(entry.iterdir())]
+                except OSError:
+                    out.append(f"{top}/{entry.name}")
+            else:
+                out.append(f"{top}/{entry.name}")
+    return out
 
 
 def _id_list(ids: Iterable[int]) -> str:

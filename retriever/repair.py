@@ -41,7 +41,7 @@ from indexers import (
     backend_class,
     create_backend,
 )
-from retriever.catalog import _SCHEMA, SCHEMA_VERSION, Catalog
+from retriever.catalog import _SCHEMA, SCHEMA_VERSION, Catalog, missing_catalog
 from retriever.storage import DataDirLock, catalog_path, index_root, quarantine_dir
 
 TABLES = ("namespaces", "documents", "chunks", "sources", "syncs", "golden_sets", "evaluations")
@@ -154,6 +154,8 @@ def _pending_drops(path: Path) -> list[tuple[str, str]]:
 
 def catalog_health(path: Path) -> CatalogHealth:
     """SQLite's integrity_check of the catalog at ``path``."""
+    if (why := missing_catalog(path)) is not None:
+        return CatalogHealth(path, exists=False, problems=[why])
     if not path.exists():
         return CatalogHealth(path, exists=False)
     try:
@@ -264,6 +266,8 @@ def _repair_locked(data_dir: Path) -> RepairReport:
     health = catalog_health(path)
     if health.ok:
         return RepairReport(data_dir, health, None, None)
+    if not health.exists:  # nothing to rebuild it from
+        raise RepairError(health.problems[0])
     tmp = path.with_name(path.name + ".repairing")
     _remove_db(tmp)  # left by an interrupted repair
     try:
@@ -598,7 +602,9 @@ def render_check(report: CheckReport) -> list[str]:
     """The lines `retriever check` prints."""
     lines = [f"data directory {report.data_dir}"]
     c = report.catalog
-    if not c.exists:
+    if not c.exists and c.problems:
+        lines += [f"catalog {c.path}: MISSING", f"  {c.problems[0]}"]
+    elif not c.exists:
         lines.append(f"catalog {c.path}: none yet (created at start)")
     elif c.ok:
         lines.append(f"catalog {c.path}: ok (integrity_check)")

@@ -23,7 +23,7 @@ import numpy as np
 from retriever import validation
 from retriever._priority import lower_priority
 from retriever.cancel import NEVER, CallToken
-from retriever.catalog import Catalog, sqlite_memory_used
+from retriever.catalog import Catalog, missing_catalog, sqlite_memory_used
 from retriever.config import Settings
 from retriever.domain import (
     ChunkRecord,
@@ -71,7 +71,7 @@ from retriever.search.pipeline import Searcher
 from retriever.slo import golden
 from retriever.slo.feedback import FeedbackLog
 from retriever.slo.metrics import Metrics, stage_adder
-from retriever.storage import DataDirLock, SpaceGuard
+from retriever.storage import DataDirLock, SpaceGuard, catalog_path
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class RetrieverService:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.embedder = embedder or Embedder(settings)
-        self.catalog = Catalog(settings.data_dir / "catalog.sqlite3",
+        self.catalog = Catalog(catalog_path(settings.data_dir),
                                mmap_bytes=settings.catalog_mmap_bytes,
                                cache_bytes=settings.catalog_cache_bytes)
         self.freshness = SourceFreshness(
@@ -145,7 +145,10 @@ class RetrieverService:
         self._dir_lock.acquire()
         if s.gil_switch_interval_ms:  # process-wide: the service owns its process
             sys.setswitchinterval(s.gil_switch_interval_ms / 1000)
-        # The catalog first: a damaged one stops start-up before the model loads.
+        # The catalog first: a damaged one stops start-up before the model loads, and so
+        # does a missing one beside the indexes of namespaces (not created anew).
+        if (why := missing_catalog(catalog_path(s.data_dir))) is not None:
+            raise DataLoss(why)
         self.catalog.open(check=s.catalog_check_on_start)
         self.space.start()
         if not self.embedder.loaded:

@@ -450,6 +450,41 @@ def test_damaged_catalog_stops_startup_with_one_clear_line(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("loss", ["deleted", "emptied"])
+def test_a_missing_catalog_beside_indexes_stops_startup_and_keeps_them(
+        built: tuple[Path, dict[str, str]], tmp_path: Path, loss: str) -> None:
+    """A catalog deleted or emptied (or the wrong volume mounted) beside the indexes of its
+    namespaces was created anew: `check` said healthy, and the server dropped every index
+    as "of no namespace" and served nothing. Now start-up stops with one line naming the
+    file and what to do, check reports it, repair refuses, and nothing is dropped."""
+    data_dir = copy_of(built, tmp_path)
+    catalog = data_dir / "catalog.sqlite3"
+    for suffix in ("-wal", "-shm"):
+        (data_dir / f"catalog.sqlite3{suffix}").unlink(missing_ok=True)
+    if loss == "deleted":
+        catalog.unlink()
+    else:
+        catalog.write_bytes(b"")
+    indexes = sorted(p.relative_to(data_dir) for p in (data_dir / "indexes").rglob("*"))
+    proc = serve_process(data_dir)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(catalog) in lines[0] and ("missing" if loss == "deleted" else "empty") in lines[0]
+    assert "indexes/" in lines[0] and "move indexes/ and lexical/ out of" in lines[0]
+    checked = runner.invoke(app, ["check", "--data-dir", str(data_dir)])
+    assert checked.exit_code == 1 and "MISSING" in checked.stdout, checked.output
+    repaired = runner.invoke(app, ["repair", "--data-dir", str(data_dir)])
+    assert repaired.exit_code != 0 and "source of truth" in repaired.output, repaired.output
+    assert sorted(p.relative_to(data_dir) for p in (data_dir / "indexes").rglob("*")) == indexes
+    assert (catalog.exists() and catalog.stat().st_size == 0) or not catalog.exists()
+    # Moved out as the message says, the server starts empty.
+    for top in ("indexes", "lexical"):
+        shutil.move(data_dir / top, tmp_path / f"kept-{top}")
+    assert runner.invoke(app, ["check", "--data-dir", str(data_dir)]).exit_code == 0
+
+
+@pytest.mark.integration
 def test_check_and_repair_recover_every_whole_document(
         built: tuple[Path, dict[str, str]], tmp_path: Path, embedder) -> None:  # noqa: ANN001
     data_dir = copy_of(built, tmp_path)
