@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class RetrieverError(Exception):
     """Base of every error the core raises on purpose."""
@@ -137,8 +139,15 @@ def translate(exc: BaseException) -> RetrieverError | None:
         return ModelMismatch(str(exc), field="namespace")
     if isinstance(exc, EngineUnavailable):
         return Unavailable(f"the index engine is unavailable: {exc}")
+    if isinstance(exc, ValueError) and _ENGINE_DISK_FULL.search(str(exc)):
+        # tantivy's I/O errors reach Python as ValueError with the OS error in the text.
+        return StorageFull(_DISK_FULL)
     return None
 
+
+# The text of an engine's error for a full disk or an exceeded quota (ENOSPC 28, EDQUOT 122).
+_ENGINE_DISK_FULL = re.compile(r"\(os error (?:28|122)\)|No space left on device"
+                               r"|Disk quota exceeded")
 
 _DISK_FULL = ("the data directory's disk is full: free space (deleting documents or "
               "namespaces works) or grow the volume; retrying will not help until then")

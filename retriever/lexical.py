@@ -33,6 +33,7 @@ catalog's FTS5 table.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -40,7 +41,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -125,7 +126,7 @@ class LexicalIndex:
         self._index = self._open()
         # The searcher of the last reload, shared by searches until the next commit reloads:
         # a new one per search cost 0.17 ms, most of a small search's engine time. Reloads
-        # happen after each commit (_commit_locked), so a search still sees a write's
+        # happen after each commit (_write), so a search still sees a write's
         # entries once add() returns; a merge publishes the same entries in fewer segments.
         self._searcher = self._index.searcher()
 
@@ -237,8 +238,8 @@ class LexicalIndex:
         """Add these chunks and commit; searches see them when this returns."""
         if not ids:
             return
-        with self._lock:
-            w = self._writer_locked()
+
+        def write(w: tantivy.IndexWriter) -> None:
             for vid, text, p in zip(ids, terms, payloads, strict=True):
                 doc = tantivy.Document(terms=text, doc=p.doc_id, path=p.path,
                                        lang=p.language, kind=p.kind)
@@ -246,38 +247,49 @@ class LexicalIndex:
                 for key, value in p.metadata:
                     doc.add_text("meta", f"{key}\x00{value}")
                 w.add_document(doc)
-            self._commit_locked(w)
+        self._write(write)
 
     def delete(self, ids: Iterable[int]) -> None:
         """Remove these chunks (absent ones are ignored) and commit."""
         values = [int(v) for v in ids]
         if not values:
             return
-        with self._lock:
-            w = self._writer_locked()
+
+        def write(w: tantivy.IndexWriter) -> None:
             for i in range(0, len(values), 8192):
                 w.delete_documents_by_query(
                     Query.term_set_query(SCHEMA, "vid", values[i : i + 8192]))
-            self._commit_locked(w)
+        self._write(write)
 
     def clear(self) -> None:
+        self._write(lambda w: w.delete_all_documents())
+
+    def _write(self, fill: Callable[[tantivy.IndexWriter], object]) -> None:
+        """``fill`` the writer, then commit. A failure at either step rolls back and drops
+        the writer (a writer whose worker thread died, as on a full disk, fails every write
+        after: the next write opens a new one); a failure for want of space is raised as
+        OSError ENOSPC, which the service answers as a full disk (tantivy says so only in
+        its message, if at all: "An index writer was killed ... io::Error")."""
         with self._lock:
             w = self._writer_locked()
-            w.delete_all_documents()
-            self._commit_locked(w)
-
-    def _commit_locked(self, w: tantivy.IndexWriter) -> None:
-        try:
-            w.commit()
-        except BaseException:
             try:
-                w.rollback()
-            finally:
-                self._writer = None  # a writer that failed a commit is not reused
-            raise
-        self._index.reload()
-        self._searcher = self._index.searcher()
-        self._record_checksums_locked()
+                fill(w)
+                w.commit()
+            except BaseException as exc:
+                with contextlib.suppress(BaseException):
+                    w.rollback()
+                # Ended now, not when the last reference goes (the traceback keeps one):
+                # until then it holds the index's lock and the next writer fails LockBusy.
+                with contextlib.suppress(BaseException):
+                    w.wait_merging_threads()
+                self._writer = None
+                if is_engine_error(exc) and _disk_full(self.path, exc):
+                    raise OSError(errno.ENOSPC, f"No space left on device (the lexical "
+                                  f"index {self.path} could not be written: {exc})") from exc
+                raise
+            self._index.reload()
+            self._searcher = self._index.searcher()
+            self._record_checksums_locked()
 
     # -- reads -----------------------------------------------------------------------------
     def search(self, terms: Sequence[str], flt: Filter, limit: int
@@ -408,6 +420,20 @@ def _verify_files(path: Path) -> None:
             raise ValueError(f"{name} has no recorded checksum")
         if file_crc32(path / name) != want:
             raise ValueError(f"{name} does not match its checksum")
+
+
+# Free space under which a failed engine write is taken as one that ran out of it (the
+# engine may have removed the partial files it wrote by the time this is looked at).
+LOW_SPACE_BYTES = 16 << 20
+
+
+def _disk_full(path: Path, exc: BaseException) -> bool:
+    if "(os error 28)" in str(exc) or "(os error 122)" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(path).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
 
 
 def _aside(path: Path, what: str) -> Path:

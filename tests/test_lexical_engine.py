@@ -4,6 +4,7 @@ are skipped, damage is rebuilt from the catalog, a failing index falls back to F
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -446,3 +447,36 @@ def test_damage_that_panics_the_engine_is_a_damaged_index_not_a_crash(tmp_path: 
         assert lex.ids() == []
     finally:
         lex.close()
+
+
+@pytest.mark.integration
+def test_a_lexical_write_on_a_full_disk_is_storage_full_and_recovers(tmp_path: Path) -> None:
+    """tantivy reports a full disk as a ValueError ("An index writer was killed ...
+    io::Error"): it reached callers as INTERNAL, and the service's full-disk state
+    (RESOURCE_EXHAUSTED, no RetryInfo, deletes still possible) was not entered; the dead
+    writer was kept, failing every write after. Once space is freed the index writes
+    again."""
+    from test_storage_faults import fill, tmpfs
+
+    from retriever.errors import StorageFull, translate
+
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        lex = LexicalIndex(disk / "lx", idle_close_s=0)
+        try:
+            def add(batch: int, n: int = 200) -> None:
+                ids = list(range(batch * n, batch * n + n))
+                lex.add(ids, [f"w{v} " + "lorem ipsum dolor " * 50 for v in ids],
+                        [Payload(f"d{v}", f"p{v}") for v in ids])
+
+            add(0)
+            filler = fill(disk / "filler")
+            with pytest.raises(BaseException) as e:  # noqa: PT011 - the engine's own type
+                for batch in range(1, 50):
+                    add(batch)
+            assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
+            assert isinstance(translate(e.value), StorageFull), repr(e.value)
+            filler.unlink()
+            add(60)
+            assert [v for v, _ in lex.search(["w12000"], Filter(), 1)] == [12000]
+        finally:
+            lex.close()
