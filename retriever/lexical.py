@@ -383,7 +383,7 @@ def _filter_query(flt: Filter) -> tantivy.Query:
     return Query.boolean_query(parts)
 
 
-def _committed_files(path: Path) -> list[str]:
+def _committed_files(path: Path, *, present: bool = True) -> list[str]:
     """The segment files the last commit of the index in ``path`` references (merges in
     progress write others: those are not final yet)."""
     try:
@@ -397,7 +397,7 @@ def _committed_files(path: Path) -> list[str]:
         deletes = seg.get("deletes")
         if deletes:
             names.append(f"{sid}.{deletes['opstamp']}.del")
-    return [n for n in names if (path / n).exists()]
+    return [n for n in names if not present or (path / n).exists()]
 
 
 def _verify_files(path: Path) -> None:
@@ -406,14 +406,19 @@ def _verify_files(path: Path) -> None:
     record that could not be written; nothing can tell whether it is whole, so the index is
     rebuilt from the catalog, as when damaged)."""
     names = _committed_files(path)
-    if not names:
-        return
     try:
         recorded = json.loads((path / _CHECKSUMS).read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if not names:
+            return
         raise ValueError(f"its segment checksums ({_CHECKSUMS}) are missing") from None
+    if not names and recorded and not (path / "meta.json").exists():
+        raise ValueError("meta.json, its list of segments, is missing")
     if not isinstance(recorded, dict):
         raise ValueError(f"{_CHECKSUMS} is not a record of checksums")
+    for name in _committed_files(path, present=False):
+        if name in recorded and not (path / name).exists():
+            raise ValueError(f"{name}, a committed segment file, is missing")
     for name in names:
         want = recorded.get(name)
         if want is None:

@@ -480,3 +480,22 @@ def test_a_lexical_write_on_a_full_disk_is_storage_full_and_recovers(tmp_path: P
             assert [v for v, _ in lex.search(["w12000"], Filter(), 1)] == [12000]
         finally:
             lex.close()
+
+
+@pytest.mark.parametrize("loss", [".pos", "meta.json"])
+def test_a_lost_segment_file_or_segment_list_is_damage(tmp_path: Path, loss: str) -> None:
+    """A committed segment file that is gone (its checksum recorded) was dropped from the
+    check as "not committed", and a lost meta.json reopened as an empty index with no word:
+    both are damage (moved aside, rebuilt from the catalog, counted)."""
+    lx = tmp_path / "lx"
+    _eight_commits(lx).close()
+    if loss == "meta.json":
+        (lx / "meta.json").unlink()
+    else:
+        next(lx / n for n in lexical._committed_files(lx) if n.endswith(loss)).unlink()
+    assert any("missing" in p for p in lexical.verify(lx))
+    lex = LexicalIndex(lx)
+    try:
+        assert lex.damaged is not None and "missing" in lex.damaged.reason
+    finally:
+        lex.close()
