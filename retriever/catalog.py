@@ -366,6 +366,11 @@ class Catalog:
         chunks (519 MB) it took 0.4 s with the file in the page cache and 7-8 s from a cold
         disk (~70 MB/s) here. A damaged catalog raises DataLoss naming the file."""
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        if self._path.is_dir():
+            raise FailedPrecondition(
+                f"the catalog {self._path} is a directory, not a database file: move it away "
+                "and put the catalog back (or, to start empty, move indexes/ and lexical/ out "
+                f"of {self._path.parent} too)")
         try:
             with self._write_lock:
                 db = self._conn()

@@ -145,7 +145,7 @@ class LexicalIndex:
         except BaseException as exc:
             if not is_engine_error(exc):
                 raise
-            moved = _aside(self.path, "damaged")
+            moved = move_aside(self.path, "damaged")
             self.damaged = Damaged(self.path, moved, f"{type(exc).__name__}: {exc}")
             self.path.mkdir(parents=True)
             return tantivy.Index(SCHEMA, path=str(self.path), reuse=False)
@@ -441,7 +441,7 @@ def _disk_full(path: Path, exc: BaseException) -> bool:
         return False
 
 
-def _aside(path: Path, what: str) -> Path:
+def move_aside(path: Path, what: str) -> Path:
     """Move ``path`` (a directory or a file in its place) aside as
     ``<name>.<what>-<time>[-n]``, a name not taken; returns where it went."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")

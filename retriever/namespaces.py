@@ -49,7 +49,7 @@ from retriever.errors import (
     NotFound,
     translate,
 )
-from retriever.lexical import LexicalIndex
+from retriever.lexical import LexicalIndex, move_aside
 from retriever.models.embedder import Embedder, pipeline_differences
 from retriever.slo.metrics import Metrics
 
@@ -399,6 +399,13 @@ class Namespaces:
         """Lexical indexes of no namespace: left by a crash between a DeleteNamespace's
         commit and the removal of its files (moved-aside damaged copies are kept)."""
         root = self._lexical_root
+        if root is not None and (root.is_symlink() or root.exists()) and not root.is_dir():
+            # A file where the lexical indexes' directory should be: moved aside, and every
+            # namespace's index is rebuilt from the catalog.
+            moved = move_aside(root, "damaged")
+            log.warning("lexical index directory %s is not a directory: moved it to %s; the "
+                        "lexical indexes are rebuilt from the catalog", root, moved)
+            self._metrics.derived_files_rebuilt.labels("lexical_index").inc()
         if root is None or not root.is_dir():
             return
         known = {lexical_dir(r.name) for r in records}

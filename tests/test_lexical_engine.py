@@ -213,7 +213,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, embedder) -> Path:  # noqa: 
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("damage", ["segment-bytes", "meta-garbage", "removed"])
+@pytest.mark.parametrize("damage", ["segment-bytes", "meta-garbage", "removed", "root-a-file"])
 def test_a_damaged_or_missing_lexical_index_is_rebuilt_from_the_catalog(
         built: Path, tmp_path: Path, embedder, damage: str) -> None:  # noqa: ANN001
     data = tmp_path / "data"
@@ -223,8 +223,23 @@ def test_a_damaged_or_missing_lexical_index_is_rebuilt_from_the_catalog(
         _flip_bytes(next(lx.glob("*.idx")))
     elif damage == "meta-garbage":
         (lx / "meta.json").write_text("{garbage")
-    else:
+    elif damage == "removed":
         shutil.rmtree(lx)
+    else:  # a file where the directory of every namespace's lexical index should be
+        shutil.rmtree(lx.parent)
+        lx.parent.write_text("not a directory")
+    if damage == "root-a-file":  # (check lists the namespaces' indexes under lexical/ only)
+        st = ServerThread(make_settings(data), embedder).start()
+        try:
+            assert st.info["reconciled"]["lex"]["lexical_entries_added"] == len(CORPUS)
+            assert metric(st.info["metrics_port"], "retriever_derived_files_rebuilt_total",
+                          kind="lexical_index") == 1
+            with RetrieverClient(st.address) as c:
+                assert _lexical_ids(c, "lex", "paxos_frames")[0] == "n02.md"
+        finally:
+            st.stop()
+        assert [p.read_text() for p in data.glob("lexical.damaged-*")] == ["not a directory"]
+        return
     checked = CliRunner().invoke(app, ["check", "--data-dir", str(data)])
     line = next(ln for ln in checked.stdout.splitlines() if ln.startswith("index lexical/"))
     assert "namespace lex" in line, checked.stdout

@@ -485,6 +485,20 @@ def test_a_missing_catalog_beside_indexes_stops_startup_and_keeps_them(
 
 
 @pytest.mark.integration
+def test_a_directory_in_place_of_the_catalog_stops_startup_with_one_line(
+        built: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    data_dir = copy_of(built, tmp_path)
+    catalog = data_dir / "catalog.sqlite3"
+    catalog.rename(tmp_path / "kept.sqlite3")
+    catalog.mkdir()
+    proc = serve_process(data_dir)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(catalog) in lines[0] and "is a directory" in lines[0]
+
+
+@pytest.mark.integration
 def test_check_and_repair_recover_every_whole_document(
         built: tuple[Path, dict[str, str]], tmp_path: Path, embedder) -> None:  # noqa: ANN001
     data_dir = copy_of(built, tmp_path)
