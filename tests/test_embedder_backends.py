@@ -403,12 +403,9 @@ def test_a_damaged_cache_entry_is_rebuilt(ov_fp32: Embedder, reference: np.ndarr
     assert again._ov.reused
 
 
-@pytest.mark.integration
-def test_a_cached_graph_of_another_pipeline_around_the_same_weights_is_rebuilt(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The cache key names the weights: a model whose pooling changed (CLS instead of mean)
-    kept being served from the mean-pooled graph. A read entry is checked against torch as a
-    build is; a build cut short (its temporary entry) is removed at the next load."""
+def _model_with_own_pooling(tmp_path: Path) -> Path:
+    """The packaged model as a directory of links to its files, but for a copy of its
+    pooling configuration (which the test then changes)."""
     from retriever.models.embedder import default_model_path
 
     src, model = Path(default_model_path()), tmp_path / "all-MiniLM-L6-v2"
@@ -417,6 +414,16 @@ def test_a_cached_graph_of_another_pipeline_around_the_same_weights_is_rebuilt(
         if f.name != "1_Pooling":
             (model / f.name).symlink_to(f)
     shutil.copytree(src / "1_Pooling", model / "1_Pooling")
+    return model
+
+
+@pytest.mark.integration
+def test_a_cached_graph_of_another_pipeline_around_the_same_weights_is_rebuilt(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The cache key names the weights: a model whose pooling changed (CLS instead of mean)
+    kept being served from the mean-pooled graph. A read entry is checked against torch as a
+    build is; a build cut short (its temporary entry) is removed at the next load."""
+    model = _model_with_own_pooling(tmp_path)
     data = tmp_path / "data"
     first = Embedder(ov_settings(data, "fp32", embedder_model=str(model)))
     first.load()
@@ -580,14 +587,7 @@ def test_a_namespace_refuses_the_same_weights_behind_another_pipeline(tmp_path: 
     of an older release (no record) is served; the cache keys carry the pipeline."""
     import sqlite3
 
-    from retriever.models.embedder import default_model_path
-
-    src, model = Path(default_model_path()), tmp_path / "all-MiniLM-L6-v2"
-    model.mkdir()
-    for f in src.iterdir():
-        if f.name != "1_Pooling":
-            (model / f.name).symlink_to(f)
-    shutil.copytree(src / "1_Pooling", model / "1_Pooling")
+    model = _model_with_own_pooling(tmp_path)
     cache = tmp_path / "embed-cache"
     doc = pb.Document(doc_id="a.txt", content="The starter ferments overnight in the cold.")
 
