@@ -641,3 +641,14 @@ def test_a_namespace_refuses_the_same_weights_behind_another_pipeline(tmp_path: 
             assert c.search("docs", "sourdough starter").hits
     finally:
         st.stop()
+
+
+def test_pipelines_are_compared_on_the_fields_both_record() -> None:
+    """A field one side lacks (a later release's, or one it could not read) is no
+    difference: a dependency upgrade must not make every namespace refuse its model."""
+    from retriever.models.embedder import pipeline_differences
+
+    assert pipeline_differences({"pooling": "mean", "new_field": 1}, {"pooling": "mean"}) == []
+    assert pipeline_differences({"pooling": "mean", "normalized": True, "max_seq_length": 256},
+                                {"pooling": "cls", "normalized": False, "max_seq_length": 256}
+                                ) == ["normalized True -> False", "pooling mean -> cls"]

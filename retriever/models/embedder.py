@@ -925,12 +925,14 @@ def revision_name(weights_revision: str, precision: str, backend: str = "torch")
 
 def pipeline_of(model) -> dict[str, object]:  # noqa: ANN001
     """What around the weights decides a sentence-transformers model's vectors, as named
-    fields: its modules in order, the pooling mode, whether vectors are normalised, the
-    sequence length, lower-casing and a hash of the vocabulary. (The weights' hash alone
-    does not change when a model's pooling is switched from mean to CLS.) Fields, not one
-    hash, so that what a namespace recorded is compared field by field with what serves it:
-    a field a later release adds, or one it cannot read, is not a difference."""
-    out: dict[str, object] = {"modules": [type(m).__name__ for m in model]}
+    fields: the pooling mode, whether vectors are normalised, the sequence length,
+    lower-casing and a hash of the vocabulary. (The weights' hash alone does not change when
+    a model's pooling is switched from mean to CLS.) Fields, not one hash, so that what a
+    namespace recorded is compared field by field with what serves it: a field a later
+    release adds, or one it cannot read, is not a difference (nor are module class names,
+    which a sentence-transformers release may rename)."""
+    out: dict[str, object] = {
+        "normalized": any(type(m).__name__ == "Normalize" for m in model)}
     for module in model:
         kind = type(module).__name__
         if kind == "Pooling":
