@@ -596,3 +596,30 @@ def test_stream_does_not_write_a_namespace_deleted_while_it_is_open(
         assert list(client.document_ids(ns)) == ["other.txt"]
     else:
         assert ns not in [n.name for n in client.namespaces()]
+
+
+def test_a_stream_whose_results_outgrow_the_message_limit_succeeds(tmp_path, embedder) -> None:  # noqa: ANN001
+    """One DocumentResult per document: a long stream of many documents committed every
+    message, then its response went over grpc_max_message_bytes and the caller was told
+    RESOURCE_EXHAUSTED (a retry committed it all again, and failed the same way). The
+    results list stops where it would not fit, says so, and the counts stay whole."""
+    from conftest import make_settings
+
+    limit = 1 << 20
+    st = ServerThread(make_settings(tmp_path / "data", grpc_max_message_bytes=limit),
+                      embedder).start()
+    try:
+        with RetrieverClient(st.address) as c:
+            ids = [f"{i:05d}-" + "x" * 1000 for i in range(1200)]
+            resp = c.upsert_stream(iter(
+                pb.UpsertDocumentsRequest(namespace="many", documents=[
+                    pb.Document(doc_id=d, content="") for d in ids[i:i + 200]])
+                for i in range(0, len(ids), 200)), timeout=300)
+            assert resp.results_truncated
+            assert resp.documents_received == resp.documents_created == len(ids)
+            assert 0 < len(resp.results) < len(ids) and resp.ByteSize() < limit
+            assert [r.doc_id for r in resp.results] == ids[:len(resp.results)]
+            small = c.upsert("many", [pb.Document(doc_id="one", content="")])
+            assert not small.results_truncated and len(small.results) == 1
+    finally:
+        st.stop()

@@ -247,13 +247,23 @@ def namespace_to_pb(n: NamespaceRecord) -> pb.Namespace:
     )
 
 
+# Room a response keeps below the message limit for its counts, timings and framing.
+_RESPONSE_ROOM = 4096
+
+
 def upsert_to_pb(namespace: str, results: list[UpsertResult], elapsed_s: float,
-                 stages: Mapping[str, float] | None = None) -> pb.UpsertDocumentsResponse:
-    """The stream's response; ``stages``: its seconds per stage (UpsertTimings)."""
+                 stages: Mapping[str, float] | None = None, *,
+                 max_bytes: int | None = None) -> pb.UpsertDocumentsResponse:
+    """The stream's response; ``stages``: its seconds per stage (UpsertTimings). Per-document
+    results stop where the next would take the response past ``max_bytes`` (a long stream
+    of many documents: its messages all committed, a response over the limit would tell the
+    caller it failed): ``results_truncated`` then says so, and the counts stay whole."""
     resp = pb.UpsertDocumentsResponse(namespace=namespace, elapsed=_dur(elapsed_s))
     for field in pb.UpsertTimings.DESCRIPTOR.fields:
         if stages and field.name in stages:
             getattr(resp.timings, field.name).CopyFrom(_dur(stages[field.name]))
+    room = (max_bytes - _RESPONSE_ROOM - len(namespace.encode()) if max_bytes is not None
+            else None)
     for r in results:
         resp.chunks_deleted += r.chunks_deleted
         resp.index_version = max(resp.index_version, r.index_version)
@@ -268,11 +278,19 @@ def upsert_to_pb(namespace: str, results: list[UpsertResult], elapsed_s: float,
             resp.chunks_total += d.chunk_count
             resp.chunks_embedded += d.chunks_embedded
             resp.chunks_reused += d.chunks_reused
-            resp.results.append(pb.DocumentResult(
+            if resp.results_truncated:
+                continue
+            entry = pb.DocumentResult(
                 doc_id=d.doc_id, status=_STATUS[d.status], version=d.version,
                 chunk_count=d.chunk_count, chunks_embedded=d.chunks_embedded,
                 chunks_reused=d.chunks_reused, content_hash=d.content_hash,
-                moved_from=d.moved_from))
+                moved_from=d.moved_from)
+            if room is not None:
+                room -= entry.ByteSize() + 6  # its tag and length
+                if room < 0:
+                    resp.results_truncated = True
+                    continue
+            resp.results.append(entry)
     return resp
 
 

@@ -391,7 +391,8 @@ class RetrieverServicer:
             self._upserts.release()
         # An empty stream (e.g. a directory with nothing to index) changes nothing.
         return convert.upsert_to_pb(namespace or "", results, time.perf_counter() - t0,
-                                    stages)
+                                    stages,
+                                    max_bytes=self._svc.settings.grpc_max_message_bytes)
 
     async def DeleteDocuments(self, request: pb.DeleteDocumentsRequest, context: Any):  # noqa: N802
         token = self._token(context)
