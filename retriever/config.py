@@ -20,6 +20,9 @@ from pydantic_settings import (
 )
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+# What a response that fills itself up to grpc_max_message_bytes (a stream's per-document
+# results, a page of documents) leaves for its other fields and the message's framing.
+RESPONSE_ROOM_BYTES = 4096
 
 
 class Settings(BaseSettings):

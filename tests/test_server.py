@@ -623,3 +623,29 @@ def test_a_stream_whose_results_outgrow_the_message_limit_succeeds(tmp_path, emb
             assert not small.results_truncated and len(small.results) == 1
     finally:
         st.stop()
+
+
+def test_a_page_of_documents_ends_before_the_message_limit(tmp_path, embedder) -> None:  # noqa: ANN001
+    """ListDocuments cut its pages by count only: documents with metadata at its limits
+    made a page of 1,000 (what the client and the CLI ask for) a 76 MB response, refused by
+    the transport. A page now also ends where the next entry would not fit, and the token
+    goes on from there."""
+    from conftest import make_settings
+
+    limit = 1 << 20
+    st = ServerThread(make_settings(tmp_path / "data", grpc_max_message_bytes=limit),
+                      embedder).start()
+    meta = {f"k{i:03d}" + "k" * 124: "v" * 1024 for i in range(64)}  # at the limits
+    try:
+        with RetrieverClient(st.address) as c:
+            ids = [f"doc-{i:03d}" for i in range(60)]
+            c.upsert_stream(iter(
+                pb.UpsertDocumentsRequest(namespace="meta", documents=[
+                    pb.Document(doc_id=d, content="", metadata=meta) for d in ids[i:i + 10]])
+                for i in range(0, len(ids), 10)), timeout=300)
+            first = c.list_documents("meta", page_size=100)
+            assert first.next_page_token and 1 <= len(first.documents) < len(ids)
+            assert first.ByteSize() < limit and first.total_size == len(ids)
+            assert list(c.document_ids("meta")) == ids  # every page, each document once
+    finally:
+        st.stop()

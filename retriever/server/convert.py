@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from retriever.config import RESPONSE_ROOM_BYTES
 from retriever.domain import (
     ChunkRecord,
     DeleteResult,
@@ -247,10 +248,6 @@ def namespace_to_pb(n: NamespaceRecord) -> pb.Namespace:
     )
 
 
-# Room a response keeps below the message limit for its counts, timings and framing.
-_RESPONSE_ROOM = 4096
-
-
 def upsert_to_pb(namespace: str, results: list[UpsertResult], elapsed_s: float,
                  stages: Mapping[str, float] | None = None, *,
                  max_bytes: int | None = None) -> pb.UpsertDocumentsResponse:
@@ -262,7 +259,7 @@ def upsert_to_pb(namespace: str, results: list[UpsertResult], elapsed_s: float,
     for field in pb.UpsertTimings.DESCRIPTOR.fields:
         if stages and field.name in stages:
             getattr(resp.timings, field.name).CopyFrom(_dur(stages[field.name]))
-    room = (max_bytes - _RESPONSE_ROOM - len(namespace.encode()) if max_bytes is not None
+    room = (max_bytes - RESPONSE_ROOM_BYTES - len(namespace.encode()) if max_bytes is not None
             else None)
     for r in results:
         resp.chunks_deleted += r.chunks_deleted

@@ -408,8 +408,9 @@ class RetrieverServicer:
 
     async def ListDocuments(self, request: pb.ListDocumentsRequest, context: Any):  # noqa: N802
         page = await self._run(
-            context, lambda r: self._svc.list_documents(r.namespace, r.page_size, r.page_token,
-                                                        r.path_prefix), request)
+            context, lambda r: self._svc.list_documents(
+                r.namespace, r.page_size, r.page_token, r.path_prefix,
+                item_bytes=lambda d: convert.document_info_to_pb(d).ByteSize() + 6), request)
         return pb.ListDocumentsResponse(
             documents=[convert.document_info_to_pb(d) for d in page.items],
             next_page_token=page.next_page_token, total_size=page.total_size)
