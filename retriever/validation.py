@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -96,9 +97,16 @@ def documents(docs: Sequence[Document], settings: Settings, field: str = "docume
                 raise InvalidArgument(
                     f"{f}.metadata[{k!r}] must be at most {MAX_METADATA_VALUE_BYTES} bytes",
                     field=f"{f}.metadata")
+            # (A search filter refuses NUL: a document holding one could never be selected.)
+            if "\x00" in k or "\x00" in v:
+                raise InvalidArgument(f"{f}.metadata[{k[:40]!r}] holds a NUL character",
+                                      field=f"{f}.metadata")
         if len(d.language) > 32:
             raise InvalidArgument(f"{f}.language must be at most 32 characters",
                                   field=f"{f}.language")
+        if any(unicodedata.category(c) == "Cc" for c in d.language):
+            raise InvalidArgument(f"{f}.language holds a control character (NUL, newline...): "
+                                  "name a language such as 'python'", field=f"{f}.language")
     for i, d in enumerate(docs):
         if d.moved_from and d.moved_from in seen:
             f = f"{field}[{i}].moved_from"

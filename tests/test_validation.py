@@ -64,6 +64,12 @@ BAD_DOCUMENTS: list[tuple[str, list[Document], str, str]] = [
     ("long metadata value", [doc(metadata={"k": "v" * 1025})], "documents[0].metadata",
      "1024"),
     ("long language", [doc(language="l" * 33)], "documents[0].language", "32"),
+    # A filter refuses NUL, so a document holding one could never be selected by it.
+    ("NUL in a metadata key", [doc(metadata={"k\x00": "v"})], "documents[0].metadata", "NUL"),
+    ("NUL in a metadata value", [doc(metadata={"k": "v\x00"})], "documents[0].metadata",
+     "NUL"),
+    ("NUL in language", [doc(language="python\x00")], "documents[0].language", "control"),
+    ("newline in language", [doc(language="py\nthon")], "documents[0].language", "control"),
     ("error in a later document", [doc(doc_id="ok"), doc(doc_id="bad", revision="r" * 300)],
      "documents[1].revision", "256"),
     # The largest Timestamp: as a float epoch it rounds to year 10000 and cannot be read back.
