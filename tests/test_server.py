@@ -535,6 +535,29 @@ def test_non_utf8_content_is_invalid_argument(server, client: RetrieverClient) -
     assert e2.value.code() in (grpc.StatusCode.NOT_FOUND,)
 
 
+def test_an_undecodable_message_is_named_by_its_place_in_the_stream(server) -> None:  # noqa: ANN001
+    """The caller must be able to tell which messages were committed: the error named no
+    message (the check ran before the stream's own, which names it)."""
+    def field(num: int, payload: bytes) -> bytes:
+        return bytes([num << 3 | 2, len(payload)]) + payload
+
+    good = [pb.UpsertDocumentsRequest(namespace="undecodable", documents=[
+        pb.Document(doc_id=f"ok{i}.txt", content="fine")]).SerializeToString() for i in (0, 1)]
+    bad = field(1, b"undecodable") + field(2, field(1, b"bad.txt") + field(2, b"caf\xe9"))
+    channel = grpc.insecure_channel(server.address)
+    call = channel.stream_unary("/retriever.v1.Retriever/UpsertDocuments",
+                                request_serializer=lambda b: b,
+                                response_deserializer=pb.UpsertDocumentsResponse.FromString)
+    with pytest.raises(grpc.RpcError) as e:
+        call(iter([*good, bad]), timeout=60)
+    channel.close()
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("message 2 of the stream: ")
+    assert "UTF-8" in e.value.details() and "messages before it were committed" in e.value.details()
+    with RetrieverClient(server.address) as c:
+        assert list(c.document_ids("undecodable")) == ["ok0.txt", "ok1.txt"]
+
+
 def test_stream_with_two_namespaces_is_rejected(client: RetrieverClient) -> None:
     msgs = [pb.UpsertDocumentsRequest(namespace="one", documents=[pb.Document(doc_id="a")]),
             pb.UpsertDocumentsRequest(namespace="two", documents=[pb.Document(doc_id="b")])]

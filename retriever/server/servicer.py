@@ -358,7 +358,8 @@ class RetrieverServicer:
                     self._svc.metrics.observe_stage("queued", time.perf_counter() - submitted)
                     if isinstance(r, Undecodable):
                         raise errors.InvalidArgument(
-                            f"message {i} of the stream: {_undecodable_message(r)}")
+                            f"message {i} of the stream: {_undecodable_message(r)}"
+                            + ("; the messages before it were committed" if i else ""))
                     if namespace is not None and r.namespace != namespace:
                         raise errors.InvalidArgument(
                             f"message {i} names namespace {r.namespace!r} but the stream "
@@ -384,8 +385,10 @@ class RetrieverServicer:
                             "message was written. Open a new stream to write into a namespace "
                             "of that name", field="namespace") from None
 
-                results.append(await self._run(context, one, request, pool=self._write_pool,
-                                               token=token))
+                # The request inside the work (not an argument _run checks first), so that
+                # an undecodable one is reported with its index in the stream.
+                results.append(await self._run(context, functools.partial(one, request),
+                                               pool=self._write_pool, token=token))
         finally:
             self._peer_streams.release(peer)
             self._upserts.release()
