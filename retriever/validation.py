@@ -71,10 +71,11 @@ def documents(docs: Sequence[Document], settings: Settings, field: str = "docume
                                       field=f"{f}.moved_from")
             moved.add(d.moved_from)
         size = _utf8_len(d.content, f"{f}.content")
-        if size > settings.max_document_bytes:
+        limit, name = document_limit(settings)
+        if size > limit:
             raise InvalidArgument(
-                f"{f}.content is {size} bytes; the limit is {settings.max_document_bytes} "
-                "bytes (max_document_bytes)", field=f"{f}.content")
+                f"{f}.content is {size} bytes; the limit is {limit} bytes ({name})",
+                field=f"{f}.content")
         if "\x00" in d.content:
             raise InvalidArgument(f"{f}.content holds NUL bytes: send text, not binary data",
                                   field=f"{f}.content")
@@ -113,6 +114,16 @@ def documents(docs: Sequence[Document], settings: Settings, field: str = "docume
             raise InvalidArgument(
                 f"{f} {d.moved_from!r} is itself a document of this message: a move removes "
                 "the document it comes from; upsert that id in another message", field=f)
+
+
+def document_limit(settings: Settings) -> tuple[int, str]:
+    """The most bytes of content a document may hold, and what sets it: max_document_bytes,
+    or half of grpc_max_message_bytes when that is smaller (a document is read back whole in
+    one message, with its chunk ids: a larger one was stored and then could not be read)."""
+    half = settings.grpc_max_message_bytes // 2
+    if half < settings.max_document_bytes:
+        return half, "half of grpc_max_message_bytes"
+    return settings.max_document_bytes, "max_document_bytes"
 
 
 def doc_ids(ids: Sequence[str], settings: Settings, field: str = "doc_ids") -> None:

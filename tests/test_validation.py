@@ -92,6 +92,17 @@ def test_bad_documents(docs: list[Document], field: str, needle: str) -> None:
     expect_invalid(lambda: v.documents(docs, SETTINGS), field, needle)
 
 
+def test_a_document_must_fit_half_the_message_limit() -> None:
+    """A document is read back whole in one message with its chunk ids: one accepted at
+    max_document_bytes = grpc_max_message_bytes = 1 MiB could not be read by GetDocument."""
+    tight = Settings(max_document_bytes=1 << 20, grpc_max_message_bytes=1 << 20)
+    assert v.document_limit(tight) == (1 << 19, "half of grpc_max_message_bytes")
+    expect_invalid(lambda: v.documents([doc(content="x" * ((1 << 19) + 1))], tight),
+                   "documents[0].content", "half of grpc_max_message_bytes")
+    v.documents([doc(content="x" * (1 << 19))], tight)
+    assert v.document_limit(Settings()) == (Settings().max_document_bytes, "max_document_bytes")
+
+
 def test_documents_field_prefix_is_used() -> None:
     expect_invalid(lambda: v.documents([doc(doc_id="")], SETTINGS, field="batch"),
                    "batch[0].doc_id", "required")

@@ -450,7 +450,7 @@ class Syncer:
 
 
     def _spec(self, namespace: str, req: SyncRequest) -> SourceSpec:
-        limit = self._settings.max_document_bytes
+        limit, limit_name = validation.document_limit(self._settings)
         if not req.location:
             if req.ref or req.include or req.exclude or req.max_file_bytes:
                 raise InvalidArgument(
@@ -473,7 +473,7 @@ class Syncer:
                 _max_bytes(g, MAX_GLOB_BYTES, name)
         if not 0 <= req.max_file_bytes <= limit:
             raise InvalidArgument(
-                f"max_file_bytes must be 1..{limit} (the server's max_document_bytes), or 0 "
+                f"max_file_bytes must be 1..{limit} (the server's {limit_name}), or 0 "
                 f"for that limit; got {req.max_file_bytes}", field="max_file_bytes")
         try:
             return SourceSpec(req.location, req.ref or "HEAD", tuple(req.include),
