@@ -416,9 +416,20 @@ def test_writes_outside_syncs_are_put_back_by_the_next_sync(
             alpha.path, alpha.language, {}, alpha.source_updated_at)
         last = c.status("outside").last_sync
         assert last.sync_id != synced and last.state == pb.SYNC_STATE_SUCCEEDED
-        # Back in step: nothing more to do, so the poller lets it be.
-        time.sleep(1.0)
-        assert c.status("outside").last_sync.sync_id == last.sync_id
+        # Back in step: nothing more to do, so the poller lets it be. (One more compare may
+        # run: a sync that began between a write's commit and its second mark keeps the
+        # mark, by design; on a loaded machine that window is wide. It finds nothing to do,
+        # and then the poller stops.)
+        seen, settle = last.sync_id, time.monotonic() + 30
+        while True:
+            time.sleep(1.0)
+            now = c.status("outside").last_sync
+            if now.sync_id == seen:
+                break
+            assert time.monotonic() < settle, "the poller keeps syncing a namespace in step"
+            assert now.state != pb.SYNC_STATE_FAILED, now.error
+            seen = now.sync_id
+        assert ids() == {"src/alpha.py", "src/beta.py"}
         beta = c.get_document("outside", "src/beta.py")
         assert "compute the values" in beta.document.content
 
