@@ -639,6 +639,8 @@ def render_check(report: CheckReport) -> list[str]:
     lines += [f"index {b}/{coll} (a deleted namespace's): not dropped yet (the server drops "
               "it at start, or when its engine is back)" for b, coll in report.pending_drops]
     lines.append("healthy" if report.healthy else
+                 "CATALOG MISSING: restore it (`retriever repair` has nothing to rebuild it "
+                 "from)" if not c.exists and not c.ok else
                  "DAMAGED: run `retriever repair` with the server stopped" if not c.ok else
                  "DAMAGED index files only: starting the server repairs them")
     return lines

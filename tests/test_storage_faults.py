@@ -474,6 +474,8 @@ def test_a_missing_catalog_beside_indexes_stops_startup_and_keeps_them(
     assert "indexes/" in lines[0] and "move indexes/ and lexical/ out of" in lines[0]
     checked = runner.invoke(app, ["check", "--data-dir", str(data_dir)])
     assert checked.exit_code == 1 and "MISSING" in checked.stdout, checked.output
+    assert "CATALOG MISSING: restore it" in checked.stdout
+    assert "run `retriever repair`" not in checked.stdout  # it would refuse
     repaired = runner.invoke(app, ["repair", "--data-dir", str(data_dir)])
     assert repaired.exit_code != 0 and "source of truth" in repaired.output, repaired.output
     assert sorted(p.relative_to(data_dir) for p in (data_dir / "indexes").rglob("*")) == indexes
