@@ -51,6 +51,7 @@ from tantivy import Occur, Query
 
 from indexers import Filter, Payload
 from indexers._files import file_crc32
+from retriever.errors import StorageFull, translate
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +406,7 @@ def _verify_files(path: Path) -> None:
     none (written after the last record: a merge that ended before a kill, or a
     record that could not be written; nothing can tell whether it is whole, so the index is
     rebuilt from the catalog, as when damaged)."""
-    names = _committed_files(path)
+    names = _committed_files(path, present=False)
     try:
         recorded = json.loads((path / _CHECKSUMS).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -416,10 +417,11 @@ def _verify_files(path: Path) -> None:
         raise ValueError("meta.json, its list of segments, is missing")
     if not isinstance(recorded, dict):
         raise ValueError(f"{_CHECKSUMS} is not a record of checksums")
-    for name in _committed_files(path, present=False):
-        if name in recorded and not (path / name).exists():
-            raise ValueError(f"{name}, a committed segment file, is missing")
     for name in names:
+        if not (path / name).exists():
+            if name in recorded:
+                raise ValueError(f"{name}, a committed segment file, is missing")
+            continue  # a kind of file this segment never had
         want = recorded.get(name)
         if want is None:
             raise ValueError(f"{name} has no recorded checksum")
@@ -433,7 +435,7 @@ LOW_SPACE_BYTES = 16 << 20
 
 
 def _disk_full(path: Path, exc: BaseException) -> bool:
-    if "(os error 28)" in str(exc) or "(os error 122)" in str(exc):
+    if isinstance(translate(exc), StorageFull):  # the engine named the OS error
         return True
     try:
         return shutil.disk_usage(path).free < LOW_SPACE_BYTES

@@ -947,9 +947,12 @@ def pipeline_of(model) -> dict[str, object]:  # noqa: ANN001
     if isinstance(seq, int):
         out["max_seq_length"] = seq
     get_vocab = getattr(getattr(model, "tokenizer", None), "get_vocab", None)
-    if get_vocab is not None:
-        vocab = sorted(get_vocab().items())
-        out["vocabulary"] = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:12]
+    if get_vocab is not None:  # the tokens in id order (placed, not sorted: 25 of 60 ms)
+        vocab: dict[str, int] = get_vocab()
+        tokens = [""] * (max(vocab.values(), default=-1) + 1)
+        for token, i in vocab.items():
+            tokens[i] = token
+        out["vocabulary"] = hashlib.sha256("\n".join(tokens).encode()).hexdigest()[:12]
     return out
 
 

@@ -410,12 +410,17 @@ class RetrieverServicer:
         return convert.document_to_pb(doc)
 
     async def ListDocuments(self, request: pb.ListDocumentsRequest, context: Any):  # noqa: N802
+        built: dict[str, pb.DocumentInfo] = {}  # each entry converted once
+
+        def entry_bytes(d: Any) -> int:
+            built[d.doc_id] = entry = convert.document_info_to_pb(d)
+            return entry.ByteSize() + 6  # with its tag and length
         page = await self._run(
             context, lambda r: self._svc.list_documents(
                 r.namespace, r.page_size, r.page_token, r.path_prefix,
-                item_bytes=lambda d: convert.document_info_to_pb(d).ByteSize() + 6), request)
+                item_bytes=entry_bytes), request)
         return pb.ListDocumentsResponse(
-            documents=[convert.document_info_to_pb(d) for d in page.items],
+            documents=[built[d.doc_id] for d in page.items],
             next_page_token=page.next_page_token, total_size=page.total_size)
 
     async def GetChunk(self, request: pb.GetChunkRequest, context: Any):  # noqa: N802
