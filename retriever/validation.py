@@ -56,6 +56,7 @@ def documents(docs: Sequence[Document], settings: Settings, field: str = "docume
             "(max_batch_documents) per message: split the batch", field=field)
     seen: set[str] = set()
     moved: set[str] = set()
+    limit, limit_name = document_limit(settings)
     for i, d in enumerate(docs):
         f = f"{field}[{i}]"
         doc_id(d.doc_id, f"{f}.doc_id")
@@ -71,10 +72,9 @@ def documents(docs: Sequence[Document], settings: Settings, field: str = "docume
                                       field=f"{f}.moved_from")
             moved.add(d.moved_from)
         size = _utf8_len(d.content, f"{f}.content")
-        limit, name = document_limit(settings)
         if size > limit:
             raise InvalidArgument(
-                f"{f}.content is {size} bytes; the limit is {limit} bytes ({name})",
+                f"{f}.content is {size} bytes; the limit is {limit} bytes ({limit_name})",
                 field=f"{f}.content")
         if "\x00" in d.content:
             raise InvalidArgument(f"{f}.content holds NUL bytes: send text, not binary data",

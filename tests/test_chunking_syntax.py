@@ -1280,8 +1280,8 @@ def test_go_const_and_var_groups_are_named_by_what_they_declare() -> None:
     assert [(c.kind, c.name) for c in units[3].children] == [("statements", "")] * 2
 
 
-def _go_function(name: str, statements: int, salt: str = "") -> str:
-    body = "".join(f"\tv{i}{salt} := step{i}(x)\n" for i in range(statements))
+def _go_function(name: str, statements: int) -> str:
+    body = "".join(f"\tv{i} := step{i}(x)\n" for i in range(statements))
     return f"func {name}(x int) int {{\n{body}\treturn x\n}}\n"
 
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from retriever.config import RESPONSE_ROOM_BYTES
@@ -248,6 +249,12 @@ def namespace_to_pb(n: NamespaceRecord) -> pb.Namespace:
     )
 
 
+def entry_bytes(entry: Message) -> int:
+    """What ``entry`` adds to a response as an element of a repeated field: its bytes, its
+    tag and its length (at most 6 bytes: a one-byte tag, a varint of up to 5)."""
+    return entry.ByteSize() + 6
+
+
 def upsert_to_pb(namespace: str, results: list[UpsertResult], elapsed_s: float,
                  stages: Mapping[str, float] | None = None, *,
                  max_bytes: int | None = None) -> pb.UpsertDocumentsResponse:
@@ -283,7 +290,7 @@ def upsert_to_pb(namespace: str, results: list[UpsertResult], elapsed_s: float,
                 chunks_reused=d.chunks_reused, content_hash=d.content_hash,
                 moved_from=d.moved_from)
             if room is not None:
-                room -= entry.ByteSize() + 6  # its tag and length
+                room -= entry_bytes(entry)
                 if room < 0:
                     resp.results_truncated = True
                     continue

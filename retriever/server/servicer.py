@@ -414,7 +414,7 @@ class RetrieverServicer:
 
         def entry_bytes(d: Any) -> int:
             built[d.doc_id] = entry = convert.document_info_to_pb(d)
-            return entry.ByteSize() + 6  # with its tag and length
+            return convert.entry_bytes(entry)
         page = await self._run(
             context, lambda r: self._svc.list_documents(
                 r.namespace, r.page_size, r.page_token, r.path_prefix,

@@ -336,12 +336,11 @@ class StructuredChunker:
         """Pieces of a split unit's body, each after the first starting with the previous
         one's last part (a statement, a sentence) when that part is anonymous, within the
         overlap and the result fits: a piece then carries the line that leads into it, as
-        windows do (whole parts only, so the overlap is at most ``overlap`` tokens)."""
+        windows do (whole parts only, so the overlap is at most ``overlap`` tokens). In place."""
         limit = self._windows.overlap
-        out = list(items)
-        borrowed = False  # whether out[i - 1] starts with a part of the piece before it
-        for i in range(1, len(out)):
-            prev, cur = out[i - 1], out[i]
+        borrowed = False  # whether items[i - 1] starts with a part of the piece before it
+        for i in range(1, len(items)):
+            prev, cur = items[i - 1], items[i]
             took, borrowed = borrowed, False
             if not (isinstance(prev, list) and isinstance(cur, list)):
                 continue
@@ -353,9 +352,9 @@ class StructuredChunker:
                 continue
             if (last.tokens + sum(g.tokens for g in cur) <= self.budget
                     and cur[-1].end - last.start <= self.max_chars):
-                out[i] = [last, *cur]
+                items[i] = [last, *cur]
                 borrowed = True
-        return out
+        return items
 
     def _even(self, run: list[_Seg]) -> list[list[_Seg]]:
         """``run`` in as few groups as fit the budget, as even as that count allows: the
