@@ -182,3 +182,82 @@ def test_structured_languages_have_outliners() -> None:
              "a.rb", "a.php", "a.kt", "a.sh", "a.yaml", "a.toml", "a.json", "Dockerfile",
              "Makefile", "a.sql"]
     assert {detect_language(p) for p in paths} == structured
+
+
+CPP_HEADER = """// Copyright 2011 The Authors.
+#ifndef DB_ITER_H_
+#define DB_ITER_H_
+
+#include <cstdint>
+
+namespace store {
+
+class Iterator {
+ public:
+  Iterator();
+  virtual ~Iterator();
+  virtual bool Valid() const = 0;
+
+ private:
+  int refs_;
+};
+
+}  // namespace store
+
+#endif  // DB_ITER_H_
+"""
+
+C_HEADER = """#ifndef CJSON_H
+#define CJSON_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cJSON {
+    struct cJSON *next;
+    int type;
+    unsigned flags : 2; /* a bit-field, not a base class */
+} cJSON;
+
+/* the class of a value: see cJSON_Invalid */
+int cJSON_GetClass(const cJSON *item);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
+"""
+
+
+@pytest.mark.parametrize(
+    ("content", "language"),
+    [
+        (CPP_HEADER, "cpp"),
+        (C_HEADER, "c"),  # extern "C" and __cplusplus guards make a C header, not C++
+        ("template <typename T>\nT max(T a, T b);\n", "cpp"),
+        ("struct Bar final : public Foo {};\n", "cpp"),
+        ("class Foo {\n  int x;\n};\n", "cpp"),
+        ("using namespace std;\n", "cpp"),
+        ("void log(const std::string& line);\n", "cpp"),
+        ("#include <vector>\n", "cpp"),
+        ("#include <stdio.h>\nint main(void);\n", "c"),
+        ("", "c"),
+    ],
+)
+def test_a_dot_h_file_is_c_or_cpp_by_what_it_holds(content: str, language: str) -> None:
+    assert detect_language("include/x.h", content) == language
+
+
+def test_a_cpp_header_outlines_as_cpp_where_the_c_grammar_fails() -> None:
+    """Why the content decides: read as C, a C++ header is a parse error and falls back to
+    windows; read as what it is, it outlines (its namespace is a unit)."""
+    from retriever.ingest.chunking.outline import Fallback
+    from retriever.ingest.chunking.syntax import OUTLINERS
+
+    with pytest.raises(Fallback):
+        OUTLINERS["c"](CPP_HEADER)
+    language = detect_language("db/db_iter.h", CPP_HEADER)
+    units = OUTLINERS[language](CPP_HEADER)
+    assert ("namespace", "namespace store") in [(u.kind, u.name) for u in units]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import posixpath
+import re
 
 _BY_EXTENSION = {
     ".py": "python", ".pyi": "python", ".js": "javascript", ".mjs": "javascript",
@@ -36,6 +37,24 @@ _SHEBANG = {"python": "python", "node": "javascript", "bash": "bash", "sh": "bas
             "php": "php"}
 # env's options that take the next word as their argument ("env -u VAR python").
 _ENV_ARGS = frozenset({"-u", "--unset", "-C", "--chdir", "-a", "--argv0"})
+
+# What only C++ writes, at the start of a line (comments and strings aside, which a header
+# rarely fills with these): a `.h` with any of them is C++, else C. `extern "C"` and
+# `__cplusplus` guards are C headers made includable from C++, so they do not count.
+_CPP_HEADER = re.compile(
+    r"^[ \t]*(?:template[ \t]*<|namespace(?:[ \t]+[A-Za-z_][\w:]*)?[ \t]*\{"
+    r"|(?:class|struct)[ \t]+(?:[A-Z_]+[ \t]+)?[A-Za-z_]\w*(?:[ \t]+final)?[ \t]*:[ \t]*"
+    r"(?:public|protected|private|virtual)\b|class[ \t]+[A-Za-z_]\w*[ \t]*\{"
+    r"|(?:public|protected|private)[ \t]*:|using[ \t]+namespace[ \t]"
+    r"|#[ \t]*include[ \t]*<(?:iostream|string|vector|memory|map|unordered_map|"
+    r"functional|optional|utility|algorithm|cstdint|cstddef|cstdio|cstdlib|cstring)>)"
+    r"|\bstd::", re.MULTILINE)
+
+
+def _header_language(content: str) -> str:
+    """C or C++ for a `.h` file, by its content (the extension says nothing)."""
+    return "cpp" if _CPP_HEADER.search(content) else "c"
+
 
 DOC_LANGUAGES = frozenset({"markdown", "rst", "text"})
 
@@ -85,6 +104,8 @@ def detect_language(path: str, content: str = "") -> str:
     if name.startswith(("dockerfile", "containerfile")) or name.endswith(".dockerfile"):
         return "dockerfile"
     _, ext = posixpath.splitext(name)
+    if ext == ".h":
+        return _header_language(content)
     if ext in _BY_EXTENSION:
         return _BY_EXTENSION[ext]
     head = content[1:] if content.startswith("\ufeff") else content  # a byte-order mark
