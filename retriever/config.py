@@ -267,8 +267,16 @@ class Settings(BaseSettings):
     query_threads: int = Field(0, ge=0)
     # CPU priority (Linux nice increments, per thread) of batch work, so the threads that
     # admit, refuse and answer requests get a core when they want one: the model thread
-    # (and its OpenMP workers), and the threads that run upserts and syncs. 0 = as is.
-    model_thread_nice: int = Field(5, ge=0, le=19)
+    # (and its OpenMP / OpenVINO workers), the query lane (and its copy's workers), and
+    # the threads that run upserts and syncs. 0 = as is. model_thread_nice None (the
+    # default) = auto: with a query lane, the model thread runs document slices and
+    # re-ranking only and goes a step below the lane (query_lane_nice + 5), so a query pass
+    # beside a slice gets most of a core (CFS weights 335 against 110); without a lane its
+    # query batches run there too, at 5. Under the mixed load of load-tests/ at 45.6 req/s,
+    # three alternated pairs: Search p99 55-80 ms against 72-110 ms with both at 5 (24-31 %
+    # lower in each pair), upserts not slower (load-tests/results/ab-lane-priority.md).
+    model_thread_nice: int | None = Field(None, ge=0, le=19)
+    query_lane_nice: int = Field(5, ge=0, le=19)
     write_thread_nice: int = Field(10, ge=0, le=19)
     # glibc malloc arenas of the `retriever serve` process (mallopt M_ARENA_MAX, set before
     # its threads start). glibc's default, 8 per core, let RSS settle ~100 MiB higher and
@@ -370,6 +378,13 @@ class Settings(BaseSettings):
     # this catalog are never dropped.
     chroma_tenant: str = ""
     chroma_database: str = ""
+
+    def model_nice(self, query_lane: bool) -> int:
+        """The model thread's nice increment (``model_thread_nice``, or its auto value for
+        a service with or without a query lane)."""
+        if self.model_thread_nice is not None:
+            return self.model_thread_nice
+        return min(19, self.query_lane_nice + 5) if query_lane else 5
 
     def backend_options(self) -> dict[str, dict[str, object]]:
         """Per index backend, the keyword arguments of its constructor."""

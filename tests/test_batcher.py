@@ -612,20 +612,23 @@ def test_query_lane_drains_on_stop_and_refuses_after(embed: FakeEmbed) -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
-def test_query_lane_runs_at_the_model_threads_priority(embed: FakeEmbed) -> None:
-    """The lane's passes are batch CPU work like the model thread's: niced alike, so the
-    threads that admit and refuse requests win the cores from them."""
+def test_query_lane_and_model_thread_run_at_their_own_priorities(embed: FakeEmbed) -> None:
+    """The lane's passes are batch CPU work like the model thread's: niced, so the threads
+    that admit and refuse requests win the cores from them; the model thread's document
+    slices at a nice of their own (the service puts them a step below the lane)."""
     from retriever._priority import thread_nice
 
     b = MicroBatcher(embed, 64, 0.0, nice=3)  # type: ignore[arg-type]
     b.query_lane = True
+    b.nice, b.lane_nice = 6, 2
+    base = thread_nice()
     b.start()
     try:
         b.submit(["1:0"]).result(TIMEOUT)  # each thread has run, so has lowered itself
         b.submit_documents(["2:0"]).result(TIMEOUT)
         ids = {t.name: t.native_id for t in threading.enumerate()}
-        for name in ("embedder", "query-lane"):
-            assert os.getpriority(os.PRIO_PROCESS, ids[name]) >= min(19, thread_nice() + 3)
+        assert os.getpriority(os.PRIO_PROCESS, ids["embedder"]) == min(19, base + 6)
+        assert os.getpriority(os.PRIO_PROCESS, ids["query-lane"]) == min(19, base + 2)
     finally:
         b.stop()
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -306,15 +307,16 @@ def _cpu_ticks_by_thread() -> dict[int, int]:
 @pytest.mark.integration
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread nice is Linux's")
 def test_openvino_inference_runs_at_the_model_threads_priority(ov_fp32: Embedder) -> None:
-    """Its inference workers were started by the load at the model thread's nice (5 by
-    default), so a forward pass run from the model thread never competes with the request
-    path as an equal: every thread that worked during a batch of passes is niced."""
+    """Its inference workers were started by the load at the model thread's nice (10 by
+    default beside a query lane), so a forward pass run from the model thread never
+    competes with the request path as an equal: every thread that worked during a batch of
+    passes is niced."""
     import os
 
     from retriever._priority import run_lowered, thread_nice
 
-    nice = ov_fp32._settings.model_thread_nice
-    assert nice > 0
+    nice = ov_fp32.model_nice
+    assert ov_fp32.has_query_lane and nice == ov_fp32._settings.query_lane_nice + 5 == 10
     base = thread_nice()
     before = _cpu_ticks_by_thread()
     run_lowered(nice, lambda: [ov_fp32.embed(TEXTS) for _ in range(6)])
@@ -323,6 +325,26 @@ def test_openvino_inference_runs_at_the_model_threads_priority(ov_fp32: Embedder
     assert busy, "no thread did the inference"
     niced = {tid: os.getpriority(os.PRIO_PROCESS, tid) for tid in busy}
     assert all(v >= min(19, base + nice) for v in niced.values()), niced
+    # The query lane's copy (one inference thread): a pass runs on the calling thread (the
+    # lane thread, at the lane's nice) or on a worker its load started there; either way
+    # no thread below the lane's nice (5) works for it.
+    lane_nice = ov_fp32._settings.query_lane_nice
+    ticks: dict[str, int] = {}
+
+    def lane_passes() -> None:
+        tid = threading.get_native_id()
+        first = _cpu_ticks_by_thread().get(tid, 0)
+        for _ in range(6):
+            ov_fp32.embed(TEXTS, lane=True)
+        ticks["caller"] = _cpu_ticks_by_thread().get(tid, 0) - first
+
+    before = _cpu_ticks_by_thread()
+    run_lowered(lane_nice, lane_passes)
+    after = _cpu_ticks_by_thread()
+    busy = {tid for tid, t in after.items() if t - before.get(tid, 0) >= 5}
+    assert busy or ticks["caller"] >= 5, "no thread did the lane's inference"
+    niced = {tid: os.getpriority(os.PRIO_PROCESS, tid) for tid in busy}
+    assert all(v >= min(19, base + lane_nice) for v in niced.values()), niced
 
 
 @pytest.mark.integration
@@ -350,6 +372,7 @@ def test_the_query_lane_is_a_copy_that_agrees(ov_fp32: Embedder, ov_int8: Embedd
     off = Embedder(ov_settings(data_dir, "int8", embed_query_lane=False))
     off.load(calibration_texts=lambda n: real_chunks())
     assert not off.has_query_lane
+    assert off.model_nice == 5  # no lane: its query batches run on the model thread
     for precision, lane in (("fp32", True), ("int8", None)):
         e = Embedder(ov_settings(data_dir, precision, embed_query_lane=lane))
         e.load(calibration_texts=lambda n: real_chunks())
@@ -361,6 +384,7 @@ def test_the_query_lane_is_a_copy_that_agrees(ov_fp32: Embedder, ov_int8: Embedd
                                         embed_query_lane=True))
     torch_lane.load()
     assert not torch_lane.has_query_lane
+    assert torch_lane.model_nice == 5
 
 
 @pytest.mark.integration

@@ -83,3 +83,19 @@ def test_model_and_upsert_threads_give_way_to_the_request_path(tmp_path: Path,
             assert nice_of(threads["grpc-server"]) == base
     finally:
         st.stop()
+
+
+def test_the_model_threads_nice_is_a_step_below_the_query_lane_by_default(tmp_path: Path
+                                                                          ) -> None:
+    """Auto (model_thread_nice unset): with a query lane the model thread runs document
+    slices only, at query_lane_nice + 5; without one its query batches run there, at 5.
+    A value set applies as it is, lane or not."""
+    s = make_settings(tmp_path / "data")
+    assert s.model_thread_nice is None
+    assert (s.model_nice(query_lane=True), s.model_nice(query_lane=False)) == (10, 5)
+    s = make_settings(tmp_path / "data", query_lane_nice=3)
+    assert s.model_nice(query_lane=True) == 8
+    s = make_settings(tmp_path / "data", query_lane_nice=17)
+    assert s.model_nice(query_lane=True) == 19
+    s = make_settings(tmp_path / "data", model_thread_nice=4)
+    assert (s.model_nice(query_lane=True), s.model_nice(query_lane=False)) == (4, 4)

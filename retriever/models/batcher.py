@@ -39,11 +39,14 @@ no longer leave the model idle between their passes for documents to fill.
 
 Query lane (OpenVINO, ``query_lane``): query batches run on a thread of their own, on a
 one-thread compiled copy of the model, beside the model thread's slices; a query then waits
-for no slice at all, and the two share the cores as equals (both at the model thread's
-lower priority, below the threads that admit and refuse requests). The model thread then
-runs documents and re-ranking only. On this 2-core machine a 256-token slice takes ~19 ms on
-two threads and a query ~3.5 ms on one thread or two; in isolation (the query thread then
-at normal priority, the slices niced) queries arriving during back-to-back slices were
+for no slice at all, and the two share the cores, both below the threads that admit and
+refuse requests, the slices a step below the lane (``lane_nice`` 5, ``nice`` 10 by
+default: a query pass beside a slice gets most of a core; Search p99 at 45.6 req/s of
+mixed load 24-31 % lower than with both at 5 in three alternated pairs,
+load-tests/results/ab-lane-priority.md). The model thread then runs documents and
+re-ranking only. On this 2-core machine a 256-token slice takes ~19 ms on two threads
+and a query ~3.5 ms on one thread or two; in isolation (the query thread then at normal
+priority, the slices niced) queries arriving during back-to-back slices were
 answered in p50 11 / p99 20 ms between slices and 3-4 / 5-6 ms on the lane, with slices at
 the same rate. On by default with OpenVINO: at 36.5 req/s of load-tests/' mix it passed the
 upsert goal in four runs of four, none without it (at 80 % of the higher saturation it
@@ -126,7 +129,8 @@ class MicroBatcher:
         self._doc_order = doc_order
         self._embed = embed
         self._embed_queries = embed_queries or embed
-        self._nice = nice
+        self.nice = nice  # may be changed before start()
+        self.lane_nice = nice  # the query lane's (may be changed before start())
         self._max_batch = max_batch
         self._max_wait = max_wait_s
         self.doc_batch = doc_batch  # may be changed before start()
@@ -292,7 +296,7 @@ class MicroBatcher:
     # -- the model thread ------------------------------------------------------------------
     def _run(self) -> None:
         self._model_ident = threading.get_ident()  # before any slice: checkpoint() checks it
-        lower_priority(self._nice)
+        lower_priority(self.nice)
         while True:
             with self._cond:
                 work = self._next_locked()
@@ -305,11 +309,12 @@ class MicroBatcher:
 
     def _run_lane(self) -> None:
         """The query lane: query batches only, as they come (micro-batched as on the model
-        thread), until stopped and drained. At the model thread's priority: a pass is batch
-        CPU work, and the threads that admit and refuse requests must win the cores from it
-        (with the lane at the request path's priority, refusals beyond saturation took
-        seconds: load-tests/results/ab-query-lane.md)."""
-        lower_priority(self._nice)
+        thread), until stopped and drained. At ``lane_nice``, below the request path: a pass
+        is batch CPU work, and the threads that admit and refuse requests must win the cores
+        from it (with the lane at the request path's priority, refusals beyond saturation
+        took seconds: load-tests/results/ab-query-lane.md); the service puts the model
+        thread's slices a step below the lane (Settings.model_nice)."""
+        lower_priority(self.lane_nice)
         while True:
             with self._cond:
                 while self._running and not self._queries:

@@ -96,6 +96,9 @@ class Embedder:
         self._autocast: Any = None  # torch dtype to autocast to on CPU, or None
         self._ov: Any = None  # _openvino.OpenVINOModel when the backend is openvino
         self._ov_lane: Any = None  # its one-thread copy for query batches (embed_query_lane)
+        # The nice increment of the model thread's passes (Settings.model_nice, resolved at
+        # load: the OpenVINO workers inherit it there).
+        self.model_nice = settings.model_nice(False)
         self._buckets = False  # pad batches to a small set of shapes (embed_bucket_shapes)
         # Called before each transformer layer of a torch forward pass (add_checkpoint).
         self._checkpoints: tuple[Callable[[], None], ...] = ()
@@ -174,6 +177,7 @@ class Embedder:
                               "torch fp32", precision)
                 backend, precision, self.verdict = "torch", "fp32", None
         if backend == "torch":
+            self.model_nice = s.model_nice(False)
             if device == "cuda" and precision in ("fp16", "bf16"):
                 model.to(torch.float16 if precision == "fp16" else torch.bfloat16)
             elif precision == "bf16":
@@ -185,10 +189,10 @@ class Embedder:
             from retriever.models import _openvino
 
             try:
-                # Its first pass (the smoke check) starts its workers: at the model
-                # thread's priority, which the lane thread runs at too.
+                # Its first pass (the smoke check) starts its workers: at the lane's
+                # priority, which the lane thread runs at too.
                 ov = self._ov
-                self._ov_lane = run_lowered(s.model_thread_nice, lambda: _openvino.lane_copy(
+                self._ov_lane = run_lowered(s.query_lane_nice, lambda: _openvino.lane_copy(
                     ov, 1, has_native_bf16()))
             except Exception:  # the service runs without it: queries go between slices
                 log.exception("could not compile the query lane's copy of the OpenVINO "
@@ -328,8 +332,10 @@ class Embedder:
                                                    if got else ""))
 
         # At the model thread's priority: OpenVINO's workers, started by the first
-        # inference here, inherit it (retriever/_priority.py).
-        return run_lowered(s.model_thread_nice, lambda: _openvino.load(
+        # inference here, inherit it (retriever/_priority.py). A step below the query lane
+        # when one will run beside it (Settings.model_nice).
+        self.model_nice = s.model_nice(query_lane=s.embed_query_lane is not False)
+        return run_lowered(self.model_nice, lambda: _openvino.load(
             self._model, cache_root=s.data_dir / "models",
             weights_revision=self.weights_revision,
             pipeline=_openvino.pipeline_fingerprint(self._model), precision=precision,
