@@ -273,8 +273,9 @@ class Settings(BaseSettings):
     # re-ranking only and goes a step below the lane (query_lane_nice + 5), so a query pass
     # beside a slice gets most of a core (CFS weights 335 against 110); without a lane its
     # query batches run there too, at 5. Under the mixed load of load-tests/ at 45.6 req/s,
-    # three alternated pairs: Search p99 55-80 ms against 72-110 ms with both at 5 (24-31 %
-    # lower in each pair), upserts not slower (load-tests/results/ab-lane-priority.md).
+    # three alternated 60-s pairs: Search p99 55-80 ms against 72-110 ms with both at 5
+    # (24-31 % lower in each pair), upserts not slower; in two 30-s pairs Search p99 the
+    # same and upserts slower (load-tests/results/ab-lane-priority.md).
     model_thread_nice: int | None = Field(None, ge=0, le=19)
     query_lane_nice: int = Field(5, ge=0, le=19)
     write_thread_nice: int = Field(10, ge=0, le=19)

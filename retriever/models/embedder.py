@@ -195,6 +195,7 @@ class Embedder:
                 self._ov_lane = run_lowered(s.query_lane_nice, lambda: _openvino.lane_copy(
                     ov, 1, has_native_bf16()))
             except Exception:  # the service runs without it: queries go between slices
+                # (on the model's workers, started at model_nice for a lane beside them)
                 log.exception("could not compile the query lane's copy of the OpenVINO "
                               "model; query batches run on the model thread")
         elif s.embed_query_lane and backend != "openvino":
