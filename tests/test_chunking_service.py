@@ -97,7 +97,7 @@ def chunks_of(client: RetrieverClient, doc_id: str) -> list[pb.Chunk]:
 
 def test_code_chunks_are_whole_definitions_with_symbols(client: RetrieverClient) -> None:
     chunks = chunks_of(client, "src/session.py")
-    assert {c.chunker for c in chunks} == {"syntax/v6"}
+    assert {c.chunker for c in chunks} == {"syntax/v7"}
     assert all(c.fallback_reason == "" for c in chunks)
     by_symbol = {c.symbol: c for c in chunks}
     # The docstring and two imports are too small to stand alone: they lead the first chunk.
@@ -220,13 +220,13 @@ def test_code_is_cut_between_lines_even_where_siblings_share_them(
 def test_language_override_picks_the_chunker(client: RetrieverClient) -> None:
     client.upsert(NS, [doc("bin/tool", "def main():\n    return 0\n", language="python")])
     chunks = chunks_of(client, "bin/tool")
-    assert [c.chunker for c in chunks] == ["syntax/v6"] and chunks[0].language == "python"
+    assert [c.chunker for c in chunks] == ["syntax/v7"] and chunks[0].language == "python"
     assert chunks[0].symbol == "def main" and chunks[0].kind == "function"
     # Named as people write it: the chunker and the stored language are the same, and a
     # filter written either way finds it.
     client.upsert(NS, [doc("bin/tool2", "def other():\n    return 1\n", language=" Python ")])
     chunks = chunks_of(client, "bin/tool2")
-    assert [c.chunker for c in chunks] == ["syntax/v6"] and chunks[0].language == "python"
+    assert [c.chunker for c in chunks] == ["syntax/v7"] and chunks[0].language == "python"
     for name in ("python", "PY"):
         hits = client.search(NS, "def other", top_k=5, mode="lexical",
                              filter=pb.SearchFilter(languages=[name])).hits
@@ -313,7 +313,7 @@ def test_a_chunking_change_re_chunks_instead_of_unchanged(tmp_path: Path,
             RetrieverClient(st.address) as c:
         r = c.upsert(NS, [doc("src/session.py", PY)]).results[0]
         assert r.status == pb.DocumentResult.UPDATED and r.chunks_embedded > 0
-        assert {x.chunker for x in chunks_of(c, "src/session.py")} == {"syntax/v6"}
+        assert {x.chunker for x in chunks_of(c, "src/session.py")} == {"syntax/v7"}
         assert c.upsert(NS, [doc("src/session.py", PY)]).results[0].status == \
             pb.DocumentResult.UNCHANGED
 

@@ -1053,6 +1053,48 @@ def test_syntax_error_falls_back(language: str) -> None:
     assert caught.value.reason == "parse-error"
 
 
+CPP_ANNOTATED = """#include <string>
+
+namespace store {
+
+class STORE_EXPORT DB {
+ public:
+  virtual ~DB();
+  virtual Status Put(const std::string& key) = 0;
+
+ private:
+  void Lock() EXCLUSIVE_LOCK_FUNCTION(mu_);
+  int refs_ GUARDED_BY(mu_);
+};
+
+struct STORE_EXPORT Options : public Base {
+  int size = 0;
+};
+
+STORE_EXPORT Status DestroyDB(const std::string& name, const Options& options);
+
+}  // namespace store
+"""
+
+
+def test_annotation_macros_do_not_make_a_cpp_file_a_parse_error() -> None:
+    """Export and thread-safety annotation macros (`class STORE_EXPORT DB`, a declaration
+    led by `STORE_EXPORT`, `GUARDED_BY(mu_)`, `EXCLUSIVE_LOCK_FUNCTION(mu_)`) are read as
+    blanks by the parse only: the file outlines instead of falling back to windows, and the
+    units' text is the file's own, macros included."""
+    units = OUTLINERS["cpp"](CPP_ANNOTATED)
+    check_outline(CPP_ANNOTATED, units)
+    ns = find(units, ("namespace store",))
+    assert [(u.kind, u.name) for u in ns.children][:2] == [
+        ("class", "class STORE_EXPORT DB"), ("struct", "struct STORE_EXPORT Options")]
+    db = ns.children[0]
+    assert CPP_ANNOTATED[db.start:db.end].startswith("class STORE_EXPORT DB {")
+    assert "int refs_ GUARDED_BY(mu_);" in CPP_ANNOTATED[db.start:db.end]
+    # A function whose own name is all capitals is not taken for an annotation.
+    c = "unsigned int LRU_CLOCK(void) {\n    return 1;\n}\n\nint LRU_INIT(void);\n"
+    assert [(u.kind, u.name) for u in OUTLINERS["c"](c)][0] == ("function", "LRU_CLOCK")
+
+
 @pytest.mark.parametrize(("language", "content"), [
     ("cpp", "namespace g {\nint f() {\n  return 1;\n}\nint h() {\n  return 2;\n}\n}; // g\n"),
     ("typescript", "namespace N {\n  export function f() {\n    return 1;\n  }\n};\n"),
@@ -1196,7 +1238,7 @@ def test_snippet_mixes_outline_or_fall_back(language: str, content: str) -> None
 # -- end to end: packed by StructuredChunker --------------------------------------------------
 def chunker(budget: int) -> StructuredChunker:
     windows = WindowChunker(ws_count, ws_offsets, budget, overlap=4)
-    return StructuredChunker("syntax/v6", OUTLINERS, windows, ws_count,
+    return StructuredChunker("syntax/v7", OUTLINERS, windows, ws_count,
                              fill_split_units=True)
 
 

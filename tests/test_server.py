@@ -89,7 +89,7 @@ def test_every_hit_carries_identity_lineage_and_timings(client: RetrieverClient)
                                                                       tzinfo=UTC)
         assert h.HasField("staleness") and h.staleness.ToNanoseconds() == 0
         assert c.document_version == 1 and c.token_count > 0
-        assert c.chunker in ("syntax/v6", "sections/v6", "windows/v1") and c.kind
+        assert c.chunker in ("syntax/v7", "sections/v6", "windows/v1") and c.kind
         assert c.metadata["kind"] == c.doc_id.split("/")[0]
         # GetChunk is the lineage look-up of the same chunk.
         got = client.get_chunk(NS, c.chunk_id).chunk

@@ -1,6 +1,6 @@
 """Chunking: documents into token-budgeted, span-exact chunks.
 
-``syntax/v6`` cuts code and config files by their syntax tree (tree-sitter), ``sections/v6``
+``syntax/v7`` cuts code and config files by their syntax tree (tree-sitter), ``sections/v6``
 cuts Markdown, reStructuredText and prose by headings, paragraphs and sentences (both pack
 an outline with ``structure.StructuredChunker``), and ``windows/v1`` (overlapping line
 windows) cuts everything else and whatever the others cannot trust.
@@ -64,7 +64,7 @@ def build_chunkers(count_tokens: TokenCounter, token_offsets: TokenOffsets, budg
         return ChunkerSet(windows, config=config)
     # Imported here: the grammars load only when structured chunking is on.
     from retriever.ingest.chunking import docs, syntax
-    code = StructuredChunker("syntax/v6", syntax.OUTLINERS, windows, count_tokens,
+    code = StructuredChunker("syntax/v7", syntax.OUTLINERS, windows, count_tokens,
                              whitespace_split=whitespace_split,
                              word_positions=word_positions, fill_split_units=True)
     prose = StructuredChunker("sections/v6", docs.OUTLINERS, windows, count_tokens,

@@ -27,7 +27,7 @@ class ChunkSpan:
     # "Install > From source"), "" when none; its kind ("function", "section", "window"...).
     symbol: str = ""
     kind: str = ""
-    # The chunker that cut it ("syntax/v6", "windows/v1"...; "" = the document's chunker)
+    # The chunker that cut it ("syntax/v7", "windows/v1"...; "" = the document's chunker)
     # and, when a structured chunker degraded to windows, why ("parse-error", ...).
     chunker: str = ""
     fallback: str = ""

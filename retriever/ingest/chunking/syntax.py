@@ -907,8 +907,38 @@ def _parse(language: str, doc: _Doc) -> Node:
     return root
 
 
+# Annotation macros the grammars cannot read, so a file using them was a parse error and
+# fell back to windows whole: an all-caps macro between `class`/`struct` and the name
+# (`class LEVELDB_EXPORT DB {`), one at the start of a declaration (`LEVELDB_EXPORT Env*
+# NewMemEnv(...)`, with an underscore in its name: `FILE* f` is a type), a call-like one
+# after a parameter list (`void Lock() EXCLUSIVE_LOCK_FUNCTION();`; after a type it could
+# be the function's own name, `unsigned int LRU_CLOCK(void) {`), and `GUARDED_BY(mu_)`
+# after a member (`int refs_ GUARDED_BY(mu_);`). Blanked (spaces, same length) for the
+# parse only: offsets, the returned text and signatures are the document's own. On real
+# trees: google/leveldb 18 more of 133 C/C++ files outlined, redis 27 more of 715, none
+# fewer (cJSON's 99 unchanged).
+_ANNOTATION_MACROS = re.compile(
+    rb"(?m)(?:^([ \t]*(?:class|struct)[ \t]+)([A-Z][A-Z0-9_]*[ \t]+)"
+    rb"(?=[A-Za-z_]\w*(?:[ \t]+final)?[ \t]*(?:[:{]|$))"
+    rb"|^([ \t]*)([A-Z][A-Z0-9]*_[A-Z0-9_]*[ \t]+)"
+    rb"(?=(?:const[ \t]+)?[A-Za-z_][\w:<>]*[ \t*&]+[A-Za-z_~])"
+    rb"|(\)(?:[ \t]+(?:const|override|final|noexcept))*[ \t]+)"
+    rb"([A-Z][A-Z0-9]*_[A-Z0-9_]*\([^()\n]*\))(?=[ \t]*[;{])"
+    rb"|(\w[ \t]+)((?:[A-Z0-9]+_)*(?:PT_)?GUARDED_BY\([^()\n]*\))(?=[ \t]*[;=]))")
+
+
+def _without_annotation_macros(data: bytes) -> bytes:
+    def blank(m: re.Match[bytes]) -> bytes:
+        keep, macro = next((m.group(i), m.group(i + 1)) for i in (1, 3, 5, 7)
+                           if m.group(i + 1) is not None)
+        return keep + b" " * len(macro)
+    return _ANNOTATION_MACROS.sub(blank, data)
+
+
 def _outline_code(language: str, content: str) -> list[Unit]:
     doc = _Doc(content)
+    if language in ("c", "cpp"):
+        doc.data = _without_annotation_macros(doc.data)
     root = _parse(language, doc)
     try:
         return _Code(doc, _SPECS[language]).outline(root)
