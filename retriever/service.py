@@ -117,7 +117,6 @@ class RetrieverService:
             on_depth=self.metrics.embed_queue.set,
             doc_max_wait_s=settings.embed_doc_max_wait_ms / 1000.0,
             on_wait=lambda kind, s: self.metrics.model_wait.labels(kind).observe(s),
-            nice=settings.model_nice(False),  # resolved at start(), once the model is loaded
             doc_order=settings.embed_doc_order,
             embed_queries=lambda texts: self.embedder.embed(
                 texts, batch_size=max(1, len(texts)), threads=settings.query_threads,
@@ -168,7 +167,7 @@ class RetrieverService:
         self._batcher.doc_batch = self.embedder.default_batch_size
         self._batcher.doc_slice_tokens = self.embedder.default_slice_tokens
         self._batcher.query_lane = self.embedder.has_query_lane
-        self._batcher.nice = s.model_nice(self.embedder.has_query_lane)
+        self._batcher.nice = s.model_nice(self.embedder.has_query_lane)  # once loaded
         self._batcher.lane_nice = s.query_lane_nice
         self._batcher.start()
         if s.embed_layer_checkpoints:

@@ -315,7 +315,7 @@ def test_openvino_inference_runs_at_the_model_threads_priority(ov_fp32: Embedder
 
     from retriever._priority import run_lowered, thread_nice
 
-    nice = ov_fp32.model_nice
+    nice = ov_fp32._settings.model_nice(ov_fp32.has_query_lane)
     assert ov_fp32.has_query_lane and nice == ov_fp32._settings.query_lane_nice + 5 == 10
     base = thread_nice()
     before = _cpu_ticks_by_thread()
@@ -372,7 +372,7 @@ def test_the_query_lane_is_a_copy_that_agrees(ov_fp32: Embedder, ov_int8: Embedd
     off = Embedder(ov_settings(data_dir, "int8", embed_query_lane=False))
     off.load(calibration_texts=lambda n: real_chunks())
     assert not off.has_query_lane
-    assert off.model_nice == 5  # no lane: its query batches run on the model thread
+    assert off._settings.model_nice(off.has_query_lane) == 5  # no lane: queries go there
     for precision, lane in (("fp32", True), ("int8", None)):
         e = Embedder(ov_settings(data_dir, precision, embed_query_lane=lane))
         e.load(calibration_texts=lambda n: real_chunks())
@@ -384,7 +384,7 @@ def test_the_query_lane_is_a_copy_that_agrees(ov_fp32: Embedder, ov_int8: Embedd
                                         embed_query_lane=True))
     torch_lane.load()
     assert not torch_lane.has_query_lane
-    assert torch_lane.model_nice == 5
+    assert torch_lane._settings.model_nice(torch_lane.has_query_lane) == 5
 
 
 @pytest.mark.integration

@@ -96,9 +96,6 @@ class Embedder:
         self._autocast: Any = None  # torch dtype to autocast to on CPU, or None
         self._ov: Any = None  # _openvino.OpenVINOModel when the backend is openvino
         self._ov_lane: Any = None  # its one-thread copy for query batches (embed_query_lane)
-        # The nice increment of the model thread's passes (Settings.model_nice, resolved at
-        # load: the OpenVINO workers inherit it there).
-        self.model_nice = settings.model_nice(False)
         self._buckets = False  # pad batches to a small set of shapes (embed_bucket_shapes)
         # Called before each transformer layer of a torch forward pass (add_checkpoint).
         self._checkpoints: tuple[Callable[[], None], ...] = ()
@@ -177,7 +174,6 @@ class Embedder:
                               "torch fp32", precision)
                 backend, precision, self.verdict = "torch", "fp32", None
         if backend == "torch":
-            self.model_nice = s.model_nice(False)
             if device == "cuda" and precision in ("fp16", "bf16"):
                 model.to(torch.float16 if precision == "fp16" else torch.bfloat16)
             elif precision == "bf16":
@@ -335,8 +331,8 @@ class Embedder:
         # At the model thread's priority: OpenVINO's workers, started by the first
         # inference here, inherit it (retriever/_priority.py). A step below the query lane
         # when one will run beside it (Settings.model_nice).
-        self.model_nice = s.model_nice(query_lane=s.embed_query_lane is not False)
-        return run_lowered(self.model_nice, lambda: _openvino.load(
+        nice = s.model_nice(query_lane=s.embed_query_lane is not False)
+        return run_lowered(nice, lambda: _openvino.load(
             self._model, cache_root=s.data_dir / "models",
             weights_revision=self.weights_revision,
             pipeline=_openvino.pipeline_fingerprint(self._model), precision=precision,

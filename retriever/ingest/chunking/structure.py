@@ -292,7 +292,7 @@ class StructuredChunker:
         out.extend(self._grouped(content, run, fill))
         merged = self._merge_tiny(out)
         if fill:
-            merged = self._overlap(merged)
+            self._overlap(merged)
         return [item if isinstance(item, _Piece)
                 else self._group_piece(item, path, context, parent_kind) for item in merged]
 
@@ -332,7 +332,7 @@ class StructuredChunker:
             out.extend(self._even(run[a:b]))
         return out
 
-    def _overlap(self, items: list[_Piece | list[_Seg]]) -> list[_Piece | list[_Seg]]:
+    def _overlap(self, items: list[_Piece | list[_Seg]]) -> None:
         """Pieces of a split unit's body, each after the first starting with the previous
         one's last part (a statement, a sentence) when that part is anonymous, within the
         overlap and the result fits: a piece then carries the line that leads into it, as
@@ -354,7 +354,6 @@ class StructuredChunker:
                     and cur[-1].end - last.start <= self.max_chars):
                 items[i] = [last, *cur]
                 borrowed = True
-        return items
 
     def _even(self, run: list[_Seg]) -> list[list[_Seg]]:
         """``run`` in as few groups as fit the budget, as even as that count allows: the

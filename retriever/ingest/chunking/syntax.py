@@ -929,9 +929,9 @@ _ANNOTATION_MACROS = re.compile(
 
 def _without_annotation_macros(data: bytes) -> bytes:
     def blank(m: re.Match[bytes]) -> bytes:
-        keep, macro = next((m.group(i), m.group(i + 1)) for i in (1, 3, 5, 7)
-                           if m.group(i + 1) is not None)
-        return keep + b" " * len(macro)
+        # Each alternative is (what stays)(the macro): the macro is the last group matched.
+        last = m.lastindex or 0
+        return m.group(last - 1) + b" " * len(m.group(last))
     return _ANNOTATION_MACROS.sub(blank, data)
 
 
