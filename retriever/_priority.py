@@ -6,7 +6,9 @@ loop that admits or refuses requests, and the threads that answer searches, then
 time slice behind them. Linux keeps a nice value per thread, and threads inherit their
 creator's: a thread that lowers its own priority before it starts work (before its first
 forward pass creates the OpenMP team) takes its helpers down with it. It still uses every
-idle core; it only gives way when request-path threads want to run.
+idle core; it only gives way when request-path threads want to run. Work that must never
+take a core from them (document slices beside a query lane) can go further, under
+SCHED_IDLE: it then runs only on a core that nothing else wants.
 """
 
 from __future__ import annotations
@@ -36,20 +38,43 @@ def lower_priority(nice: int) -> None:
         log.warning("could not lower the priority of thread %s: %s", tid, exc)
 
 
-def run_lowered(nice: int, fn: Callable[[], T]) -> T:
+def idle_policy() -> bool:
+    """Put the calling thread under Linux's SCHED_IDLE policy: it then runs only on a core
+    that no thread of another policy wants (its nice no longer matters). Without
+    CAP_SYS_NICE a thread cannot leave it again. False (logged) where refused or off Linux."""
+    if sys.platform != "linux" or not hasattr(os, "SCHED_IDLE"):
+        return False
+    tid = threading.get_native_id()
+    try:
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as exc:
+        log.warning("could not put thread %s under SCHED_IDLE: %s", tid, exc)
+        return False
+    return True
+
+
+def is_idle_policy(tid: int) -> bool:
+    """Whether thread ``tid`` runs under SCHED_IDLE (Linux), for tests and diagnostics."""
+    return hasattr(os, "SCHED_IDLE") and os.sched_getscheduler(tid) == os.SCHED_IDLE
+
+
+def run_lowered(nice: int, fn: Callable[[], T], *, idle: bool = False) -> T:
     """``fn()`` on a thread of its own whose priority is lowered by ``nice`` first; its
     result, or its exception. For loading a library whose worker threads are created by
     its first use and inherit the nice value of the thread that created them: OpenVINO's
     (TBB) inference workers, which the model thread's forward passes run on afterwards.
     Loaded on the starting thread, they kept its priority, so a document slice competed
-    with the request path as an equal while the model thread itself gave way."""
-    if nice <= 0 or sys.platform != "linux":
+    with the request path as an equal while the model thread itself gave way. ``idle``:
+    the thread (so its workers) also goes under SCHED_IDLE (`idle_policy`)."""
+    if (nice <= 0 and not idle) or sys.platform != "linux":
         return fn()
     box: list[T] = []
     failure: list[BaseException] = []
 
     def work() -> None:
         lower_priority(nice)
+        if idle:
+            idle_policy()
         try:
             box.append(fn())
         except BaseException as exc:

@@ -278,6 +278,18 @@ class Settings(BaseSettings):
     # same and upserts slower (load-tests/results/ab-lane-priority.md).
     model_thread_nice: int | None = Field(None, ge=0, le=19)
     query_lane_nice: int = Field(5, ge=0, le=19)
+    # Where the model thread runs document slices only (a query lane takes the queries and
+    # no re-ranker is configured), it and its OpenVINO workers also go under Linux's
+    # SCHED_IDLE policy: a slice then takes a core only when no other thread wants it, and
+    # no longer shares one with a query pass, a gRPC thread or the event loop by weight.
+    # Under the mixed load of load-tests/ at 44.8 req/s, three alternated 60-s pairs: Search
+    # p99 3.9-4.4x idle against 4.8-6.8x at nice 10 alone, and upserts no slower (max
+    # 1.08-1.50 s, 0-1 shed, against 1.22-2.17 s, 0-18 shed; indexing the corpus alone took
+    # as long): load-tests/results/ab-document-sched-idle.md. The cost: beside other
+    # processes that keep the cores busy (in the same cgroup) document slices get almost
+    # nothing, and upserts are shed ("the model is behind") where nice 10 alone would have
+    # given them a share. false: nice values only.
+    document_sched_idle: bool = True
     write_thread_nice: int = Field(10, ge=0, le=19)
     # glibc malloc arenas of the `retriever serve` process (mallopt M_ARENA_MAX, set before
     # its threads start). glibc's default, 8 per core, let RSS settle ~100 MiB higher and
@@ -386,6 +398,11 @@ class Settings(BaseSettings):
         if self.model_thread_nice is not None:
             return self.model_thread_nice
         return min(19, self.query_lane_nice + 5) if query_lane else 5
+
+    def document_idle(self, query_lane: bool) -> bool:
+        """Whether the model thread (and its workers) runs under SCHED_IDLE: it runs
+        document slices only (a query lane, no re-ranker) and ``document_sched_idle``."""
+        return self.document_sched_idle and query_lane and not self.reranker_model
 
     def backend_options(self) -> dict[str, dict[str, object]]:
         """Per index backend, the keyword arguments of its constructor."""

@@ -308,23 +308,35 @@ def _cpu_ticks_by_thread() -> dict[int, int]:
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread nice is Linux's")
 def test_openvino_inference_runs_at_the_model_threads_priority(ov_fp32: Embedder) -> None:
     """Its inference workers were started by the load at the model thread's nice (10 by
-    default beside a query lane), so a forward pass run from the model thread never
-    competes with the request path as an equal: every thread that worked during a batch of
-    passes is niced."""
+    default beside a query lane) and, as the model thread then runs document slices only,
+    under SCHED_IDLE: a forward pass run from the model thread never competes with the
+    request path or the lane for a core. Every thread that worked during a batch of passes
+    is niced and idle-policy; the lane's are neither below the lane's nice nor idle."""
     import os
 
-    from retriever._priority import run_lowered, thread_nice
+    from retriever._priority import is_idle_policy, run_lowered, thread_nice
 
     nice = ov_fp32._settings.model_nice(ov_fp32.has_query_lane)
     assert ov_fp32.has_query_lane and nice == ov_fp32._settings.query_lane_nice + 5 == 10
+    assert ov_fp32.documents_idle
     base = thread_nice()
+    passes: dict[str, int] = {}
+
+    def model_passes() -> None:  # as the model thread: niced and under SCHED_IDLE
+        tid = threading.get_native_id()
+        first = _cpu_ticks_by_thread().get(tid, 0)
+        for _ in range(6):
+            ov_fp32.embed(TEXTS)
+        passes["caller"] = _cpu_ticks_by_thread().get(tid, 0) - first
+
     before = _cpu_ticks_by_thread()
-    run_lowered(nice, lambda: [ov_fp32.embed(TEXTS) for _ in range(6)])
+    run_lowered(nice, model_passes, idle=True)
     after = _cpu_ticks_by_thread()
     busy = {tid for tid, t in after.items() if t - before.get(tid, 0) >= 5}  # >= 50 ms
-    assert busy, "no thread did the inference"
+    assert busy or passes["caller"] >= 5, "no thread did the inference"
     niced = {tid: os.getpriority(os.PRIO_PROCESS, tid) for tid in busy}
     assert all(v >= min(19, base + nice) for v in niced.values()), niced
+    assert all(is_idle_policy(tid) for tid in busy), busy
     # The query lane's copy (one inference thread): a pass runs on the calling thread (the
     # lane thread, at the lane's nice) or on a worker its load started there; either way
     # no thread below the lane's nice (5) works for it.
@@ -345,6 +357,66 @@ def test_openvino_inference_runs_at_the_model_threads_priority(ov_fp32: Embedder
     assert busy or ticks["caller"] >= 5, "no thread did the lane's inference"
     niced = {tid: os.getpriority(os.PRIO_PROCESS, tid) for tid in busy}
     assert all(v >= min(19, base + lane_nice) for v in niced.values()), niced
+    assert not any(is_idle_policy(tid) for tid in busy), busy
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="SCHED_IDLE is Linux's")
+def test_the_service_runs_document_slices_under_sched_idle_and_queries_beside_them(
+        ov_fp32: Embedder, tmp_path: Path) -> None:
+    """In a server the model thread (document slices only) is under SCHED_IDLE, the query
+    lane and the request path are not; with a re-ranker configured (it runs on the model
+    thread) the model thread is not."""
+    from retriever._priority import is_idle_policy
+
+    def threads_of(settings: Settings) -> dict[str, bool]:
+        st = ServerThread(settings, ov_fp32).start()
+        try:
+            with RetrieverClient(st.address) as c:
+                c.upsert("ns", [pb.Document(doc_id="a", content="def parse_config(): ...")])
+                assert c.search("ns", "parse the config", top_k=1).hits
+                return {t.name: is_idle_policy(t.native_id) for t in threading.enumerate()
+                        if t.name in ("embedder", "query-lane", "grpc-server")
+                        or t.name.startswith("rpc-")}
+        finally:
+            st.stop()
+
+    got = threads_of(ov_settings(tmp_path / "a", "fp32"))
+    assert got.pop("embedder") and not got.pop("query-lane")
+    assert got and not any(got.values()), got  # the request path
+    assert not threads_of(ov_settings(tmp_path / "b", "fp32",
+                                      document_sched_idle=False))["embedder"]
+
+
+@pytest.mark.integration
+def test_a_lane_that_fails_to_compile_leaves_the_model_outside_sched_idle(
+        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the lane's copy query batches run on the model thread: no thread under
+    SCHED_IDLE may work for them, so the model is compiled again, on one thread (OpenVINO
+    shares its workers between compiled models: the first load's are under SCHED_IDLE)."""
+    from retriever._priority import is_idle_policy
+    from retriever.models import _openvino
+
+    real = _openvino.lane_copy
+    calls: list[int] = []
+
+    def first_fails(model: object, threads: int, bf16: bool) -> object:
+        calls.append(threads)
+        if len(calls) == 1:
+            raise RuntimeError("a compile failure")
+        return real(model, threads, bf16)
+
+    monkeypatch.setattr(_openvino, "lane_copy", first_fails)
+    e = Embedder(ov_settings(data_dir, "fp32"))
+    e.load()
+    assert calls == [1, 1]  # the lane's, then the model's one-thread copy outside idle
+    assert not e.has_query_lane and not e.documents_idle
+    before = _cpu_ticks_by_thread()
+    for _ in range(6):
+        e.embed(TEXTS)
+    after = _cpu_ticks_by_thread()
+    busy = {tid for tid, t in after.items() if t - before.get(tid, 0) >= 5}
+    assert busy and not any(is_idle_policy(tid) for tid in busy), busy
 
 
 @pytest.mark.integration

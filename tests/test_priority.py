@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import make_settings
 
-from retriever._priority import lower_priority, run_lowered, thread_nice
+from retriever._priority import is_idle_policy, lower_priority, run_lowered, thread_nice
 from retriever.client import RetrieverClient, pb
 from retriever.server.app import ServerThread
 
@@ -99,3 +99,35 @@ def test_the_model_threads_nice_is_a_step_below_the_query_lane_by_default(tmp_pa
     assert s.model_nice(query_lane=True) == 19
     s = make_settings(tmp_path / "data", model_thread_nice=4)
     assert (s.model_nice(query_lane=True), s.model_nice(query_lane=False)) == (4, 4)
+
+
+def test_idle_policy_applies_to_the_lowered_thread_and_what_it_starts() -> None:
+    """run_lowered(idle=True): the thread (and threads it starts, as a library's workers)
+    runs under SCHED_IDLE; the caller's policy is untouched."""
+    seen: dict[str, bool] = {}
+
+    def load() -> None:
+        seen["loader"] = is_idle_policy(threading.get_native_id())
+        t = threading.Thread(target=lambda: seen.setdefault(
+            "worker", is_idle_policy(threading.get_native_id())))
+        t.start()
+        t.join()
+
+    run_lowered(0, load, idle=True)
+    assert seen == {"loader": True, "worker": True}
+    assert not is_idle_policy(threading.get_native_id())
+    run_lowered(3, load)  # without idle: nice alone
+    assert seen["loader"] is False
+
+
+def test_document_slices_go_under_sched_idle_only_where_they_are_all_the_model_thread_runs(
+        tmp_path: Path) -> None:
+    """Only with a query lane (queries never run on the model thread) and no re-ranker
+    (re-ranking does), and only while document_sched_idle is on."""
+    s = make_settings(tmp_path / "data")
+    assert s.document_sched_idle
+    assert s.document_idle(query_lane=True) and not s.document_idle(query_lane=False)
+    assert not make_settings(tmp_path / "data",
+                             reranker_model=str(tmp_path)).document_idle(query_lane=True)
+    assert not make_settings(tmp_path / "data",
+                             document_sched_idle=False).document_idle(query_lane=True)

@@ -170,7 +170,7 @@ def lane_copy(model: OpenVINOModel, threads: int, bf16_native: bool) -> OpenVINO
     compiled = core.compile_model(model.graph, "CPU",
                                   compile_config(precision, threads, bf16_native))
     copy = OpenVINOModel(compiled, model.inputs, model.provenance, model.directory,
-                         reused=True, graph=model.graph)
+                         reused=model.reused, graph=model.graph)
     _smoke(copy)
     return copy
 

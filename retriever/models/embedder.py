@@ -96,6 +96,8 @@ class Embedder:
         self._autocast: Any = None  # torch dtype to autocast to on CPU, or None
         self._ov: Any = None  # _openvino.OpenVINOModel when the backend is openvino
         self._ov_lane: Any = None  # its one-thread copy for query batches (embed_query_lane)
+        # Whether the model's workers run under SCHED_IDLE (Settings.document_idle).
+        self.documents_idle = False
         self._buckets = False  # pad batches to a small set of shapes (embed_bucket_shapes)
         # Called before each transformer layer of a torch forward pass (add_checkpoint).
         self._checkpoints: tuple[Callable[[], None], ...] = ()
@@ -191,9 +193,12 @@ class Embedder:
                 self._ov_lane = run_lowered(s.query_lane_nice, lambda: _openvino.lane_copy(
                     ov, 1, has_native_bf16()))
             except Exception:  # the service runs without it: queries go between slices
-                # (on the model's workers, started at model_nice for a lane beside them)
+                # on the model thread (its workers started at model_nice for a lane beside
+                # them; not under SCHED_IDLE: `_leave_idle`)
                 log.exception("could not compile the query lane's copy of the OpenVINO "
                               "model; query batches run on the model thread")
+                if self.documents_idle:
+                    self._ov = self._leave_idle(self._ov)
         elif s.embed_query_lane and backend != "openvino":
             log.warning("embed_query_lane is for the openvino backend; the %s backend runs "
                         "query batches on the model thread", backend)
@@ -331,14 +336,38 @@ class Embedder:
         # At the model thread's priority: OpenVINO's workers, started by the first
         # inference here, inherit it (retriever/_priority.py). A step below the query lane
         # when one will run beside it (Settings.model_nice).
-        nice = s.model_nice(query_lane=s.embed_query_lane is not False)
-        return run_lowered(nice, lambda: _openvino.load(
+        # Under SCHED_IDLE too where it will run document slices only (Settings.
+        # document_idle; `_leave_idle` if the lane's copy then fails to compile).
+        lane = s.embed_query_lane is not False
+        nice = s.model_nice(query_lane=lane)
+        self.documents_idle = s.document_idle(query_lane=lane)
+        return run_lowered(nice, idle=self.documents_idle, fn=lambda: _openvino.load(
             self._model, cache_root=s.data_dir / "models",
             weights_revision=self.weights_revision,
             pipeline=_openvino.pipeline_fingerprint(self._model), precision=precision,
             cpu=cpu_key(), threads=s.torch_threads or len(os.sched_getaffinity(0)),
             bf16_native=has_native_bf16(), tokenize=self._features,
             reference=self._embed_torch_fp32, calibration=texts, verify_texts=verify))
+
+    def _leave_idle(self, ov: Any) -> Any:
+        """A one-thread copy of the OpenVINO model ``ov`` for the model thread to run query
+        batches and slices on, outside SCHED_IDLE: ``ov``'s workers are under it for good
+        (a thread cannot leave it without CAP_SYS_NICE) and OpenVINO shares its workers
+        between compiled models, so the copy runs on the calling thread alone (documents
+        at half speed on two cores: this is a fallback). ``ov`` itself where the copy fails
+        to compile too (logged)."""
+        from retriever.models import _openvino
+
+        s = self._settings
+        try:
+            copy = run_lowered(s.model_nice(query_lane=False), lambda: _openvino.lane_copy(
+                ov, 1, has_native_bf16()))
+        except Exception:
+            log.exception("could not compile a copy of the OpenVINO model outside "
+                          "SCHED_IDLE; query batches run on workers under it")
+            return ov
+        self.documents_idle = False
+        return copy
 
     def _features(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """The model's own preprocessing (tokenised, padded, truncated), as int64 arrays:
