@@ -285,10 +285,11 @@ class Settings(BaseSettings):
     # Under the mixed load of load-tests/ at 44.8 req/s, three alternated 60-s pairs: Search
     # p99 3.9-4.4x idle against 4.8-6.8x at nice 10 alone, and upserts no slower (max
     # 1.08-1.50 s, 0-1 shed, against 1.22-2.17 s, 0-18 shed; indexing the corpus alone took
-    # as long): load-tests/results/ab-document-sched-idle.md. The cost: beside other
-    # processes that keep the cores busy (in the same cgroup) document slices get almost
-    # nothing, and upserts are shed ("the model is behind") where nice 10 alone would have
-    # given them a share. false: nice values only.
+    # as long): load-tests/results/ab-document-sched-idle.md. The cost: once searches want
+    # every core (beyond saturation) or other processes of the same cgroup keep them busy,
+    # slices get only what is left, and upserts are refused ("the model is behind") where
+    # nice 10 alone would have given them a share (beyond saturation about half as many
+    # upserts done in the full report). false: nice values only.
     document_sched_idle: bool = True
     write_thread_nice: int = Field(10, ge=0, le=19)
     # glibc malloc arenas of the `retriever serve` process (mallopt M_ARENA_MAX, set before
