@@ -278,18 +278,18 @@ class Settings(BaseSettings):
     # same and upserts slower (load-tests/results/ab-lane-priority.md).
     model_thread_nice: int | None = Field(None, ge=0, le=19)
     query_lane_nice: int = Field(5, ge=0, le=19)
-    # Where the model thread runs document slices only (a query lane takes the queries and
-    # no re-ranker is configured), it and its OpenVINO workers also go under Linux's
-    # SCHED_IDLE policy: a slice then takes a core only when no other thread wants it, and
-    # no longer shares one with a query pass, a gRPC thread or the event loop by weight.
-    # Under the mixed load of load-tests/ at 44.8 req/s, three alternated 60-s pairs: Search
-    # p99 3.9-4.4x idle against 4.8-6.8x at nice 10 alone, and upserts no slower (max
-    # 1.08-1.50 s, 0-1 shed, against 1.22-2.17 s, 0-18 shed; indexing the corpus alone took
-    # as long): load-tests/results/ab-document-sched-idle.md. The cost: once searches want
-    # every core (beyond saturation) or other processes of the same cgroup keep them busy,
-    # slices get only what is left, and upserts are refused ("the model is behind") where
-    # nice 10 alone would have given them a share (beyond saturation about half as many
-    # upserts done in the full report). false: nice values only.
+    # Where a query lane runs (the model thread then runs document slices and re-ranking),
+    # the OpenVINO model's workers also go under Linux's SCHED_IDLE policy: the part of a
+    # slice they run takes a core only when no other thread wants it; the model thread
+    # (nice 10) runs its own part with its share, so documents keep a floor under overload.
+    # Under the mixed load of load-tests/ at 44.8 req/s: with the slices' workers and the
+    # model thread both under SCHED_IDLE, Search p99 3.9-4.4x idle against 4.8-6.8x at nice
+    # 10 alone in three alternated pairs, but beyond saturation about half as many upserts
+    # done; with the workers alone (this), in two pairs against both, Search p99 3.8 / 4.7x
+    # against 4.4 / 5.5x, no upsert shed at the target (14 with both), and more upserts done
+    # beyond saturation (34-40 against 25-35 at 150 req/s), Search p99 there higher (1.1-1.8
+    # against 0.5-0.7 s): load-tests/results/ab-document-sched-idle.md. Beside other busy
+    # processes of the same cgroup the workers' part of a slice waits. false: nice only.
     document_sched_idle: bool = True
     write_thread_nice: int = Field(10, ge=0, le=19)
     # glibc malloc arenas of the `retriever serve` process (mallopt M_ARENA_MAX, set before
@@ -401,9 +401,10 @@ class Settings(BaseSettings):
         return min(19, self.query_lane_nice + 5) if query_lane else 5
 
     def document_idle(self, query_lane: bool) -> bool:
-        """Whether the model thread (and its workers) runs under SCHED_IDLE: it runs
-        document slices only (a query lane, no re-ranker) and ``document_sched_idle``."""
-        return self.document_sched_idle and query_lane and not self.reranker_model
+        """Whether the OpenVINO model's workers run under SCHED_IDLE: queries never run on
+        them (a query lane) and ``document_sched_idle``. (Re-ranking runs on the model
+        thread's own torch threads, not on them.)"""
+        return self.document_sched_idle and query_lane
 
     def backend_options(self) -> dict[str, dict[str, object]]:
         """Per index backend, the keyword arguments of its constructor."""

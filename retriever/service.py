@@ -169,9 +169,6 @@ class RetrieverService:
         self._batcher.query_lane = self.embedder.has_query_lane
         self._batcher.nice = s.model_nice(self.embedder.has_query_lane)  # once loaded
         self._batcher.lane_nice = s.query_lane_nice
-        # (A re-ranker runs on the model thread: then not, whatever the embedder's workers.)
-        self._batcher.idle = (self.embedder.documents_idle and self.embedder.has_query_lane
-                              and s.document_idle(query_lane=True))
         self._batcher.start()
         if s.embed_layer_checkpoints:
             self.embedder.add_checkpoint(self._batcher.checkpoint)

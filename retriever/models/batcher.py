@@ -44,15 +44,15 @@ refuse requests, the slices a step below the lane (``lane_nice`` 5, ``nice`` 10 
 a query pass beside a slice gets most of a core; Search p99 at 45.6 req/s of mixed load
 24-31 % lower than with both at 5 in three alternated pairs,
 load-tests/results/ab-lane-priority.md). The model thread then runs documents and
-re-ranking only; with no re-ranker it and its workers also go under SCHED_IDLE (``idle``,
-Settings.document_idle): a slice takes a core only when nothing else wants it
-(load-tests/results/ab-document-sched-idle.md). On this 2-core machine a 256-token slice
-takes ~19 ms on two threads and a query ~3.5 ms on one thread or two; in isolation (the
-query thread then at normal priority, the slices niced) queries arriving during
-back-to-back slices were answered in p50 11 / p99 20 ms between slices and 3-4 / 5-6 ms on
-the lane, with slices at the same rate. On by default with OpenVINO: at 36.5 req/s of
-load-tests/' mix it passed the upsert goal in four runs of four, none without it (at 80 %
-of the higher saturation it reaches, 55 req/s, it does not):
+re-ranking only, and its OpenVINO workers go under SCHED_IDLE (Settings.document_idle): the
+part of a slice they run takes a core only when nothing else wants it, the part the model
+thread runs keeps its share (load-tests/results/ab-document-sched-idle.md). On this 2-core
+machine a 256-token slice takes ~19 ms on two threads and a query ~3.5 ms on one thread or
+two; in isolation (the query thread then at normal priority, the slices niced) queries
+arriving during back-to-back slices were answered in p50 11 / p99 20 ms between slices and
+3-4 / 5-6 ms on the lane, with slices at the same rate. On by default with OpenVINO: at
+36.5 req/s of load-tests/' mix it passed the upsert goal in four runs of four, none without
+it (at 80 % of the higher saturation it reaches, 55 req/s, it does not):
 load-tests/results/ab-query-lane.md.
 """
 
@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retriever._priority import idle_policy, lower_priority
+from retriever._priority import lower_priority
 from retriever.errors import NotReady
 
 EmbedFn = Callable[[Sequence[str]], np.ndarray]
@@ -134,9 +134,6 @@ class MicroBatcher:
         self._embed_queries = embed_queries or embed
         self.nice = nice  # may be changed before start()
         self.lane_nice = nice  # the query lane's (may be changed before start())
-        # The model thread also under SCHED_IDLE (it runs document slices only; set before
-        # start(): Settings.document_idle).
-        self.idle = False
         self._max_batch = max_batch
         self._max_wait = max_wait_s
         self.doc_batch = doc_batch  # may be changed before start()
@@ -303,8 +300,6 @@ class MicroBatcher:
     def _run(self) -> None:
         self._model_ident = threading.get_ident()  # before any slice: checkpoint() checks it
         lower_priority(self.nice)
-        if self.idle:
-            idle_policy()
         while True:
             with self._cond:
                 work = self._next_locked()

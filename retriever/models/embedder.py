@@ -336,7 +336,7 @@ class Embedder:
         # At the model thread's priority: OpenVINO's workers, started by the first
         # inference here, inherit it (retriever/_priority.py). A step below the query lane
         # when one will run beside it (Settings.model_nice).
-        # Under SCHED_IDLE too where it will run document slices only (Settings.
+        # Its workers under SCHED_IDLE too where queries will not run on them (Settings.
         # document_idle; `_leave_idle` if the lane's copy then fails to compile).
         lane = s.embed_query_lane is not False
         nice = s.model_nice(query_lane=lane)
