@@ -38,19 +38,18 @@ def lower_priority(nice: int) -> None:
         log.warning("could not lower the priority of thread %s: %s", tid, exc)
 
 
-def idle_policy() -> bool:
+def idle_policy() -> None:
     """Put the calling thread under Linux's SCHED_IDLE policy: it then runs only on a core
     that no thread of another policy wants (its nice no longer matters). Without
-    CAP_SYS_NICE a thread cannot leave it again. False (logged) where refused or off Linux."""
+    CAP_SYS_NICE a thread cannot leave it again. No-op off Linux; logged where refused
+    (the thread then runs as it was, as `lower_priority` does)."""
     if sys.platform != "linux" or not hasattr(os, "SCHED_IDLE"):
-        return False
+        return
     tid = threading.get_native_id()
     try:
         os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
     except OSError as exc:
         log.warning("could not put thread %s under SCHED_IDLE: %s", tid, exc)
-        return False
-    return True
 
 
 def is_idle_policy(tid: int) -> bool:

@@ -437,7 +437,7 @@ def test_a_lane_that_fails_to_compile_leaves_the_model_outside_sched_idle(
     from retriever._priority import is_idle_policy
     from retriever.models import _openvino
 
-    real = _openvino.lane_copy
+    real = _openvino.compiled_copy
     calls: list[int] = []
 
     def first_fails(model: object, threads: int, bf16: bool) -> object:
@@ -446,7 +446,7 @@ def test_a_lane_that_fails_to_compile_leaves_the_model_outside_sched_idle(
             raise RuntimeError("a compile failure")
         return real(model, threads, bf16)
 
-    monkeypatch.setattr(_openvino, "lane_copy", first_fails)
+    monkeypatch.setattr(_openvino, "compiled_copy", first_fails)
     e = Embedder(ov_settings(data_dir, "fp32"))
     e.load()
     assert calls == [1, 1]  # the lane's, then the model's one-thread copy outside idle
@@ -619,7 +619,7 @@ def test_a_file_where_the_cache_entry_belongs_is_replaced(
     with (again._ov.directory / "model.bin").open("r+b") as fh:
         fh.seek(4096)
         fh.write(b"\x00" * 4096)
-    lane = _openvino.lane_copy(again._ov, 1, has_native_bf16())
+    lane = _openvino.compiled_copy(again._ov, 1, has_native_bf16())
     assert cosines(lane(again._features(TEXTS[:8])), reference[:8]).min() > 0.999
 
 

@@ -158,7 +158,7 @@ def load(torch_model: Any, *, cache_root: Path, weights_revision: str, pipeline:
                   precision, cpu, tokenize, reference, calibration, verify_texts)
 
 
-def lane_copy(model: OpenVINOModel, threads: int, bf16_native: bool) -> OpenVINOModel:
+def compiled_copy(model: OpenVINOModel, threads: int, bf16_native: bool) -> OpenVINOModel:
     """A second compiled copy of ``model`` (from the verified graph it was compiled from,
     not from its cache files: those may have failed to save, or changed since) with
     ``threads`` inference threads, an infer request and a lock of its own: it runs beside

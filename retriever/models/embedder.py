@@ -96,7 +96,8 @@ class Embedder:
         self._autocast: Any = None  # torch dtype to autocast to on CPU, or None
         self._ov: Any = None  # _openvino.OpenVINOModel when the backend is openvino
         self._ov_lane: Any = None  # its one-thread copy for query batches (embed_query_lane)
-        # Whether the model's workers run under SCHED_IDLE (Settings.document_idle).
+        # Whether the model's workers were started under SCHED_IDLE (Settings.document_idle,
+        # as asked of the load; a refused policy is logged by _priority.idle_policy).
         self.documents_idle = False
         self._buckets = False  # pad batches to a small set of shapes (embed_bucket_shapes)
         # Called before each transformer layer of a torch forward pass (add_checkpoint).
@@ -190,7 +191,7 @@ class Embedder:
                 # Its first pass (the smoke check) starts its workers: at the lane's
                 # priority, which the lane thread runs at too.
                 ov = self._ov
-                self._ov_lane = run_lowered(s.query_lane_nice, lambda: _openvino.lane_copy(
+                self._ov_lane = run_lowered(s.query_lane_nice, lambda: _openvino.compiled_copy(
                     ov, 1, has_native_bf16()))
             except Exception:  # the service runs without it: queries go between slices
                 # on the model thread (its workers started at model_nice for a lane beside
@@ -360,7 +361,7 @@ class Embedder:
 
         s = self._settings
         try:
-            copy = run_lowered(s.model_nice(query_lane=False), lambda: _openvino.lane_copy(
+            copy = run_lowered(s.model_nice(query_lane=False), lambda: _openvino.compiled_copy(
                 ov, 1, has_native_bf16()))
         except Exception:
             log.exception("could not compile a copy of the OpenVINO model outside "
