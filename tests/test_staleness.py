@@ -406,9 +406,11 @@ def test_writes_outside_syncs_are_put_back_by_the_next_sync(
         tampered.source_updated_at.FromSeconds(0)
         c.upsert("outside", [tampered])
         deadline = time.monotonic() + 60
+        # The sync's record is written after its last document: wait for both.
         while time.monotonic() < deadline and (
                 ids() != {"src/alpha.py", "src/beta.py"}
-                or c.get_document("outside", "src/alpha.py").document.path != alpha.path):
+                or c.get_document("outside", "src/alpha.py").document.path != alpha.path
+                or c.status("outside").last_sync.sync_id == synced):
             time.sleep(0.2)
         assert ids() == {"src/alpha.py", "src/beta.py"}
         back = c.get_document("outside", "src/alpha.py").document
