@@ -202,10 +202,23 @@ def _read_meta(path: Path) -> dict:
 
 
 def _check_digest(path: Path, meta: dict | None) -> str:
-    """The checksum in ``meta`` the file matches ("" when ``meta`` lists none: snapshots
-    written before checksums existed); _Damaged when it matches none."""
+    """The checksum in ``meta`` the file matches ("" when ``meta`` lists none and the file
+    is of the format written before checksums existed); _Damaged when it matches none, or
+    when ``meta`` lists none for a snapshot of the current format (every one is written
+    with its checksum: a meta.json that lists none was damaged or edited, and the snapshot
+    cannot be verified)."""
     digests = meta.get("sha256", []) if meta is not None else []
     if not digests:
+        try:
+            with open(path, "rb") as fh:
+                current = fh.read(len(MAGIC)) == MAGIC
+        except OSError as exc:
+            raise _Damaged("faiss_snapshot", path,
+                           f"unreadable ({exc.strerror or exc})") from None
+        if current:
+            raise _Damaged("faiss_snapshot", path, "meta.json lists no checksum for it "
+                           "(snapshots of this format are always written with one), so it "
+                           "cannot be verified")
         return ""
     digest = file_sha256(str(path))
     if digest not in digests:

@@ -181,6 +181,41 @@ def test_damaged_meta_moves_both_files_aside(tmp_path: Path, content: bytes) -> 
     assert json.loads((tmp_path / "c" / "meta.json").read_text())["dimension"] == DIM
 
 
+@pytest.mark.parametrize("bytes_changed", [False, True])
+def test_a_meta_listing_no_checksum_does_not_vouch_for_a_current_snapshot(
+        tmp_path: Path, bytes_changed: bool) -> None:
+    """Snapshots of the current format are always written with their checksum; a meta.json
+    edited (or damaged) to list none loaded the snapshot unchecked, changed vectors
+    included. Only the format written before checksums existed loads without one (the
+    previous-version test in test_faiss_scale.py)."""
+    spec = CollectionSpec("c", DIM, "cosine")
+    first = FaissBackend(tmp_path)
+    first.open(spec).upsert(range(50), unit_vectors(50))
+    first.close()
+    coll = tmp_path / "c"
+    meta = json.loads((coll / "meta.json").read_text())
+    assert meta["sha256"]
+    meta["sha256"] = []
+    (coll / "meta.json").write_text(json.dumps(meta))
+    snapshot = coll / "index.faiss"
+    if bytes_changed:
+        data = bytearray(snapshot.read_bytes())
+        data[len(data) // 2: len(data) // 2 + 16] = b"\x00" * 16
+        snapshot.write_bytes(bytes(data))
+
+    problems = FaissBackend(tmp_path).verify("c", spec)  # `retriever check` says so
+    assert problems and "lists no checksum" in problems[0]
+    index = FaissBackend(tmp_path).open(spec)
+    assert isinstance(index, SelfRepairing)
+    (q,) = index.quarantined
+    assert (q.kind, q.path) == ("faiss_snapshot", snapshot) and q.moved_to.exists()
+    assert index.count() == 0  # refilled from the catalog by the caller
+    index.upsert(range(3), unit_vectors(3))
+    index.close()
+    assert json.loads((coll / "meta.json").read_text())["sha256"]  # checked from now on
+    assert FaissBackend(tmp_path).open(spec).count() == 3
+
+
 @pytest.mark.parametrize("fault", ["meta gone", "meta a directory", "snapshot a directory",
                                    "collection a file"])
 def test_files_of_the_wrong_kind_are_moved_aside_not_fatal(tmp_path: Path, fault: str) -> None:
