@@ -232,3 +232,34 @@ def test_sigkill_during_a_sync_then_the_next_sync_finishes_the_job(tmp_path: Pat
             assert final.source.indexed_commit == head and final.source.commits_behind == 0
     finally:
         assert restarted.terminate() == 0
+
+
+def test_a_stop_during_start_up_says_it_waits_for_the_load_then_exits(tmp_path: Path) -> None:
+    """SIGTERM while the models load: the process said nothing (at its default log level)
+    and seemed to ignore the signal until the load was done. It now says it stops once
+    loaded, then drains and exits 0 without ever serving."""
+    port = _free_port()
+    env = dict(os.environ, RETRIEVER_DATA_DIR=str(tmp_path / "data"),
+               RETRIEVER_GRPC_PORT=str(port), RETRIEVER_METRICS_PORT="0", HF_HUB_OFFLINE="1",
+               RETRIEVER_EMBEDDER_BACKEND="torch")  # a real load, no model build
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retriever.cli", "serve", "--log-level", "INFO"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        assert proc.stderr is not None
+        for line in proc.stderr:  # until the port is bound: the load starts then
+            seen.append(line)
+            if "gRPC bound" in line:
+                break
+        else:
+            raise AssertionError("the server never bound its port: " + "".join(seen))
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert proc.returncode == 0, err
+    assert "stop requested during start-up" in err
+    assert '"event": "serving"' not in out  # it never let callers in
