@@ -201,6 +201,13 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+def _current_format(path: Path) -> bool:
+    """Whether the snapshot at ``path`` is of the current format (else the one written
+    before checksums existed, or not a snapshot). OSError when it cannot be read."""
+    with open(path, "rb") as fh:
+        return fh.read(len(MAGIC)) == MAGIC
+
+
 def _check_digest(path: Path, meta: dict | None) -> str:
     """The checksum in ``meta`` the file matches ("" when ``meta`` lists none and the file
     is of the format written before checksums existed); _Damaged when it matches none, or
@@ -210,8 +217,7 @@ def _check_digest(path: Path, meta: dict | None) -> str:
     digests = meta.get("sha256", []) if meta is not None else []
     if not digests:
         try:
-            with open(path, "rb") as fh:
-                current = fh.read(len(MAGIC)) == MAGIC
+            current = _current_format(path)
         except OSError as exc:
             raise _Damaged("faiss_snapshot", path,
                            f"unreadable ({exc.strerror or exc})") from None
@@ -1358,9 +1364,7 @@ class FaissBackend:
 def _verify_snapshot(path: Path, meta: dict | None, dimension: int, metric: str) -> None:
     """The checks of a load without building anything: checksum, then the header (the
     checksum covers every byte); files without a checksum are loaded whole."""
-    with open(path, "rb") as fh:
-        new_format = fh.read(len(MAGIC)) == MAGIC
-    if not new_format or not (meta and meta.get("sha256")):
+    if not _current_format(path) or not (meta and meta.get("sha256")):
         _load_snapshot(path, meta, dimension, metric)
         return
     _check_digest(path, meta)

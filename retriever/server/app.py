@@ -175,8 +175,7 @@ async def _serve(settings: Settings, traces: tracing.Tracing | None,
         await running.health.enter_graceful_shutdown()
         await running.server.stop(settings.shutdown_grace_s)
         if not start.done():
-            # Loading models and indexes is not cut short (it may be rebuilding an index from
-            # the catalog); SIGKILL is safe too: nothing acknowledged is lost.
+            # Not cut short: the load may be rebuilding an index from the catalog.
             log.warning("stop requested during start-up: stopping once models and indexes "
                         "are loaded (SIGKILL is safe: nothing acknowledged is lost)")
             await start
