@@ -289,7 +289,9 @@ class Settings(BaseSettings):
     # against 4.4 / 5.5x, no upsert shed at the target (14 with both), and more upserts done
     # beyond saturation (34-40 against 25-35 at 150 req/s), Search p99 there higher (1.1-1.8
     # against 0.5-0.7 s): load-tests/results/ab-document-sched-idle.md. Beside other busy
-    # processes of the same cgroup the workers' part of a slice waits. false: nice only.
+    # processes of the same cgroup the workers' part of a slice waits. Bulk indexing alone:
+    # 66.3 against 69.8 chunks/s in six alternated pairs (a ~5 % cost possible, within the
+    # spread). false: nice only.
     document_sched_idle: bool = True
     write_thread_nice: int = Field(10, ge=0, le=19)
     # glibc malloc arenas of the `retriever serve` process (mallopt M_ARENA_MAX, set before
